@@ -1,0 +1,411 @@
+"""HookedRecurrentModel: a TransformerLens ``HookedRootModule`` for matrix-state recurrent LMs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from recurrent_lens.config import ModelConfig
+from recurrent_lens.models.attention import Attention
+from recurrent_lens.models.cache import LayerCache, RecurrentCache
+from recurrent_lens.models.components import make_mlp, make_norm
+from recurrent_lens.models.registry import get_architecture
+
+TokensLike = str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + mixer(ln1 x)``, then ``+ mlp(ln2 x)`` when the block has an MLP.
+
+    Hook points, in execution order::
+
+        hook_resid_pre   [batch, pos, d_model]
+        hook_mixer_out   [batch, pos, d_model]
+        hook_resid_mid   [batch, pos, d_model]
+        hook_mlp_out     [batch, pos, d_model]   (blocks with an MLP)
+        hook_resid_post  [batch, pos, d_model]
+
+    The mixer is ``blocks.{l}.mixer`` (a MatrixMixer) in recurrent layers and ``blocks.{l}.attn`` in the
+    softmax-attention layers of hybrids.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.is_attention = cfg.layer_types[layer] == "attention"
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.ln1 = make_norm(cfg)
+        if self.is_attention:
+            self.attn = Attention(cfg, layer)
+        else:
+            self.mixer = get_architecture(cfg.architecture).mixer(cfg, layer)
+        self.hook_mixer_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.mlp = make_mlp(cfg)
+        if self.mlp is not None:
+            self.ln2 = make_norm(cfg)
+            self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None, ctx: dict[str, Any] | None = None) -> Tensor:
+        x = self.hook_resid_pre(x)
+        mixer = self.attn if self.is_attention else self.mixer
+        x = self.hook_resid_mid(x + self.hook_mixer_out(mixer(self.ln1(x), cache, ctx)).to(x.dtype))
+        if self.mlp is not None:
+            x = x + self.hook_mlp_out(self.mlp(self.ln2(x), cache)).to(x.dtype)
+        return self.hook_resid_post(x)
+
+
+class Unembed(nn.Module):
+    """The untied unembedding ``W_U`` ``[d_vocab, d_model]`` (tied models read ``embed.weight``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        nn.init.normal_(self.weight, std=cfg.d_model**-0.5)
+
+
+class HookedRecurrentModel(HookedRootModule):
+    """A recurrent language model with a named hook point for every per-token write and state.
+
+    Build one with :meth:`from_pretrained` (a local directory or hub id in any supported reference format)
+    or :meth:`from_config`. ``run_with_hooks``, ``run_with_cache``, ``hooks()``, ``add_hook`` and
+    ``reset_hooks`` work as in TransformerLens; ``run_with_cache`` returns an ``ActivationCache``
+    and ``pos_slice`` always slices the position axis.
+
+    Top-level hook points: ``hook_embed`` [batch, pos, d_model], every block's (see :class:`Block`),
+    its mixer's (see :class:`~recurrent_lens.models.mixer.MatrixMixer`), ``ln_final.hook_normalized``.
+
+    Absolute positions: while a forward runs, ``model.positions`` holds the absolute positions
+    ``[pos]`` of the tokens being processed (``cache.seq_len + arange(pos)`` with a cache, so during
+    ``generate`` it is the position of each new token). A hook reads it through a closure::
+
+        def hook(x, hook):
+            print(model.positions)  # e.g. tensor([7]) on the 8th token of generate()
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=2, d_vocab=50,
+        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
+        >>> model = HookedRecurrentModel.from_config(cfg, seed=0)
+        >>> logits, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]), names_filter="blocks.1.mixer.hook_state")
+        >>> tuple(cache["blocks.1.mixer.hook_state"].shape)
+        (1, 3, 2, 8, 8)
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        arch = get_architecture(cfg.architecture)
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.ln_embed = arch.embed_norm(cfg) if arch.embed_norm is not None else None
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = make_norm(cfg)
+        self.unembed = None if cfg.tie_embeddings else Unembed(cfg)
+        self.positions: Tensor | None = None
+        self.setup()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, seed: int | None = None, tokenizer: Any = None) -> HookedRecurrentModel:
+        """A randomly initialised model (weights in ``cfg.dtype`` on ``cfg.device``).
+
+        Example:
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
+            ...                   n_heads=2, d_k=8, d_v=8)
+            >>> HookedRecurrentModel.from_config(cfg, seed=0).cfg.n_layers
+            1
+        """
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(cfg, tokenizer=tokenizer)
+        return model.to(device=cfg.device, dtype=cfg.torch_dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device | None = None, **kwargs: Any) -> HookedRecurrentModel:
+        """Load a checkpoint in any supported reference format (see :mod:`recurrent_lens.models.loading`).
+
+        Args:
+            name_or_path: a local directory or a hub id (fetched with huggingface_hub).
+            dtype: weight dtype (default: the checkpoint's ``torch_dtype`` or fp32).
+            device: where the weights go; they are streamed there shard by shard.
+        """
+        from recurrent_lens.models.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        kinds = "".join("A" if t == "attention" else "R" for t in c.layer_types)
+        return (f"HookedRecurrentModel({c.architecture}: {c.n_layers} layers [{kinds}], d_model={c.d_model}, "
+                f"heads={c.n_heads}×(d_k={c.d_k}, d_v={c.d_v}), vocab={c.d_vocab}, dtype={c.dtype}"
+                f"{', source=' + str(c.source) if c.source else ''})")
+
+    # ------------------------------------------------------------------ tokens
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids, or load from a directory with tokenizer files")
+        return self.tokenizer
+
+    def to_tokens(self, text: str | list[str], *, add_special_tokens: bool = True) -> Int[Tensor, "batch pos"]:
+        """Tokenize with the checkpoint's tokenizer into ``[batch, pos]`` ids (a string gives batch 1)."""
+        tok = self._require_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [tok(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+        if len({len(i) for i in ids}) > 1:
+            raise ValueError(f"to_tokens: texts tokenize to different lengths {[len(i) for i in ids]}; "
+                             "batch equal-length texts (padding is not supported by recurrent states)")
+        return torch.tensor(ids, dtype=torch.long, device=self.cfg.device)
+
+    def to_string(self, tokens: Int[Tensor, "..."] | list[int]) -> str | list[str]:
+        """Decode ids: ``[pos]`` gives a string, ``[batch, pos]`` a list of strings."""
+        tok = self._require_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 1:
+            return tok.decode(tokens.tolist())
+        return [tok.decode(t.tolist()) for t in tokens]
+
+    def to_str_tokens(self, input: str | Int[Tensor, "..."]) -> list[str]:
+        """One string per token of a single sequence."""
+        tokens = self.to_tokens(input)[0] if isinstance(input, str) else torch.as_tensor(input).reshape(-1)
+        return [self._require_tokenizer().decode([t]) for t in tokens.tolist()]
+
+    def _tokens(self, input: TokensLike) -> Tensor:
+        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+        if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
+            raise TypeError(f"tokens: expected an integer tensor or text, got {type(tokens).__name__}"
+                            f"{' of dtype ' + str(tokens.dtype) if isinstance(tokens, Tensor) else ''}")
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected shape [batch, pos], got {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
+            raise ValueError(f"tokens: ids must lie in [0, {self.cfg.d_vocab}) (d_vocab), "
+                             f"got min {int(tokens.min())} and max {int(tokens.max())}")
+        return tokens.to(self.embed.weight.device).long()
+
+    # ------------------------------------------------------------------ forward
+    def make_cache(self) -> RecurrentCache:
+        """An empty :class:`RecurrentCache` for this model."""
+        return RecurrentCache(self.cfg.n_layers)
+
+    def forward(
+        self,
+        input: TokensLike,
+        return_type: Literal["logits", "loss", "both"] | None = "logits",
+        *,
+        cache: RecurrentCache | None = None,
+        initial_states: dict[int, Float[Tensor, "batch head d_k d_v"]] | None = None,
+        stop_at_layer: int | None = None,
+        loss_per_token: bool = False,
+    ) -> Any:
+        """Run the model.
+
+        Args:
+            input: token ids ``[batch, pos]`` (or ``[pos]``), or text.
+            return_type: ``"logits"`` (``[batch, pos, d_vocab]``, fp32), ``"loss"`` (next-token
+                cross-entropy), ``"both"`` or ``None``.
+            cache: a :class:`RecurrentCache` to start from and update in place (continues a sequence).
+            initial_states: ``{layer: state [batch, head, d_k, d_v]}`` to start recurrent layers from.
+            stop_at_layer: return the residual stream entering this block instead of logits.
+            loss_per_token: with a loss, return it per position ``[batch, pos - 1]``.
+        """
+        tokens = self._tokens(input)
+        B, T = tokens.shape
+        if cache is not None and initial_states:
+            raise ValueError("pass either cache or initial_states, not both (put the states into the cache)")
+        if initial_states:
+            cache = self._cache_from_states(initial_states, B)
+        offset = cache.seq_len if cache is not None else 0
+        self.positions = torch.arange(offset, offset + T, device=tokens.device)
+        ctx: dict[str, Any] = {"positions": self.positions, "tokens": tokens}
+        x = self.hook_embed(self.embed(tokens))
+        if self.cfg.residual_in_fp32:
+            x = x.float()
+        if self.ln_embed is not None:
+            x = self.ln_embed(x)
+        for layer, block in enumerate(self.blocks[:stop_at_layer]):
+            x = block(x, None if cache is None else cache[layer], ctx)
+        if cache is not None:
+            cache.seq_len += T
+        if stop_at_layer is not None:
+            return x
+        x = self.ln_final(x)
+        weight = self.embed.weight if self.unembed is None else self.unembed.weight
+        logits = F.linear(x.to(weight.dtype), weight).float()
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(B, T - 1)
+        loss = loss if loss_per_token else loss.mean()
+        if return_type == "loss":
+            return loss
+        if return_type == "both":
+            return logits, loss
+        raise ValueError(f"return_type: expected 'logits', 'loss', 'both' or None, got {return_type!r}")
+
+    def _cache_from_states(self, states: dict[int, Tensor], batch: int) -> RecurrentCache:
+        cache = self.make_cache()
+        cfg = self.cfg
+        for layer, S in states.items():
+            if layer not in cfg.recurrent_layers:
+                raise ValueError(f"initial_states: layer {layer} is not a recurrent layer; recurrent layers: {cfg.recurrent_layers}")
+            expected = (batch, cfg.n_heads, cfg.d_k, cfg.d_v)
+            if tuple(S.shape) != expected:
+                raise ValueError(f"initial_states[{layer}]: expected shape {expected}, got {tuple(S.shape)}")
+            cache[layer].state = S.float()
+        return cache
+
+    # ------------------------------------------------------------------ caching
+    def run_with_cache(self, *model_args: Any, pos_slice: Any = None, remove_batch_dim: bool = False,
+                       **kwargs: Any) -> tuple[Any, ActivationCache]:
+        """Like TransformerLens' ``run_with_cache``, but returns an ``ActivationCache`` and ``pos_slice``
+        slices the position axis of every activation (dim 1 for ``[batch, pos, ...]``, dim 2 for
+        attention patterns), never a state's ``d_k`` axis.
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
+            ...                   n_heads=2, d_k=8, d_v=4)
+            >>> model = HookedRecurrentModel.from_config(cfg, seed=0)
+            >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]), pos_slice=-1)
+            >>> tuple(cache["blocks.0.mixer.hook_state"].shape)
+            (1, 1, 2, 8, 4)
+        """
+        out, raw = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if pos_slice is not None:
+            from transformer_lens.utilities import Slice
+
+            sl = Slice.unwrap(pos_slice)
+            for name, t in raw.items():
+                dim = (2 if name.endswith("hook_pattern") else 1) - (1 if remove_batch_dim else 0)
+                if t.dim() > dim:
+                    raw[name] = sl.apply(t, dim=dim)
+        return out, ActivationCache(raw, self, has_batch_dim=not remove_batch_dim)
+
+    def recurrent_hook_names(self, hook: str = "hook_state") -> list[str]:
+        """Full names of one mixer hook across all recurrent layers, e.g. ``blocks.{l}.mixer.hook_state``."""
+        return [f"blocks.{l}.mixer.{hook}" for l in self.cfg.recurrent_layers]
+
+    # ------------------------------------------------------------------ SAEs
+    def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool = False) -> None:
+        """Splice an SAE's reconstruction into ``head`` of a matrix hook (see :mod:`recurrent_lens.sae.attach`)."""
+        from recurrent_lens.sae.attach import add_sae
+
+        add_sae(self, sae, hook_name, head, use_error_term=use_error_term)
+
+    def reset_saes(self) -> None:
+        """Detach every SAE added with :meth:`add_sae`."""
+        from recurrent_lens.sae.attach import reset_saes
+
+        reset_saes(self)
+
+    @contextmanager
+    def saes(self, saes: Sequence[tuple[nn.Module, str, int]], *, use_error_term: bool = False) -> Iterator[HookedRecurrentModel]:
+        """Attach ``(sae, hook_name, head)`` triples for the duration of a ``with`` block."""
+        from recurrent_lens.sae.attach import saes as attach_saes
+
+        with attach_saes(self, saes, use_error_term=use_error_term):
+            yield self
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input: TokensLike,
+        max_new_tokens: int = 10,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        stop_at_eos: bool = True,
+        seed: int | None = None,
+        cache: RecurrentCache | None = None,
+        return_type: Literal["tokens", "str"] | None = None,
+        verbose: bool = False,
+    ) -> Any:
+        """Decode with a per-layer recurrent cache: O(1) work per new token in recurrent layers.
+
+        Every hook fires on every step (the prompt in one call, then one call per new token);
+        ``model.positions`` tells hooks where they are. Editing a write or a state during a step
+        changes the cache and therefore every later token.
+
+        Args:
+            input: prompt ids ``[batch, pos]`` or text.
+            max_new_tokens: tokens to add.
+            do_sample: sample instead of greedy argmax (with ``temperature``, ``top_k``, ``top_p``).
+            eos_token_id: stop a sequence there (defaults to the tokenizer's) when ``stop_at_eos``.
+            cache: continue from this cache (it is updated in place) instead of an empty one.
+            return_type: ``"tokens"`` or ``"str"``; default: strings for text input, tokens otherwise.
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
+            ...                   n_heads=2, d_k=8, d_v=8)
+            >>> model = HookedRecurrentModel.from_config(cfg, seed=0)
+            >>> model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4).shape
+            torch.Size([1, 7])
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+        if temperature <= 0 and do_sample:
+            raise ValueError(f"temperature: expected > 0 when sampling, got {temperature}")
+        return_type = return_type or ("str" if isinstance(input, (str, list)) else "tokens")
+        tokens = self._tokens(input)
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = self.tokenizer.eos_token_id
+        generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
+        cache = self.make_cache() if cache is None else cache
+        logits = self(tokens, cache=cache)[:, -1]
+        out = [tokens]
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+            nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=generator)
+            if eos_token_id is not None and stop_at_eos:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if stop_at_eos and eos_token_id is not None and bool(finished.all()):
+                break
+            logits = self(nxt[:, None], cache=cache)[:, -1]
+        result = torch.cat(out, dim=1)
+        return self.to_string(result) if return_type == "str" else result
+
+
+def sample_next(logits: Float[Tensor, "batch d_vocab"], *, do_sample: bool = False, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Int[Tensor, " batch"]:
+    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -1,0 +1,171 @@
+"""Building blocks shared by the architectures: norms, gated norms, short convolutions, MLPs.
+
+Norms compute in fp32 whatever the weights' dtype (as every reference does) and cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from recurrent_lens.config import ModelConfig
+from recurrent_lens.models.cache import LayerCache
+
+
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(Σx² + eps)`` in fp32, the form fla and transformers use inside the delta-rule kernels."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a plain weight (``x·w``) or Qwen3.5's zero-centred weight (``x·(1+w)``)."""
+
+    def __init__(self, d: int, eps: float, one_plus: bool = False) -> None:
+        super().__init__()
+        self.eps, self.one_plus = eps, one_plus
+        self.weight = nn.Parameter(torch.zeros(d) if one_plus else torch.ones(d))
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.float()
+        y = rms_normalize(x, self.eps) * (1.0 + w if self.one_plus else w)
+        return self.hook_normalized(y.to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, one_plus={self.one_plus}"
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in fp32."""
+
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return self.hook_normalized(y.to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(cfg: ModelConfig, d: int | None = None) -> nn.Module:
+    """The block norm the config names."""
+    d = cfg.d_model if d is None else d
+    if cfg.norm == "layer":
+        return LayerNorm(d, cfg.norm_eps)
+    return RMSNorm(d, cfg.norm_eps, one_plus=cfg.norm == "rms_one_plus")
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm over the last axis, then ``⊙ act(gate)`` (norm before gate, plain weight).
+
+    ``group`` > 1 normalises over groups of that many heads' channels jointly (Mamba-2's grouped norm,
+    applied after the gate: ``norm_before_gate=False``).
+    """
+
+    def __init__(self, d: int, eps: float, act: str = "silu", norm_before_gate: bool = True) -> None:
+        super().__init__()
+        if act not in ("silu", "sigmoid", "none"):
+            raise ValueError(f"act: expected 'silu', 'sigmoid' or 'none', got {act!r}")
+        self.eps, self.act, self.norm_before_gate = eps, act, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def _gate(self, g: Tensor) -> Tensor:
+        g = g.float()
+        return F.silu(g) if self.act == "silu" else torch.sigmoid(g)
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        w = self.weight.float()
+        if gate is None or self.act == "none":
+            return (rms_normalize(x, self.eps) * w).to(self.weight.dtype)
+        if self.norm_before_gate:
+            return (rms_normalize(x, self.eps) * w * self._gate(gate)).to(self.weight.dtype)
+        return (rms_normalize(x.float() * self._gate(gate), self.eps) * w).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, act={self.act}, norm_before_gate={self.norm_before_gate}"
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution over the position axis (no activation: callers choose it).
+
+    With a cache, the last ``kernel - 1`` inputs are read from and written back to ``cache.conv``, so
+    decoding one token at a time equals the full-sequence convolution.
+    """
+
+    def __init__(self, channels: int, kernel: int, bias: bool = False) -> None:
+        super().__init__()
+        self.channels, self.kernel = channels, kernel
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        B, T, C = x.shape
+        xt = x.transpose(1, 2)  # [B, C, T]
+        prev = cache.conv if cache is not None and cache.conv is not None else xt.new_zeros(B, C, self.kernel - 1)
+        full = torch.cat([prev.to(xt.dtype), xt], dim=-1)  # [B, C, kernel - 1 + T]
+        if cache is not None:
+            cache.conv = full[..., full.shape[-1] - (self.kernel - 1):]
+        y = F.conv1d(full, self.weight, self.bias, groups=C)
+        return y.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel={self.kernel}, bias={self.bias is not None}"
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate x) ⊙ up x)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        pre = self.hook_pre(self.gate_proj(x))
+        return self.down_proj(self.hook_post(F.silu(pre) * self.up_proj(x)))
+
+
+class TokenShiftReLU2(nn.Module):
+    """RWKV-7's channel mix: ``value(relu(key(x + (x_{t-1} − x)⊙μ))²)`` with its own token shift."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.x_k = nn.Parameter(torch.zeros(cfg.d_model))
+        self.key = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.value = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        prev = x.new_zeros(x.shape[0], 1, x.shape[-1])
+        if cache is not None and "ffn_shift" in cache.extra:
+            prev = cache.extra["ffn_shift"].to(x.dtype)
+        shifted = torch.cat([prev, x[:, :-1]], dim=1)
+        if cache is not None:
+            cache.extra["ffn_shift"] = x[:, -1:]
+        pre = self.hook_pre(self.key(x + (shifted - x) * self.x_k))
+        return self.value(self.hook_post(F.relu(pre).square()))
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module | None:
+    if cfg.d_mlp == 0:
+        return None
+    return SwiGLU(cfg) if cfg.mlp == "swiglu" else TokenShiftReLU2(cfg)

@@ -1,0 +1,364 @@
+"""The shared scan engine for matrix recurrences ``S_t = M_t(S_{t-1}) + W_t``, read as ``o_t = S_tᵀ q_t``.
+
+Every recurrent architecture reduces to one of three rules over the same inputs
+(:class:`RecurrenceInputs`, all ``[batch, pos, head, ...]`` in fp32, keys and queries already expanded
+to the value heads and scaled as the recurrence uses them):
+
+- :class:`LinearRule`: ``S_t = diag(exp g_t) S_{t-1} + β_t k_t v_tᵀ`` (GLA, Mamba-2, linear attention);
+  ``g`` is a scalar per head or one value per key channel.
+- :class:`DeltaRule`: ``S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ`` (Gated DeltaNet, DeltaNet).
+- :class:`DPLRRule`: ``S_t = diag(exp w_t) S_{t-1} − (κ_t⊙a_t)(κ_tᵀ S_{t-1}) + k_t v_tᵀ`` (RWKV-7).
+
+Each rule has a short token-by-token ``step`` (the reference, modelled on fla's ``naive.py``) and, where
+one exists, an exact chunked form used when nobody looks at per-step matrices. :func:`scan` picks the
+form; :func:`replay` re-runs the recurrence after per-step state or erase edits (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class RecurrenceInputs:
+    """Per-token inputs of a matrix recurrence, fp32, heads already expanded.
+
+    Attributes:
+        q: ``[batch, pos, head, d_k]`` queries, scaled as the read uses them.
+        k: ``[batch, pos, head, d_k]`` keys.
+        v: ``[batch, pos, head, d_v]`` values.
+        beta: ``[batch, pos, head]`` write strength, or ``None`` for 1.
+        decay: ``[batch, pos, head]`` or ``[batch, pos, head, d_k]`` log of the multiplicative decay, or
+            ``None`` for no decay.
+        extra: rule-specific inputs of shape ``[batch, pos, head, ...]`` (RWKV-7: ``erase_key``, ``a``).
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    beta: Tensor | None = None
+    decay: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """``(batch, pos, head, d_k, d_v)``."""
+        b, t, h, dk = self.k.shape
+        return b, t, h, dk, self.v.shape[-1]
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"q": self.q, "k": self.k, "v": self.v, **self.extra}
+        if self.beta is not None:
+            out["beta"] = self.beta
+        if self.decay is not None:
+            out["decay"] = self.decay
+        return out
+
+    def map(self, fn) -> RecurrenceInputs:
+        """Apply ``fn`` to every tensor (all share the leading ``[batch, pos, head]`` axes)."""
+        return RecurrenceInputs(
+            q=fn(self.q),
+            k=fn(self.k),
+            v=fn(self.v),
+            beta=None if self.beta is None else fn(self.beta),
+            decay=None if self.decay is None else fn(self.decay),
+            extra={n: fn(x) for n, x in self.extra.items()},
+        )
+
+    def at(self, t: int) -> RecurrenceInputs:
+        return self.map(lambda x: x[:, t])
+
+    def write(self) -> Tensor:
+        """``W_t = β_t k_t v_tᵀ`` for every token: ``[batch, pos, head, d_k, d_v]``."""
+        k = self.k if self.beta is None else self.k * self.beta[..., None]
+        return k[..., :, None] * self.v[..., None, :]
+
+
+@dataclass
+class ScanResult:
+    """What a scan returns: outputs ``o`` ``[batch, pos, head, d_v]``, the final state
+    ``[batch, head, d_k, d_v]`` and, when asked for, every state and every erase term
+    ``[batch, pos, head, d_k, d_v]``."""
+
+    o: Tensor
+    final_state: Tensor
+    states: Tensor | None = None
+    erases: Tensor | None = None
+
+
+def _decay_factor(g: Tensor | None) -> Tensor | None:
+    """exp(g) shaped to multiply a ``[batch, head, d_k, d_v]`` state (scalar or per key channel)."""
+    if g is None:
+        return None
+    g = g.exp()
+    return g[..., None, None] if g.dim() == 2 else g[..., None]
+
+
+class Rule:
+    """A recurrence family. Subclasses define ``step`` and optionally ``chunked``."""
+
+    has_erase: bool = False
+    has_chunked: bool = False
+
+    def step(self, S: Tensor, x: RecurrenceInputs, write: Tensor | None = None,
+             erase: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """One token: ``x`` holds ``[batch, head, ...]`` slices; ``write``/``erase`` override the
+        rule's own terms. Returns the new state and this step's erase term (``None`` if the rule has none)."""
+        raise NotImplementedError
+
+    def chunked(self, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Exact chunked form on inputs whose length is a multiple of ``chunk_size``.
+        Returns ``(o, final_state, boundary_states [batch, n_chunks, head, d_k, d_v])`` where
+        ``boundary_states[:, c]`` is the state before chunk ``c``."""
+        raise NotImplementedError
+
+
+class LinearRule(Rule):
+    """``S_t = diag(exp g_t) S_{t-1} + β_t k_t v_tᵀ`` with scalar or per-key-channel log-decay ``g``."""
+
+    has_chunked = True
+
+    def step(self, S, x, write=None, erase=None):
+        decay = _decay_factor(x.decay)
+        if decay is not None:
+            S = S * decay
+        if write is None:
+            k = x.k if x.beta is None else x.k * x.beta[..., None]
+            write = k[..., :, None] * x.v[..., None, :]
+        return S + write, None
+
+    def chunked(self, x, S0, chunk_size):
+        B, T, H, dk, dv = x.shape
+        N, C = T // chunk_size, chunk_size
+        chunks = x.map(lambda t: t.reshape(B, N, C, *t.shape[2:]).transpose(2, 3))  # [B, N, H, C, ...]
+        q, k, v = chunks.q, chunks.k, chunks.v
+        if chunks.beta is not None:
+            k = k * chunks.beta[..., None]
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        if chunks.decay is None:
+            G = q.new_zeros(B, N, H, C, 1)
+        else:
+            G = chunks.decay if chunks.decay.dim() == 5 else chunks.decay[..., None]
+            G = G.cumsum(-2)  # [B, N, H, C, 1 | d_k], inclusive log-decay from the chunk start
+        if G.shape[-1] == 1:
+            diff = (G[..., :, None, 0] - G[..., None, :, 0]).masked_fill(~causal, float("-inf"))
+            A = (q @ k.transpose(-1, -2)) * diff.exp()  # [B, N, H, C, C]
+        else:
+            # per-channel decay: exp(G_t - G_s) on each key channel, masked before exp so it never overflows
+            diff = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+            A = torch.einsum("bnhtd,bnhsd,bnhtsd->bnhts", q, k, diff.exp())
+        intra = A @ v  # [B, N, H, C, dv]
+        q_in = q * G.exp()  # reads the chunk's initial state
+        k_out = k * (G[..., -1:, :] - G).exp()  # carries each write to the chunk's end
+        last = G[..., -1, :].exp()  # [B, N, H, 1 | d_k]
+        S, outs, bounds = S0, [], []
+        for n in range(N):
+            bounds.append(S)
+            outs.append(intra[:, n] + q_in[:, n] @ S)
+            S = last[:, n, ..., None] * S + k_out[:, n].transpose(-1, -2) @ v[:, n]
+        o = torch.stack(outs, 1).transpose(2, 3).reshape(B, T, H, dv)
+        return o, S, torch.stack(bounds, 1)
+
+
+class DeltaRule(LinearRule):
+    """``S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ`` with scalar log-decay ``g = log α`` (or none).
+
+    The erase term is ``E_t = −β_t k_t k_tᵀ α_t S_{t-1}``, so ``write + erase = k_t δ_tᵀ`` with
+    ``δ_t = β_t (v_t − (α_t S_{t-1})ᵀ k_t)``.
+    """
+
+    has_erase = True
+
+    def step(self, S, x, write=None, erase=None):
+        decay = _decay_factor(x.decay)
+        if decay is not None:
+            S = S * decay
+        beta = torch.ones_like(x.k[..., 0]) if x.beta is None else x.beta
+        if erase is None:
+            kS = torch.einsum("bhk,bhkv->bhv", x.k, S)
+            erase = -(beta[..., None] * x.k)[..., :, None] * kS[..., None, :]
+        if write is None:
+            write = (beta[..., None] * x.k)[..., :, None] * x.v[..., None, :]
+        return S + erase + write, erase
+
+    def chunked(self, x, S0, chunk_size):
+        B, T, H, dk, dv = x.shape
+        N, C = T // chunk_size, chunk_size
+        chunks = x.map(lambda t: t.reshape(B, N, C, *t.shape[2:]).transpose(2, 3))  # [B, N, H, C, ...]
+        q, k, v = chunks.q, chunks.k, chunks.v
+        beta = torch.ones_like(k[..., 0]) if chunks.beta is None else chunks.beta  # [B, N, H, C]
+        G = q.new_zeros(B, N, H, C) if chunks.decay is None else chunks.decay.cumsum(-1)
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # Γ_t/Γ_s, s ≤ t
+        eye = torch.eye(C, dtype=q.dtype, device=q.device)
+        # u_t + β_t Σ_{s<t} (Γ_t/Γ_s)(k_t·k_s) u_s = β_t v_t − β_t Γ_t k_tᵀ S_0, a unit lower-triangular system
+        L = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+        Tinv = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
+        U0 = Tinv @ (beta[..., None] * v)  # [B, N, H, C, dv]
+        Wk = Tinv @ ((beta * G.exp())[..., None] * k)  # [B, N, H, C, dk]
+        A = (q @ k.transpose(-1, -2)) * decay  # [B, N, H, C, C]
+        q_in = q * G.exp()[..., None]
+        k_out = k * (G[..., -1:] - G).exp()[..., None]
+        last = G[..., -1].exp()[..., None, None]  # [B, N, H, 1, 1]
+        S, outs, bounds = S0, [], []
+        for n in range(N):
+            bounds.append(S)
+            U = U0[:, n] - Wk[:, n] @ S
+            outs.append(q_in[:, n] @ S + A[:, n] @ U)
+            S = last[:, n] * S + k_out[:, n].transpose(-1, -2) @ U
+        o = torch.stack(outs, 1).transpose(2, 3).reshape(B, T, H, dv)
+        return o, S, torch.stack(bounds, 1)
+
+
+class DPLRRule(Rule):
+    """``S_t = diag(exp w_t) S_{t-1} − (κ_t⊙a_t)(κ_tᵀ S_{t-1}) + k_t v_tᵀ`` (RWKV-7).
+
+    ``decay`` holds ``w`` per key channel; ``extra`` holds ``erase_key`` (κ, the normalised removal key)
+    and ``a`` (the in-context learning rate), both ``[batch, pos, head, d_k]``.
+    """
+
+    has_erase = True
+
+    def step(self, S, x, write=None, erase=None):
+        if erase is None:
+            kS = torch.einsum("bhk,bhkv->bhv", x.extra["erase_key"], S)
+            erase = -(x.extra["erase_key"] * x.extra["a"])[..., :, None] * kS[..., None, :]
+        S_new = S * x.decay.exp()[..., None] + erase
+        if write is None:
+            k = x.k if x.beta is None else x.k * x.beta[..., None]
+            write = k[..., :, None] * x.v[..., None, :]
+        return S_new + write, erase
+
+
+def _pad_to(x: RecurrenceInputs, length: int) -> RecurrenceInputs:
+    """Zero-pad the position axis: a zero key, zero write strength and zero log-decay leave the state unchanged."""
+    T = x.k.shape[1]
+    if length == T:
+        return x
+    return x.map(lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, length - T)))
+
+
+def recurrent_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, *, writes: Tensor | None = None,
+                   keep_states: bool = False) -> ScanResult:
+    """Token-by-token reference: one ``rule.step`` per position.
+
+    Args:
+        rule: the recurrence.
+        x: inputs ``[batch, pos, head, ...]``.
+        S0: initial state ``[batch, head, d_k, d_v]``.
+        writes: explicit writes ``[batch, pos, head, d_k, d_v]`` overriding ``β k vᵀ`` (edited writes).
+        keep_states: also return every state and erase term.
+    """
+    states, erases, outs = [], [], []
+    S = S0
+    for t in range(x.k.shape[1]):
+        S, e = rule.step(S, x.at(t), None if writes is None else writes[:, t])
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, x.q[:, t]))
+        if keep_states:
+            states.append(S)
+            erases.append(e)
+    o = torch.stack(outs, 1)
+    if not keep_states:
+        return ScanResult(o, S)
+    return ScanResult(o, S, torch.stack(states, 1), torch.stack(erases, 1) if rule.has_erase else None)
+
+
+def chunked_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> ScanResult:
+    """The fast path: the rule's exact chunked form (no per-step matrices)."""
+    T = x.k.shape[1]
+    padded = _pad_to(x, -(-T // chunk_size) * chunk_size)
+    o, S, _ = rule.chunked(padded, S0, chunk_size)
+    return ScanResult(o[:, :T], S)
+
+
+def materialized_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> ScanResult:
+    """Every state and erase term, fast: states at chunk boundaries from the chunked form, then all
+    chunks replayed in parallel token by token (``chunk_size`` Python steps instead of ``pos``)."""
+    B, T, H, dk, dv = x.shape
+    if not rule.has_chunked or T <= chunk_size:
+        return recurrent_scan(rule, x, S0, keep_states=True)
+    N = -(-T // chunk_size)
+    padded = _pad_to(x, N * chunk_size)
+    _, final, bounds = rule.chunked(padded, S0, chunk_size)
+    flat = padded.map(lambda t: t.reshape(B * N, chunk_size, *t.shape[2:]))
+    res = recurrent_scan(rule, flat, bounds.reshape(B * N, H, dk, dv), keep_states=True)
+
+    def unflatten(t: Tensor) -> Tensor:
+        return t.reshape(B, N * chunk_size, *t.shape[2:])[:, :T]
+
+    erases = None if res.erases is None else unflatten(res.erases)
+    return ScanResult(unflatten(res.o), final, unflatten(res.states), erases)
+
+
+def scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, *, chunk_size: int = 64,
+         keep_states: bool = False, writes: Tensor | None = None) -> ScanResult:
+    """Run the recurrence in the cheapest exact form the request allows.
+
+    - no per-step matrices wanted and no explicit writes: the chunked form (or the loop for rules
+      without one), never materialising a per-step state;
+    - ``keep_states``: chunk-boundary states plus a parallel replay of all chunks;
+    - explicit ``writes`` (an edited ``hook_write``): the token-by-token loop with those writes.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens.models.scan import RecurrenceInputs, DeltaRule, scan
+        >>> B, T, H, D = 1, 10, 2, 4
+        >>> k = torch.nn.functional.normalize(torch.randn(B, T, H, D), dim=-1)
+        >>> x = RecurrenceInputs(q=torch.randn(B, T, H, D), k=k, v=torch.randn(B, T, H, D),
+        ...                      beta=torch.rand(B, T, H), decay=-torch.rand(B, T, H))
+        >>> fast = scan(DeltaRule(), x, torch.zeros(B, H, D, D), chunk_size=4)
+        >>> full = scan(DeltaRule(), x, torch.zeros(B, H, D, D), chunk_size=4, keep_states=True)
+        >>> bool(torch.allclose(fast.o, full.o, atol=1e-5)), tuple(full.states.shape)
+        (True, (1, 10, 2, 4, 4))
+    """
+    if writes is not None:
+        return recurrent_scan(rule, x, S0, writes=writes, keep_states=keep_states)
+    if keep_states:
+        return materialized_scan(rule, x, S0, chunk_size)
+    if rule.has_chunked and x.k.shape[1] > 1:
+        return chunked_scan(rule, x, S0, chunk_size)
+    return recurrent_scan(rule, x, S0)
+
+
+def replay(rule: Rule, x: RecurrenceInputs, S0: Tensor, states: Tensor, *, writes: Tensor | None = None,
+           state_edit: tuple[Tensor, Tensor] | None = None,
+           erase_edit: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Recompute states after per-step edits, from the first edited position on.
+
+    Args:
+        states: the unedited states ``[batch, pos, head, d_k, d_v]`` (positions before the first edit
+            are reused as they are).
+        state_edit: ``(mask [batch, pos, head] bool, values [batch, pos, head, d_k, d_v])``: where the
+            mask is set, ``S_t`` is replaced by ``values`` after the update at ``t``.
+        erase_edit: the same for the erase term at ``t``.
+
+    Returns:
+        The edited states; every unedited step is recomputed from the recurrence, so edits carry forward.
+    """
+    masks = [e[0] for e in (state_edit, erase_edit) if e is not None]
+    edited = torch.stack([m.any(0).any(-1) for m in masks]).any(0) if masks else None
+    if edited is None or not edited.any():
+        return states
+    t0 = int(edited.nonzero()[0])
+    S = S0 if t0 == 0 else states[:, t0 - 1]
+    out = [states[:, :t0]]
+    for t in range(t0, x.k.shape[1]):
+        erase = None
+        if erase_edit is not None and erase_edit[0][:, t].any():
+            _, own = rule.step(S, x.at(t), None if writes is None else writes[:, t])
+            erase = torch.where(erase_edit[0][:, t, :, None, None], erase_edit[1][:, t], own)
+        S, _ = rule.step(S, x.at(t), None if writes is None else writes[:, t], erase)
+        if state_edit is not None:
+            S = torch.where(state_edit[0][:, t, :, None, None], state_edit[1][:, t], S)
+        out.append(S[:, None])
+    return torch.cat(out, 1)
+
+
+__all__ = [
+    "RecurrenceInputs", "ScanResult", "Rule", "LinearRule", "DeltaRule", "DPLRRule",
+    "recurrent_scan", "chunked_scan", "materialized_scan", "scan", "replay",
+]

@@ -1,0 +1,53 @@
+"""Builders for tiny reference models and tiny recurrent_lens models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from recurrent_lens import HookedRecurrentModel, ModelConfig
+
+
+def perturb_(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter so that a random reference model is far from its symmetric init
+    (zero-centred norms, identical gates) and a wrong weight mapping shows up in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return model
+
+
+def patch_transformers_qwen3_5() -> None:
+    """With fla installed, transformers binds its delta-rule names to fla's Triton kernels; use the torch ones."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as m
+
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+        fn = getattr(m, name)
+        setattr(m, name, getattr(fn, "__wrapped__", fn))
+
+
+def tiny_qwen3_5(seed: int = 0, layer_types: tuple[str, ...] = ("linear_attention",) * 3 + ("full_attention",),
+                 tie: bool = True):
+    """A tiny random ``Qwen3_5ForCausalLM``: GVA (2 key heads → 4 value heads), partial rotary, one attention layer."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    patch_transformers_qwen3_5()
+    cfg = Qwen3_5TextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=len(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+        layer_types=list(layer_types), tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+    )
+    torch.manual_seed(seed)
+    return perturb_(Qwen3_5ForCausalLM(cfg), 0.1, seed).eval()
+
+
+def tiny_gdn(seed: int = 0, n_layers: int = 2, **overrides) -> HookedRecurrentModel:
+    """A tiny random recurrent_lens Gated DeltaNet (fla layout, GVA 2 → 4 heads)."""
+    kw = dict(architecture="gated_deltanet", d_model=32, n_layers=n_layers, d_vocab=61, n_heads=4,
+              n_key_heads=2, d_k=8, d_v=8, d_mlp=64, chunk_size=16, options={"layout": "fla"})
+    kw.update(overrides)
+    model = HookedRecurrentModel.from_config(ModelConfig(**kw), seed=seed)
+    return perturb_(model, 0.1, seed).eval()
