@@ -50,4 +50,20 @@ def tiny_gdn(seed: int = 0, n_layers: int = 2, **overrides) -> HookedRecurrentMo
               n_key_heads=2, d_k=8, d_v=8, d_mlp=64, chunk_size=16, options={"layout": "fla"})
     kw.update(overrides)
     model = HookedRecurrentModel.from_config(ModelConfig(**kw), seed=seed)
-    return perturb_(model, 0.1, seed).eval()
+    perturb_(model, 0.1, seed)
+    with torch.no_grad():
+        for layer in model.cfg.recurrent_layers:
+            # slow decay (α ≈ 0.99) so that an edit stays visible over the whole test sequence
+            model.blocks[layer].mixer.A_log.uniform_(-4.5, -3.5)
+    return model.eval()
+
+
+ARCHS = {
+    "gated_deltanet": lambda seed: tiny_gdn(seed),
+    "qwen3_5_hybrid": lambda seed: tiny_gdn(seed, n_layers=2, norm="rms_one_plus", options={"layout": "qwen3_5"}),
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> HookedRecurrentModel:
+    """A tiny perturbed model of any registered test architecture (used by the parametrised edit tests)."""
+    return ARCHS[arch](seed)

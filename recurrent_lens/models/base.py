@@ -354,7 +354,9 @@ class HookedRecurrentModel(HookedRootModule):
             max_new_tokens: tokens to add.
             do_sample: sample instead of greedy argmax (with ``temperature``, ``top_k``, ``top_p``).
             eos_token_id: stop a sequence there (defaults to the tokenizer's) when ``stop_at_eos``.
-            cache: continue from this cache (it is updated in place) instead of an empty one.
+            cache: continue from this cache (updated in place) instead of an empty one. Like transformers,
+                the last generated token is returned but not fed through the model, so the cache ends
+                one token before the returned sequence.
             return_type: ``"tokens"`` or ``"str"``; default: strings for text input, tokens otherwise.
 
         Example:
@@ -379,14 +381,14 @@ class HookedRecurrentModel(HookedRootModule):
         logits = self(tokens, cache=cache)[:, -1]
         out = [tokens]
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+        for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
             nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                               generator=generator)
             if eos_token_id is not None and stop_at_eos:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                 finished |= nxt == eos_token_id
             out.append(nxt[:, None])
-            if stop_at_eos and eos_token_id is not None and bool(finished.all()):
+            if step == max_new_tokens - 1 or (stop_at_eos and eos_token_id is not None and bool(finished.all())):
                 break
             logits = self(nxt[:, None], cache=cache)[:, -1]
         result = torch.cat(out, dim=1)
