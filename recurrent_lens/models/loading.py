@@ -1,7 +1,9 @@
 """from_pretrained: a local directory or hub id → detect the format → build on ``meta`` → stream weights in.
 
 Weights are copied shard by shard, tensor by tensor, straight into the model's preallocated
-parameters, so peak memory stays near one copy of the weights whatever the checkpoint's size.
+parameters (safetensors are read with ``readinto``, without a memory map), so peak memory stays near
+one copy of the weights whatever the checkpoint's size. Every shard's header is checked against its
+file size before the first tensor is copied.
 Supported files: ``model.safetensors``, sharded ``model.safetensors.index.json``, and the
 ``pytorch_model.bin`` (optionally sharded) of mamba_ssm checkpoints. Keys the model does not use
 (vision towers, MTP heads) are skipped with a note; a parameter the checkpoint leaves unset is an error,
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,22 +95,86 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no weights in {path}: expected one of {list(_WEIGHT_INDEXES + _WEIGHT_FILES)}")
 
 
-def iter_tensors(file: Path) -> Iterator[tuple[str, Tensor]]:
-    """Yield ``(key, tensor)`` one tensor at a time (safetensors is memory-mapped; .bin uses mmap)."""
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"weights file {file} is corrupt or truncated ({type(e).__name__}: {e})") from e
+
+class SafetensorsFile:
+    """A safetensors file read with plain ``readinto`` calls, tensor by tensor.
+
+    Reading without a memory map keeps the file's pages out of the process (a mapped file counts
+    towards resident memory while its pages are touched), and lets a tensor whose dtype and layout match
+    its parameter be read straight into that parameter's storage. The header is validated against the
+    file size on opening, so a truncated file is refused before anything is loaded.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+                header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"weights file {path} is corrupt or truncated ({e})") from e
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise CheckpointError(f"weights file {path} is truncated: its header needs {self.data_start + end} "
+                                  f"bytes, the file has {size}")
+        for key, e in header.items():
+            if e.get("dtype") not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"weights file {path}: tensor {key!r} has unsupported dtype {e.get('dtype')!r}")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def read_into(self, key: str, dst: Tensor) -> None:
+        """Copy tensor ``key`` into ``dst`` (same shape), converting dtype and device as needed."""
+        e = self.entries[key]
+        dtype = _SAFETENSORS_DTYPES[e["dtype"]]
+        begin, end = e["data_offsets"]
+        direct = dst.dtype == dtype and dst.device.type == "cpu" and dst.is_contiguous()
+        buf = dst if direct else torch.empty(self.shape(key), dtype=dtype)
+        raw = buf.reshape(-1).view(torch.uint8)
+        if raw.numel() != end - begin:
+            raise CheckpointError(f"weights file {self.path}: tensor {key!r} holds {end - begin} bytes, "
+                                  f"its shape and dtype need {raw.numel()}")
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(raw.numpy()) != raw.numel():
+                raise CheckpointError(f"weights file {self.path} is truncated inside tensor {key!r}")
+        if not direct:
+            dst.copy_(buf)
+
+
+class _TorchFile:
+    """A ``pytorch_model.bin`` (mamba_ssm checkpoints), memory-mapped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"weights file {path} is corrupt or truncated ({type(e).__name__}: {e})") from e
+        self.entries = self.state
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.state[key].shape)
+
+    def read_into(self, key: str, dst: Tensor) -> None:
+        dst.copy_(self.state[key])
+
+
+def open_weights(path: Path) -> SafetensorsFile | _TorchFile:
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
 
 
 def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, files: list[Path],
@@ -120,10 +185,11 @@ def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, f
     params = dict(model.named_parameters())
     filled = {name: 0 for name in params}
     skipped = []
-    bar = tqdm(files, desc="loading shards", disable=not progress or len(files) < 2)
+    opened = [open_weights(f) for f in files]  # validates every shard before anything is copied
+    bar = tqdm(opened, desc="loading shards", disable=not progress or len(files) < 2)
     with torch.no_grad():
-        for file in bar:
-            for key, tensor in iter_tensors(file):
+        for weights in bar:
+            for key in weights.entries:
                 target = arch.map_weight(key, cfg)
                 if target is None:
                     skipped.append(key)
@@ -132,11 +198,19 @@ def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, f
                     raise CheckpointError(f"checkpoint key {key!r} maps to {target.name!r}, which the model does not have")
                 param = params[target.name]
                 dst = param if target.rows is None else param[target.rows]
-                src = tensor if target.transform is None else target.transform(tensor)
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise CheckpointError(f"checkpoint key {key!r}: expected shape {tuple(dst.shape)} for "
-                                          f"{target.name}, got {tuple(src.shape)}")
-                dst.copy_(src)
+                if target.transform is None:
+                    if weights.shape(key) != tuple(dst.shape):
+                        raise CheckpointError(f"checkpoint key {key!r}: expected shape {tuple(dst.shape)} for "
+                                              f"{target.name}, got {weights.shape(key)}")
+                    weights.read_into(key, dst)
+                else:
+                    src = torch.empty(weights.shape(key), dtype=dst.dtype)
+                    weights.read_into(key, src)
+                    src = target.transform(src)
+                    if tuple(src.shape) != tuple(dst.shape):
+                        raise CheckpointError(f"checkpoint key {key!r}: expected shape {tuple(dst.shape)} for "
+                                              f"{target.name} after conversion, got {tuple(src.shape)}")
+                    dst.copy_(src)
                 filled[target.name] += dst.shape[0] if dst.dim() else 1
     missing = [n for n, p in params.items() if filled[n] < (p.shape[0] if p.dim() else 1)]
     if missing:
