@@ -19,6 +19,7 @@ from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.attention import Attention
 from recurrent_lens.models.cache import LayerCache, RecurrentCache
 from recurrent_lens.models.components import make_mlp, make_norm
+from recurrent_lens.models.mixer import fire
 from recurrent_lens.models.registry import get_architecture
 
 TokensLike = str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
@@ -58,12 +59,12 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Tensor, cache: LayerCache | None = None, ctx: dict[str, Any] | None = None) -> Tensor:
-        x = self.hook_resid_pre(x)
+        x = fire(self.hook_resid_pre, x)
         mixer = self.attn if self.is_attention else self.mixer
-        x = self.hook_resid_mid(x + self.hook_mixer_out(mixer(self.ln1(x), cache, ctx)).to(x.dtype))
+        x = fire(self.hook_resid_mid, x + fire(self.hook_mixer_out, mixer(self.ln1(x), cache, ctx)).to(x.dtype))
         if self.mlp is not None:
-            x = x + self.hook_mlp_out(self.mlp(self.ln2(x), cache)).to(x.dtype)
-        return self.hook_resid_post(x)
+            x = x + fire(self.hook_mlp_out, self.mlp(self.ln2(x), cache)).to(x.dtype)
+        return fire(self.hook_resid_post, x)
 
 
 class Unembed(nn.Module):
@@ -234,7 +235,7 @@ class HookedRecurrentModel(HookedRootModule):
         offset = cache.seq_len if cache is not None else 0
         self.positions = torch.arange(offset, offset + T, device=tokens.device)
         ctx: dict[str, Any] = {"positions": self.positions, "tokens": tokens}
-        x = self.hook_embed(self.embed(tokens))
+        x = fire(self.hook_embed, self.embed(tokens))
         if self.cfg.residual_in_fp32:
             x = x.float()
         if self.ln_embed is not None:

@@ -12,6 +12,7 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
+from recurrent_lens.models.mixer import fire
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
@@ -37,7 +38,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight.float()
         y = rms_normalize(x, self.eps) * (1.0 + w if self.one_plus else w)
-        return self.hook_normalized(y.to(self.weight.dtype))
+        return fire(self.hook_normalized, y.to(self.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, one_plus={self.one_plus}"
@@ -55,7 +56,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
-        return self.hook_normalized(y.to(self.weight.dtype))
+        return fire(self.hook_normalized, y.to(self.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -120,7 +121,11 @@ class ShortConv(nn.Module):
         full = torch.cat([prev.to(xt.dtype), xt], dim=-1)  # [B, C, kernel - 1 + T]
         if cache is not None:
             cache.conv = full[..., full.shape[-1] - (self.kernel - 1):]
-        y = F.conv1d(full, self.weight, self.bias, groups=C)
+        # a sum over the few taps: torch's depthwise conv1d is pathologically slow on CPU for short inputs
+        w = self.weight[:, 0, :, None].to(full.dtype)  # [C, kernel, 1]
+        y = sum(full[:, :, j:j + T] * w[:, j] for j in range(self.kernel))
+        if self.bias is not None:
+            y = y + self.bias[:, None].to(y.dtype)
         return y.transpose(1, 2)
 
     def extra_repr(self) -> str:
@@ -139,8 +144,8 @@ class SwiGLU(nn.Module):
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
     def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
-        pre = self.hook_pre(self.gate_proj(x))
-        return self.down_proj(self.hook_post(F.silu(pre) * self.up_proj(x)))
+        pre = fire(self.hook_pre, self.gate_proj(x))
+        return self.down_proj(fire(self.hook_post, F.silu(pre) * self.up_proj(x)))
 
 
 class TokenShiftReLU2(nn.Module):
@@ -161,8 +166,8 @@ class TokenShiftReLU2(nn.Module):
         shifted = torch.cat([prev, x[:, :-1]], dim=1)
         if cache is not None:
             cache.extra["ffn_shift"] = x[:, -1:]
-        pre = self.hook_pre(self.key(x + (shifted - x) * self.x_k))
-        return self.value(self.hook_post(F.relu(pre).square()))
+        pre = fire(self.hook_pre, self.key(x + (shifted - x) * self.x_k))
+        return self.value(fire(self.hook_post, F.relu(pre).square()))
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module | None:
