@@ -50,16 +50,26 @@ def tiny_gdn(seed: int = 0, n_layers: int = 2, **overrides) -> HookedRecurrentMo
               n_key_heads=2, d_k=8, d_v=8, d_mlp=64, chunk_size=16, options={"layout": "fla"})
     kw.update(overrides)
     model = HookedRecurrentModel.from_config(ModelConfig(**kw), seed=seed)
-    perturb_(model, 0.1, seed)
+    return slow_decay(perturb_(model, 0.1, seed), -4.5, -3.5).eval()
+
+
+def _tiny_mamba2(seed: int) -> HookedRecurrentModel:
+    from tiny_arch_mamba2 import tiny_mamba2
+
+    return slow_decay(tiny_mamba2(seed))
+
+
+def slow_decay(model: HookedRecurrentModel, low: float = -4.0, high: float = -3.0) -> HookedRecurrentModel:
+    """Small |A| so that an edit stays visible over a whole test sequence (models with an ``A_log``)."""
     with torch.no_grad():
         for layer in model.cfg.recurrent_layers:
-            # slow decay (α ≈ 0.99) so that an edit stays visible over the whole test sequence
-            model.blocks[layer].mixer.A_log.uniform_(-4.5, -3.5)
-    return model.eval()
+            model.blocks[layer].mixer.A_log.uniform_(low, high)
+    return model
 
 
 ARCHS = {
     "gated_deltanet": lambda seed: tiny_gdn(seed),
+    "mamba2": _tiny_mamba2,
     "qwen3_5_hybrid": lambda seed: tiny_gdn(seed, n_layers=2, norm="rms_one_plus", options={"layout": "qwen3_5"}),
 }
 
