@@ -1,0 +1,194 @@
+"""DeltaNet (fla ``delta_net``): the delta rule without decay.
+
+Recurrence per head (ARCHITECTURES.md §4)::
+
+    S_t = (I − β_t k̂_t k̂_tᵀ) S_{t-1} + β_t k̂_t v_tᵀ,      o_t = S_tᵀ (q̂_t / √d_k)
+
+with q̂, k̂ normalised per head (l2, or L1 with ``qk_norm="sum"``) and ``β_t = sigmoid(b_proj x)``
+(1 without ``use_beta``; doubled with ``allow_neg_eigval``).
+
+Parameters follow the Gated DeltaNet layout: fla's ``q/k/v_proj`` load into row blocks of one
+``in_proj_qkv`` and ``q/k/v_conv1d`` into channel blocks of one depthwise ``conv1d``, so the layer keeps a
+single conv cache. ``options`` read here:
+
+- ``qk_activation`` (``"silu"`` default, ``"relu"``, ``"elu"`` (elu + 1) or ``"identity"``): with
+  ``"silu"`` the SiLU is applied to q and k right after the short conv; the others are applied after the
+  head split. v always gets SiLU.
+- ``qk_norm`` (``"l2"`` default or ``"sum"``).
+- ``use_beta`` (default True): without it there is no ``b_proj`` and no ``hook_beta``.
+- ``use_gate`` (default False): output ``rmsnorm(o)·w ⊙ silu(g_proj x)``; otherwise plain RMSNorm·w.
+- ``use_short_conv`` (default True), ``conv_bias`` (default False), ``allow_neg_eigval`` (default False).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from recurrent_lens.config import ModelConfig
+from recurrent_lens.models.cache import LayerCache
+from recurrent_lens.models.components import GatedRMSNorm, ShortConv, l2_normalize
+from recurrent_lens.models.gated_deltanet import map_fla_weight
+from recurrent_lens.models.mixer import MatrixMixer, fire
+from recurrent_lens.models.registry import Architecture, register_architecture
+from recurrent_lens.models.scan import DeltaRule, RecurrenceInputs
+
+_QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
+_QK_NORMS = ("l2", "sum")
+
+
+def _qk_activation(x: Tensor, name: str) -> Tensor:
+    if name == "relu":
+        return F.relu(x)
+    if name == "elu":
+        return F.elu(x) + 1.0
+    return x
+
+
+def _qk_normalize(x: Tensor, name: str) -> Tensor:
+    if name == "l2":
+        return l2_normalize(x)
+    return F.normalize(x.float(), p=1, dim=-1, eps=1e-6)
+
+
+class DeltaNetMixer(MatrixMixer):
+    """DeltaNet mixer.
+
+    Hook points, in execution order::
+
+        hook_in      [batch, pos, d_model]
+        hook_conv    [batch, pos, 2·n_heads·d_k + n_heads·d_v]  after the short conv and its activations
+        hook_q       [batch, pos, head, d_k]      q̂ / √d_k
+        hook_k       [batch, pos, head, d_k]      k̂
+        hook_v       [batch, pos, head, d_v]
+        hook_beta    [batch, pos, head]           only with ``use_beta``
+        hook_write   [batch, pos, head, d_k, d_v] β k̂ vᵀ
+        hook_erase   [batch, pos, head, d_k, d_v] −β k̂ k̂ᵀ S_{t-1}
+        hook_state   [batch, pos, head, d_k, d_v]
+        hook_read    [batch, pos, head, d_v]      S_tᵀ q_t
+        hook_out     [batch, pos, d_model]
+
+    ``has_beta`` is set per instance from ``options["use_beta"]`` (before the base class creates the
+    hooks), because whether β exists is a property of the checkpoint, not of the class.
+    """
+
+    rule = DeltaRule()
+    has_decay = False
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        opts = cfg.options
+        self.has_beta = bool(opts.get("use_beta", True))
+        super().__init__(cfg, layer)
+        self.qk_activation = opts.get("qk_activation", "silu")
+        self.qk_norm = opts.get("qk_norm", "l2")
+        if self.qk_activation not in _QK_ACTIVATIONS:
+            raise ValueError(f"options['qk_activation']: expected one of {_QK_ACTIVATIONS}, got {self.qk_activation!r}")
+        if self.qk_norm not in _QK_NORMS:
+            raise ValueError(f"options['qk_norm']: expected one of {_QK_NORMS}, got {self.qk_norm!r}")
+        self.use_gate = opts.get("use_gate", False)
+        self.use_short_conv = opts.get("use_short_conv", True)
+        self.allow_neg_eigval = opts.get("allow_neg_eigval", False)
+        H = cfg.n_heads
+        self.key_dim, self.value_dim = H * cfg.d_k, H * cfg.d_v
+        channels = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkv = nn.Linear(cfg.d_model, channels, bias=False)
+        if self.has_beta:
+            self.in_proj_b = nn.Linear(cfg.d_model, H, bias=False)
+        if self.use_gate:
+            self.in_proj_z = nn.Linear(cfg.d_model, self.value_dim, bias=False)
+        if self.use_short_conv:
+            self.conv1d = ShortConv(channels, cfg.conv_kernel, bias=opts.get("conv_bias", False))
+        self.norm = GatedRMSNorm(cfg.d_v, cfg.norm_eps, act="silu" if self.use_gate else "none")
+        self.out_proj = nn.Linear(self.value_dim, cfg.d_model, bias=False)
+        self.hook_conv = HookPoint()  # [batch, pos, 2·n_heads·d_k + n_heads·d_v]
+
+    def _activate(self, qkv: Tensor) -> Tensor:
+        """SiLU on v always, on q and k only when ``qk_activation == "silu"`` (where fla puts it in the conv)."""
+        if self.qk_activation == "silu":
+            return F.silu(qkv)
+        qk, v = qkv.split([2 * self.key_dim, self.value_dim], dim=-1)
+        return torch.cat([qk, F.silu(v)], dim=-1)
+
+    def project(self, x: Float[Tensor, "batch pos d_model"], cache: LayerCache | None,
+                ctx: dict[str, Any]) -> tuple[RecurrenceInputs, Tensor | None]:
+        B, T, _ = x.shape
+        cfg = self.cfg
+        qkv = self.in_proj_qkv(x)
+        qkv = self.conv1d(qkv, cache) if self.use_short_conv else qkv
+        qkv = fire(self.hook_conv, self._activate(qkv))
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = _qk_activation(q.reshape(B, T, cfg.n_heads, cfg.d_k), self.qk_activation)
+        k = _qk_activation(k.reshape(B, T, cfg.n_heads, cfg.d_k), self.qk_activation)
+        q, k = _qk_normalize(q, self.qk_norm), _qk_normalize(k, self.qk_norm)
+        beta = torch.sigmoid(self.in_proj_b(x).float()) if self.has_beta else None
+        if self.allow_neg_eigval:
+            beta = 2 * (beta if beta is not None else q.new_ones(B, T, cfg.n_heads))
+        inputs = RecurrenceInputs(q=q * cfg.d_k**-0.5, k=k, v=v.reshape(B, T, cfg.n_heads, cfg.d_v).float(),
+                                  beta=beta)
+        gate = self.in_proj_z(x).reshape(B, T, cfg.n_heads, cfg.d_v) if self.use_gate else None
+        return inputs, gate
+
+    def output(self, read: Float[Tensor, "batch pos head d_v"], aux: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
+        B, T = read.shape[:2]
+        o = self.norm(read, aux).to(self.out_proj.weight.dtype)
+        return self.out_proj(o.reshape(B, T, self.value_dim))
+
+
+def fla_mlp_width(d: dict[str, Any]) -> int:
+    """fla ``GatedMLP`` width: ``intermediate_size``, else 2/3·hidden_ratio·hidden rounded up to 256."""
+    if d.get("intermediate_size"):
+        return d["intermediate_size"]
+    ratio = d.get("hidden_ratio") or 4
+    return 256 * -(-int(d["hidden_size"] * ratio * 2 / 3) // 256)
+
+
+def _head_dim(total: float | int, n_heads: int, what: str) -> int:
+    if total != int(total) or int(total) % n_heads:
+        raise ValueError(f"config.json: {what} = {total} must be an integer divisible by num_heads = {n_heads}")
+    return int(total) // n_heads
+
+
+def config_from_fla(d: dict[str, Any]) -> ModelConfig:
+    """Read an fla ``delta_net`` config (pure DeltaNet stacks; hybrid ``attn`` layers are not supported)."""
+    if d.get("attn"):
+        raise ValueError("fla delta_net configs with hybrid 'attn' layers are not supported")
+    hidden, n_heads = d["hidden_size"], d.get("num_heads", 16)
+    if d.get("hidden_act", "swish") != "swish":
+        raise ValueError(f"config.json: hidden_act must be 'swish' (SwiGLU MLP), got {d['hidden_act']!r}")
+    return ModelConfig(
+        architecture="delta_net",
+        d_model=hidden,
+        n_layers=d["num_hidden_layers"],
+        d_vocab=d["vocab_size"],
+        n_heads=n_heads,
+        d_k=_head_dim(hidden * d.get("expand_k", 1.0), n_heads, "hidden_size * expand_k"),
+        d_v=_head_dim(hidden * d.get("expand_v", 1.0), n_heads, "hidden_size * expand_v"),
+        d_mlp=fla_mlp_width(d),
+        norm="rms",
+        norm_eps=d.get("norm_eps", 1e-6),
+        conv_kernel=d.get("conv_size", 4),
+        tie_embeddings=d.get("tie_word_embeddings", False),
+        options={
+            "qk_activation": d.get("qk_activation", "silu"),
+            "qk_norm": d.get("qk_norm", "l2"),
+            "use_beta": d.get("use_beta", True),
+            "use_gate": d.get("use_gate", False),
+            "use_short_conv": d.get("use_short_conv", True),
+            "allow_neg_eigval": d.get("allow_neg_eigval", False),
+        },
+    )
+
+
+register_architecture(Architecture(
+    name="delta_net",
+    mixer=DeltaNetMixer,
+    model_types=("delta_net",),
+    config_from_hf=config_from_fla,
+    # fla's DeltaNet keys are a subset of its Gated DeltaNet keys, with the same row layout
+    map_weight=map_fla_weight,
+))
