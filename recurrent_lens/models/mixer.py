@@ -51,10 +51,13 @@ def fire_matrix(hp: HookPoint, x: Tensor, recompute: Callable[[], Tensor]) -> tu
     Returns the (possibly edited) tensor and a ``[batch, pos, head]`` mask of the slices that differ
     from the unedited one, or ``None`` when nothing changed. In-place edits are detected through the
     tensor's version counter; the unedited tensor is then recomputed for the comparison, so the
-    common no-edit case (caching) costs no copy.
+    common no-edit case (caching) costs no copy. With a backward hook attached, every slice counts
+    as replaced, so that the forward runs through the hooked tensor and gradients reach the hook.
     """
     version = x._version
     y = fire(hp, x)
+    if hp._backward_hooks:
+        return y, torch.ones(y.shape[:3], dtype=torch.bool, device=y.device)
     if y is x and x._version == version:
         return x, None
     reference = recompute() if y is x else x

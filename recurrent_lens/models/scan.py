@@ -339,6 +339,8 @@ def replay(rule: Rule, x: RecurrenceInputs, S0: Tensor, states: Tensor, *, write
     Returns:
         The edited states; every unedited step is recomputed from the recurrence, so edits carry forward.
     """
+    if state_edit is not None and bool(state_edit[0].all()):
+        return state_edit[1]
     masks = [e[0] for e in (state_edit, erase_edit) if e is not None]
     edited = torch.stack([m.any(0).any(-1) for m in masks]).any(0) if masks else None
     if edited is None or not edited.any():
