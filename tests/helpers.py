@@ -67,9 +67,20 @@ def slow_decay(model: HookedRecurrentModel, low: float = -4.0, high: float = -3.
     return model
 
 
+def _tiny_fla(name: str):
+    def build(seed: int) -> HookedRecurrentModel:
+        import tiny_arch_fla
+
+        return getattr(tiny_arch_fla, f"tiny_{name}")(seed)
+
+    return build
+
+
 ARCHS = {
     "gated_deltanet": lambda seed: tiny_gdn(seed),
     "mamba2": _tiny_mamba2,
+    "delta_net": _tiny_fla("delta_net"),
+    "gla": _tiny_fla("gla"),
     "qwen3_5_hybrid": lambda seed: tiny_gdn(seed, n_layers=2, norm="rms_one_plus", options={"layout": "qwen3_5"}),
 }
 
