@@ -51,3 +51,26 @@ def test_hook_state_equals_independent_recurrence():
     # keys and queries are unit-norm (queries scaled by d_k^-1/2) as the recurrence uses them
     torch.testing.assert_close(k.norm(dim=-1), torch.ones(2, 37, 4), atol=1e-3, rtol=0)
     torch.testing.assert_close(q.norm(dim=-1), torch.full((2, 37, 4), 8**-0.5), atol=1e-3, rtol=0)
+
+
+def test_qwen3_5_0_8b_instantiates_on_meta_with_reference_parameter_count():
+    """ARCHITECTURES.md §7: Qwen3.5-0.8B text model, 752 M parameters (tied)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    from recurrent_lens.models.gated_deltanet import config_from_qwen3_5
+
+    ref_cfg = Qwen3_5TextConfig(
+        vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, tie_word_embeddings=True,
+        layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 6, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    )
+    with torch.device("meta"):
+        ref = Qwen3_5ForCausalLM(ref_cfg)
+        ours = HookedRecurrentModel(config_from_qwen3_5(ref_cfg.to_dict()))
+    n_ref = sum(p.numel() for p in ref.parameters())
+    n_ours = sum(p.numel() for p in ours.parameters())
+    assert n_ours == n_ref and round(n_ours / 1e6) == 752
+    assert ours.cfg.layer_types.count("attention") == 6 and ours.cfg.rotary_dim == 64
