@@ -81,6 +81,7 @@ ARCHS = {
     "mamba2": _tiny_mamba2,
     "delta_net": _tiny_fla("delta_net"),
     "gla": _tiny_fla("gla"),
+    "rwkv7": lambda seed: __import__("tiny_arch_rwkv7").tiny_rwkv7(seed, n_layers=2),
     "qwen3_5_hybrid": lambda seed: tiny_gdn(seed, n_layers=2, norm="rms_one_plus", options={"layout": "qwen3_5"}),
 }
 

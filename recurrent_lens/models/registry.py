@@ -83,11 +83,5 @@ def architectures() -> dict[str, Architecture]:
 
 
 def _load_builtins() -> None:
-    import importlib
-
-    for module in ("gated_deltanet", "mamba2", "rwkv7", "delta_net", "gla"):
-        try:
-            importlib.import_module(f"recurrent_lens.models.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"recurrent_lens.models.{module}":
-                raise
+    """Import the built-in architecture files, each of which registers itself."""
+    from recurrent_lens.models import delta_net, gated_deltanet, gla, mamba2, rwkv7  # noqa: F401

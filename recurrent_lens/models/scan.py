@@ -222,6 +222,10 @@ class DPLRRule(Rule):
     """
 
     has_erase = True
+    has_chunked = True
+
+    def chunked(self, x, S0, chunk_size):
+        return dplr_chunked(x, S0, chunk_size)
 
     def step(self, S, x, write=None, erase=None):
         if erase is None:
@@ -232,6 +236,96 @@ class DPLRRule(Rule):
             k = x.k if x.beta is None else x.k * x.beta[..., None]
             write = k[..., :, None] * x.v[..., None, :]
         return S_new + write, erase
+
+
+MIN_CHUNK_LOG_DECAY = -80.0
+"""The lowest cumulative log-decay one chunk may reach before ``e^{−G}`` leaves fp32's range."""
+
+
+def dplr_chunked(x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The DPLR recurrence (RWKV-7) chunk by chunk, exactly, with :meth:`Rule.chunked`'s contract.
+
+    Per head, with ``D_t = diag(exp w_t)``, erase key ``κ_t`` and rate ``a_t``::
+
+        S_t = D_t S_{t-1} − (κ_t⊙a_t)(κ_tᵀ S_{t-1}) + k_t v_tᵀ,      o_t = S_tᵀ q_t
+
+    Inside a chunk that starts from ``S_0``, write ``G_t = Σ_{s≤t} w_s`` (per key channel), ``α_t = −κ_t``
+    (the direction the erase reads), ``β_t = κ_t⊙a_t`` (the direction it writes) and ``u_t = α_tᵀ S_{t-1}``.
+    Unrolling the chunk gives ``S_t = e^{G_t} ⊙ S_0 + Σ_{s≤t} e^{G_t − G_s} ⊙ (β_s u_sᵀ + k_s v_sᵀ)``, so
+    the reads ``u`` solve one unit lower-triangular system per chunk::
+
+        (I − A_αβ) U = (α ⊙ e^{G_{t-1}}) S_0 + A_αk V
+        A_αβ[t, s] = Σ_c α_tc β_sc e^{G_{t-1,c} − G_{s,c}}  (s < t; A_αk likewise with k for β)
+
+    and the outputs and the chunk's final state follow from ``U`` with matrix products only. This is the
+    WY/UT form of fla's ``dplr_chunkwise``, written for our ``[batch, pos, head, ...]`` layout with an
+    initial state, chunk-boundary states and autograd through ``torch.linalg.solve_triangular``.
+
+    ``e^{G_{t-1} − G_s}`` is formed as ``e^{G_{t-1}} · e^{−G_s}``, so within one chunk the cumulative
+    log-decay must stay above about −80 (fp32's exp range): RWKV-7's ``w ≥ −e^{−1/2}`` allows chunks of
+    up to 128 tokens. :func:`dplr_chunked` raises a clear error beyond that.
+
+    Args:
+        x: inputs ``[batch, pos, head, ...]`` whose length is a multiple of ``chunk_size``: ``q``, ``k``,
+            ``v``, optional ``beta`` (scales ``k``), ``decay`` (``w`` per key channel) and ``extra``
+            ``erase_key`` (κ) and ``a``.
+        S0: the state before the first token.
+        chunk_size: tokens per chunk.
+
+    Returns:
+        ``(o [batch, pos, head, d_v], final_state, boundary_states [batch, n_chunks, head, d_k, d_v])``
+        where ``boundary_states[:, c]`` is the state before chunk ``c``.
+    """
+    B, T, H, dk, dv = x.shape
+    if T % chunk_size:
+        raise ValueError(f"dplr_chunked: the length ({T}) must be a multiple of chunk_size ({chunk_size})")
+    if x.decay is None or x.decay.shape != x.k.shape:
+        raise ValueError(f"dplr_chunked: decay must be per key channel with shape {tuple(x.k.shape)}, "
+                         f"got {None if x.decay is None else tuple(x.decay.shape)}")
+    N, C = T // chunk_size, chunk_size
+
+    def chunks(t: Tensor) -> Tensor:
+        return t.reshape(B, N, C, *t.shape[2:]).transpose(2, 3)  # [B, N, H, C, ...]
+
+    q, k, v, w = chunks(x.q), chunks(x.k), chunks(x.v), chunks(x.decay)
+    if x.beta is not None:
+        k = k * chunks(x.beta)[..., None]
+    kappa = chunks(x.extra["erase_key"])
+    alpha, beta = -kappa, kappa * chunks(x.extra["a"])
+    G = w.cumsum(-2)  # [B, N, H, C, d_k], inclusive
+    if bool((G[..., -1, :] < MIN_CHUNK_LOG_DECAY).any()):
+        raise ValueError(f"dplr_chunked: a chunk's cumulative log-decay falls below {MIN_CHUNK_LOG_DECAY} "
+                         f"(min {float(G[..., -1, :].min()):.1f}); use a smaller chunk_size than {chunk_size}")
+    G_prev = G - w  # exclusive: the decay α_t sees when it reads S_{t-1}
+    alpha_in = alpha * G_prev.exp()
+    q_in = q * G.exp()
+    beta_out, k_out = beta * (-G).exp(), k * (-G).exp()
+
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    zero = q.new_zeros(())
+    A_ab = torch.where(strict, alpha_in @ beta_out.transpose(-1, -2), zero)  # [B, N, H, C, C]
+    A_ak = torch.where(strict, alpha_in @ k_out.transpose(-1, -2), zero)
+    A_qb = torch.where(causal, q_in @ beta_out.transpose(-1, -2), zero)
+    A_qk = torch.where(causal, q_in @ k_out.transpose(-1, -2), zero)
+
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    Tinv = torch.linalg.solve_triangular(eye - A_ab, eye.expand_as(A_ab), upper=False, unitriangular=True)
+    U_v = Tinv @ (A_ak @ v)  # [B, N, H, C, d_v], the part of u that does not depend on S_0
+    U_s = Tinv @ alpha_in  # [B, N, H, C, d_k], u = U_v + U_s S_0
+    intra = A_qk @ v
+    last = G[..., -1:, :]  # [B, N, H, 1, d_k]
+    carry_b = beta * (last - G).exp()  # carries β_s u_sᵀ to the chunk's end, factors ≤ 1
+    carry_k = k * (last - G).exp()
+    S, outs, bounds = S0, [], []
+    for n in range(N):
+        bounds.append(S)
+        U = U_v[:, n] + U_s[:, n] @ S
+        outs.append(q_in[:, n] @ S + A_qb[:, n] @ U + intra[:, n])
+        S = last[:, n].exp().transpose(-1, -2) * S + carry_b[:, n].transpose(-1, -2) @ U \
+            + carry_k[:, n].transpose(-1, -2) @ v[:, n]
+    o = torch.stack(outs, 1).transpose(2, 3).reshape(B, T, H, dv)
+    return o, S, torch.stack(bounds, 1)
 
 
 def _pad_to(x: RecurrenceInputs, length: int) -> RecurrenceInputs:
@@ -268,7 +362,13 @@ def recurrent_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, *, writes: Tenso
 
 
 def chunked_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> ScanResult:
-    """The fast path: the rule's exact chunked form (no per-step matrices)."""
+    """The fast path: the rule's exact chunked form (no per-step matrices); fla's kernels on CUDA."""
+    from recurrent_lens.models import kernels
+
+    if kernels.kernels_enabled(x):
+        out = kernels.fla_chunked(rule, x, S0)
+        if out is not None:
+            return ScanResult(out[0].to(x.v.dtype), out[1].to(S0.dtype))
     T = x.k.shape[1]
     padded = _pad_to(x, -(-T // chunk_size) * chunk_size)
     o, S, _ = rule.chunked(padded, S0, chunk_size)
@@ -361,6 +461,6 @@ def replay(rule: Rule, x: RecurrenceInputs, S0: Tensor, states: Tensor, *, write
 
 
 __all__ = [
-    "RecurrenceInputs", "ScanResult", "Rule", "LinearRule", "DeltaRule", "DPLRRule",
+    "RecurrenceInputs", "ScanResult", "Rule", "LinearRule", "DeltaRule", "DPLRRule", "dplr_chunked",
     "recurrent_scan", "chunked_scan", "materialized_scan", "scan", "replay",
 ]
