@@ -1,0 +1,41 @@
+"""Sparse autoencoders for matrix-valued recurrent states (DESIGN.md §4, specs/WRITESAE.md).
+
+Importing this package does not import the model package: SAEs work on any ``[..., d_k, d_v]``
+tensor and attach to any transformer_lens ``HookedRootModule`` whose hook gives
+``[batch, pos, head, d_k, d_v]``.
+
+Example:
+    >>> import torch
+    >>> from recurrent_lens.sae import WriteSAE
+    >>> sae = WriteSAE(d_k=4, d_v=4, n_features=32, k=4)
+    >>> out = sae(torch.randn(8, 4, 4))
+    >>> out.reconstruction.shape
+    torch.Size([8, 4, 4])
+"""
+
+from recurrent_lens.sae.attach import add_sae, reset_saes, saes
+from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEOutput, register_sae_class
+from recurrent_lens.sae.io import from_reference_checkpoint, load
+from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
+from recurrent_lens.sae.training import SAETrainer, TrainConfig, TrainLog, train
+
+__all__ = [
+    "SAE",
+    "SAEConfig",
+    "SAEOutput",
+    "SAE_REGISTRY",
+    "register_sae_class",
+    "WriteSAE",
+    "FlatSAE",
+    "MatrixSAE",
+    "BilinearSAE",
+    "load",
+    "from_reference_checkpoint",
+    "add_sae",
+    "reset_saes",
+    "saes",
+    "train",
+    "SAETrainer",
+    "TrainConfig",
+    "TrainLog",
+]
