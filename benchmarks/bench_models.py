@@ -1,6 +1,7 @@
 """Speed and memory of the hookable models, each as a ratio against a baseline measured in the same run.
 
     python benchmarks/bench_models.py            # Qwen3.5-like GDN (d_model 512, 8 heads x 64, 4 layers, T=1024)
+                                                 # plus all five architectures at the same width
     python benchmarks/bench_models.py --quick    # smaller sizes, for a smoke run
 
 Prints:
@@ -8,12 +9,14 @@ Prints:
   (b) run_with_cache of every state of one GDN layer / our plain forward               (target <= 3.0)
   (c) per-token decode time at context 2000 / at context 20                             (target <= 1.2)
   (d) peak resident memory while loading ~200 MB of weights / the weights' size         (target <= 1.3)
+  (e) per architecture: unhooked forward / a baseline (transformers' torch path for Mamba-2, our
+      token-by-token recurrent reference for the fla models, whose kernels cannot run on CPU), and
+      per-token decode at context 2000 / 20                                             (target <= 1.2)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -123,7 +126,69 @@ def main() -> None:
     weights, peak = map(int, out.stdout.split())
     print(f"(d) peak RSS while loading / weights: {peak / 2**20:.1f} MiB / {weights / 2**20:.1f} MiB = "
           f"{peak / weights:.2f}  (target <= 1.3)")
-    json.dumps({})
+    print("(e) all five architectures, d_model 512, 8 heads, 4 layers:")
+    for arch in ARCH_CONFIGS:
+        bench_architecture(arch, T, args.quick)
+
+
+def arch_config(arch: str, quick: bool):
+    from recurrent_lens import ModelConfig
+
+    d, H = (128, 2) if quick else (512, 8)
+    common = dict(d_model=d, n_layers=4, d_vocab=1000, n_heads=H, chunk_size=64)
+    if arch == "gated_deltanet":
+        return ModelConfig(architecture=arch, d_k=64, d_v=64, d_mlp=2 * d, options={"layout": "fla"}, **common)
+    if arch == "delta_net":
+        return ModelConfig(architecture=arch, d_k=64, d_v=64, d_mlp=2 * d, **common)
+    if arch == "gla":
+        return ModelConfig(architecture=arch, d_k=32, d_v=64, d_mlp=2 * d, **common)
+    if arch == "rwkv7":
+        return ModelConfig(architecture=arch, d_k=64, d_v=64, d_mlp=4 * d, mlp="relu2", norm="layer", norm_eps=1e-5,
+                           conv_kernel=0, **common)
+    raise ValueError(arch)
+
+
+def mamba2_pair(quick: bool):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from recurrent_lens import HookedRecurrentModel
+
+    d, H = (128, 4) if quick else (512, 16)
+    cfg = Mamba2Config(hidden_size=d, num_hidden_layers=4, vocab_size=1000, num_heads=H, head_dim=64, state_size=64,
+                       n_groups=1, expand=2, tie_word_embeddings=True, chunk_size=64)
+    torch.manual_seed(0)
+    ref = Mamba2ForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        return ref, HookedRecurrentModel.from_pretrained(d)
+
+
+ARCH_CONFIGS = ["gated_deltanet", "mamba2", "delta_net", "gla", "rwkv7"]
+
+
+def bench_architecture(arch: str, T: int, quick: bool) -> None:
+    import recurrent_lens.models.mixer as mixer_module
+    from recurrent_lens import HookedRecurrentModel
+    from recurrent_lens.models.scan import recurrent_scan
+
+    tokens = torch.randint(0, 1000, (1, T))
+    if arch == "mamba2":
+        ref, model = mamba2_pair(quick)
+        baseline, label = best_of(lambda: ref(tokens)), "transformers torch path"
+    else:
+        model = HookedRecurrentModel.from_config(arch_config(arch, quick), seed=0).eval()
+        fast_scan = mixer_module.scan
+        mixer_module.scan = lambda rule, x, S0, **kw: recurrent_scan(rule, x, S0, writes=kw.get("writes"),
+                                                                      keep_states=kw.get("keep_states", False))
+        try:
+            baseline, label = best_of(lambda: model(tokens), repeats=1), "our recurrent reference"
+        finally:
+            mixer_module.scan = fast_scan
+    ours = best_of(lambda: model(tokens))
+    long_ctx = 500 if quick else 2000
+    short, long = decode_time(model, 20), decode_time(model, long_ctx)
+    print(f"    {arch:15s} forward {ours:.3f}s / {label} {baseline:.3f}s = {ours / baseline:.2f};"
+          f"  decode {long * 1e3:.2f}ms @ctx {long_ctx} / {short * 1e3:.2f}ms @ctx 20 = {long / short:.2f}")
 
 
 if __name__ == "__main__":
