@@ -82,7 +82,9 @@ ARCHS = {
     "delta_net": _tiny_fla("delta_net"),
     "gla": _tiny_fla("gla"),
     "rwkv7": lambda seed: __import__("tiny_arch_rwkv7").tiny_rwkv7(seed, n_layers=2),
-    "qwen3_5_hybrid": lambda seed: tiny_gdn(seed, n_layers=2, norm="rms_one_plus", options={"layout": "qwen3_5"}),
+    "qwen3_5_hybrid": lambda seed: tiny_gdn(seed, n_layers=2, norm="rms_one_plus", options={"layout": "qwen3_5"},
+                                            layer_types=("recurrent", "attention"), n_attn_heads=4, n_kv_heads=2,
+                                            d_head_attn=8, rotary_dim=4, attn_output_gate=True),
 }
 
 
