@@ -100,6 +100,12 @@ class GatedRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, act={self.act}, norm_before_gate={self.norm_before_gate}"
 
 
+def norm_heads_and_project(norm: GatedRMSNorm, out_proj: nn.Linear, read: Tensor, gate: Tensor | None) -> Tensor:
+    """The usual mixer output: per-head (gated) RMSNorm of the read ``[batch, pos, head, d_v]``, heads
+    flattened, then the output projection."""
+    return out_proj(norm(read, gate).to(out_proj.weight.dtype).flatten(2))
+
+
 class ShortConv(nn.Module):
     """Depthwise causal convolution over the position axis (no activation: callers choose it).
 

@@ -32,8 +32,8 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
-from recurrent_lens.models.components import GatedRMSNorm, ShortConv, l2_normalize
-from recurrent_lens.models.gated_deltanet import map_fla_weight
+from recurrent_lens.models.components import GatedRMSNorm, ShortConv, l2_normalize, norm_heads_and_project
+from recurrent_lens.models.gated_deltanet import fla_mlp_width, map_fla_weight
 from recurrent_lens.models.mixer import MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, register_architecture
 from recurrent_lens.models.scan import DeltaRule, RecurrenceInputs
@@ -134,17 +134,7 @@ class DeltaNetMixer(MatrixMixer):
         return inputs, gate
 
     def output(self, read: Float[Tensor, "batch pos head d_v"], aux: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
-        B, T = read.shape[:2]
-        o = self.norm(read, aux).to(self.out_proj.weight.dtype)
-        return self.out_proj(o.reshape(B, T, self.value_dim))
-
-
-def fla_mlp_width(d: dict[str, Any]) -> int:
-    """fla ``GatedMLP`` width: ``intermediate_size``, else 2/3·hidden_ratio·hidden rounded up to 256."""
-    if d.get("intermediate_size"):
-        return d["intermediate_size"]
-    ratio = d.get("hidden_ratio") or 4
-    return 256 * -(-int(d["hidden_size"] * ratio * 2 / 3) // 256)
+        return norm_heads_and_project(self.norm, self.out_proj, read, aux)
 
 
 def _head_dim(total: float | int, n_heads: int, what: str) -> int:

@@ -29,7 +29,7 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
-from recurrent_lens.models.components import GatedRMSNorm, ShortConv, l2_normalize
+from recurrent_lens.models.components import GatedRMSNorm, ShortConv, l2_normalize, norm_heads_and_project
 from recurrent_lens.models.mixer import MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import DeltaRule, RecurrenceInputs
@@ -99,9 +99,7 @@ class GatedDeltaNetMixer(MatrixMixer):
         return inputs, gate
 
     def output(self, read: Tensor, aux: Any) -> Tensor:
-        B, T = read.shape[:2]
-        o = self.norm(read, aux).to(self.out_proj.weight.dtype)
-        return self.out_proj(o.reshape(B, T, self.value_dim))
+        return norm_heads_and_project(self.norm, self.out_proj, read, aux)
 
 
 def _qwen_text_config(d: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +176,6 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     head_dim, expand_v = d.get("head_dim", 256), d.get("expand_v", 2)
     n_heads, n_v_heads = d.get("num_heads", 6), d.get("num_v_heads") or d.get("num_heads", 6)
     hidden = d["hidden_size"]
-    d_mlp = d.get("intermediate_size") or 256 * -(-int(hidden * d.get("hidden_ratio", 4) * 2 / 3) // 256)
     return ModelConfig(
         architecture="gated_deltanet",
         d_model=hidden,
@@ -188,7 +185,7 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
         n_key_heads=n_heads,
         d_k=head_dim,
         d_v=int(head_dim * expand_v),
-        d_mlp=d_mlp,
+        d_mlp=fla_mlp_width(d),
         norm="rms",
         norm_eps=d.get("norm_eps", 1e-6),
         conv_kernel=d.get("conv_size", 4),
@@ -202,6 +199,14 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
             "conv_bias": d.get("conv_bias", False),
         },
     )
+
+
+def fla_mlp_width(d: dict[str, Any]) -> int:
+    """fla ``GatedMLP`` width: ``intermediate_size``, else 2/3·hidden_ratio·hidden rounded up to 256."""
+    if d.get("intermediate_size"):
+        return d["intermediate_size"]
+    ratio = d.get("hidden_ratio") or 4
+    return 256 * -(-int(d["hidden_size"] * ratio * 2 / 3) // 256)
 
 
 def fla_block_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:

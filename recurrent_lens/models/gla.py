@@ -35,9 +35,8 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
-from recurrent_lens.models.components import GatedRMSNorm, ShortConv
-from recurrent_lens.models.delta_net import fla_mlp_width
-from recurrent_lens.models.gated_deltanet import fla_block_weight
+from recurrent_lens.models.components import GatedRMSNorm, ShortConv, norm_heads_and_project
+from recurrent_lens.models.gated_deltanet import fla_block_weight, fla_mlp_width
 from recurrent_lens.models.mixer import MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import LinearRule, RecurrenceInputs
@@ -126,9 +125,7 @@ class GLAMixer(MatrixMixer):
         return inputs, gate
 
     def output(self, read: Float[Tensor, "batch pos head d_v"], aux: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
-        B, T = read.shape[:2]
-        o = self.norm(read, aux).to(self.out_proj.weight.dtype)
-        return self.out_proj(o.reshape(B, T, self.value_dim))
+        return norm_heads_and_project(self.norm, self.out_proj, read, aux)
 
 
 def config_from_fla(d: dict[str, Any]) -> ModelConfig:
