@@ -10,6 +10,7 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens import Architecture, HookedRecurrentModel, ModelConfig, register_architecture
 from recurrent_lens.models.mixer import MatrixMixer, fire
+from recurrent_lens.models.registry import WeightTarget
 from recurrent_lens.models.scan import LinearRule, RecurrenceInputs
 
 
@@ -95,3 +96,27 @@ def test_edits_and_generation_for_free(model):
     steps = [model(tokens[:, :9], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(9, 15)]
     torch.testing.assert_close(torch.cat(steps, 1), base, atol=1e-5, rtol=1e-5)
     assert model.generate(tokens, max_new_tokens=3).shape == (1, 18)
+
+
+def test_loading_never_leaves_a_buffer_uninitialised(model, tmp_path):
+    """Built on ``meta``, a buffer has no value: unless the checkpoint provides it, loading must refuse."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from recurrent_lens.models.loading import CheckpointError
+
+    arch = Architecture("test_retnet_loadable", RetentionMixer, model_types=("test_retnet",),
+                        config_from_hf=lambda d: ModelConfig(**{**model.cfg.to_dict(), "architecture": "test_retnet_loadable"}),
+                        map_weight=lambda name, cfg: WeightTarget(name))
+    register_architecture(arch, overwrite=True)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "test_retnet"}))
+    with pytest.raises(CheckpointError, match="unset.*log_gamma"):
+        HookedRecurrentModel.from_pretrained(tmp_path)
+    weights.update({n: b.clone() for n, b in model.named_buffers()})
+    save_file(weights, tmp_path / "model.safetensors")
+    loaded = HookedRecurrentModel.from_pretrained(tmp_path)
+    tokens = torch.randint(0, 40, (1, 9))
+    torch.testing.assert_close(loaded(tokens), model(tokens))

@@ -182,7 +182,8 @@ def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, f
     """Copy every checkpoint tensor into the parameter it maps to; return the skipped keys."""
     from tqdm.auto import tqdm
 
-    params = dict(model.named_parameters())
+    # buffers too: a model built on ``meta`` has no values for them, so the checkpoint must provide them
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     filled = {name: 0 for name in params}
     skipped = []
     opened = [open_weights(f) for f in files]  # validates every shard before anything is copied
@@ -214,7 +215,7 @@ def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, f
                 filled[target.name] += dst.shape[0] if dst.dim() else 1
     missing = [n for n, p in params.items() if filled[n] < (p.shape[0] if p.dim() else 1)]
     if missing:
-        raise CheckpointError(f"checkpoint leaves {len(missing)} parameters unset: {missing[:20]}"
+        raise CheckpointError(f"checkpoint leaves {len(missing)} parameters or buffers unset: {missing[:20]}"
                               f"{' ...' if len(missing) > 20 else ''}")
     if skipped:
         log.info("skipped %d checkpoint keys the model does not use (e.g. %s)", len(skipped), skipped[:3])
