@@ -1,0 +1,222 @@
+"""Shared machinery of the analyses: hook-name parsing, cache branching, statistics.
+
+Everything here works through the shared hook vocabulary (``blocks.{l}.mixer.hook_*``), ``model.cfg``
+and :class:`~recurrent_lens.models.cache.RecurrentCache`; nothing depends on the architecture.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from recurrent_lens.models.cache import RecurrentCache
+
+_MATRIX_HOOK = re.compile(r"^blocks\.(\d+)\.mixer\.hook_state$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One head of one recurrent layer: where states are read and edited."""
+
+    layer: int
+    head: int
+
+    def hook(self, name: str) -> str:
+        return f"blocks.{self.layer}.mixer.{name}"
+
+
+def parse_site(model, hook_name: str, head: int) -> Site:
+    """Check ``hook_name`` is a recurrent layer's ``hook_state`` and ``head`` is in range."""
+    m = _MATRIX_HOOK.match(hook_name)
+    if not m:
+        raise ValueError(f"hook_name: expected 'blocks.{{layer}}.mixer.hook_state', got {hook_name!r}")
+    layer = int(m.group(1))
+    if layer not in model.cfg.recurrent_layers:
+        raise ValueError(f"hook_name: layer {layer} is not a recurrent layer; recurrent layers: "
+                         f"{model.cfg.recurrent_layers}")
+    if not isinstance(head, int) or not 0 <= head < model.cfg.n_heads:
+        raise ValueError(f"head: expected an int in [0, {model.cfg.n_heads}), got {head!r}")
+    return Site(layer, head)
+
+
+def check_tokens(model, tokens: Tensor, min_len: int = 2) -> Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"tokens: expected integer ids of shape [batch, pos], got {tuple(tokens.shape)} {tokens.dtype}")
+    if tokens.shape[1] < min_len:
+        raise ValueError(f"tokens: expected at least {min_len} positions, got {tokens.shape[1]}")
+    return tokens.long().to(model.embed.weight.device)
+
+
+def check_sae(sae, model) -> None:
+    if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
+        raise ValueError(f"sae: expects (d_k, d_v) = ({sae.cfg.d_k}, {sae.cfg.d_v}), the model's states are "
+                         f"({model.cfg.d_k}, {model.cfg.d_v})")
+
+
+@torch.no_grad()
+def native_run(model, tokens: Tensor, site: Site) -> dict[str, Tensor]:
+    """States, net updates (write + erase), writes, keys and queries of one head at every position.
+
+    Returns tensors ``[batch, pos, ...]`` of that head: ``state``, ``write``, ``update`` (``write`` plus
+    ``erase`` where the architecture has one), ``k``, ``q`` and ``decay`` (``None`` without decay),
+    plus ``logits`` ``[batch, pos, d_vocab]``.
+    """
+    names = [site.hook(n) for n in ("hook_state", "hook_write", "hook_erase", "hook_k", "hook_q", "hook_decay")]
+    names = [n for n in names if n in model.hook_dict]
+    logits, cache = model.run_with_cache(tokens, names_filter=names)
+    h = site.head
+    out = {"logits": logits, "state": cache[site.hook("hook_state")][:, :, h],
+           "write": cache[site.hook("hook_write")][:, :, h], "k": cache[site.hook("hook_k")][:, :, h],
+           "q": cache[site.hook("hook_q")][:, :, h]}
+    erase = site.hook("hook_erase")
+    out["update"] = out["write"] + cache[erase][:, :, h] if erase in cache.cache_dict else out["write"]
+    decay = site.hook("hook_decay")
+    out["decay"] = cache[decay][:, :, h] if decay in cache.cache_dict else None
+    return out
+
+
+def select_batch(cache: RecurrentCache, index: Tensor) -> RecurrentCache:
+    """A new cache holding rows ``index`` of every tensor (rows may repeat)."""
+    out = RecurrentCache(len(cache))
+    out.seq_len = cache.seq_len
+    for src, dst in zip(cache.layers, out.layers):
+        for name in ("state", "conv", "key", "value"):
+            t = getattr(src, name)
+            setattr(dst, name, None if t is None else t.index_select(0, index))
+        dst.extra = {k: v.index_select(0, index) for k, v in src.extra.items()}
+    return out
+
+
+@torch.no_grad()
+def branch_logits(model, tokens: Tensor, site: Site, rows: Tensor, positions: Tensor,
+                  edit: Callable[[Tensor, Tensor], Tensor], readout_offset: int,
+                  progress: bool = False, desc: str = "branch") -> Tensor:
+    """Logits after replacing the head's state at chosen positions, read ``readout_offset`` tokens later.
+
+    For each firing ``(rows[i], positions[i])`` the prefix up to and including ``positions[i]`` runs once
+    (one cache shared by every firing at that position); the head's state ``S_t`` is then replaced by
+    each of ``edit(S_t [n, d_k, d_v], firing_index [n]) -> [C, n, d_k, d_v]``'s ``C`` candidates, the
+    next ``readout_offset`` tokens are fed from branched copies of the cache, and the last logits are
+    returned as ``[C, n_firings, d_vocab]`` (fp32). This is the cache-based continuation of
+    specs/WRITESAE.md Decision 6: the edit is seen first by the token at ``t + 1``.
+    """
+    from tqdm.auto import tqdm
+
+    if readout_offset < 1:
+        raise ValueError(f"readout_offset: expected >= 1 (the edit is read by later tokens), got {readout_offset}")
+    T = tokens.shape[1]
+    if len(positions) and int(positions.max()) + readout_offset >= T:
+        raise ValueError(f"positions: every position + readout_offset must be < {T} (sequence length)")
+    out: Tensor | None = None
+    cache = model.make_cache()
+    done = 0
+    order = sorted(set(positions.tolist()))
+    for t in tqdm(order, disable=not progress, desc=desc):
+        if t + 1 > done:
+            model(tokens[:, done : t + 1], cache=cache)
+            done = t + 1
+        idx = (positions == t).nonzero().squeeze(1)
+        b = rows[idx]
+        S = cache[site.layer].state[b, site.head]
+        cand = edit(S, idx)
+        C, n = cand.shape[:2]
+        branch = select_batch(cache, b.repeat(C))
+        state = branch[site.layer].state.clone()
+        state[:, site.head] = cand.reshape(C * n, *cand.shape[2:]).to(state.dtype)
+        branch[site.layer].state = state
+        logits = model(tokens[b, t + 1 : t + 1 + readout_offset].repeat(C, 1), cache=branch)[:, -1].float()
+        if out is None:
+            out = logits.new_zeros(C, len(rows), logits.shape[-1])
+        out[:, idx] = logits.view(C, n, -1)
+    if out is None:
+        raise ValueError("positions: no firing to evaluate")
+    return out
+
+
+def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """``KL(p ‖ q)`` over the last axis from logits, in fp32 (clamped at 0 against rounding)."""
+    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k / n`` (95% by default).
+
+    Example:
+        >>> lo, hi = wilson_interval(90, 100)
+        >>> round(lo, 3), round(hi, 3)
+        (0.826, 0.945)
+    """
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def wilcoxon_signed_rank(x: Tensor) -> float:
+    """Two-sided p-value of the Wilcoxon signed-rank test of ``median(x) = 0`` (normal approximation
+    with tie correction; zeros dropped, as scipy's default ``zero_method='wilcox'``)."""
+    x = x.double().flatten()
+    x = x[x != 0]
+    n = len(x)
+    if n == 0:
+        return 1.0
+    a = x.abs()
+    order = a.argsort()
+    ranks = torch.empty(n, dtype=torch.float64)
+    sorted_a = a[order]
+    i = 0
+    tie_term = 0.0
+    while i < n:
+        j = i
+        while j + 1 < n and sorted_a[j + 1] == sorted_a[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        c = j - i + 1
+        tie_term += c**3 - c
+        i = j + 1
+    w_plus = float(ranks[x > 0].sum())
+    mean = n * (n + 1) / 4
+    var = n * (n + 1) * (2 * n + 1) / 24 - tie_term / 48
+    if var <= 0:
+        return 1.0
+    z = (w_plus - mean) / math.sqrt(var)
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def bootstrap_ci(groups: list[Tensor], stat: Callable[[Tensor], float], n_boot: int = 1000,
+                 seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of ``stat`` over a cluster bootstrap (resampling whole groups)."""
+    if not groups:
+        return (float("nan"), float("nan"))
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(n_boot):
+        pick = torch.randint(0, len(groups), (len(groups),), generator=g)
+        vals.append(stat(torch.cat([groups[i] for i in pick.tolist()])))
+    v = torch.tensor(vals)
+    return (float(v.quantile(0.025)), float(v.quantile(0.975)))
+
+
+def unit(x: Tensor, dim: int = -1) -> Tensor:
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-12)
+
+
+def frob(x: Tensor) -> Tensor:
+    """Frobenius norm over the last two axes."""
+    return x.flatten(-2).norm(dim=-1)
+
+
+__all__ = ["Site", "parse_site", "native_run", "select_batch", "branch_logits", "kl_divergence",
+           "wilson_interval", "wilcoxon_signed_rank", "bootstrap_ci", "unit", "frob", "check_tokens", "check_sae"]

@@ -1,0 +1,175 @@
+"""The closed-form logit shift of a state perturbation (specs/WRITESAE.md §4(b), Eq. 1).
+
+Perturb ``S_{t0} += ε A_i`` and read at ``t = t0 + readout_offset``. Ignoring the delta-rule cross
+terms and the nonlinearity of the output map, the read changes by ``ε (G ⊙ A_i)ᵀ q_t`` with
+``G = exp(Σ_{s=t0+1}^{t} g_s)`` the accumulated decay (a scalar per head or one value per key
+channel, from ``hook_decay``), and the logit of ``tok`` by::
+
+    Δℓ ≈ ε · ⟨W_U[tok], W_O^{(h)} (G ⊙ A_i)ᵀ q_t⟩   =   ε·G·(v_i·q_t)·⟨W_U[tok], W_O^{(h)} w_i⟩   (rank 1, scalar G)
+
+``W_O^{(h)}`` is defined for every architecture as the Jacobian of the mixer's output (``hook_out``)
+with respect to the head's read (``hook_read``) at position ``t`` — for a plain output projection it
+is the head's slice of ``out_proj``; for gated or normalised outputs it is their linearisation at the
+native read. ``readout="unembed"`` uses ``W_U`` directly (the paper's form); ``readout="final_norm"``
+also linearises the final norm at the native residual, which makes the prediction exact to first order
+for the last layer of a linear recurrence. ``tok`` is the argmax of ``W_U W_O^{(h)} w_i`` (``w_i``: the
+atom's leading right singular vector).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from recurrent_lens.analysis._common import Site, branch_logits, check_sae, check_tokens, native_run, parse_site
+from recurrent_lens.analysis.results import LogitShiftResult
+
+
+def unembedding(model) -> Tensor:
+    """``W_U`` ``[d_vocab, d_model]`` (the embedding when tied)."""
+    return (model.embed.weight if model.unembed is None else model.unembed.weight).detach().float()
+
+
+def output_jacobian(model, tokens: Int[Tensor, "batch pos"], site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
+    """``W_O^{(h)}`` at every position: ∂ hook_out / ∂ hook_read[head], by forward-mode products
+    (double backward), one per value channel."""
+    captured: dict[str, Tensor] = {}
+
+    def grab_read(x, hook):
+        captured["read"] = x.detach().requires_grad_(True)
+        return captured["read"]
+
+    def grab_out(x, hook):
+        captured["out"] = x
+        return x
+
+    with torch.enable_grad():
+        model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(site.hook("hook_read"), grab_read),
+                                                                  (site.hook("hook_out"), grab_out)])
+        read, out = captured["read"], captured["out"].float()
+        dummy = torch.zeros_like(out, requires_grad=True)
+        (g,) = torch.autograd.grad(out, read, dummy, create_graph=True)
+        cols = []
+        for j in range(read.shape[-1]):
+            e = torch.zeros_like(read)
+            e[:, :, site.head, j] = 1.0
+            (col,) = torch.autograd.grad(g, dummy, e, retain_graph=True)
+            cols.append(col.detach())
+    return torch.stack(cols, -1)
+
+
+def final_norm_jvp(model, resid: Float[Tensor, "n d_model"], direction: Float[Tensor, "n d_model"]) -> Tensor:
+    """``J_{ln_final}(resid) · direction`` row by row."""
+    with torch.enable_grad():
+        r = resid.detach().float().requires_grad_(True)
+        y = model.ln_final(r.to(model.embed.weight.dtype)).float()
+        dummy = torch.zeros_like(y, requires_grad=True)
+        (g,) = torch.autograd.grad(y, r, dummy, create_graph=True)
+        (out,) = torch.autograd.grad(g, dummy, direction.float())
+    return out
+
+
+def logit_shift_prediction(
+    model,
+    sae,
+    hook_name: str,
+    head: int,
+    tokens: Int[Tensor, "batch pos"],
+    atoms: Sequence[int] | None = None,
+    eps: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
+    *,
+    positions_per_atom: int = 50,
+    readout_offset: int = 1,
+    readout: str = "unembed",
+    skip_positions: int = 0,
+    seed: int = 2026,
+    progress: bool = False,
+) -> LogitShiftResult:
+    """Closed-form vs measured logit shifts of ``S_{t0} += ε A_i``.
+
+    Args:
+        atoms: SAE atom indices (default: the 10 atoms that are most often dominant on ``tokens``).
+        eps: perturbation sizes ε.
+        positions_per_atom: random ``(sequence, t0)`` pairs per atom (seeded).
+        readout_offset: read at ``t0 + readout_offset`` (>= 1).
+        readout: ``"unembed"`` (W_U, the paper's form) or ``"final_norm"`` (W_U after the final norm's
+            Jacobian).
+
+    Returns:
+        A :class:`~recurrent_lens.analysis.results.LogitShiftResult` with zero- and one-parameter R².
+    """
+    if readout not in ("unembed", "final_norm"):
+        raise ValueError(f"readout: expected 'unembed' or 'final_norm', got {readout!r}")
+    if not eps:
+        raise ValueError("eps: expected at least one perturbation size")
+    site = parse_site(model, hook_name, head)
+    check_sae(sae, model)
+    tokens = check_tokens(model, tokens, readout_offset + 1)
+    B, T = tokens.shape
+    native = native_run(model, tokens, site)
+    with torch.no_grad():
+        all_atoms = sae.decoder_atoms().detach().float()
+        if atoms is None:
+            dom = sae.encode(native["state"]).argmax(-1)
+            atoms = torch.bincount(dom.flatten(), minlength=all_atoms.shape[0]).argsort(descending=True)[:10].tolist()
+        atoms = [int(a) for a in atoms]
+        bad = [a for a in atoms if not 0 <= a < all_atoms.shape[0]]
+        if bad:
+            raise ValueError(f"atoms: indices must lie in [0, {all_atoms.shape[0]}), got {bad}")
+        g = torch.Generator().manual_seed(seed)
+        n_pos = B * (T - readout_offset - skip_positions)
+        if n_pos < 1:
+            raise ValueError("tokens: no eligible position (too short for readout_offset and skip_positions)")
+        rows_b, rows_t, rows_atom = [], [], []
+        for a in atoms:
+            pick = torch.randperm(n_pos, generator=g)[:positions_per_atom]
+            rows_b.append(pick // (T - readout_offset - skip_positions))
+            rows_t.append(pick % (T - readout_offset - skip_positions) + skip_positions)
+            rows_atom.append(torch.full_like(pick, a))
+        b, t0, atom = torch.cat(rows_b), torch.cat(rows_t), torch.cat(rows_atom)
+        t = t0 + readout_offset
+        A = all_atoms[atom]  # [n, d_k, d_v]
+        decay = native["decay"]
+        if decay is None:
+            G = torch.ones(len(b), A.shape[1])
+        else:
+            cum = torch.cat([decay.new_zeros(B, 1, *decay.shape[2:]), decay.float().cumsum(1)], 1)
+            G = (cum[b, t + 1] - cum[b, t0 + 1]).exp()  # sum of g over t0+1..t
+            G = G[:, None].expand(-1, A.shape[1]) if G.dim() == 1 else G
+        q = native["q"][b, t].float()
+        d_read = torch.einsum("nk,nkv->nv", G * q, A)  # read change per unit ε
+        J = output_jacobian(model, tokens, site)[b, t]  # [n, d_model, d_v]
+        out_dir = torch.einsum("nmv,nv->nm", J, d_read)
+        _, _, Vh = torch.linalg.svd(A)
+        w_lead = Vh[:, 0]
+        U_lead = torch.linalg.svd(A)[0][:, :, 0]
+        w_lead = w_lead * torch.einsum("nk,nkv,nv->n", U_lead, A, w_lead).sign()[:, None]
+        lead_dir = torch.einsum("nmv,nv->nm", J, w_lead)
+        W_U = unembedding(model)
+        if readout == "final_norm":
+            _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+            resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][b, t]
+            out_dir = final_norm_jvp(model, resid, out_dir)
+            lead_dir = final_norm_jvp(model, resid, lead_dir)
+        tok = (lead_dir @ W_U.T).argmax(-1)
+        unit_pred = (out_dir * W_U[tok]).sum(-1)
+        eps_t = torch.tensor([float(e) for e in eps])
+
+    def edit(S: Tensor, idx: Tensor) -> Tensor:
+        return torch.stack([S] + [S + e * A[idx].to(S.dtype) for e in eps_t.tolist()])
+
+    logits = branch_logits(model, tokens, site, b, t0, edit, readout_offset, progress=progress, desc="logit shift")
+    sel = logits.gather(-1, tok[None, :, None].expand(len(eps_t) + 1, -1, 1))[..., 0]
+    measured = sel[1:] - sel[:1]  # [n_eps, n]
+    frames = []
+    for i, e in enumerate(eps_t.tolist()):
+        frames.append(pd.DataFrame({"atom": atom.numpy(), "eps": e, "batch": b.numpy(), "pos": t0.numpy(),
+                                    "token": tok.numpy(), "predicted": (e * unit_pred).numpy(),
+                                    "measured": measured[i].numpy()}))
+    settings = dict(hook_name=hook_name, head=head, atoms=atoms, eps=list(eps_t.tolist()), readout=readout,
+                    readout_offset=readout_offset, positions_per_atom=positions_per_atom, seed=seed)
+    return LogitShiftResult(pd.concat(frames, ignore_index=True), settings)

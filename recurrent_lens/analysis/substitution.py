@@ -1,0 +1,177 @@
+"""Single-write substitution (specs/WRITESAE.md §4(a), Decisions 5–7).
+
+At every firing ``t`` (the SAE code of ``S_t`` at the head is nonzero; dominant atom ``i* = argmax``)
+the state is replaced by ``S′ = S_t − Δ_nat + X`` for
+
+- ``X = atom``: ``a_{i*} A_{i*}`` (``scale="coefficient"``) or ``‖Δ_nat‖_F A_{i*}/‖A_{i*}‖_F``
+  (``scale="match_norm"``);
+- ``X = 0``: delete;
+- ``X = random``: a fresh random rank-1 atom ``u wᵀ`` (``random="rank1"``) or a random SAE atom that
+  does not fire at ``t`` (``random="sae_atom"``), with the same Frobenius norm as the atom condition;
+
+where ``Δ_nat`` is the net update (``replace="update"``: write + erase, so delete leaves the decayed
+previous state) or the write alone (``replace="write"``). The forward continues from a branched cache
+and the next-token distribution at ``t + readout_offset`` is compared with the native one by KL.
+
+Implementation: the prefix is run once through a :class:`RecurrentCache`, one token group at a time;
+at each firing position the cache is branched for all firings there and all four conditions (native,
+atom, delete, random) in one batched call of ``readout_offset`` tokens. The cost is one pass over the
+prefix plus one small batched call per distinct firing position.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from recurrent_lens.analysis._common import (
+    branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, parse_site, unit,
+)
+from recurrent_lens.analysis.results import SubstitutionResult
+
+_REPLACE = ("update", "write")
+_SCALE = ("coefficient", "match_norm")
+_RANDOM = ("rank1", "sae_atom")
+_KL = ("native_to_condition", "condition_to_native")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+
+
+@torch.no_grad()
+def find_firings(codes: Tensor, *, max_firings_per_atom: int | None, last_position: int, skip_positions: int = 0,
+                 seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Positions where a code fires, their dominant atom and its coefficient, capped per atom.
+
+    Args:
+        codes: ``[batch, pos, n_features]`` SAE codes.
+        max_firings_per_atom: keep at most this many (a seeded random subset) per dominant atom.
+        last_position: only positions ``<= last_position`` are eligible.
+
+    Returns:
+        ``(batch, pos, atom, coefficient)``, each ``[n]``, sorted by position.
+    """
+    B, T, _ = codes.shape
+    fires = (codes != 0).any(-1)
+    fires[:, :skip_positions] = False
+    fires[:, last_position + 1 :] = False
+    b, t = fires.nonzero(as_tuple=True)
+    coef, atom = codes[b, t].max(-1)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(b), generator=g)
+    if max_firings_per_atom is not None:
+        keep = torch.zeros(len(b), dtype=torch.bool)
+        counts: dict[int, int] = {}
+        for i, a in zip(perm.tolist(), atom[perm].tolist()):
+            if counts.get(a, 0) < max_firings_per_atom:
+                counts[a] = counts.get(a, 0) + 1
+                keep[i] = True
+        b, t, atom, coef = b[keep], t[keep], atom[keep], coef[keep]
+    order = torch.argsort(t * B + b)
+    return b[order], t[order], atom[order], coef[order]
+
+
+def substitution_test(
+    model,
+    sae,
+    hook_name: str,
+    head: int,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    replace: str = "update",
+    scale: str = "coefficient",
+    random: str = "rank1",
+    readout_offset: int = 1,
+    kl: str = "native_to_condition",
+    max_firings_per_atom: int | None = 30,
+    skip_positions: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> SubstitutionResult:
+    """Atom vs delete vs random substitution of the native update at every firing.
+
+    Args:
+        model: a :class:`~recurrent_lens.HookedRecurrentModel`.
+        sae: an SAE on ``[d_k, d_v]`` states of ``hook_name``/``head`` (not attached; only its encoder
+            and decoder atoms are used).
+        hook_name: ``blocks.{l}.mixer.hook_state``.
+        head: the head the SAE reads.
+        tokens: ``[batch, pos]`` sequences.
+        replace: ``"update"`` (write + erase, default) or ``"write"``: what ``Δ_nat`` removes.
+        scale: ``"coefficient"`` (``a_{i*} A_{i*}``) or ``"match_norm"`` (``‖Δ_nat‖_F`` times the unit atom).
+        random: ``"rank1"`` (fresh random ``u wᵀ``) or ``"sae_atom"`` (a random non-firing SAE atom).
+        readout_offset: read the distribution at ``t + readout_offset`` (>= 1).
+        kl: ``"native_to_condition"`` (KL(p_native ‖ p_cond)) or ``"condition_to_native"``.
+        max_firings_per_atom: cap per dominant atom (``None``: no cap).
+        skip_positions: ignore the first positions (e.g. BOS).
+        seed: seeds the firing subsample and the random controls.
+        progress: show a progress bar over positions.
+
+    Returns:
+        A :class:`~recurrent_lens.analysis.results.SubstitutionResult`.
+    """
+    _choice("replace", replace, _REPLACE)
+    _choice("scale", scale, _SCALE)
+    _choice("random", random, _RANDOM)
+    _choice("kl", kl, _KL)
+    if max_firings_per_atom is not None and max_firings_per_atom < 1:
+        raise ValueError(f"max_firings_per_atom: expected >= 1 or None, got {max_firings_per_atom}")
+    site = parse_site(model, hook_name, head)
+    check_sae(sae, model)
+    tokens = check_tokens(model, tokens, readout_offset + 1)
+    start = time.perf_counter()
+    native = native_run(model, tokens, site)
+    delta_all = native[replace]
+    with torch.no_grad():
+        codes = sae.encode(native["state"])
+        b, t, atom, coef = find_firings(codes, max_firings_per_atom=max_firings_per_atom,
+                                        last_position=tokens.shape[1] - 1 - readout_offset,
+                                        skip_positions=skip_positions, seed=seed)
+        if len(b) == 0:
+            raise ValueError("tokens: the SAE never fires on these tokens at eligible positions")
+        atoms = sae.decoder_atoms().detach().float()
+        dk, dv = atoms.shape[-2:]
+        delta = delta_all[b, t].float()  # [n, d_k, d_v]
+        A = atoms[atom]
+        if scale == "coefficient":
+            X_atom = coef[:, None, None].float() * A
+        else:
+            X_atom = frob(delta)[:, None, None] * A / frob(A).clamp_min(1e-12)[:, None, None]
+        g = torch.Generator().manual_seed(seed + 1)
+        if random == "rank1":
+            u = unit(torch.randn(len(b), dk, generator=g))
+            w = unit(torch.randn(len(b), dv, generator=g))
+            R = u[:, :, None] * w[:, None, :]
+        else:
+            active = codes[b, t] != 0
+            scores = torch.rand(len(b), atoms.shape[0], generator=g).masked_fill(active, -1.0)
+            R = atoms[scores.argmax(-1)]
+        X_random = frob(X_atom)[:, None, None] * R / frob(R).clamp_min(1e-12)[:, None, None]
+
+    def edit(S: Tensor, idx: Tensor) -> Tensor:
+        base = S - delta[idx].to(S.dtype)
+        return torch.stack([S, base + X_atom[idx], base, base + X_random[idx]])
+
+    logits = branch_logits(model, tokens, site, b, t, edit, readout_offset, progress=progress, desc="substitution")
+    nat = logits[0]
+    if kl == "native_to_condition":
+        kls = [kl_divergence(nat, logits[c]) for c in (1, 2, 3)]
+    else:
+        kls = [kl_divergence(logits[c], nat) for c in (1, 2, 3)]
+    rows = pd.DataFrame({
+        "batch": b.numpy(), "pos": t.numpy(), "atom": atom.numpy(), "coefficient": coef.float().numpy(),
+        "update_norm": frob(delta).numpy(),
+        "kl_atom": kls[0].numpy(), "kl_delete": kls[1].numpy(), "kl_random": kls[2].numpy(),
+    })
+    rows["win"] = rows["kl_atom"] < rows["kl_delete"]
+    rows["chain"] = rows["win"] & (rows["kl_delete"] < rows["kl_random"])
+    settings = dict(hook_name=hook_name, head=head, replace=replace, scale=scale, random=random,
+                    readout_offset=readout_offset, kl=kl, max_firings_per_atom=max_firings_per_atom,
+                    skip_positions=skip_positions, seed=seed)
+    return SubstitutionResult(rows, settings, time.perf_counter() - start)

@@ -1,0 +1,153 @@
+"""Toy models: tiny recurrent LMs of every architecture trained on multi-query associative recall.
+
+``load(name)`` returns a trained :class:`~recurrent_lens.HookedRecurrentModel` (eval mode) and its
+:class:`ToyTask`. Names: ``"gdn"`` (Gated DeltaNet), ``"mamba2"``, ``"rwkv7"``, ``"deltanet"``, ``"gla"``.
+
+Where the weights come from, in order:
+
+1. the package's embedded weights (``recurrent_lens/toy/weights/{name}.safetensors``, < 1 MB each,
+   written by :func:`build_embedded` / ``python -m recurrent_lens.toy``), used when their recorded
+   recipe fingerprint matches the current recipe;
+2. the user cache ``$RECURRENT_LENS_CACHE/toy/`` (default ``$XDG_CACHE_HOME/recurrent_lens/toy/``,
+   i.e. ``~/.cache/recurrent_lens/toy/``), keyed by the fingerprint;
+3. otherwise the model is trained (seconds to half a minute on 2 CPU cores, with a progress bar) and
+   written to the cache atomically (temporary file + rename).
+
+Example:
+    >>> from recurrent_lens import toy
+    >>> model, task = toy.load("gdn", progress=False)
+    >>> tokens, targets = task.make_batch(64, seed=1)
+    >>> toy.accuracy(model(tokens), targets) > 0.95
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+from safetensors.torch import load_file, save_file
+
+from recurrent_lens.models.base import HookedRecurrentModel
+from recurrent_lens.toy.task import BOS, SEP, ToyTask, accuracy
+from recurrent_lens.toy.train import TOY_SPECS, ToySpec, TrainInfo, train_toy
+
+__all__ = ["load", "names", "Toy", "ToyTask", "accuracy", "cache_dir", "TOY_SPECS", "train_toy", "build_embedded",
+           "embedded_info", "BOS", "SEP"]
+
+EMBEDDED_DIR = Path(__file__).parent / "weights"
+
+
+class Toy(NamedTuple):
+    """What :func:`load` returns: unpack as ``model, task = toy.load("gdn")``."""
+
+    model: HookedRecurrentModel
+    task: ToyTask
+
+
+def names() -> list[str]:
+    """The names :func:`load` accepts."""
+    return list(TOY_SPECS)
+
+
+def cache_dir() -> Path:
+    """Where trained toys are cached: ``$RECURRENT_LENS_CACHE/toy`` if set, else
+    ``$XDG_CACHE_HOME/recurrent_lens/toy`` (``~/.cache/recurrent_lens/toy``)."""
+    root = os.environ.get("RECURRENT_LENS_CACHE")
+    if root:
+        return Path(root).expanduser() / "toy"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "recurrent_lens" / "toy"
+
+
+def _spec(name: str) -> ToySpec:
+    if name not in TOY_SPECS:
+        raise ValueError(f"name: expected one of {names()}, got {name!r}")
+    return TOY_SPECS[name]
+
+
+def _save(model: HookedRecurrentModel, info: TrainInfo, path: Path) -> None:
+    """Write weights plus the training record, atomically (a crash never leaves a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"fingerprint": info.fingerprint, "recall": f"{info.recall:.6f}", "seconds": f"{info.seconds:.2f}",
+            "steps": str(info.steps), "name": info.name}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached and shipped weights are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read(path: Path, spec: ToySpec) -> HookedRecurrentModel | None:
+    """The model stored at ``path`` if it exists and was trained with ``spec``'s exact recipe."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("fingerprint") != spec.fingerprint():
+            return None
+        state = load_file(str(path))
+    except Exception:
+        # A corrupt or foreign file is retrained over rather than trusted.
+        return None
+    model = HookedRecurrentModel(spec.model_config())
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load(name: str, *, retrain: bool = False, progress: bool = True) -> Toy:
+    """A trained toy model (eval mode) and its task.
+
+    Args:
+        name: ``"gdn"``, ``"mamba2"``, ``"rwkv7"``, ``"deltanet"`` or ``"gla"``.
+        retrain: ignore embedded and cached weights, train afresh and overwrite the cache.
+        progress: show a progress bar while training.
+    """
+    spec = _spec(name)
+    if not retrain:
+        for path in (EMBEDDED_DIR / f"{name}.safetensors", cache_dir() / f"{name}-{spec.fingerprint()}.safetensors"):
+            model = _read(path, spec)
+            if model is not None:
+                return Toy(model, spec.task)
+    model, info = train_toy(spec, progress=progress)
+    _save(model, info, cache_dir() / f"{name}-{spec.fingerprint()}.safetensors")
+    return Toy(model, spec.task)
+
+
+def build_embedded(names_: list[str] | None = None, *, progress: bool = True) -> dict[str, TrainInfo]:
+    """Train the toys and write them into the package (``recurrent_lens/toy/weights``).
+
+    Run after a recipe or architecture change; prints nothing, returns each model's :class:`TrainInfo`.
+    """
+    infos = {}
+    for name in names_ or names():
+        model, info = train_toy(_spec(name), progress=progress)
+        _save(model, info, EMBEDDED_DIR / f"{name}.safetensors")
+        infos[name] = info
+    return infos
+
+
+def embedded_info(name: str) -> dict[str, str]:
+    """The training record (recall, seconds, steps, fingerprint) stored with the embedded weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(EMBEDDED_DIR / f"{_spec(name).name}.safetensors"), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _main() -> None:
+    """``python -m recurrent_lens.toy``: retrain every toy into the package and print recall and time."""
+    infos = build_embedded()
+    print(json.dumps({n: {"recall": i.recall, "seconds": round(i.seconds, 1)} for n, i in infos.items()}, indent=1))

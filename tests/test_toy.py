@@ -1,0 +1,118 @@
+"""The toy zoo: MQAR data, the recall helper, embedded weights, training, caching."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from recurrent_lens import HookedRecurrentModel, toy
+from recurrent_lens.toy import BOS, SEP, ToyTask, accuracy
+from recurrent_lens.toy import train as toy_train
+
+
+def test_make_batch_format():
+    task = ToyTask(n_keys=8, n_values=6, n_pairs=5, n_queries=3)
+    tokens, targets = task.make_batch(50, seed=3)
+    assert tokens.shape == targets.shape == (50, task.seq_len) == (50, 2 + 10 + 6)
+    assert (tokens[:, 0] == BOS).all() and (tokens[:, 11] == SEP).all()
+    keys, values = tokens[:, 1:11:2], tokens[:, 2:11:2]
+    assert ((keys >= 2) & (keys < 10)).all() and ((values >= 10) & (values < task.d_vocab)).all()
+    for b in range(50):
+        assert len(set(keys[b].tolist())) == 5
+        table = dict(zip(keys[b].tolist(), values[b].tolist()))
+        for j, p in enumerate(task.query_positions.tolist()):
+            q, a = int(tokens[b, p]), int(tokens[b, p + 1])
+            assert table[q] == a == int(targets[b, p])
+        assert (targets[b] >= 0).sum() == 3
+        assert len(set(tokens[b, task.query_positions].tolist())) == 3
+
+
+def test_make_batch_deterministic_and_errors():
+    task = ToyTask()
+    a, _ = task.make_batch(4, seed=1)
+    b, _ = task.make_batch(4, seed=1)
+    c, _ = task.make_batch(4, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="n_pairs"):
+        ToyTask(n_keys=4, n_pairs=5, n_queries=2)
+    with pytest.raises(ValueError, match="n_queries"):
+        ToyTask(n_pairs=3, n_queries=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        task.make_batch(0)
+
+
+def test_accuracy_helper():
+    logits = torch.zeros(2, 3, 5)
+    logits[0, 1, 4] = 1
+    logits[1, 1, 2] = 1
+    assert accuracy(logits, torch.tensor([[-1, 4, -1], [-1, 3, -1]])) == 0.5
+    with pytest.raises(ValueError, match="targets"):
+        accuracy(logits, torch.full((2, 3), -1))
+
+
+@pytest.mark.parametrize("name", toy.names())
+def test_embedded_toys_recall(name):
+    model, task = toy.load(name, progress=False)
+    assert isinstance(model, HookedRecurrentModel) and not model.training
+    tokens, targets = task.make_batch(128, seed=777)
+    with torch.no_grad():
+        assert accuracy(model(tokens), targets) > 0.95
+    assert os.path.getsize(toy.EMBEDDED_DIR / f"{name}.safetensors") < 1_000_000
+    assert toy.embedded_info(name)["fingerprint"] == toy.TOY_SPECS[name].fingerprint()
+
+
+def test_load_unknown_name():
+    with pytest.raises(ValueError, match="name: expected one of"):
+        toy.load("transformer")
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("RECURRENT_LENS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert toy.cache_dir() == tmp_path / "xdg" / "recurrent_lens" / "toy"
+    monkeypatch.setenv("RECURRENT_LENS_CACHE", str(tmp_path / "rl"))
+    assert toy.cache_dir() == tmp_path / "rl" / "toy"
+
+
+@pytest.fixture
+def short_gdn(monkeypatch, tmp_path):
+    """The gdn recipe cut to a few steps, no embedded weights, a private cache."""
+    spec = dataclasses.replace(toy.TOY_SPECS["gdn"], steps=4)
+    monkeypatch.setitem(toy.TOY_SPECS, "gdn", spec)
+    monkeypatch.setattr(toy, "EMBEDDED_DIR", tmp_path / "none")
+    monkeypatch.setenv("RECURRENT_LENS_CACHE", str(tmp_path / "cache"))
+    return spec
+
+
+def test_train_on_first_use_then_cached(short_gdn, monkeypatch):
+    model, _ = toy.load("gdn", progress=False)
+    files = sorted(os.listdir(toy.cache_dir()))
+    assert files == [f"gdn-{short_gdn.fingerprint()}.safetensors"]  # no temporary file left behind
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached model should have been used")
+
+    monkeypatch.setattr(toy, "train_toy", no_training)
+    again, _ = toy.load("gdn", progress=False)
+    for (n, p), (_, q) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_corrupt_cache_is_retrained(short_gdn):
+    path = toy.cache_dir() / f"gdn-{short_gdn.fingerprint()}.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a safetensors file")
+    toy.load("gdn", progress=False)
+    assert path.stat().st_size > 1000
+
+
+def test_training_is_deterministic():
+    spec = toy.TOY_SPECS["gdn"]
+    a, info = toy_train.train_toy(spec, progress=False, steps=3)
+    b, _ = toy_train.train_toy(spec, progress=False, steps=3)
+    assert not a.training and info.steps == 3
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
