@@ -60,7 +60,8 @@ class TrainConfig:
     n_features: int = 2048
     k: int = 32
     center: bool = True
-    """Fit the dataset mean from the first buffer fill and centre with it (only for a fresh SAE)."""
+    """Fit the dataset mean from the first buffer fill and centre with it (for a new SAE, or a given one whose
+    ``center`` is set and whose mean is still zero)."""
     sae_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further :class:`SAEConfig` fields for a new SAE (``sparsity``, ``rank``, ...)."""
     positions_per_seq: int = 16
@@ -208,7 +209,6 @@ class SAETrainer:
         self.stream = _StateStream(model, hook_name, head, tokens[:n_train], cfg, self.gen)
         self.val_tokens = tokens[n_train:]
         self._val_states: torch.Tensor | None = None
-        self.fresh = sae is None
         if sae is None:
             probe = self.stream.states_of(tokens[:1])
             d_k, d_v = probe.shape[-2:]
@@ -280,7 +280,6 @@ class SAETrainer:
         sae = SAE_REGISTRY[sae_cfg["architecture"]](cfg=SAEConfig.from_dict(sae_cfg))
         sae.load_state_dict(payload["sae_state"])
         trainer = cls(model, sae.cfg.metadata.get("hook_name"), sae.cfg.metadata.get("head"), tokens, cfg, sae=sae)
-        trainer.fresh = False
         trainer.optimizer.load_state_dict(payload["optimizer"])
         trainer.step = payload["step"]
         trainer.gen.set_state(payload["generator"])
@@ -343,8 +342,13 @@ class SAETrainer:
     def train(self, until_step: int | None = None) -> tuple[SAE, TrainLog]:
         """Run (or continue) training up to ``cfg.n_steps``, or stop early at ``until_step``.
 
-        Stopping early writes a checkpoint when ``checkpoint_dir`` is set.
+        Stopping early writes a checkpoint when ``checkpoint_dir`` is set. Gradients are enabled for the
+        duration even under ``torch.set_grad_enabled(False)`` (as notebooks often set).
         """
+        with torch.enable_grad():
+            return self._train(until_step)
+
+    def _train(self, until_step: int | None) -> tuple[SAE, TrainLog]:
         cfg, sae = self.cfg, self.sae
         stop = cfg.n_steps if until_step is None else min(until_step, cfg.n_steps)
         run = None
@@ -352,11 +356,10 @@ class SAETrainer:
             import wandb
 
             run = wandb.init(project=cfg.wandb_project, config={**asdict(cfg), **sae.config_dict()})
-        if self.fresh and self.step == 0 and sae.cfg.center:
+        if self.step == 0 and sae.cfg.center and not bool(sae.mean.any()):
             with torch.no_grad():
                 self.stream._refill()
                 sae.mean.copy_(self.stream.buffer.mean(0))
-        self.fresh = False
         sae.train()
         resample_every = cfg.effective_resample_every
         bar = tqdm(total=stop, initial=self.step, disable=not cfg.progress, desc="SAE")

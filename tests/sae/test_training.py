@@ -70,3 +70,20 @@ def test_resampling_clears_adam_moments(model, tokens):
         state = trainer.optimizer.state[p]
         assert state["exp_avg"][[3, 7]].abs().max() == 0 and state["exp_avg_sq"][[3, 7]].abs().max() == 0
         assert state["exp_avg_sq"].abs().sum() > 0
+
+
+def test_training_runs_under_no_grad_and_centres_a_given_sae():
+    """Notebooks disable gradients globally; a user-built SAE with ``center`` still gets the dataset mean."""
+    from helpers import tiny_gdn
+
+    from recurrent_lens.sae import TrainConfig, WriteSAE, train
+
+    model = tiny_gdn()
+    tokens = torch.randint(0, 61, (8, 12))
+    sae = WriteSAE(8, 8, 32, k=4, center=True)
+    assert not sae.mean.any()
+    with torch.no_grad():
+        trained, log = train(model, "blocks.0.mixer.hook_state", 1, tokens,
+                             TrainConfig(n_steps=3, batch_size=16, buffer_size=64, progress=False), sae=sae)
+    assert trained.mean.abs().sum() > 0
+    assert len(log.train) == 1
