@@ -2,7 +2,7 @@
 
 ::
 
-    recurrent-lens demo [--arch gdn] [--out DIR] [--quick]
+    recurrent-lens demo [--arch gdn] [--out DIR] [--quick] [--positions values|all]
     recurrent-lens train-sae --arch gdn --out DIR [--hook blocks.1.mixer.hook_state --head 0 ...]
     recurrent-lens substitution --arch gdn --sae DIR [--replace update --scale coefficient ...]
 """
@@ -77,7 +77,11 @@ def _add_substitution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random", default="rank1", choices=["rank1", "sae_atom"], help="random control")
     p.add_argument("--kl", default="native_to_condition", choices=["native_to_condition", "condition_to_native"],
                    help="KL direction")
-    p.add_argument("--readout-offset", type=_positive_int, default=1, help="read at t + offset (default: 1)")
+    p.add_argument("--positions", default="values", choices=["values", "all"],
+                   help="which firings to test: 'values' (default) = the writes at the queried values v_i, each "
+                        "read where it is recalled (q_i, t + task.recall_offset); 'all' = every position")
+    p.add_argument("--readout-offset", type=_positive_int, default=None,
+                   help="read at t + offset (default: task.recall_offset with --positions values, 1 with all)")
     p.add_argument("--max-firings-per-atom", type=_positive_int, default=30, help="cap per atom (default: 30)")
 
 
@@ -141,10 +145,26 @@ def _substitution(args, model, task, sae, progress: bool):
     from recurrent_lens.analysis import substitution_test
 
     tokens, _ = task.make_batch(args.eval_sequences, seed=args.seed + 10_000)
+    positions, offset = _protocol(args, task)
     return substitution_test(model, sae, args.hook, args.head, tokens, replace=args.replace, scale=args.scale,
-                             random=args.random, readout_offset=args.readout_offset, kl=args.kl,
-                             max_firings_per_atom=args.max_firings_per_atom, skip_positions=1, seed=args.seed,
-                             progress=progress)
+                             random=args.random, readout_offset=offset, kl=args.kl,
+                             max_firings_per_atom=args.max_firings_per_atom, skip_positions=1, positions=positions,
+                             seed=args.seed, progress=progress)
+
+
+def _protocol(args, task):
+    """Where the substitution test writes and reads: ``(positions or None, readout_offset)``.
+
+    The default protocol (``--positions values``) tests the write of each queried pair at its value
+    ``v_i`` and reads where that value is recalled, at ``q_i = v_i + task.recall_offset`` — the first read
+    that needs the written association (the analogue of the paper's first read of the edited state). With
+    ``--positions all`` every firing is tested at ``t + --readout-offset`` (default 1), where the readout
+    usually does not depend on the write and all conditions give KL ≈ 0.
+    """
+    if args.positions == "values":
+        offset = task.recall_offset if args.readout_offset is None else args.readout_offset
+        return task.value_positions, offset
+    return None, 1 if args.readout_offset is None else args.readout_offset
 
 
 def _plots(result, out: str, title: str) -> list[str]:
@@ -211,7 +231,10 @@ def _demo(args, parser) -> int:
           f"dead {last.get('dead', 0)} ({time.perf_counter() - t:.1f}s)")
     t = time.perf_counter()
     result = _substitution(args, model, task, sae, progress)
-    print(f"substitution test on {args.hook} head {args.head} ({time.perf_counter() - t:.1f}s):")
+    positions, offset = _protocol(args, task)
+    where = "every position" if positions is None else f"the value positions {positions.tolist()}"
+    print(f"substitution test on {args.hook} head {args.head} ({time.perf_counter() - t:.1f}s): "
+          f"firings at {where}, read at t + {offset}")
     print(result.report())
     print("paper (Qwen3.5-0.8B, L1/L9/L17 H4): atom beats delete 92.4% (n=4851)")
     result.to_pandas().to_csv(os.path.join(args.out, "substitution.csv"), index=False)

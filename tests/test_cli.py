@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from recurrent_lens.cli import main
@@ -36,6 +37,7 @@ def test_demo_quick(tmp_path, capsys):
     text = capsys.readouterr().out
     assert re.search(r"^atom beats delete: \d+\.\d% \(n=\d+\)$", text, re.M)
     assert "median KL" in text and "92.4%" in text
+    assert "firings at the value positions [2, 4, 6, 8, 10, 12, 14, 16], read at t + 16" in text
     assert (tmp_path / "substitution_kl.png").stat().st_size > 1000
     assert (tmp_path / "substitution.csv").exists() and (tmp_path / "sae" / "cfg.json").exists()
 
@@ -46,9 +48,10 @@ def test_train_sae_then_substitution(tmp_path, capsys):
     assert os.path.exists(sae_dir / "sae_weights.safetensors")
     csv = tmp_path / "rows.csv"
     assert main(["substitution", "--arch", "mamba2", "--sae", str(sae_dir), "--eval-sequences", "4",
-                 "--csv", str(csv), "--scale", "match_norm", "--no-progress"]) == 0
+                 "--csv", str(csv), "--scale", "match_norm", "--positions", "all", "--no-progress"]) == 0
     assert re.search(r"atom beats delete: \d+\.\d% \(n=\d+\)", capsys.readouterr().out)
-    assert csv.stat().st_size > 0
+    rows = pd.read_csv(csv)
+    assert rows["pos"].nunique() > 8 and rows["pos"].max() <= 32  # every position, read at t + 1
 
 
 @pytest.mark.parametrize("argv, argument", [
@@ -56,6 +59,7 @@ def test_train_sae_then_substitution(tmp_path, capsys):
     (["demo", "--k", "0"], "--k"),
     (["demo", "--steps", "many"], "--steps"),
     (["demo", "--scale", "huge"], "--scale"),
+    (["demo", "--positions", "queries"], "--positions"),
     (["demo", "--quick", "--hook", "blocks.7.mixer.hook_state"], "--hook"),
     (["demo", "--quick", "--hook", "blocks.1.mixer.hook_write"], "--hook"),
     (["demo", "--quick", "--head", "5"], "--head"),

@@ -30,6 +30,30 @@ def test_make_batch_format():
         assert len(set(tokens[b, task.query_positions].tolist())) == 3
 
 
+def test_query_order_pairs_fixes_the_write_to_read_distance():
+    task = ToyTask(n_keys=8, n_values=6, n_pairs=5, n_queries=3)
+    assert task.query_order == "pairs" and task.recall_offset == 10
+    assert torch.equal(task.value_positions, torch.tensor([2, 4, 6]))
+    assert torch.equal(task.value_positions + task.recall_offset, task.query_positions)
+    tokens, targets = task.make_batch(20, seed=4)
+    for j, (v, q) in enumerate(zip(task.value_positions.tolist(), task.query_positions.tolist())):
+        assert torch.equal(tokens[:, q], tokens[:, v - 1])  # q_j is k_j
+        assert torch.equal(targets[:, q], tokens[:, v]) and torch.equal(tokens[:, q + 1], tokens[:, v])
+
+
+def test_query_order_random():
+    task = ToyTask(n_keys=8, n_values=6, n_pairs=5, n_queries=5, query_order="random")
+    tokens, _ = task.make_batch(64, seed=4)
+    keys, queries = tokens[:, 1:11:2], tokens[:, task.query_positions]
+    assert (keys.sort(-1).values == queries.sort(-1).values).all()  # every pair queried once
+    assert not torch.equal(keys, queries)
+    for what in ("recall_offset", "value_positions"):
+        with pytest.raises(ValueError, match=what):
+            getattr(task, what)
+    with pytest.raises(ValueError, match="query_order"):
+        ToyTask(query_order="reversed")
+
+
 def test_make_batch_deterministic_and_errors():
     task = ToyTask()
     a, _ = task.make_batch(4, seed=1)

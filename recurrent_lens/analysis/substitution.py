@@ -13,6 +13,13 @@ where ``Δ_nat`` is the net update (``replace="update"``: write + erase, so dele
 previous state) or the write alone (``replace="write"``). The forward continues from a branched cache
 and the next-token distribution at ``t + readout_offset`` is compared with the native one by KL.
 
+Where to read: the test is only informative at a readout that *needs* the update written at ``t`` (the
+paper reads at the first token that needs the edited state). At an arbitrary ``t + 1`` the prediction
+usually does not depend on the write at ``t`` and every condition gives KL ≈ 0. ``positions`` restricts
+the tested firings to chosen write positions; on the toy task (``ToyTask(query_order="pairs")``) the
+protocol is ``positions=task.value_positions`` and ``readout_offset=task.recall_offset``: the write at
+value ``v_i`` is read at query ``q_i``, where the model must recall ``v_i``.
+
 Implementation: the prefix is run once through a :class:`RecurrentCache`, one token group at a time;
 at each firing position the cache is branched for all firings there and all four conditions (native,
 atom, delete, random) in one batched call of ``readout_offset`` tokens. The cost is one pass over the
@@ -22,6 +29,7 @@ prefix plus one small batched call per distinct firing position.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -46,13 +54,16 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @torch.no_grad()
 def find_firings(codes: Tensor, *, max_firings_per_atom: int | None, last_position: int, skip_positions: int = 0,
-                 seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 seed: int = 0, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Positions where a code fires, their dominant atom and its coefficient, capped per atom.
 
     Args:
         codes: ``[batch, pos, n_features]`` SAE codes.
         max_firings_per_atom: keep at most this many (a seeded random subset) per dominant atom.
         last_position: only positions ``<= last_position`` are eligible.
+        skip_positions: the first positions are not eligible.
+        seed: seeds the per-atom subsample.
+        positions: if given, a 1-D tensor of the only eligible positions (in every sequence).
 
     Returns:
         ``(batch, pos, atom, coefficient)``, each ``[n]``, sorted by position.
@@ -61,6 +72,10 @@ def find_firings(codes: Tensor, *, max_firings_per_atom: int | None, last_positi
     fires = (codes != 0).any(-1)
     fires[:, :skip_positions] = False
     fires[:, last_position + 1 :] = False
+    if positions is not None:
+        allowed = torch.zeros(T, dtype=torch.bool)
+        allowed[positions] = True
+        fires &= allowed
     b, t = fires.nonzero(as_tuple=True)
     coef, atom = codes[b, t].max(-1)
     g = torch.Generator().manual_seed(seed)
@@ -91,6 +106,7 @@ def substitution_test(
     kl: str = "native_to_condition",
     max_firings_per_atom: int | None = 30,
     skip_positions: int = 0,
+    positions: Sequence[int] | Int[Tensor, " n"] | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> SubstitutionResult:
@@ -110,6 +126,10 @@ def substitution_test(
         kl: ``"native_to_condition"`` (KL(p_native ‖ p_cond)) or ``"condition_to_native"``.
         max_firings_per_atom: cap per dominant atom (``None``: no cap).
         skip_positions: ignore the first positions (e.g. BOS).
+        positions: test only firings at these write positions (same in every sequence; each must be
+            ``< pos - readout_offset``); ``None`` (default): every position. Use it to pair each write
+            with the readout that needs it, e.g. ``task.value_positions`` with
+            ``readout_offset=task.recall_offset`` on the toy task.
         seed: seeds the firing subsample and the random controls.
         progress: show a progress bar over positions.
 
@@ -125,14 +145,21 @@ def substitution_test(
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)
+    last_position = tokens.shape[1] - 1 - readout_offset
+    if positions is not None:
+        positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        if len(positions) == 0 or int(positions.min()) < 0 or int(positions.max()) > last_position:
+            raise ValueError(f"positions: expected a non-empty list of positions in [0, {last_position}] "
+                             f"(sequence length {tokens.shape[1]} minus readout_offset {readout_offset}), "
+                             f"got {positions.tolist()}")
     start = time.perf_counter()
     native = native_run(model, tokens, site)
     delta_all = native[replace]
     with torch.no_grad():
         codes = sae.encode(native["state"])
         b, t, atom, coef = find_firings(codes, max_firings_per_atom=max_firings_per_atom,
-                                        last_position=tokens.shape[1] - 1 - readout_offset,
-                                        skip_positions=skip_positions, seed=seed)
+                                        last_position=last_position, skip_positions=skip_positions, seed=seed,
+                                        positions=positions)
         if len(b) == 0:
             raise ValueError("tokens: the SAE never fires on these tokens at eligible positions")
         atoms = sae.decoder_atoms().detach().float()
@@ -173,5 +200,6 @@ def substitution_test(
     rows["chain"] = rows["win"] & (rows["kl_delete"] < rows["kl_random"])
     settings = dict(hook_name=hook_name, head=head, replace=replace, scale=scale, random=random,
                     readout_offset=readout_offset, kl=kl, max_firings_per_atom=max_firings_per_atom,
-                    skip_positions=skip_positions, seed=seed)
+                    skip_positions=skip_positions,
+                    positions=None if positions is None else positions.tolist(), seed=seed)
     return SubstitutionResult(rows, settings, time.perf_counter() - start)

@@ -12,8 +12,18 @@ Sequence (length ``2 + 2·n_pairs + 2·n_queries``)::
     BOS  k1 v1  k2 v2 ... kn vn  SEP  q1 a1  q2 a2 ... qm am
 
 Keys in one sequence are distinct; values are drawn with replacement. Each query ``q_j`` is one of the
-sequence's keys (distinct queries, random order) and ``a_j`` is its value. The recall targets are the
-``a_j``: the model must predict ``a_j`` from the logits at the position of ``q_j``.
+sequence's keys (distinct queries) and ``a_j`` is its value. The recall targets are the ``a_j``: the model
+must predict ``a_j`` from the logits at the position of ``q_j``.
+
+Query order (``ToyTask.query_order``):
+
+- ``"pairs"`` (default): ``q_j = k_j`` — the first ``n_queries`` pairs are queried in the order they were
+  written. The association ``k_i → v_i`` is written into the state at the position of ``v_i`` (``2i``) and
+  is first needed at ``q_i`` (``2·n_pairs + 2i``), a constant :attr:`ToyTask.recall_offset` ``= 2·n_pairs``
+  later. This makes "the first read that needs this write" a fixed, known position, which is what the
+  single-write substitution test (:func:`recurrent_lens.analysis.substitution_test`) reads at.
+- ``"random"``: distinct queries drawn from all pairs, in random order (the classic MQAR layout; the
+  distance from a write to its read varies per query).
 """
 
 from __future__ import annotations
@@ -48,12 +58,17 @@ class ToyTask:
     """Key-value pairs per sequence."""
     n_queries: int = 8
     """Queries per sequence (at most ``n_pairs``)."""
+    query_order: str = "pairs"
+    """``"pairs"``: query the first ``n_queries`` pairs in written order (constant write-to-read distance
+    :attr:`recall_offset`); ``"random"``: distinct random pairs in random order."""
 
     def __post_init__(self) -> None:
         if self.n_pairs > self.n_keys:
             raise ValueError(f"n_pairs: expected <= n_keys ({self.n_keys}) so that keys are distinct, got {self.n_pairs}")
         if not 1 <= self.n_queries <= self.n_pairs:
             raise ValueError(f"n_queries: expected an int in [1, n_pairs={self.n_pairs}], got {self.n_queries}")
+        if self.query_order not in ("pairs", "random"):
+            raise ValueError(f"query_order: expected 'pairs' or 'random', got {self.query_order!r}")
 
     @property
     def d_vocab(self) -> int:
@@ -67,6 +82,29 @@ class ToyTask:
     def query_positions(self) -> Int[Tensor, " n_queries"]:
         """Positions of the query keys ``q_j`` (whose logits must predict ``a_j``)."""
         return 2 + 2 * self.n_pairs + 2 * torch.arange(self.n_queries)
+
+    @property
+    def value_positions(self) -> Int[Tensor, " n_queries"]:
+        """Positions of the values ``v_i`` of the queried pairs (where ``k_i → v_i`` is written), in query order.
+
+        Only defined for ``query_order="pairs"``, where query ``j`` asks pair ``j``.
+        """
+        self._require_pairs_order("value_positions")
+        return 2 + 2 * torch.arange(self.n_queries)
+
+    @property
+    def recall_offset(self) -> int:
+        """Distance from the write of pair ``i`` (at ``v_i``) to its first read (at ``q_i``): ``2·n_pairs``.
+
+        Only defined for ``query_order="pairs"``; ``value_positions + recall_offset == query_positions``.
+        """
+        self._require_pairs_order("recall_offset")
+        return 2 * self.n_pairs
+
+    def _require_pairs_order(self, what: str) -> None:
+        if self.query_order != "pairs":
+            raise ValueError(f"{what}: needs query_order='pairs' (a fixed write-to-read distance), "
+                             f"got query_order={self.query_order!r}")
 
     def key_ids(self) -> Int[Tensor, " n_keys"]:
         return torch.arange(2, 2 + self.n_keys)
@@ -94,7 +132,10 @@ class ToyTask:
         B, n, m = batch_size, self.n_pairs, self.n_queries
         keys = torch.rand(B, self.n_keys, generator=generator).argsort(-1)[:, :n] + 2
         values = torch.randint(0, self.n_values, (B, n), generator=generator) + 2 + self.n_keys
-        which = torch.rand(B, n, generator=generator).argsort(-1)[:, :m]
+        if self.query_order == "pairs":
+            which = torch.arange(m).expand(B, m)
+        else:
+            which = torch.rand(B, n, generator=generator).argsort(-1)[:, :m]
         q, a = keys.gather(1, which), values.gather(1, which)
         tokens = torch.empty(B, self.seq_len, dtype=torch.long)
         tokens[:, 0] = BOS

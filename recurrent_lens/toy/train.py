@@ -1,10 +1,14 @@
 """Training the toy models: a fixed recipe per architecture, deterministic for a given seed.
 
 Every toy is a 2-layer model (``d_model`` 64, 2 heads with 16×16 states) trained on
-:class:`~recurrent_lens.toy.task.ToyTask` with AdamW (lr 1e-2; RWKV-7 3e-3), 300 steps (Mamba-2 600,
-RWKV-7 500), linear warm-up over 50 steps, cosine decay, batch 64, gradient clipping at 1, and the loss ``next-token CE over every position + CE on the
-recall targets``. The next-token term keeps the predictions at non-recall positions meaningful (the
+:class:`~recurrent_lens.toy.task.ToyTask` with AdamW (lr 1e-2; RWKV-7 3e-3), 300 steps (Gated DeltaNet
+500, Mamba-2 1000, RWKV-7 500), linear warm-up over 50 steps, cosine decay, batch 64, gradient clipping
+at 1, and the loss ``next-token CE over every position + CE on the recall targets``. The next-token term keeps the predictions at non-recall positions meaningful (the
 substitution test reads them); the recall term makes recall learn fast.
+
+The task queries the pairs in the order they were written (``ToyTask(query_order="pairs")``, the
+default): the write of pair ``i`` at ``v_i`` is read back exactly ``task.recall_offset = 2·n_pairs`` tokens
+later at ``q_i``, so the substitution test has a known readout that depends on each tested write.
 
 Decays are initialised slow (half-lives of tens of tokens) so that a pair written at the start is still
 in the state when it is queried; everything else keeps the architecture's own initialisation.
@@ -85,9 +89,10 @@ class ToySpec:
 _BASE = dict(d_model=64, n_layers=2, n_heads=2, d_k=16, d_v=16, d_mlp=128, chunk_size=16)
 
 TOY_SPECS: dict[str, ToySpec] = {
-    "gdn": ToySpec("gdn", {**_BASE, "architecture": "gated_deltanet", "options": {"layout": "fla"}}, _slow_gdn),
+    "gdn": ToySpec("gdn", {**_BASE, "architecture": "gated_deltanet", "options": {"layout": "fla"}}, _slow_gdn,
+                   steps=500),
     "mamba2": ToySpec("mamba2", {**_BASE, "architecture": "mamba2", "d_mlp": 0, "n_key_heads": 1,
-                                 "residual_in_fp32": True}, _slow_a_log, steps=600),
+                                 "residual_in_fp32": True}, _slow_a_log, steps=1000),
     "rwkv7": ToySpec("rwkv7", {**_BASE, "architecture": "rwkv7", "mlp": "relu2", "norm": "layer",
                                "norm_eps": 1e-5}, _slow_rwkv7, steps=500, lr=3e-3),
     "deltanet": ToySpec("deltanet", {**_BASE, "architecture": "delta_net"}),
