@@ -121,6 +121,9 @@ class LinearRule(Rule):
     """``S_t = diag(exp g_t) S_{t-1} + β_t k_t v_tᵀ`` with scalar or per-key-channel log-decay ``g``."""
 
     has_chunked = True
+    channel_chunk = 16
+    """Chunk length used inside ``chunked`` for per-channel decay, whose intra-chunk term costs
+    ``chunk² · d_k`` per chunk; boundary states are still reported every ``chunk_size`` tokens."""
 
     def step(self, S, x, write=None, erase=None):
         decay = _decay_factor(x.decay)
@@ -132,6 +135,13 @@ class LinearRule(Rule):
         return S + write, None
 
     def chunked(self, x, S0, chunk_size):
+        per_channel = x.decay is not None and x.decay.dim() == 4 and x.decay.shape[-1] > 1
+        if per_channel and chunk_size > self.channel_chunk and chunk_size % self.channel_chunk == 0:
+            o, S, bounds = self._chunked(x, S0, self.channel_chunk)
+            return o, S, bounds[:, :: chunk_size // self.channel_chunk]
+        return self._chunked(x, S0, chunk_size)
+
+    def _chunked(self, x, S0, chunk_size):
         B, T, H, dk, dv = x.shape
         N, C = T // chunk_size, chunk_size
         chunks = x.map(lambda t: t.reshape(B, N, C, *t.shape[2:]).transpose(2, 3))  # [B, N, H, C, ...]
