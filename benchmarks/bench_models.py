@@ -73,24 +73,12 @@ def decode_time(model, context: int, steps: int = 20) -> float:
         return best_of(run) / steps
 
 
-PEAK = """
-import sys, torch
-from pathlib import Path
-from recurrent_lens import HookedRecurrentModel
-from recurrent_lens.models.loading import read_config
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-with torch.device("meta"):
-    HookedRecurrentModel(read_config(Path(sys.argv[1]))[1])
-before = rss("VmRSS:")
-model = HookedRecurrentModel.from_pretrained(sys.argv[1], progress=False)
-print(sum(p.numel() * p.element_size() for p in model.parameters()), rss("VmHWM:") - before)
-"""
+
 
 
 def main() -> None:
+    from helpers import PEAK_RSS_SCRIPT
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = parser.parse_args()
@@ -121,7 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         big.save_pretrained(d)
         del big
-        out = subprocess.run([sys.executable, "-c", PEAK, d], capture_output=True, text=True, check=True,
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, d], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
     weights, peak = map(int, out.stdout.split())
     print(f"(d) peak RSS while loading / weights: {peak / 2**20:.1f} MiB / {weights / 2**20:.1f} MiB = "

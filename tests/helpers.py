@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig
@@ -91,3 +93,23 @@ ARCHS = {
 def tiny_model(arch: str, seed: int = 0) -> HookedRecurrentModel:
     """A tiny perturbed model of any registered test architecture (used by the parametrised edit tests)."""
     return ARCHS[arch](seed)
+
+
+# Run in a fresh process: prints the loaded weights' bytes and the peak resident memory added by from_pretrained.
+PEAK_RSS_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from recurrent_lens import HookedRecurrentModel
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    # warm-up: torch's one-time lazy initialisation (~140 MB) is not part of loading the weights
+    from recurrent_lens.models.loading import read_config
+    from pathlib import Path
+    with torch.device("meta"):
+        HookedRecurrentModel(read_config(Path(sys.argv[1]))[1])
+    before = rss("VmRSS:")
+    model = HookedRecurrentModel.from_pretrained(sys.argv[1], progress=False)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(weights, rss("VmHWM:") - before)
+""")

@@ -4,11 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import perturb_, tiny_qwen3_5
+from helpers import PEAK_RSS_SCRIPT, perturb_, tiny_qwen3_5
 from safetensors.torch import load_file, save_file
 
 from recurrent_lens import HookedRecurrentModel
@@ -130,23 +129,7 @@ def test_token_ids_out_of_vocabulary(qwen_dir):
         model(torch.zeros(1, 2, 3, dtype=torch.long))
 
 
-PEAK_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from recurrent_lens import HookedRecurrentModel
-    def rss(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    # warm-up: torch's one-time lazy initialisation (~140 MB) is not part of loading the weights
-    from recurrent_lens.models.loading import read_config
-    from pathlib import Path
-    with torch.device("meta"):
-        HookedRecurrentModel(read_config(Path(sys.argv[1]))[1])
-    before = rss("VmRSS:")
-    model = HookedRecurrentModel.from_pretrained(sys.argv[1], progress=False)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(weights, rss("VmHWM:") - before)
-""")
+
 
 
 def test_streaming_load_peak_memory(tmp_path):
@@ -161,7 +144,7 @@ def test_streaming_load_peak_memory(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(_qwen_config(cfg)))
     del model, state
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=True)
     weights, peak = map(int, out.stdout.split())
     assert peak < 1.3 * weights, f"peak {peak / 2**20:.1f} MiB for {weights / 2**20:.1f} MiB of weights"

@@ -33,7 +33,7 @@ from transformer_lens.hook_points import HookPoint
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import GatedRMSNorm, ShortConv, l2_normalize, norm_heads_and_project
-from recurrent_lens.models.gated_deltanet import fla_mlp_width, map_fla_weight
+from recurrent_lens.models.gated_deltanet import fla_stack_config, map_fla_weight
 from recurrent_lens.models.mixer import MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, register_architecture
 from recurrent_lens.models.scan import DeltaRule, RecurrenceInputs
@@ -152,17 +152,10 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"config.json: hidden_act must be 'swish' (SwiGLU MLP), got {d['hidden_act']!r}")
     return ModelConfig(
         architecture="delta_net",
-        d_model=hidden,
-        n_layers=d["num_hidden_layers"],
-        d_vocab=d["vocab_size"],
+        **fla_stack_config(d),
         n_heads=n_heads,
         d_k=_head_dim(hidden * d.get("expand_k", 1.0), n_heads, "hidden_size * expand_k"),
         d_v=_head_dim(hidden * d.get("expand_v", 1.0), n_heads, "hidden_size * expand_v"),
-        d_mlp=fla_mlp_width(d),
-        norm="rms",
-        norm_eps=d.get("norm_eps", 1e-6),
-        conv_kernel=d.get("conv_size", 4),
-        tie_embeddings=d.get("tie_word_embeddings", False),
         options={
             "qk_activation": d.get("qk_activation", "silu"),
             "qk_norm": d.get("qk_norm", "l2"),

@@ -175,21 +175,13 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
         raise ValueError("fla gated_deltanet configs with hybrid 'attn' layers are not supported")
     head_dim, expand_v = d.get("head_dim", 256), d.get("expand_v", 2)
     n_heads, n_v_heads = d.get("num_heads", 6), d.get("num_v_heads") or d.get("num_heads", 6)
-    hidden = d["hidden_size"]
     return ModelConfig(
         architecture="gated_deltanet",
-        d_model=hidden,
-        n_layers=d["num_hidden_layers"],
-        d_vocab=d["vocab_size"],
+        **fla_stack_config(d),
         n_heads=n_v_heads,
         n_key_heads=n_heads,
         d_k=head_dim,
         d_v=int(head_dim * expand_v),
-        d_mlp=fla_mlp_width(d),
-        norm="rms",
-        norm_eps=d.get("norm_eps", 1e-6),
-        conv_kernel=d.get("conv_size", 4),
-        tie_embeddings=d.get("tie_word_embeddings", False),
         options={
             "layout": "fla",
             "use_gate": d.get("use_gate", True),
@@ -207,6 +199,13 @@ def fla_mlp_width(d: dict[str, Any]) -> int:
         return d["intermediate_size"]
     ratio = d.get("hidden_ratio") or 4
     return 256 * -(-int(d["hidden_size"] * ratio * 2 / 3) // 256)
+
+
+def fla_stack_config(d: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields every fla SwiGLU stack (GDN, DeltaNet, GLA) reads the same way."""
+    return dict(d_model=d["hidden_size"], n_layers=d["num_hidden_layers"], d_vocab=d["vocab_size"],
+                d_mlp=fla_mlp_width(d), norm="rms", norm_eps=d.get("norm_eps", 1e-6),
+                conv_kernel=d.get("conv_size", 4), tie_embeddings=d.get("tie_word_embeddings", False))
 
 
 def fla_block_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:

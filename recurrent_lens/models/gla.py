@@ -36,7 +36,7 @@ from transformer_lens.hook_points import HookPoint
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import GatedRMSNorm, ShortConv, norm_heads_and_project
-from recurrent_lens.models.gated_deltanet import fla_block_weight, fla_mlp_width
+from recurrent_lens.models.gated_deltanet import fla_block_weight, fla_stack_config
 from recurrent_lens.models.mixer import MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import LinearRule, RecurrenceInputs
@@ -147,17 +147,10 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
             raise ValueError(f"config.json: {name} = {total} must be an integer divisible by num_heads = {n_heads}")
     return ModelConfig(
         architecture="gla",
-        d_model=hidden,
-        n_layers=d["num_hidden_layers"],
-        d_vocab=d["vocab_size"],
+        **fla_stack_config(d),
         n_heads=n_heads,
         d_k=int(key_dim) // n_heads,
         d_v=int(value_dim) // n_heads,
-        d_mlp=fla_mlp_width(d),
-        norm="rms",
-        norm_eps=d.get("norm_eps", 1e-6),
-        conv_kernel=d.get("conv_size", 4),
-        tie_embeddings=d.get("tie_word_embeddings", False),
         options={
             "num_kv_heads": d.get("num_kv_heads") or n_heads,
             "use_short_conv": d.get("use_short_conv", False),
