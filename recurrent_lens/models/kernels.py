@@ -6,7 +6,8 @@ They are off by default because they are not fp32-exact: measured on an H200 wit
 Triton 3.6 (T=300, 4 heads of 64×64, fp32), fla's forward differed from the recurrent reference by up
 to 3.5e-3 (GDN), 6.7e-3 (DeltaNet), 2.6e-3 (scalar decay) and 3.5e-3 (GLA) on outputs of size ~3-4,
 against ≤ 2e-6 for our torch chunked form on the same GPU, and fla refused the gated backward on
-Hopper with Triton < 3.7.1 (its issue #640). Inputs arrive already normalised and scaled, so every
+Hopper with Triton < 3.7.1 (its issue #640); ``benchmarks/gpu_kernels.py`` repeats the comparison (the
+numbers above were printed by the session-local script it was made from). Inputs arrive already normalised and scaled, so every
 kernel is called with ``scale=1`` and no in-kernel normalisation.
 """
 
