@@ -114,7 +114,7 @@ def main() -> None:
     weights, peak = map(int, out.stdout.split())
     print(f"(d) peak RSS while loading / weights: {peak / 2**20:.1f} MiB / {weights / 2**20:.1f} MiB = "
           f"{peak / weights:.2f}  (target <= 1.3)")
-    print("(e) all five architectures, d_model 512, 8 heads, 4 layers:")
+    print(f"(e) all five architectures, d_model {128 if args.quick else 512}, {2 if args.quick else 8} heads, 4 layers:")
     for arch in ARCH_CONFIGS:
         bench_architecture(arch, T, args.quick)
 
