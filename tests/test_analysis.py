@@ -185,7 +185,6 @@ class LinearAttentionMixer(MatrixMixer):
 
     rule = LinearRule()
     has_beta = False
-    decay_per_channel = True
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)

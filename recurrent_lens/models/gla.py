@@ -73,7 +73,6 @@ class GLAMixer(MatrixMixer):
 
     rule = LinearRule()
     has_beta = False
-    decay_per_channel = True
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__(cfg, layer)

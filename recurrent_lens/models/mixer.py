@@ -82,14 +82,13 @@ class MatrixMixer(nn.Module):
         hook_read    [batch, pos, head, d_v]      S_tᵀ q_t plus the architecture's skip/bonus term
         hook_out     [batch, pos, d_model]
 
-    Class attributes a subclass sets: ``rule`` (the :class:`Rule`), ``has_beta``, ``has_decay``,
-    ``decay_per_channel``.
+    Class attributes a subclass sets: ``rule`` (the :class:`Rule`), ``has_beta``, ``has_decay``. Whether
+    the decay is a scalar per head or one value per key channel follows from the shape ``project`` gives it.
     """
 
     rule: Rule
     has_beta: bool = True
     has_decay: bool = True
-    decay_per_channel: bool = False
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()

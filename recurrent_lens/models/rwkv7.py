@@ -125,7 +125,6 @@ class RWKV7Mixer(MatrixMixer):
     rule = DPLRRule()
     has_beta = False
     has_decay = True
-    decay_per_channel = True
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__(cfg, layer)
