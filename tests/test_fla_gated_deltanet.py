@@ -2,20 +2,15 @@
 generate run on CPU with the torch patch of fla_cpu."""
 
 import pytest
-import torch
 from fla_cpu import patch_fla_for_cpu
-from tiny_arch_fla import VOCAB, fla_gated_deltanet, single_thread  # noqa: F401 (autouse fixture)
-
-from recurrent_lens import HookedRecurrentModel
+from tiny_arch_fla import (  # noqa: F401 (single_thread: autouse fixture)
+    assert_greedy_generate_matches, assert_logits_match, fla_gated_deltanet, reference_and_loaded, single_thread,
+)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    with patch_fla_for_cpu():
-        ref = fla_gated_deltanet(seed=1)
-        path = tmp_path_factory.mktemp("fla_gdn")
-        ref.save_pretrained(path)
-        yield ref, HookedRecurrentModel.from_pretrained(path)
+    yield from reference_and_loaded(fla_gated_deltanet, tmp_path_factory, "fla_gdn", seed=1)
 
 
 def test_config_reads_gva(models):
@@ -26,21 +21,12 @@ def test_config_reads_gva(models):
 
 
 def test_logits_match_fla(models):
-    ref, model = models
-    tokens = torch.randint(0, VOCAB, (2, 101))
-    with torch.no_grad():
-        expected = ref(tokens).logits
-    assert (model(tokens) - expected).abs().max() < 1e-4
+    assert_logits_match(*models, 101)
 
 
 @pytest.mark.parametrize("prompt_len", [9, 70], ids=["short-prompt", "chunked-prompt"])
 def test_greedy_generate_matches_fla(models, prompt_len):
-    ref, model = models
-    prompt = torch.randint(0, VOCAB, (2, prompt_len))
-    with torch.no_grad():
-        expected = ref.generate(prompt, max_new_tokens=12, do_sample=False)
-    assert expected.shape == (2, prompt_len + 12)
-    assert torch.equal(model.generate(prompt, max_new_tokens=12), expected)
+    assert_greedy_generate_matches(*models, prompt_len, 12)
 
 
 def test_patch_nests_and_restores():

@@ -4,7 +4,10 @@ parameter count."""
 import pytest
 import torch
 from fla_cpu import patch_fla_for_cpu
-from tiny_arch_fla import VOCAB, fla_gla, single_thread, tiny_gla  # noqa: F401 (autouse fixture)
+from tiny_arch_fla import (  # noqa: F401 (single_thread: autouse fixture)
+    VOCAB, assert_greedy_generate_matches, assert_logits_match,
+    fla_gla, reference_and_loaded, single_thread, tiny_gla,
+)
 
 from recurrent_lens import HookedRecurrentModel
 from recurrent_lens.models.gla import config_from_fla
@@ -20,30 +23,18 @@ COMBOS = {
 
 @pytest.fixture(scope="module", params=list(COMBOS), ids=list(COMBOS))
 def models(request, tmp_path_factory):
-    with patch_fla_for_cpu():
-        ref = fla_gla(seed=3, **COMBOS[request.param])
-        path = tmp_path_factory.mktemp("gla")
-        ref.save_pretrained(path)
-        yield ref, HookedRecurrentModel.from_pretrained(path)
+    yield from reference_and_loaded(fla_gla, tmp_path_factory, "gla", seed=3,
+                                    **COMBOS[request.param])
 
 
 def test_logits_match_fla(models):
-    ref, model = models
-    tokens = torch.randint(0, VOCAB, (2, 77))
-    with torch.no_grad():
-        expected = ref(tokens).logits
-    assert (model(tokens) - expected).abs().max() < 1e-4
+    assert_logits_match(*models, 77)
 
 
 def test_greedy_generate_matches_fla(models):
     # prompts stay <= 64 tokens: fla prefills them with fused_recurrent_gla, whose cache layout (V×K) its
     # decode step expects; a longer prompt under attn_mode="fused_chunk" would cache K×V (an fla quirk)
-    ref, model = models
-    prompt = torch.randint(0, VOCAB, (2, 9))
-    with torch.no_grad():
-        expected = ref.generate(prompt, max_new_tokens=10, do_sample=False)
-    assert expected.shape == (2, 19)
-    assert torch.equal(model.generate(prompt, max_new_tokens=10), expected)
+    assert_greedy_generate_matches(*models, 9, 10)
 
 
 def test_hook_state_equals_independent_recurrence(models):

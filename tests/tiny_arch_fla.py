@@ -68,3 +68,32 @@ def fla_gated_deltanet(seed: int = 0, **overrides):
     kw = dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, head_dim=8, num_heads=2, num_v_heads=4,
               expand_v=1.5, intermediate_size=48, eos_token_id=None, bos_token_id=None)
     return _fla_model(GatedDeltaNetForCausalLM, GatedDeltaNetConfig(**{**kw, **overrides}), seed)
+
+
+def reference_and_loaded(build, tmp_path_factory, name: str, **kwargs):
+    """Build an fla reference (under the CPU patch), save it, and load it back through ``from_pretrained``.
+    A generator for module-scoped fixtures: the patch stays active while the tests use the reference."""
+    from fla_cpu import patch_fla_for_cpu
+
+    with patch_fla_for_cpu():
+        ref = build(**kwargs)
+        path = tmp_path_factory.mktemp(name)
+        ref.save_pretrained(path)
+        yield ref, HookedRecurrentModel.from_pretrained(path)
+
+
+def assert_logits_match(ref, model: HookedRecurrentModel, length: int) -> None:
+    """Our logits within 1e-4 max-abs of the fla reference's at batch 2."""
+    tokens = torch.randint(0, VOCAB, (2, length))
+    with torch.no_grad():
+        expected = ref(tokens).logits
+    assert (model(tokens) - expected).abs().max() < 1e-4
+
+
+def assert_greedy_generate_matches(ref, model: HookedRecurrentModel, prompt_len: int, new: int) -> None:
+    """Greedy ``generate`` token for token against fla's (repaired by the CPU patch)."""
+    prompt = torch.randint(0, VOCAB, (2, prompt_len))
+    with torch.no_grad():
+        expected = ref.generate(prompt, max_new_tokens=new, do_sample=False)
+    assert expected.shape == (2, prompt_len + new)
+    assert torch.equal(model.generate(prompt, max_new_tokens=new), expected)
