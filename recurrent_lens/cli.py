@@ -1,21 +1,31 @@
-"""The ``recurrent-lens`` command line: a demo on the toy models, SAE training and the substitution test.
+"""The ``recurrent-lens`` command line: a demo on the toy models, SAE training and the analyses of a saved SAE.
 
 ::
 
     recurrent-lens demo [--arch gdn] [--out DIR] [--quick] [--positions values|all]
     recurrent-lens train-sae --arch gdn --out DIR [--hook blocks.1.mixer.hook_state --head 0 ...]
     recurrent-lens substitution --arch gdn --sae DIR [--replace update --scale coefficient ...]
+    recurrent-lens logit-shift --arch gdn --sae DIR [--eps 0.1 0.3 1 3] [--atoms I ...] [--readout final_norm]
+    recurrent-lens erase --arch gdn --sae DIR --atom I [--target TOKEN] [--control-multipliers 1 2 4]
+    recurrent-lens partition --arch gdn --sae DIR [--replace update] [--tau 0.05]
+
+The analysis commands (``substitution``, ``logit-shift``, ``erase``, ``partition``) run on held-out toy
+sequences (seed ``--seed + 10000``), so they all see the same data for one SAE, and take ``--csv`` for
+the per-measurement table.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 DEFAULT_HOOK = "blocks.1.mixer.hook_state"
+# The analyses skip the BOS position, as SAE training and the substitution test do.
+SKIP_POSITIONS = 1
 
 
 def _number(kind: type, what: str, ok) -> Callable[[str], int | float]:
@@ -36,6 +46,8 @@ def _number(kind: type, what: str, ok) -> Callable[[str], int | float]:
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: v > 0)
+_nonzero_float = _number(float, "a nonzero finite number", lambda v: v != 0 and math.isfinite(v))
+_cosine = _number(float, "a number in [-1, 1]", lambda v: -1 <= v <= 1)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -75,10 +87,34 @@ def _add_substitution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-firings-per-atom", type=_positive_int, default=30, help="cap per atom (default: 30)")
 
 
+def _add_saved_sae_args(p: argparse.ArgumentParser, table: str) -> None:
+    p.add_argument("--sae", required=True,
+                   help="directory of a saved SAE (cfg.json + sae_weights.safetensors), e.g. from train-sae")
+    p.add_argument("--csv", default=None, help=f"write the {table} table to this CSV file")
+
+
+def _add_analysis_parser(sub, name: str, *, summary: str, description: str, table: str,
+                         sequences: int) -> argparse.ArgumentParser:
+    """A subcommand that analyses a saved SAE on held-out toy sequences: model, --sae, --csv, --eval-sequences."""
+    p = sub.add_parser(name, help=summary, description=description)
+    _add_model_args(p)
+    _add_saved_sae_args(p, table)
+    p.add_argument("--eval-sequences", type=_positive_int, default=sequences,
+                   help=f"held-out toy sequences the analysis runs on (default: {sequences})")
+    return p
+
+
+def _add_readout_offset(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--readout-offset", type=_positive_int, default=1, metavar="OFFSET",
+                   help=f"read the logits at t + offset after {what} (default: 1; the toy's recall offset, 16, "
+                        f"reads where a value written at t is recalled)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recurrent-lens",
-        description="Interpretability for recurrent LMs with matrix states: toy models, WriteSAEs, the substitution test.",
+        description="Interpretability for recurrent LMs with matrix states: toy models, WriteSAEs, the substitution "
+                    "test, the closed-form logit shift, atom erasure and the register/bundle partition.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -104,8 +140,57 @@ def build_parser() -> argparse.ArgumentParser:
                                        "firing of a saved SAE on a toy model.")
     _add_model_args(subst)
     _add_substitution_args(subst)
-    subst.add_argument("--sae", required=True, help="directory of a saved SAE (cfg.json + sae_weights.safetensors)")
-    subst.add_argument("--csv", default=None, help="write the per-firing table to this CSV file")
+    _add_saved_sae_args(subst, "per-firing")
+
+    shift = _add_analysis_parser(
+        sub, "logit-shift", summary="closed-form vs measured logit shift of adding an atom to the state",
+        description="Add eps * A_i to the head's state at random positions t0 and compare the measured shift of "
+                    "one token's logit at t0 + offset with the closed form eps * <W_U[tok], W_O (G * A_i)^T q_t> "
+                    "(tok: the token the atom's leading direction promotes); prints zero- and one-parameter R^2 "
+                    "and the median R^2 per (atom, eps) cell.",
+        table="per-(atom, eps, position)", sequences=64)
+    shift.add_argument("--eps", type=_nonzero_float, nargs="+", default=[0.1, 0.3, 1.0, 3.0], metavar="EPS",
+                       help="perturbation sizes eps (default: 0.1 0.3 1 3)")
+    shift.add_argument("--atoms", type=int, nargs="+", default=None, metavar="I",
+                       help="SAE atom indices to perturb (default: the 10 atoms most often dominant on the sequences)")
+    shift.add_argument("--positions-per-atom", type=_positive_int, default=50,
+                       help="random (sequence, t0) pairs per atom (default: 50)")
+    shift.add_argument("--readout", default="unembed", choices=["unembed", "final_norm"],
+                       help="'unembed' (default): W_U directly, the paper's form; 'final_norm': also linearise the "
+                            "final norm at the native residual")
+    _add_readout_offset(shift, "the edit at t0")
+
+    erase = _add_analysis_parser(
+        sub, "erase", summary="erase one atom where it fires and track a target token",
+        description="Subtract a_t * A_i from the head's state wherever atom I fires (code a_t > 0) and measure "
+                    "the change of one target token's log-probability at t + offset; controls add m * a* * A_i at "
+                    "as many non-firing positions (a*: the median firing coefficient).",
+        table="per-position", sequences=64)
+    erase.add_argument("--atom", type=int, required=True, metavar="I",
+                       help="index of the SAE atom to erase, in [0, n_features)")
+    erase.add_argument("--target", type=int, default=None, metavar="TOKEN",
+                       help="token id to track (default: the token whose log-probability the erasure lowers most)")
+    erase.add_argument("--max-positions", type=_positive_int, default=150,
+                       help="erase at most this many firings, a seeded subsample (default: 150)")
+    erase.add_argument("--control-multipliers", type=_positive_float, nargs="+", default=[1.0, 2.0, 4.0],
+                       metavar="M",
+                       help="multipliers m of the additive controls (default: 1 2 4)")
+    _add_readout_offset(erase, "the erasure at t")
+
+    part = _add_analysis_parser(
+        sub, "partition", summary="split the SAE's alive atoms into registers and bundles",
+        description="Median Frobenius cosine between each atom and the native update wherever it fires; 1- and "
+                    "2-component Gaussian mixtures on the alive atoms' medians decide (delta BIC) whether the "
+                    "high-cosine atoms (registers) form their own cluster apart from the bundles.",
+        table="per-atom", sequences=128)
+    part.add_argument("--replace", default="update", choices=["update", "write"],
+                      help="compare with the net update (default) or the write alone")
+    part.add_argument("--max-firings-per-atom", type=_positive_int, default=200,
+                      help="cosines per atom, a seeded subsample (default: 200)")
+    part.add_argument("--min-firings", type=_positive_int, default=1,
+                      help="atoms with fewer firings count as dead (default: 1)")
+    part.add_argument("--tau", type=_cosine, default=0.05,
+                      help="cosine above which an atom is a register when one Gaussian is preferred (default: 0.05)")
     return parser
 
 
@@ -249,27 +334,161 @@ def _train_cmd(args, parser) -> int:
     return 0
 
 
-def _substitution_cmd(args, parser) -> int:
+def _load_sae_and_toy(args, parser: argparse.ArgumentParser):
+    """``(model, task, sae)``: the toy ``--arch`` and the SAE saved at ``--sae``.
+
+    Refuses, as parser errors, a ``--sae`` that is not a loadable SAE directory, a ``--hook``/``--head``
+    the toy does not have, and an SAE whose state shape differs from the toy's.
+    """
     from recurrent_lens import toy
     from recurrent_lens.sae import load
 
-    progress = not args.no_progress
     if not os.path.isdir(args.sae):
         parser.error(f"argument --sae: {args.sae!r} is not a directory")
     try:
         sae = load(args.sae)
     except (OSError, ValueError) as e:
         parser.error(f"argument --sae: cannot load an SAE from {args.sae!r} ({e})")
-    model, task = toy.load(args.arch, progress=progress)
+    model, task = toy.load(args.arch, progress=not args.no_progress)
     _check_site(parser, model, args.hook, args.head)
     if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
         parser.error(f"argument --sae: the SAE reads {sae.cfg.d_k}x{sae.cfg.d_v} states, toy {args.arch} has "
                      f"{model.cfg.d_k}x{model.cfg.d_v}")
-    result = _substitution(args, model, task, sae, progress)
+    return model, task, sae
+
+
+def _check_range(parser: argparse.ArgumentParser, flag: str, values: Sequence[int], n: int, what: str) -> None:
+    """Refuse any of ``values`` outside ``[0, n)`` with a parser error naming ``flag``."""
+    bad = [v for v in values if not 0 <= v < n]
+    if bad:
+        parser.error(f"argument {flag}: expected {what} in [0, {n}), got {', '.join(map(str, bad))}")
+
+
+def _check_readout_offset(parser: argparse.ArgumentParser, offset: int, task) -> None:
+    """Refuse a ``--readout-offset`` that leaves no position to edit in the toy's sequences."""
+    most = task.seq_len - 1 - SKIP_POSITIONS
+    if offset > most:
+        parser.error(f"argument --readout-offset: expected at most {most} (the toy's sequences have "
+                     f"{task.seq_len} positions, the first is skipped), got {offset}")
+
+
+def _eval_tokens(args, task):
+    """The held-out toy sequences the analyses run on: ``--eval-sequences`` drawn with seed ``--seed + 10000``."""
+    tokens, _ = task.make_batch(args.eval_sequences, seed=args.seed + 10_000)
+    return tokens
+
+
+def _save_csv(result, path: str | None) -> None:
+    """Write the result's per-measurement table to ``path`` (``--csv``), if one was given."""
+    if path:
+        result.to_pandas().to_csv(path, index=False)
+        print(f"saved {path}")
+
+
+def _substitution_cmd(args, parser) -> int:
+    model, task, sae = _load_sae_and_toy(args, parser)
+    result = _substitution(args, model, task, sae, not args.no_progress)
     print(result.report())
-    if args.csv:
-        result.to_pandas().to_csv(args.csv, index=False)
-        print(f"saved {args.csv}")
+    _save_csv(result, args.csv)
+    return 0
+
+
+def _logit_shift_report(result) -> str:
+    """The headline statistics of a :class:`~recurrent_lens.analysis.LogitShiftResult`, one per line."""
+    s, st = result.summary(), result.settings
+    return "\n".join([
+        f"logit shift of S_t0 += eps * A_i on {st['hook_name']} head {st['head']}, read at t0 + "
+        f"{st['readout_offset']} through {st['readout']}: {len(st['atoms'])} atoms x {len(st['eps'])} eps "
+        f"(n={s['n']})",
+        f"  R^2 zero-parameter  {s['r2_zero_param']:.4g}",
+        f"  R^2 one-parameter   {s['r2_one_param']:.4g} (fitted scale {s['fit_scale']:.4g})",
+        f"  median cell R^2     {s['median_cell_r2']:.4g} over {s['cells']} (atom, eps) cells",
+        "paper (Qwen3.5-0.8B L9 H4): median cell R^2 0.983",
+    ])
+
+
+def _logit_shift_cmd(args, parser) -> int:
+    from recurrent_lens.analysis import logit_shift_prediction
+
+    model, task, sae = _load_sae_and_toy(args, parser)
+    if args.atoms is not None:
+        _check_range(parser, "--atoms", args.atoms, sae.cfg.n_features, "atom indices")
+    _check_readout_offset(parser, args.readout_offset, task)
+    result = logit_shift_prediction(model, sae, args.hook, args.head, _eval_tokens(args, task), atoms=args.atoms,
+                                    eps=args.eps, positions_per_atom=args.positions_per_atom,
+                                    readout_offset=args.readout_offset, readout=args.readout,
+                                    skip_positions=SKIP_POSITIONS, seed=args.seed, progress=not args.no_progress)
+    print(_logit_shift_report(result))
+    _save_csv(result, args.csv)
+    return 0
+
+
+def _erase_report(result) -> str:
+    """One line per condition of an erasure's :class:`~recurrent_lens.analysis.InterventionResult`."""
+    s, st = result.summary(), result.settings
+    lines = [f"erase atom {st['atom']} on {st['hook_name']} head {st['head']} where it fires, read at t + "
+             f"{st['readout_offset']}: target token {result.target}",
+             f"  controls add m * a* * A at non-firing positions, a* = {st['a_star']:.4g} (median firing coefficient)",
+             f"  {'condition':<10} {'n':>5} {'median dlogp':>13} {'logit up':>9} {'Wilcoxon p':>11}"]
+    for condition in result.rows["condition"].unique():
+        c = s[condition]
+        lines.append(f"  {condition:<10} {c['n']:>5} {c['median_delta_logprob']:>13.4g} "
+                     f"{100 * c['frac_logit_up']:>8.1f}% {c['wilcoxon_p']:>11.3g}")
+    return "\n".join(lines)
+
+
+def _erase_cmd(args, parser) -> int:
+    from recurrent_lens.analysis import erase_atom
+
+    model, task, sae = _load_sae_and_toy(args, parser)
+    _check_range(parser, "--atom", [args.atom], sae.cfg.n_features, "an atom index")
+    if args.target is not None:
+        _check_range(parser, "--target", [args.target], model.cfg.d_vocab, "a token id")
+    _check_readout_offset(parser, args.readout_offset, task)
+    try:
+        result = erase_atom(model, sae, args.hook, args.head, _eval_tokens(args, task), args.atom,
+                            max_positions=args.max_positions, control_multipliers=args.control_multipliers,
+                            target=args.target, readout_offset=args.readout_offset,
+                            skip_positions=SKIP_POSITIONS, seed=args.seed)
+    except ValueError as e:
+        if not str(e).startswith("atom: "):
+            raise
+        parser.error(f"argument --atom: {str(e).removeprefix('atom: ')} ({args.eval_sequences} sequences, "
+                     f"read at t + {args.readout_offset}); `recurrent-lens partition` lists the alive atoms")
+    print(_erase_report(result))
+    _save_csv(result, args.csv)
+    return 0
+
+
+def _partition_report(result) -> str:
+    """Alive/dead atoms, registers/bundles and the mixture decision of a
+    :class:`~recurrent_lens.analysis.PartitionResult`."""
+    s, st = result.summary(), result.settings
+    threshold = f"registers have a median cosine > tau = {st['tau']:g}"
+    if math.isnan(s["delta_bic"]):
+        rule = f"fewer than 4 alive atoms, no mixture fitted: {threshold}"
+    elif s["delta_bic"] < 0:
+        rule = "two Gaussians preferred: registers are the higher-mean component"
+    else:
+        rule = f"one Gaussian preferred: {threshold}"
+    return "\n".join([
+        f"partition on {st['hook_name']} head {st['head']}: median cosine of each atom with the native "
+        f"{st['replace']} where it fires",
+        f"  alive {s['alive']}, dead {s['dead']}",
+        f"  registers {s['registers']}, bundles {s['bundles']} (register median cosine {s['register_median_cos']:.4g})",
+        f"  delta BIC {s['delta_bic']:.4g} ({rule})",
+    ])
+
+
+def _partition_cmd(args, parser) -> int:
+    from recurrent_lens.analysis import partition_atoms
+
+    model, task, sae = _load_sae_and_toy(args, parser)
+    result = partition_atoms(model, sae, args.hook, args.head, _eval_tokens(args, task), replace=args.replace,
+                             max_firings_per_atom=args.max_firings_per_atom, min_firings=args.min_firings,
+                             tau=args.tau, skip_positions=SKIP_POSITIONS, seed=args.seed)
+    print(_partition_report(result))
+    _save_csv(result, args.csv)
     return 0
 
 
@@ -279,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sub = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}["command"]
     command_parser = sub.choices[args.command]
-    handler = {"demo": _demo, "train-sae": _train_cmd, "substitution": _substitution_cmd}[args.command]
+    handler = {"demo": _demo, "train-sae": _train_cmd, "substitution": _substitution_cmd,
+               "logit-shift": _logit_shift_cmd, "erase": _erase_cmd, "partition": _partition_cmd}[args.command]
     return handler(args, command_parser)
 
 

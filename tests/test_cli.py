@@ -1,4 +1,5 @@
-"""The ``recurrent-lens`` command line: help texts, a quick demo, train-sae -> substitution, bad arguments."""
+"""The ``recurrent-lens`` command line: help texts, a quick demo, train-sae -> substitution / logit-shift /
+partition / erase, bad arguments."""
 
 from __future__ import annotations
 
@@ -10,26 +11,38 @@ import sys
 import pandas as pd
 import pytest
 
-from recurrent_lens.cli import main
+from recurrent_lens.cli import DEFAULT_HOOK, main
 
 QUICK_SAE = ["--steps", "5", "--n-features", "16", "--k", "2", "--train-sequences", "16", "--no-progress"]
+COMMANDS = ["demo", "train-sae", "substitution", "logit-shift", "erase", "partition"]
+ANALYSES = ["substitution", "logit-shift", "erase", "partition"]
+
+
+@pytest.fixture(scope="module")
+def gdn_sae(tmp_path_factory) -> str:
+    """A tiny WriteSAE (16 features) on the toy GDN's default hook, saved by ``train-sae``."""
+    sae_dir = str(tmp_path_factory.mktemp("gdn") / "sae")
+    assert main(["train-sae", "--arch", "gdn", "--out", sae_dir, *QUICK_SAE]) == 0
+    return sae_dir
 
 
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "recurrent_lens.cli", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
-    for command in ("demo", "train-sae", "substitution"):
+    for command in COMMANDS:
         assert command in out.stdout
 
 
-@pytest.mark.parametrize("command", ["demo", "train-sae", "substitution"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert "--arch" in text and "--hook" in text and "--head" in text
+    assert "--arch" in text and "--hook" in text and "--head" in text and "--no-progress" in text
+    if command in ANALYSES:
+        assert "--sae" in text and "--csv" in text
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -54,6 +67,61 @@ def test_train_sae_then_substitution(tmp_path, capsys):
     assert rows["pos"].nunique() > 8 and rows["pos"].max() <= 32  # every position, read at t + 1
 
 
+def test_logit_shift(gdn_sae, tmp_path, capsys):
+    csv = tmp_path / "shift.csv"
+    assert main(["logit-shift", "--sae", gdn_sae, "--eval-sequences", "4", "--atoms", "3", "0", "--eps", "0.5", "-2",
+                 "--positions-per-atom", "6", "--readout", "final_norm", "--readout-offset", "2", "--csv", str(csv),
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "read at t0 + 2 through final_norm: 2 atoms x 2 eps (n=24)" in text
+    for line in (r"R\^2 zero-parameter  -?\d", r"R\^2 one-parameter   -?\d.* \(fitted scale ",
+                 r"median cell R\^2 .* over 4 "):
+        assert re.search("^  " + line, text, re.M), line
+    rows = pd.read_csv(csv)
+    assert len(rows) == 24 and set(rows["atom"]) == {0, 3} and set(rows["eps"]) == {0.5, -2.0}
+    assert rows["pos"].min() >= 1 and rows["pos"].max() <= 31  # BOS skipped, read at t0 + 2 <= 33
+
+
+def test_partition_then_erase(gdn_sae, tmp_path, capsys):
+    parts = tmp_path / "partition.csv"
+    assert main(["partition", "--sae", gdn_sae, "--eval-sequences", "4", "--tau", "0.01", "--csv", str(parts),
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    alive = pd.read_csv(parts)
+    assert re.search(rf"^  alive {len(alive)}, dead {16 - len(alive)}$", text, re.M)
+    registers = int((alive["label"] == "register").sum())
+    assert re.search(rf"^  registers {registers}, bundles {len(alive) - registers} ", text, re.M)
+    assert re.search(r"^  delta BIC \S+ \(", text, re.M)
+
+    atom = int(alive.sort_values("n")["atom"].iloc[-1])  # the most frequent, so it fires at t <= 32
+    erased = tmp_path / "erase.csv"
+    assert main(["erase", "--sae", gdn_sae, "--atom", str(atom), "--eval-sequences", "4", "--max-positions", "5",
+                 "--control-multipliers", "1", "3", "--target", "20", "--csv", str(erased), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"erase atom {atom} on {DEFAULT_HOOK} head 0 where it fires, read at t + 1: target token 20" in text
+    for condition in ("erase", "add_x1", "add_x3"):
+        assert re.search(rf"^  {condition} +5 +-?\d", text, re.M), condition
+    rows = pd.read_csv(erased)
+    assert rows.groupby("condition").size().to_dict() == {"erase": 5, "add_x1": 5, "add_x3": 5}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["erase", "--atom", "16"], "argument --atom: expected an atom index in [0, 16), got 16"),
+    (["erase", "--atom", "-1"], "argument --atom: expected an atom index in [0, 16), got -1"),
+    (["erase", "--atom", "0", "--target", "34"], "argument --target: expected a token id in [0, 34), got 34"),
+    (["erase", "--atom", "0", "--readout-offset", "33"], "argument --readout-offset: expected at most 32"),
+    (["logit-shift", "--atoms", "2", "99", "-3"], "argument --atoms: expected atom indices in [0, 16), got 99, -3"),
+    (["partition", "--hook", "blocks.0.mixer.hook_write"], "argument --hook"),
+    (["partition", "--sae", "{parent}"], "argument --sae: cannot load an SAE from"),
+])
+def test_bad_arguments_with_sae(argv, message, gdn_sae, capsys):
+    argv = [a.format(parent=os.path.dirname(gdn_sae)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main([argv[0], "--sae", gdn_sae, "--no-progress", *argv[1:]])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, argument", [
     (["demo", "--arch", "transformer"], "--arch"),
     (["demo", "--k", "0"], "--k"),
@@ -65,6 +133,16 @@ def test_train_sae_then_substitution(tmp_path, capsys):
     (["demo", "--quick", "--head", "5"], "--head"),
     (["train-sae"], "--out"),
     (["substitution", "--sae", "/nonexistent/sae"], "--sae"),
+    (["logit-shift", "--sae", "/nonexistent/sae"], "--sae"),
+    (["erase", "--sae", "/nonexistent/sae", "--atom", "0"], "--sae"),
+    (["partition", "--sae", "/nonexistent/sae"], "--sae"),
+    (["partition"], "--sae"),
+    (["erase", "--sae", "/nonexistent/sae"], "--atom"),
+    (["erase", "--sae", "/nonexistent/sae", "--atom", "first"], "--atom"),
+    (["logit-shift", "--sae", "/nonexistent/sae", "--eps", "0"], "--eps"),
+    (["logit-shift", "--sae", "/nonexistent/sae", "--readout", "lens"], "--readout"),
+    (["erase", "--sae", "/nonexistent/sae", "--atom", "0", "--control-multipliers", "-1"], "--control-multipliers"),
+    (["partition", "--sae", "/nonexistent/sae", "--tau", "2"], "--tau"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments(argv, argument, capsys, tmp_path):
