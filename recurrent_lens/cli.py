@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-DEFAULT_HOOK = "blocks.1.mixer.hook_state"
 # The analyses skip the BOS position, as SAE training and the substitution test do.
 SKIP_POSITIONS = 1
 
@@ -54,8 +53,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     from recurrent_lens.toy import names
 
     p.add_argument("--arch", default="gdn", choices=names(), help="toy architecture (default: gdn)")
-    p.add_argument("--hook", default=DEFAULT_HOOK, help=f"state hook the SAE reads (default: {DEFAULT_HOOK})")
-    p.add_argument("--head", type=_non_negative_int, default=0, help="head the SAE reads (default: 0)")
+    p.add_argument("--hook", default=None,
+                   help="state hook the SAE reads (default: the toy's probe site, the head whose writes its "
+                        "recall needs most: blocks.1.mixer.hook_state, blocks.0 for mamba2)")
+    p.add_argument("--head", type=_non_negative_int, default=None, help="head the SAE reads (default: the probe's, 0)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed for data and SAE (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -63,12 +64,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae-type", default="write_sae", choices=["write_sae", "flat_sae", "matrix_sae", "bilinear_sae"],
                    help="SAE preset (default: write_sae)")
-    p.add_argument("--n-features", type=_positive_int, default=128, help="dictionary size (default: 128)")
-    p.add_argument("--k", type=_positive_int, default=8, help="active features per state (default: 8)")
-    p.add_argument("--steps", type=_positive_int, default=300, help="SAE optimizer steps (default: 300)")
+    p.add_argument("--n-features", type=_positive_int, default=2048, help="dictionary size (default: 2048)")
+    p.add_argument("--k", type=_positive_int, default=16, help="active features per state (default: 16)")
+    p.add_argument("--steps", type=_positive_int, default=3000, help="SAE optimizer steps (default: 3000)")
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="SAE learning rate (default: 3e-3)")
-    p.add_argument("--train-sequences", type=_positive_int, default=512,
-                   help="toy sequences the SAE's states come from (default: 512)")
+    p.add_argument("--train-sequences", type=_positive_int, default=4096,
+                   help="toy sequences the SAE's states come from (default: 4096)")
 
 
 def _add_substitution_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +86,10 @@ def _add_substitution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readout-offset", type=_positive_int, default=None,
                    help="read at t + offset (default: task.recall_offset with --positions values, 1 with all)")
     p.add_argument("--max-firings-per-atom", type=_positive_int, default=30, help="cap per atom (default: 30)")
+    p.add_argument("--atom", default="rising", choices=["rising", "dominant"],
+                   help="which atom stands in for the write at t: 'rising' (default) = the atom whose code the "
+                        "write raised most, a(S_t) - a(S_t - update); 'dominant' = argmax a(S_t), the paper's choice "
+                        "on Qwen3.5 (on the toys' recall states it is usually another pair's atom)")
 
 
 def _add_saved_sae_args(p: argparse.ArgumentParser, table: str) -> None:
@@ -210,21 +215,27 @@ def _train_sae(args, model, task, progress: bool):
     tokens, _ = task.make_batch(args.train_sequences, seed=args.seed)
     cfg = TrainConfig(n_steps=args.steps, batch_size=min(256, args.train_sequences * 8), n_features=args.n_features,
                       k=args.k, lr=args.lr, lr_min=args.lr / 10, warmup_steps=20, architecture=args.sae_type,
-                      buffer_size=2048, positions_per_seq=16, model_batch_size=64, skip_positions=1, seed=args.seed,
+                      buffer_size=4096, positions_per_seq=16, model_batch_size=64, skip_positions=1, seed=args.seed,
                       progress=progress, log_every=max(1, args.steps // 5))
     sae, log = train(model, args.hook, args.head, tokens, cfg)
     return sae, log
 
 
-def _substitution(args, model, task, sae, progress: bool):
+def _substitution(args, model, task, sae, progress: bool, atom: str | None = None):
+    """The substitution test of ``args`` (with ``atom`` instead of ``args.atom`` for a silent contrast run)."""
     from recurrent_lens.analysis import substitution_test
 
-    tokens, _ = task.make_batch(args.eval_sequences, seed=args.seed + 10_000)
     positions, offset = _protocol(args, task)
-    return substitution_test(model, sae, args.hook, args.head, tokens, replace=args.replace, scale=args.scale,
-                             random=args.random, readout_offset=offset, kl=args.kl,
-                             max_firings_per_atom=args.max_firings_per_atom, skip_positions=1, positions=positions,
-                             seed=args.seed, progress=progress)
+    t = time.perf_counter()
+    result = substitution_test(model, sae, args.hook, args.head, _eval_tokens(args, task), replace=args.replace,
+                             scale=args.scale, random=args.random, readout_offset=offset, kl=args.kl,
+                             max_firings_per_atom=args.max_firings_per_atom, skip_positions=SKIP_POSITIONS,
+                             positions=positions, atom=atom or args.atom, seed=args.seed, progress=progress)
+    if atom is None:
+        where = "every position" if positions is None else f"the value positions {positions.tolist()}"
+        print(f"substitution test on {args.hook} head {args.head} ({time.perf_counter() - t:.1f}s): "
+              f"firings at {where}, read at t + {offset}, {args.atom} atom")
+    return result
 
 
 def _protocol(args, task):
@@ -304,14 +315,14 @@ def _demo(args, parser) -> int:
     last = log.train[-1] if log.train else {}
     print(f"{sae}\n  explained variance {last.get('explained_variance', float('nan')):.3f}, "
           f"dead {last.get('dead', 0)} ({time.perf_counter() - t:.1f}s)")
-    t = time.perf_counter()
     result = _substitution(args, model, task, sae, progress)
-    positions, offset = _protocol(args, task)
-    where = "every position" if positions is None else f"the value positions {positions.tolist()}"
-    print(f"substitution test on {args.hook} head {args.head} ({time.perf_counter() - t:.1f}s): "
-          f"firings at {where}, read at t + {offset}")
     print(result.report())
-    print("paper (Qwen3.5-0.8B, L1/L9/L17 H4): atom beats delete 92.4% (n=4851)")
+    other = "dominant" if args.atom == "rising" else "rising"
+    contrast = _substitution(args, model, task, sae, False, atom=other)
+    print(f"with the {other} atom instead: atom beats delete {100 * contrast.win_rate:.1f}% (n={contrast.n}), "
+          f"median KL atom {contrast.medians['atom']:.3g} / delete {contrast.medians['delete']:.3g} / "
+          f"random {contrast.medians['random']:.3g}")
+    print("paper (Qwen3.5-0.8B, L1/L9/L17 H4, dominant atom): atom beats delete 92.4% (n=4851)")
     result.to_pandas().to_csv(os.path.join(args.out, "substitution.csv"), index=False)
     sae.save_pretrained(os.path.join(args.out, "sae"))
     for path in _plots(result, args.out, f"toy {args.arch}, {args.hook} head {args.head}"):
@@ -498,6 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sub = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}["command"]
     command_parser = sub.choices[args.command]
+    if getattr(args, "arch", None) is not None:
+        from recurrent_lens.toy import TOY_SPECS
+
+        spec = TOY_SPECS[args.arch]
+        args.hook = spec.probe_hook if args.hook is None else args.hook
+        args.head = spec.probe[1] if args.head is None else args.head
     handler = {"demo": _demo, "train-sae": _train_cmd, "substitution": _substitution_cmd,
                "logit-shift": _logit_shift_cmd, "erase": _erase_cmd, "partition": _partition_cmd}[args.command]
     return handler(args, command_parser)

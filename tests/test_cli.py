@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
-from recurrent_lens.cli import DEFAULT_HOOK, main
+from recurrent_lens.cli import main
 
 QUICK_SAE = ["--steps", "5", "--n-features", "16", "--k", "2", "--train-sequences", "16", "--no-progress"]
 COMMANDS = ["demo", "train-sae", "substitution", "logit-shift", "erase", "partition"]
@@ -50,7 +50,8 @@ def test_demo_quick(tmp_path, capsys):
     text = capsys.readouterr().out
     assert re.search(r"^atom beats delete: \d+\.\d% \(n=\d+\)$", text, re.M)
     assert "median KL" in text and "92.4%" in text
-    assert "firings at the value positions [2, 4, 6, 8, 10, 12, 14, 16], read at t + 16" in text
+    assert "firings at the value positions [2, 4, 6, 8, 10, 12, 14, 16], read at t + 16, rising atom" in text
+    assert re.search(r"^with the dominant atom instead: atom beats delete \d+\.\d% \(n=\d+\)", text, re.M)
     assert (tmp_path / "substitution_kl.png").stat().st_size > 1000
     assert (tmp_path / "substitution.csv").exists() and (tmp_path / "sae" / "cfg.json").exists()
 
@@ -61,8 +62,12 @@ def test_train_sae_then_substitution(tmp_path, capsys):
     assert os.path.exists(sae_dir / "sae_weights.safetensors")
     csv = tmp_path / "rows.csv"
     assert main(["substitution", "--arch", "mamba2", "--sae", str(sae_dir), "--eval-sequences", "4",
-                 "--csv", str(csv), "--scale", "match_norm", "--positions", "all", "--no-progress"]) == 0
-    assert re.search(r"atom beats delete: \d+\.\d% \(n=\d+\)", capsys.readouterr().out)
+                 "--csv", str(csv), "--scale", "match_norm", "--positions", "all", "--atom", "dominant",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"atom beats delete: \d+\.\d% \(n=\d+\)", text)
+    # mamba2's probe site (where its recall lives) is layer 0
+    assert "substitution test on blocks.0.mixer.hook_state head 0" in text and "read at t + 1, dominant atom" in text
     rows = pd.read_csv(csv)
     assert rows["pos"].nunique() > 8 and rows["pos"].max() <= 32  # every position, read at t + 1
 
@@ -98,7 +103,7 @@ def test_partition_then_erase(gdn_sae, tmp_path, capsys):
     assert main(["erase", "--sae", gdn_sae, "--atom", str(atom), "--eval-sequences", "4", "--max-positions", "5",
                  "--control-multipliers", "1", "3", "--target", "20", "--csv", str(erased), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert f"erase atom {atom} on {DEFAULT_HOOK} head 0 where it fires, read at t + 1: target token 20" in text
+    assert f"erase atom {atom} on blocks.1.mixer.hook_state head 0 where it fires, read at t + 1: target token 20" in text
     for condition in ("erase", "add_x1", "add_x3"):
         assert re.search(rf"^  {condition} +5 +-?\d", text, re.M), condition
     rows = pd.read_csv(erased)

@@ -213,10 +213,17 @@ def unit(x: Tensor, dim: int = -1) -> Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-12)
 
 
+def best_rank1(x: Tensor) -> Tensor:
+    """The best rank-1 approximation ``σ₁u₁v₁ᵀ`` of each matrix in ``[..., m, n]`` (Eckart–Young)."""
+    U, S, Vh = torch.linalg.svd(x)
+    return S[..., :1, None] * U[..., :, :1] * Vh[..., :1, :]
+
+
 def frob(x: Tensor) -> Tensor:
     """Frobenius norm over the last two axes."""
     return x.flatten(-2).norm(dim=-1)
 
 
 __all__ = ["Site", "parse_site", "native_run", "select_batch", "branch_logits", "kl_divergence",
-           "wilson_interval", "wilcoxon_signed_rank", "bootstrap_ci", "unit", "frob", "check_tokens", "check_sae"]
+           "wilson_interval", "wilcoxon_signed_rank", "bootstrap_ci", "unit", "frob", "best_rank1", "check_tokens",
+           "check_sae"]

@@ -74,6 +74,14 @@ class ToySpec:
     lr: float = 1e-2
     warmup: int = 50
     seed: int = 0
+    probe: tuple[int, int] = (1, 0)
+    """``(layer, head)`` whose write at a value position the recall needs most (the median KL of deleting
+    it, read where the value is recalled): the default site of the demo, the CLI and the tutorials. Not
+    part of the recipe (it does not change the weights)."""
+
+    @property
+    def probe_hook(self) -> str:
+        return f"blocks.{self.probe[0]}.mixer.hook_state"
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(d_vocab=self.task.d_vocab, **self.config)
@@ -92,7 +100,7 @@ TOY_SPECS: dict[str, ToySpec] = {
     "gdn": ToySpec("gdn", {**_BASE, "architecture": "gated_deltanet", "options": {"layout": "fla"}}, _slow_gdn,
                    steps=500),
     "mamba2": ToySpec("mamba2", {**_BASE, "architecture": "mamba2", "d_mlp": 0, "n_key_heads": 1,
-                                 "residual_in_fp32": True}, _slow_a_log, steps=1000),
+                                 "residual_in_fp32": True}, _slow_a_log, steps=1000, probe=(0, 0)),
     "rwkv7": ToySpec("rwkv7", {**_BASE, "architecture": "rwkv7", "mlp": "relu2", "norm": "layer",
                                "norm_eps": 1e-5}, _slow_rwkv7, steps=500, lr=3e-3),
     "deltanet": ToySpec("deltanet", {**_BASE, "architecture": "delta_net"}),
