@@ -5,7 +5,8 @@
     recurrent-lens demo [--arch gdn] [--out DIR] [--quick] [--positions values|all]
     recurrent-lens train-sae --arch gdn --out DIR [--hook blocks.1.mixer.hook_state --head 0 ...]
     recurrent-lens substitution --arch gdn --sae DIR [--replace update --scale coefficient ...]
-    recurrent-lens logit-shift --arch gdn --sae DIR [--eps 0.1 0.3 1 3] [--atoms I ...] [--readout final_norm]
+    recurrent-lens logit-shift --arch gdn --sae DIR [--eps 0.1 0.3 1 3] [--atoms I ... | --n-atoms N]
+                               [--readout final_norm]
     recurrent-lens erase --arch gdn --sae DIR --atom I [--target TOKEN] [--control-multipliers 1 2 4]
     recurrent-lens partition --arch gdn --sae DIR [--replace update] [--tau 0.05]
 
@@ -77,7 +78,9 @@ def _add_substitution_args(p: argparse.ArgumentParser) -> None:
                    help="held-out toy sequences for the test (default: 128)")
     p.add_argument("--replace", default="update", choices=["update", "write"], help="what is replaced (default: update)")
     p.add_argument("--scale", default="coefficient", choices=["coefficient", "match_norm"], help="atom scale")
-    p.add_argument("--random", default="rank1", choices=["rank1", "sae_atom"], help="random control")
+    p.add_argument("--random", default="rank1", choices=["rank1", "sae_atom", "empirical"],
+                   help="random control: fresh rank-1 (default), a non-firing SAE atom, or an empirical resample of "
+                        "the native updates' factors (the paper's Mamba-2 control)")
     p.add_argument("--kl", default="native_to_condition", choices=["native_to_condition", "condition_to_native"],
                    help="KL direction")
     p.add_argument("--positions", default="values", choices=["values", "all"],
@@ -90,6 +93,9 @@ def _add_substitution_args(p: argparse.ArgumentParser) -> None:
                    help="which atom stands in for the write at t: 'rising' (default) = the atom whose code the "
                         "write raised most, a(S_t) - a(S_t - update); 'dominant' = argmax a(S_t), the paper's choice "
                         "on Qwen3.5 (on the toys' recall states it is usually another pair's atom)")
+    p.add_argument("--rank1-atoms", action="store_true",
+                   help="use each atom's best rank-1 approximation; with --sae-type flat_sae and --scale match_norm "
+                        "this is the paper's flat-SVD baseline")
 
 
 def _add_saved_sae_args(p: argparse.ArgumentParser, table: str) -> None:
@@ -156,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         table="per-(atom, eps, position)", sequences=64)
     shift.add_argument("--eps", type=_nonzero_float, nargs="+", default=[0.1, 0.3, 1.0, 3.0], metavar="EPS",
                        help="perturbation sizes eps (default: 0.1 0.3 1 3)")
-    shift.add_argument("--atoms", type=int, nargs="+", default=None, metavar="I",
-                       help="SAE atom indices to perturb (default: the 10 atoms most often dominant on the sequences)")
+    which = shift.add_mutually_exclusive_group()
+    which.add_argument("--atoms", type=int, nargs="+", default=None, metavar="I",
+                       help="SAE atom indices to perturb (default: the --n-atoms atoms most often dominant)")
+    which.add_argument("--n-atoms", type=_positive_int, default=10, metavar="N",
+                       help="without --atoms, perturb the N atoms most often dominant (largest code) on the sequences, "
+                            "or all that are ever dominant if fewer (default: 10)")
     shift.add_argument("--positions-per-atom", type=_positive_int, default=50,
                        help="random (sequence, t0) pairs per atom (default: 50)")
     shift.add_argument("--readout", default="unembed", choices=["unembed", "final_norm"],
@@ -228,9 +238,10 @@ def _substitution(args, model, task, sae, progress: bool, atom: str | None = Non
     positions, offset = _protocol(args, task)
     t = time.perf_counter()
     result = substitution_test(model, sae, args.hook, args.head, _eval_tokens(args, task), replace=args.replace,
-                             scale=args.scale, random=args.random, readout_offset=offset, kl=args.kl,
-                             max_firings_per_atom=args.max_firings_per_atom, skip_positions=SKIP_POSITIONS,
-                             positions=positions, atom=atom or args.atom, seed=args.seed, progress=progress)
+                               scale=args.scale, random=args.random, readout_offset=offset, kl=args.kl,
+                               max_firings_per_atom=args.max_firings_per_atom, skip_positions=SKIP_POSITIONS,
+                               positions=positions, atom=atom or args.atom, rank1_atoms=args.rank1_atoms,
+                               seed=args.seed, progress=progress)
     if atom is None:
         where = "every position" if positions is None else f"the value positions {positions.tolist()}"
         print(f"substitution test on {args.hook} head {args.head} ({time.perf_counter() - t:.1f}s): "
@@ -426,7 +437,7 @@ def _logit_shift_cmd(args, parser) -> int:
         _check_range(parser, "--atoms", args.atoms, sae.cfg.n_features, "atom indices")
     _check_readout_offset(parser, args.readout_offset, task)
     result = logit_shift_prediction(model, sae, args.hook, args.head, _eval_tokens(args, task), atoms=args.atoms,
-                                    eps=args.eps, positions_per_atom=args.positions_per_atom,
+                                    eps=args.eps, n_atoms=args.n_atoms, positions_per_atom=args.positions_per_atom,
                                     readout_offset=args.readout_offset, readout=args.readout,
                                     skip_positions=SKIP_POSITIONS, seed=args.seed, progress=not args.no_progress)
     print(_logit_shift_report(result))
@@ -460,7 +471,7 @@ def _erase_cmd(args, parser) -> int:
         result = erase_atom(model, sae, args.hook, args.head, _eval_tokens(args, task), args.atom,
                             max_positions=args.max_positions, control_multipliers=args.control_multipliers,
                             target=args.target, readout_offset=args.readout_offset,
-                            skip_positions=SKIP_POSITIONS, seed=args.seed)
+                            skip_positions=SKIP_POSITIONS, seed=args.seed, progress=not args.no_progress)
     except ValueError as e:
         if not str(e).startswith("atom: "):
             raise
@@ -497,7 +508,7 @@ def _partition_cmd(args, parser) -> int:
     model, task, sae = _load_sae_and_toy(args, parser)
     result = partition_atoms(model, sae, args.hook, args.head, _eval_tokens(args, task), replace=args.replace,
                              max_firings_per_atom=args.max_firings_per_atom, min_firings=args.min_firings,
-                             tau=args.tau, skip_positions=SKIP_POSITIONS, seed=args.seed)
+                             tau=args.tau, skip_positions=SKIP_POSITIONS, seed=args.seed, progress=not args.no_progress)
     print(_partition_report(result))
     _save_csv(result, args.csv)
     return 0

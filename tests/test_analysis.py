@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -243,6 +244,23 @@ def test_gmm_and_partition():
         assert abs(row.loc[0, "median_cos"] - float(sv[0] / U.norm())) < 1e-5
 
 
+def test_partition_records_settings_shows_progress_and_mixtures_ignore_the_seed(capsys):
+    model = tiny_gdn(0)
+    tokens = _tokens(model, B=4, T=12)
+    sae = _sae(model)
+    kw = dict(max_firings_per_atom=None, min_firings=2, tau=0.1, skip_positions=1)
+    res = analysis.partition_atoms(model, sae, HOOK, 0, tokens, seed=0, progress=True, **kw)
+    assert "partition" in capsys.readouterr().err
+    assert res.settings == dict(hook_name=HOOK, head=0, replace="update", max_firings_per_atom=None, min_firings=2,
+                                tau=0.1, skip_positions=1, seed=0)
+    table = res.to_pandas()
+    assert len(table) >= 4 and (table["n"] >= 2).all()
+    # the seed only draws the per-atom subsample; without one, the table and both mixtures are the same
+    other = analysis.partition_atoms(model, sae, HOOK, 0, tokens, seed=5, **kw)
+    pd.testing.assert_frame_equal(table, other.to_pandas())
+    assert res.gmm == other.gmm and res.delta_bic == other.delta_bic
+
+
 class LinearAttentionMixer(MatrixMixer):
     """A hand-built mixer whose state-to-logit map is exactly linear: S_t = e^{g} S_{t-1} + k vᵀ,
     out = W_O (S_tᵀ q). No norm, no gate, no erase term."""
@@ -313,6 +331,39 @@ def test_logit_shift_runs_on_gdn_with_final_norm():
         analysis.logit_shift_prediction(model, sae, HOOK, 0, tokens, atoms=[99])
 
 
+def test_logit_shift_default_atoms_are_the_most_often_dominant():
+    model = tiny_gdn(0)
+    tokens = _tokens(model, B=2, T=8)
+    sae = _sae(model)
+    codes = sae.encode(native_run(model, tokens, parse_site(model, HOOK, 0))["state"]).detach()
+    counts = torch.zeros(24, dtype=torch.long)
+    for code in codes[:, 1:].flatten(0, 1):  # the BOS position is skipped below
+        if (code > 0).any():
+            counts[int(code.argmax())] += 1
+    dominant = [a for a in range(24) if counts[a] > 0]
+    assert 1 < len(dominant) <= 14  # at most one per position (14), so some of the 24 atoms are never dominant
+    kw = dict(eps=(0.1,), positions_per_atom=1, skip_positions=1)
+    every = analysis.logit_shift_prediction(model, sae, HOOK, 0, tokens, n_atoms=24, **kw)
+    atoms = every.settings["atoms"]
+    assert sorted(atoms) == dominant
+    assert [int(counts[a]) for a in atoms] == sorted(counts[dominant].tolist(), reverse=True)
+    assert every.settings["n_atoms"] == 24 and every.settings["skip_positions"] == 1 and every.settings["seed"] == 2026
+    top = analysis.logit_shift_prediction(model, sae, HOOK, 0, tokens, n_atoms=2, **kw)
+    assert top.settings["atoms"] == atoms[:2] and set(top.to_pandas()["atom"]) == set(atoms[:2])
+    given = analysis.logit_shift_prediction(model, sae, HOOK, 0, tokens, atoms=[np.int64(5), torch.tensor(2)], **kw)
+    assert given.settings["atoms"] == [5, 2] and all(type(a) is int for a in given.settings["atoms"])
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="n_atoms: expected a positive integer"):
+            analysis.logit_shift_prediction(model, sae, HOOK, 0, tokens, n_atoms=bad, **kw)
+    for bad in ([], [True], [torch.tensor(1.5)], [24]):
+        with pytest.raises(ValueError, match="atoms: expected"):
+            analysis.logit_shift_prediction(model, sae, HOOK, 0, tokens, atoms=bad, **kw)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e6)  # no code fires anywhere
+    with pytest.raises(ValueError, match="sae: no atom fires on tokens"):
+        analysis.logit_shift_prediction(model, sae, HOOK, 0, tokens, **kw)
+
+
 def test_output_jacobian_matches_finite_difference():
     model = tiny_gdn(0)
     tokens = _tokens(model, B=2, T=6)
@@ -359,6 +410,45 @@ def test_erase_and_install():
         analysis.install(model, HOOK, 0, tokens, torch.zeros(3), [4], target=target)
     with pytest.raises(ValueError, match="target"):
         analysis.install(model, HOOK, 0, tokens, d, [4], target=10_000)
+
+
+def test_erase_atom_accepts_integer_scalars_records_settings_and_shows_progress(capsys):
+    model = tiny_gdn(0)
+    tokens = _tokens(model, B=2, T=10)
+    sae = _sae(model)
+    native = native_run(model, tokens, parse_site(model, HOOK, 0))
+    atom = int(sae.encode(native["state"]).argmax(-1).flatten().mode().values)
+    kw = dict(max_positions=3, control_multipliers=(1.0, 3.0), skip_positions=1, seed=4)
+    res = analysis.erase_atom(model, sae, HOOK, 0, tokens, np.int64(atom), target=np.int64(7), progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "erase:" in err and "erase controls:" in err
+    assert res.target == 7 and type(res.target) is int
+    settings = dict(res.settings)
+    assert settings.pop("a_star") > 0
+    assert settings == dict(hook_name=HOOK, head=0, atom=atom, max_positions=3, control_multipliers=[1.0, 3.0],
+                            readout_offset=1, skip_positions=1, seed=4)
+    assert type(settings["atom"]) is int
+    same = analysis.erase_atom(model, sae, HOOK, 0, tokens, torch.tensor(atom), target=7, **kw)
+    pd.testing.assert_frame_equal(res.to_pandas(), same.to_pandas())
+    for bad in (True, torch.tensor(True), torch.tensor(1.0), 24, -1):
+        with pytest.raises(ValueError, match=r"atom: expected an index in \[0, 24\)"):
+            analysis.erase_atom(model, sae, HOOK, 0, tokens, bad)
+    with pytest.raises(ValueError, match="max_positions"):
+        analysis.erase_atom(model, sae, HOOK, 0, tokens, atom, max_positions=0)
+
+
+def test_erase_atom_needs_firing_and_non_firing_positions():
+    model = tiny_gdn(0)
+    tokens = _tokens(model, B=2, T=8)
+    sae = _sae(model)
+    with torch.no_grad():
+        sae.b_enc[0] = 1e6  # atom 0 is in every top-k with a positive code
+        sae.b_enc[1] = -1e6  # atom 1 never is
+    with pytest.raises(ValueError, match=r"atom: atom 0 fires at every eligible position of tokens \(positions 1..6\), "
+                                         r"so no non-firing position is left for the additive controls"):
+        analysis.erase_atom(model, sae, HOOK, 0, tokens, 0, skip_positions=1)
+    with pytest.raises(ValueError, match=r"atom: atom 1 never fires on tokens at the eligible positions 0..6"):
+        analysis.erase_atom(model, sae, HOOK, 0, tokens, 1)
 
 
 def test_install_during_generation_moves_continuation_towards_target():

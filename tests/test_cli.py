@@ -72,6 +72,14 @@ def test_train_sae_then_substitution(tmp_path, capsys):
     assert rows["pos"].nunique() > 8 and rows["pos"].max() <= 32  # every position, read at t + 1
 
 
+def test_substitution_controls_and_flat_svd_options(gdn_sae, tmp_path, capsys):
+    csv = tmp_path / "rows.csv"
+    assert main(["substitution", "--sae", gdn_sae, "--eval-sequences", "4", "--random", "empirical", "--rank1-atoms",
+                 "--csv", str(csv), "--no-progress"]) == 0
+    assert re.search(r"atom beats delete: \d+\.\d% \(n=\d+\)", capsys.readouterr().out)
+    assert set(pd.read_csv(csv)["pos"]) <= {2, 4, 6, 8, 10, 12, 14, 16}
+
+
 def test_logit_shift(gdn_sae, tmp_path, capsys):
     csv = tmp_path / "shift.csv"
     assert main(["logit-shift", "--sae", gdn_sae, "--eval-sequences", "4", "--atoms", "3", "0", "--eps", "0.5", "-2",
@@ -155,3 +163,32 @@ def test_bad_arguments(argv, argument, capsys, tmp_path):
         main(argv + (["--out", str(tmp_path)] if argv[0] == "demo" else []))
     assert e.value.code == 2
     assert argument in capsys.readouterr().err
+
+
+def test_logit_shift_n_atoms(gdn_sae, tmp_path, capsys):
+    csv = tmp_path / "shift.csv"
+    assert main(["logit-shift", "--sae", gdn_sae, "--eval-sequences", "4", "--n-atoms", "3", "--eps", "0.5",
+                 "--positions-per-atom", "2", "--csv", str(csv), "--no-progress"]) == 0
+    assert ": 3 atoms x 1 eps (n=6)" in capsys.readouterr().out
+    assert pd.read_csv(csv)["atom"].nunique() == 3
+
+
+def test_progress_bars_of_erase_and_partition(gdn_sae, tmp_path, capsys):
+    parts = tmp_path / "partition.csv"
+    assert main(["partition", "--sae", gdn_sae, "--eval-sequences", "4", "--csv", str(parts)]) == 0
+    assert "partition:" in capsys.readouterr().err
+    atom = int(pd.read_csv(parts).sort_values("n")["atom"].iloc[-1])
+    assert main(["erase", "--sae", gdn_sae, "--atom", str(atom), "--eval-sequences", "4", "--max-positions", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "erase:" in err and "erase controls:" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["logit-shift", "--atoms", "1", "--n-atoms", "3"], "argument --n-atoms: not allowed with argument --atoms"),
+    (["logit-shift", "--n-atoms", "0"], "argument --n-atoms: expected a positive integer, got 0"),
+])
+def test_bad_n_atoms(argv, message, gdn_sae, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([argv[0], "--sae", gdn_sae, "--no-progress", *argv[1:]])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

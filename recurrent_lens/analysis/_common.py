@@ -7,6 +7,7 @@ and :class:`~recurrent_lens.models.cache.RecurrentCache`; nothing depends on the
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +40,30 @@ def parse_site(model, hook_name: str, head: int) -> Site:
     if layer not in model.cfg.recurrent_layers:
         raise ValueError(f"hook_name: layer {layer} is not a recurrent layer; recurrent layers: "
                          f"{model.cfg.recurrent_layers}")
-    if not isinstance(head, int) or not 0 <= head < model.cfg.n_heads:
+    index = as_index(head, model.cfg.n_heads)
+    if index is None:
         raise ValueError(f"head: expected an int in [0, {model.cfg.n_heads}), got {head!r}")
-    return Site(layer, head)
+    return Site(layer, index)
+
+
+def as_index(value: object, n: int) -> int | None:
+    """``value`` as an ``int`` if it is an integer in ``[0, n)``, else ``None``.
+
+    Integers are whatever :func:`operator.index` accepts (Python, NumPy and integer torch scalars),
+    except bools.
+
+    Example:
+        >>> import numpy as np
+        >>> as_index(np.int64(3), 5), as_index(True, 5), as_index(2.0, 5), as_index(5, 5)
+        (3, None, None, None)
+    """
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        index = operator.index(value)
+    except TypeError:
+        return None
+    return index if 0 <= index < n else None
 
 
 def check_tokens(model, tokens: Tensor, min_len: int = 2) -> Tensor:
@@ -226,4 +248,4 @@ def frob(x: Tensor) -> Tensor:
 
 __all__ = ["Site", "parse_site", "native_run", "select_batch", "branch_logits", "kl_divergence",
            "wilson_interval", "wilcoxon_signed_rank", "bootstrap_ci", "unit", "frob", "best_rank1", "check_tokens",
-           "check_sae"]
+           "check_sae", "as_index"]

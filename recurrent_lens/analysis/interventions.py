@@ -9,32 +9,38 @@ direction (e.g. :func:`target_direction`), and the magnitude is relative to the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import SupportsIndex
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recurrent_lens.analysis._common import branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit
+from recurrent_lens.analysis._common import (
+    as_index, branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit,
+)
 from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
 from recurrent_lens.analysis.results import InstallResult, InterventionResult
 
 
 def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
-                     target: int) -> Float[Tensor, " d_v"]:
+                     target: SupportsIndex) -> Float[Tensor, " d_v"]:
     """``v*_T = W_O^{(h)ᵀ} W_U[T] / ‖·‖`` averaged over the positions of ``tokens`` (``W_O`` is the
     output Jacobian of :func:`~recurrent_lens.analysis.logit_shift.output_jacobian`)."""
     site = parse_site(model, hook_name, head)
     tokens = check_tokens(model, tokens, 1)
-    _check_token(model, target, "target")
+    target = _check_token(model, target, "target")
     J = output_jacobian(model, tokens, site)  # [B, T, d_model, d_v]
     v = torch.einsum("btmv,m->btv", J, unembedding(model)[target])
     return unit(unit(v).mean((0, 1)))
 
 
-def _check_token(model, tok: int, name: str) -> None:
-    if not isinstance(tok, int) or not 0 <= tok < model.cfg.d_vocab:
+def _check_token(model, tok: SupportsIndex, name: str) -> int:
+    """``tok`` as an ``int`` token id; refuses anything else naming ``name``."""
+    index = as_index(tok, model.cfg.d_vocab)
+    if index is None:
         raise ValueError(f"{name}: expected a token id in [0, {model.cfg.d_vocab}), got {tok!r}")
+    return index
 
 
 def _logprob_rows(logits: Tensor, target: int, conds: list[str], b: Tensor, t: Tensor) -> pd.DataFrame:
@@ -46,57 +52,98 @@ def _logprob_rows(logits: Tensor, target: int, conds: list[str], b: Tensor, t: T
     return pd.concat(frames, ignore_index=True)
 
 
-def erase_atom(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], atom: int, *,
+def erase_atom(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], atom: SupportsIndex, *,
                max_positions: int = 150, control_multipliers: Sequence[float] = (1.0, 2.0, 4.0),
-               target: int | None = None, readout_offset: int = 1, skip_positions: int = 0,
-               seed: int = 0) -> InterventionResult:
+               target: SupportsIndex | None = None, readout_offset: int = 1, skip_positions: int = 0,
+               seed: int = 0, progress: bool = False) -> InterventionResult:
     """Erase atom ``atom`` where it fires (``S_t −= a_t A``) and track one target token.
 
     The target defaults to the token whose log-probability the erasure lowers most in total
     (``argmax Σ_firings (log p_native − log p_erased)``). Controls: at as many non-firing positions,
     add ``m · a* · A`` for each multiplier ``m`` (``a*`` = the median firing coefficient).
     Conditions in the table: ``erase`` and ``add_x{m}``.
+
+    Args:
+        atom: the SAE atom's index: any integer :func:`operator.index` accepts (e.g. a NumPy or torch
+            integer scalar), not a bool.
+        max_positions: erase at most this many firings (a seeded subsample); the controls use as many
+            non-firing positions.
+        control_multipliers: the multipliers ``m`` of the additive controls.
+        target: the token id to track (default: the token the erasure hurts most, see above).
+        readout_offset: read at ``t + readout_offset`` (>= 1).
+        skip_positions: neither erase nor add at the first positions (e.g. BOS).
+        seed: seeds the subsamples of firing and control positions.
+        progress: show progress bars over the edited positions.
+
+    Raises:
+        ValueError: naming ``atom`` when it never fires at an eligible position (``skip_positions`` to
+            ``pos − 1 − readout_offset``) or fires at all of them, which leaves no control position.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+        >>> from recurrent_lens.sae import WriteSAE
+        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
+        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
+        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
+        >>> _ = torch.manual_seed(0)
+        >>> sae = WriteSAE(8, 8, 16, k=2)
+        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+        >>> result = erase_atom(model, sae, "blocks.0.mixer.hook_state", 0, tokens, 3, max_positions=3,
+        ...                     control_multipliers=(1.0, 2.0))
+        >>> result.to_pandas()["condition"].value_counts(sort=False).to_dict()  # atom 3 fires 4 times
+        {'erase': 3, 'add_x1': 3, 'add_x2': 3}
     """
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)
+    if max_positions < 1:
+        raise ValueError(f"max_positions: expected >= 1, got {max_positions}")
+    atoms = sae.decoder_atoms().detach().float()
+    index = as_index(atom, atoms.shape[0])
+    if index is None:
+        raise ValueError(f"atom: expected an index in [0, {atoms.shape[0]}), got {atom!r}")
+    atom = index
+    if target is not None:
+        target = _check_token(model, target, "target")
     native = native_run(model, tokens, site)
     with torch.no_grad():
-        atoms = sae.decoder_atoms().detach().float()
-        if not isinstance(atom, int) or not 0 <= atom < atoms.shape[0]:
-            raise ValueError(f"atom: expected an index in [0, {atoms.shape[0]}), got {atom!r}")
         codes = sae.encode(native["state"])[..., atom]
         last = tokens.shape[1] - 1 - readout_offset
-        codes[:, last + 1 :] = 0
-        codes[:, :skip_positions] = 0
-        g = torch.Generator().manual_seed(seed)
-        fb, ft = (codes > 0).nonzero(as_tuple=True)
+        eligible = torch.zeros_like(codes, dtype=torch.bool)
+        eligible[:, skip_positions : last + 1] = True
+        fires = codes > 0
+        fb, ft = (fires & eligible).nonzero(as_tuple=True)
+        nb, nt = (~fires & eligible).nonzero(as_tuple=True)
+        span = f"positions {skip_positions}..{last}"
         if len(fb) == 0:
-            raise ValueError(f"atom: atom {atom} never fires on these tokens")
+            raise ValueError(f"atom: atom {atom} never fires on tokens at the eligible {span}")
+        if len(nb) == 0:
+            raise ValueError(f"atom: atom {atom} fires at every eligible position of tokens ({span}), so no "
+                             f"non-firing position is left for the additive controls")
+        g = torch.Generator().manual_seed(seed)
         keep = torch.randperm(len(fb), generator=g)[:max_positions]
         fb, ft = fb[keep], ft[keep]
         coef = codes[fb, ft]
-        nb, nt = (codes == 0).nonzero(as_tuple=True)
-        ok = (nt >= skip_positions) & (nt <= last)
-        nb, nt = nb[ok], nt[ok]
         keep = torch.randperm(len(nb), generator=g)[: len(fb)]
         nb, nt = nb[keep], nt[keep]
         a_star = float(coef.median())
         A = atoms[atom]
 
-    erased = branch_logits(model, tokens, site, fb, ft,
-                           lambda S, idx: torch.stack([S, S - coef[idx, None, None] * A]), readout_offset)
+    erased = branch_logits(model, tokens, site, fb, ft, lambda S, idx: torch.stack([S, S - coef[idx, None, None] * A]),
+                           readout_offset, progress=progress, desc="erase")
     if target is None:
         lp = erased.log_softmax(-1)
         target = int((lp[0] - lp[1]).sum(0).argmax())
-    _check_token(model, target, "target")
     mults = [float(m) for m in control_multipliers]
     control = branch_logits(model, tokens, site, nb, nt,
-                            lambda S, idx: torch.stack([S] + [S + m * a_star * A for m in mults]), readout_offset)
+                            lambda S, idx: torch.stack([S] + [S + m * a_star * A for m in mults]), readout_offset,
+                            progress=progress, desc="erase controls")
     rows = pd.concat([_logprob_rows(erased, target, ["erase"], fb, ft),
                       _logprob_rows(control, target, [f"add_x{m:g}" for m in mults], nb, nt)], ignore_index=True)
-    return InterventionResult(rows, target, dict(hook_name=hook_name, head=head, atom=atom, a_star=a_star,
-                                                 readout_offset=readout_offset))
+    settings = dict(hook_name=hook_name, head=head, atom=atom, a_star=a_star, max_positions=max_positions,
+                    control_multipliers=mults, readout_offset=readout_offset, skip_positions=skip_positions, seed=seed)
+    return InterventionResult(rows, target, settings)
 
 
 def _install_term(native: dict[str, Tensor], b: Tensor, t: Tensor, direction: Tensor, magnitude: float) -> Tensor:
@@ -107,12 +154,12 @@ def _install_term(native: dict[str, Tensor], b: Tensor, t: Tensor, direction: Te
 
 def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
             direction: Float[Tensor, " d_v"], positions: Sequence[int] | Tensor, *, magnitude: float = 3.0,
-            target: int, readout_offset: int = 1) -> InterventionResult:
+            target: SupportsIndex, readout_offset: int = 1) -> InterventionResult:
     """Add ``m·‖Δ_nat,t‖·k̂_t dᵀ`` at each position of ``positions`` (every sequence, one at a time) and
     measure the target's log-probability and logit at ``t + readout_offset`` (the sign test)."""
     site = parse_site(model, hook_name, head)
     tokens = check_tokens(model, tokens, readout_offset + 1)
-    _check_token(model, target, "target")
+    target = _check_token(model, target, "target")
     direction = _check_direction(model, direction)
     pos = torch.as_tensor(positions).long().flatten()
     if len(pos) == 0 or int(pos.min()) < 0 or int(pos.max()) + readout_offset >= tokens.shape[1]:
@@ -139,7 +186,7 @@ def _check_direction(model, direction: Tensor) -> Tensor:
 @torch.no_grad()
 def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tensor, "batch pos"],
                               direction: Float[Tensor, " d_v"], positions: Sequence[int], *, magnitude: float = 3.0,
-                              target: int, max_new_tokens: int = 20) -> InstallResult:
+                              target: SupportsIndex, max_new_tokens: int = 20) -> InstallResult:
     """Install ``m·‖Δ_nat,t‖·k̂_t d̂ᵀ`` at absolute positions ``positions`` while ``model.generate`` runs.
 
     The hooks read ``model.positions`` on every call (the prompt, then one token per step), so
@@ -149,7 +196,7 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
     """
     site = parse_site(model, hook_name, head)
     prompt = check_tokens(model, prompt, 1)
-    _check_token(model, target, "target")
+    target = _check_token(model, target, "target")
     d = unit(_check_direction(model, direction))
     wanted = sorted({int(p) for p in positions})
     if not wanted or wanted[0] < 0:

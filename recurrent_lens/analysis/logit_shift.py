@@ -18,14 +18,18 @@ atom's leading right singular vector).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from typing import SupportsIndex
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recurrent_lens.analysis._common import Site, branch_logits, check_sae, check_tokens, native_run, parse_site
+from recurrent_lens.analysis._common import (
+    Site, as_index, branch_logits, check_sae, check_tokens, native_run, parse_site,
+)
 from recurrent_lens.analysis.results import LogitShiftResult
 
 
@@ -73,15 +77,25 @@ def final_norm_jvp(model, resid: Float[Tensor, "n d_model"], direction: Float[Te
     return out
 
 
+def _dominant_atoms(codes: Float[Tensor, "batch pos n_features"], n_atoms: int) -> list[int]:
+    """Up to ``n_atoms`` atoms that have the largest code somewhere a code fires, most often first
+    (ties: lower index first)."""
+    fires = (codes > 0).any(-1)
+    counts = torch.bincount(codes[fires].argmax(-1), minlength=codes.shape[-1])
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[counts[order] > 0][:n_atoms].tolist()
+
+
 def logit_shift_prediction(
     model,
     sae,
     hook_name: str,
     head: int,
     tokens: Int[Tensor, "batch pos"],
-    atoms: Sequence[int] | None = None,
+    atoms: Sequence[SupportsIndex] | None = None,
     eps: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
     *,
+    n_atoms: int = 10,
     positions_per_atom: int = 50,
     readout_offset: int = 1,
     readout: str = "unembed",
@@ -92,45 +106,80 @@ def logit_shift_prediction(
     """Closed-form vs measured logit shifts of ``S_{t0} += ε A_i``.
 
     Args:
-        atoms: SAE atom indices (default: the 10 atoms that are most often dominant on ``tokens``).
+        model: a :class:`~recurrent_lens.HookedRecurrentModel`.
+        sae: an SAE on ``[d_k, d_v]`` states of ``hook_name``/``head`` (only its encoder and decoder
+            atoms are used).
+        hook_name: ``blocks.{l}.mixer.hook_state``.
+        head: the head the SAE reads.
+        tokens: ``[batch, pos]`` sequences.
+        atoms: SAE atom indices to perturb (default: the ``n_atoms`` atoms most often dominant on ``tokens``).
         eps: perturbation sizes ε.
+        n_atoms: with ``atoms=None``, how many atoms to take: the atoms that have the largest code at
+            least once (positions ``>= skip_positions`` where some code fires), most often dominant
+            first; fewer when fewer are ever dominant. Unused when ``atoms`` is given.
         positions_per_atom: random ``(sequence, t0)`` pairs per atom (seeded).
         readout_offset: read at ``t0 + readout_offset`` (>= 1).
         readout: ``"unembed"`` (W_U, the paper's form) or ``"final_norm"`` (W_U after the final norm's
             Jacobian).
+        skip_positions: neither perturb at nor count dominance on the first positions (e.g. BOS).
+        seed: seeds the ``(sequence, t0)`` draws. The default, 2026, is the paper's audit seed
+            (specs/WRITESAE.md §4(b)), unlike the other analyses' 0.
+        progress: show a progress bar over perturbed positions.
 
     Returns:
-        A :class:`~recurrent_lens.analysis.results.LogitShiftResult` with zero- and one-parameter R².
+        A :class:`~recurrent_lens.analysis.results.LogitShiftResult` with zero- and one-parameter R²;
+        its ``settings`` hold the atoms used.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+        >>> from recurrent_lens.sae import WriteSAE
+        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
+        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
+        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
+        >>> _ = torch.manual_seed(0)
+        >>> sae = WriteSAE(8, 8, 16, k=2)
+        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+        >>> result = logit_shift_prediction(model, sae, "blocks.0.mixer.hook_state", 0, tokens, eps=(0.1, 1.0),
+        ...                                 n_atoms=2, positions_per_atom=3)
+        >>> len(result.settings["atoms"]), len(result.to_pandas())  # 2 atoms x 2 eps x 3 positions
+        (2, 12)
     """
     if readout not in ("unembed", "final_norm"):
         raise ValueError(f"readout: expected 'unembed' or 'final_norm', got {readout!r}")
     if not eps:
         raise ValueError("eps: expected at least one perturbation size")
+    if isinstance(n_atoms, bool) or not isinstance(n_atoms, int) or n_atoms < 1:
+        raise ValueError(f"n_atoms: expected a positive integer, got {n_atoms!r}")
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)
     B, T = tokens.shape
+    per_seq = T - readout_offset - skip_positions
+    if per_seq < 1:
+        raise ValueError(f"tokens: no eligible position in {T} positions (readout_offset {readout_offset}, "
+                         f"skip_positions {skip_positions})")
+    if atoms is not None:
+        if len(atoms) == 0:
+            raise ValueError("atoms: expected at least one atom index (or None for the dominant atoms)")
+        bad = [a for a in atoms if as_index(a, sae.cfg.n_features) is None]
+        if bad:
+            raise ValueError(f"atoms: expected integer indices in [0, {sae.cfg.n_features}), got {bad}")
+        atoms = [operator.index(a) for a in atoms]
     native = native_run(model, tokens, site)
     with torch.no_grad():
         all_atoms = sae.decoder_atoms().detach().float()
         if atoms is None:
-            dom = sae.encode(native["state"]).argmax(-1)
-            atoms = torch.bincount(dom.flatten(), minlength=all_atoms.shape[0]).argsort(descending=True)[:10].tolist()
-        atoms = [int(a) for a in atoms]
-        bad = [a for a in atoms if not 0 <= a < all_atoms.shape[0]]
-        if bad:
-            raise ValueError(f"atoms: indices must lie in [0, {all_atoms.shape[0]}), got {bad}")
+            atoms = _dominant_atoms(sae.encode(native["state"][:, skip_positions:]), n_atoms)
+            if not atoms:
+                raise ValueError(f"sae: no atom fires on tokens (positions >= skip_positions = {skip_positions}), "
+                                 f"so none is dominant; pass atoms explicitly")
         g = torch.Generator().manual_seed(seed)
-        n_pos = B * (T - readout_offset - skip_positions)
-        if n_pos < 1:
-            raise ValueError("tokens: no eligible position (too short for readout_offset and skip_positions)")
-        rows_b, rows_t, rows_atom = [], [], []
-        for a in atoms:
-            pick = torch.randperm(n_pos, generator=g)[:positions_per_atom]
-            rows_b.append(pick // (T - readout_offset - skip_positions))
-            rows_t.append(pick % (T - readout_offset - skip_positions) + skip_positions)
-            rows_atom.append(torch.full_like(pick, a))
-        b, t0, atom = torch.cat(rows_b), torch.cat(rows_t), torch.cat(rows_atom)
+        picks = [torch.randperm(B * per_seq, generator=g)[:positions_per_atom] for _ in atoms]
+        pick = torch.cat(picks)
+        b, t0 = pick // per_seq, pick % per_seq + skip_positions
+        slot = torch.arange(len(atoms)).repeat_interleave(len(picks[0]))  # row -> index into atoms
+        atom = torch.tensor(atoms)[slot]
         t = t0 + readout_offset
         A = all_atoms[atom]  # [n, d_k, d_v]
         decay = native["decay"]
@@ -144,10 +193,8 @@ def logit_shift_prediction(
         d_read = torch.einsum("nk,nkv->nv", G * q, A)  # read change per unit ε
         J = output_jacobian(model, tokens, site)[b, t]  # [n, d_model, d_v]
         out_dir = torch.einsum("nmv,nv->nm", J, d_read)
-        _, _, Vh = torch.linalg.svd(A)
-        w_lead = Vh[:, 0]
-        U_lead = torch.linalg.svd(A)[0][:, :, 0]
-        w_lead = w_lead * torch.einsum("nk,nkv,nv->n", U_lead, A, w_lead).sign()[:, None]
+        # one SVD per atom, not per row; w₁ keeps the SVD's sign (flipping u₁ and w₁ leaves σ₁u₁w₁ᵀ as is)
+        w_lead = torch.linalg.svd(all_atoms[atoms]).Vh[:, 0][slot]
         lead_dir = torch.einsum("nmv,nv->nm", J, w_lead)
         W_U = unembedding(model)
         if readout == "final_norm":
@@ -170,6 +217,7 @@ def logit_shift_prediction(
         frames.append(pd.DataFrame({"atom": atom.numpy(), "eps": e, "batch": b.numpy(), "pos": t0.numpy(),
                                     "token": tok.numpy(), "predicted": (e * unit_pred).numpy(),
                                     "measured": measured[i].numpy()}))
-    settings = dict(hook_name=hook_name, head=head, atoms=atoms, eps=list(eps_t.tolist()), readout=readout,
-                    readout_offset=readout_offset, positions_per_atom=positions_per_atom, seed=seed)
+    settings = dict(hook_name=hook_name, head=head, atoms=atoms, eps=list(eps_t.tolist()), n_atoms=n_atoms,
+                    readout=readout, readout_offset=readout_offset, positions_per_atom=positions_per_atom,
+                    skip_positions=skip_positions, seed=seed)
     return LogitShiftResult(pd.concat(frames, ignore_index=True), settings)

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site
 from recurrent_lens.analysis.results import PartitionResult
@@ -25,8 +26,11 @@ def _normal_logpdf(x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
     return -0.5 * ((x - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
 
 
-def fit_gmm_1d(x: Tensor, n_components: int, n_iter: int = 500, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, float]:
+def fit_gmm_1d(x: Tensor, n_components: int, n_iter: int = 500) -> tuple[Tensor, Tensor, Tensor, float]:
     """EM for a 1-D Gaussian mixture. Returns ``(weights, means, sigmas, log_likelihood)``.
+
+    Deterministic: the means start at evenly spaced quantiles of ``x`` from 25% to 75% (the median for one
+    component), the sigmas at its standard deviation and the weights equal.
 
     Example:
         >>> import torch
@@ -63,7 +67,8 @@ def fit_gmm_1d(x: Tensor, n_components: int, n_iter: int = 500, seed: int = 0) -
 
 def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
                     replace: str = "update", max_firings_per_atom: int | None = 200, min_firings: int = 1,
-                    tau: float = 0.05, skip_positions: int = 0, seed: int = 0) -> PartitionResult:
+                    tau: float = 0.05, skip_positions: int = 0, seed: int = 0,
+                    progress: bool = False) -> PartitionResult:
     """Split alive atoms into registers (aligned with the native update where they fire) and bundles.
 
     Args:
@@ -71,6 +76,24 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
         max_firings_per_atom: cosines per atom (seeded subsample; ``None``: all).
         min_firings: atoms with fewer firings count as dead.
         tau: threshold used when one Gaussian is preferred.
+        skip_positions: ignore firings at the first positions (e.g. BOS).
+        seed: seeds the per-atom subsample of firings (the mixtures are deterministic).
+        progress: show a progress bar over the alive atoms.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+        >>> from recurrent_lens.sae import WriteSAE
+        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
+        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
+        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
+        >>> _ = torch.manual_seed(0)
+        >>> sae = WriteSAE(8, 8, 16, k=2)
+        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+        >>> result = partition_atoms(model, sae, "blocks.0.mixer.hook_state", 0, tokens)
+        >>> s = result.summary()
+        >>> s["alive"] + s["dead"], s["registers"] + s["bundles"] == s["alive"]
+        (16, True)
     """
     if replace not in ("update", "write"):
         raise ValueError(f"replace: expected 'update' or 'write', got {replace!r}")
@@ -86,7 +109,8 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
         g = torch.Generator().manual_seed(seed)
         rows = []
         fired = codes > 0
-        for i in fired.flatten(0, 1).any(0).nonzero().flatten().tolist():
+        firing_atoms = fired.flatten(0, 1).any(0).nonzero().flatten().tolist()
+        for i in tqdm(firing_atoms, disable=not progress, desc="partition"):
             b, t = fired[..., i].nonzero(as_tuple=True)
             if len(b) < min_firings:
                 continue
@@ -104,7 +128,7 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
     if len(table) >= 4:
         x = torch.tensor(table["median_cos"].to_numpy())
         w1, m1, s1, ll1 = fit_gmm_1d(x, 1)
-        w2, m2, s2, ll2 = fit_gmm_1d(x, 2, seed=seed)
+        w2, m2, s2, ll2 = fit_gmm_1d(x, 2)
         n = len(x)
         delta_bic = (5 * math.log(n) - 2 * ll2) - (2 * math.log(n) - 2 * ll1)
         gmm = {"one": (float(m1[0]), float(s1[0])),
@@ -114,4 +138,6 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
             high = int(m2.argmax())
             labels = ["register" if int(c) == high else "bundle" for c in logp.argmax(1)]
     table["label"] = labels
-    return PartitionResult(table, gmm, delta_bic, n_dead, dict(hook_name=hook_name, head=head, replace=replace, tau=tau))
+    settings = dict(hook_name=hook_name, head=head, replace=replace, max_firings_per_atom=max_firings_per_atom,
+                    min_firings=min_firings, tau=tau, skip_positions=skip_positions, seed=seed)
+    return PartitionResult(table, gmm, delta_bic, n_dead, settings)

@@ -43,7 +43,7 @@ class SubstitutionResult(_Result):
 
     Attributes:
         rows: one row per firing: ``batch``, ``pos``, ``atom``, ``coefficient``, ``update_norm``,
-            ``kl_atom``, ``kl_delete``, ``kl_random``, ``win`` (atom < delete), ``chain``
+            ``atom_cos`` (Frobenius cosine of the atom with the replaced update), ``kl_atom``, ``kl_delete``, ``kl_random``, ``win`` (atom < delete), ``chain``
             (atom < delete < random).
         settings: the arguments the test ran with.
     """
@@ -118,6 +118,7 @@ class SubstitutionResult(_Result):
             "median_kl_atom": m["atom"],
             "median_kl_delete": m["delete"],
             "median_kl_random": m["random"],
+            "median_atom_cos": float(self.rows["atom_cos"].median()) if self.n else float("nan"),
             "ratio_atom_delete_random": (1.0, r["delete"], r["random"]),
             "per_atom_mean_win (>=5 firings)": float(per_atom["win_rate"].mean()) if len(per_atom) else float("nan"),
             "settings": self.settings,
@@ -135,6 +136,7 @@ class SubstitutionResult(_Result):
             f"  strict chain:       {100 * self.chain_rate:.1f}% (atom < delete < random)",
             f"  median KL           atom {m['atom']:.4g} | delete {m['delete']:.4g} | random {m['random']:.4g}",
             f"  ratio               1 : {r['delete']:.2f} : {r['random']:.2f}",
+            f"  median cos(atom, update) {self.rows['atom_cos'].median():.3f}",
             f"  atoms               {self.rows['atom'].nunique()} ({len(self.per_atom())} with >= 5 firings)",
         ]
         if min_kl_delete is not None and self.n:

@@ -247,6 +247,7 @@ def substitution_test(
     rows = pd.DataFrame({
         "batch": b.numpy(), "pos": t.numpy(), "atom": chosen.numpy(), "coefficient": coef.float().numpy(),
         "update_norm": frob(delta).numpy(),
+        "atom_cos": ((A * delta).sum((-2, -1)) / (frob(A) * frob(delta)).clamp_min(1e-12)).numpy(),
         "kl_atom": kls[0].numpy(), "kl_delete": kls[1].numpy(), "kl_random": kls[2].numpy(),
     })
     rows["win"] = rows["kl_atom"] < rows["kl_delete"]
