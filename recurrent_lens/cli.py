@@ -63,14 +63,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sae_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae-type", default="write_sae", choices=["write_sae", "flat_sae", "matrix_sae", "bilinear_sae"],
-                   help="SAE preset (default: write_sae)")
-    p.add_argument("--n-features", type=_positive_int, default=2048, help="dictionary size (default: 2048)")
-    p.add_argument("--k", type=_positive_int, default=16, help="active features per state (default: 16)")
-    p.add_argument("--steps", type=_positive_int, default=3000, help="SAE optimizer steps (default: 3000)")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="SAE learning rate (default: 3e-3)")
-    p.add_argument("--train-sequences", type=_positive_int, default=4096,
-                   help="toy sequences the SAE's states come from (default: 4096)")
+    from recurrent_lens.toy import PROBE_SAE as R
+
+    p.add_argument("--sae-type", default=R["architecture"],
+                   choices=["write_sae", "flat_sae", "matrix_sae", "bilinear_sae"],
+                   help=f"SAE preset (default: {R['architecture']})")
+    p.add_argument("--n-features", type=_positive_int, default=R["n_features"],
+                   help=f"dictionary size (default: {R['n_features']})")
+    p.add_argument("--k", type=_positive_int, default=R["k"], help=f"active features per state (default: {R['k']})")
+    p.add_argument("--steps", type=_positive_int, default=R["n_steps"],
+                   help=f"SAE optimizer steps (default: {R['n_steps']})")
+    p.add_argument("--lr", type=_positive_float, default=R["lr"], help=f"SAE learning rate (default: {R['lr']:g})")
+    p.add_argument("--train-sequences", type=_positive_int, default=R["train_sequences"],
+                   help=f"toy sequences the SAE's states come from (default: {R['train_sequences']})")
 
 
 def _add_substitution_args(p: argparse.ArgumentParser) -> None:
@@ -220,15 +225,11 @@ def _check_site(parser: argparse.ArgumentParser, model, hook: str, head: int) ->
 
 
 def _train_sae(args, model, task, progress: bool):
-    from recurrent_lens.sae import TrainConfig, train
+    from recurrent_lens.toy import train_probe_sae
 
-    tokens, _ = task.make_batch(args.train_sequences, seed=args.seed)
-    cfg = TrainConfig(n_steps=args.steps, batch_size=min(256, args.train_sequences * 8), n_features=args.n_features,
-                      k=args.k, lr=args.lr, lr_min=args.lr / 10, warmup_steps=20, architecture=args.sae_type,
-                      buffer_size=4096, positions_per_seq=16, model_batch_size=64, skip_positions=1, seed=args.seed,
-                      progress=progress, log_every=max(1, args.steps // 5))
-    sae, log = train(model, args.hook, args.head, tokens, cfg)
-    return sae, log
+    return train_probe_sae(model, task, args.hook, args.head, architecture=args.sae_type, n_features=args.n_features,
+                           k=args.k, n_steps=args.steps, lr=args.lr, train_sequences=args.train_sequences,
+                           seed=args.seed, progress=progress)
 
 
 def _substitution(args, model, task, sae, progress: bool, atom: str | None = None):

@@ -140,3 +140,59 @@ def test_training_is_deterministic():
     assert not a.training and info.steps == 3
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+@pytest.fixture
+def tiny_probe_sae(short_gdn, monkeypatch):
+    """The probe-SAE recipe cut to seconds, on the short gdn with a private cache."""
+    for key, value in dict(n_features=16, k=2, n_steps=3, train_sequences=16).items():
+        monkeypatch.setitem(toy.PROBE_SAE, key, value)
+    return toy_train.probe_sae_fingerprint(short_gdn)
+
+
+def test_probe_sae_trained_on_first_use_then_cached(tiny_probe_sae, monkeypatch):
+    runs = []
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return toy_train.train_probe_sae(*args, **kwargs)
+
+    monkeypatch.setattr(toy, "train_probe_sae", counted)
+    sae = toy.load_sae("gdn", progress=False)
+    assert len(runs) == 1 and sae.cfg.n_features == 16 and sae.cfg.metadata["recipe"] == tiny_probe_sae
+    assert sae.cfg.metadata["hook_name"] == "blocks.1.mixer.hook_state" and sae.cfg.metadata["head"] == 0
+    cached = toy.cache_dir() / f"gdn-sae-{tiny_probe_sae}"
+    assert (cached / "sae_weights.safetensors").is_file()
+    again = toy.load_sae("gdn", progress=False)
+    assert len(runs) == 1
+    for (n, p), (_, q) in zip(sae.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(p, q), n
+    # a truncated weights file is retrained over, not trusted
+    weights = cached / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    toy.load_sae("gdn", progress=False)
+    assert len(runs) == 2 and weights.stat().st_size > 1000
+
+
+def test_probe_sae_recipe_change_is_not_reused(tiny_probe_sae, monkeypatch):
+    toy.load_sae("gdn", progress=False)
+    monkeypatch.setitem(toy.PROBE_SAE, "k", 3)
+    sae = toy.load_sae("gdn", progress=False)
+    assert sae.cfg.k == 3 and sae.cfg.metadata["recipe"] != tiny_probe_sae
+
+
+def test_embedded_gdn_sae_reproduces_the_substitution_effect():
+    """The acceptance numbers of the toy protocol (README table) on the shipped demo SAE."""
+    from recurrent_lens.analysis import substitution_test
+
+    model, task = toy.load("gdn", progress=False)
+    sae = toy.load_sae("gdn", progress=False)
+    assert sae.cfg.metadata["recipe"] == toy_train.probe_sae_fingerprint(toy.TOY_SPECS["gdn"])
+    tokens, _ = task.make_batch(128, seed=10_000)
+    protocol = dict(positions=task.value_positions, readout_offset=task.recall_offset, skip_positions=1)
+    rising = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, atom="rising", **protocol)
+    m = rising.medians
+    assert rising.n == 1024 and rising.win_ci[0] > 0.8, rising.report()
+    assert m["atom"] < m["delete"] < m["random"], m
+    dominant = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, atom="dominant", **protocol)
+    assert dominant.win_rate < rising.win_rate - 0.15

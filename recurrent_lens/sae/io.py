@@ -34,6 +34,7 @@ def _atomic_write(path: str, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved SAE is meant to be shared like any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -33,10 +33,12 @@ from safetensors.torch import load_file, save_file
 
 from recurrent_lens.models.base import HookedRecurrentModel
 from recurrent_lens.toy.task import BOS, SEP, ToyTask, accuracy
-from recurrent_lens.toy.train import TOY_SPECS, ToySpec, TrainInfo, train_toy
+from recurrent_lens.toy.train import (
+    PROBE_SAE, TOY_SPECS, ToySpec, TrainInfo, probe_sae_fingerprint, train_probe_sae, train_toy,
+)
 
-__all__ = ["load", "names", "Toy", "ToyTask", "accuracy", "cache_dir", "TOY_SPECS", "train_toy", "build_embedded",
-           "embedded_info", "BOS", "SEP"]
+__all__ = ["load", "load_sae", "names", "Toy", "ToyTask", "accuracy", "cache_dir", "TOY_SPECS", "PROBE_SAE",
+           "train_toy", "train_probe_sae", "build_embedded", "build_embedded_sae", "embedded_info", "BOS", "SEP"]
 
 EMBEDDED_DIR = Path(__file__).parent / "weights"
 
@@ -124,6 +126,67 @@ def load(name: str, *, retrain: bool = False, progress: bool = True) -> Toy:
     model, info = train_toy(spec, progress=progress)
     _save(model, info, cache_dir() / f"{name}-{spec.fingerprint()}.safetensors")
     return Toy(model, spec.task)
+
+
+def _read_sae(path: Path, key: str):
+    """The SAE saved in directory ``path`` if it exists and was trained with the recipe ``key``."""
+    from recurrent_lens.sae import load as load_sae_dir
+
+    if not (path / "cfg.json").is_file():
+        return None
+    try:
+        sae = load_sae_dir(str(path))
+    except (OSError, ValueError):
+        # A corrupt or truncated cache entry is retrained over rather than trusted.
+        return None
+    return sae if sae.cfg.metadata.get("recipe") == key else None
+
+
+def _train_sae(name: str, progress: bool):
+    spec = _spec(name)
+    model, task = load(name, progress=progress)
+    sae, _ = train_probe_sae(model, task, spec.probe_hook, spec.probe[1], progress=progress, **PROBE_SAE)
+    sae.cfg.metadata.update(toy=name, recipe=probe_sae_fingerprint(spec))
+    return sae
+
+
+def load_sae(name: str, *, retrain: bool = False, progress: bool = True):
+    """The WriteSAE of a toy's probe site (``TOY_SPECS[name].probe``), trained with :data:`PROBE_SAE`.
+
+    The demo's SAE, ready to use: the toy GDN's ships with the package; the others are trained on first
+    use (a few minutes on 2 CPU cores, with a progress bar) and cached next to the toy weights. An
+    SAE is reused only if its recorded recipe matches the current toy weights and :data:`PROBE_SAE`.
+
+    Args:
+        name: a toy name (see :func:`names`).
+        retrain: ignore embedded and cached SAEs, train afresh and overwrite the cache.
+        progress: show progress bars while training.
+
+    Example:
+        >>> from recurrent_lens import toy
+        >>> sae = toy.load_sae("gdn", progress=False)
+        >>> sae.cfg.n_features, sae.cfg.metadata["hook_name"], sae.cfg.metadata["head"]
+        (2048, 'blocks.1.mixer.hook_state', 0)
+    """
+    spec = _spec(name)
+    key = probe_sae_fingerprint(spec)
+    cached = cache_dir() / f"{name}-sae-{key}"
+    if not retrain:
+        for path in (EMBEDDED_DIR / f"{name}_sae", cached):
+            sae = _read_sae(path, key)
+            if sae is not None:
+                return sae
+    sae = _train_sae(name, progress)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    sae.save_pretrained(str(cached))
+    return sae
+
+
+def build_embedded_sae(name: str = "gdn", *, progress: bool = True) -> Path:
+    """Train a toy's probe-site SAE and write it into the package (``weights/{name}_sae``); returns the path."""
+    path = EMBEDDED_DIR / f"{name}_sae"
+    _train_sae(name, progress).save_pretrained(str(path))
+    return path
 
 
 def build_embedded(names_: list[str] | None = None, *, progress: bool = True) -> dict[str, TrainInfo]:

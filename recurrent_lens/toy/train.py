@@ -120,6 +120,37 @@ class TrainInfo:
     fingerprint: str
 
 
+PROBE_SAE: dict[str, Any] = dict(architecture="write_sae", n_features=2048, k=16, n_steps=3000, lr=3e-3,
+                                 train_sequences=4096, seed=0)
+"""The recipe of the probe-site SAEs: the defaults of ``recurrent-lens demo`` / ``train-sae`` and what
+:func:`recurrent_lens.toy.load_sae` returns. 2048 features leave room for one atom per association
+(16 keys × 16 values) and the other writes; with 128 features the substitution test fails."""
+
+
+def probe_sae_fingerprint(spec: ToySpec) -> str:
+    """Hash of what determines a probe-site SAE: the toy's weights, the probe site and :data:`PROBE_SAE`."""
+    payload = {"toy": spec.fingerprint(), "probe": list(spec.probe), "sae": PROBE_SAE}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_probe_sae(model: HookedRecurrentModel, task: ToyTask, hook_name: str, head: int, *,
+                    architecture: str, n_features: int, k: int, n_steps: int, lr: float, train_sequences: int,
+                    seed: int, progress: bool = True):
+    """Train an SAE on one head of a toy's state hook with the demo's schedule (see :data:`PROBE_SAE`).
+
+    Returns ``(sae, log)`` as :func:`recurrent_lens.sae.train` does. States come from
+    ``task.make_batch(train_sequences, seed=seed)``, 16 random positions per sequence after BOS.
+    """
+    from recurrent_lens.sae import TrainConfig, train
+
+    tokens, _ = task.make_batch(train_sequences, seed=seed)
+    cfg = TrainConfig(n_steps=n_steps, batch_size=min(256, train_sequences * 8), n_features=n_features, k=k, lr=lr,
+                      lr_min=lr / 10, warmup_steps=20, architecture=architecture, buffer_size=4096,
+                      positions_per_seq=16, model_batch_size=64, skip_positions=1, seed=seed, progress=progress,
+                      log_every=max(1, n_steps // 5))
+    return train(model, hook_name, head, tokens, cfg)
+
+
 def evaluate(model: HookedRecurrentModel, task: ToyTask, n: int = 512, seed: int = 12345) -> float:
     """Recall accuracy on ``n`` held-out sequences drawn with ``seed``."""
     tokens, targets = task.make_batch(n, seed=seed)
