@@ -81,7 +81,8 @@ def _add_sae_args(p: argparse.ArgumentParser) -> None:
 def _add_substitution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-sequences", type=_positive_int, default=128,
                    help="held-out toy sequences for the test (default: 128)")
-    p.add_argument("--replace", default="update", choices=["update", "write"], help="what is replaced (default: update)")
+    p.add_argument("--replace", default="update", choices=["update", "write"],
+                   help="what is replaced (default: update)")
     p.add_argument("--scale", default="coefficient", choices=["coefficient", "match_norm"], help="atom scale")
     p.add_argument("--random", default="rank1", choices=["rank1", "sae_atom", "empirical"],
                    help="random control: fresh rank-1 (default), a non-firing SAE atom, or an empirical resample of "
@@ -276,7 +277,8 @@ def _plots(result, out: str, title: str) -> list[str]:
     floor = 1e-9
     paths = []
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
-    bins = np.logspace(np.log10(floor), np.log10(max(rows[["kl_atom", "kl_delete", "kl_random"]].to_numpy().max(), 1e-6)), 40)
+    top = max(rows[["kl_atom", "kl_delete", "kl_random"]].to_numpy().max(), 1e-6)
+    bins = np.logspace(np.log10(floor), np.log10(top), 40)
     for col, colour in (("kl_atom", "tab:blue"), ("kl_delete", "tab:orange"), ("kl_random", "tab:grey")):
         ax[0].hist(rows[col].clip(lower=floor), bins=bins, alpha=0.5, label=col[3:], color=colour)
     ax[0].set_xscale("log")

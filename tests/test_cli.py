@@ -111,7 +111,8 @@ def test_partition_then_erase(gdn_sae, tmp_path, capsys):
     assert main(["erase", "--sae", gdn_sae, "--atom", str(atom), "--eval-sequences", "4", "--max-positions", "5",
                  "--control-multipliers", "1", "3", "--target", "20", "--csv", str(erased), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert f"erase atom {atom} on blocks.1.mixer.hook_state head 0 where it fires, read at t + 1: target token 20" in text
+    assert (f"erase atom {atom} on blocks.1.mixer.hook_state head 0 where it fires, read at t + 1: "
+            "target token 20") in text
     for condition in ("erase", "add_x1", "add_x3"):
         assert re.search(rf"^  {condition} +5 +-?\d", text, re.M), condition
     rows = pd.read_csv(erased)

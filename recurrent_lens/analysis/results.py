@@ -43,7 +43,8 @@ class SubstitutionResult(_Result):
 
     Attributes:
         rows: one row per firing: ``batch``, ``pos``, ``atom``, ``coefficient``, ``update_norm``,
-            ``atom_cos`` (Frobenius cosine of the atom with the replaced update), ``kl_atom``, ``kl_delete``, ``kl_random``, ``win`` (atom < delete), ``chain``
+            ``atom_cos`` (Frobenius cosine of the atom with the replaced update), ``kl_atom``,
+            ``kl_delete``, ``kl_random``, ``win`` (atom < delete), ``chain``
             (atom < delete < random).
         settings: the arguments the test ran with.
     """

@@ -255,5 +255,6 @@ def substitution_test(
     settings = dict(hook_name=hook_name, head=head, replace=replace, scale=scale, random=random,
                     readout_offset=readout_offset, kl=kl, max_firings_per_atom=max_firings_per_atom,
                     skip_positions=skip_positions,
-                    positions=None if positions is None else positions.tolist(), atom=atom, rank1_atoms=rank1_atoms, seed=seed)
+                    positions=None if positions is None else positions.tolist(), atom=atom,
+                    rank1_atoms=rank1_atoms, seed=seed)
     return SubstitutionResult(rows, settings, time.perf_counter() - start)

@@ -1,7 +1,9 @@
 """Toy models: tiny recurrent LMs of every architecture trained on multi-query associative recall.
 
 ``load(name)`` returns a trained :class:`~recurrent_lens.HookedRecurrentModel` (eval mode) and its
-:class:`ToyTask`. Names: ``"gdn"`` (Gated DeltaNet), ``"mamba2"``, ``"rwkv7"``, ``"deltanet"``, ``"gla"``.
+:class:`ToyTask`. ``load_sae(name)`` returns the WriteSAE that ``recurrent-lens demo`` trains on the toy's
+probe site (``TOY_SPECS[name].probe``, the head whose writes its recall needs). Names: ``"gdn"`` (Gated
+DeltaNet), ``"mamba2"``, ``"rwkv7"``, ``"deltanet"``, ``"gla"``.
 
 Where the weights come from, in order:
 
@@ -211,6 +213,8 @@ def embedded_info(name: str) -> dict[str, str]:
 
 
 def _main() -> None:
-    """``python -m recurrent_lens.toy``: retrain every toy into the package and print recall and time."""
+    """``python -m recurrent_lens.toy``: retrain every toy and the GDN's probe SAE into the package; prints
+    recall and time."""
     infos = build_embedded()
+    build_embedded_sae("gdn")
     print(json.dumps({n: {"recall": i.recall, "seconds": round(i.seconds, 1)} for n, i in infos.items()}, indent=1))
