@@ -60,6 +60,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", type=_non_negative_int, default=None, help="head the SAE reads (default: the probe's, 0)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed for data and SAE (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default: 1; the toys are tiny, so more threads do not speed them up, and "
+                        "one thread makes the numbers independent of the machine's core count)")
 
 
 def _add_sae_args(p: argparse.ArgumentParser) -> None:
@@ -523,12 +526,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sub = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}["command"]
     command_parser = sub.choices[args.command]
-    if getattr(args, "arch", None) is not None:
-        from recurrent_lens.toy import TOY_SPECS
+    import torch
 
-        spec = TOY_SPECS[args.arch]
-        args.hook = spec.probe_hook if args.hook is None else args.hook
-        args.head = spec.probe[1] if args.head is None else args.head
+    from recurrent_lens.toy import TOY_SPECS
+
+    torch.set_num_threads(args.threads)
+    spec = TOY_SPECS[args.arch]  # every subcommand works on a toy
+    args.hook = spec.probe_hook if args.hook is None else args.hook
+    args.head = spec.probe[1] if args.head is None else args.head
     handler = {"demo": _demo, "train-sae": _train_cmd, "substitution": _substitution_cmd,
                "logit-shift": _logit_shift_cmd, "erase": _erase_cmd, "partition": _partition_cmd}[args.command]
     return handler(args, command_parser)

@@ -41,6 +41,7 @@ def test_subcommand_help(command, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--arch" in text and "--hook" in text and "--head" in text and "--no-progress" in text
+    assert "--threads" in text
     if command in ANALYSES:
         assert "--sae" in text and "--csv" in text
 
