@@ -26,7 +26,16 @@ from recurrent_lens.analysis.results import InstallResult, InterventionResult
 def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
                      target: SupportsIndex) -> Float[Tensor, " d_v"]:
     """``v*_T = W_O^{(h)ᵀ} W_U[T] / ‖·‖`` averaged over the positions of ``tokens`` (``W_O`` is the
-    output Jacobian of :func:`~recurrent_lens.analysis.logit_shift.output_jacobian`)."""
+    output Jacobian of :func:`~recurrent_lens.analysis.logit_shift.output_jacobian`).
+
+    Example:
+        >>> from recurrent_lens import toy
+        >>> from recurrent_lens.analysis import target_direction
+        >>> model, task = toy.load("gdn", progress=False)
+        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, task.make_batch(4)[0], 20)
+        >>> d.shape, round(float(d.norm()), 4)
+        (torch.Size([16]), 1.0)
+    """
     site = parse_site(model, hook_name, head)
     tokens = check_tokens(model, tokens, 1)
     target = _check_token(model, target, "target")
@@ -156,7 +165,18 @@ def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
             direction: Float[Tensor, " d_v"], positions: Sequence[int] | Tensor, *, magnitude: float = 3.0,
             target: SupportsIndex, readout_offset: int = 1) -> InterventionResult:
     """Add ``m·‖Δ_nat,t‖·k̂_t dᵀ`` at each position of ``positions`` (every sequence, one at a time) and
-    measure the target's log-probability and logit at ``t + readout_offset`` (the sign test)."""
+    measure the target's log-probability and logit at ``t + readout_offset`` (the sign test).
+
+    Example:
+        >>> from recurrent_lens import toy
+        >>> from recurrent_lens.analysis import install, target_direction
+        >>> model, task = toy.load("gdn", progress=False)
+        >>> tokens, _ = task.make_batch(4, seed=1)
+        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, tokens, 20)
+        >>> res = install(model, "blocks.1.mixer.hook_state", 0, tokens, d, [18, 20], target=20)
+        >>> len(res.to_pandas()), res.target
+        (8, 20)
+    """
     site = parse_site(model, hook_name, head)
     tokens = check_tokens(model, tokens, readout_offset + 1)
     target = _check_token(model, target, "target")
@@ -193,6 +213,20 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
     positions may lie in the prompt or in the generated part. Returns native and installed greedy
     continuations with the target-inclusion metric, the target's log-probability and rank at the first
     step that follows the first install, per prompt.
+
+    Example: write "first key -> value 20" into the toy GDN's recall head while it answers the queries.
+
+        >>> from recurrent_lens import toy
+        >>> from recurrent_lens.analysis import install_during_generation, target_direction
+        >>> model, task = toy.load("gdn", progress=False)
+        >>> tokens, _ = task.make_batch(8, seed=5)
+        >>> prompt = tokens[:, : 2 + 2 * task.n_pairs]  # BOS, the pairs, SEP
+        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, prompt, 20)
+        >>> res = install_during_generation(model, "blocks.1.mixer.hook_state", 0, prompt, d, [1, 2, 3],
+        ...                                 target=20, max_new_tokens=16)
+        >>> s = res.summary()
+        >>> s["installed_inclusion"] > s["native_inclusion"]
+        True
     """
     site = parse_site(model, hook_name, head)
     prompt = check_tokens(model, prompt, 1)

@@ -182,6 +182,18 @@ def substitution_test(
 
     Returns:
         A :class:`~recurrent_lens.analysis.results.SubstitutionResult`.
+
+    Example: the toy protocol on the toy GDN with the demo's WriteSAE.
+
+        >>> from recurrent_lens import toy
+        >>> from recurrent_lens.analysis import substitution_test
+        >>> model, task = toy.load("gdn", progress=False)
+        >>> sae = toy.load_sae("gdn", progress=False)
+        >>> tokens, _ = task.make_batch(16, seed=10_000)
+        >>> result = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, atom="rising",
+        ...                            positions=task.value_positions, readout_offset=task.recall_offset)
+        >>> result.n, result.win_rate > 0.7, result.medians["atom"] < result.medians["delete"]
+        (128, True, True)
     """
     _choice("replace", replace, _REPLACE)
     _choice("scale", scale, _SCALE)

@@ -140,6 +140,15 @@ def train_probe_sae(model: HookedRecurrentModel, task: ToyTask, hook_name: str, 
 
     Returns ``(sae, log)`` as :func:`recurrent_lens.sae.train` does. States come from
     ``task.make_batch(train_sequences, seed=seed)``, 16 random positions per sequence after BOS.
+
+    Example (a few steps of a tiny SAE; the demo uses ``**PROBE_SAE``):
+        >>> from recurrent_lens import toy
+        >>> model, task = toy.load("gdn", progress=False)
+        >>> sae, log = toy.train_probe_sae(model, task, "blocks.1.mixer.hook_state", 0, architecture="write_sae",
+        ...                                n_features=16, k=2, n_steps=2, lr=1e-3, train_sequences=8, seed=0,
+        ...                                progress=False)
+        >>> sae.cfg.n_features, sae.cfg.metadata["hook_name"]
+        (16, 'blocks.1.mixer.hook_state')
     """
     from recurrent_lens.sae import TrainConfig, train
 
