@@ -56,7 +56,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="gdn", choices=names(), help="toy architecture (default: gdn)")
     p.add_argument("--hook", default=None,
                    help="state hook the SAE reads (default: the toy's probe site, the head whose writes its "
-                        "recall needs most: blocks.1.mixer.hook_state, blocks.0 for mamba2)")
+                        "recall needs most: blocks.1.mixer.hook_state; blocks.0 for mamba2 and gla)")
     p.add_argument("--head", type=_non_negative_int, default=None, help="head the SAE reads (default: the probe's, 0)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed for data and SAE (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -104,7 +104,8 @@ TOY_SPECS: dict[str, ToySpec] = {
     "rwkv7": ToySpec("rwkv7", {**_BASE, "architecture": "rwkv7", "mlp": "relu2", "norm": "layer",
                                "norm_eps": 1e-5}, _slow_rwkv7, steps=500, lr=3e-3),
     "deltanet": ToySpec("deltanet", {**_BASE, "architecture": "delta_net"}),
-    "gla": ToySpec("gla", {**_BASE, "architecture": "gla", "options": {"use_short_conv": True}}, _slow_gla),
+    "gla": ToySpec("gla", {**_BASE, "architecture": "gla", "options": {"use_short_conv": True}}, _slow_gla,
+                   probe=(0, 0)),
 }
 """The toy zoo, by the name :func:`recurrent_lens.toy.load` takes."""
 
