@@ -24,8 +24,8 @@ previous state) or the write alone (``replace="write"``). Which atom stands in f
 with a :class:`~recurrent_lens.sae.FlatSAE` and ``scale="match_norm"`` this is the paper's flat-SVD
 baseline (a flat atom made write-shaped after the fact).
 
-The forward continues from a branched cache
-and the next-token distribution at ``t + readout_offset`` is compared with the native one by KL.
+The forward continues from a branched cache and the next-token distribution at ``t + readout_offset`` is
+compared with the native one by KL.
 
 Where to read: the test is only informative at a readout that *needs* the update written at ``t`` (the
 paper reads at the first token that needs the edited state). At an arbitrary ``t + 1`` the prediction
