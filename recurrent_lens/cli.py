@@ -269,7 +269,9 @@ def _protocol(args, task):
     return None, 1 if args.readout_offset is None else args.readout_offset
 
 
-def _plots(result, out: str, title: str) -> list[str]:
+def _plots(result, contrast, out: str, title: str) -> list[str]:
+    """``substitution_kl.png``: the KL per condition, atom vs delete per firing, and the cosine of the
+    substituted atom with the write for ``result`` and for ``contrast`` (the other atom choice)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,8 +280,7 @@ def _plots(result, out: str, title: str) -> list[str]:
 
     rows = result.to_pandas()
     floor = 1e-9
-    paths = []
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     top = max(rows[["kl_atom", "kl_delete", "kl_random"]].to_numpy().max(), 1e-6)
     bins = np.logspace(np.log10(floor), np.log10(top), 40)
     for col, colour in (("kl_atom", "tab:blue"), ("kl_delete", "tab:orange"), ("kl_random", "tab:grey")):
@@ -298,13 +299,20 @@ def _plots(result, out: str, title: str) -> list[str]:
     ax[1].set_xlabel("KL delete")
     ax[1].set_ylabel("KL atom")
     ax[1].set_title(f"atom beats delete: {100 * result.win_rate:.1f}% (n={result.n})")
+    cos_bins = np.linspace(-1, 1, 41)
+    for res, colour in ((result, "tab:blue"), (contrast, "tab:grey")):
+        ax[2].hist(res.to_pandas()["atom_cos"], bins=cos_bins, alpha=0.5, density=True, color=colour,
+                   label=f"{res.settings['atom']} atom ({100 * res.win_rate:.1f}% win)")
+    ax[2].set_xlabel("cos(substituted atom, native update)")
+    ax[2].set_ylabel("density")
+    ax[2].legend()
+    ax[2].set_title("does the atom look like the write?")
     fig.suptitle(title)
     fig.tight_layout()
     path = os.path.join(out, "substitution_kl.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    paths.append(path)
-    return paths
+    return [path]
 
 
 def _demo(args, parser) -> int:
@@ -342,7 +350,7 @@ def _demo(args, parser) -> int:
     print("paper (Qwen3.5-0.8B, L1/L9/L17 H4, dominant atom): atom beats delete 92.4% (n=4851)")
     result.to_pandas().to_csv(os.path.join(args.out, "substitution.csv"), index=False)
     sae.save_pretrained(os.path.join(args.out, "sae"))
-    for path in _plots(result, args.out, f"toy {args.arch}, {args.hook} head {args.head}"):
+    for path in _plots(result, contrast, args.out, f"toy {args.arch}, {args.hook} head {args.head}"):
         print(f"saved {path}")
     print(f"total {time.perf_counter() - start:.1f}s")
     return 0
