@@ -186,8 +186,10 @@ def test_embedded_gdn_sae_reproduces_the_substitution_effect():
     from recurrent_lens.analysis import substitution_test
 
     model, task = toy.load("gdn", progress=False)
+    key = toy_train.probe_sae_fingerprint(toy.TOY_SPECS["gdn"])
+    assert toy._read_sae(toy.EMBEDDED_DIR / "gdn_sae", key) is not None, "the shipped GDN SAE is missing or stale"
     sae = toy.load_sae("gdn", progress=False)
-    assert sae.cfg.metadata["recipe"] == toy_train.probe_sae_fingerprint(toy.TOY_SPECS["gdn"])
+    assert sae.cfg.metadata["recipe"] == key
     tokens, _ = task.make_batch(128, seed=10_000)
     protocol = dict(positions=task.value_positions, readout_offset=task.recall_offset, skip_positions=1)
     rising = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, atom="rising", **protocol)
