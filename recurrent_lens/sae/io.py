@@ -28,13 +28,16 @@ CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
 
 
-def _atomic_write(path: str, write: Any) -> None:
+def atomic_write(path: str, write: Any) -> None:
+    """Create ``path`` by calling ``write(tmp)`` on a temporary file beside it and renaming it into place,
+    so that a crash never leaves a partial file (the temporary file is removed on any error)."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    # The temporary file keeps the target's extension: torch.save names its archive after the file's stem.
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved SAE is meant to be shared like any other file
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved weights are meant to be shared like any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -56,13 +59,13 @@ def save_sae(sae: SAE, path: str) -> None:
     """
     os.makedirs(path, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in sae.state_dict().items()}
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
+    atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
 
     def write_cfg(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(sae.config_dict(), f, indent=2, sort_keys=True)
 
-    _atomic_write(os.path.join(path, CFG_NAME), write_cfg)
+    atomic_write(os.path.join(path, CFG_NAME), write_cfg)
 
 
 def _load_into(sae: SAE, tensors: dict[str, torch.Tensor], source: str) -> SAE:

@@ -19,7 +19,6 @@ uninterrupted one.
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
+from recurrent_lens.sae.io import atomic_write
 
 __all__ = ["TrainConfig", "TrainLog", "SAETrainer", "train"]
 
@@ -245,10 +245,7 @@ class SAETrainer:
             "log": asdict(self.log),
             "train_config": asdict(self.cfg),
         }
-        fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=directory)
-        os.close(fd)
-        torch.save(payload, tmp)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp: torch.save(payload, tmp))
         return target
 
     @classmethod

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 from safetensors.torch import load_file, save_file
 
 from recurrent_lens.models.base import HookedRecurrentModel
+from recurrent_lens.sae.io import atomic_write
 from recurrent_lens.toy.task import BOS, SEP, ToyTask, accuracy
 from recurrent_lens.toy.train import (
     PROBE_SAE, TOY_SPECS, ToySpec, TrainInfo, probe_sae_fingerprint, train_probe_sae, train_toy,
@@ -79,16 +79,7 @@ def _save(model: HookedRecurrentModel, info: TrainInfo, path: Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"fingerprint": info.fingerprint, "recall": f"{info.recall:.6f}", "seconds": f"{info.seconds:.2f}",
             "steps": str(info.steps), "name": info.name}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached and shipped weights are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(str(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def _read(path: Path, spec: ToySpec) -> HookedRecurrentModel | None:
@@ -134,12 +125,10 @@ def _read_sae(path: Path, key: str):
     """The SAE saved in directory ``path`` if it exists and was trained with the recipe ``key``."""
     from recurrent_lens.sae import load as load_sae_dir
 
-    if not (path / "cfg.json").is_file():
-        return None
     try:
         sae = load_sae_dir(str(path))
     except (OSError, ValueError):
-        # A corrupt or truncated cache entry is retrained over rather than trusted.
+        # Missing, or corrupt/truncated: retrained over rather than trusted.
         return None
     return sae if sae.cfg.metadata.get("recipe") == key else None
 
