@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +19,7 @@ from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.attention import Attention
 from recurrent_lens.models.cache import LayerCache, RecurrentCache
 from recurrent_lens.models.components import make_mlp, make_norm
-from recurrent_lens.models.mixer import fire
+from recurrent_lens.models.mixer import HarvestDone, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
 
 TokensLike = str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
@@ -223,11 +223,19 @@ class HookedRecurrentModel(HookedRootModule):
                 cross-entropy), ``"both"`` or ``None``.
             cache: a :class:`RecurrentCache` to start from and update in place (continues a sequence).
             initial_states: ``{layer: state [batch, head, d_k, d_v]}`` to start recurrent layers from.
-            stop_at_layer: return the residual stream entering this block instead of logits.
+            stop_at_layer: as in TransformerLens: run blocks ``0 .. stop_at_layer - 1`` only and return the
+                residual stream entering block ``stop_at_layer`` (negative values count from the end).
             loss_per_token: with a loss, return it per position ``[batch, pos - 1]``.
         """
         tokens = self._tokens(input)
         B, T = tokens.shape
+        if stop_at_layer is not None:
+            n = self.cfg.n_layers
+            if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int) or not -n <= stop_at_layer <= n:
+                raise ValueError(f"stop_at_layer: expected an int in [{-n}, {n}] or None, got {stop_at_layer!r}")
+            if cache is not None:
+                raise ValueError("stop_at_layer: cannot be combined with cache (the layers after it would not "
+                                 "advance, leaving the cache inconsistent)")
         if cache is not None and initial_states:
             raise ValueError("pass either cache or initial_states, not both (put the states into the cache)")
         if initial_states:
@@ -304,6 +312,159 @@ class HookedRecurrentModel(HookedRootModule):
     def recurrent_hook_names(self, hook: str = "hook_state") -> list[str]:
         """Full names of one mixer hook across all recurrent layers, e.g. ``blocks.{l}.mixer.hook_state``."""
         return [f"blocks.{l}.mixer.{hook}" for l in self.cfg.recurrent_layers]
+
+    # ------------------------------------------------------------------ harvesting
+    def matrix_site(self, hook_name: str) -> tuple[int, str]:
+        """``(layer, "state" | "write")`` of a per-step matrix hook ``blocks.{l}.mixer.hook_state|hook_write``.
+
+        Example:
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=2,
+            ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
+            >>> model.matrix_site("blocks.1.mixer.hook_write")
+            (1, 'write')
+        """
+        parts = hook_name.split(".") if isinstance(hook_name, str) else []
+        kinds = {"hook_state": "state", "hook_write": "write"}
+        ok = (len(parts) == 4 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] == "mixer"
+              and parts[3] in kinds)
+        if not ok:
+            raise ValueError(f"hook_name: expected 'blocks.{{layer}}.mixer.hook_state' or '...hook_write', "
+                             f"got {hook_name!r}")
+        layer = int(parts[1])
+        if layer not in self.cfg.recurrent_layers:
+            raise ValueError(f"hook_name: {hook_name!r} names layer {layer}, which is not a recurrent layer; "
+                             f"recurrent layers: {self.cfg.recurrent_layers}")
+        return layer, kinds[parts[3]]
+
+    def _positions(self, positions: Any, batch: int, length: int) -> Tensor:
+        pos = torch.as_tensor(positions, device=self.embed.weight.device)
+        if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+            raise TypeError(f"positions: expected integer positions, got dtype {pos.dtype}")
+        if pos.dim() == 1:
+            pos = pos[None].expand(batch, -1)
+        if pos.dim() != 2 or pos.shape[0] != batch:
+            raise ValueError(f"positions: expected shape [batch={batch}, n] (or [n] for every sequence), "
+                             f"got {tuple(pos.shape)}")
+        if pos.numel() and (pos.min() < 0 or pos.max() >= length):
+            raise ValueError(f"positions: expected values in [0, {length}) (the sequence length), "
+                             f"got min {int(pos.min())} and max {int(pos.max())}")
+        return pos.long()
+
+    def _heads(self, heads: int | Sequence[int] | None, what: str) -> list[int]:
+        H = self.cfg.n_heads
+        if heads is None:
+            return list(range(H))
+        listed = [heads] if isinstance(heads, int) else list(heads)
+        bad = [h for h in listed if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < H]
+        if bad or not listed:
+            raise ValueError(f"heads ({what}): expected head indices in [0, {H}), got {heads!r}")
+        return listed
+
+    def harvest(self, tokens: TokensLike, positions: Int[Tensor, "batch n"] | Sequence[Any],
+                cells: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Float[Tensor, "batch n d_k d_v"]]:
+        """Per-step matrices of many ``(hook_name, head)`` cells at chosen positions, from one forward.
+
+        The forward runs only up to the deepest layer named and never forms ``[batch, pos, head, d_k, d_v]``:
+        each layer's states at chunk boundaries come from its chunked scan, and each requested position
+        replays at most one chunk on the requested heads. Writes (``hook_write``) are gathered at the
+        positions without any scan. Memory beyond the forward itself is
+        ``O(batch · n_chunks · heads · d_k · d_v + batch · n · heads · d_k · d_v)`` per harvested layer.
+        Hooks attached upstream (``hook_q/k/v/beta/decay/write`` of these layers, anything in earlier
+        layers) apply as in a forward; hooks on a harvested layer's ``hook_state``/``hook_erase`` are refused.
+
+        Args:
+            tokens: ``[batch, pos]`` token ids.
+            positions: ``[batch, n]`` positions per sequence, or ``[n]`` for every sequence.
+            cells: ``(hook_name, head)`` pairs, hook names ``blocks.{l}.mixer.hook_state`` (``S_t``) or
+                ``blocks.{l}.mixer.hook_write`` (``W_t``).
+
+        Returns:
+            ``{(hook_name, head): [batch, n, d_k, d_v]}`` in fp32.
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
+            ...     n_layers=2, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
+            >>> out = model.harvest(torch.randint(0, 50, (3, 20)), [2, 19],
+            ...                     [("blocks.0.mixer.hook_state", 1), ("blocks.1.mixer.hook_write", 0)])
+            >>> tuple(out["blocks.0.mixer.hook_state", 1].shape)
+            (3, 2, 8, 4)
+        """
+        requests: dict[int, dict[str, list[int]]] = {}
+        cells = list(cells)
+        if not cells:
+            raise ValueError("cells: expected at least one (hook_name, head) pair, got none")
+        for cell in cells:
+            if not (isinstance(cell, tuple) and len(cell) == 2):
+                raise ValueError(f"cells: expected (hook_name, head) pairs, got {cell!r}")
+            layer, what = self.matrix_site(cell[0])
+            head = cell[1]
+            if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < self.cfg.n_heads:
+                raise ValueError(f"cells: expected a head index in [0, {self.cfg.n_heads}) for {cell[0]}, got {head!r}")
+            heads = requests.setdefault(layer, {}).setdefault(what, [])
+            if head not in heads:
+                heads.append(head)
+        out = self._harvest(tokens, positions, requests)
+        return {(name, head): out[layer][what][:, :, requests[layer][what].index(head)]
+                for name, head in cells for layer, what in [self.matrix_site(name)]}
+
+    def states_at(self, tokens: TokensLike, layer: int, positions: Int[Tensor, "batch n"] | Sequence[Any],
+                  heads: int | Sequence[int] | None = None,
+                  what: Literal["state", "write"] = "state") -> Float[Tensor, "batch n head d_k d_v"]:
+        """The per-step matrices of ``blocks.{layer}.mixer`` at ``positions``, without the full tensor.
+
+        Equals ``run_with_cache(tokens)[f"blocks.{layer}.mixer.hook_state"][rows, positions][:, :, heads]``
+        (``hook_write`` for ``what="write"``) within fp32 tolerance, at the memory cost given in
+        :meth:`harvest`: the states at chunk boundaries, plus at most one chunk replayed per requested
+        position on the requested heads. The forward stops after ``layer``.
+
+        Args:
+            tokens: ``[batch, pos]`` token ids.
+            layer: a recurrent layer.
+            positions: ``[batch, n]`` integer positions (one row per sequence), or ``[n]`` for every sequence.
+            heads: a head, a list of heads, or ``None`` for all.
+            what: ``"state"`` (``S_t``, after the update at ``t``) or ``"write"`` (``W_t``).
+
+        Returns:
+            ``[batch, n, head, d_k, d_v]`` fp32.
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
+            ...     n_layers=2, d_vocab=50, n_heads=2, d_k=8, d_v=4, chunk_size=8), seed=0)
+            >>> tokens = torch.randint(0, 50, (2, 20))
+            >>> S = model.states_at(tokens, 1, torch.tensor([[3, 17], [0, 9]]), heads=[1])
+            >>> _, cache = model.run_with_cache(tokens, names_filter="blocks.1.mixer.hook_state")
+            >>> full = cache["blocks.1.mixer.hook_state"]
+            >>> bool(torch.allclose(S[1, 1, 0], full[1, 9, 1], atol=1e-6)), tuple(S.shape)
+            (True, (2, 2, 1, 8, 4))
+        """
+        if what not in ("state", "write"):
+            raise ValueError(f"what: expected 'state' or 'write', got {what!r}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer not in self.cfg.recurrent_layers:
+            raise ValueError(f"layer: expected a recurrent layer {self.cfg.recurrent_layers}, got {layer!r}")
+        return self._harvest(tokens, positions, {layer: {what: self._heads(heads, what)}})[layer][what]
+
+    def _harvest(self, tokens: TokensLike, positions: Any,
+                 requests: dict[int, dict[str, list[int]]]) -> dict[int, dict[str, Tensor]]:
+        tokens = self._tokens(tokens)
+        pos = self._positions(positions, *tokens.shape)
+        deepest = max(requests)
+        mixers = {layer: self.blocks[layer].mixer for layer in requests}
+        for layer, heads in requests.items():
+            mixers[layer].harvest_request = HarvestRequest(pos, heads, last=layer == deepest)
+        try:
+            self.forward(tokens, return_type=None, stop_at_layer=deepest + 1)
+        except HarvestDone:
+            pass
+        finally:
+            found = {layer: mixer.harvest_request.out for layer, mixer in mixers.items()}
+            for mixer in mixers.values():
+                mixer.harvest_request = None
+        return found
 
     # ------------------------------------------------------------------ SAEs
     def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool = False) -> None:

@@ -16,6 +16,7 @@ with the replacement semantics of DESIGN.md §3.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +25,32 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
-from recurrent_lens.models.scan import RecurrenceInputs, Rule, replay, scan
+from recurrent_lens.models.scan import RecurrenceInputs, Rule, boundary_scan, replay, replay_at, scan
+
+
+@dataclass
+class HarvestRequest:
+    """Per-step matrices one mixer hands out during a forward, at chosen positions and heads only.
+
+    Set by :meth:`~recurrent_lens.models.base.HookedRecurrentModel.harvest` on ``mixer.harvest_request``
+    for the duration of one forward; the mixer fills ``out``.
+
+    Attributes:
+        positions: ``[batch, n]`` positions to read.
+        heads: ``{"state" | "write": sorted head indices}``.
+        last: the deepest layer harvested: the forward stops right after this mixer's recurrence
+            (:class:`HarvestDone`), so only the requested heads are scanned.
+        out: ``{"state" | "write": [batch, n, len(heads), d_k, d_v]}``, filled by the mixer.
+    """
+
+    positions: Tensor
+    heads: dict[str, list[int]]
+    last: bool = False
+    out: dict[str, Tensor] = field(default_factory=dict)
+
+
+class HarvestDone(Exception):
+    """Raised by the deepest harvested mixer: nothing after it is needed."""
 
 
 def hook_active(hp: HookPoint) -> bool:
@@ -89,6 +115,7 @@ class MatrixMixer(nn.Module):
     rule: Rule
     has_beta: bool = True
     has_decay: bool = True
+    harvest_request: HarvestRequest | None = None
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -146,6 +173,11 @@ class MatrixMixer(nn.Module):
             writes, mask = fire_matrix(self.hook_write, inputs.write(), inputs.write)
             writes = writes if mask is not None else None
         watch_erase = self.rule.has_erase and hook_active(self.hook_erase)
+        if self.harvest_request is not None:
+            if watch_erase or hook_active(self.hook_state):
+                raise ValueError(f"harvest: blocks.{self.layer}.mixer has hooks on hook_state or hook_erase, which "
+                                 "harvesting does not fire; remove them or use run_with_cache")
+            return self._harvest(self.harvest_request, inputs, S0, writes)
         if not (watch_erase or hook_active(self.hook_state)):
             res = scan(rule, inputs, S0, chunk_size=chunk, writes=writes)
             return res.o, res.final_state
@@ -164,3 +196,39 @@ class MatrixMixer(nn.Module):
             return res.o, res.final_state
         states = replay(rule, inputs, S0, res.states, writes=writes, state_edit=state_edit, erase_edit=erase_edit)
         return torch.einsum("bthkv,bthk->bthv", states, inputs.q), states[:, -1]
+
+    def _harvest(self, request: HarvestRequest, inputs: RecurrenceInputs, S0: Tensor,
+                 writes: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Fill ``request`` and run the layer's recurrence (all heads, unless the forward stops here).
+
+        Writes need no scan: they are gathered at the positions. States come from the chunk-boundary
+        states of the scan the layer runs anyway, each position replayed from its own chunk's boundary.
+        """
+        pos = request.positions
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        if "write" in request.heads:
+            heads = request.heads["write"]
+            if writes is None:
+                at = inputs.map(lambda t: t[rows, pos][:, :, heads])
+                request.out["write"] = at.write()
+            else:
+                request.out["write"] = writes[rows, pos][:, :, heads]
+        chunk = self.cfg.chunk_size
+        if "state" not in request.heads:
+            if request.last:
+                raise HarvestDone
+            res = scan(self.rule, inputs, S0, chunk_size=chunk, writes=writes)
+            return res.o, res.final_state
+        heads = request.heads["state"]
+        if request.last:
+            # Nothing downstream reads this layer's output: scan the requested heads only.
+            inputs, S0 = inputs.map(lambda t: t[:, :, heads]), S0[:, heads]
+            writes = None if writes is None else writes[:, :, heads]
+            heads = list(range(len(heads)))
+        o, final, bounds = boundary_scan(self.rule, inputs, S0, chunk, writes=writes)
+        picked = inputs.map(lambda t: t[:, :, heads])
+        request.out["state"] = replay_at(self.rule, picked, bounds[:, :, heads], pos, chunk,
+                                         writes=None if writes is None else writes[:, :, heads])
+        if request.last:
+            raise HarvestDone
+        return o, final

@@ -434,6 +434,83 @@ def scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, *, chunk_size: int = 64,
     return recurrent_scan(rule, x, S0)
 
 
+def boundary_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int, *,
+                  writes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Outputs, final state and the state before every chunk, without any other per-step state.
+
+    The rule's chunked form where it has one; otherwise (or with explicit ``writes``, which the chunked
+    forms do not take) the token-by-token loop, keeping only the states at chunk boundaries.
+
+    Returns:
+        ``(o [batch, pos, head, d_v], final_state [batch, head, d_k, d_v],
+        bounds [batch, n_chunks, head, d_k, d_v])`` with ``bounds[:, c]`` the state before token
+        ``c · chunk_size`` and ``n_chunks = ceil(pos / chunk_size)``.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens.models.scan import RecurrenceInputs, LinearRule, boundary_scan
+        >>> x = RecurrenceInputs(q=torch.randn(1, 10, 2, 4), k=torch.randn(1, 10, 2, 4), v=torch.randn(1, 10, 2, 3))
+        >>> o, final, bounds = boundary_scan(LinearRule(), x, torch.zeros(1, 2, 4, 3), 4)
+        >>> tuple(bounds.shape)
+        (1, 3, 2, 4, 3)
+    """
+    T = x.k.shape[1]
+    N = -(-T // chunk_size)
+    if writes is None and rule.has_chunked:
+        o, final, bounds = rule.chunked(_pad_to(x, N * chunk_size), S0, chunk_size)
+        return o[:, :T], final, bounds
+    S, outs, bounds = S0, [], []
+    for t in range(T):
+        if t % chunk_size == 0:
+            bounds.append(S)
+        S, _ = rule.step(S, x.at(t), None if writes is None else writes[:, t])
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, x.q[:, t]))
+    return torch.stack(outs, 1), S, torch.stack(bounds, 1)
+
+
+def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Tensor, positions: Tensor, chunk_size: int, *,
+              writes: Tensor | None = None) -> Tensor:
+    """The states ``S_t`` at chosen positions, each replayed from the boundary state of its chunk.
+
+    Every requested position replays at most one chunk (``positions % chunk_size + 1`` steps), all
+    positions at once: ``chunk_size`` Python steps at most, over ``batch · n`` rows, and nothing of size
+    ``[batch, pos, head, d_k, d_v]`` is formed.
+
+    Args:
+        x: inputs ``[batch, pos, head, ...]`` (the heads wanted; ``bounds`` must have the same heads).
+        bounds: ``[batch, n_chunks, head, d_k, d_v]`` from :func:`boundary_scan` with the same ``chunk_size``.
+        positions: ``[batch, n]`` positions in ``[0, pos)``.
+        writes: explicit writes ``[batch, pos, head, d_k, d_v]`` overriding ``β k vᵀ`` (edited writes).
+
+    Returns:
+        ``[batch, n, head, d_k, d_v]``.
+    """
+    B, T = x.k.shape[:2]
+    n = positions.shape[1]
+    N = bounds.shape[1]
+    chunk = positions // chunk_size  # [B, n]
+    offset = positions % chunk_size
+    rows = torch.arange(B, device=positions.device)[:, None]
+    padded = _pad_to(x, N * chunk_size)
+
+    def chunk_inputs(t: Tensor) -> Tensor:
+        # [B, N·C, ...] -> the chunk of every requested position, [B·n, C, ...]
+        t = t.reshape(B, N, chunk_size, *t.shape[2:])[rows, chunk]
+        return t.reshape(B * n, chunk_size, *t.shape[3:])
+
+    flat = padded.map(chunk_inputs)
+    flat_writes = None
+    if writes is not None:
+        flat_writes = chunk_inputs(F.pad(writes, (0, 0, 0, 0, 0, 0, 0, N * chunk_size - T)))
+    S = bounds[rows, chunk].reshape(B * n, *bounds.shape[2:])
+    offset = offset.reshape(B * n)
+    out = torch.zeros_like(S)
+    for s in range(int(offset.max()) + 1 if n else 0):
+        S, _ = rule.step(S, flat.at(s), None if flat_writes is None else flat_writes[:, s])
+        out = torch.where((offset == s)[:, None, None, None], S, out)
+    return out.reshape(B, n, *out.shape[1:])
+
+
 def replay(rule: Rule, x: RecurrenceInputs, S0: Tensor, states: Tensor, *, writes: Tensor | None = None,
            state_edit: tuple[Tensor, Tensor] | None = None,
            erase_edit: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -472,5 +549,5 @@ def replay(rule: Rule, x: RecurrenceInputs, S0: Tensor, states: Tensor, *, write
 
 __all__ = [
     "RecurrenceInputs", "ScanResult", "Rule", "LinearRule", "DeltaRule", "DPLRRule", "dplr_chunked",
-    "recurrent_scan", "chunked_scan", "materialized_scan", "scan", "replay",
+    "recurrent_scan", "chunked_scan", "materialized_scan", "scan", "replay", "boundary_scan", "replay_at",
 ]

@@ -1,0 +1,174 @@
+"""Sampled per-step matrices (``states_at``, ``harvest``) against the full ``run_with_cache`` tensors."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import ARCHS, tiny_model
+
+T = 37  # not a multiple of any test chunk size: the last chunk is padded
+
+
+@pytest.fixture(params=sorted(ARCHS), scope="module")
+def model(request):
+    m = tiny_model(request.param)
+    m.cfg.chunk_size = 8
+    return m
+
+
+def tokens_for(model, B=3, seed=0):
+    return torch.randint(0, model.cfg.d_vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def random_positions(B, n, seed=1):
+    return torch.rand(B, T, generator=torch.Generator().manual_seed(seed)).argsort(-1)[:, :n]
+
+
+def full(model, tokens, layer, what, hooks=()):
+    name = f"blocks.{layer}.mixer.hook_{what}"
+    with model.hooks(fwd_hooks=list(hooks)):
+        _, cache = model.run_with_cache(tokens, names_filter=name)
+    return cache[name]
+
+
+@pytest.mark.parametrize("what", ["state", "write"])
+def test_states_at_equals_cached_slices(model, what):
+    tokens = tokens_for(model)
+    layer = model.cfg.recurrent_layers[-1]
+    pos = random_positions(3, 9)
+    pos[0, :3] = torch.tensor([0, 7, T - 1])  # first position, a chunk's last position, the padded chunk
+    heads = [model.cfg.n_heads - 1, 0]
+    got = model.states_at(tokens, layer, pos, heads=heads, what=what)
+    ref = full(model, tokens, layer, what)[torch.arange(3)[:, None], pos][:, :, heads]
+    assert got.shape == (3, 9, 2, model.cfg.d_k, model.cfg.d_v)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_harvest_many_cells_across_layers_in_one_pass(model):
+    tokens = tokens_for(model, seed=3)
+    pos = random_positions(3, 5, seed=4)
+    layers = model.cfg.recurrent_layers
+    cells = [(f"blocks.{l}.mixer.hook_{w}", h) for l in layers for w in ("state", "write") for h in (0, model.cfg.n_heads - 1)]
+    forwards = []
+    handle = model.embed.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        out = model.harvest(tokens, pos, cells)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1
+    rows = torch.arange(3)[:, None]
+    for name, head in cells:
+        layer, what = model.matrix_site(name)
+        ref = full(model, tokens, layer, what)[rows, pos][:, :, head]
+        torch.testing.assert_close(out[name, head], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_upstream_edits_apply_as_in_a_forward(model):
+    """Edits to an earlier layer's write and to this layer's value and write carry into the harvested states."""
+    tokens = tokens_for(model, seed=5)
+    layers = model.cfg.recurrent_layers
+    layer = layers[-1]
+
+    def scale(x, hook):
+        return x * 1.5
+
+    def zero_write(w, hook):
+        w = w.clone()
+        w[:, 4] = 0
+        return w
+
+    hooks = [(f"blocks.{layer}.mixer.hook_v", scale), (f"blocks.{layer}.mixer.hook_write", zero_write)]
+    if len(layers) > 1:
+        hooks.append((f"blocks.{layers[0]}.mixer.hook_write", zero_write))
+    pos = random_positions(3, 6, seed=6)
+    with model.hooks(fwd_hooks=hooks):
+        got = model.states_at(tokens, layer, pos, heads=[1])
+    ref = full(model, tokens, layer, "state", hooks)[torch.arange(3)[:, None], pos][:, :, [1]]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    plain = model.states_at(tokens, layer, pos, heads=[1])
+    assert not torch.allclose(got, plain)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_forms_the_full_state_tensor():
+    model = tiny_model("gated_deltanet")
+    model.cfg.chunk_size = 8
+    B, L, c = 2, 96, model.cfg
+    tokens = torch.randint(0, c.d_vocab, (B, L))
+    every_state = B * L * c.n_heads * c.d_k * c.d_v
+    with _LargestTensor() as watch:
+        model.states_at(tokens, 1, torch.tensor([[3, 95], [50, 60]]), heads=[2])
+    assert watch.largest < every_state / 3, (watch.largest, every_state)  # the largest is the conv input
+    with _LargestTensor() as watch:
+        model.run_with_cache(tokens, names_filter="blocks.1.mixer.hook_state")
+    assert watch.largest >= every_state  # the check above can see a full tensor
+
+
+def test_stop_at_layer_follows_transformer_lens():
+    model = tiny_model("qwen3_5_hybrid")
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 9))
+    _, cache = model.run_with_cache(tokens)
+    resid = model(tokens, stop_at_layer=1)
+    torch.testing.assert_close(resid, cache["blocks.1.hook_resid_pre"])
+    out, partial = model.run_with_cache(tokens, stop_at_layer=1)
+    torch.testing.assert_close(out, resid)
+    assert "blocks.0.hook_resid_post" in partial and not any(k.startswith("blocks.1.") for k in partial.keys())
+    torch.testing.assert_close(model(tokens, stop_at_layer=-1), resid)
+    for bad in (3, -3):
+        with pytest.raises(ValueError, match="stop_at_layer"):
+            model(tokens, stop_at_layer=bad)
+    with pytest.raises(ValueError, match="stop_at_layer"):
+        model(tokens, stop_at_layer=1, cache=model.make_cache())
+
+
+def test_harvest_stops_after_the_deepest_requested_layer():
+    model = tiny_model("gated_deltanet")
+    seen = []
+    model.blocks[1].hook_resid_pre.add_hook(lambda x, hook: seen.append(1))
+    try:
+        model.states_at(torch.randint(0, 61, (1, 12)), 0, [3])
+    finally:
+        model.reset_hooks()
+    assert seen == []
+
+
+def test_bad_requests_are_refused():
+    model = tiny_model("qwen3_5_hybrid")
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 9))
+    with pytest.raises(ValueError, match="recurrent layer"):
+        model.states_at(tokens, 1, [0])
+    with pytest.raises(ValueError, match="heads"):
+        model.states_at(tokens, 0, [0], heads=[4])
+    with pytest.raises(ValueError, match="positions: expected values in \\[0, 9\\)"):
+        model.states_at(tokens, 0, [[0], [9]])
+    with pytest.raises(ValueError, match="positions: expected shape"):
+        model.states_at(tokens, 0, [[0, 1]])
+    with pytest.raises(TypeError, match="positions"):
+        model.states_at(tokens, 0, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="what"):
+        model.states_at(tokens, 0, [0], what="erase")
+    with pytest.raises(ValueError, match="hook_name"):
+        model.harvest(tokens, [0], [("blocks.0.mixer.hook_read", 0)])
+    with pytest.raises(ValueError, match="not a recurrent layer"):
+        model.harvest(tokens, [0], [("blocks.1.mixer.hook_state", 0)])
+    with pytest.raises(ValueError, match="head index"):
+        model.harvest(tokens, [0], [("blocks.0.mixer.hook_state", True)])
+    model.blocks[0].mixer.hook_state.add_hook(lambda x, hook: x)
+    try:
+        with pytest.raises(ValueError, match="hook_state or hook_erase"):
+            model.states_at(tokens, 0, [0])
+    finally:
+        model.reset_hooks()
+    assert model.blocks[0].mixer.harvest_request is None  # cleared after the error
