@@ -361,7 +361,7 @@ class HookedRecurrentModel(HookedRootModule):
             raise ValueError(f"heads ({what}): expected head indices in [0, {H}), got {heads!r}")
         return listed
 
-    def harvest(self, tokens: TokensLike, positions: Int[Tensor, "batch n"] | Sequence[Any],
+    def harvest(self, tokens: TokensLike, positions: Tensor | Sequence[Any],
                 cells: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Float[Tensor, "batch n d_k d_v"]]:
         """Per-step matrices of many ``(hook_name, head)`` cells at chosen positions, from one forward.
 
@@ -410,7 +410,7 @@ class HookedRecurrentModel(HookedRootModule):
         return {(name, head): out[layer][what][:, :, requests[layer][what].index(head)]
                 for name, head in cells for layer, what in [self.matrix_site(name)]}
 
-    def states_at(self, tokens: TokensLike, layer: int, positions: Int[Tensor, "batch n"] | Sequence[Any],
+    def states_at(self, tokens: TokensLike, layer: int, positions: Tensor | Sequence[Any],
                   heads: int | Sequence[int] | None = None,
                   what: Literal["state", "write"] = "state") -> Float[Tensor, "batch n head d_k d_v"]:
         """The per-step matrices of ``blocks.{layer}.mixer`` at ``positions``, without the full tensor.
