@@ -412,7 +412,7 @@ class HookedRecurrentModel(HookedRootModule):
 
     def states_at(self, tokens: TokensLike, layer: int, positions: Tensor | Sequence[Any],
                   heads: int | Sequence[int] | None = None,
-                  what: Literal["state", "write"] = "state") -> Float[Tensor, "batch n head d_k d_v"]:
+                  what: str = "state") -> Float[Tensor, "batch n head d_k d_v"]:
         """The per-step matrices of ``blocks.{layer}.mixer`` at ``positions``, without the full tensor.
 
         Equals ``run_with_cache(tokens)[f"blocks.{layer}.mixer.hook_state"][rows, positions][:, :, heads]``
