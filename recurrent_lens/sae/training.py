@@ -1,8 +1,11 @@
-"""Training SAEs on states streamed from a model's hooks (specs/WRITESAE.md §2).
+"""Training SAEs on states streamed from a model's hooks.
 
-Activations come from ``model.run_with_cache(tokens, names_filter=hook_name)``: for each sequence
-``positions_per_seq`` positions are drawn at random (not only the last one), the chosen head's
-``d_k x d_v`` matrices go into a shuffling buffer, and the SAE trains on batches drawn from it.
+For each sequence ``positions_per_seq`` positions are drawn at random (not only the last one), the chosen
+head's ``d_k x d_v`` matrices at those positions are computed with ``model.harvest`` (boundary states of the
+chunked scan plus one replayed chunk per position: the full ``[batch, pos, head, d_k, d_v]`` tensor is
+never formed; any other ``HookedRootModule`` falls back to ``run_with_cache``), they go into a shuffling
+buffer, and the SAE trains on batches drawn from it. Many cells from one model pass, streamed text and
+torchrun: :mod:`recurrent_lens.sae.multicell`.
 
 Recipe (the reference's): Adam (default betas); lr linear warm-up from 0 over
 ``min(warmup_steps, n_steps // 4)`` steps, then cosine to ``lr_min``; per step: forward (updates
@@ -16,9 +19,11 @@ generator, the data order and the shuffling buffer, so a resumed run continues b
 uninterrupted one.
 """
 
+import hashlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +35,7 @@ from tqdm.auto import tqdm
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
 from recurrent_lens.sae.io import atomic_write
 
-__all__ = ["TrainConfig", "TrainLog", "SAETrainer", "train"]
+__all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -111,6 +116,122 @@ class TrainLog:
     resampled: list[dict[str, Any]] = field(default_factory=list)
 
 
+def check_writable(directory: str, what: str) -> None:
+    """Create ``directory`` if needed and prove it writable now, before any work starts.
+
+    Raises a ``ValueError`` naming ``what`` (the argument or option) when it cannot be written.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=directory)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write to {directory!r} ({type(e).__name__}: {e})") from e
+
+
+def remove_stale_temporaries(directory: str) -> None:
+    """Delete ``.tmp-*`` files that a killed writer (see :func:`atomic_write`) left behind in ``directory``."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(directory, name))
+
+
+class Learner:
+    """One SAE's optimisation: Adam, the learning-rate schedule, decoder normalisation, dead-feature
+    resampling and the running training log. Shared by :class:`SAETrainer` and the many-cell trainer.
+
+    ``sync`` (optional) makes the update data-parallel: ``sync.gradients(params)`` averages gradients
+    across processes after the backward pass, ``sync.counters(sae)`` makes the dead-feature counters
+    identical everywhere, and ``sync.parameters(sae)`` copies one process's SAE to all after resampling.
+    """
+
+    def __init__(self, sae: SAE, cfg: TrainConfig, generator: torch.Generator, sync: Any = None) -> None:
+        self.sae, self.cfg, self.gen, self.sync = sae, cfg, generator, sync
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+        self.step = 0
+        self.log = TrainLog()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._n_summed = 0
+
+    def clear_moments(self, idx: torch.Tensor) -> None:
+        """Zero Adam's moments of the features ``idx`` (after they were resampled)."""
+        for p in self.sae.feature_parameters().values():
+            state = self.optimizer.state.get(p)
+            if state:
+                state["exp_avg"][idx] = 0
+                state["exp_avg_sq"][idx] = 0
+
+    def update(self, x: torch.Tensor, stop: int) -> dict[str, Any] | None:
+        """One optimizer step on the batch ``x``; returns the training-log row written at this step, if any
+        (every ``log_every`` steps and at ``stop``)."""
+        cfg, sae, step = self.cfg, self.sae, self.step
+        out = sae(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.sync is not None:
+            self.sync.gradients([p for p in sae.parameters() if p.grad is not None])
+            self.sync.counters(sae)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        self.optimizer.step()
+        if step % cfg.normalize_every == 0:
+            sae.normalize_decoder()
+        resample_every = cfg.effective_resample_every
+        if resample_every and step > 0 and step % resample_every == 0:
+            idx = sae.resample_dead_features(x, generator=self.gen)
+            if self.sync is not None:
+                self.sync.parameters(sae)
+            self.clear_moments(idx)
+            self.log.resampled.append({"step": step, "n": len(idx)})
+        with torch.no_grad():
+            metrics = {"loss": out.loss.detach(), "mse": out.mse.detach(), "aux_loss": out.aux_loss.detach(),
+                       "l0": (out.acts > 0).sum(-1).float().mean(), "dead": out.n_dead,
+                       "mean_sq": x.pow(2).mean(), "var": x.var(unbiased=False)}
+            for key, value in metrics.items():
+                self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
+        self._n_summed += 1
+        self.step += 1
+        if not (self.step % cfg.log_every == 0 or self.step == stop):
+            return None
+        row = {key: float(v) / self._n_summed for key, v in self._sums.items()}
+        row["dead"] = int(out.n_dead)
+        row["nmse"] = row["mse"] / row.pop("mean_sq")
+        row["explained_variance"] = 1 - row["mse"] / row.pop("var")
+        row.update(step=self.step, lr=cfg.lr_at(step))
+        self.log.train.append(row)
+        self._sums, self._n_summed = {}, 0
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sae_config": self.sae.config_dict(), "sae_state": self.sae.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "generator": self.gen.get_state(),
+                "log": asdict(self.log)}
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = payload["step"]
+        self.gen.set_state(payload["generator"])
+        self.log = TrainLog(**payload["log"])
+
+
+def build_sae(cfg: TrainConfig, d_k: int, d_v: int) -> SAE:
+    """A new ``cfg.architecture`` SAE for ``d_k × d_v`` states, initialised from ``cfg.seed``."""
+    if cfg.architecture not in SAE_REGISTRY:
+        raise ValueError(f"architecture: expected one of {sorted(SAE_REGISTRY)}, got {cfg.architecture!r}")
+    torch.manual_seed(cfg.seed)
+    return SAE_REGISTRY[cfg.architecture](d_k, d_v, cfg.n_features, k=cfg.k, center=cfg.center, **cfg.sae_kwargs)
+
+
+def sae_from_payload(payload: dict[str, Any]) -> SAE:
+    """The SAE stored in a training checkpoint's payload."""
+    sae_cfg = payload["sae_config"]
+    sae = SAE_REGISTRY[sae_cfg["architecture"]](cfg=SAEConfig.from_dict(sae_cfg))
+    sae.load_state_dict(payload["sae_state"])
+    return sae
+
+
 class _StateStream:
     """Random-position states of one head, shuffled through a buffer. Fully described by its state."""
 
@@ -126,16 +247,23 @@ class _StateStream:
 
     @torch.no_grad()
     def states_of(self, toks: torch.Tensor) -> torch.Tensor:
-        """``[n_seq * positions_per_seq, d_k, d_v]`` states at random positions of ``toks``."""
-        _, cache = self.model.run_with_cache(toks, names_filter=self.hook_name)
-        S = cache[self.hook_name][:, :, self.head]  # [b, pos, d_k, d_v]
-        b, T = S.shape[:2]
+        """``[n_seq * positions_per_seq, d_k, d_v]`` states at random positions of ``toks``.
+
+        A :class:`~recurrent_lens.HookedRecurrentModel` computes only those states (``harvest``); any
+        other ``HookedRootModule`` is run with ``run_with_cache`` and sliced.
+        """
+        b, T = toks.shape
         usable = T - self.cfg.skip_positions
         if usable < 1:
             raise ValueError(f"sequences of length {T} leave no position after skip_positions={self.cfg.skip_positions}")
         p = min(self.cfg.positions_per_seq, usable)
         pos = torch.rand(b, usable, generator=self.gen).argsort(-1)[:, :p] + self.cfg.skip_positions
-        return S[torch.arange(b)[:, None], pos].reshape(-1, *S.shape[-2:]).float()
+        if hasattr(self.model, "harvest"):
+            S = self.model.harvest(toks, pos, [(self.hook_name, self.head)])[self.hook_name, self.head]
+        else:
+            _, cache = self.model.run_with_cache(toks, names_filter=self.hook_name)
+            S = cache[self.hook_name][:, :, self.head][torch.arange(b)[:, None], pos]
+        return S.reshape(-1, *S.shape[-2:]).float()
 
     def _next_sequences(self) -> torch.Tensor:
         if self.cursor >= len(self.order):
@@ -173,6 +301,54 @@ class _StateStream:
         self.fill = 0 if self.buffer is None else len(self.buffer)
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse settings that would fail (or silently misbehave) minutes into a run."""
+    for name in ("n_steps", "batch_size", "n_features", "k", "positions_per_seq", "model_batch_size",
+                 "buffer_size", "log_every", "val_every", "normalize_every"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"TrainConfig.{name}: expected a positive int, got {value!r}")
+    for name in ("skip_positions", "val_sequences", "checkpoint_every", "resample_every", "warmup_steps"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"TrainConfig.{name}: expected a non-negative int, got {value!r}")
+    for name in ("lr", "lr_min"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"TrainConfig.{name}: expected a finite non-negative number, got {value!r}")
+    if cfg.architecture not in SAE_REGISTRY:
+        raise ValueError(f"TrainConfig.architecture: expected one of {sorted(SAE_REGISTRY)}, got {cfg.architecture!r}")
+    if cfg.buffer_size < cfg.batch_size:
+        raise ValueError(f"TrainConfig.buffer_size: expected at least batch_size={cfg.batch_size}, got {cfg.buffer_size}")
+
+
+def check_tokens(model: nn.Module, tokens: Any) -> torch.Tensor:
+    """``tokens`` as a ``[n_seq, pos]`` integer tensor whose ids the model's vocabulary holds."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise ValueError(f"tokens: expected non-empty [n_seq, pos] token ids, got shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens: expected integer token ids, got dtype {tokens.dtype}")
+    vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if vocab is not None and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(f"tokens: ids must lie in [0, {vocab}) (d_vocab), got min {int(tokens.min())} and "
+                         f"max {int(tokens.max())}")
+    return tokens
+
+
+def check_cell(model: nn.Module, hook_name: str, head: Any) -> None:
+    """Refuse a hook that holds no per-step matrices, or a head out of range, before any work starts."""
+    if hasattr(model, "matrix_site"):
+        model.matrix_site(hook_name)
+        n_heads = model.cfg.n_heads
+    else:
+        if hook_name not in getattr(model, "hook_dict", {}):
+            raise ValueError(f"hook_name: {hook_name!r} is not a hook point of the model")
+        n_heads = None
+    if isinstance(head, bool) or not isinstance(head, int) or head < 0 or (n_heads is not None and head >= n_heads):
+        raise ValueError(f"head: expected an int in [0, {n_heads if n_heads is not None else 'n_heads'}), got {head!r}")
+
+
 class SAETrainer:
     """Trains one SAE on one head of one matrix hook.
 
@@ -198,11 +374,17 @@ class SAETrainer:
         cfg: TrainConfig,
         sae: SAE | None = None,
     ) -> None:
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens: expected [n_seq, pos] token ids, got shape {tuple(tokens.shape)}")
+        check_train_config(cfg)
+        check_cell(model, hook_name, head)
+        tokens = check_tokens(model, tokens)
         if cfg.val_sequences >= len(tokens):
             raise ValueError(f"val_sequences={cfg.val_sequences} leaves no training sequence out of {len(tokens)}")
+        if tokens.shape[1] - cfg.skip_positions < 1:
+            raise ValueError(f"tokens: sequences of length {tokens.shape[1]} leave no position after "
+                             f"skip_positions={cfg.skip_positions}")
+        if cfg.checkpoint_dir is not None:
+            check_writable(cfg.checkpoint_dir, "TrainConfig.checkpoint_dir")
+            remove_stale_temporaries(cfg.checkpoint_dir)
         self.model, self.hook_name, self.head, self.cfg = model, hook_name, head, cfg
         self.gen = torch.Generator().manual_seed(cfg.seed)
         n_train = len(tokens) - cfg.val_sequences
@@ -211,19 +393,32 @@ class SAETrainer:
         self._val_states: torch.Tensor | None = None
         if sae is None:
             probe = self.stream.states_of(tokens[:1])
-            d_k, d_v = probe.shape[-2:]
-            cls = SAE_REGISTRY[cfg.architecture]
-            torch.manual_seed(cfg.seed)
-            sae = cls(int(d_k), int(d_v), cfg.n_features, k=cfg.k, center=cfg.center, **cfg.sae_kwargs)
+            sae = build_sae(cfg, *probe.shape[-2:])
             # The probe must not shift the data stream: restart it from the seed.
             self.gen.manual_seed(cfg.seed)
             self.stream = _StateStream(model, hook_name, head, tokens[:n_train], cfg, self.gen)
         sae.cfg.metadata.setdefault("hook_name", hook_name)
         sae.cfg.metadata.setdefault("head", head)
-        self.sae = sae
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-        self.step = 0
-        self.log = TrainLog()
+        self.learner = Learner(sae, cfg, self.gen)
+
+    @property
+    def sae(self) -> SAE:
+        return self.learner.sae
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.learner.optimizer
+
+    @property
+    def step(self) -> int:
+        return self.learner.step
+
+    @property
+    def log(self) -> TrainLog:
+        return self.learner.log
+
+    def _clear_moments(self, idx: torch.Tensor) -> None:
+        self.learner.clear_moments(idx)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -234,23 +429,19 @@ class SAETrainer:
             raise ValueError("save_checkpoint: no path given and TrainConfig.checkpoint_dir is None")
         os.makedirs(directory, exist_ok=True)
         target = os.path.join(directory, CHECKPOINT_NAME)
-        payload = {
-            "sae_config": self.sae.config_dict(),
-            "sae_state": self.sae.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "generator": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "stream": self.stream.state_dict(),
-            "log": asdict(self.log),
-            "train_config": asdict(self.cfg),
-        }
+        payload = {**self.learner.state_dict(), "torch_rng": torch.get_rng_state(),
+                   "stream": self.stream.state_dict(), "train_config": asdict(self.cfg),
+                   "data": {"shape": list(self.stream.tokens.shape), "val_shape": list(self.val_tokens.shape),
+                            "fingerprint": _fingerprint(self.stream.tokens)}}
         atomic_write(target, lambda tmp: torch.save(payload, tmp))
         return target
 
     @classmethod
     def from_checkpoint(cls, model: nn.Module, tokens: torch.Tensor, path: str, cfg: TrainConfig | None = None) -> "SAETrainer":
         """Rebuild a trainer from ``path`` (a checkpoint directory or file) to continue training.
+
+        The model must read the same states (same hook and head sizes) and ``tokens`` must be the
+        sequences the run started with; anything else is refused.
 
         Example:
             >>> import torch, tempfile
@@ -273,16 +464,23 @@ class SAETrainer:
         except Exception as e:
             raise ValueError(f"cannot read training checkpoint {file} ({type(e).__name__}: {e})") from e
         cfg = cfg or TrainConfig(**payload["train_config"])
-        sae_cfg = payload["sae_config"]
-        sae = SAE_REGISTRY[sae_cfg["architecture"]](cfg=SAEConfig.from_dict(sae_cfg))
-        sae.load_state_dict(payload["sae_state"])
-        trainer = cls(model, sae.cfg.metadata.get("hook_name"), sae.cfg.metadata.get("head"), tokens, cfg, sae=sae)
-        trainer.optimizer.load_state_dict(payload["optimizer"])
-        trainer.step = payload["step"]
-        trainer.gen.set_state(payload["generator"])
+        sae = sae_from_payload(payload)
+        tokens = check_tokens(model, tokens)
+        data = payload.get("data")
+        if data is not None:
+            n_train = len(tokens) - cfg.val_sequences
+            if list(tokens[:n_train].shape) != data["shape"] or _fingerprint(tokens[:n_train]) != data["fingerprint"]:
+                raise ValueError(f"tokens: the checkpoint {file} was trained on other tokens (shape {data['shape']}, "
+                                 f"got {list(tokens[:n_train].shape)} training sequences with other ids)")
+        hook_name, head = sae.cfg.metadata.get("hook_name"), sae.cfg.metadata.get("head")
+        check_cell(model, hook_name, head)
+        if hasattr(model, "cfg") and (model.cfg.d_k, model.cfg.d_v) != (sae.cfg.d_k, sae.cfg.d_v):
+            raise ValueError(f"model: the checkpoint's SAE reads {sae.cfg.d_k}x{sae.cfg.d_v} states, the model has "
+                             f"{model.cfg.d_k}x{model.cfg.d_v}")
+        trainer = cls(model, hook_name, head, tokens, cfg, sae=sae)
+        trainer.learner.load_state_dict(payload)
         torch.set_rng_state(payload["torch_rng"])
         trainer.stream.load_state_dict(payload["stream"])
-        trainer.log = TrainLog(**payload["log"])
         return trainer
 
     # ------------------------------------------------------------------ validation
@@ -304,49 +502,23 @@ class SAETrainer:
         Dead-feature counters are left as they were.
         """
         states = self._validation_states() if states is None else states
-        saved = self.sae.steps_since_active.clone()
-        sq_err = torch.zeros((), dtype=torch.float64)
-        l0 = torch.zeros((), dtype=torch.float64)
-        fired = torch.zeros(self.sae.cfg.n_features, dtype=torch.bool)
-        for i in range(0, len(states), self.cfg.batch_size):
-            x = states[i : i + self.cfg.batch_size]
-            out = self.sae(x)
-            sq_err += (out.reconstruction - x).double().pow(2).sum()
-            l0 += (out.acts > 0).sum()
-            fired |= (out.acts > 0).any(0)
-        self.sae.steps_since_active.copy_(saved)
-        x = states.double()
-        n_elem = x.numel()
-        mse = sq_err / n_elem
-        return {
-            "step": self.step,
-            "val_mse": float(mse),
-            "val_nmse": float(mse / x.pow(2).mean()),
-            "val_explained_variance": float(1 - sq_err / (x - x.mean(0)).pow(2).sum()),
-            "val_l0": float(l0 / len(states)),
-            "val_dead": int((~fired).sum()),
-        }
+        return {"step": self.step, **evaluate(self.sae, states, self.cfg.batch_size)}
 
     # ------------------------------------------------------------------ training
-
-    def _clear_moments(self, idx: torch.Tensor) -> None:
-        for p in self.sae.feature_parameters().values():
-            state = self.optimizer.state.get(p)
-            if state:
-                state["exp_avg"][idx] = 0
-                state["exp_avg_sq"][idx] = 0
 
     def train(self, until_step: int | None = None) -> tuple[SAE, TrainLog]:
         """Run (or continue) training up to ``cfg.n_steps``, or stop early at ``until_step``.
 
-        Stopping early writes a checkpoint when ``checkpoint_dir`` is set. Gradients are enabled for the
-        duration even under ``torch.set_grad_enabled(False)`` (as notebooks often set).
+        With ``checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every`` steps and always
+        when the run stops (early or at the end), and the training log goes to ``train_log.json`` at the
+        end. Gradients are enabled for the duration even under ``torch.set_grad_enabled(False)`` (as
+        notebooks often set).
         """
         with torch.enable_grad():
             return self._train(until_step)
 
     def _train(self, until_step: int | None) -> tuple[SAE, TrainLog]:
-        cfg, sae = self.cfg, self.sae
+        cfg, sae, learner = self.cfg, self.sae, self.learner
         stop = cfg.n_steps if until_step is None else min(until_step, cfg.n_steps)
         run = None
         if cfg.wandb:
@@ -358,44 +530,13 @@ class SAETrainer:
                 self.stream._refill()
                 sae.mean.copy_(self.stream.buffer.mean(0))
         sae.train()
-        resample_every = cfg.effective_resample_every
         bar = tqdm(total=stop, initial=self.step, disable=not cfg.progress, desc="SAE")
-        sums: dict[str, torch.Tensor] = {}
-        n_summed = 0
         while self.step < stop:
-            step = self.step
-            x = self.stream.next_batch()
-            out = sae(x)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            for group in self.optimizer.param_groups:
-                group["lr"] = cfg.lr_at(step)
-            self.optimizer.step()
-            if step % cfg.normalize_every == 0:
-                sae.normalize_decoder()
-            if resample_every and step > 0 and step % resample_every == 0:
-                idx = sae.resample_dead_features(x, generator=self.gen)
-                self._clear_moments(idx)
-                self.log.resampled.append({"step": step, "n": len(idx)})
-            with torch.no_grad():
-                metrics = {"loss": out.loss.detach(), "mse": out.mse.detach(), "aux_loss": out.aux_loss.detach(),
-                           "l0": (out.acts > 0).sum(-1).float().mean(), "dead": out.n_dead,
-                           "mean_sq": x.pow(2).mean(), "var": x.var(unbiased=False)}
-                for key, value in metrics.items():
-                    sums[key] = sums[key] + value if key in sums else value.clone()
-            n_summed += 1
-            self.step += 1
-            if self.step % cfg.log_every == 0 or self.step == stop:
-                row = {key: float(v) / n_summed for key, v in sums.items()}
-                row["dead"] = int(out.n_dead)
-                row["nmse"] = row["mse"] / row.pop("mean_sq")
-                row["explained_variance"] = 1 - row["mse"] / row.pop("var")
-                row.update(step=self.step, lr=cfg.lr_at(step))
-                self.log.train.append(row)
+            row = learner.update(self.stream.next_batch(), stop)
+            if row is not None:
                 bar.set_postfix(mse=f"{row['mse']:.3g}", l0=f"{row['l0']:.1f}", dead=row["dead"])
                 if run is not None:
                     run.log(row, step=self.step)
-                sums, n_summed = {}, 0
             if cfg.val_sequences and (self.step % cfg.val_every == 0 or self.step == cfg.n_steps):
                 row = self.validate()
                 self.log.val.append(row)
@@ -405,17 +546,56 @@ class SAETrainer:
                 self.save_checkpoint()
             bar.update(1)
         bar.close()
-        if cfg.checkpoint_dir and self.step < cfg.n_steps:
-            self.save_checkpoint()
         if self.step >= cfg.n_steps:
             sae.cfg.metadata.update(train_steps=self.step)
-            if cfg.checkpoint_dir:
-                with open(os.path.join(cfg.checkpoint_dir, "train_log.json"), "w") as f:
-                    json.dump(asdict(self.log), f)
+        if cfg.checkpoint_dir:
+            self.save_checkpoint()
+            if self.step >= cfg.n_steps:
+                write_json(os.path.join(cfg.checkpoint_dir, "train_log.json"), asdict(self.log))
         if run is not None:
             run.finish()
         sae.eval()
         return sae, self.log
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    atomic_write(path, write)
+
+
+def _fingerprint(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.contiguous().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, states: torch.Tensor, batch_size: int = 256) -> dict[str, Any]:
+    """MSE, normalised MSE, explained variance (per-coordinate centred), L0 and never-active features of
+    ``sae`` on ``states``; its dead-feature counters are left as they were."""
+    saved = sae.steps_since_active.clone()
+    sq_err = torch.zeros((), dtype=torch.float64)
+    l0 = torch.zeros((), dtype=torch.float64)
+    fired = torch.zeros(sae.cfg.n_features, dtype=torch.bool, device=states.device)
+    for i in range(0, len(states), batch_size):
+        x = states[i : i + batch_size]
+        out = sae(x)
+        sq_err += (out.reconstruction - x).double().pow(2).sum().cpu()
+        l0 += (out.acts > 0).sum().cpu()
+        fired |= (out.acts > 0).any(0)
+    sae.steps_since_active.copy_(saved)
+    x = states.double()
+    mse = sq_err / x.numel()
+    return {
+        "val_mse": float(mse),
+        "val_nmse": float(mse / x.pow(2).mean().cpu()),
+        "val_explained_variance": float(1 - sq_err / (x - x.mean(0)).pow(2).sum().cpu()),
+        "val_l0": float(l0 / len(states)),
+        "val_dead": int((~fired).sum()),
+    }
 
 
 def train(
