@@ -1,0 +1,588 @@
+"""Streamed token sources: fixed-length windows of token ids from text or pre-tokenized files.
+
+:func:`open_tokens` opens a source and returns a :class:`TokenSource`, an iterable that yields 1-D
+``torch.long`` tensors of exactly ``context_length`` ids, always in the same order, reading the
+corpus lazily (text line by line, dataset rows one at a time, arrays through a memory map) so that
+corpora larger than memory stream through. :func:`batches` stacks the windows into ``[batch, ctx]``.
+
+Sources, chosen from ``source``:
+
+- ``*.txt``: one document per line;
+- ``*.jsonl``: one JSON object per line, the document in its ``text_field``;
+- a directory written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose
+  ``split`` is read), documents in the column ``text_field``;
+- ``*.npy``, ``*.safetensors``, ``*.pt``: pre-tokenized ids shaped ``[n_seq, ctx]``, one window per
+  row, yielded as stored;
+- any other string that is not an existing path: a hub dataset id, streamed with
+  ``datasets.load_dataset(id, split=split, streaming=True)``.
+
+Text is tokenized with ``add_special_tokens=False``; documents are concatenated into one stream,
+each followed by a separator (the tokenizer's EOS id, or its BOS id where it has no EOS), and the
+stream is cut into consecutive windows; with BOS prepended a window is ``[bos]`` plus
+``context_length - 1`` stream tokens. Empty and whitespace-only documents are skipped. The trailing
+partial window is dropped (the usual convention; at most ``context_length - 1`` tokens are lost).
+
+A tiny corpus with a word-level tokenizer that has an EOS token and no BOS:
+
+>>> import tempfile
+>>> from pathlib import Path
+>>> from tokenizers import Tokenizer, models, pre_tokenizers
+>>> from transformers import PreTrainedTokenizerFast
+>>> vocab = {"<eos>": 0, "the": 1, "cat": 2, "sat": 3, "dog": 4, "ran": 5}
+>>> core = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+>>> core.pre_tokenizer = pre_tokenizers.Whitespace()
+>>> tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+>>> path = Path(tempfile.mkdtemp()) / "docs.txt"
+>>> _ = path.write_text("the cat sat\\n\\nthe dog ran\\nthe cat\\n")
+>>> source = open_tokens(path, tokenizer=tok, context_length=3)
+>>> [window.tolist() for window in source]
+[[1, 2, 3], [0, 1, 4], [5, 0, 1]]
+>>> [window.tolist() for window in open_tokens(path, tokenizer=tok, context_length=3, rank=1, world_size=2)]
+[[0, 1, 4]]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+__all__ = ["TokenSource", "TextSource", "PreTokenizedSource", "open_tokens", "batches"]
+
+_TEXT_SUFFIXES = (".txt", ".jsonl")
+_TOKEN_SUFFIXES = (".npy", ".safetensors", ".pt")
+_SAFETENSORS_INTEGER_DTYPES = ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
+_TOKEN_KEYS = ("input_ids", "tokens")
+# documents tokenized per call: the fast tokenizers work on a list in parallel, and 64 lines ahead
+# is still a negligible read-ahead for a streamed corpus
+_DOC_BATCH = 64
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _check_selection(rank: int, world_size: int, skip: int, max_sequences: int | None) -> None:
+    _check_int("world_size", world_size, 1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int in [0, world_size={world_size}), got {rank!r}")
+    _check_int("skip", skip, 0)
+    if max_sequences is not None:
+        _check_int("max_sequences", max_sequences, 1)
+
+
+class TokenSource:
+    """Deterministic stream of ``context_length``-id windows (1-D ``torch.long`` tensors).
+
+    Built by :func:`open_tokens`. Every ``iter()`` starts again from the beginning and yields the
+    same windows in the same order. Of the full stream of windows ``w_0, w_1, ...`` shard ``rank`` of
+    ``world_size`` owns ``w_rank, w_{rank + world_size}, ...``; of those it skips the first ``skip``
+    (to resume) and stops after ``max_sequences``. A shard that runs out early yields fewer windows
+    (nothing when ``skip`` is past its end); ranks of one stream can therefore differ by one window.
+
+    ``n_sequences`` is the number of windows ``iter()`` yields where that is known without reading the
+    corpus (pre-tokenized files, which also support ``len()``), else ``None``.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "ids.npy"
+    >>> np.save(path, np.arange(12).reshape(4, 3))
+    >>> source = open_tokens(path, world_size=2, rank=1)
+    >>> source.n_sequences, [window.tolist() for window in source]
+    (2, [[3, 4, 5], [9, 10, 11]])
+    """
+
+    kind: str = ""
+
+    def __init__(self, path: str, context_length: int | None, *, rank: int, world_size: int, skip: int,
+                 max_sequences: int | None) -> None:
+        _check_selection(rank, world_size, skip, max_sequences)
+        if context_length is not None:
+            _check_int("context_length", context_length, 1)
+        self.path = path
+        self.context_length = context_length
+        self.rank = rank
+        self.world_size = world_size
+        self.skip = skip
+        self.max_sequences = max_sequences
+
+    @property
+    def n_sequences(self) -> int | None:
+        return None
+
+    def _selection(self) -> tuple[int, int, int | None]:
+        """First global window index, stride, and the global index to stop before (None: the end)."""
+        first = self.rank + self.skip * self.world_size
+        stop = None if self.max_sequences is None else first + self.max_sequences * self.world_size
+        return first, self.world_size, stop
+
+    def _windows(self, first: int, step: int, stop: int | None) -> Iterator[Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Int[Tensor, " ctx"]]:
+        return self._windows(*self._selection())
+
+    def _extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(kind={self.kind!r}, path={self.path!r}, "
+                f"context_length={self.context_length}{self._extra_repr()}, shard={self.rank}/{self.world_size}, "
+                f"skip={self.skip}, max_sequences={self.max_sequences})")
+
+
+# ---------------------------------------------------------------------------------------------- text
+class TextSource(TokenSource):
+    """Documents tokenized on the fly, concatenated with separators and cut into windows.
+
+    ``prepend_bos`` (resolved) and ``separator_id`` (``None``: documents are joined directly) say how
+    the windows are built. ``n_sequences`` is ``None`` and ``len()`` is not defined: counting needs a
+    full pass of the tokenizer over the corpus.
+
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    >>> from transformers import PreTrainedTokenizerFast
+    >>> import tempfile, json
+    >>> from pathlib import Path
+    >>> core = Tokenizer(models.WordLevel({"<bos>": 0, "<eos>": 1, "a": 2, "b": 3}, unk_token="<eos>"))
+    >>> core.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    >>> tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>")
+    >>> path = Path(tempfile.mkdtemp()) / "docs.jsonl"
+    >>> _ = path.write_text(json.dumps({"text": "a b a"}) + "\\n" + json.dumps({"text": "b b"}) + "\\n")
+    >>> source = open_tokens(path, tokenizer=tok, context_length=4)
+    >>> source.prepend_bos, source.separator_id
+    (True, 1)
+    >>> [window.tolist() for window in source]
+    [[0, 2, 3, 2], [0, 1, 3, 3]]
+    """
+
+    def __init__(self, path: str, tokenizer: Any, context_length: int | None, prepend_bos: bool | None,
+                 **shard: Any) -> None:
+        super().__init__(path, context_length, **shard)
+        if tokenizer is None:
+            raise ValueError(f"tokenizer: a text source ({self.kind} {path!r}) needs a tokenizer, got None "
+                             "(e.g. model.tokenizer or transformers.AutoTokenizer.from_pretrained(model_dir))")
+        if context_length is None:
+            raise ValueError(f"context_length: a text source ({self.kind} {path!r}) needs a window length, got None")
+        bos = getattr(tokenizer, "bos_token_id", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if prepend_bos is None:
+            prepend_bos = bos is not None and self._adds_bos(tokenizer, bos)
+        elif prepend_bos and bos is None:
+            raise ValueError(f"prepend_bos: True needs a tokenizer with a BOS token, but {type(tokenizer).__name__} "
+                             "has bos_token_id=None")
+        if prepend_bos and context_length < 2:
+            raise ValueError(f"context_length: expected >= 2 when a BOS token is prepended, got {context_length}")
+        self.tokenizer = tokenizer
+        self.prepend_bos = bool(prepend_bos)
+        self.bos_id = bos
+        self.separator_id = eos if eos is not None else bos
+
+    @staticmethod
+    def _adds_bos(tokenizer: Any, bos: int) -> bool:
+        """Whether the tokenizer puts BOS in front by itself, i.e. whether the model was trained with it."""
+        probe = "Hello world"
+        plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        return special[:1] == [bos] and plain[:1] != [bos]
+
+    def _documents(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def _token_lists(self) -> Iterator[list[int]]:
+        pending: list[str] = []
+        for text in self._documents():
+            if not text.strip():
+                continue
+            pending.append(text)
+            if len(pending) == _DOC_BATCH:
+                yield from self._encode(pending)
+                pending = []
+        if pending:
+            yield from self._encode(pending)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        # verbose=False: documents longer than the model's maximum length are fine here, they get cut
+        return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                              verbose=False)["input_ids"]
+
+    def _windows(self, first: int, step: int, stop: int | None) -> Iterator[Tensor]:
+        need = self.context_length - 1 if self.prepend_bos else self.context_length
+        head = [self.bos_id] if self.prepend_bos else []
+        buffer: list[int] = []
+        n_tokens = 0
+        index = 0
+        for ids in self._token_lists():
+            buffer.extend(ids)
+            if self.separator_id is not None:
+                buffer.append(self.separator_id)
+            n_tokens += len(ids) + (self.separator_id is not None)
+            start = 0
+            while len(buffer) - start >= need:
+                if index >= first and (index - first) % step == 0:
+                    yield torch.tensor(head + buffer[start:start + need], dtype=torch.long)
+                    if stop is not None and index + step >= stop:
+                        return
+                start += need
+                index += 1
+            del buffer[:start]
+        if index == 0:
+            bos_note = f" ({need} stream tokens after the BOS)" if self.prepend_bos else ""
+            raise ValueError(f"{self.kind} {self.path!r}: the dataset is shorter than one context: it gives "
+                             f"{n_tokens} tokens (separators included), context_length={self.context_length}"
+                             f"{bos_note}")
+
+    def _extra_repr(self) -> str:
+        return f", prepend_bos={self.prepend_bos}, separator_id={self.separator_id}"
+
+
+class TxtSource(TextSource):
+    """A UTF-8 text file, one document per line."""
+
+    kind = "txt"
+
+    def _documents(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+
+class JsonlSource(TextSource):
+    """A JSON-lines file, one object per line with the document in ``text_field``."""
+
+    kind = "jsonl"
+
+    def __init__(self, path: str, text_field: str, *args: Any, **kwargs: Any) -> None:
+        self.text_field = text_field
+        super().__init__(path, *args, **kwargs)
+
+    def _documents(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.path}, line {lineno}: expected a JSON object, got invalid JSON "
+                                     f"({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{self.path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+                if self.text_field not in record:
+                    raise ValueError(f"{self.path}, line {lineno}: expected a field text_field={self.text_field!r}, "
+                                     f"got fields {sorted(record)}")
+                text = record[self.text_field]
+                if not isinstance(text, str):
+                    raise ValueError(f"{self.path}, line {lineno}: field {self.text_field!r}: expected a string, "
+                                     f"got {type(text).__name__}")
+                yield text
+
+    def _extra_repr(self) -> str:
+        return f", text_field={self.text_field!r}" + super()._extra_repr()
+
+
+class DatasetSource(TextSource):
+    """A ``datasets`` dataset (saved to disk, or streamed from the hub), read row by row."""
+
+    def __init__(self, path: str, kind: str, dataset: Any, text_field: str, *args: Any, **kwargs: Any) -> None:
+        self.kind = kind
+        self.text_field = text_field
+        names = getattr(dataset, "column_names", None)
+        if names is not None and text_field not in names:
+            raise ValueError(f"text_field: expected a column of {kind} dataset {path!r}, got {text_field!r} "
+                             f"(columns: {list(names)})")
+        self.dataset = dataset if names is None else dataset.select_columns([text_field])
+        super().__init__(path, *args, **kwargs)
+
+    def _documents(self) -> Iterator[str]:
+        for row_index, row in enumerate(self.dataset):
+            if self.text_field not in row:
+                raise ValueError(f"{self.kind} dataset {self.path!r}, row {row_index}: expected a field "
+                                 f"text_field={self.text_field!r}, got fields {sorted(row)}")
+            text = row[self.text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{self.kind} dataset {self.path!r}, row {row_index}: field {self.text_field!r}: "
+                                 f"expected a string, got {type(text).__name__}")
+            yield text
+
+    def _extra_repr(self) -> str:
+        return f", text_field={self.text_field!r}" + super()._extra_repr()
+
+
+# -------------------------------------------------------------------------------------- pre-tokenized
+class PreTokenizedSource(TokenSource):
+    """Rows of a ``[n_seq, ctx]`` integer array on disk, one window per row, read lazily.
+
+    ``n_rows`` is the file's number of rows; ``n_sequences`` and ``len()`` give how many windows this
+    shard yields after ``skip`` and ``max_sequences``. Rows are checked to hold non-negative ids.
+    """
+
+    def __init__(self, path: str, context_length: int | None, **shard: Any) -> None:
+        super().__init__(path, context_length, **shard)
+        n_rows, ctx, dtype = self._inspect()
+        if context_length is not None and context_length != ctx:
+            raise ValueError(f"context_length: {path!r} holds sequences of {ctx} tokens, got context_length="
+                             f"{context_length} (pass None to use the file's length)")
+        if n_rows == 0:
+            raise ValueError(f"{self.kind} {path!r}: the dataset is shorter than one context: it holds 0 sequences "
+                             f"(0 tokens), context_length={ctx}")
+        self.context_length = ctx
+        self.n_rows = n_rows
+        self.dtype = dtype
+
+    def _inspect(self) -> tuple[int, int, str]:
+        """``(n_rows, ctx, dtype name)``, after checking for a 2-D integer array."""
+        raise NotImplementedError
+
+    def _read_rows(self, rows: range) -> Iterator[Tensor]:
+        raise NotImplementedError
+
+    def _check_shape_dtype(self, shape: tuple[int, ...], is_integer: bool, dtype: str, what: str = "") -> None:
+        if len(shape) != 2:
+            raise ValueError(f"{self.kind} {self.path!r}{what}: expected a 2-D [n_seq, ctx] array of token ids, "
+                             f"got shape {tuple(shape)}")
+        if not is_integer:
+            raise ValueError(f"{self.kind} {self.path!r}{what}: expected an integer dtype for token ids, got {dtype}")
+
+    def _range(self) -> range:
+        first, step, stop = self._selection()
+        return range(first, self.n_rows if stop is None else min(stop, self.n_rows), step)
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self._range())
+
+    def __len__(self) -> int:
+        return self.n_sequences
+
+    def _windows(self, first: int, step: int, stop: int | None) -> Iterator[Tensor]:
+        rows = range(first, self.n_rows if stop is None else min(stop, self.n_rows), step)
+        for index, row in zip(rows, self._read_rows(rows)):
+            row = row.to(torch.long)
+            # a wrapped uint64 shows up negative too
+            if bool((row < 0).any()):
+                raise ValueError(f"{self.kind} {self.path!r}, row {index}: expected token ids >= 0, "
+                                 f"got {int(row.min())}")
+            yield row
+
+    def _extra_repr(self) -> str:
+        return f", n_rows={self.n_rows}, dtype={self.dtype}"
+
+
+class NpySource(PreTokenizedSource):
+    """A ``.npy`` array, memory-mapped."""
+
+    kind = "npy"
+
+    def _open(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)
+
+    def _inspect(self) -> tuple[int, int, str]:
+        array = self._open()
+        self._check_shape_dtype(array.shape, np.issubdtype(array.dtype, np.integer), str(array.dtype))
+        return array.shape[0], array.shape[1], str(array.dtype)
+
+    def _read_rows(self, rows: range) -> Iterator[Tensor]:
+        array = self._open()
+        for i in rows:
+            yield torch.from_numpy(np.array(array[i], dtype=np.int64))
+
+
+class SafetensorsSource(PreTokenizedSource):
+    """A ``.safetensors`` file holding one tensor, or one named ``input_ids`` or ``tokens``."""
+
+    kind = "safetensors"
+
+    def _inspect(self) -> tuple[int, int, str]:
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            self.key = _pick_key(self.kind, self.path, list(f.keys()))
+            part = f.get_slice(self.key)
+            shape, dtype = tuple(part.get_shape()), part.get_dtype()
+        self._check_shape_dtype(shape, dtype in _SAFETENSORS_INTEGER_DTYPES, dtype, f" tensor {self.key!r}")
+        return shape[0], shape[1], dtype
+
+    def _read_rows(self, rows: range) -> Iterator[Tensor]:
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            part = f.get_slice(self.key)
+            for i in rows:
+                yield part[i:i + 1][0]
+
+
+class TorchFileSource(PreTokenizedSource):
+    """A ``.pt`` file (``torch.save``): a 2-D integer tensor, or a dict with ``input_ids`` or ``tokens``.
+
+    Loaded with ``weights_only=True`` and ``mmap=True``, so rows are paged in as read.
+    """
+
+    kind = "pt"
+
+    def _open(self) -> Tensor:
+        obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(obj, dict):
+            tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+            self.key = _pick_key(self.kind, self.path, list(tensors))
+            return tensors[self.key]
+        if not isinstance(obj, Tensor):
+            raise ValueError(f"pt {self.path!r}: expected a tensor or a dict of tensors, got {type(obj).__name__}")
+        self.key = None
+        return obj
+
+    def _inspect(self) -> tuple[int, int, str]:
+        tensor = self._open()
+        dtype = tensor.dtype
+        is_integer = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+        self._check_shape_dtype(tuple(tensor.shape), is_integer, str(dtype).removeprefix("torch."))
+        return tensor.shape[0], tensor.shape[1], str(dtype).removeprefix("torch.")
+
+    def _read_rows(self, rows: range) -> Iterator[Tensor]:
+        tensor = self._open()
+        for i in rows:
+            yield tensor[i]
+
+
+def _pick_key(kind: str, path: str, keys: list[str]) -> str:
+    if len(keys) == 1:
+        return keys[0]
+    named = [k for k in _TOKEN_KEYS if k in keys]
+    if len(named) != 1:
+        raise ValueError(f"{kind} {path!r}: expected one tensor, or exactly one named 'input_ids' or 'tokens', "
+                         f"got tensors {sorted(keys)}")
+    return named[0]
+
+
+# --------------------------------------------------------------------------------------------- open
+def _looks_like_path(name: str) -> bool:
+    """Whether a missing ``source`` was meant as a local path rather than a hub id like ``owner/name``."""
+    return (name.lower().endswith(_TEXT_SUFFIXES + _TOKEN_SUFFIXES) or os.path.isabs(name)
+            or name.startswith(("./", "../", "~", ".\\", "..\\")) or name.count("/") > 1)
+
+
+def _open_saved_dataset(path: Path, split: str) -> tuple[Any, str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"split: expected one of {sorted(loaded)} saved in {str(path)!r}, got {split!r}")
+        return loaded[split], f"{path}[{split}]"
+    return loaded, str(path)
+
+
+def _open_hub_dataset(name: str, split: str) -> Any:
+    try:
+        import datasets
+
+        return datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:
+        raise FileNotFoundError(f"source: {name!r} is neither a local file or directory nor a reachable hub dataset "
+                                f"(split={split!r}): {type(e).__name__}: {e}") from e
+
+
+def open_tokens(source: str | os.PathLike, *, tokenizer: Any = None, context_length: int | None = None,
+                text_field: str = "text", prepend_bos: bool | None = None, split: str = "train", rank: int = 0,
+                world_size: int = 1, skip: int = 0, max_sequences: int | None = None) -> TokenSource:
+    """Open a corpus as a deterministic stream of ``context_length``-token windows.
+
+    Args:
+        source: a ``.txt`` (one document per line) or ``.jsonl`` file, a directory written by
+            ``datasets``' ``save_to_disk``, a pre-tokenized ``.npy`` / ``.safetensors`` / ``.pt`` file
+            of shape ``[n_seq, ctx]``, or a hub dataset id (streamed; anything that is not a path).
+        tokenizer: a Hugging Face tokenizer; required for text, unused for pre-tokenized ids.
+        context_length: window length; required for text. For pre-tokenized files ``None`` means the
+            file's ``ctx`` and any other value than ``ctx`` is an error.
+        text_field: the JSON field / dataset column holding the document text.
+        prepend_bos: start every window with the BOS id. ``None``: exactly when the tokenizer itself
+            adds BOS under ``add_special_tokens=True`` (as the model expects). Text sources only.
+        split: the split of a saved ``DatasetDict`` or of a hub dataset (ignored for a single saved
+            ``Dataset`` and for files).
+        rank, world_size: this process's shard: windows ``rank, rank + world_size, ...`` of the stream.
+        skip: windows of this shard to skip first (to resume after ``skip`` windows).
+        max_sequences: stop after this many windows of this shard (``None``: the whole shard).
+
+    Raises:
+        FileNotFoundError: a missing local path, or a hub id that cannot be loaded.
+        ValueError: bad arguments or file contents. A text corpus shorter than one window raises when
+            iterated, since that is when it is read.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "ids.npy"
+    >>> np.save(path, np.arange(10, dtype=np.int32).reshape(5, 2))
+    >>> source = open_tokens(path, skip=1, max_sequences=2)
+    >>> [window.tolist() for window in source]
+    [[2, 3], [4, 5]]
+    """
+    _check_selection(rank, world_size, skip, max_sequences)
+    shard = dict(rank=rank, world_size=world_size, skip=skip, max_sequences=max_sequences)
+    text_args = (tokenizer, context_length, prepend_bos)
+    name = os.fspath(source)
+    if not isinstance(name, str):
+        raise ValueError(f"source: expected a path or a hub dataset id, got {source!r}")
+    path = Path(name).expanduser()
+    if not path.exists():
+        if not isinstance(source, str) or _looks_like_path(name):
+            raise FileNotFoundError(f"source: no such file or directory: {name!r}")
+        dataset = _open_hub_dataset(name, split)
+        return DatasetSource(name, "hub", dataset, text_field, *text_args, **shard)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            dataset, label = _open_saved_dataset(path, split)
+            return DatasetSource(label, "datasets", dataset, text_field, *text_args, **shard)
+        raise ValueError(f"source: expected a directory written by datasets' save_to_disk (with state.json or "
+                         f"dataset_dict.json), got {name!r}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return TxtSource(str(path), *text_args, **shard)
+    if suffix == ".jsonl":
+        return JsonlSource(str(path), text_field, *text_args, **shard)
+    if suffix in _TOKEN_SUFFIXES:
+        if prepend_bos is not None:
+            raise ValueError(f"prepend_bos: applies to text sources only; pre-tokenized rows of {name!r} are "
+                             f"yielded as stored, got prepend_bos={prepend_bos}")
+        cls = {".npy": NpySource, ".safetensors": SafetensorsSource, ".pt": TorchFileSource}[suffix]
+        return cls(str(path), context_length, **shard)
+    raise ValueError(f"source: expected a file ending in one of {_TEXT_SUFFIXES + _TOKEN_SUFFIXES} or a saved "
+                     f"dataset directory, got {name!r}")
+
+
+def batches(source: Iterable[Tensor], batch_size: int, *,
+            drop_last: bool = False) -> Iterator[Int[Tensor, "batch ctx"]]:
+    """Stack consecutive windows of ``source`` into ``[batch_size, ctx]`` batches.
+
+    The last batch holds the remaining windows and may be smaller; ``drop_last=True`` drops it.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "ids.npy"
+    >>> np.save(path, np.arange(10).reshape(5, 2))
+    >>> [tuple(batch.shape) for batch in batches(open_tokens(path), 2)]
+    [(2, 2), (2, 2), (1, 2)]
+    >>> [tuple(batch.shape) for batch in batches(open_tokens(path), 2, drop_last=True)]
+    [(2, 2), (2, 2)]
+    """
+    _check_int("batch_size", batch_size, 1)
+    pending: list[Tensor] = []
+    shape: torch.Size | None = None
+    for window in source:
+        if window.dim() != 1 or (shape is not None and window.shape != shape):
+            expected = "a 1-D window" if shape is None else f"shape {tuple(shape)} like the first"
+            raise ValueError(f"source: expected windows of {expected}, got shape {tuple(window.shape)}")
+        shape = window.shape
+        pending.append(window)
+        if len(pending) == batch_size:
+            yield torch.stack(pending)
+            pending = []
+    if pending and not drop_last:
+        yield torch.stack(pending)
