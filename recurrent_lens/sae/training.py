@@ -216,11 +216,11 @@ class Learner:
         self.log = TrainLog(**payload["log"])
 
 
-def build_sae(cfg: TrainConfig, d_k: int, d_v: int) -> SAE:
-    """A new ``cfg.architecture`` SAE for ``d_k × d_v`` states, initialised from ``cfg.seed``."""
+def build_sae(cfg: TrainConfig, d_k: int, d_v: int, seed: int | None = None) -> SAE:
+    """A new ``cfg.architecture`` SAE for ``d_k × d_v`` states, initialised from ``seed`` (default ``cfg.seed``)."""
     if cfg.architecture not in SAE_REGISTRY:
         raise ValueError(f"architecture: expected one of {sorted(SAE_REGISTRY)}, got {cfg.architecture!r}")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if seed is None else seed)
     return SAE_REGISTRY[cfg.architecture](d_k, d_v, cfg.n_features, k=cfg.k, center=cfg.center, **cfg.sae_kwargs)
 
 

@@ -1,0 +1,505 @@
+"""Many SAEs from one model pass: one per cell ``(hook_name, head)``, streamed text, stores, torchrun.
+
+Each model batch is run once, up to the deepest layer asked for, and :meth:`harvest
+<recurrent_lens.models.base.HookedRecurrentModel.harvest>` returns every cell's states at the sampled
+positions (never the full ``[batch, pos, head, d_k, d_v]`` tensor). Each cell then has its own shuffling
+buffer, generator, SAE, Adam optimizer, checkpoint and log, so memory is bounded by
+``n_cells · buffer_size · d_k · d_v`` and not by sequence length or head count. The optimisation step is
+:class:`~recurrent_lens.sae.training.Learner`, the same as :class:`~recurrent_lens.sae.SAETrainer`'s.
+
+Data: a ``[n_seq, ctx]`` token tensor (a new seeded order every epoch), any iterable of ``[ctx]`` token
+windows such as :func:`recurrent_lens.data.open_tokens` (read in order, restarted when exhausted), or a
+:class:`~recurrent_lens.sae.store.StateStore` of harvested states (no model needed). Positions come from
+:func:`~recurrent_lens.sae.cells.sample_positions`, seeded per sequence.
+
+Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
+
+- ``distributed="data"`` (the default then): every rank harvests its own share of the data;
+  ``cfg.batch_size`` is the global batch, each rank trains on ``batch_size / world_size`` states per step;
+  gradients are averaged with ``all_reduce``, dead-feature counters reduced with ``MIN`` (a feature is
+  alive if it fired on any rank) and, after resampling, rank 0's SAE is broadcast, so every rank holds the
+  same SAE. Rank 0 writes the SAEs, logs and checkpoints; each rank writes its own data position.
+- ``distributed="cells"``: rank ``r`` trains cells ``r, r + world_size, …`` on all of the data, alone.
+
+Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
+``{out_dir}/{cell.name}/checkpoint-{step}.pt`` per cell, ``{out_dir}/data-{step}.rank{r}.pt`` per rank
+(generators, data position, buffers) and, written last and atomically, ``{out_dir}/checkpoint.json`` naming
+the step; a run started on an ``out_dir`` with a checkpoint continues from it bit for bit. At the end each
+cell's SAE is saved in ``{out_dir}/{cell.name}/`` (loadable with :func:`recurrent_lens.sae.load`) with its
+``train_log.json``.
+
+Example:
+    >>> import torch, tempfile
+    >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+    >>> from recurrent_lens.sae import TrainConfig, load
+    >>> from recurrent_lens.sae.multicell import train_cells
+    >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
+    ...     n_layers=2, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
+    >>> cfg = TrainConfig(n_steps=10, batch_size=32, n_features=64, k=4, buffer_size=128, progress=False)
+    >>> cells = [("blocks.0.mixer.hook_state", 0), ("blocks.1.mixer.hook_state", 1)]
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     saes = train_cells(model, cells, torch.randint(0, 50, (32, 16)), cfg, out_dir=d)
+    ...     sorted(os.listdir(d))[:2], type(load(f"{d}/blocks.1.mixer.hook_state.h1")).__name__
+    (['blocks.0.mixer.hook_state.h0', 'blocks.1.mixer.hook_state.h1'], 'WriteSAE')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from recurrent_lens.sae.base import SAE
+from recurrent_lens.sae.cells import _MIX, Cell, harvest_cells, parse_cells, sample_positions
+from recurrent_lens.sae.io import atomic_write, save_sae
+from recurrent_lens.sae.training import (
+    Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, check_writable, evaluate,
+    remove_stale_temporaries, sae_from_payload, write_json,
+)
+
+__all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync"]
+
+MANIFEST = "checkpoint.json"
+
+
+class DataParallelSync:
+    """The collectives that keep data-parallel SAEs identical on every rank (see the module docstring)."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+
+    def gradients(self, params: Sequence[Tensor]) -> None:
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
+
+    def counters(self, sae: SAE) -> None:
+        dist.all_reduce(sae.steps_since_active, op=dist.ReduceOp.MIN, group=self.group)
+
+    def parameters(self, sae: SAE) -> None:
+        for t in [*sae.parameters(), *sae.buffers()]:
+            dist.broadcast(t.data, 0, group=self.group)
+
+    def mean(self, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=self.group)
+        return x / self.world
+
+
+def _cell_generator(seed: int, cell: Cell, role: str) -> torch.Generator:
+    """A generator seeded by the run's seed and the cell's name, so a cell trains the same whichever
+    other cells share its model passes."""
+    return torch.Generator().manual_seed((seed * _MIX + zlib.crc32(f"{role}:{cell.name}".encode())) % 2**63)
+
+
+class _Sequences:
+    """Token sequences with their global indices, ``batch`` at a time, for one rank of ``world``.
+
+    A tensor is read in a new order every epoch (the same permutation on every rank, each rank taking
+    every ``world``-th row); an iterable is read in order and restarted when exhausted (it is expected to
+    be this rank's shard already, e.g. ``open_tokens(..., rank=r, world_size=world)``).
+    """
+
+    def __init__(self, data: Any, batch: int, seed: int, rank: int, world: int) -> None:
+        self.data, self.batch, self.seed, self.rank, self.world = data, batch, seed, rank, world
+        self.is_tensor = isinstance(data, Tensor)
+        self.epoch = self.cursor = self.consumed = 0
+        self._iter: Any = None
+
+    def _order(self) -> Tensor:
+        gen = torch.Generator().manual_seed((self.seed * _MIX + self.epoch) % 2**63)
+        return torch.randperm(len(self.data), generator=gen)[self.rank :: self.world]
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """``(global indices [batch], tokens [batch, ctx])``."""
+        if self.is_tensor:
+            order = self._order()
+            if self.cursor >= len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                order = self._order()
+            rows = order[self.cursor : self.cursor + self.batch]
+            self.cursor += len(rows)
+            return rows + self.epoch * len(self.data), self.data[rows]
+        windows: list[Tensor] = []
+        while len(windows) < self.batch:
+            if self._iter is None:
+                self._iter = iter(self.data)
+                for _ in range(self.cursor):  # resuming: skip what this epoch already gave
+                    next(self._iter)
+            try:
+                window = next(self._iter)
+            except StopIteration:
+                if self.cursor == 0:
+                    raise ValueError(f"data: the token source {self.data!r} yields no sequence") from None
+                self._iter, self.epoch, self.cursor = None, self.epoch + 1, 0
+                continue
+            windows.append(torch.as_tensor(window))
+            self.cursor += 1
+        index = torch.arange(self.consumed, self.consumed + len(windows)) * self.world + self.rank
+        self.consumed += len(windows)
+        return index, torch.stack(windows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "consumed": self.consumed}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.epoch, self.cursor, self.consumed, self._iter = d["epoch"], d["cursor"], d["consumed"], None
+
+
+class _HarvestFeed:
+    """Batches of every cell's states harvested from the model, through one shuffling buffer per cell."""
+
+    def __init__(self, model: Any, cells: list[Cell], data: Any, cfg: TrainConfig, local_batch: int,
+                 rank: int, world: int) -> None:
+        self.model, self.cells, self.cfg, self.local_batch = model, cells, cfg, local_batch
+        self.sequences = _Sequences(data, cfg.model_batch_size, cfg.seed, rank, world)
+        self.gens = {c: _cell_generator(cfg.seed, c, "buffer") for c in cells}
+        self.buffers: dict[Cell, Tensor] = {}
+        self.fill = 0
+
+    @torch.no_grad()
+    def _refill(self) -> None:
+        parts = {c: [self.buffers[c][: self.fill]] if c in self.buffers else [] for c in self.cells}
+        have = self.fill
+        while have < self.cfg.buffer_size:
+            index, tokens = self.sequences.next()
+            pos = sample_positions(index, tokens.shape[1], self.cfg.positions_per_seq,
+                                   skip=self.cfg.skip_positions, seed=self.cfg.seed)
+            states = harvest_cells(self.model, tokens, pos, self.cells)
+            for c in self.cells:
+                parts[c].append(states[c].cpu())
+            have += len(states[self.cells[0]])
+        for c in self.cells:
+            merged = torch.cat(parts[c])
+            self.buffers[c] = merged[torch.randperm(len(merged), generator=self.gens[c])]
+        self.fill = have
+
+    def next(self) -> dict[Cell, Tensor]:
+        if not self.buffers or self.fill < max(self.local_batch, self.cfg.buffer_size // 2):
+            self._refill()
+        lo = self.fill - self.local_batch
+        self.fill = lo
+        return {c: self.buffers[c][lo : lo + self.local_batch] for c in self.cells}
+
+    def mean(self, cell: Cell) -> Tensor:
+        if not self.buffers:
+            self._refill()
+        return self.buffers[cell][: self.fill].mean(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sequences": self.sequences.state_dict(), "fill": self.fill,
+                "gens": {c.name: g.get_state() for c, g in self.gens.items()},
+                "buffers": {c.name: b[: self.fill].clone() for c, b in self.buffers.items()}}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.sequences.load_state_dict(d["sequences"])
+        self.fill = d["fill"]
+        for c in self.cells:
+            self.gens[c].set_state(d["gens"][c.name])
+        self.buffers = {c: d["buffers"][c.name] for c in self.cells if c.name in d["buffers"]}
+
+
+class _StoreFeed:
+    """Batches of stored states: one seeded global order per cell, each rank reading its slice of every batch."""
+
+    def __init__(self, store: Any, cells: list[Cell], cfg: TrainConfig, rank: int, world: int) -> None:
+        self.store, self.cells, self.cfg, self.rank, self.world = store, cells, cfg, rank, world
+        self.step = 0
+        self._iters: dict[Cell, Any] = {}
+
+    def next(self) -> dict[Cell, Tensor]:
+        if not self._iters:
+            self._iters = {c: iter(self.store.iter_batches(c, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
+                                                           rank=self.rank, world_size=self.world, start=self.step))
+                           for c in self.cells}
+        self.step += 1
+        return {c: next(it) for c, it in self._iters.items()}
+
+    def mean(self, cell: Cell) -> Tensor:
+        n = min(self.store.count(cell), self.cfg.buffer_size)
+        return self.store.read(cell, torch.arange(n)).mean(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.step, self._iters = d["step"], {}
+
+
+class MultiCellTrainer:
+    """Trains one SAE per cell from one model pass per batch (see the module docstring).
+
+    Args:
+        model: a :class:`~recurrent_lens.HookedRecurrentModel` (``None`` when ``data`` is a state store).
+        cells: ``(hook_name, head)`` pairs or :class:`~recurrent_lens.sae.cells.Cell` s.
+        data: a ``[n_seq, ctx]`` token tensor, an iterable of ``[ctx]`` token windows, or a
+            :class:`~recurrent_lens.sae.store.StateStore`.
+        cfg: the settings shared by every cell (``batch_size`` is the global batch across ranks).
+        out_dir: where SAEs, logs and checkpoints go; an existing checkpoint there is resumed.
+        saes: ``{cell: SAE}`` to continue training instead of new ``cfg.architecture`` SAEs.
+        val_tokens: held-out ``[n_seq, ctx]`` tokens; each cell is evaluated on their states every
+            ``cfg.val_every`` steps (``log.val``).
+        distributed: ``"data"``, ``"cells"`` or ``None`` (one process); ``"auto"``: ``"data"`` when
+            ``torch.distributed`` is initialised with more than one rank.
+    """
+
+    def __init__(self, model: Any, cells: Iterable[Cell | tuple[str, int]], data: Any, cfg: TrainConfig | None = None,
+                 *, out_dir: str | None = None, saes: dict[Cell, SAE] | None = None, val_tokens: Tensor | None = None,
+                 distributed: str | None = "auto") -> None:
+        cfg = cfg or TrainConfig()
+        check_train_config(cfg)
+        store = data if hasattr(data, "iter_batches") else None
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if distributed == "auto":
+            distributed = "data" if self.world > 1 else None
+        if distributed not in (None, "data", "cells"):
+            raise ValueError(f"distributed: expected 'data', 'cells', 'auto' or None, got {distributed!r}")
+        if distributed is not None and not dist.is_initialized():
+            raise ValueError(f"distributed={distributed!r} needs torch.distributed to be initialised (e.g. torchrun)")
+        self.mode = distributed
+        if store is not None:
+            all_cells = parse_cells(_StoreCells(store), cells)
+        else:
+            if model is None:
+                raise ValueError("model: expected a model to harvest states from (data is not a state store)")
+            all_cells = parse_cells(model, cells)
+        self.all_cells = all_cells
+        self.cells = all_cells[self.rank :: self.world] if self.mode == "cells" else all_cells
+        split_data = self.mode == "data"
+        world = self.world if split_data else 1
+        if cfg.batch_size % world:
+            raise ValueError(f"TrainConfig.batch_size: expected a multiple of the {world} ranks, got {cfg.batch_size}")
+        self.local_batch = cfg.batch_size // world
+        self.sync = DataParallelSync() if split_data else None
+        self.writer = self.rank == 0 or self.mode == "cells"
+        self.model, self.cfg, self.out_dir = model, cfg, out_dir
+        if out_dir is not None:
+            check_writable(out_dir, "out_dir")
+            for cell in self.cells:
+                check_writable(os.path.join(out_dir, cell.name), "out_dir")
+                remove_stale_temporaries(os.path.join(out_dir, cell.name))
+            remove_stale_temporaries(out_dir)
+        rank, data_world = (self.rank, self.world) if split_data else (0, 1)
+        if store is not None:
+            self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)
+        else:
+            if isinstance(data, Tensor) or not isinstance(data, Iterable):
+                data = check_tokens(model, data)
+            self.feed = _HarvestFeed(model, self.cells, data, cfg, self.local_batch, rank, data_world)
+        self.val_states: dict[Cell, Tensor] | None = None
+        if val_tokens is not None:
+            if model is None:
+                raise ValueError("val_tokens: needs a model to harvest the held-out states from")
+            self.val_states = self._harvest_validation(check_tokens(model, val_tokens))
+        self.learners = {c: Learner(self._new_sae(c, saes), cfg, _cell_generator(cfg.seed, c, "learner"), self.sync)
+                         for c in self.cells}
+        if out_dir is not None and os.path.exists(self._manifest_path()):
+            self._resume()
+
+    def __repr__(self) -> str:
+        return (f"MultiCellTrainer({len(self.cells)} cells, step {self.step}/{self.cfg.n_steps}, batch "
+                f"{self.cfg.batch_size}, mode={self.mode or 'single process'}, rank {self.rank}/{self.world})")
+
+    @property
+    def step(self) -> int:
+        return next(iter(self.learners.values())).step if self.learners else self.cfg.n_steps
+
+    @property
+    def saes(self) -> dict[Cell, SAE]:
+        return {c: learner.sae for c, learner in self.learners.items()}
+
+    @property
+    def logs(self) -> dict[Cell, TrainLog]:
+        return {c: learner.log for c, learner in self.learners.items()}
+
+    def _new_sae(self, cell: Cell, saes: dict[Cell, SAE] | None) -> SAE:
+        given = None if saes is None else saes.get(cell, saes.get((cell.hook_name, cell.head)))
+        d_k, d_v = self._shape()
+        if given is not None and (given.cfg.d_k, given.cfg.d_v) != (d_k, d_v):
+            raise ValueError(f"saes[{cell.name}]: reads {given.cfg.d_k}x{given.cfg.d_v} states, the cell has {d_k}x{d_v}")
+        sae = given if given is not None else build_sae(self.cfg, d_k, d_v, seed=int(_cell_generator(self.cfg.seed, cell, "init").initial_seed()))
+        sae.cfg.metadata.setdefault("hook_name", cell.hook_name)
+        sae.cfg.metadata.setdefault("head", cell.head)
+        return sae
+
+    def _shape(self) -> tuple[int, int]:
+        if isinstance(self.feed, _StoreFeed):
+            return self.feed.store.d_k, self.feed.store.d_v
+        return self.model.cfg.d_k, self.model.cfg.d_v
+
+    @torch.no_grad()
+    def _harvest_validation(self, tokens: Tensor) -> dict[Cell, Tensor]:
+        out: dict[Cell, list[Tensor]] = {c: [] for c in self.cells}
+        step = self.cfg.model_batch_size
+        for i in range(0, len(tokens), step):
+            chunk = tokens[i : i + step]
+            index = torch.arange(i, i + len(chunk)) + 2**40  # a range no training sequence uses
+            pos = sample_positions(index, chunk.shape[1], self.cfg.positions_per_seq,
+                                   skip=self.cfg.skip_positions, seed=self.cfg.seed)
+            for c, s in harvest_cells(self.model, chunk, pos, self.cells).items():
+                out[c].append(s.cpu())
+        return {c: torch.cat(v) for c, v in out.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _manifest_path(self) -> str:
+        suffix = f".rank{self.rank}" if self.mode == "cells" else ""
+        return os.path.join(self.out_dir, MANIFEST.replace(".json", f"{suffix}.json"))
+
+    def _data_path(self, step: int) -> str:
+        return os.path.join(self.out_dir, f"data-{step:08d}.rank{self.rank}.pt")
+
+    def _cell_path(self, cell: Cell, step: int) -> str:
+        return os.path.join(self.out_dir, cell.name, f"checkpoint-{step:08d}.pt")
+
+    def save_checkpoint(self) -> None:
+        """Write every cell's and every rank's state for this step, then the manifest naming the step."""
+        if self.out_dir is None:
+            raise ValueError("save_checkpoint: out_dir is None")
+        step = self.step
+        payload = {"feed": self.feed.state_dict(), "torch_rng": torch.get_rng_state()}
+        atomic_write(self._data_path(step), lambda tmp: torch.save(payload, tmp))
+        if self.sync is not None:
+            dist.barrier()
+        if self.writer:
+            for cell, learner in self.learners.items():
+                state = learner.state_dict()
+                atomic_write(self._cell_path(cell, step), lambda tmp, state=state: torch.save(state, tmp))
+            previous = self._read_manifest() if os.path.exists(self._manifest_path()) else None
+            write_json(self._manifest_path(), {"step": step, "cells": [c.name for c in self.cells],
+                                               "world_size": self.world, "mode": self.mode,
+                                               "train_config": asdict(self.cfg)})
+            if previous is not None and previous["step"] != step:
+                self._remove_step(previous["step"])
+        if self.sync is not None:
+            dist.barrier()
+
+    def _remove_step(self, step: int) -> None:
+        paths = [self._cell_path(c, step) for c in self.cells]
+        paths += [os.path.join(self.out_dir, f"data-{step:08d}.rank{r}.pt")
+                  for r in (range(self.world) if self.mode == "data" else [self.rank])]
+        for path in paths:
+            if os.path.exists(path):
+                os.remove(path)
+
+    def _read_manifest(self) -> dict[str, Any]:
+        path = self._manifest_path()
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+            manifest["step"], manifest["cells"]  # noqa: B018 - both fields must exist
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read the training manifest {path} ({type(e).__name__}: {e})") from e
+        return manifest
+
+    def _resume(self) -> None:
+        manifest = self._read_manifest()
+        if manifest["cells"] != [c.name for c in self.cells]:
+            raise ValueError(f"out_dir: {self.out_dir!r} holds a run of cells {manifest['cells']}, not "
+                             f"{[c.name for c in self.cells]}; use another out_dir")
+        if manifest.get("world_size", 1) != self.world or manifest.get("mode") != self.mode:
+            raise ValueError(f"out_dir: the run in {self.out_dir!r} used {manifest.get('world_size')} process(es) "
+                             f"in mode {manifest.get('mode')!r}; resume it the same way (got {self.world}, {self.mode!r})")
+        if manifest.get("train_config") != asdict(self.cfg):
+            changed = sorted(k for k, v in asdict(self.cfg).items() if manifest.get("train_config", {}).get(k) != v)
+            raise ValueError(f"cfg: the run in {self.out_dir!r} used other settings ({', '.join(changed)} differ)")
+        step = manifest["step"]
+        for cell, learner in self.learners.items():
+            payload = torch.load(self._cell_path(cell, step), map_location="cpu", weights_only=True)
+            learner.sae.load_state_dict(sae_from_payload(payload).state_dict())
+            learner.load_state_dict(payload)
+        data = torch.load(self._data_path(step), map_location="cpu", weights_only=True)
+        self.feed.load_state_dict(data["feed"])
+        torch.set_rng_state(data["torch_rng"])
+
+    # ------------------------------------------------------------------ training
+    def train(self, until_step: int | None = None) -> dict[Cell, SAE]:
+        """Train every cell to ``cfg.n_steps`` (or stop at ``until_step``, writing a checkpoint)."""
+        with torch.enable_grad():
+            return self._train(until_step)
+
+    def _train(self, until_step: int | None) -> dict[Cell, SAE]:
+        cfg = self.cfg
+        stop = cfg.n_steps if until_step is None else min(until_step, cfg.n_steps)
+        if self.step == 0:
+            with torch.no_grad():
+                for cell, learner in self.learners.items():
+                    if learner.sae.cfg.center and not bool(learner.sae.mean.any()):
+                        mean = self.feed.mean(cell)
+                        learner.sae.mean.copy_(mean if self.sync is None else self.sync.mean(mean))
+        for learner in self.learners.values():
+            learner.sae.train()
+        per_step = self.local_batch * len(self.cells) * (self.world if self.mode else 1)
+        bar = tqdm(total=stop * per_step, initial=self.step * per_step, unit="state", unit_scale=True,
+                   disable=not (cfg.progress and self.rank == 0), desc=f"{len(self.all_cells)} SAEs")
+        while self.step < stop:
+            batches = self.feed.next()
+            rows = {c: learner.update(batches[c], stop) for c, learner in self.learners.items()}
+            if rows[self.cells[0]] is not None:
+                first = rows[self.cells[0]]
+                bar.set_postfix(step=self.step, mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}")
+            if self.val_states is not None and (self.step % cfg.val_every == 0 or self.step == cfg.n_steps):
+                for c, learner in self.learners.items():
+                    learner.log.val.append({"step": self.step, **evaluate(learner.sae, self.val_states[c],
+                                                                          cfg.batch_size)})
+            if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            bar.update(per_step)
+        bar.close()
+        for learner in self.learners.values():
+            learner.sae.eval()
+            if self.step >= cfg.n_steps:
+                learner.sae.cfg.metadata.update(train_steps=self.step)
+        if self.out_dir is not None:
+            self.save_checkpoint()
+            if self.step >= cfg.n_steps and self.writer:
+                for cell, learner in self.learners.items():
+                    save_sae(learner.sae, os.path.join(self.out_dir, cell.name))
+                    write_json(os.path.join(self.out_dir, cell.name, "train_log.json"), asdict(learner.log))
+        return self.saes
+
+
+class _StoreCells:
+    """Just enough of a model for :func:`parse_cells` to check cells against a state store."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        heads = [c.head for c in store.cells]
+        self.cfg = type("StoreShape", (), {"n_heads": max(heads) + 1})()
+
+    def matrix_site(self, hook_name: str) -> tuple[int, str]:
+        if not any(c.hook_name == hook_name for c in self.store.cells):
+            raise ValueError(f"hook_name: the state store holds {sorted({c.hook_name for c in self.store.cells})}, "
+                             f"not {hook_name!r}")
+        return -1, hook_name.rsplit("_", 1)[-1]
+
+
+def train_cells(model: Any, cells: Iterable[Cell | tuple[str, int]], data: Any, cfg: TrainConfig | None = None,
+                **kwargs: Any) -> dict[Cell, SAE]:
+    """Train one SAE per cell from shared model passes; see :class:`MultiCellTrainer` for the arguments.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+        >>> from recurrent_lens.sae import TrainConfig
+        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
+        ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
+        >>> saes = train_cells(model, [("blocks.0.mixer.hook_state", h) for h in range(2)],
+        ...                    torch.randint(0, 20, (16, 10)), TrainConfig(n_steps=5, batch_size=16, n_features=16, k=2,
+        ...                    buffer_size=32, progress=False))
+        >>> sorted(c.name for c in saes)
+        ['blocks.0.mixer.hook_state.h0', 'blocks.0.mixer.hook_state.h1']
+    """
+    return MultiCellTrainer(model, cells, data, cfg, **kwargs).train()
