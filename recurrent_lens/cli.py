@@ -4,6 +4,9 @@
 
     recurrent-lens demo [--arch gdn] [--out DIR] [--quick] [--positions values|all]
     recurrent-lens train-sae --arch gdn --out DIR [--hook blocks.1.mixer.hook_state --head 0 ...]
+    recurrent-lens train-sae --model DIR_OR_HUB_ID --dataset PATH --layers 1,9,17 --heads 4 --context-length 512
+                             --steps N --out OUT [--dtype bfloat16 --device cuda]   (also under torchrun)
+    recurrent-lens harvest --model DIR --dataset PATH --layers 1,9 --out STORE;  train-sae --states STORE --out OUT
     recurrent-lens substitution --arch gdn --sae DIR [--replace update --scale coefficient ...]
     recurrent-lens logit-shift --arch gdn --sae DIR [--eps 0.1 0.3 1 3] [--atoms I ... | --n-atoms N]
                                [--readout final_norm]
@@ -45,7 +48,7 @@ def _number(kind: type, what: str, ok) -> Callable[[str], int | float]:
 
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
-_positive_float = _number(float, "a positive number", lambda v: v > 0)
+_positive_float = _number(float, "a positive finite number", lambda v: v > 0 and math.isfinite(v))
 _nonzero_float = _number(float, "a nonzero finite number", lambda v: v != 0 and math.isfinite(v))
 _cosine = _number(float, "a number in [-1, 1]", lambda v: -1 <= v <= 1)
 
@@ -130,6 +133,47 @@ def _add_readout_offset(p: argparse.ArgumentParser, what: str) -> None:
                         f"reads where a value written at t is recalled)")
 
 
+def _add_real_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """Options that pick a checkpoint, a dataset and the cells (hook, head) to read."""
+    g = p.add_argument_group("checkpoint and dataset")
+    g.add_argument("--model", default=None, required=required, metavar="DIR_OR_HUB_ID",
+                   help="checkpoint to load with HookedRecurrentModel.from_pretrained")
+    g.add_argument("--dataset", default=None, required=required, metavar="PATH_OR_HUB_ID",
+                   help=".txt (a document per line), .jsonl, a saved datasets directory, a hub dataset id, or "
+                        "pre-tokenized ids (.npy/.safetensors/.pt, [n_seq, ctx])")
+    g.add_argument("--text-field", default="text", help="text field of .jsonl / datasets rows (default: text)")
+    g.add_argument("--split", default="train", help="dataset split (default: train)")
+    g.add_argument("--context-length", type=_positive_int, default=None,
+                   help="tokens per sequence for text (pre-tokenized data keeps its own)")
+    g.add_argument("--layers", type=_int_list, default=None, metavar="L1,L2",
+                   help="shorthand for --hook blocks.{L}.mixer.hook_{KIND} for every layer listed")
+    g.add_argument("--hook-kind", default="state", choices=["state", "write"],
+                   help="with --layers: read S_t (state, default) or W_t (write)")
+    g.add_argument("--heads", type=_int_list, default=None, metavar="H1,H2",
+                   help="heads to read in every hook (default: all heads)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model weight dtype (default: the checkpoint's)")
+    g.add_argument("--device", default=None, help="model and SAE device, e.g. cuda (default: cpu; under torchrun "
+                                                  "cuda means each rank's local GPU)")
+    g.add_argument("--positions-per-seq", type=_positive_int, default=16,
+                   help="positions sampled per sequence (default: 16)")
+    g.add_argument("--skip-positions", type=_non_negative_int, default=1,
+                   help="leading positions never sampled, e.g. BOS (default: 1)")
+    g.add_argument("--model-batch-size", type=_positive_int, default=8,
+                   help="sequences per model forward (default: 8)")
+
+
+def _int_list(text: str) -> list[int]:
+    """``"1,9,17"`` -> ``[1, 9, 17]`` (non-negative integers)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recurrent-lens",
@@ -148,12 +192,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=".", help="directory for plots and tables (default: the working directory)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for a fast smoke run (seconds)")
 
-    train = sub.add_parser("train-sae", help="train an SAE on a toy model's state hook and save it",
-                           description="Train an SAE on states streamed from a toy model's hooks; writes "
-                                       "cfg.json + sae_weights.safetensors to --out.")
+    train = sub.add_parser(
+        "train-sae", help="train SAEs on a checkpoint's (or a toy's) state hooks and save them",
+        description="With --model and --dataset: one SAE per cell (hook, head) of a checkpoint, all cells fed by the "
+                    "same model passes over a text or token dataset; writes OUT/{hook}.h{head}/ (an SAE directory "
+                    "with train_log.json) per cell. With --states: the same from a state store written by "
+                    "`recurrent-lens harvest`. With neither: one SAE on a toy model's hook, written to --out. Under "
+                    "torchrun the SAEs train data-parallel (or --distribute-cells).")
     _add_model_args(train)
     _add_sae_args(train)
-    train.add_argument("--out", required=True, help="directory to write the SAE to")
+    train.add_argument("--out", required=True, help="output directory (checked writable before any work)")
+    _add_real_model_args(train)
+    train.add_argument("--states", default=None, metavar="DIR",
+                       help="train from a state store (recurrent-lens harvest, or the reference layer_L/head_H.npy "
+                            "layout) instead of running a model")
+    train.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="states per SAE step, the global batch across ranks (default: 256 real, the toy recipe's "
+                            "for toys)")
+    train.add_argument("--buffer-size", type=_positive_int, default=4096,
+                       help="states held per cell in the shuffling buffer (default: 4096)")
+    train.add_argument("--val-sequences", type=_non_negative_int, default=0,
+                       help="sequences held out (the first ones of --dataset) for validation metrics (default: 0)")
+    train.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
+                       help="write a resumable checkpoint every this many steps (default: 0, only at the end)")
+    train.add_argument("--distribute-cells", action="store_true",
+                       help="under torchrun, each rank trains its own subset of the cells on all of the data "
+                            "(default: data-parallel, every rank trains every cell on its share)")
+
+    harvest = sub.add_parser(
+        "harvest", help="write sampled states of many cells of a checkpoint to a state store",
+        description="Run a checkpoint over a dataset and write the states (or writes) of every cell at sampled "
+                    "positions to sharded safetensors under --out with a JSON manifest; a killed run resumes where "
+                    "it stopped. `recurrent-lens train-sae --states DIR` trains from it.")
+    _add_real_model_args(harvest, required=True)
+    harvest.add_argument("--out", required=True, help="store directory (checked writable before any work)")
+    harvest.add_argument("--sequences", type=_positive_int, default=None,
+                         help="stop after this many sequences (default: the whole dataset)")
+    harvest.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                         help="dtype of the stored states (default: float32)")
+    harvest.add_argument("--shard-size", type=_positive_int, default=65536,
+                         help="states per shard file and cell (default: 65536)")
+    harvest.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampled positions")
+    harvest.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    harvest.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
 
     subst = sub.add_parser("substitution", help="run the substitution test with a saved SAE",
                            description="Atom vs delete vs random substitution of the native update at every "
@@ -356,9 +437,163 @@ def _demo(args, parser) -> int:
     return 0
 
 
+def _check_out(parser: argparse.ArgumentParser, path: str, flag: str = "--out") -> None:
+    """Refuse an output directory that cannot be written, before any work starts."""
+    from recurrent_lens.sae.training import check_writable
+
+    try:
+        check_writable(path, flag)
+    except ValueError as e:
+        parser.error(f"argument {e}")
+
+
+def _init_distributed(args) -> tuple[int, int]:
+    """``(rank, world_size)``; under torchrun (``WORLD_SIZE`` > 1) the process group is initialised here,
+    with NCCL on CUDA and gloo on CPU, and ``--device cuda`` becomes each rank's local GPU."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = (args.device or "cpu").startswith("cuda")
+        if cuda:
+            import torch
+
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _load_checkpoint(args, parser):
+    """The ``--model`` checkpoint, loaded with ``--dtype`` on ``--device``; load failures are parser errors."""
+    from recurrent_lens import HookedRecurrentModel
+    from recurrent_lens.models.loading import CheckpointError
+
+    try:
+        model = HookedRecurrentModel.from_pretrained(args.model, dtype=args.dtype, device=args.device or "cpu")
+    except (CheckpointError, OSError, ValueError) as e:
+        parser.error(f"argument --model: {e}")
+    return model.eval()
+
+
+def _cells(args, parser, model) -> list:
+    """The cells named by ``--hook``/``--layers`` x ``--heads``, checked against the model."""
+    from recurrent_lens.sae.cells import parse_cells
+
+    hooks = [args.hook] if args.hook else []
+    hooks += [f"blocks.{layer}.mixer.hook_{args.hook_kind}" for layer in args.layers or []]
+    if not hooks:
+        parser.error("name the hooks to read: --hook blocks.L.mixer.hook_state (or hook_write) and/or --layers L1,L2")
+    heads = args.heads if args.heads is not None else range(model.cfg.n_heads)
+    try:
+        return parse_cells(model, [(hook, head) for hook in hooks for head in heads])
+    except ValueError as e:
+        parser.error(f"argument {'--heads' if str(e).startswith('head') else '--hook/--layers'}: {e}")
+
+
+def _token_source(args, parser, model, **shard):
+    """``--dataset`` opened with the model's tokenizer at ``--context-length``; errors are parser errors."""
+    from recurrent_lens.data import open_tokens
+
+    try:
+        source = open_tokens(args.dataset, tokenizer=model.tokenizer, context_length=args.context_length,
+                             text_field=args.text_field, split=args.split, **shard)
+        next(iter(source))  # a dataset shorter than one context fails here, not minutes later
+    except (OSError, ValueError, TypeError) as e:
+        parser.error(f"argument --dataset: {e}")
+    except StopIteration:
+        parser.error(f"argument --dataset: {args.dataset!r} gives no sequence to this process ({shard})")
+    return source
+
+
+def _train_config(args, **overrides):
+    from recurrent_lens.sae import TrainConfig
+
+    return TrainConfig(n_steps=args.steps, batch_size=args.batch_size or 256, lr=args.lr, lr_min=args.lr / 10,
+                       architecture=args.sae_type, n_features=args.n_features, k=args.k,
+                       positions_per_seq=args.positions_per_seq, skip_positions=args.skip_positions,
+                       model_batch_size=args.model_batch_size, buffer_size=args.buffer_size,
+                       checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
+                       **overrides)
+
+
+def _train_real(args, parser) -> int:
+    """``train-sae --model/--dataset`` or ``--states``: one SAE per cell, optionally under torchrun."""
+    from recurrent_lens.sae.multicell import MultiCellTrainer
+
+    if args.states is not None and args.model is not None:
+        parser.error("argument --states: train either from a state store or from --model/--dataset, not both")
+    if args.model is not None and args.dataset is None:
+        parser.error("argument --dataset: required with --model")
+    _check_out(parser, args.out)
+    rank, world = _init_distributed(args)
+    mode = None if world == 1 else ("cells" if args.distribute_cells else "data")
+    try:
+        cfg = _train_config(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.states is not None:
+        from recurrent_lens.sae.store import StateStore
+
+        try:
+            store = StateStore(args.states)
+        except (OSError, ValueError) as e:
+            parser.error(f"argument --states: {e}")
+        hooks = [args.hook] if args.hook else [f"blocks.{layer}.mixer.hook_{args.hook_kind}" for layer in args.layers or []]
+        cells = [c for c in store.cells if (not hooks or c.hook_name in hooks)
+                 and (args.heads is None or c.head in args.heads)]
+        if not cells:
+            parser.error(f"arguments --hook/--layers/--heads: select none of the store's cells "
+                         f"{[c.name for c in store.cells]}")
+        trainer = MultiCellTrainer(None, cells, store, cfg, out_dir=args.out, distributed=mode,
+                                   device=args.device or "cpu")
+    else:
+        model = _load_checkpoint(args, parser)
+        cells = _cells(args, parser, model)
+        share = {"rank": rank, "world_size": world} if mode == "data" else {}
+        val = None
+        if args.val_sequences:
+            import torch
+
+            held_out = _token_source(args, parser, model, max_sequences=args.val_sequences)
+            val = torch.stack(list(held_out))
+            share["skip"] = -(-args.val_sequences // share.get("world_size", 1))
+        source = _token_source(args, parser, model, **share)
+        trainer = MultiCellTrainer(model, cells, source, cfg, out_dir=args.out, val_tokens=val, distributed=mode)
+    if trainer.step:
+        print(f"resuming {args.out} at step {trainer.step}")
+    saes = trainer.train()
+    if rank == 0 or mode == "cells":
+        for cell, learner in trainer.learners.items():
+            last = learner.log.train[-1] if learner.log.train else {}
+            print(f"{cell.name}: {saes[cell]}\n  mse {last.get('mse', float('nan')):.4g}, explained variance "
+                  f"{last.get('explained_variance', float('nan')):.3f}, dead {last.get('dead', 0)}")
+        print(f"saved {len(trainer.cells)} SAE(s) under {args.out}")
+    return 0
+
+
+def _harvest_cmd(args, parser) -> int:
+    from recurrent_lens.sae.store import harvest_to_store
+
+    _check_out(parser, args.out)
+    model = _load_checkpoint(args, parser)
+    cells = _cells(args, parser, model)
+    source = _token_source(args, parser, model)
+    store = harvest_to_store(model, cells, source, args.out, positions_per_seq=args.positions_per_seq,
+                             skip_positions=args.skip_positions, batch_size=args.model_batch_size,
+                             shard_size=args.shard_size, dtype=args.store_dtype, seed=args.seed,
+                             max_sequences=args.sequences, progress=not args.no_progress, model_name=args.model)
+    print(store)
+    return 0
+
+
 def _train_cmd(args, parser) -> int:
     from recurrent_lens import toy
 
+    if args.model is not None or args.states is not None:
+        return _train_real(args, parser)
+    _check_out(parser, args.out)
     progress = not args.no_progress
     model, task = toy.load(args.arch, progress=progress)
     _check_site(parser, model, args.hook, args.head)
@@ -538,11 +773,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from recurrent_lens.toy import TOY_SPECS
 
-    torch.set_num_threads(args.threads)
-    spec = TOY_SPECS[args.arch]  # every subcommand works on a toy
-    args.hook = spec.probe_hook if args.hook is None else args.hook
-    args.head = spec.probe[1] if args.head is None else args.head
-    handler = {"demo": _demo, "train-sae": _train_cmd, "substitution": _substitution_cmd,
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    real = args.command == "harvest" or (args.command == "train-sae" and (args.model or args.states))
+    if not real:  # the other subcommands work on a toy
+        spec = TOY_SPECS[args.arch]
+        args.hook = spec.probe_hook if args.hook is None else args.hook
+        args.head = spec.probe[1] if args.head is None else args.head
+    handler = {"demo": _demo, "train-sae": _train_cmd, "harvest": _harvest_cmd, "substitution": _substitution_cmd,
                "logit-shift": _logit_shift_cmd, "erase": _erase_cmd, "partition": _partition_cmd}[args.command]
     return handler(args, command_parser)
 

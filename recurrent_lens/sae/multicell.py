@@ -254,11 +254,12 @@ class MultiCellTrainer:
             ``cfg.val_every`` steps (``log.val``).
         distributed: ``"data"``, ``"cells"`` or ``None`` (one process); ``"auto"``: ``"data"`` when
             ``torch.distributed`` is initialised with more than one rank.
+        device: where the SAEs train (default: the model's device); buffers stay in host memory.
     """
 
     def __init__(self, model: Any, cells: Iterable[Cell | tuple[str, int]], data: Any, cfg: TrainConfig | None = None,
                  *, out_dir: str | None = None, saes: dict[Cell, SAE] | None = None, val_tokens: Tensor | None = None,
-                 distributed: str | None = "auto") -> None:
+                 distributed: str | None = "auto", device: str | torch.device | None = None) -> None:
         cfg = cfg or TrainConfig()
         check_train_config(cfg)
         store = data if hasattr(data, "iter_batches") else None
@@ -286,6 +287,9 @@ class MultiCellTrainer:
         self.sync = DataParallelSync() if split_data else None
         self.writer = self.rank == 0 or self.mode == "cells"
         self.model, self.cfg, self.out_dir = model, cfg, out_dir
+        if device is None:
+            device = next(model.parameters()).device if model is not None else "cpu"
+        self.device = torch.device(device)
         if out_dir is not None:
             check_writable(out_dir, "out_dir")
             for cell in self.cells:
@@ -333,7 +337,7 @@ class MultiCellTrainer:
         sae = given if given is not None else build_sae(self.cfg, d_k, d_v, seed=int(_cell_generator(self.cfg.seed, cell, "init").initial_seed()))
         sae.cfg.metadata.setdefault("hook_name", cell.hook_name)
         sae.cfg.metadata.setdefault("head", cell.head)
-        return sae
+        return sae.to(self.device)
 
     def _shape(self) -> tuple[int, int]:
         if isinstance(self.feed, _StoreFeed):
@@ -437,7 +441,7 @@ class MultiCellTrainer:
             with torch.no_grad():
                 for cell, learner in self.learners.items():
                     if learner.sae.cfg.center and not bool(learner.sae.mean.any()):
-                        mean = self.feed.mean(cell)
+                        mean = self.feed.mean(cell).to(self.device)
                         learner.sae.mean.copy_(mean if self.sync is None else self.sync.mean(mean))
         for learner in self.learners.values():
             learner.sae.train()
@@ -446,14 +450,14 @@ class MultiCellTrainer:
                    disable=not (cfg.progress and self.rank == 0), desc=f"{len(self.all_cells)} SAEs")
         while self.step < stop:
             batches = self.feed.next()
-            rows = {c: learner.update(batches[c], stop) for c, learner in self.learners.items()}
+            rows = {c: learner.update(batches[c].to(self.device), stop) for c, learner in self.learners.items()}
             if rows[self.cells[0]] is not None:
                 first = rows[self.cells[0]]
                 bar.set_postfix(step=self.step, mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}")
             if self.val_states is not None and (self.step % cfg.val_every == 0 or self.step == cfg.n_steps):
                 for c, learner in self.learners.items():
-                    learner.log.val.append({"step": self.step, **evaluate(learner.sae, self.val_states[c],
-                                                                          cfg.batch_size)})
+                    states = self.val_states[c].to(self.device)
+                    learner.log.val.append({"step": self.step, **evaluate(learner.sae, states, cfg.batch_size)})
             if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             bar.update(per_step)

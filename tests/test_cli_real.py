@@ -1,0 +1,108 @@
+"""The CLI on a real checkpoint format: train-sae and harvest on a tiny saved Qwen3.5 with a tokenizer."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import tiny_qwen3_5
+from recurrent_lens.cli import main
+from recurrent_lens.sae import load
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen")
+    tiny_qwen3_5(seed=0).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
+            for n in torch.randint(5, 30, (60,), generator=g)]
+    (path / "docs.txt").write_text("\n".join(docs) + "\n")
+    return path
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def small(checkpoint, out, *extra):
+    return ["train-sae", "--model", checkpoint, "--dataset", checkpoint / "docs.txt", "--context-length", 16,
+            "--steps", 6, "--batch-size", 32, "--n-features", 16, "--k", 2, "--buffer-size", 64,
+            "--positions-per-seq", 4, "--no-progress", "--out", out, *extra]
+
+
+def test_train_sae_on_a_checkpoint_writes_one_sae_per_cell(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(*small(checkpoint, out, "--layers", "0,1", "--heads", "0,3", "--val-sequences", 4)) == 0
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == [f"blocks.{l}.mixer.hook_state.h{h}" for l in (0, 1) for h in (0, 3)]
+    for name in names:
+        sae = load(str(out / name))
+        assert sae.cfg.metadata["hook_name"] == name.rsplit(".h", 1)[0] and (sae.cfg.d_k, sae.cfg.d_v) == (8, 12)
+        log = json.loads((out / name / "train_log.json").read_text())
+        assert log["train"][-1]["step"] == 6 and log["val"]
+    assert "saved 4 SAE(s)" in capsys.readouterr().out
+
+
+def test_write_hooks_and_dtype(checkpoint, tmp_path):
+    out = tmp_path / "w"
+    assert run(*small(checkpoint, out, "--layers", "2", "--hook-kind", "write", "--heads", "1",
+                      "--dtype", "bfloat16")) == 0
+    assert load(str(out / "blocks.2.mixer.hook_write.h1")).cfg.metadata["train_steps"] == 6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layers", "3"], "not a recurrent layer"),
+    (["--layers", "9"], "not a recurrent layer"),
+    (["--hook", "blocks.0.mixer.hook_read"], "hook_name"),
+    (["--layers", "0", "--heads", "4"], "--heads"),
+    ([], "name the hooks"),
+])
+def test_bad_cells_are_parser_errors(checkpoint, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        run(*small(checkpoint, tmp_path / "o", *extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dataset_shorter_than_one_context(checkpoint, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("the cat\n")
+    argv = small(checkpoint, tmp_path / "o", "--layers", "0")
+    argv[argv.index("--dataset") + 1] = short
+    with pytest.raises(SystemExit):
+        run(*argv)
+    assert "shorter than one context" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_refused_before_loading(checkpoint, tmp_path, capsys, monkeypatch):
+    from recurrent_lens import HookedRecurrentModel
+
+    monkeypatch.setattr(HookedRecurrentModel, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for argv in (small(checkpoint, blocker / "out", "--layers", "0"),
+                 ["train-sae", "--out", blocker / "toy", "--no-progress"]):
+        with pytest.raises(SystemExit):
+            run(*argv)
+        assert "--out: cannot write" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "recurrent_lens", "train-sae", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--distribute-cells" in done.stdout
