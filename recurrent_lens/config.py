@@ -67,7 +67,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     """Epsilon of the block and final norms."""
     conv_kernel: int = 4
-    """Width of the depthwise causal short convolution (0: none)."""
+    """Width of the depthwise causal short convolution (0: none, in every architecture that has one)."""
     tie_embeddings: bool = False
     """Whether the unembedding reuses the embedding matrix."""
     residual_in_fp32: bool = False
@@ -116,6 +116,8 @@ class ModelConfig:
             raise ValueError(f"norm: expected 'rms', 'rms_one_plus' or 'layer', got {self.norm!r}")
         if self.mlp not in ("swiglu", "relu2"):
             raise ValueError(f"mlp: expected 'swiglu' or 'relu2', got {self.mlp!r}")
+        if self.conv_kernel < 0:
+            raise ValueError(f"conv_kernel: expected >= 0 (0: no short convolution), got {self.conv_kernel}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size: expected a positive int, got {self.chunk_size}")
         resolve_dtype(self.dtype)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Integer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens import ActivationCache, HookedRootModule
@@ -18,11 +21,17 @@ from transformer_lens.hook_points import HookPoint
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.attention import Attention
 from recurrent_lens.models.cache import LayerCache, RecurrentCache
-from recurrent_lens.models.components import make_mlp, make_norm
+from recurrent_lens.models.components import ShortConv, make_mlp, make_norm
 from recurrent_lens.models.mixer import HarvestDone, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
 
-TokensLike = str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
+TokensLike = (str | list[str] | list[int] | list[list[int]]
+              | Integer[Tensor, "batch pos"] | Integer[Tensor, " pos"])
+"""Text (a string or a list of strings), token ids as a list (``[pos]`` or ``[batch][pos]``) or as a
+tensor of any integer dtype."""
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+              torch.uint64)
 
 
 class Block(nn.Module):
@@ -94,6 +103,12 @@ class HookedRecurrentModel(HookedRootModule):
         def hook(x, hook):
             print(model.positions)  # e.g. tensor([7]) on the 8th token of generate()
 
+    Threads: ``model.positions`` is per thread (each thread sees the positions of its own forward), but
+    hooks, cache requests and spliced SAEs belong to the model, not to the thread that added them: a
+    hook added in one thread fires in every thread's forwards, and ``run_with_hooks`` or
+    ``run_with_cache`` in two threads at once see and remove each other's hooks. Forwards without
+    hooks may run concurrently; with hooks, use one model per thread or hold a lock around each run.
+
     Example:
         >>> import torch
         >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
@@ -116,8 +131,29 @@ class HookedRecurrentModel(HookedRootModule):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
         self.unembed = None if cfg.tie_embeddings else Unembed(cfg)
-        self.positions: Tensor | None = None
+        self.positions = None
         self.setup()
+
+    @property
+    def positions(self) -> Tensor | None:
+        """The absolute positions ``[pos]`` of the tokens of this thread's current (or last) forward."""
+        return getattr(self._thread_state(), "positions", None)
+
+    @positions.setter
+    def positions(self, value: Tensor | None) -> None:
+        self._thread_state().positions = value
+
+    def _thread_state(self) -> threading.local:
+        # created lazily and dropped from pickles/deep copies, which cannot hold a threading.local
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__["_local"] = threading.local()
+        return local
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_local", None)
+        return state
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -186,19 +222,32 @@ class HookedRecurrentModel(HookedRootModule):
         tokens = self.to_tokens(input)[0] if isinstance(input, str) else torch.as_tensor(input).reshape(-1)
         return [self._require_tokenizer().decode([t]) for t in tokens.tolist()]
 
-    def _tokens(self, input: TokensLike) -> Tensor:
-        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
-        if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
-            raise TypeError(f"tokens: expected an integer tensor or text, got {type(tokens).__name__}"
-                            f"{' of dtype ' + str(tokens.dtype) if isinstance(tokens, Tensor) else ''}")
+    def _tokens(self, input: TokensLike) -> Int[Tensor, "batch pos"]:
+        text = _is_text(input)
+        if text:
+            tokens = self.to_tokens(input)
+        elif isinstance(input, list):
+            tokens = _ids_from_list(input)
+        else:
+            tokens = input
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens: expected an integer tensor, a list of token ids or text, "
+                            f"got {type(tokens).__name__}")
+        if tokens.dtype not in _ID_DTYPES:
+            why = " (a bool tensor is a mask, not token ids)" if tokens.dtype == torch.bool else ""
+            raise TypeError(f"tokens: expected integer token ids, got a tensor of dtype {tokens.dtype}{why}")
         if tokens.dim() == 1:
             tokens = tokens[None]
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected shape [batch, pos], got {tuple(tokens.shape)}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens: expected at least one sequence of at least one token, got shape "
+                             f"{tuple(tokens.shape)}{' (the text tokenized to no tokens)' if text else ''}")
+        tokens = tokens.to(device=self.embed.weight.device, dtype=torch.long)
+        if tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab:
             raise ValueError(f"tokens: ids must lie in [0, {self.cfg.d_vocab}) (d_vocab), "
                              f"got min {int(tokens.min())} and max {int(tokens.max())}")
-        return tokens.to(self.embed.weight.device).long()
+        return tokens
 
     # ------------------------------------------------------------------ forward
     def make_cache(self) -> RecurrentCache:
@@ -218,28 +267,43 @@ class HookedRecurrentModel(HookedRootModule):
         """Run the model.
 
         Args:
-            input: token ids ``[batch, pos]`` (or ``[pos]``), or text.
+            input: token ids ``[batch, pos]`` (or ``[pos]``; a tensor of any integer dtype or a list of
+                ints), or text.
             return_type: ``"logits"`` (``[batch, pos, d_vocab]``, fp32), ``"loss"`` (next-token
                 cross-entropy), ``"both"`` or ``None``.
             cache: a :class:`RecurrentCache` to start from and update in place (continues a sequence).
-            initial_states: ``{layer: state [batch, head, d_k, d_v]}`` to start recurrent layers from.
+                The update is all or nothing: every layer and ``seq_len`` change together when the
+                forward returns, and a forward that raises (in a hook, say) leaves the cache as it was.
+                A cache built for another batch size or model shape is refused with a ValueError.
+            initial_states: ``{layer: state [batch, head, d_k, d_v]}`` to start recurrent layers from
+                (any floating dtype and device: converted to fp32 on the model's device).
             stop_at_layer: as in TransformerLens: run blocks ``0 .. stop_at_layer - 1`` only and return the
                 residual stream entering block ``stop_at_layer`` (negative values count from the end).
             loss_per_token: with a loss, return it per position ``[batch, pos - 1]``.
         """
         tokens = self._tokens(input)
         B, T = tokens.shape
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type: expected 'logits', 'loss', 'both' or None, got {return_type!r}")
         if stop_at_layer is not None:
             n = self.cfg.n_layers
             if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int) or not -n <= stop_at_layer <= n:
                 raise ValueError(f"stop_at_layer: expected an int in [{-n}, {n}] or None, got {stop_at_layer!r}")
-            if cache is not None:
-                raise ValueError("stop_at_layer: cannot be combined with cache (the layers after it would not "
-                                 "advance, leaving the cache inconsistent)")
         if cache is not None and initial_states:
             raise ValueError("pass either cache or initial_states, not both (put the states into the cache)")
+        if cache is not None and len(self.blocks[:stop_at_layer]) < len(self.blocks):
+            raise ValueError(f"stop_at_layer: {stop_at_layer} cannot be combined with cache (the later layers would "
+                             "not advance, leaving the cache inconsistent); run without stop_at_layer")
         if initial_states:
             cache = self._cache_from_states(initial_states, B)
+        work = None
+        if cache is not None:
+            if not isinstance(cache, RecurrentCache):
+                raise TypeError(f"cache: expected a RecurrentCache, got {type(cache).__name__}")
+            cache.check(self.cfg, B, {layer: (m.channels, m.kernel - 1) for layer, block in enumerate(self.blocks)
+                                      for m in block.modules() if isinstance(m, ShortConv)})
+            # every layer updates this fork; the caller's cache takes it over only once the forward succeeded
+            work = cache.fork(device=tokens.device)
         offset = cache.seq_len if cache is not None else 0
         self.positions = torch.arange(offset, offset + T, device=tokens.device)
         ctx: dict[str, Any] = {"positions": self.positions, "tokens": tokens}
@@ -249,25 +313,22 @@ class HookedRecurrentModel(HookedRootModule):
         if self.ln_embed is not None:
             x = self.ln_embed(x)
         for layer, block in enumerate(self.blocks[:stop_at_layer]):
-            x = block(x, None if cache is None else cache[layer], ctx)
-        if cache is not None:
-            cache.seq_len += T
-        if stop_at_layer is not None:
-            return x
-        x = self.ln_final(x)
-        weight = self.embed.weight if self.unembed is None else self.unembed.weight
-        logits = F.linear(x.to(weight.dtype), weight).float()
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(B, T - 1)
-        loss = loss if loss_per_token else loss.mean()
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"return_type: expected 'logits', 'loss', 'both' or None, got {return_type!r}")
+            x = block(x, None if work is None else work[layer], ctx)
+        result: Any = x
+        if stop_at_layer is None:
+            x = self.ln_final(x)
+            weight = self.embed.weight if self.unembed is None else self.unembed.weight
+            logits = F.linear(x.to(weight.dtype), weight).float()
+            result = logits if return_type == "logits" else None
+            if return_type in ("loss", "both"):
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
+                                       reduction="none").view(B, T - 1)
+                loss = loss if loss_per_token else loss.mean()
+                result = loss if return_type == "loss" else (logits, loss)
+        if work is not None:
+            work.seq_len += T
+            cache.commit(work)
+        return result
 
     def _cache_from_states(self, states: dict[int, Tensor], batch: int) -> RecurrentCache:
         cache = self.make_cache()
@@ -275,10 +336,13 @@ class HookedRecurrentModel(HookedRootModule):
         for layer, S in states.items():
             if layer not in cfg.recurrent_layers:
                 raise ValueError(f"initial_states: layer {layer} is not a recurrent layer; recurrent layers: {cfg.recurrent_layers}")
+            if not isinstance(S, Tensor) or not S.is_floating_point():
+                got = f"a tensor of dtype {S.dtype}" if isinstance(S, Tensor) else type(S).__name__
+                raise TypeError(f"initial_states[{layer}]: expected a floating-point tensor, got {got}")
             expected = (batch, cfg.n_heads, cfg.d_k, cfg.d_v)
             if tuple(S.shape) != expected:
                 raise ValueError(f"initial_states[{layer}]: expected shape {expected}, got {tuple(S.shape)}")
-            cache[layer].state = S.float()
+            cache[layer].state = S.to(device=self.embed.weight.device, dtype=torch.float32)
         return cache
 
     # ------------------------------------------------------------------ caching
@@ -512,13 +576,15 @@ class HookedRecurrentModel(HookedRootModule):
         changes the cache and therefore every later token.
 
         Args:
-            input: prompt ids ``[batch, pos]`` or text.
+            input: prompt ids ``[batch, pos]`` (tensor or list of ints) or text; at least one token.
             max_new_tokens: tokens to add.
-            do_sample: sample instead of greedy argmax (with ``temperature``, ``top_k``, ``top_p``).
+            do_sample: sample instead of greedy argmax (with ``temperature`` > 0, ``top_k`` >= 1 and
+                ``top_p`` in (0, 1]).
             eos_token_id: stop a sequence there (defaults to the tokenizer's) when ``stop_at_eos``.
-            cache: continue from this cache (updated in place) instead of an empty one. Like transformers,
-                the last generated token is returned but not fed through the model, so the cache ends
-                one token before the returned sequence.
+            cache: continue from this cache instead of an empty one. Like transformers, the last generated
+                token is returned but not fed through the model, so the cache ends one token before the
+                returned sequence. The cache is updated only when ``generate`` returns: if a step raises
+                (a hook, say), the exception propagates and the cache is exactly as it was passed in.
             return_type: ``"tokens"`` or ``"str"``; default: strings for text input, tokens otherwise.
 
         Example:
@@ -532,14 +598,16 @@ class HookedRecurrentModel(HookedRootModule):
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-        if temperature <= 0 and do_sample:
-            raise ValueError(f"temperature: expected > 0 when sampling, got {temperature}")
-        return_type = return_type or ("str" if isinstance(input, (str, list)) else "tokens")
+        _check_sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        return_type = return_type or ("str" if _is_text(input) else "tokens")
         tokens = self._tokens(input)
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
-        cache = self.make_cache() if cache is None else cache
+        if cache is not None and not isinstance(cache, RecurrentCache):
+            raise TypeError(f"cache: expected a RecurrentCache, got {type(cache).__name__}")
+        # the steps update a fork; the caller's cache takes it over only when every step succeeded
+        target, cache = cache, (self.make_cache() if cache is None else cache.fork())
         logits = self(tokens, cache=cache)[:, -1]
         out = [tokens]
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
@@ -554,13 +622,26 @@ class HookedRecurrentModel(HookedRootModule):
                 break
             logits = self(nxt[:, None], cache=cache)[:, -1]
         result = torch.cat(out, dim=1)
-        return self.to_string(result) if return_type == "str" else result
+        result = self.to_string(result) if return_type == "str" else result
+        if target is not None:
+            target.commit(cache)
+        return result
 
 
 def sample_next(logits: Float[Tensor, "batch d_vocab"], *, do_sample: bool = False, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> Int[Tensor, " batch"]:
-    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering."""
+    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens.models.base import sample_next
+        >>> sample_next(torch.tensor([[0.0, 2.0, 1.0]]))
+        tensor([1])
+        >>> sample_next(torch.tensor([[0.0, 2.0, 1.0]]), do_sample=True, top_k=1)
+        tensor([1])
+    """
+    _check_sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     if not do_sample:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -573,3 +654,45 @@ def sample_next(logits: Float[Tensor, "batch d_vocab"], *, do_sample: bool = Fal
         drop = cum - sorted_logits.softmax(-1) > top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _check_sampling(*, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
+        raise ValueError(f"temperature: expected a finite number, got {temperature!r}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature: expected > 0 when sampling, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+
+
+def _is_text(input: Any) -> bool:
+    """A string or a non-empty list of strings (a list of ints is token ids)."""
+    return isinstance(input, str) or (isinstance(input, list) and bool(input)
+                                      and all(isinstance(t, str) for t in input))
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _ids_from_list(ids: list[Any]) -> Tensor:
+    """``[pos]`` or ``[batch, pos]`` long ids from a list of ints or a list of equal-length lists of ints."""
+    if not ids:
+        raise ValueError("tokens: expected at least one token id, got an empty list")
+    if all(_is_id(i) for i in ids):
+        return torch.tensor([int(i) for i in ids], dtype=torch.long)
+    if all(isinstance(row, list) for row in ids):
+        bad = next((i for row in ids for i in row if not _is_id(i)), None)
+        if bad is not None:
+            raise TypeError(f"tokens: expected int token ids in every row, got {bad!r} ({type(bad).__name__})")
+        lengths = [len(row) for row in ids]
+        if len(set(lengths)) > 1:
+            raise ValueError(f"tokens: expected rows of equal length, got lengths {lengths} "
+                             "(padding is not supported by recurrent states)")
+        return torch.tensor([[int(i) for i in row] for row in ids], dtype=torch.long)
+    kinds = sorted({type(i).__name__ for i in ids})
+    raise TypeError(f"tokens: a list must hold only str (text), only int (one sequence of ids) or only lists "
+                    f"of int (a batch), got a list of {', '.join(kinds)}")

@@ -109,12 +109,16 @@ def norm_heads_and_project(norm: GatedRMSNorm, out_proj: nn.Linear, read: Tensor
 class ShortConv(nn.Module):
     """Depthwise causal convolution over the position axis (no activation: callers choose it).
 
-    With a cache, the last ``kernel - 1`` inputs are read from and written back to ``cache.conv``, so
-    decoding one token at a time equals the full-sequence convolution.
+    With a cache, the last ``kernel - 1`` inputs are read from ``cache.conv`` and a new buffer is assigned
+    back (the old tensor is never written into), so decoding one token at a time equals the
+    full-sequence convolution. ``kernel`` must be at least 1; a mixer configured with
+    ``conv_kernel=0`` builds no ShortConv at all.
     """
 
     def __init__(self, channels: int, kernel: int, bias: bool = False) -> None:
         super().__init__()
+        if kernel < 1:
+            raise ValueError(f"kernel: expected >= 1 (conv_kernel=0 means no ShortConv), got {kernel}")
         self.channels, self.kernel = channels, kernel
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None

@@ -17,7 +17,8 @@ single conv cache. ``options`` read here:
 - ``qk_norm`` (``"l2"`` default or ``"sum"``).
 - ``use_beta`` (default True): without it there is no ``b_proj`` and no ``hook_beta``.
 - ``use_gate`` (default False): output ``rmsnorm(o)·w ⊙ silu(g_proj x)``; otherwise plain RMSNorm·w.
-- ``use_short_conv`` (default True), ``conv_bias`` (default False), ``allow_neg_eigval`` (default False).
+- ``use_short_conv`` (default True; ``conv_kernel=0`` also means no short convolution), ``conv_bias``
+  (default False), ``allow_neg_eigval`` (default False).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class DeltaNetMixer(MatrixMixer):
         if self.qk_norm not in _QK_NORMS:
             raise ValueError(f"options['qk_norm']: expected one of {_QK_NORMS}, got {self.qk_norm!r}")
         self.use_gate = opts.get("use_gate", False)
-        self.use_short_conv = opts.get("use_short_conv", True)
+        self.use_short_conv = bool(opts.get("use_short_conv", True)) and cfg.conv_kernel > 0
         self.allow_neg_eigval = opts.get("allow_neg_eigval", False)
         H = cfg.n_heads
         self.key_dim, self.value_dim = H * cfg.d_k, H * cfg.d_v

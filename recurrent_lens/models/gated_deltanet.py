@@ -14,7 +14,8 @@ blocks of those. ``options`` read here:
 - ``use_gate`` (default True): output gate ``rmsnorm(o)·w ⊙ act(g_proj x)``; False: plain RMSNorm.
 - ``gate_act`` (``"silu"`` default, or ``"sigmoid"``).
 - ``allow_neg_eigval`` (default False): β ← 2β.
-- ``use_short_conv`` (default True; without it q, k, v get SiLU only).
+- ``use_short_conv`` (default True; without it q, k, v get SiLU only). ``conv_kernel=0`` also means
+  no short convolution, whatever this option says.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class GatedDeltaNetMixer(MatrixMixer):
         opts = cfg.options
         self.use_gate = opts.get("use_gate", True)
         self.allow_neg_eigval = opts.get("allow_neg_eigval", False)
-        self.use_short_conv = opts.get("use_short_conv", True)
+        self.use_short_conv = bool(opts.get("use_short_conv", True)) and cfg.conv_kernel > 0
         Hk, H = cfg.n_key_heads, cfg.n_heads
         self.key_dim, self.value_dim = Hk * cfg.d_k, H * cfg.d_v
         channels = 2 * self.key_dim + self.value_dim

@@ -13,7 +13,8 @@ k: num_kv_heads·d_k | v: num_kv_heads·d_v]``) and, with ``use_short_conv``, ch
 ``conv1d``. ``options`` read here:
 
 - ``num_kv_heads`` (default ``n_heads``).
-- ``use_short_conv`` (default False; SiLU after the conv), ``conv_bias`` (default False).
+- ``use_short_conv`` (default False; SiLU after the conv; ignored when ``conv_kernel=0``), ``conv_bias``
+  (default False).
 - ``feature_map`` (default None): ``"relu"``, ``"sigmoid"``, ``"silu"``/``"swish"``, ``"sqrelu"`` or
   ``"logsigmoid"`` on q and k after the head split.
 - ``clamp_min`` (default None): lower bound of ``gk``.
@@ -87,7 +88,7 @@ class GLAMixer(MatrixMixer):
                              f"got {self.feature_map!r}")
         self.clamp_min = opts.get("clamp_min")
         self.use_output_gate = opts.get("use_output_gate", True)
-        self.use_short_conv = opts.get("use_short_conv", False)
+        self.use_short_conv = bool(opts.get("use_short_conv", False)) and cfg.conv_kernel > 0
         self.split = [H * cfg.d_k, self.n_kv_heads * cfg.d_k, self.n_kv_heads * cfg.d_v]
         self.value_dim = H * cfg.d_v
         self.in_proj_qkv = nn.Linear(cfg.d_model, sum(self.split), bias=False)

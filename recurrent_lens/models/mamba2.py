@@ -12,10 +12,11 @@ so k := B, v := x, q := C, β := Δ and the log-decay is Δ·A (a scalar per hea
 group ``h // (n_heads / n_groups)``.
 
 Layer: ``in_proj`` rows ``[z0 | x0 | z | xBC | dt]`` (``z0, x0``: mamba_ssm's optional gated-MLP slice,
-empty unless ``d_inner`` exceeds ``n_heads·d_v``), depthwise causal conv with bias + SiLU over xBC,
-split ``[x | B | C]``, the scan, a gated RMSNorm grouped over ``n_heads·d_v / n_groups`` channels
-(gate before the norm by default), ``silu(z0)·x0`` prepended when present, ``out_proj``. Blocks have
-no MLP and keep the residual in fp32; the head is tied in mamba_ssm checkpoints.
+empty unless ``d_inner`` exceeds ``n_heads·d_v``), depthwise causal conv with bias + SiLU over xBC
+(``conv_kernel=0``: SiLU only, no conv and no conv bias), split ``[x | B | C]``, the scan, a gated
+RMSNorm grouped over ``n_heads·d_v / n_groups`` channels (gate before the norm by default),
+``silu(z0)·x0`` prepended when present, ``out_proj``. Blocks have no MLP and keep the residual in
+fp32; the head is tied in mamba_ssm checkpoints.
 
 ``options`` read here:
 
@@ -125,7 +126,8 @@ class Mamba2Mixer(MatrixMixer):
         self.time_step_limit = None if limit == _NO_LIMIT else limit
         bias = opts.get("proj_bias", False)
         self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner + 2 * G * N + H, bias=bias)
-        self.conv1d = ShortConv(self.conv_dim, cfg.conv_kernel, bias=opts.get("conv_bias", True))
+        self.conv1d = (ShortConv(self.conv_dim, cfg.conv_kernel, bias=opts.get("conv_bias", True))
+                       if cfg.conv_kernel else None)
         # mamba's init: Δ log-uniform in [1e-3, 1e-1] through softplus, A uniform in [1, 16]
         self.dt_bias = nn.Parameter(_inverse_softplus(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()))
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
@@ -142,7 +144,9 @@ class Mamba2Mixer(MatrixMixer):
         H, G, N, P = cfg.n_heads, self.n_groups, cfg.d_k, cfg.d_v
         m = self.d_mlp_slice
         z0, x0, z, xBC, dt = self.in_proj(x).split([m, m, self.d_ssm, self.conv_dim, H], dim=-1)
-        xBC = fire(self.hook_conv, F.silu(self.conv1d(xBC, cache)))
+        if self.conv1d is not None:
+            xBC = self.conv1d(xBC, cache)
+        xBC = fire(self.hook_conv, F.silu(xBC))
         xs, Bg, Cg = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
         delta = F.softplus(dt.float() + self.dt_bias.float())
         if self.time_step_limit is not None:
