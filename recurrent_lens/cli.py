@@ -408,10 +408,11 @@ def _demo(args, parser) -> int:
         args.n_features = min(args.n_features, 32)
         args.k = min(args.k, 4)
         args.eval_sequences = min(args.eval_sequences, 16)
-    os.makedirs(args.out, exist_ok=True)
+    _check_out(parser, args.out)
     start = time.perf_counter()
     model, task = toy.load(args.arch, progress=progress)
     _check_site(parser, model, args.hook, args.head)
+    _check_readout_offset(parser, _protocol(args, task)[1], task)
     eval_tokens, eval_targets = task.make_batch(256, seed=args.seed + 20_000)
     with torch.no_grad():
         recall = toy.accuracy(model(eval_tokens), eval_targets)
@@ -616,6 +617,8 @@ def _load_sae_and_toy(args, parser: argparse.ArgumentParser):
 
     if not os.path.isdir(args.sae):
         parser.error(f"argument --sae: {args.sae!r} is not a directory")
+    if args.csv:
+        _check_out(parser, os.path.dirname(os.path.abspath(args.csv)), "--csv")
     try:
         sae = load(args.sae)
     except (OSError, ValueError) as e:
@@ -625,7 +628,19 @@ def _load_sae_and_toy(args, parser: argparse.ArgumentParser):
     if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
         parser.error(f"argument --sae: the SAE reads {sae.cfg.d_k}x{sae.cfg.d_v} states, toy {args.arch} has "
                      f"{model.cfg.d_k}x{model.cfg.d_v}")
+    _warn_mismatch(sae, args)
     return model, task, sae
+
+
+def _warn_mismatch(sae, args) -> None:
+    """Warn when the SAE records another toy, hook or head than the ones chosen (it still runs: shapes match)."""
+    meta = sae.cfg.metadata
+    recorded = {"toy": (meta.get("toy"), args.arch), "hook": (meta.get("hook_name"), args.hook),
+                "head": (meta.get("head"), args.head)}
+    for what, (was, now) in recorded.items():
+        if was is not None and was != now:
+            print(f"warning: the SAE in {args.sae} was trained on {what} {was!r}, this run uses {now!r}",
+                  file=sys.stderr)
 
 
 def _check_range(parser: argparse.ArgumentParser, flag: str, values: Sequence[int], n: int, what: str) -> None:
@@ -658,6 +673,7 @@ def _save_csv(result, path: str | None) -> None:
 
 def _substitution_cmd(args, parser) -> int:
     model, task, sae = _load_sae_and_toy(args, parser)
+    _check_readout_offset(parser, _protocol(args, task)[1], task)
     result = _substitution(args, model, task, sae, not args.no_progress)
     print(result.report())
     _save_csv(result, args.csv)

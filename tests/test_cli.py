@@ -194,3 +194,38 @@ def test_bad_n_atoms(argv, message, gdn_sae, capsys):
         main([argv[0], "--sae", gdn_sae, "--no-progress", *argv[1:]])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["substitution", "--readout-offset", "40"], "argument --readout-offset: expected at most 32"),
+    (["substitution", "--csv", "{blocker}/x.csv"], "argument --csv: cannot write"),
+    (["partition", "--csv", "{blocker}/x.csv"], "argument --csv: cannot write"),
+])
+def test_bad_arguments_refused_before_work(argv, message, gdn_sae, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = [a.format(blocker=blocker) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main([argv[0], "--sae", gdn_sae, "--no-progress", *argv[1:]])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan", "-1"])
+def test_non_finite_lr_is_refused(lr, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train-sae", "--out", str(tmp_path), "--lr", lr])
+    assert "argument --lr: expected a positive finite number" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        main(["demo", "--quick", "--out", str(blocker / "out")])
+    assert "argument --out: cannot write" in capsys.readouterr().err
+
+
+def test_sae_from_another_site_gets_a_warning(gdn_sae, capsys):
+    assert main(["partition", "--sae", gdn_sae, "--head", "1", "--eval-sequences", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the SAE in" in err and "trained on head 0, this run uses 1" in err
