@@ -17,8 +17,9 @@ Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
 - ``distributed="data"`` (the default then): every rank harvests its own share of the data;
   ``cfg.batch_size`` is the global batch, each rank trains on ``batch_size / world_size`` states per step;
   gradients are averaged with ``all_reduce``, dead-feature counters reduced with ``MIN`` (a feature is
-  alive if it fired on any rank) and, after resampling, rank 0's SAE is broadcast, so every rank holds the
-  same SAE. Rank 0 writes the SAEs, logs and checkpoints; each rank writes its own data position.
+  alive if it fired on any rank), dead features are resampled from the gathered global batch and rank 0's
+  SAE is then broadcast, so every rank holds the same SAE — the one a single process would train on the
+  same global batches (exactly so with a state store, whose batches are rank slices of one global order). Rank 0 writes the SAEs, logs and checkpoints; each rank writes its own data position.
 - ``distributed="cells"``: rank ``r`` trains cells ``r, r + world_size, …`` on all of the data, alone.
 
 Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
@@ -88,6 +89,12 @@ class DataParallelSync:
 
     def counters(self, sae: SAE) -> None:
         dist.all_reduce(sae.steps_since_active, op=dist.ReduceOp.MIN, group=self.group)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The global batch: every rank's ``x`` concatenated in rank order."""
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts)
 
     def parameters(self, sae: SAE) -> None:
         for t in [*sae.parameters(), *sae.buffers()]:

@@ -144,7 +144,8 @@ class Learner:
 
     ``sync`` (optional) makes the update data-parallel: ``sync.gradients(params)`` averages gradients
     across processes after the backward pass, ``sync.counters(sae)`` makes the dead-feature counters
-    identical everywhere, and ``sync.parameters(sae)`` copies one process's SAE to all after resampling.
+    identical everywhere, ``sync.gather(x)`` gives every process the global batch to resample from, and
+    ``sync.parameters(sae)`` copies one process's SAE to all after resampling.
     """
 
     def __init__(self, sae: SAE, cfg: TrainConfig, generator: torch.Generator, sync: Any = None) -> None:
@@ -180,7 +181,7 @@ class Learner:
             sae.normalize_decoder()
         resample_every = cfg.effective_resample_every
         if resample_every and step > 0 and step % resample_every == 0:
-            idx = sae.resample_dead_features(x, generator=self.gen)
+            idx = sae.resample_dead_features(x if self.sync is None else self.sync.gather(x), generator=self.gen)
             if self.sync is not None:
                 self.sync.parameters(sae)
             self.clear_moments(idx)
