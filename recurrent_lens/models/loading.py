@@ -2,12 +2,15 @@
 
 Weights are copied shard by shard, tensor by tensor, straight into the model's preallocated
 parameters (safetensors are read with ``readinto``, without a memory map), so peak memory stays near
-one copy of the weights whatever the checkpoint's size. Every shard's header is checked against its
-file size before the first tensor is copied.
+one copy of the weights whatever the checkpoint's size. Every shard's header is validated as the
+safetensors format requires (types, dtype x shape lengths, byte ranges that tile the file exactly)
+before the first tensor is copied.
 Supported files: ``model.safetensors``, sharded ``model.safetensors.index.json``, and the
 ``pytorch_model.bin`` (optionally sharded) of mamba_ssm checkpoints. Keys the model does not use
-(vision towers, MTP heads) are skipped with a note; a parameter the checkpoint leaves unset is an error,
-and any error leaves no model behind.
+(vision towers, MTP heads) are skipped with a note. Which rows of every parameter were written is
+tracked: a row written twice or never is an error, as are a malformed ``config.json`` or index; any
+error is a :class:`CheckpointError` naming the file and the field or tensor, and leaves no model behind.
+Without an explicit ``dtype`` the weights take the one ``config.json`` records, else fp32.
 """
 
 from __future__ import annotations
@@ -170,7 +173,12 @@ _DTYPE_FIELDS = ("dtype", "torch_dtype")
 
 def checkpoint_dtype(raw: dict[str, Any], cfg_file: Path) -> torch.dtype | None:
     """The weight dtype ``config.json`` records (``dtype`` in transformers 5, ``torch_dtype`` before, either
-    at the top level or in a multimodal checkpoint's ``text_config``), or ``None`` when it records none."""
+    at the top level or in a multimodal checkpoint's ``text_config``), or ``None`` when it records none.
+
+    Example:
+        >>> checkpoint_dtype({"model_type": "rwkv7", "torch_dtype": "bfloat16"}, Path("config.json"))
+        torch.bfloat16
+    """
     text = raw.get("text_config")
     for scope, d in (("", raw), ("text_config.", text if isinstance(text, dict) else {})):
         found = {f"{scope}{k}": d[k] for k in _DTYPE_FIELDS if d.get(k) is not None}
@@ -264,6 +272,15 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, SafetensorsEntry
     ``dtype``/``shape``/``data_offsets`` or holding values of the wrong type, an unsupported dtype, a byte
     range whose length is not ``dtype`` x ``shape``, and byte ranges that overlap, leave gaps, or do not
     end exactly at the end of the file.
+
+    Example:
+        >>> import tempfile
+        >>> from safetensors.torch import save_file
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save_file({"w": torch.zeros(2, 3), "b": torch.ones(3)}, f"{d}/w.safetensors")
+        ...     data_start, entries = read_safetensors_header(Path(d) / "w.safetensors")
+        >>> entries["w"]
+        SafetensorsEntry(dtype=torch.float32, shape=(2, 3), begin=12, end=36)
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
