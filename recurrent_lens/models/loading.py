@@ -2,20 +2,24 @@
 
 Weights are copied shard by shard, tensor by tensor, straight into the model's preallocated
 parameters (safetensors are read with ``readinto``, without a memory map), so peak memory stays near
-one copy of the weights whatever the checkpoint's size. Every shard's header is checked against its
-file size before the first tensor is copied.
+one copy of the weights whatever the checkpoint's size. Every shard's header is validated as the
+safetensors format requires (types, dtype x shape lengths, byte ranges that tile the file exactly)
+before the first tensor is copied.
 Supported files: ``model.safetensors``, sharded ``model.safetensors.index.json``, and the
 ``pytorch_model.bin`` (optionally sharded) of mamba_ssm checkpoints. Keys the model does not use
-(vision towers, MTP heads) are skipped with a note; a parameter the checkpoint leaves unset is an error,
-and any error leaves no model behind.
+(vision towers, MTP heads) are skipped with a note. Which rows of every parameter were written is
+tracked: a row written twice or never is an error, as are a malformed ``config.json`` or index; any
+error is a :class:`CheckpointError` naming the file and the field or tensor, and leaves no model behind.
+Without an explicit ``dtype`` the weights take the one ``config.json`` records, else fp32.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,32 +70,166 @@ def detect_architecture(config: dict[str, Any]) -> Architecture:
                           "(and mamba_ssm configs)")
 
 
-def read_config(path: Path) -> tuple[Architecture, ModelConfig]:
+def _read_json(file: Path, what: str) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} {file} is not valid JSON: {e}") from e
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json`` as a dict (anything else is a :class:`CheckpointError`)."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"no config.json in {path}")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    raw = _read_json(cfg_file, "config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+# Value types of the config.json fields the architectures' readers use (null stands for "absent"): the
+# readers copy or convert values as they are, and bool("false") is True.
+_JSON_INTS = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "linear_num_value_heads", "linear_num_key_heads",
+              "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "num_heads", "state_size",
+              "n_groups", "expand", "conv_kernel", "conv_size", "d_model", "n_layer", "pad_vocab_size_multiple",
+              "d_state", "d_conv", "headdim", "ngroups", "d_ssm", "d_intermediate", "decay_low_rank_dim",
+              "a_low_rank_dim", "v_low_rank_dim", "gate_low_rank_dim", "num_kv_heads", "num_v_heads")
+_JSON_NUMBERS = ("rms_norm_eps", "norm_eps", "layer_norm_epsilon", "rope_theta", "hidden_ratio",
+                 "partial_rotary_factor", "expand_k", "expand_v", "clamp_min")
+_JSON_BOOLS = ("tie_word_embeddings", "tie_embeddings", "fuse_norm", "norm_bias", "norm_first", "residual_in_fp32",
+               "rms_norm", "use_bias", "use_conv_bias", "attn_output_gate", "D_has_hdim", "norm_before_gate",
+               "rmsnorm", "bias", "conv_bias", "use_beta", "use_gate", "use_short_conv", "use_gk", "use_gv",
+               "use_output_gate", "allow_neg_eigval", "elementwise_affine")
+
+
+def _check_json_types(raw: dict[str, Any], cfg_file: Path) -> None:
+    scopes = [("", raw)] + [(f"{k}.", raw[k]) for k in ("text_config", "ssm_cfg") if isinstance(raw.get(k), dict)]
+    for scope, d in scopes:
+        for names, expected, ok in (
+                (_JSON_INTS, "an int", lambda v: type(v) is int),
+                (_JSON_NUMBERS, "a number", lambda v: type(v) in (int, float)),
+                (_JSON_BOOLS, "true or false", lambda v: type(v) is bool)):
+            for name in names:
+                value = d.get(name)
+                if value is not None and not ok(value):
+                    raise CheckpointError(f"{cfg_file}: field {scope}{name}: expected {expected}, got {value!r}")
+
+
+# ModelConfig fields a config reader fills from config.json values, and what each must be.
+_POSITIVE_INTS = ("d_model", "n_layers", "d_vocab", "n_heads", "n_key_heads", "d_k", "d_v", "chunk_size")
+_NON_NEGATIVE_INTS = ("d_mlp", "conv_kernel", "n_attn_heads", "n_kv_heads", "d_head_attn", "rotary_dim")
+_POSITIVE_FLOATS = ("norm_eps", "rope_theta")
+_BOOLS = ("tie_embeddings", "residual_in_fp32", "attn_output_gate")
+
+
+def _check_model_config(cfg: ModelConfig, cfg_file: Path) -> None:
+    """Refuse values of the wrong type or sign: config readers copy config.json values through as they are."""
+    def bad(name: str, expected: str, value: Any) -> CheckpointError:
+        return CheckpointError(f"{cfg_file}: the model's {name}: expected {expected}, "
+                               f"got {value!r} ({type(value).__name__})")
+
+    for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+        value = getattr(cfg, name)
+        low = 1 if name in _POSITIVE_INTS else 0
+        if type(value) is not int or value < low:
+            raise bad(name, "a positive int" if low else "a non-negative int", value)
+    for name in _POSITIVE_FLOATS:
+        value = getattr(cfg, name)
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise bad(name, "a positive finite number", value)
+    for name in _BOOLS:
+        if type(getattr(cfg, name)) is not bool:
+            raise bad(name, "true or false", getattr(cfg, name))
+
+
+def config_from_json(raw: dict[str, Any], cfg_file: Path) -> tuple[Architecture, ModelConfig]:
+    """The architecture and :class:`ModelConfig` a ``config.json`` dict describes; a missing or malformed
+    field is a :class:`CheckpointError` naming ``cfg_file`` and the field."""
+    _check_json_types(raw, cfg_file)
     arch = detect_architecture(raw)
     if arch.config_from_hf is None or arch.map_weight is None:
         raise CheckpointError(f"architecture {arch.name!r} cannot load checkpoints (no config/weight mapping)")
-    return arch, arch.config_from_hf(raw)
+    try:
+        cfg = arch.config_from_hf(raw)
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_file}: missing required field {e.args[0]!r} "
+                              f"(for model_type {raw.get('model_type')!r})") from e
+    # config readers do arithmetic on the raw values: a string, a list or a zero fails inside them
+    except (TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        raise CheckpointError(f"{cfg_file}: cannot read it as a {arch.name} config ({type(e).__name__}: {e})") from e
+    _check_model_config(cfg, cfg_file)
+    return arch, cfg
 
 
-def weight_files(path: Path) -> list[Path]:
+def read_config(path: Path) -> tuple[Architecture, ModelConfig]:
+    """The architecture and :class:`ModelConfig` of the checkpoint directory ``path``."""
+    return config_from_json(read_config_json(path), path / "config.json")
+
+
+_DTYPE_FIELDS = ("dtype", "torch_dtype")
+
+
+def checkpoint_dtype(raw: dict[str, Any], cfg_file: Path) -> torch.dtype | None:
+    """The weight dtype ``config.json`` records (``dtype`` in transformers 5, ``torch_dtype`` before, either
+    at the top level or in a multimodal checkpoint's ``text_config``), or ``None`` when it records none.
+
+    Example:
+        >>> checkpoint_dtype({"model_type": "rwkv7", "torch_dtype": "bfloat16"}, Path("config.json"))
+        torch.bfloat16
+    """
+    text = raw.get("text_config")
+    for scope, d in (("", raw), ("text_config.", text if isinstance(text, dict) else {})):
+        found = {f"{scope}{k}": d[k] for k in _DTYPE_FIELDS if d.get(k) is not None}
+        if not found:
+            continue
+        dtypes = {}
+        for field, value in found.items():
+            try:
+                if not isinstance(value, str):
+                    raise ValueError(f"expected a dtype name, got {type(value).__name__}")
+                dtypes[field] = resolve_dtype(value)
+            except ValueError as e:
+                raise CheckpointError(f"{cfg_file}: field {field!r} names an unknown weight dtype {value!r} "
+                                      f"({e})") from e
+        if len(set(dtypes.values())) > 1:
+            raise CheckpointError(f"{cfg_file}: fields {' and '.join(found)} disagree: {found}")
+        return next(iter(dtypes.values()))
+    return None
+
+
+def read_index(path: Path, index: str) -> dict[str, Path]:
+    """The ``weight_map`` of the sharded index ``path / index``: checkpoint key -> shard file (which must exist)."""
+    file = path / index
+    raw = _read_json(file, "index")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    if "weight_map" not in raw:
+        raise CheckpointError(f"{file}: no 'weight_map' field (keys: {sorted(raw)})")
+    weight_map = raw["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{file}: weight_map: expected a non-empty object of key -> shard file, "
+                              f"got {weight_map!r}")
+    bad = {k: v for k, v in weight_map.items() if not isinstance(v, str) or not v}
+    if bad:
+        raise CheckpointError(f"{file}: weight_map: expected shard file names, got {dict(list(bad.items())[:5])}")
+    missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if missing:
+        raise CheckpointError(f"{file}: weight_map lists shards that are missing from {path}: {missing}")
+    return {key: path / f for key, f in weight_map.items()}
+
+
+def weight_files(path: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The weight files of checkpoint directory ``path`` (the shards of its index, or its single file) and
+    the index's key -> shard map (``None`` without an index)."""
     for index in _WEIGHT_INDEXES:
         if (path / index).is_file():
-            weight_map = json.loads((path / index).read_text()).get("weight_map", {})
-            files = sorted({path / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{index} lists shards that are missing from {path}: {missing}")
-            return files
+            weight_map = read_index(path, index)
+            return sorted(set(weight_map.values())), weight_map
     for name in _WEIGHT_FILES:
         if (path / name).is_file():
-            return [path / name]
+            return [path / name], None
     raise CheckpointError(f"no weights in {path}: expected one of {list(_WEIGHT_INDEXES + _WEIGHT_FILES)}")
 
 
@@ -100,6 +238,118 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
+class SafetensorsEntry(NamedTuple):
+    """One tensor of a safetensors header: its dtype, shape and byte range in the data section."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"key {key!r} appears twice")
+        obj[key] = value
+    return obj
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, SafetensorsEntry]]:
+    """Validate the header of safetensors file ``path`` against the format and the file's size; return
+    where the data section starts and every tensor's entry.
+
+    Refused, each with a :class:`CheckpointError` naming the file and the tensor or field: a header length
+    that does not fit in the file, a header that is not a JSON object (or repeats a key), an entry lacking
+    ``dtype``/``shape``/``data_offsets`` or holding values of the wrong type, an unsupported dtype, a byte
+    range whose length is not ``dtype`` x ``shape``, and byte ranges that overlap, leave gaps, or do not
+    end exactly at the end of the file.
+
+    Example:
+        >>> import tempfile
+        >>> from safetensors.torch import save_file
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save_file({"w": torch.zeros(2, 3), "b": torch.ones(3)}, f"{d}/w.safetensors")
+        ...     data_start, entries = read_safetensors_header(Path(d) / "w.safetensors")
+        >>> entries["w"]
+        SafetensorsEntry(dtype=torch.float32, shape=(2, 3), begin=12, end=36)
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"weights file {path} is corrupt or truncated: {size} bytes, fewer than the "
+                                  "8 of the header length")
+        n = int.from_bytes(prefix, "little")
+        if n == 0 or 8 + n > size:
+            raise CheckpointError(f"weights file {path} is corrupt or truncated: header length {n} does not fit "
+                                  f"in a file of {size} bytes")
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"weights file {path} is corrupt: header length {n} exceeds the format's limit "
+                                  f"of {_MAX_HEADER_BYTES} bytes")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"weights file {path} is corrupt: its header is not valid JSON with unique keys "
+                                  f"({e})") from e
+    where = f"weights file {path}"
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: header: expected a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{where}: header field '__metadata__': expected an object of strings, got {metadata!r}")
+    data_size = size - 8 - n
+    entries = {}
+    for key, e in header.items():
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{where}: tensor {key!r}: expected an object with dtype, shape and data_offsets, "
+                                  f"got {e!r}")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in e:
+                raise CheckpointError(f"{where}: tensor {key!r} lacks the field {field!r}")
+        if not isinstance(e["dtype"], str) or e["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where}: tensor {key!r} has unsupported dtype {e['dtype']!r}; "
+                                  f"supported: {sorted(_SAFETENSORS_DTYPES)}")
+        dtype = _SAFETENSORS_DTYPES[e["dtype"]]
+        shape = e["shape"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{where}: tensor {key!r} field 'shape': expected a list of non-negative ints, "
+                                  f"got {shape!r}")
+        offsets = e["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: tensor {key!r} field 'data_offsets': expected [begin, end] with "
+                                  f"0 <= begin <= end, got {offsets!r}")
+        begin, end = offsets
+        if end > data_size:
+            raise CheckpointError(f"{where} is truncated: tensor {key!r} ends at byte {8 + n + end}, the file has "
+                                  f"{size}")
+        need = math.prod(shape) * dtype.itemsize
+        if end - begin != need:
+            raise CheckpointError(f"{where}: tensor {key!r} holds {end - begin} bytes (data_offsets {offsets}), "
+                                  f"its shape {shape} and dtype {e['dtype']} need {need}")
+        entries[key] = SafetensorsEntry(dtype, tuple(shape), begin, end)
+    # the tensors must tile the data section exactly, as the format requires: a gap or an overlap means
+    # the offsets do not describe the bytes that were written
+    pos, prev = 0, None
+    for key, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != pos:
+            what = "overlaps" if e.begin < pos else f"leaves {e.begin - pos} unused bytes after"
+            raise CheckpointError(f"{where}: tensor {key!r} (data_offsets [{e.begin}, {e.end}]) {what} "
+                                  + (f"tensor {prev!r}" if prev is not None else "the start of the data"))
+        pos, prev = e.end, key
+    if pos != data_size:
+        raise CheckpointError(f"{where}: {data_size - pos} bytes after the last tensor belong to no tensor "
+                              "(a corrupt header or a file with trailing data)")
+    return 8 + n, entries
 
 
 class SafetensorsFile:
@@ -107,48 +357,29 @@ class SafetensorsFile:
 
     Reading without a memory map keeps the file's pages out of the process (a mapped file counts
     towards resident memory while its pages are touched), and lets a tensor whose dtype and layout match
-    its parameter be read straight into that parameter's storage. The header is validated against the
-    file size on opening, so a truncated file is refused before anything is loaded.
+    its parameter be read straight into that parameter's storage. The whole header is validated on
+    opening (see :func:`read_safetensors_header`), so a corrupt or truncated file is refused before
+    anything is loaded.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or 8 + n > size:
-                    raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
-                header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"weights file {path} is corrupt or truncated ({e})") from e
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
-        self.entries = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
-            raise CheckpointError(f"weights file {path} is truncated: its header needs {self.data_start + end} "
-                                  f"bytes, the file has {size}")
-        for key, e in header.items():
-            if e.get("dtype") not in _SAFETENSORS_DTYPES:
-                raise CheckpointError(f"weights file {path}: tensor {key!r} has unsupported dtype {e.get('dtype')!r}")
+        self.data_start, self.entries = read_safetensors_header(path)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
+        return self.entries[key].shape
 
     def read_into(self, key: str, dst: Tensor) -> None:
         """Copy tensor ``key`` into ``dst`` (same shape), converting dtype and device as needed."""
         e = self.entries[key]
-        dtype = _SAFETENSORS_DTYPES[e["dtype"]]
-        begin, end = e["data_offsets"]
-        direct = dst.dtype == dtype and dst.device.type == "cpu" and dst.is_contiguous()
-        buf = dst if direct else torch.empty(self.shape(key), dtype=dtype)
+        if tuple(dst.shape) != e.shape:
+            raise CheckpointError(f"weights file {self.path}: tensor {key!r} has shape {e.shape}, "
+                                  f"the destination {tuple(dst.shape)}")
+        direct = dst.dtype == e.dtype and dst.device.type == "cpu" and dst.is_contiguous()
+        buf = dst if direct else torch.empty(e.shape, dtype=e.dtype)
         raw = buf.reshape(-1).view(torch.uint8)
-        if raw.numel() != end - begin:
-            raise CheckpointError(f"weights file {self.path}: tensor {key!r} holds {end - begin} bytes, "
-                                  f"its shape and dtype need {raw.numel()}")
         with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
+            f.seek(self.data_start + e.begin)
             if f.readinto(raw.numpy()) != raw.numel():
                 raise CheckpointError(f"weights file {self.path} is truncated inside tensor {key!r}")
         if not direct:
@@ -164,6 +395,11 @@ class _TorchFile:
             self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise CheckpointError(f"weights file {path} is corrupt or truncated ({type(e).__name__}: {e})") from e
+        if not isinstance(self.state, dict):
+            raise CheckpointError(f"weights file {path}: expected a state dict, got {type(self.state).__name__}")
+        bad = [k for k, v in self.state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+        if bad:
+            raise CheckpointError(f"weights file {path}: expected tensors under string keys, got {bad[:5]}")
         self.entries = self.state
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -177,16 +413,53 @@ def open_weights(path: Path) -> SafetensorsFile | _TorchFile:
     return SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
 
 
+def _row_ranges(rows: Tensor) -> str:
+    """``"0-2, 5"`` for the indices of the true entries of a boolean vector."""
+    idx = rows.nonzero().flatten().tolist()
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _rows_mask(n: int, rows: slice) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[rows] = True
+    return mask
+
+
+def _check_index(index: dict[str, Path], opened: list[SafetensorsFile | _TorchFile]) -> None:
+    by_path = {w.path: w for w in opened}
+    absent = [(key, f) for key, f in index.items() if key not in by_path[f].entries]
+    if absent:
+        key, f = absent[0]
+        raise CheckpointError(f"the index places {len(absent)} keys in shards that do not hold them, "
+                              f"e.g. {key!r} in {f}")
+
+
 def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, files: list[Path],
-                 progress: bool = True) -> list[str]:
-    """Copy every checkpoint tensor into the parameter it maps to; return the skipped keys."""
+                 progress: bool = True, index: dict[str, Path] | None = None) -> list[str]:
+    """Copy every checkpoint tensor into the parameter it maps to; return the skipped keys.
+
+    Which rows of each parameter (or buffer) have been written is tracked exactly: a row written twice
+    (the same key in two shards, or two keys mapping onto the same rows) and a row never written are both
+    a :class:`CheckpointError`. With ``index`` (key -> shard, from a sharded checkpoint's index), every
+    key it lists must be in its shard.
+    """
     from tqdm.auto import tqdm
 
     # buffers too: a model built on ``meta`` has no values for them, so the checkpoint must provide them
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    filled = {name: 0 for name in params}
+    # a scalar counts as one row
+    written = {name: torch.zeros(p.shape[0] if p.dim() else 1, dtype=torch.bool) for name, p in params.items()}
+    writers: dict[str, list[tuple[slice, str, Path]]] = {name: [] for name in params}
     skipped = []
     opened = [open_weights(f) for f in files]  # validates every shard before anything is copied
+    if index is not None:
+        _check_index(index, opened)
     bar = tqdm(opened, desc="loading shards", disable=not progress or len(files) < 2)
     with torch.no_grad():
         for weights in bar:
@@ -196,8 +469,17 @@ def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, f
                     skipped.append(key)
                     continue
                 if target.name not in params:
-                    raise CheckpointError(f"checkpoint key {key!r} maps to {target.name!r}, which the model does not have")
+                    raise CheckpointError(f"checkpoint key {key!r} maps to {target.name!r}, which the model "
+                                          "does not have")
                 param = params[target.name]
+                rows = slice(None) if target.rows is None else target.rows
+                mask = written[target.name][rows]
+                if mask.any():
+                    overlap = _rows_mask(len(written[target.name]), rows) & written[target.name]
+                    first = next((k, f) for r, k, f in writers[target.name]
+                                 if (_rows_mask(len(overlap), r) & overlap).any())
+                    raise CheckpointError(f"rows {_row_ranges(overlap)} of {target.name} are written twice: by key "
+                                          f"{first[0]!r} in {first[1]} and by key {key!r} in {weights.path}")
                 dst = param if target.rows is None else param[target.rows]
                 if target.transform is None:
                     if weights.shape(key) != tuple(dst.shape):
@@ -207,16 +489,24 @@ def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, f
                 else:
                     src = torch.empty(weights.shape(key), dtype=dst.dtype)
                     weights.read_into(key, src)
-                    src = target.transform(src)
+                    try:
+                        src = target.transform(src)
+                    except RuntimeError as e:
+                        raise CheckpointError(f"checkpoint key {key!r}: cannot convert its shape {weights.shape(key)} "
+                                              f"to {tuple(dst.shape)} for {target.name} ({e})") from e
                     if tuple(src.shape) != tuple(dst.shape):
                         raise CheckpointError(f"checkpoint key {key!r}: expected shape {tuple(dst.shape)} for "
                                               f"{target.name} after conversion, got {tuple(src.shape)}")
                     dst.copy_(src)
-                filled[target.name] += dst.shape[0] if dst.dim() else 1
-    missing = [n for n, p in params.items() if filled[n] < (p.shape[0] if p.dim() else 1)]
-    if missing:
-        raise CheckpointError(f"checkpoint leaves {len(missing)} parameters or buffers unset: {missing[:20]}"
-                              f"{' ...' if len(missing) > 20 else ''}")
+                written[target.name][rows] = True
+                writers[target.name].append((rows, key, weights.path))
+    unset = []
+    for name, mask in written.items():
+        if not mask.all():
+            unset.append(name if not mask.any() else f"{name} (rows {_row_ranges(~mask)} of {len(mask)})")
+    if unset:
+        raise CheckpointError(f"checkpoint leaves {len(unset)} parameters or buffers unset: {unset[:20]}"
+                              f"{' ...' if len(unset) > 20 else ''}")
     if skipped:
         log.info("skipped %d checkpoint keys the model does not use (e.g. %s)", len(skipped), skipped[:3])
     return skipped
@@ -232,17 +522,22 @@ def load_tokenizer(path: Path) -> Any:
 
 def load_pretrained(cls: type, name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
                     device: str | torch.device | None = None, progress: bool = True) -> Any:
-    """Build ``cls`` for the checkpoint at ``name_or_path`` and stream its weights in."""
+    """Build ``cls`` for the checkpoint at ``name_or_path`` and stream its weights in.
+
+    Without ``dtype`` the weights take the dtype ``config.json`` records (``dtype``, or ``torch_dtype``
+    in older transformers configs), else fp32.
+    """
     path = resolve_path(name_or_path)
-    arch, cfg = read_config(path)
-    torch_dtype = resolve_dtype(dtype) or torch.float32
+    raw = read_config_json(path)
+    arch, cfg = config_from_json(raw, path / "config.json")
+    torch_dtype = resolve_dtype(dtype) or checkpoint_dtype(raw, path / "config.json") or torch.float32
     cfg.dtype = str(torch_dtype).removeprefix("torch.")
     cfg.device = str(device or "cpu")
     cfg.source = str(name_or_path)
-    files = weight_files(path)
+    files, index = weight_files(path)
     with torch.device("meta"):
         model = cls(cfg, tokenizer=None)
     model = model.to(dtype=torch_dtype).to_empty(device=cfg.device)
-    load_weights(model, arch, cfg, files, progress=progress)
+    load_weights(model, arch, cfg, files, progress=progress, index=index)
     model.tokenizer = load_tokenizer(path)
     return model.eval()

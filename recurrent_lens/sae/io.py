@@ -10,9 +10,13 @@ Reference format: :func:`from_reference_checkpoint` imports the reference WriteS
 §2.3) into the matching preset, with ``mean = 0``.
 """
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
+import types
+import typing
 from typing import Any
 
 import torch
@@ -22,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
 
-__all__ = ["save_sae", "load", "from_reference_checkpoint", "CFG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_sae", "load", "check_cfg_dict", "from_reference_checkpoint", "CFG_NAME", "WEIGHTS_NAME"]
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -95,7 +99,8 @@ def load(path: str, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE directory written by ``save_pretrained``; the class comes from ``architecture``.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a truncated or
-    mismatched one, before any weight is copied.
+    mismatched one, before any weight is copied; ``cfg.json`` is validated (:func:`check_cfg_dict`)
+    before the SAE is built.
 
     Example:
         >>> import tempfile
@@ -112,17 +117,92 @@ def load(path: str, device: str | torch.device = "cpu") -> SAE:
     try:
         with open(cfg_path) as f:
             cfg_dict = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON (truncated?): {e}") from e
+    check_cfg_dict(cfg_dict, cfg_path)
     architecture = cfg_dict.get("architecture", SAE.architecture)
-    if architecture not in SAE_REGISTRY:
-        raise ValueError(f"{cfg_path}: unknown architecture {architecture!r}; known: {sorted(SAE_REGISTRY)}")
+    try:
+        sae = SAE_REGISTRY[architecture](cfg=SAEConfig.from_dict(cfg_dict))
+    except (ValueError, TypeError) as e:  # values SAEConfig or the preset refuses (encoder name, preset rank...)
+        raise ValueError(f"{cfg_path}: {e}") from e
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read {weights_path} (truncated or corrupt?): {e}") from e
-    sae = SAE_REGISTRY[architecture](cfg=SAEConfig.from_dict(cfg_dict))
     return _load_into(sae, tensors, weights_path).to(device)
+
+
+SAE_DTYPES = ("float32", "float64", "float16", "bfloat16")
+"""The ``dtype`` values an SAE config may name."""
+
+# Sizes that must be at least 1, and counts that may be 0 (no auxiliary features; dead at once).
+_POSITIVE = ("d_k", "d_v", "n_features", "k")
+_NON_NEGATIVE = ("k_aux", "dead_threshold")
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether a JSON value has the type a :class:`SAEConfig` field is annotated with."""
+    if annotation is Any:
+        return True
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_accepts(a, value) for a in typing.get_args(annotation))
+    origin = typing.get_origin(annotation) or annotation
+    if origin is bool or origin is int:  # JSON true is not a count, nor 1 a flag
+        return type(value) is origin
+    if origin is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    return isinstance(value, origin)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    origin = typing.get_origin(annotation) or annotation
+    return {bool: "true or false", int: "an int", float: "a finite number", str: "a string",
+            dict: "an object"}.get(origin, str(annotation))
+
+
+def check_cfg_dict(cfg_dict: Any, source: str) -> None:
+    """Validate the content of an SAE's ``cfg.json`` (read from ``source``) before anything is built.
+
+    It must be a JSON object holding ``d_k``, ``d_v`` and ``n_features``, only :class:`SAEConfig` fields
+    plus ``architecture`` (a registered one), each of its field's type (``k`` an int, not ``"32"``),
+    with positive sizes and a known ``dtype``. Raises ``ValueError`` naming ``source`` and the field.
+
+    Example:
+        >>> check_cfg_dict({"d_k": 4, "d_v": 3, "n_features": "8"}, "cfg.json")
+        Traceback (most recent call last):
+        ...
+        ValueError: cfg.json: field 'n_features': expected an int, got '8' (str)
+    """
+    if not isinstance(cfg_dict, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(cfg_dict).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(SAEConfig)}
+    unknown = sorted(set(cfg_dict) - set(fields) - {"architecture"})
+    if unknown:
+        raise ValueError(f"{source}: unknown fields {unknown}; known: {sorted(fields) + ['architecture']}")
+    required = [name for name, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in cfg_dict]
+    if missing:
+        raise ValueError(f"{source}: missing required fields {missing}")
+    architecture = cfg_dict.get("architecture", SAE.architecture)
+    if not isinstance(architecture, str) or architecture not in SAE_REGISTRY:
+        raise ValueError(f"{source}: unknown architecture {architecture!r}; known: {sorted(SAE_REGISTRY)}")
+    for name, value in cfg_dict.items():
+        if name != "architecture" and not _accepts(fields[name].type, value):
+            raise ValueError(f"{source}: field {name!r}: expected {_type_name(fields[name].type)}, "
+                             f"got {value!r} ({type(value).__name__})")
+    for name in _POSITIVE + _NON_NEGATIVE:
+        low = 1 if name in _POSITIVE else 0
+        if name in cfg_dict and cfg_dict[name] < low:
+            raise ValueError(f"{source}: field {name!r}: expected {'a positive' if low else 'a non-negative'} int, "
+                             f"got {cfg_dict[name]}")
+    for name in ("rank", "decoder"):  # an int here is a rank
+        if type(cfg_dict.get(name)) is int and cfg_dict[name] < 1:
+            raise ValueError(f"{source}: field {name!r}: expected a rank >= 1, got {cfg_dict[name]}")
+    if cfg_dict.get("dtype", "float32") not in SAE_DTYPES:
+        raise ValueError(f"{source}: field 'dtype': expected one of {list(SAE_DTYPES)}, got {cfg_dict['dtype']!r}")
 
 
 _REFERENCE_TYPES = ("flat", "rank1", "bilinear", "bilinear_tied", "bilinear_flat", "gated", "jumprelu")
@@ -159,6 +239,9 @@ def from_reference_checkpoint(path: str, *, allow_pickle: bool = False, device: 
     The file is read with ``weights_only=True``. ``allow_pickle=True`` also accepts the HF packs
     that pickle a whole module under ``"sae"`` (unsafe: it runs code from the file); their
     ``decoder.v`` / ``decoder.w`` are read as the rank-1 key/value factors (an unverified mapping).
+    The error suggests it only for a zip checkpoint whose pickle names classes that safe loading
+    refuses (listed without running it); a truncated or corrupt file is reported as such. Every
+    tensor the import reshapes must have the reference's exact shape first.
 
     Example:
         >>> import tempfile, os, torch
@@ -172,30 +255,57 @@ def from_reference_checkpoint(path: str, *, allow_pickle: bool = False, device: 
         ...     from_reference_checkpoint(os.path.join(d, "best.pt"))
         WriteSAE(d_k=4, d_v=3, n_features=8, encoder=bilinear, decoder=rank-1, sparsity=topk(k=2))
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch raises several types for truncated zips and refused pickles
-        if not allow_pickle:
-            raise ValueError(
-                f"cannot read {path} as a reference state-dict checkpoint ({type(e).__name__}: {e}); "
-                "if it is a pickled HF pack and you trust it, pass allow_pickle=True"
-            ) from e
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:
-            raise ValueError(f"cannot read {path} ({type(e2).__name__}: {e2})") from e2
+    ckpt = _read_reference_file(path, allow_pickle)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if "model_state_dict" in ckpt:
-        sd = dict(ckpt["model_state_dict"])
+        sd = ckpt["model_state_dict"]
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: model_state_dict: expected a dict of tensors, got {type(sd).__name__}")
+        sd = dict(sd)
     elif "sae" in ckpt and allow_pickle:
         sd = _adapt_pickled_module(ckpt["sae"])
     else:
-        raise ValueError(f"{path}: no 'model_state_dict' (keys: {sorted(ckpt)})")
-    config = dict(ckpt.get("config") or {})
-    return _build_from_reference(sd, config, ckpt, path).to(device)
+        raise ValueError(f"{path}: no 'model_state_dict' (keys: {sorted(map(str, ckpt))})")
+    bad = sorted(str(k) for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    if bad:
+        raise ValueError(f"{path}: model_state_dict: expected tensors under string keys, got other values for {bad}")
+    config = ckpt.get("config") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: config: expected a dict, got {type(config).__name__}")
+    return _build_from_reference(sd, dict(config), ckpt, path).to(device)
+
+
+def _refused_globals(path: str) -> list[str]:
+    """The classes and functions a zip checkpoint's pickle needs beyond what ``weights_only`` loading allows
+    (read without running the pickle); empty when the file cannot be read as a zip checkpoint at all."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a truncated or non-zip file: the caller reports the original error
+        return []
+
+
+def _read_reference_file(path: str, allow_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises several types for truncated zips and refused pickles
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        if not allow_pickle:
+            refused = _refused_globals(path)
+            if refused:
+                raise ValueError(
+                    f"cannot read {path} as a reference state-dict checkpoint: it pickles objects that safe "
+                    f"(weights_only) loading refuses, e.g. {refused[:3]}; if it is a pickled HF pack and you "
+                    "trust it, pass allow_pickle=True"
+                ) from e
+            raise ValueError(f"cannot read {path}: not a readable torch checkpoint (truncated or corrupt?) "
+                             f"({reason})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e2:
+        raise ValueError(f"cannot read {path} ({type(e2).__name__}: {e2})") from e2
 
 
 def _adapt_pickled_module(module: Any) -> dict[str, torch.Tensor]:
@@ -207,25 +317,55 @@ def _adapt_pickled_module(module: Any) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _config_int(config: dict[str, Any], key: str, path: str, default: int | None = None) -> int | None:
+    value = config.get(key, default)
+    if value is not None and (type(value) is not int or value < 1):
+        raise ValueError(f"{path}: config[{key!r}]: expected a positive int, got {value!r}")
+    return value
+
+
+def _take(sd: dict[str, torch.Tensor], name: str, shapes: list[tuple[int, ...]], path: str) -> torch.Tensor:
+    """Pop ``sd[name]``, which must have one of ``shapes`` (reshaping a tensor of another layout with the same
+    number of elements would scramble it)."""
+    t = sd.pop(name)
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"{path}: {name}: expected shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
+    return t
+
+
 def _build_from_reference(sd: dict[str, torch.Tensor], config: dict[str, Any], ckpt: dict[str, Any], path: str) -> SAE:
     sae_type = config.get("sae_type") or _infer_sae_type(sd)
     if sae_type not in _REFERENCE_TYPES:
         raise ValueError(f"{path}: unknown sae_type {sae_type!r}; expected one of {_REFERENCE_TYPES}")
+    if "use_batchtopk" in config and type(config["use_batchtopk"]) is not bool:
+        raise ValueError(f"{path}: config['use_batchtopk']: expected True or False, got {config['use_batchtopk']!r}")
+    if "bandwidth" in config and (type(config["bandwidth"]) not in (int, float) or not config["bandwidth"] > 0):
+        raise ValueError(f"{path}: config['bandwidth']: expected a positive number, got {config['bandwidth']!r}")
     for name in ("V_enc", "W_enc", "V_dec", "W_dec", "V", "W"):
         if name in sd and sd[name].dim() == 2:
             sd[name] = sd[name].unsqueeze(1)
+        if name in sd and sd[name].dim() != 3:
+            raise ValueError(f"{path}: {name}: expected a factor of shape (n_features, rank, d) or (n_features, d), "
+                             f"got {tuple(sd[name].shape)}")
     factor = next((sd[n] for n in ("V_dec", "V", "V_enc") if n in sd), None)
     value_factor = next((sd[n] for n in ("W_dec", "W", "W_enc") if n in sd), None)
-    d_k = config.get("d_k") or (factor.shape[-1] if factor is not None else None)
-    d_v = config.get("d_v") or (value_factor.shape[-1] if value_factor is not None else None)
+    d_k = _config_int(config, "d_k", path) or (factor.shape[-1] if factor is not None else None)
+    d_v = _config_int(config, "d_v", path) or (value_factor.shape[-1] if value_factor is not None else None)
     if d_k is None or d_v is None:
         raise ValueError(f"{path}: config lacks d_k/d_v and the weights do not determine them")
-    rank = factor.shape[1] if factor is not None else int(config.get("rank") or 1)
-    if "n_features" in config:
-        n_features = int(config["n_features"])
-    else:
-        n_features = next(iter(t.shape[0] for n, t in sd.items() if n in ("b_enc", "b_gate", "encoder.bias")))
-    kwargs: dict[str, Any] = {"k": int(config.get("k", 32))}
+    rank = _config_int(config, "rank", path, 1)
+    if factor is not None:
+        if "rank" in config and rank != factor.shape[1]:
+            raise ValueError(f"{path}: config['rank'] is {rank}, the factors have rank {factor.shape[1]}")
+        rank = factor.shape[1]
+    n_features = _config_int(config, "n_features", path)
+    if n_features is None:
+        sizes = [sd[n].shape[0] for n in ("b_enc", "b_gate", "encoder.bias") if n in sd and sd[n].dim() == 1]
+        if not sizes:
+            raise ValueError(f"{path}: config lacks n_features and the state dict has no 1-D b_enc, b_gate or "
+                             "encoder.bias to read it from")
+        n_features = sizes[0]
+    kwargs: dict[str, Any] = {"k": _config_int(config, "k", path, 32)}
     if config.get("use_batchtopk"):
         kwargs["sparsity"] = "batchtopk"
     if sae_type in ("gated", "jumprelu"):
@@ -237,13 +377,17 @@ def _build_from_reference(sd: dict[str, torch.Tensor], config: dict[str, Any], c
     metadata.update({key: ckpt[key] for key in ("epoch", "step", "val_mse") if key in ckpt and _jsonable(ckpt[key])})
     kwargs["metadata"] = metadata
     dims = (int(d_k), int(d_v), n_features)
+    d_in = dims[0] * dims[1]
 
     ours: dict[str, torch.Tensor] = {}
     if sae_type == "flat":
         sae: SAE = FlatSAE(*dims, **kwargs)
     elif sae_type == "rank1":
         sae = MatrixSAE(*dims, rank=rank, **kwargs)
-        ours.update(V_dec=sd.pop("V"), W_dec=sd.pop("W"))
+        for ref_name, name in (("V", "V_dec"), ("W", "W_dec")):
+            if ref_name not in sd:
+                raise ValueError(f"{path}: sae_type 'rank1' needs {ref_name!r}; the state dict has {sorted(sd)}")
+            ours[name] = sd.pop(ref_name)
     elif sae_type == "bilinear_flat":
         sae = BilinearSAE(*dims, decoder="flat", rank=rank, **kwargs)
     elif sae_type == "bilinear_tied":
@@ -254,14 +398,18 @@ def _build_from_reference(sd: dict[str, torch.Tensor], config: dict[str, Any], c
         sae = BilinearSAE(*dims, rank=rank, **kwargs)
 
     if "encoder.weight" in sd:
-        ours["E_enc"] = sd.pop("encoder.weight").reshape(n_features, dims[0], dims[1])
-        ours["b_enc"] = sd.pop("encoder.bias")
+        ours["E_enc"] = _take(sd, "encoder.weight", [(n_features, d_in)], path).reshape(n_features, *dims[:2])
+        if "encoder.bias" in sd:
+            ours["b_enc"] = sd.pop("encoder.bias")
     if "decoder.weight" in sd:
         # The reference's nn.Linear decoder stores atoms as columns of a [d_in, n_f] matrix.
-        ours["D_dec"] = sd.pop("decoder.weight").T.reshape(n_features, dims[0], dims[1])
-        ours["b_dec"] = sd.pop("decoder.bias").reshape(dims[0], dims[1])
+        ours["D_dec"] = _take(sd, "decoder.weight", [(d_in, n_features)], path).T.reshape(n_features, *dims[:2])
+        if "decoder.bias" in sd:
+            ours["b_dec"] = _take(sd, "decoder.bias", [(d_in,)], path).reshape(dims[:2])
     if "bias" in sd:
-        ours["b_dec"] = sd.pop("bias").reshape(dims[0], dims[1])
+        if "b_dec" in ours:
+            raise ValueError(f"{path}: both 'bias' and 'decoder.bias' give the decoder bias")
+        ours["b_dec"] = _take(sd, "bias", [dims[:2], (d_in,)], path).reshape(dims[:2])
     ours.update(sd)
     ours.setdefault("mean", torch.zeros(dims[0], dims[1]))
     ours.setdefault("steps_since_active", torch.zeros(n_features, dtype=torch.int64))

@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
 
-from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, from_reference_checkpoint, load
+from recurrent_lens.sae import (SAE, BilinearSAE, FlatSAE, MatrixSAE, SAEConfig, WriteSAE, from_reference_checkpoint,
+                                load)
 
 D_K, D_V, N_F = 3, 2, 4
 
@@ -174,4 +176,149 @@ def test_reference_batchtopk_flag_and_bad_files(tmp_path):
         from_reference_checkpoint(str(path))
     torch.save({"weights": 1}, path)
     with pytest.raises(ValueError, match="no 'model_state_dict'"):
+        from_reference_checkpoint(str(path))
+
+
+def _saved_cfg(tmp_path, sae=None):
+    (sae or WriteSAE(D_K, D_V, N_F, k=2)).save_pretrained(str(tmp_path))
+    return json.loads((tmp_path / "cfg.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: [c], r"cfg.json: expected a JSON object, got list"),
+        (lambda c: {**c, "k": "2"}, r"cfg.json: field 'k': expected an int, got '2' \(str\)"),
+        (lambda c: {**c, "k": True}, r"cfg.json: field 'k': expected an int, got True \(bool\)"),
+        (lambda c: {**c, "n_features": 4.0}, r"cfg.json: field 'n_features': expected an int, got 4.0"),
+        (lambda c: {**c, "d_k": 0}, r"cfg.json: field 'd_k': expected a positive int, got 0"),
+        (lambda c: {**c, "n_features": -4}, r"cfg.json: field 'n_features': expected a positive int, got -4"),
+        (lambda c: {**c, "k_aux": -1}, r"cfg.json: field 'k_aux': expected a non-negative int, got -1"),
+        (lambda c: {**c, "rank": 0}, r"cfg.json: field 'rank': expected a rank >= 1, got 0"),
+        (lambda c: {**c, "rank": [1]}, r"cfg.json: field 'rank': expected an int or a string, got \[1\]"),
+        (lambda c: {**c, "dtype": "float8"}, r"cfg.json: field 'dtype': expected one of \['float32'.*got 'float8'"),
+        (lambda c: {**c, "dtype": 32}, r"cfg.json: field 'dtype': expected a string, got 32"),
+        (lambda c: {**c, "architecture": "nope"}, r"cfg.json: unknown architecture 'nope'"),
+        (lambda c: {**c, "architecture": ["write_sae"]}, r"cfg.json: unknown architecture \['write_sae'\]"),
+        (lambda c: {k: v for k, v in c.items() if k != "d_v"}, r"cfg.json: missing required fields \['d_v'\]"),
+        (lambda c: {**c, "sparsty": "topk"}, r"cfg.json: unknown fields \['sparsty'\]"),
+        (lambda c: {**c, "center": "false"}, r"cfg.json: field 'center': expected true or false, got 'false'"),
+        (lambda c: {**c, "metadata": [1]}, r"cfg.json: field 'metadata': expected an object, got \[1\]"),
+        (lambda c: {**c, "aux_coef": float("nan")}, r"cfg.json: field 'aux_coef': expected a finite number, got nan"),
+    ],
+)
+def test_malformed_cfg_json_is_refused_before_building(tmp_path, monkeypatch, edit, message):
+    (tmp_path / "cfg.json").write_text(json.dumps(edit(_saved_cfg(tmp_path))))
+
+    def never(*args, **kwargs):
+        raise AssertionError("built an SAE from an invalid cfg.json")
+
+    monkeypatch.setattr(SAEConfig, "from_dict", never)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + "/" + message):
+        load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: {**c, "encoder": "conv"}, r"cfg.json: encoder must be one of"),
+        (lambda c: {**c, "rank": 2}, r"cfg.json: WriteSAE needs rank=1, config has 2"),
+        (lambda c: {**c, "sparsity": "l1"}, r"cfg.json: sparsity must be one of"),
+    ],
+)
+def test_cfg_json_values_the_config_refuses_name_the_file(tmp_path, edit, message):
+    (tmp_path / "cfg.json").write_text(json.dumps(edit(_saved_cfg(tmp_path))))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + "/" + message):
+        load(str(tmp_path))
+
+
+def test_pickle_suggestion_only_for_a_refused_pickle(tmp_path):
+    pack = tmp_path / "pack.pt"
+    torch.save({"sae": torch.nn.Linear(2, 2)}, pack)
+    with pytest.raises(ValueError, match=r"refuses, e.g. \['torch.nn.modules.linear.Linear'\].*allow_pickle=True"):
+        from_reference_checkpoint(str(pack))
+    data = pack.read_bytes()
+    for name, content in [("truncated.pt", data[: len(data) // 2]), ("junk.pt", bytes(range(256)) * 3),
+                          ("empty.pt", b"")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match="not a readable torch checkpoint \\(truncated or corrupt\\?\\)") as info:
+            from_reference_checkpoint(str(tmp_path / name))
+        assert "allow_pickle" not in str(info.value) and str(tmp_path / name) in str(info.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        from_reference_checkpoint(str(tmp_path / "truncated.pt"), allow_pickle=True)
+
+
+def _reference_file(tmp_path, sd, config):
+    path = tmp_path / "best.pt"
+    torch.save({"model_state_dict": sd, "config": config}, path)
+    return str(path)
+
+
+BASE_CONFIG = {"d_k": D_K, "d_v": D_V, "n_features": N_F, "k": 2}
+
+
+def test_reference_shapes_are_checked_before_reshaping(tmp_path):
+    """A transposed encoder.weight ([d_in, n_f] = [6, 4]) holds as many numbers as the expected [4, 6]; it
+    used to be reshaped into scrambled atoms."""
+    sd = reference_state("flat")
+    sd["encoder.weight"] = sd["encoder.weight"].T.contiguous()
+    path = _reference_file(tmp_path, sd, {**BASE_CONFIG, "sae_type": "flat"})
+    with pytest.raises(ValueError, match=re.escape(path) + r": encoder.weight: expected shape \(4, 6\), got \(6, 4\)"):
+        from_reference_checkpoint(path)
+    sd = reference_state("flat")
+    sd["decoder.weight"] = sd["decoder.weight"][:, :3]
+    path = _reference_file(tmp_path, sd, {**BASE_CONFIG, "sae_type": "flat"})
+    with pytest.raises(ValueError, match=r"decoder.weight: expected shape \(6, 4\), got \(6, 3\)"):
+        from_reference_checkpoint(path)
+    sd = reference_state("bilinear")
+    sd["bias"] = torch.zeros(D_V, D_K)
+    path = _reference_file(tmp_path, sd, {**BASE_CONFIG, "sae_type": "bilinear"})
+    with pytest.raises(ValueError, match=r"bias: expected shape \(3, 2\) or \(6,\), got \(2, 3\)"):
+        from_reference_checkpoint(path)
+    sd = reference_state("bilinear")
+    sd["V_enc"] = torch.zeros(N_F * D_K)
+    path = _reference_file(tmp_path, sd, {**BASE_CONFIG, "sae_type": "bilinear"})
+    with pytest.raises(ValueError, match=r"V_enc: expected a factor of shape .* got \(12,\)"):
+        from_reference_checkpoint(path)
+
+
+def test_reference_n_features_that_nothing_gives(tmp_path):
+    sd = reference_state("bilinear")
+    del sd["b_enc"]
+    path = _reference_file(tmp_path, sd, {"d_k": D_K, "d_v": D_V, "k": 2, "sae_type": "bilinear"})
+    with pytest.raises(ValueError, match=re.escape(path) + r": config lacks n_features and the state dict has no 1-D "
+                                                          r"b_enc, b_gate or encoder.bias"):
+        from_reference_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({**BASE_CONFIG, "k": "2"}, r"config\['k'\]: expected a positive int, got '2'"),
+        ({**BASE_CONFIG, "k": 2.5}, r"config\['k'\]: expected a positive int, got 2.5"),
+        ({**BASE_CONFIG, "n_features": 0}, r"config\['n_features'\]: expected a positive int, got 0"),
+        ({**BASE_CONFIG, "use_batchtopk": "False"}, r"config\['use_batchtopk'\]: expected True or False"),
+        ({**BASE_CONFIG, "rank": 2}, r"config\['rank'\] is 2, the factors have rank 1"),
+        ([1, 2], r"config: expected a dict, got list"),
+    ],
+)
+def test_reference_config_values(tmp_path, config, message):
+    path = _reference_file(tmp_path, reference_state("bilinear"), config)
+    with pytest.raises(ValueError, match=re.escape(path) + ": " + message):
+        from_reference_checkpoint(path)
+
+
+def test_reference_state_dict_of_the_wrong_kind(tmp_path):
+    path = tmp_path / "best.pt"
+    torch.save({"model_state_dict": [torch.zeros(2)], "config": BASE_CONFIG}, path)
+    with pytest.raises(ValueError, match=r"model_state_dict: expected a dict of tensors, got list"):
+        from_reference_checkpoint(str(path))
+    torch.save({"model_state_dict": {**reference_state("bilinear"), "V_enc": [1.0]}, "config": BASE_CONFIG}, path)
+    with pytest.raises(ValueError, match=r"model_state_dict: expected tensors under string keys, got other values "
+                                         r"for \['V_enc'\]"):
+        from_reference_checkpoint(str(path))
+    sd = reference_state("rank1")
+    del sd["W"]
+    torch.save({"model_state_dict": sd, "config": {**BASE_CONFIG, "sae_type": "rank1"}}, path)
+    with pytest.raises(ValueError, match=r"sae_type 'rank1' needs 'W'"):
         from_reference_checkpoint(str(path))
