@@ -225,13 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "positions to sharded safetensors under --out with a JSON manifest; a killed run resumes where "
                     "it stopped. `recurrent-lens train-sae --states DIR` trains from it.")
     _add_real_model_args(harvest, required=True)
+    harvest.add_argument("--hook", default=None, help="a state or write hook to read, e.g. blocks.9.mixer.hook_state")
     harvest.add_argument("--out", required=True, help="store directory (checked writable before any work)")
     harvest.add_argument("--sequences", type=_positive_int, default=None,
                          help="stop after this many sequences (default: the whole dataset)")
     harvest.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                          help="dtype of the stored states (default: float32)")
-    harvest.add_argument("--shard-size", type=_positive_int, default=65536,
-                         help="states per shard file and cell (default: 65536)")
+    harvest.add_argument("--shard-size", type=_positive_int, default=2048,
+                         help="states per shard file and cell; up to this many states per cell wait in memory "
+                              "before a flush (default: 2048, 128 MiB per cell of 128x128 fp32 states)")
     harvest.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampled positions")
     harvest.add_argument("--no-progress", action="store_true", help="hide progress bars")
     harvest.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -586,6 +588,8 @@ def _harvest_cmd(args, parser) -> int:
                              shard_size=args.shard_size, dtype=args.store_dtype, seed=args.seed,
                              max_sequences=args.sequences, progress=not args.no_progress, model_name=args.model)
     print(store)
+    for cell in store.cells:
+        print(f"  {cell.name}: {store.count(cell)} states")
     return 0
 
 

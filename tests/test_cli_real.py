@@ -106,3 +106,38 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "recurrent_lens", "train-sae", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--distribute-cells" in done.stdout
+
+
+def test_harvest_then_train_from_the_store(checkpoint, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert run("harvest", "--model", checkpoint, "--dataset", checkpoint / "docs.txt", "--context-length", 16,
+               "--layers", "1", "--heads", "2", "--positions-per-seq", 4, "--no-progress", "--out", store) == 0
+    assert "blocks.1.mixer.hook_state.h2" in capsys.readouterr().out
+    assert run("harvest", "--model", checkpoint, "--dataset", checkpoint / "docs.txt", "--context-length", 16,
+               "--layers", "1", "--heads", "2", "--positions-per-seq", 4, "--no-progress", "--out", store) == 0
+    out = tmp_path / "from_store"
+    assert run("train-sae", "--states", store, "--out", out, "--steps", 4, "--batch-size", 16, "--n-features", 8,
+               "--k", 2, "--buffer-size", 16, "--no-progress") == 0
+    assert load(str(out / "blocks.1.mixer.hook_state.h2")).cfg.metadata["train_steps"] == 4
+
+
+def test_train_from_a_reference_layout_store(tmp_path):
+    import numpy as np
+
+    (tmp_path / "ref" / "layer_9").mkdir(parents=True)
+    np.save(tmp_path / "ref" / "layer_9" / "head_4.npy", np.random.rand(64, 3, 5).astype(np.float32))
+    assert run("train-sae", "--states", tmp_path / "ref", "--out", tmp_path / "o", "--steps", 3, "--batch-size", 16,
+               "--n-features", 8, "--k", 2, "--buffer-size", 16, "--no-progress") == 0
+    sae = load(str(tmp_path / "o" / "blocks.9.mixer.hook_state.h4"))
+    assert (sae.cfg.d_k, sae.cfg.d_v, sae.cfg.metadata["head"]) == (3, 5, 4)
+
+
+def test_torchrun_data_parallel_on_a_checkpoint(checkpoint, tmp_path):
+    out = tmp_path / "ddp"
+    argv = [str(a) for a in small(checkpoint, out, "--layers", "0", "--heads", "1", "--threads", "1")]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "recurrent_lens", *argv], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load(str(out / "blocks.0.mixer.hook_state.h1")).cfg.metadata["train_steps"] == 6
+    assert json.loads((out / "checkpoint.json").read_text())["world_size"] == 2

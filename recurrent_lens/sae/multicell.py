@@ -279,7 +279,11 @@ class MultiCellTrainer:
             raise ValueError(f"distributed={distributed!r} needs torch.distributed to be initialised (e.g. torchrun)")
         self.mode = distributed
         if store is not None:
-            all_cells = parse_cells(_StoreCells(store), cells)
+            all_cells = [c if isinstance(c, Cell) else Cell(*c) for c in cells]
+            missing = [c.name for c in all_cells if c not in store.cells]
+            if missing or not all_cells:
+                raise ValueError(f"cells: expected cells of the state store {[c.name for c in store.cells]}, "
+                                 f"got {missing or 'none'}")
         else:
             if model is None:
                 raise ValueError("model: expected a model to harvest states from (data is not a state store)")
@@ -480,21 +484,6 @@ class MultiCellTrainer:
                     save_sae(learner.sae, os.path.join(self.out_dir, cell.name))
                     write_json(os.path.join(self.out_dir, cell.name, "train_log.json"), asdict(learner.log))
         return self.saes
-
-
-class _StoreCells:
-    """Just enough of a model for :func:`parse_cells` to check cells against a state store."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        heads = [c.head for c in store.cells]
-        self.cfg = type("StoreShape", (), {"n_heads": max(heads) + 1})()
-
-    def matrix_site(self, hook_name: str) -> tuple[int, str]:
-        if not any(c.hook_name == hook_name for c in self.store.cells):
-            raise ValueError(f"hook_name: the state store holds {sorted({c.hook_name for c in self.store.cells})}, "
-                             f"not {hook_name!r}")
-        return -1, hook_name.rsplit("_", 1)[-1]
 
 
 def train_cells(model: Any, cells: Iterable[Cell | tuple[str, int]], data: Any, cfg: TrainConfig | None = None,

@@ -1,0 +1,62 @@
+"""torchrun with the gloo backend, 2 processes: data-parallel SAEs equal one process's, cells split across ranks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import tiny_gdn
+from recurrent_lens.cli import main
+from recurrent_lens.sae import load
+from recurrent_lens.sae.store import harvest_to_store
+
+CELLS = [("blocks.0.mixer.hook_state", 1), ("blocks.1.mixer.hook_write", 3)]
+NAMES = [f"{h}.h{k}" for h, k in CELLS]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store")
+    tokens = torch.randint(0, 61, (40, 24), generator=torch.Generator().manual_seed(3))
+    harvest_to_store(tiny_gdn(seed=0), CELLS, tokens, str(path), positions_per_seq=8, progress=False)
+    return path
+
+
+def train_args(store, out, *extra):
+    return ["train-sae", "--states", str(store), "--out", str(out), "--steps", "20", "--batch-size", "64",
+            "--n-features", "32", "--k", "4", "--lr", "0.003", "--no-progress", "--threads", "1", *extra]
+
+
+def torchrun(*argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "recurrent_lens", *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def params(path):
+    return {k: v for k, v in load(str(path)).state_dict().items()}
+
+
+def test_data_parallel_and_distributed_cells_match_one_process(store, tmp_path):
+    assert main(train_args(store, tmp_path / "one")) == 0
+    torchrun(*train_args(store, tmp_path / "ddp"))
+    torchrun(*train_args(store, tmp_path / "cells", "--distribute-cells"))
+    for name in NAMES:
+        one = params(tmp_path / "one" / name)
+        ddp = params(tmp_path / "ddp" / name)
+        cells = params(tmp_path / "cells" / name)
+        assert one.keys() == ddp.keys() == cells.keys()
+        for key in one:
+            torch.testing.assert_close(ddp[key], one[key], rtol=0, atol=1e-4, msg=f"{name} {key} (data-parallel)")
+            torch.testing.assert_close(cells[key], one[key], rtol=0, atol=1e-6, msg=f"{name} {key} (cells)")
+        assert load(str(tmp_path / "ddp" / name)).cfg.metadata["train_steps"] == 20
+    manifest = json.loads((tmp_path / "ddp" / "checkpoint.json").read_text())
+    assert (manifest["world_size"], manifest["mode"]) == (2, "data")
+    # each rank of the cells run trained only its own cell and wrote its own checkpoint manifest
+    assert sorted(p.name for p in (tmp_path / "cells").glob("checkpoint*.json")) == [
+        "checkpoint.rank0.json", "checkpoint.rank1.json"]
