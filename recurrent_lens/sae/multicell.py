@@ -25,7 +25,8 @@ Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
 Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
 ``{out_dir}/{cell.name}/checkpoint-{step}.pt`` per cell, ``{out_dir}/data-{step}.rank{r}.pt`` per rank
 (generators, data position, buffers) and, written last and atomically, ``{out_dir}/checkpoint.json`` naming
-the step; a run started on an ``out_dir`` with a checkpoint continues from it bit for bit. At the end each
+the step; a run started on an ``out_dir`` with a checkpoint continues from it bit for bit (a finished run
+keeps only the per-cell files, no data position or buffers). At the end each
 cell's SAE is saved in ``{out_dir}/{cell.name}/`` (loadable with :func:`recurrent_lens.sae.load`) with its
 ``train_log.json``.
 
@@ -384,8 +385,10 @@ class MultiCellTrainer:
         if self.out_dir is None:
             raise ValueError("save_checkpoint: out_dir is None")
         step = self.step
-        payload = {"feed": self.feed.state_dict(), "torch_rng": torch.get_rng_state()}
-        atomic_write(self._data_path(step), lambda tmp: torch.save(payload, tmp))
+        complete = step >= self.cfg.n_steps
+        if not complete:  # a finished run needs no data position or buffers to continue
+            payload = {"feed": self.feed.state_dict(), "torch_rng": torch.get_rng_state()}
+            atomic_write(self._data_path(step), lambda tmp: torch.save(payload, tmp))
         if self.sync is not None:
             dist.barrier()
         if self.writer:
@@ -393,7 +396,7 @@ class MultiCellTrainer:
                 state = learner.state_dict()
                 atomic_write(self._cell_path(cell, step), lambda tmp, state=state: torch.save(state, tmp))
             previous = self._read_manifest() if os.path.exists(self._manifest_path()) else None
-            write_json(self._manifest_path(), {"step": step, "cells": [c.name for c in self.cells],
+            write_json(self._manifest_path(), {"step": step, "complete": complete, "cells": [c.name for c in self.cells],
                                                "world_size": self.world, "mode": self.mode,
                                                "train_config": asdict(self.cfg)})
             if previous is not None and previous["step"] != step:
@@ -435,9 +438,10 @@ class MultiCellTrainer:
             payload = torch.load(self._cell_path(cell, step), map_location="cpu", weights_only=True)
             learner.sae.load_state_dict(sae_from_payload(payload).state_dict())
             learner.load_state_dict(payload)
-        data = torch.load(self._data_path(step), map_location="cpu", weights_only=True)
-        self.feed.load_state_dict(data["feed"])
-        torch.set_rng_state(data["torch_rng"])
+        if not manifest.get("complete"):
+            data = torch.load(self._data_path(step), map_location="cpu", weights_only=True)
+            self.feed.load_state_dict(data["feed"])
+            torch.set_rng_state(data["torch_rng"])
 
     # ------------------------------------------------------------------ training
     def train(self, until_step: int | None = None) -> dict[Cell, SAE]:

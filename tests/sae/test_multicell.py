@@ -107,3 +107,11 @@ def test_bad_input_is_refused_before_any_work(model, tokens, tmp_path):
         MultiCellTrainer(model, [A], tokens, cfg(batch_size=0))
     with pytest.raises(ValueError, match="distributed"):
         MultiCellTrainer(model, [A], tokens, cfg(), distributed="data")
+
+
+def test_a_finished_run_keeps_no_buffers_and_reruns_as_a_no_op(model, tokens, tmp_path):
+    first = train_cells(model, [A], tokens, cfg(n_steps=3), out_dir=str(tmp_path))
+    assert not list(tmp_path.glob("data-*.pt"))
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["complete"] is True
+    again = MultiCellTrainer(model, [A], tokens, cfg(n_steps=3), out_dir=str(tmp_path))
+    assert again.step == 3 and same(again.train()[A], first[A])
