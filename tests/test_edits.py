@@ -328,6 +328,6 @@ def test_cache_in_the_same_run_as_a_state_edit_holds_the_hook_output(model):
     torch.testing.assert_close(cached[:, t + 1:], c["state"][:, t + 1:], atol=0, rtol=0)
     used_next = transition(model, c, X, t + 1)
     d_read = cache[L0 + "hook_read"][:, t + 1] - c["read"][:, t + 1]
-    torch.testing.assert_close(d_read, torch.einsum("bhkv,bhk->bhv", used_next - c["state"][:, t + 1], c["q"][:, t + 1]),
-                               atol=1e-5, rtol=1e-4)
+    expected = torch.einsum("bhkv,bhk->bhv", used_next - c["state"][:, t + 1], c["q"][:, t + 1])
+    torch.testing.assert_close(d_read, expected, atol=1e-5, rtol=1e-4)
     assert (used_next - cached[:, t + 1]).abs().max() > 1e-3

@@ -116,7 +116,8 @@ def test_gradients_with_edits_in_the_same_run(fp64_run):
     state, erase, write = (f"blocks.0.mixer.hook_{k}" for k in ("state", "erase", "write"))
     has_erase = erase in model.hook_dict
     with fp64():
-        X = 0.3 * torch.randn(model.cfg.n_heads, model.cfg.d_k, model.cfg.d_v, dtype=torch.float64)
+        g = torch.Generator().manual_seed(2)
+        X = 0.3 * torch.randn(model.cfg.n_heads, model.cfg.d_k, model.cfg.d_v, generator=g, dtype=torch.float64)
 
         def set_state(S, hook):
             S = S.clone()
@@ -138,7 +139,7 @@ def test_gradients_with_edits_in_the_same_run(fp64_run):
 
         for t in (2, 5, 8, 12):  # before, at and after the edits
             D = torch.zeros_like(cache[write])
-            D[:, t] = torch.randn(D[:, t].shape, dtype=D.dtype) * cache[write].square().mean().sqrt()
+            D[:, t] = torch.randn(D[:, t].shape, generator=g, dtype=D.dtype) * cache[write].square().mean().sqrt()
             D_unreplaced = D.clone()
             D_unreplaced[0, 5] = 0  # the replaced state slice: a write there has no effect
             fd, fd_unreplaced = (finite_difference(model, tokens, write, d, hooks=edits) for d in (D, D_unreplaced))
@@ -147,7 +148,7 @@ def test_gradients_with_edits_in_the_same_run(fp64_run):
             if has_erase:
                 assert_matches(fd, exact(erase, D), f"{erase} at {t}")
         D = torch.zeros_like(cache[state])
-        D[0, 5] = torch.randn(D[0, 5].shape, dtype=D.dtype)
+        D[0, 5] = torch.randn(D[0, 5].shape, generator=g, dtype=D.dtype)
         assert_matches(finite_difference(model, tokens, state, D, hooks=edits), exact(state, D), "replaced slice")
         for D in directions("blocks.0.mixer.hook_q", cache["blocks.0.mixer.hook_q"]):
             assert_matches(finite_difference(model, tokens, "blocks.0.mixer.hook_q", D, hooks=edits),
@@ -166,6 +167,10 @@ def test_state_and_erase_gradients_equal_the_write_gradient_fp32(arch):
         if name in model.hook_dict:
             _, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter=name)
             grads[kind] = cache[name + "_grad"]
+    with model.hooks(fwd_hooks=[("blocks.0.mixer.hook_state", lambda S, hook: None)]):  # materialised states
+        name = "blocks.0.mixer.hook_write"
+        _, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter=name)
+        grads["write, states observed"] = cache[name + "_grad"]
     write = grads.pop("write")
     assert write.abs().amax((0, 2, 3, 4))[:-1].min() > 0  # every step but the last (no loss there)
     for kind, grad in grads.items():
