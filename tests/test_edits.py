@@ -272,3 +272,62 @@ def test_initial_states_and_final_states(model):
                                atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="initial_states\\[0\\]: expected shape"):
         model(tokens, initial_states={0: S0[..., :-1]})
+
+
+@pytest.mark.parametrize("hook", ["hook_q", "hook_write", "hook_state"])
+def test_non_tensor_or_other_device_edit_raises_naming_the_hook(hook):
+    model = tiny_model("gated_deltanet")
+    tokens = tokens_for(model)
+    for bad in (lambda x, hook: x.tolist(), lambda x, hook: x.detach().numpy()):
+        with pytest.raises(TypeError, match=f"hook blocks.0.mixer.{hook}: .*torch.Tensor.*got (builtins.list|numpy)"):
+            model.run_with_hooks(tokens, fwd_hooks=[(L0 + hook, bad)])
+    with pytest.raises(ValueError, match=f"hook blocks.0.mixer.{hook}: .*device cpu, got meta"):
+        model.run_with_hooks(tokens, fwd_hooks=[(L0 + hook, lambda x, hook: torch.empty_like(x, device="meta"))])
+
+
+def test_writes_through_data_or_numpy_are_not_seen():
+    """Unsupported and pinned down: they bypass the version counter, so the model runs unedited
+    (while a cache holding the same tensor shows the write)."""
+    model = tiny_model("gated_deltanet")
+    tokens = tokens_for(model)
+    name = L0 + "hook_state"
+    base, _ = model.run_with_cache(tokens, names_filter=name)
+
+    def via_data(S, hook):
+        S.data[:, 4] = 0
+
+    with model.hooks(fwd_hooks=[(name, via_data)]):
+        out, cache = model.run_with_cache(tokens, names_filter=name)
+    assert torch.equal(out, base)
+    assert cache[name][:, 4].abs().max() == 0
+
+    def via_numpy(S, hook):
+        S.numpy()[:, 4] = 0
+
+    with torch.no_grad():
+        out = model.run_with_hooks(tokens, fwd_hooks=[(name, via_numpy)])
+    assert torch.equal(out, base)
+
+
+def test_cache_in_the_same_run_as_a_state_edit_holds_the_hook_output(model):
+    """A cache of hook_state shows the edited slice and the unedited recurrence after it, while the
+    reads use the recomputed states."""
+    tokens = tokens_for(model)
+    c = quantities(model, tokens)
+    t, X = 7, torch.randn_like(c["state"][:, 0])
+
+    def set_state(S, hook):
+        S = S.clone()
+        S[:, t] = X
+        return S
+
+    with model.hooks(fwd_hooks=[(L0 + "hook_state", set_state)]):
+        _, cache = model.run_with_cache(tokens, names_filter=[L0 + "hook_state", L0 + "hook_read"])
+    cached = cache[L0 + "hook_state"]
+    torch.testing.assert_close(cached[:, t], X, atol=0, rtol=0)
+    torch.testing.assert_close(cached[:, t + 1:], c["state"][:, t + 1:], atol=0, rtol=0)
+    used_next = transition(model, c, X, t + 1)
+    d_read = cache[L0 + "hook_read"][:, t + 1] - c["read"][:, t + 1]
+    expected = torch.einsum("bhkv,bhk->bhv", used_next - c["state"][:, t + 1], c["q"][:, t + 1])
+    torch.testing.assert_close(d_read, expected, atol=1e-5, rtol=1e-4)
+    assert (used_next - cached[:, t + 1]).abs().max() > 1e-3

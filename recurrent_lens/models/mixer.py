@@ -10,7 +10,7 @@ A subclass supplies three pieces of maths and nothing else:
 The base class fires ``hook_q/k/v/beta/decay`` on the inputs (edits carry through the recurrence),
 runs the scan engine in the cheapest exact form the attached hooks allow, fires ``hook_write``,
 ``hook_erase`` and ``hook_state`` only when something is attached to them, and applies their edits
-with the replacement semantics of DESIGN.md §3.
+with replacement semantics (see :class:`MatrixMixer`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
-from recurrent_lens.models.scan import RecurrenceInputs, Rule, boundary_scan, replay, replay_at, scan
+from recurrent_lens.models.scan import (
+    RecurrenceInputs, Rule, boundary_scan, recurrent_scan, replay, replay_at, scan,
+)
 
 
 @dataclass
@@ -59,10 +61,15 @@ def hook_active(hp: HookPoint) -> bool:
 
 
 def fire(hp: HookPoint, x: Tensor) -> Tensor:
-    """Run a hook point and refuse edits that change the tensor's shape or dtype."""
+    """Run a hook point and refuse edits that are not a tensor of the input's shape, dtype and device."""
     if not hook_active(hp):
         return x
     y = hp(x)
+    if not isinstance(y, Tensor):
+        raise TypeError(f"hook {hp.name}: an edit must return a torch.Tensor (or None to keep the input), "
+                        f"got {type(y).__module__}.{type(y).__qualname__}")
+    if y.device != x.device:
+        raise ValueError(f"hook {hp.name}: an edit must stay on device {x.device}, got {y.device}")
     if y.shape != x.shape or y.dtype != x.dtype:
         raise ValueError(
             f"hook {hp.name}: an edit must keep shape {tuple(x.shape)} and dtype {x.dtype}, "
@@ -71,24 +78,38 @@ def fire(hp: HookPoint, x: Tensor) -> Tensor:
     return y
 
 
-def fire_matrix(hp: HookPoint, x: Tensor, recompute: Callable[[], Tensor]) -> tuple[Tensor, Tensor | None]:
+MatrixEdit = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
+"""``(mask, values)`` or ``(mask, values, unedited)``, the edit format of :func:`~recurrent_lens.models.scan.replay`."""
+
+
+def fire_matrix(hp: HookPoint, x: Tensor, recompute: Callable[[], Tensor]) -> MatrixEdit | None:
     """Fire a per-step matrix hook and locate its edits.
 
-    Returns the (possibly edited) tensor and a ``[batch, pos, head]`` mask of the slices that differ
-    from the unedited one, or ``None`` when nothing changed. In-place edits are detected through the
-    tensor's version counter; the unedited tensor is then recomputed for the comparison, so the
-    common no-edit case (caching) costs no copy. With a backward hook attached, every slice counts
-    as replaced, so that the forward runs through the hooked tensor and gradients reach the hook.
+    Returns ``None`` when the hook left the tensor as it was and nothing downstream needs a gradient
+    through its output; otherwise ``(mask, values)`` with ``mask [batch, pos, head]`` marking the
+    slices of ``values`` (what the hooks returned) that differ from the unedited tensor. When grad
+    is enabled and ``values`` is a new tensor that requires grad (a backward hook is attached, or an
+    edit such as ``x + delta`` with a trainable ``delta``), the edit is ``(mask, values, unedited)``,
+    possibly with an all-False mask: ``values`` then takes part in the gradient at every slice.
+
+    In-place edits are detected through the tensor's version counter; the unedited tensor is then
+    recomputed for the comparison, so the common no-edit case (caching) costs no copy. Writes that
+    bypass the version counter (through ``.data`` or ``.numpy()``) are not seen.
     """
     version = x._version
     y = fire(hp, x)
-    if hp._backward_hooks:
-        return y, torch.ones(y.shape[:3], dtype=torch.bool, device=y.device)
     if y is x and x._version == version:
-        return x, None
-    reference = recompute() if y is x else x
-    mask = (y != reference).flatten(3).any(-1)
-    return (y, mask) if bool(mask.any()) else (reference, None)
+        return None
+    unedited = recompute() if y is x else x
+    mask = (y != unedited).flatten(3).any(-1)
+    if torch.is_grad_enabled() and y.requires_grad:
+        return mask, y, unedited
+    return (mask, y) if bool(mask.any()) else None
+
+
+def _with_value(value: Tensor, grad: Tensor) -> Tensor:
+    """``value``'s numbers with ``grad``'s gradient (the two agree up to rounding)."""
+    return value.detach() + (grad - grad.detach())
 
 
 class MatrixMixer(nn.Module):
@@ -107,6 +128,32 @@ class MatrixMixer(nn.Module):
         hook_state   [batch, pos, head, d_k, d_v] S_t after the update at t
         hook_read    [batch, pos, head, d_v]      S_tᵀ q_t plus the architecture's skip/bonus term
         hook_out     [batch, pos, d_model]
+
+    Edits. ``hook_q/k/v/beta/decay/write`` are edited before the scan, so their edits carry forward.
+    ``hook_erase`` and ``hook_state`` fire once with every position of the unedited recurrence; wherever
+    the returned tensor differs at a ``(batch, pos, head)``, that slice replaces the quantity at that
+    step and every later step is recomputed from it. Edits may be returned or made in place
+    (``S[:, t] = X``, seen through the version counter). Writes through ``.data`` or ``.numpy()`` bypass
+    the version counter and are not supported: they are not detected, so with no backward hook
+    attached the model runs as if unedited (a cached reference to the tensor still shows them).
+
+    Caching in the same run as an edit. A cache of ``hook_state`` (or ``hook_erase``) holds what the hook
+    point returned: the edited slices, and the unedited recurrence everywhere else, including the later
+    steps that the model recomputes from the edit. ``hook_read`` and everything downstream show the
+    states actually used.
+
+    Gradients. When grad is enabled and a per-step matrix hook hands back a new tensor that requires
+    grad (a backward hook such as ``run_with_cache(..., incl_bwd=True)`` attaches, or an edit such as
+    ``S + delta`` with a trainable ``delta``), that tensor takes part in the gradient at every step, edited
+    or not. Its gradient at ``(batch, t, head)`` is the total derivative for adding ``εD`` to the quantity
+    that step actually used, every later step recomputed. With no earlier state or erase edit that is
+    what a hook edit ``x + εD`` of step ``t`` alone measures; after one, such a hook edit would replace
+    the slice by the unedited value plus ``εD`` instead. All of ``hook_write``, ``hook_erase`` and
+    ``hook_state`` add to the state at ``t``, so their gradients agree there, except where ``S_t`` itself
+    is replaced (a write or erase at that step then has no effect). An edit of several steps replaces
+    each of them, so its derivative is not the sum of the per-step ones. Such runs replay the recurrence
+    token by token; when nothing is edited, their forward values are bitwise those of the same run with
+    a forward cache hook in place of the gradient hook.
 
     Class attributes a subclass sets: ``rule`` (the :class:`Rule`), ``has_beta``, ``has_decay``. Whether
     the decay is a scalar per head or one value per key channel follows from the shape ``project`` gives it.
@@ -168,10 +215,16 @@ class MatrixMixer(nn.Module):
 
     def _recur(self, inputs: RecurrenceInputs, S0: Tensor) -> tuple[Tensor, Tensor]:
         rule, chunk = self.rule, self.cfg.chunk_size
-        writes = None
+        # ``writes``: edited writes, used everywhere. ``grad_writes``: the hooked writes when their values
+        # are unchanged but a gradient must reach them; the numbers then come from the unedited paths and
+        # the writes enter a differentiable replay (a write adds to the state, so that gives the total derivative).
+        writes = grad_writes = None
         if hook_active(self.hook_write):
-            writes, mask = fire_matrix(self.hook_write, inputs.write(), inputs.write)
-            writes = writes if mask is not None else None
+            edit = fire_matrix(self.hook_write, inputs.write(), inputs.write)
+            if edit is not None and bool(edit[0].any()):
+                writes = edit[1]
+            elif edit is not None:
+                grad_writes = edit[1]
         watch_erase = self.rule.has_erase and hook_active(self.hook_erase)
         if self.harvest_request is not None:
             if watch_erase or hook_active(self.hook_state):
@@ -180,22 +233,28 @@ class MatrixMixer(nn.Module):
             return self._harvest(self.harvest_request, inputs, S0, writes)
         if not (watch_erase or hook_active(self.hook_state)):
             res = scan(rule, inputs, S0, chunk_size=chunk, writes=writes)
-            return res.o, res.final_state
+            if grad_writes is None:
+                return res.o, res.final_state
+            grad = recurrent_scan(rule, inputs, S0, writes=grad_writes)
+            return _with_value(res.o, grad.o), _with_value(res.final_state, grad.final_state)
 
         def unedited():
             return scan(rule, inputs, S0, chunk_size=chunk, keep_states=True, writes=writes)
 
         res = unedited()
-        erase_edit = state_edit = None
-        if watch_erase:
-            erases, mask = fire_matrix(self.hook_erase, res.erases, lambda: unedited().erases)
-            erase_edit = None if mask is None else (mask, erases)
-        states, mask = fire_matrix(self.hook_state, res.states, lambda: unedited().states)
-        state_edit = None if mask is None else (mask, states)
-        if state_edit is None and erase_edit is None:
+        erase_edit = fire_matrix(self.hook_erase, res.erases, lambda: unedited().erases) if watch_erase else None
+        state_edit = fire_matrix(self.hook_state, res.states, lambda: unedited().states)
+        edits = [e for e in (erase_edit, state_edit) if e is not None]
+        if not edits and grad_writes is None:
             return res.o, res.final_state
-        states = replay(rule, inputs, S0, res.states, writes=writes, state_edit=state_edit, erase_edit=erase_edit)
-        return torch.einsum("bthkv,bthk->bthv", states, inputs.q), states[:, -1]
+        states = replay(rule, inputs, S0, res.states, writes=writes if grad_writes is None else grad_writes,
+                        state_edit=state_edit, erase_edit=erase_edit, differentiable=grad_writes is not None)
+        o, final = torch.einsum("bthkv,bthk->bthv", states, inputs.q), states[:, -1]
+        if not any(bool(e[0].any()) for e in edits):
+            # Only gradient paths (a backward hook, a differentiable no-op edit): the forward keeps the
+            # unedited run's numbers bitwise.
+            o, final = _with_value(res.o, o), _with_value(res.final_state, final)
+        return o, final
 
     def _harvest(self, request: HarvestRequest, inputs: RecurrenceInputs, S0: Tensor,
                  writes: Tensor | None) -> tuple[Tensor, Tensor]:

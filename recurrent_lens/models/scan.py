@@ -512,35 +512,70 @@ def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Tensor, positions: Tensor
 
 
 def replay(rule: Rule, x: RecurrenceInputs, S0: Tensor, states: Tensor, *, writes: Tensor | None = None,
-           state_edit: tuple[Tensor, Tensor] | None = None,
-           erase_edit: tuple[Tensor, Tensor] | None = None) -> Tensor:
+           state_edit: tuple[Tensor, ...] | None = None,
+           erase_edit: tuple[Tensor, ...] | None = None, differentiable: bool = False) -> Tensor:
     """Recompute states after per-step edits, from the first edited position on.
 
     Args:
         states: the unedited states ``[batch, pos, head, d_k, d_v]`` (positions before the first edit
-            are reused as they are).
+            keep these values bitwise).
         state_edit: ``(mask [batch, pos, head] bool, values [batch, pos, head, d_k, d_v])``: where the
-            mask is set, ``S_t`` is replaced by ``values`` after the update at ``t``.
+            mask is set, ``S_t`` is replaced by ``values`` after the update at ``t``. The form
+            ``(mask, values, unedited)``, where ``values`` equals ``unedited`` wherever the mask is
+            clear, also makes ``values`` take part in the gradient at every step (straight-through):
+            an unmasked ``S_t`` becomes ``recomputed + (values − unedited)``, which has the recomputed
+            value and gives ``values`` the total derivative of everything downstream (that of an additive
+            edit ``S_t + εD``), while the gradient reaching ``unedited`` through it cancels the one
+            reaching it through ``values``. The replay then runs from the first position.
         erase_edit: the same for the erase term at ``t``.
+        differentiable: run from the first position even without three-element edits, so that a
+            gradient reaches ``writes`` (and the inputs) through every step.
 
     Returns:
         The edited states; every unedited step is recomputed from the recurrence, so edits carry forward.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens.models.scan import RecurrenceInputs, LinearRule, recurrent_scan, replay
+        >>> x = RecurrenceInputs(q=torch.randn(1, 5, 1, 2), k=torch.randn(1, 5, 1, 2), v=torch.randn(1, 5, 1, 3))
+        >>> S0 = torch.zeros(1, 1, 2, 3)
+        >>> states = recurrent_scan(LinearRule(), x, S0, keep_states=True).states
+        >>> mask = torch.zeros(1, 5, 1, dtype=torch.bool)
+        >>> mask[0, 2] = True
+        >>> edited = replay(LinearRule(), x, S0, states, state_edit=(mask, torch.zeros_like(states)))
+        >>> bool(edited[0, 2].abs().max() == 0), torch.allclose(edited[0, 3], x.write()[0, 3])
+        (True, True)
     """
     if state_edit is not None and bool(state_edit[0].all()):
         return state_edit[1]
-    masks = [e[0] for e in (state_edit, erase_edit) if e is not None]
-    edited = torch.stack([m.any(0).any(-1) for m in masks]).any(0) if masks else None
-    if edited is None or not edited.any():
+    edits = [e for e in (state_edit, erase_edit) if e is not None]
+    T = x.k.shape[1]
+    edited = torch.stack([e[0].any(0).any(-1) for e in edits]).any(0) if edits else None  # [pos]
+    t0 = int(edited.nonzero()[0]) if edited is not None and bool(edited.any()) else T
+    start = 0 if differentiable or any(len(e) == 3 for e in edits) else t0
+    if start == T:
         return states
-    t0 = int(edited.nonzero()[0])
-    S = S0 if t0 == 0 else states[:, t0 - 1]
-    out = [states[:, :t0]]
-    for t in range(t0, x.k.shape[1]):
-        erase = None
+
+    def carry(edit: tuple[Tensor, ...] | None, t: int) -> Tensor | None:
+        """The straight-through term ``values − unedited`` at ``t`` (zero in value where unmasked)."""
+        return None if edit is None or len(edit) < 3 else edit[1][:, t] - edit[2][:, t]
+
+    S = S0 if start == 0 else states[:, start - 1]
+    out = [states[:, :start]]
+    for t in range(start, T):
+        xt, wt = x.at(t), None if writes is None else writes[:, t]
+        erase, erase_carry = None, carry(erase_edit, t)
         if erase_edit is not None and erase_edit[0][:, t].any():
-            _, own = rule.step(S, x.at(t), None if writes is None else writes[:, t])
+            _, own = rule.step(S, xt, wt)
+            own = own if erase_carry is None else own + erase_carry
             erase = torch.where(erase_edit[0][:, t, :, None, None], erase_edit[1][:, t], own)
-        S, _ = rule.step(S, x.at(t), None if writes is None else writes[:, t], erase)
+        new, _ = rule.step(S, xt, wt, erase)
+        if erase is None and erase_carry is not None:
+            new = new + erase_carry  # the erase enters the update additively
+        if t < t0:  # nothing edited yet: the unedited value, the recurrence's gradient
+            new = states[:, t].detach() + (new - new.detach())
+        state_carry = carry(state_edit, t)
+        S = new if state_carry is None else new + state_carry
         if state_edit is not None:
             S = torch.where(state_edit[0][:, t, :, None, None], state_edit[1][:, t], S)
         out.append(S[:, None])

@@ -1,4 +1,4 @@
-"""Splicing SAEs into a model's matrix hook points (DESIGN.md §4, SAELens ``use_error_term``).
+"""Splicing SAEs into a model's matrix hook points (with SAELens-style ``use_error_term``).
 
 :func:`add_sae` binds an SAE to one head of a ``[batch, pos, head, d_k, d_v]`` hook point
 (``blocks.{l}.mixer.hook_state``, ``hook_write`` or ``hook_erase``). The HookPoint module at that
@@ -23,6 +23,15 @@ is the reconstruction computed with the SAE's hooks off and without gradient: wi
 the model's output is bitwise unchanged, and an edit of ``hook_sae_acts_post`` shifts the state by
 exactly the decoded difference. Editing ``hook_sae_error`` replaces the error term (the slice
 becomes ``recon + error``).
+
+Gradients: with grad enabled, the spliced tensor is a new tensor that requires grad (through the SAE's
+or the model's parameters), so the model gives it the total derivative at every step, even where its
+value equals the model's (see
+:class:`~recurrent_lens.models.mixer.MatrixMixer`). With ``use_error_term=True`` the model's output is
+unchanged and a backward hook on ``hook_sae_acts_post`` (``run_with_cache(..., incl_bwd=True)``) receives
+the gradient of splicing the reconstruction with the error term held fixed: at ``(batch, pos)`` feature
+``i`` gets ``<dL/dS_pos, A_i>`` for its atom ``A_i`` and the head's state gradient ``dL/dS_pos``, ready
+for gradient × activation attribution.
 
 Attached SAEs run :meth:`SAE.reconstruct`-style passes: they do not update dead-feature counters.
 :func:`reset_saes` puts the original HookPoint (with its hooks) back.
