@@ -102,3 +102,55 @@ def test_writesae_explains_held_out_toy_gdn_states():
     sae, log = train(model, "blocks.1.mixer.hook_state", 0, tokens, cfg)
     assert log.train[-1]["mse"] < log.train[0]["mse"]
     assert log.val[-1]["val_explained_variance"] >= 0.8, log.val[-1]
+
+
+def test_checkpoint_dir_that_does_not_exist_yet_gets_the_final_checkpoint_and_log(model, tokens, tmp_path):
+    target = tmp_path / "new" / "run"
+    (tmp_path / "new").mkdir()
+    sae, log = train(model, HOOK, 0, tokens, small_cfg(n_steps=3, checkpoint_dir=str(target)))
+    assert sae.cfg.metadata["train_steps"] == 3
+    assert sorted(p.name for p in target.iterdir()) == ["checkpoint.pt", "train_log.json"]
+    assert SAETrainer.from_checkpoint(model, tokens, str(target)).step == 3
+
+
+def test_outputs_checked_and_stale_temporaries_removed_before_work(model, tokens, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="TrainConfig.checkpoint_dir: cannot write"):
+        SAETrainer(model, HOOK, 0, tokens, small_cfg(checkpoint_dir=str(blocker / "x")))
+    stale = tmp_path / "ckpt"
+    stale.mkdir()
+    (stale / ".tmp-abc.pt").write_bytes(b"half a checkpoint")
+    SAETrainer(model, HOOK, 0, tokens, small_cfg(checkpoint_dir=str(stale)))
+    assert not (stale / ".tmp-abc.pt").exists()
+
+
+@pytest.mark.parametrize("hook, head, kw, message", [
+    ("blocks.0.mixer.hook_read", 0, {}, "hook_name"),
+    ("blocks.3.mixer.hook_state", 0, {}, "not a recurrent layer"),
+    (HOOK, -1, {}, "head"),
+    (HOOK, True, {}, "head"),
+    (HOOK, 4, {}, "head"),
+    (HOOK, 0, {"architecture": "nope"}, "architecture"),
+    (HOOK, 0, {"batch_size": 0}, "batch_size"),
+    (HOOK, 0, {"buffer_size": 8}, "buffer_size"),
+    (HOOK, 0, {"lr": float("nan")}, "lr"),
+])
+def test_bad_settings_refused_up_front(model, tokens, hook, head, kw, message):
+    with pytest.raises(ValueError, match=message):
+        SAETrainer(model, hook, head, tokens, small_cfg(**kw))
+
+
+def test_bad_tokens_refused_up_front(model, tokens):
+    with pytest.raises(ValueError, match="d_vocab"):
+        SAETrainer(model, HOOK, 0, tokens + 61, small_cfg())
+    with pytest.raises(ValueError, match="no position"):
+        SAETrainer(model, HOOK, 0, tokens[:, :2], small_cfg(skip_positions=2))
+
+
+def test_from_checkpoint_refuses_other_tokens_or_model(model, tokens, tmp_path):
+    SAETrainer(model, HOOK, 0, tokens, small_cfg(checkpoint_dir=str(tmp_path))).train(until_step=2)
+    with pytest.raises(ValueError, match="other tokens"):
+        SAETrainer.from_checkpoint(model, tokens.flip(0), str(tmp_path))
+    with pytest.raises(ValueError, match="states"):
+        SAETrainer.from_checkpoint(tiny_gdn(seed=0, d_k=4), tokens, str(tmp_path))
