@@ -94,6 +94,14 @@ class ModelConfig:
     """Device the weights live on."""
     source: str | None = None
     """Where the weights came from (directory or hub id), for ``repr`` and tokenizer loading."""
+    default_prepend_bos: bool | None = None
+    """What ``to_tokens`` does about a BOS token when ``prepend_bos`` is not given (TransformerLens'
+    ``cfg.default_prepend_bos``): ``True`` puts the tokenizer's BOS in front of every text, ``False`` adds
+    no special token at all, ``None`` keeps the tokenizer's own convention (what ``tokenizer(text)``
+    gives, as the checkpoint was trained)."""
+    n_ctx: int | None = None
+    """Context length the checkpoint was trained with, when known (TransformerLens' ``cfg.n_ctx``).
+    ``None``: no limit is recorded; recurrent layers have no position limit."""
 
     def __post_init__(self) -> None:
         if self.n_key_heads is None:
@@ -121,6 +129,11 @@ class ModelConfig:
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size: expected a positive int, got {self.chunk_size}")
         resolve_dtype(self.dtype)
+        if self.default_prepend_bos not in (None, True, False):
+            raise ValueError(f"default_prepend_bos: expected True, False or None, got {self.default_prepend_bos!r}")
+        if self.n_ctx is not None and (isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int)
+                                       or self.n_ctx < 1):
+            raise ValueError(f"n_ctx: expected None or a positive int, got {self.n_ctx!r}")
         if "attention" in self.layer_types and not (self.n_attn_heads and self.n_kv_heads and self.d_head_attn):
             raise ValueError("attention layers need n_attn_heads, n_kv_heads and d_head_attn")
 
@@ -132,6 +145,93 @@ class ModelConfig:
     def recurrent_layers(self) -> list[int]:
         """Indices of the layers whose mixer is a matrix recurrence."""
         return [i for i, t in enumerate(self.layer_types) if t == "recurrent"]
+
+    # ------------------------------------------------------------------ TransformerLens' cfg fields
+    # Read-only views, derived from the fields above, of the configuration fields TransformerLens'
+    # helpers (ActivationCache, patching, logit lens, utilities) read from ``model.cfg``.
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether any layer is softmax attention (a hybrid such as Qwen3.5)."""
+        return "attention" in self.layer_types
+
+    @property
+    def normalization_type(self) -> str:
+        """``"RMS"`` (``norm`` ``"rms"`` or ``"rms_one_plus"``) or ``"LN"`` (``"layer"``). The norms are not
+        folded into the next weights, so ``ln_final`` applies its own weight (and bias)."""
+        return "LN" if self.norm == "layer" else "RMS"
+
+    @property
+    def attn_only(self) -> bool:
+        """``True`` when blocks have no MLP (``d_mlp == 0``, Mamba-2): there is no ``hook_mlp_out``."""
+        return self.d_mlp == 0
+
+    @property
+    def act_fn(self) -> str | None:
+        """The MLP's activation by TransformerLens' name: ``"silu"`` (SwiGLU), ``"relu2"`` (RWKV-7), or
+        ``None`` without an MLP."""
+        if self.d_mlp == 0:
+            return None
+        return "silu" if self.mlp == "swiglu" else "relu2"
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is gated (SwiGLU)."""
+        return self.d_mlp > 0 and self.mlp == "swiglu"
+
+    @property
+    def d_head(self) -> int:
+        """Per-head width in TransformerLens' sense: the attention head size ``d_head_attn`` when the model
+        has attention layers, otherwise the width ``d_v`` each recurrent head reads out."""
+        return self.d_head_attn if self.has_attention else self.d_v
+
+    @property
+    def n_key_value_heads(self) -> int | None:
+        """Heads of ``hook_k``/``hook_v`` when they differ from ``n_heads``, as TransformerLens defines it.
+
+        ``None`` in all-recurrent models (keys and values are expanded to ``n_heads``). In a hybrid it is
+        the attention layers' ``n_kv_heads`` if the recurrent layers' keys have as many heads; otherwise no
+        single number is right for every layer, and reading it raises an AttributeError that says so (so
+        that TransformerLens' head sweeps over ``k``/``v`` stop instead of covering some heads only; give
+        them an ``index_df`` per layer kind instead).
+        """
+        if not self.has_attention:
+            return None
+        if self.recurrent_layers and self.n_kv_heads != self.n_heads:
+            raise AttributeError(
+                f"n_key_value_heads: this hybrid's hook_k/hook_v have {self.n_heads} heads in recurrent layers "
+                f"{self.recurrent_layers} and {self.n_kv_heads} (n_kv_heads) in attention layers "
+                f"{[i for i, t in enumerate(self.layer_types) if t == 'attention']}; no single count fits every "
+                "layer: sweep each layer kind separately (TransformerLens' patching: pass index_df)")
+        return self.n_kv_heads
+
+    @property
+    def d_vocab_out(self) -> int:
+        """Width of the logits (``d_vocab``)."""
+        return self.d_vocab
+
+    @property
+    def model_name(self) -> str:
+        """The checkpoint's name (last part of ``source``), or the architecture for a model built from a config."""
+        if self.source:
+            return str(self.source).rstrip("/").rsplit("/", 1)[-1]
+        return self.architecture
+
+    @property
+    def original_architecture(self) -> str:
+        """The registry name of the recurrent architecture (``gated_deltanet``, ``mamba2``, ...)."""
+        return self.architecture
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """``"rotary"`` when attention layers use RoPE, else ``"none"``: there is never a positional embedding
+        added to the residual stream (no ``hook_pos_embed``; recurrences know order by construction)."""
+        return "rotary" if self.has_attention and self.rotary_dim else "none"
+
+    @property
+    def use_attn_result(self) -> bool:
+        """Always ``False``: per-head results (``attn.hook_result``) are never computed."""
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

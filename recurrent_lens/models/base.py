@@ -30,6 +30,10 @@ TokensLike = (str | list[str] | list[int] | list[list[int]]
 """Text (a string or a list of strings), token ids as a list (``[pos]`` or ``[batch][pos]``) or as a
 tensor of any integer dtype."""
 
+_TL_ATTENTION_LEAVES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern", "hook_attn_scores", "hook_result",
+                        "hook_rot_q", "hook_rot_k")
+"""TransformerLens' names of per-head attention activations."""
+
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
               torch.uint64)
 
@@ -48,6 +52,10 @@ class Block(nn.Module):
     The mixer is ``blocks.{l}.mixer`` (a MatrixMixer) in recurrent layers and ``blocks.{l}.attn`` in the
     softmax-attention layers of hybrids.
     """
+
+    hook_out_is_single_residual_stream = True
+    """``hook_resid_post`` is the one ``[batch, pos, d_model]`` stream the next block (or ``ln_final``) reads;
+    TransformerLens' logit lens checks every block for this flag."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -77,12 +85,31 @@ class Block(nn.Module):
 
 
 class Unembed(nn.Module):
-    """The untied unembedding ``W_U`` ``[d_vocab, d_model]`` (tied models read ``embed.weight``)."""
+    """The untied unembedding: ``weight`` ``[d_vocab, d_model]``; called on ``[batch, pos, d_model]`` it gives
+    fp32 logits ``[batch, pos, d_vocab]`` as the model's forward does."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         nn.init.normal_(self.weight, std=cfg.d_model**-0.5)
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
+
+
+class TiedUnembed(Unembed):
+    """The unembedding of a tied model: ``weight`` is the embedding matrix, and the module holds no parameter
+    of its own (so the state dict has no ``unembed.weight``). It exists so that ``model.unembed`` is a module
+    in every model, as TransformerLens' tools expect."""
+
+    def __init__(self, embed: nn.Embedding) -> None:
+        nn.Module.__init__(self)
+        # a plain attribute, not a submodule: the embedding is registered (and saved) once, as ``embed``
+        self.__dict__["_embed"] = embed
+
+    @property
+    def weight(self) -> Tensor:
+        return self._embed.weight
 
 
 class HookedRecurrentModel(HookedRootModule):
@@ -130,7 +157,7 @@ class HookedRecurrentModel(HookedRootModule):
         self.ln_embed = arch.embed_norm(cfg) if arch.embed_norm is not None else None
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
-        self.unembed = None if cfg.tie_embeddings else Unembed(cfg)
+        self.unembed = TiedUnembed(self.embed) if cfg.tie_embeddings else Unembed(cfg)
         self.positions = None
         self.setup()
 
@@ -199,28 +226,111 @@ class HookedRecurrentModel(HookedRootModule):
             raise ValueError("this model has no tokenizer: pass token ids, or load from a directory with tokenizer files")
         return self.tokenizer
 
-    def to_tokens(self, text: str | list[str], *, add_special_tokens: bool = True) -> Int[Tensor, "batch pos"]:
-        """Tokenize with the checkpoint's tokenizer into ``[batch, pos]`` ids (a string gives batch 1)."""
+    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None,
+                  *, add_special_tokens: bool = True) -> Int[Tensor, "batch pos"]:
+        """Tokenize with the checkpoint's tokenizer into ``[batch, pos]`` ids (a string gives batch 1).
+
+        As TransformerLens' ``to_tokens``, except that texts of different lengths are refused unless a
+        ``padding_side`` is given (a recurrent state runs through every pad token it is fed).
+
+        Args:
+            input: a string or a list of strings.
+            prepend_bos: ``True``: the tokenizer's BOS token, then the text without any other special token;
+                ``False``: the text without special tokens; ``None``: ``cfg.default_prepend_bos``, whose
+                default ``None`` keeps the tokenizer's own convention (``tokenizer(text, add_special_tokens=
+                add_special_tokens)``).
+            padding_side: ``"right"`` or ``"left"`` pads texts of different lengths with the tokenizer's pad
+                token (its EOS token if it has none). Right padding leaves every real position exactly as in
+                an unpadded run (the models are causal); left padding runs the pad tokens through the
+                recurrence first, so states and logits at real positions differ from an unpadded run.
+                ``None`` refuses texts of different lengths.
+            add_special_tokens: passed to the tokenizer when the tokenizer's convention applies.
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
+            ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
+            >>> from tokenizers import Tokenizer, models, pre_tokenizers
+            >>> from transformers import PreTrainedTokenizerFast
+            >>> vocab = {"<unk>": 0, "<s>": 1, "<pad>": 2, "a": 3, "b": 4}
+            >>> core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+            >>> core.pre_tokenizer = pre_tokenizers.Whitespace()
+            >>> model.tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+            ...                                           pad_token="<pad>")
+            >>> model.to_tokens(["a b", "b"], prepend_bos=True, padding_side="right")
+            tensor([[1, 3, 4],
+                    [1, 4, 2]])
+        """
         tok = self._require_tokenizer()
-        texts = [text] if isinstance(text, str) else list(text)
-        ids = [tok(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-        if len({len(i) for i in ids}) > 1:
-            raise ValueError(f"to_tokens: texts tokenize to different lengths {[len(i) for i in ids]}; "
-                             "batch equal-length texts (padding is not supported by recurrent states)")
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side: expected 'left', 'right' or None, got {padding_side!r}")
+        if isinstance(input, str):
+            texts = [input]
+        elif isinstance(input, list) and input and all(isinstance(t, str) for t in input):
+            texts = list(input)
+        else:
+            raise TypeError(f"input: expected a string or a non-empty list of strings, got {type(input).__name__}")
+        bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        if bos not in (None, True, False):
+            raise ValueError(f"prepend_bos: expected True, False or None, got {prepend_bos!r}")
+        if bos is None:
+            ids = [list(tok(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts]
+        else:
+            ids = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            if bos:
+                if getattr(tok, "bos_token_id", None) is None:
+                    raise ValueError("prepend_bos: True asks for a BOS token, but this tokenizer has none")
+                ids = [[tok.bos_token_id, *i] for i in ids]
+        lengths = [len(i) for i in ids]
+        if len(set(lengths)) > 1:
+            if padding_side is None:
+                raise ValueError(f"to_tokens: texts tokenize to different lengths {lengths}; batch equal-length texts "
+                                 "or pass padding_side='right' (recurrent states run through every pad token)")
+            pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else tok.eos_token_id
+            if pad is None:
+                raise ValueError("padding_side: the tokenizer has neither a pad token nor an EOS token to pad with")
+            width = max(lengths)
+            ids = [i + [pad] * (width - len(i)) if padding_side == "right" else [pad] * (width - len(i)) + i
+                   for i in ids]
         return torch.tensor(ids, dtype=torch.long, device=self.cfg.device)
 
-    def to_string(self, tokens: Int[Tensor, "..."] | list[int]) -> str | list[str]:
-        """Decode ids: ``[pos]`` gives a string, ``[batch, pos]`` a list of strings."""
+    def to_string(self, tokens: Int[Tensor, "..."] | list[int] | int) -> str | list[str]:
+        """Decode ids: one id (an int or a 0-d tensor) or ``[pos]`` gives a string, ``[batch, pos]`` a list of
+        strings."""
         tok = self._require_tokenizer()
         tokens = torch.as_tensor(tokens)
-        if tokens.dim() == 1:
-            return tok.decode(tokens.tolist())
+        if tokens.dim() <= 1:
+            return tok.decode(tokens.reshape(-1).tolist())
         return [tok.decode(t.tolist()) for t in tokens]
 
-    def to_str_tokens(self, input: str | Int[Tensor, "..."]) -> list[str]:
-        """One string per token of a single sequence."""
-        tokens = self.to_tokens(input)[0] if isinstance(input, str) else torch.as_tensor(input).reshape(-1)
-        return [self._require_tokenizer().decode([t]) for t in tokens.tolist()]
+    def to_str_tokens(self, input: str | list[str] | Int[Tensor, "..."] | list[int], prepend_bos: bool | None = None,
+                      padding_side: str | None = None) -> list[str] | list[list[str]]:
+        """One string per token: of a text (tokenized by :meth:`to_tokens` with ``prepend_bos`` and
+        ``padding_side``), of each text of a list (a list of lists), or of one sequence of ids (``[pos]``,
+        ``[1, pos]`` or a list of ints)."""
+        tok = self._require_tokenizer()
+        if isinstance(input, str) or (isinstance(input, list) and input and all(isinstance(t, str) for t in input)):
+            rows = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            pieces = [[tok.decode([t]) for t in row] for row in rows.tolist()]
+            return pieces[0] if isinstance(input, str) else pieces
+        tokens = torch.as_tensor(input)
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.dim() == 0:
+            tokens = tokens[None]
+        if tokens.dim() != 1:
+            raise ValueError(f"input: expected one sequence of ids ([pos] or [1, pos]), "
+                             f"got shape {tuple(tokens.shape)}")
+        return [tok.decode([t]) for t in tokens.tolist()]
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token (without special tokens), as in TransformerLens."""
+        ids = self.to_tokens(string, prepend_bos=False)[0]
+        if ids.numel() != 1:
+            raise ValueError(f"string: expected text that is a single token, got {string!r}, which is "
+                             f"{ids.numel()} tokens {ids.tolist()}")
+        return int(ids[0])
 
     def _tokens(self, input: TokensLike) -> Int[Tensor, "batch pos"]:
         text = _is_text(input)
@@ -345,12 +455,230 @@ class HookedRecurrentModel(HookedRootModule):
             cache[layer].state = S.to(device=self.embed.weight.device, dtype=torch.float32)
         return cache
 
+    # ------------------------------------------------------------------ TransformerLens names
+    def setup(self) -> None:
+        """TransformerLens' ``setup`` (names every module and hook point), then the hook-name aliases.
+
+        Aliases let TransformerLens' short names reach the hook that plays that role in each layer kind
+        (``hook_aliases`` maps alias → hook name; an alias never shadows a real hook name):
+
+        - ``blocks.{l}.hook_X`` → ``blocks.{l}.mixer.hook_X`` in a recurrent layer and ``blocks.{l}.attn.hook_X``
+          in an attention layer, for every hook ``X`` of that mixer except ``hook_in``/``hook_out``;
+        - ``blocks.{l}.attn.hook_X`` → ``blocks.{l}.mixer.hook_X`` in a recurrent layer (TransformerLens names
+          ``q``, ``k``, ``v`` as attention hooks: ``cache["k", l]`` looks up ``blocks.{l}.attn.hook_k``);
+        - ``blocks.{l}.hook_attn_out`` → ``blocks.{l}.hook_mixer_out`` in every layer.
+
+        An alias is resolved once, to one hook point: a hook added under an alias fires once, and caches hold
+        each activation once, under its own name.
+        """
+        super().setup()
+        aliases: dict[str, str] = {}
+        for name in self.hook_dict:
+            parts = name.split(".")
+            if len(parts) != 4 or parts[0] != "blocks" or parts[2] not in ("mixer", "attn"):
+                continue
+            layer, kind, leaf = parts[1], parts[2], parts[3]
+            if kind == "mixer":
+                aliases[f"blocks.{layer}.attn.{leaf}"] = name
+            if leaf not in ("hook_in", "hook_out"):
+                aliases[f"blocks.{layer}.{leaf}"] = name
+        for layer in range(len(self.blocks)):
+            aliases[f"blocks.{layer}.hook_attn_out"] = f"blocks.{layer}.hook_mixer_out"
+        self.hook_aliases = {alias: name for alias, name in aliases.items() if alias not in self.hook_dict}
+        self._aliases_of: dict[str, list[str]] = {}
+        for alias, name in self.hook_aliases.items():
+            self._aliases_of.setdefault(name, []).append(alias)
+
+    def resolve_hook_name(self, name: str) -> str:
+        """The hook point's own name for a hook name or alias (see :meth:`setup` for the aliases).
+
+        Raises a :class:`HookNameError` (a KeyError) that says why a name does not exist, e.g. a state asked of
+        an attention layer or an attention pattern asked of a recurrent layer.
+
+        Example:
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=2,
+            ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
+            >>> model.resolve_hook_name("blocks.1.hook_state"), model.resolve_hook_name("blocks.1.attn.hook_k")
+            ('blocks.1.mixer.hook_state', 'blocks.1.mixer.hook_k')
+            >>> model.resolve_hook_name("blocks.0.hook_attn_out")
+            'blocks.0.hook_mixer_out'
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"hook name: expected a string, got {type(name).__name__}")
+        if name in self.hook_dict:
+            return name
+        if name in self.hook_aliases:
+            return self.hook_aliases[name]
+        raise HookNameError(self._unknown_hook_message(name))
+
+    def _unknown_hook_message(self, name: str) -> str:
+        import difflib
+
+        parts = name.split(".")
+        cfg = self.cfg
+        if len(parts) >= 3 and parts[0] == "blocks" and parts[1].lstrip("-").isdigit():
+            layer, leaf = int(parts[1]), parts[-1]
+            if not 0 <= layer < cfg.n_layers:
+                return f"hook name {name!r}: layer {layer} does not exist (n_layers={cfg.n_layers})"
+            if cfg.attn_only and (leaf == "hook_mlp_out" or parts[2] in ("mlp", "ln2")):
+                return (f"hook name {name!r}: blocks have no MLP in this model (d_mlp=0, cfg.attn_only=True); "
+                        "TransformerLens helpers that read MLP hooks (mlp_out patching, get_act_patch_block_every, "
+                        "neuron results) do not apply")
+            leaves: dict[str, set[str]] = {"mixer": set(), "attn": set(_TL_ATTENTION_LEAVES)}
+            for n in self.hook_dict:
+                p = n.split(".")
+                if len(p) == 4 and p[0] == "blocks" and p[2] in leaves:
+                    leaves[p[2]].add(p[3])
+            kind = "attn" if cfg.layer_types[layer] == "attention" else "mixer"
+            own = sorted(n.rsplit(".", 1)[1] for n in self.hook_dict
+                         if n.startswith(f"blocks.{layer}.{kind}.") and n.count(".") == 3)
+            if kind == "attn" and leaf in leaves["mixer"] and leaf not in own:
+                return (f"hook name {name!r}: layer {layer} is a softmax-attention layer, which has no {leaf}; "
+                        f"recurrent layers: {cfg.recurrent_layers}; its attention hooks: {own} "
+                        "(TransformerLens' patching: pass an index_df over the layers that have it)")
+            if kind == "mixer" and leaf in leaves["attn"] and leaf not in own:
+                return (f"hook name {name!r}: layer {layer} is a recurrent layer: it has no softmax-attention heads "
+                        f"and no {leaf}; its mixer hooks: {own}")
+        near = difflib.get_close_matches(name, [*self.hook_dict, *self.hook_aliases], n=3)
+        return f"hook name {name!r}: no such hook point or alias" + (f"; did you mean {near}?" if near else "")
+
+    def _hook_target(self, name: Any) -> Any:
+        """A hook name resolved, or a name predicate made alias-aware (for ``hooks``/``add_hook``)."""
+        if isinstance(name, str):
+            return self.resolve_hook_name(name)
+        if callable(name):
+            aliases_of = self._aliases_of
+
+            def accepts(hook_name: str) -> bool:
+                return bool(name(hook_name)) or any(name(a) for a in aliases_of.get(hook_name, ()))
+
+            return accepts
+        raise TypeError(f"hook name: expected a string or a function of the name, got {type(name).__name__}")
+
+    def _names_filter(self, names_filter: Any) -> Any:
+        """TransformerLens' ``names_filter`` (None, a name, a list of names or a predicate) over hook names and
+        aliases, as a predicate over the hook points' own names; unknown names are refused."""
+        if names_filter is None:
+            return None
+        if isinstance(names_filter, str) or callable(names_filter):
+            target = self._hook_target(names_filter)
+            return target if callable(target) else (lambda hook_name: hook_name == target)
+        if isinstance(names_filter, Iterable):
+            names = list(names_filter)
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("names_filter: expected None, a hook name, a list of hook names or a function")
+            wanted = {self.resolve_hook_name(n) for n in names}
+            return lambda hook_name: hook_name in wanted
+        raise TypeError(f"names_filter: expected None, a hook name, a list of hook names or a function, "
+                        f"got {type(names_filter).__name__}")
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Iterable[Any] = (), bwd_hooks: Iterable[Any] = (),
+              reset_hooks_end: bool = True, clear_contexts: bool = False) -> Iterator[HookedRecurrentModel]:
+        """TransformerLens' ``hooks()`` context manager; names may be aliases (see :meth:`setup`), and a name
+        predicate is asked about each hook point's own name and its aliases (the point is hooked once if
+        any is accepted). Every name is resolved before any hook is added.
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=2,
+            ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
+            >>> seen = []
+            >>> with model.hooks([("blocks.1.hook_state", lambda x, hook: seen.append(hook.name))]):
+            ...     _ = model(torch.tensor([[1, 2, 3]]))
+            >>> seen
+            ['blocks.1.mixer.hook_state']
+        """
+        fwd = [(self._hook_target(name), fn) for name, fn in fwd_hooks]
+        bwd = [(self._hook_target(name), fn) for name, fn in bwd_hooks]
+        with super().hooks(fwd, bwd, reset_hooks_end, clear_contexts) as model:
+            yield model
+
+    def add_hook(self, name: Any, hook: Any, dir: Literal["fwd", "bwd"] = "fwd", is_permanent: bool = False,
+                 level: int | None = None, prepend: bool = False) -> None:
+        """TransformerLens' ``add_hook``; ``name`` may be an alias or a predicate (as in :meth:`hooks`)."""
+        super().add_hook(self._hook_target(name), hook, dir=dir, is_permanent=is_permanent, level=level,
+                         prepend=prepend)
+
+    def list_hooks(self, name_filter: Any = None, dir: Literal["fwd", "bwd", "both"] = "both",
+                   including_permanent: bool = True) -> dict[str, list[Any]]:
+        """TransformerLens' ``list_hooks``; ``name_filter`` may name aliases (as in :meth:`hooks`). Keys are the
+        hook points' own names."""
+        return super().list_hooks(self._names_filter(name_filter), dir, including_permanent)
+
+    def get_caching_hooks(self, names_filter: Any = None, *args: Any, **kwargs: Any) -> tuple[dict, list, list]:
+        """TransformerLens' ``get_caching_hooks``; ``names_filter`` may name aliases (as in :meth:`hooks`)."""
+        return super().get_caching_hooks(self._names_filter(names_filter), *args, **kwargs)
+
+    def add_caching_hooks(self, names_filter: Any = None, *args: Any, **kwargs: Any) -> dict:
+        """TransformerLens' ``add_caching_hooks``; ``names_filter`` may name aliases (as in :meth:`hooks`)."""
+        return super().add_caching_hooks(self._names_filter(names_filter), *args, **kwargs)
+
+    # ------------------------------------------------------------------ TransformerLens weights
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        """The embedding matrix ``[d_vocab, d_model]``."""
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding ``[d_model, d_vocab]`` as TransformerLens lays it out (a view of ``unembed.weight``,
+        which is ``embed.weight`` in tied models). The final norm's weight is not folded in: the logits are
+        ``ln_final(resid) @ W_U``."""
+        return self.unembed.weight.T
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        """The unembedding bias: zeros (no supported architecture has one)."""
+        return torch.zeros(self.cfg.d_vocab, dtype=self.unembed.weight.dtype, device=self.unembed.weight.device)
+
+    def tokens_to_residual_directions(self, tokens: str | int | Integer[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
+        """The residual direction whose dot product with the final-norm-scaled residual is each token's logit.
+
+        As TransformerLens defines it for models whose norms are folded: a token (a single-token string, an
+        int or a one-element tensor) gives ``[d_model]``, a tensor of ids ``[..., d_model]``. The final norm's
+        weight is folded in (``W_U[:, t] · w``, ``· (1 + w)`` for Qwen3.5's norm), because
+        ``ActivationCache.apply_ln_to_stack`` divides by the cached ``ln_final.hook_scale`` without applying
+        the weight; ``logit_attrs`` of a stack that sums to the final residual then sums to the logit
+        (LayerNorm models: minus the constant ``ln_final.bias @ W_U[:, t]``).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
+            ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
+            >>> to_dirs = model.tokens_to_residual_directions
+            >>> to_dirs(3).shape, to_dirs(torch.tensor([[1, 2]])).shape
+            (torch.Size([16]), torch.Size([1, 2, 16]))
+        """
+        if isinstance(tokens, str):
+            ids: Any = self.to_single_token(tokens)
+        elif isinstance(tokens, Tensor):
+            if tokens.dtype not in _ID_DTYPES:
+                raise TypeError(f"tokens: expected integer token ids, got a tensor of dtype {tokens.dtype}")
+            ids = int(tokens.item()) if tokens.numel() == 1 else tokens.to(self.unembed.weight.device, torch.long)
+        elif isinstance(tokens, numbers.Integral) and not isinstance(tokens, bool):
+            ids = int(tokens)
+        else:
+            raise TypeError(f"tokens: expected a string, an int or a tensor of ids, got {type(tokens).__name__}")
+        bad = torch.as_tensor(ids)
+        if bad.numel() == 0 or bad.min() < 0 or bad.max() >= self.cfg.d_vocab:
+            raise ValueError(f"tokens: ids must lie in [0, {self.cfg.d_vocab}) (d_vocab), got {tokens!r}")
+        weight = self.unembed.weight  # [d_vocab, d_model]
+        w = self.ln_final.weight.float()
+        fold = (1.0 + w) if getattr(self.ln_final, "one_plus", False) else w
+        return weight[ids] * fold.to(weight.dtype)
+
     # ------------------------------------------------------------------ caching
     def run_with_cache(self, *model_args: Any, pos_slice: Any = None, remove_batch_dim: bool = False,
-                       **kwargs: Any) -> tuple[Any, ActivationCache]:
-        """Like TransformerLens' ``run_with_cache``, but returns an ``ActivationCache`` and ``pos_slice``
-        slices the position axis of every activation (dim 1 for ``[batch, pos, ...]``, dim 2 for
-        attention patterns), never a state's ``d_k`` axis.
+                       **kwargs: Any) -> tuple[Any, RecurrentActivationCache]:
+        """Like TransformerLens' ``run_with_cache``, but returns an ``ActivationCache`` (a
+        :class:`RecurrentActivationCache`) and ``pos_slice`` slices the position axis of every activation
+        (dim 1 for ``[batch, pos, ...]``, dim 2 for attention patterns), never a state's ``d_k`` axis.
+        ``names_filter`` may name aliases (see :meth:`setup`); each activation is cached once, under its
+        hook point's own name, and the cache also answers to the aliases and TransformerLens' short names.
 
         Example:
             >>> import torch
@@ -359,8 +687,8 @@ class HookedRecurrentModel(HookedRootModule):
             ...                   n_heads=2, d_k=8, d_v=4)
             >>> model = HookedRecurrentModel.from_config(cfg, seed=0)
             >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]), pos_slice=-1)
-            >>> tuple(cache["blocks.0.mixer.hook_state"].shape)
-            (1, 1, 2, 8, 4)
+            >>> tuple(cache["blocks.0.mixer.hook_state"].shape), tuple(cache["state", 0].shape)
+            ((1, 1, 2, 8, 4), (1, 1, 2, 8, 4))
         """
         out, raw = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if pos_slice is not None:
@@ -371,7 +699,7 @@ class HookedRecurrentModel(HookedRootModule):
                 dim = (2 if name.endswith("hook_pattern") else 1) - (1 if remove_batch_dim else 0)
                 if t.dim() > dim:
                     raw[name] = sl.apply(t, dim=dim)
-        return out, ActivationCache(raw, self, has_batch_dim=not remove_batch_dim)
+        return out, RecurrentActivationCache(raw, self, has_batch_dim=not remove_batch_dim)
 
     def recurrent_hook_names(self, hook: str = "hook_state") -> list[str]:
         """Full names of one mixer hook across all recurrent layers, e.g. ``blocks.{l}.mixer.hook_state``."""
@@ -626,6 +954,162 @@ class HookedRecurrentModel(HookedRootModule):
         if target is not None:
             target.commit(cache)
         return result
+
+
+class HookNameError(KeyError):
+    """A hook name (or alias, or TransformerLens short name) that names no hook point of this model.
+
+    A KeyError, so that code expecting a missing cache key keeps working; its message says why the name does
+    not exist (the layer's kind, a missing MLP, close matches).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RecurrentActivationCache(ActivationCache):
+    """The ``ActivationCache`` that :meth:`HookedRecurrentModel.run_with_cache` returns.
+
+    TransformerLens' class, with three differences:
+
+    - Keys may be hook names, aliases or TransformerLens' short forms: ``cache["state", 1]``
+      (``blocks.1.hook_state``) gives ``blocks.1.mixer.hook_state``; ``cache["k", 1]``
+      (``blocks.1.attn.hook_k``) gives the mixer's ``hook_k`` in a recurrent layer and the attention's in an
+      attention layer; ``cache["attn_out", 1]`` gives ``blocks.1.hook_mixer_out``; ``..._grad`` keys likewise.
+      Each activation is stored once, under its hook point's own name (``keys()`` lists those). A name the
+      model does not have raises a :class:`HookNameError` (a KeyError) saying why.
+    - ``decompose_resid`` counts the embedding after the embedding norm (RWKV-7's ``ln_embed``) as the
+      ``embed`` component, so that the components sum to the residual stream.
+    - Helpers that need per-head results of softmax attention (``stack_head_results``,
+      ``compute_head_results``, ``get_full_resid_decomposition``) or TransformerLens' SSM bridges
+      (``compute_ssm_state``, ``compute_ssm_effective_attention``, ``ssm_layers``) raise a
+      NotImplementedError that says what to use instead; neuron results raise a ValueError in models
+      without MLPs.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=2,
+        ...     d_vocab=20, n_heads=2, d_k=4, d_v=4, d_mlp=32), seed=0).eval()
+        >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> cache["state", -1] is cache["blocks.1.mixer.hook_state"]
+        True
+        >>> resid, labels = cache.decompose_resid(return_labels=True)
+        >>> labels
+        ['embed', '0_attn_out', '0_mlp_out', '1_attn_out', '1_mlp_out']
+        >>> bool(torch.allclose(resid.sum(0), cache["resid_post", 1], atol=1e-5))
+        True
+    """
+
+    def _key_name(self, key: Any) -> str:
+        from transformer_lens.utilities import get_act_name
+
+        if isinstance(key, str):
+            return get_act_name(key)
+        if isinstance(key, tuple) and key:
+            if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
+                key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+            return get_act_name(*key)
+        raise TypeError(f"key: expected a hook name or a (name, layer[, layer_type]) tuple, got {key!r}")
+
+    def _stored_name(self, key: Any) -> str:
+        name = self._key_name(key)
+        grad = name.endswith("_grad")
+        stored = self.model.resolve_hook_name(name[:-5] if grad else name) + ("_grad" if grad else "")
+        if stored not in self.cache_dict:
+            via = "" if stored == name else f" (stored as {stored!r})"
+            raise HookNameError(f"{name!r}{via} is not in this cache; run_with_cache's names_filter left it out")
+        return stored
+
+    def __getitem__(self, key: Any) -> Tensor:
+        if isinstance(key, str) and key in self.cache_dict:
+            return self.cache_dict[key]
+        if not hasattr(self.model, "resolve_hook_name"):
+            return super().__getitem__(key)
+        return self.cache_dict[self._stored_name(key)]
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            self[key]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def apply_slice_to_batch_dim(self, batch_slice: Any) -> RecurrentActivationCache:
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return RecurrentActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
+
+    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False,
+                        mode: Literal["all", "mlp", "attn"] = "all", apply_ln: bool = False, pos_slice: Any = None,
+                        incl_embeds: bool = True, return_labels: bool = False) -> Any:
+        """TransformerLens' ``decompose_resid`` (``attn_out`` is each layer's mixer output); in a model with
+        an embedding norm the ``embed`` component is the normalised embedding (``ln_embed.hook_normalized``)."""
+        ln_embed = getattr(self.model, "ln_embed", None)
+        plain = ln_embed is None or isinstance(ln_embed, nn.Identity)
+        if plain or not incl_embeds or "ln_embed.hook_normalized" not in self.cache_dict:
+            return super().decompose_resid(layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
+        from transformer_lens.utilities import Slice
+
+        n = self.model.cfg.n_layers
+        layer = n if layer is None or layer == -1 else layer
+        sl = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        embed = sl.apply(self["ln_embed.hook_normalized"], dim=-2)[None]
+        if apply_ln:
+            embed = self.apply_ln_to_stack(embed, layer, pos_slice=sl, mlp_input=mlp_input)
+        with_attn, with_mlp = mode != "mlp", mode != "attn" and not self.model.cfg.attn_only
+        if (layer > 0 and (with_attn or with_mlp)) or (mlp_input and with_attn):
+            rest, labels = super().decompose_resid(layer, mlp_input, mode, apply_ln, sl, False, True)
+            stack, labels = torch.cat([embed, rest]), ["embed", *labels]
+        else:
+            stack, labels = embed, ["embed"]
+        return (stack, labels) if return_labels else stack
+
+    def _no_heads(self, what: str) -> NotImplementedError:
+        cfg = self.model.cfg
+        where = (f"recurrent layers {cfg.recurrent_layers} have no softmax-attention heads, and the attention "
+                 "layers' per-head results (z @ W_O) are not computed" if cfg.has_attention
+                 else "this model's layers are all recurrent: there are no softmax-attention heads")
+        return NotImplementedError(
+            f"{what} needs per-head attention results (attn.hook_result, from hook_z and W_O), but {where}. "
+            "Use decompose_resid (per-layer mixer and MLP outputs), stack_activation('read') or the per-head "
+            "states and writes (cache['state', l], cache['write', l]) instead")
+
+    def stack_head_results(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._no_heads("stack_head_results")
+
+    def compute_head_results(self) -> None:
+        raise self._no_heads("compute_head_results")
+
+    def get_full_resid_decomposition(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._no_heads("get_full_resid_decomposition")
+
+    def _no_bridge(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{what} reconstructs states inside TransformerLens' SSM bridges; here the states are hook points "
+            f"of their own: read cache['state', layer] (blocks.{{layer}}.mixer.hook_state, "
+            f"[batch, pos, head, d_k, d_v]) for layers {self.model.cfg.recurrent_layers}")
+
+    def compute_ssm_state(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._no_bridge("compute_ssm_state")
+
+    def compute_ssm_effective_attention(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._no_bridge("compute_ssm_effective_attention")
+
+    def ssm_layers(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._no_bridge("ssm_layers")
+
+    def _require_mlps(self, what: str) -> None:
+        if self.model.cfg.attn_only:
+            raise ValueError(f"{what}: blocks have no MLP in this model (d_mlp=0, cfg.attn_only=True), so there "
+                             "are no neurons")
+
+    def get_neuron_results(self, layer: int, *args: Any, **kwargs: Any) -> Any:
+        self._require_mlps("get_neuron_results")
+        return super().get_neuron_results(layer, *args, **kwargs)
+
+    def stack_neuron_results(self, layer: int, *args: Any, **kwargs: Any) -> Any:
+        self._require_mlps("stack_neuron_results")
+        return super().stack_neuron_results(layer, *args, **kwargs)
 
 
 def sample_next(logits: Float[Tensor, "batch d_vocab"], *, do_sample: bool = False, temperature: float = 1.0,

@@ -12,7 +12,7 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
-from recurrent_lens.models.mixer import fire
+from recurrent_lens.models.mixer import fire, hook_active
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
@@ -26,18 +26,48 @@ def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def _edited_scale(hp: HookPoint, scale: Tensor) -> Tensor | None:
+    """Fire a norm's ``hook_scale``; the scale the norm must divide by, or ``None`` when it is unchanged.
+
+    ``None`` lets the caller keep its usual (bitwise reference) arithmetic. A hook that returns a new
+    tensor or edits in place counts as an edit; with a backward hook attached the fired tensor is always
+    used, so that gradients reach the hook.
+    """
+    version = scale._version
+    fired = fire(hp, scale)
+    if fired is scale and scale._version == version and not hp._backward_hooks:
+        return None
+    return fired
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm with a plain weight (``x·w``) or Qwen3.5's zero-centred weight (``x·(1+w)``)."""
+    """RMSNorm with a plain weight (``x·w``) or Qwen3.5's zero-centred weight (``x·(1+w)``).
+
+    Hook points, as TransformerLens' RMSNorm::
+
+        hook_scale       [batch, pos, 1]   sqrt(mean(x²) + eps), fp32 (per-head norms: [batch, pos, head, 1])
+        hook_normalized  [batch, pos, d]   x / scale · weight
+
+    An edit to ``hook_scale`` changes what ``x`` is divided by.
+    """
 
     def __init__(self, d: int, eps: float, one_plus: bool = False) -> None:
         super().__init__()
         self.eps, self.one_plus = eps, one_plus
         self.weight = nn.Parameter(torch.zeros(d) if one_plus else torch.ones(d))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight.float()
-        y = rms_normalize(x, self.eps) * (1.0 + w if self.one_plus else w)
+        normed = None
+        if hook_active(self.hook_scale):
+            xf = x.float()
+            scale = _edited_scale(self.hook_scale, (xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            normed = None if scale is None else xf / scale
+        if normed is None:
+            normed = rms_normalize(x, self.eps)
+        y = normed * (1.0 + w if self.one_plus else w)
         return fire(self.hook_normalized, y.to(self.weight.dtype))
 
     def extra_repr(self) -> str:
@@ -45,17 +75,32 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with weight and bias, computed in fp32."""
+    """LayerNorm with weight and bias, computed in fp32.
+
+    Hook points, as TransformerLens' LayerNorm::
+
+        hook_scale       [batch, pos, 1]   sqrt(var(x) + eps) (biased variance), fp32
+        hook_normalized  [batch, pos, d]   (x − mean(x)) / scale · weight + bias
+
+    An edit to ``hook_scale`` changes what the centred ``x`` is divided by.
+    """
 
     def __init__(self, d: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        y = None
+        if hook_active(self.hook_scale):
+            centred = x.float() - x.float().mean(-1, keepdim=True)
+            scale = _edited_scale(self.hook_scale, (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            y = None if scale is None else centred / scale * self.weight.float() + self.bias.float()
+        if y is None:
+            y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
         return fire(self.hook_normalized, y.to(self.weight.dtype))
 
     def extra_repr(self) -> str:
@@ -153,6 +198,11 @@ class SwiGLU(nn.Module):
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
+    @property
+    def W_out(self) -> Tensor:
+        """``[d_mlp, d_model]``: the output map as TransformerLens stores it (``hook_post @ W_out`` is the output)."""
+        return self.down_proj.weight.T
+
     def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         pre = fire(self.hook_pre, self.gate_proj(x))
         return self.down_proj(fire(self.hook_post, F.silu(pre) * self.up_proj(x)))
@@ -168,6 +218,11 @@ class TokenShiftReLU2(nn.Module):
         self.value = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    @property
+    def W_out(self) -> Tensor:
+        """``[d_mlp, d_model]``: the output map as TransformerLens stores it (``hook_post @ W_out`` is the output)."""
+        return self.value.weight.T
 
     def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         prev = x.new_zeros(x.shape[0], 1, x.shape[-1])
