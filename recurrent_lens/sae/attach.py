@@ -13,6 +13,10 @@ runs again, so the SAEs' own hook points are ordinary model hooks::
     blocks.1.mixer.hook_state.saes.h0.hook_sae_recons        [batch, pos, d_k, d_v]
     blocks.1.mixer.hook_state.saes.h0.hook_sae_error         [batch, pos, d_k, d_v]  (error term only)
 
+SAELens's ``HookedSAETransformer`` names an SAE's hooks directly under the hook it replaces
+(``<hook>.hook_sae_acts_post``); ours add ``saes.h{head}`` because one hook point holds an SAE per
+head, and SAELens's ``hook_sae_output`` is the hook point itself (``blocks.1.mixer.hook_state``).
+
 Order inside the hook point: hooks that were on the original HookPoint run first, on the raw
 tensor; then each attached head's slice is replaced by its SAE's reconstruction; then hooks added
 to ``blocks.1.mixer.hook_state`` while attached see the spliced tensor. The model treats a changed

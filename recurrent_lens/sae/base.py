@@ -735,7 +735,9 @@ class SAE(HookedRootModule):
                 "sigmoid(gate / T) is not scale invariant); only gate_mode='hard' can be folded"
             )
         if cfg.tied:
-            raise NotImplementedError("fold_W_dec_norm: tied SAEs share encoder and decoder factors, so the norms cannot be folded")
+            raise NotImplementedError(
+                "fold_W_dec_norm: tied SAEs share encoder and decoder factors, so the norms cannot be folded"
+            )
         norms = self.decoder_atoms().reshape(cfg.n_features, -1).norm(dim=-1).clamp(min=1e-8)
         per_feature = norms[:, None, None]
         if cfg.decoder == "factored":

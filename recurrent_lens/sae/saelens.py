@@ -56,8 +56,8 @@ Example:
     >>> with tempfile.TemporaryDirectory() as d:
     ...     sae.save_pretrained(d, format="saelens")
     ...     flat = load(d)
-    >>> flat
-    FlatSAE(d_k=4, d_v=3, n_features=16, encoder=linear, decoder=flat, sparsity=topk(k=2), hook_name='blocks.0.mixer.hook_state', head=1)
+    >>> type(flat).__name__, flat.cfg.sparsity, flat.cfg.k, flat.cfg.metadata.hook_name, flat.cfg.metadata.head
+    ('FlatSAE', 'topk', 2, 'blocks.0.mixer.hook_state', 1)
     >>> S = torch.randn(5, 4, 3)
     >>> bool((flat.reconstruct(S) - sae.reconstruct(S)).abs().max() < 1e-5)
     True
@@ -211,9 +211,25 @@ def save_saelens(sae: SAE, path: str) -> None:
     atomic_write(os.path.join(path, CFG_NAME), write_cfg)
 
 
+def _major_version(cfg_dict: dict[str, Any]) -> int:
+    """SAELens major version that wrote ``cfg_dict``, 0 when unknown (SAELens reads those as pre-6.0)."""
+    metadata = cfg_dict.get("metadata")
+    version = cfg_dict.get("sae_lens_version")
+    if not version and isinstance(metadata, dict):
+        version = metadata.get("sae_lens_version")
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
 def _upgrade_pre_6(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """A pre-6.0 SAELens config (flat keys, no ``metadata.sae_lens_version``) in the 6.x layout."""
-    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
+    renames = {
+        "hook_point": "hook_name",
+        "hook_point_head_index": "hook_head_index",
+        "activation_fn_str": "activation_fn",
+    }
     old = {renames.get(key, key): value for key, value in cfg_dict.items()}
     new = dict(old)
     new.setdefault("architecture", "standard")
@@ -223,7 +239,7 @@ def _upgrade_pre_6(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         new["architecture"] = "topk"
         new["k"] = (old.get("activation_fn_kwargs") or {}).get("k")
     elif activation != "relu":
-        raise ValueError(f"pre-6.0 SAELens config: activation_fn {activation!r} is not supported (expected 'relu' or 'topk')")
+        raise ValueError(f"pre-6.0 SAELens config: activation_fn: expected 'relu' or 'topk', got {activation!r}")
     if isinstance(old.get("normalize_activations"), bool) or old.get("normalize_activations") is None:
         new["normalize_activations"] = "expected_average_only_in" if old.get("normalize_activations") else "none"
     metadata_keys = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", "dataset_path")
@@ -270,8 +286,7 @@ def load_saelens(
             raise ValueError(f"{cfg_path} is not valid JSON (truncated?): {e}") from e
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in SAE directory {path!r}")
-    metadata = cfg_dict.get("metadata")
-    if not (isinstance(metadata, dict) and metadata.get("sae_lens_version")) and not cfg_dict.get("sae_lens_version"):
+    if _major_version(cfg_dict) < 6:
         cfg_dict = _upgrade_pre_6(cfg_dict)
     metadata = dict(cfg_dict.get("metadata") or {})
 
@@ -300,7 +315,9 @@ def load_saelens(
     d_k = _dim("d_k", d_k, ours.get("d_k"), cfg_path)
     d_v = _dim("d_v", d_v, ours.get("d_v"), cfg_path)
     if d_k * d_v != d_in:
-        raise ValueError(f"d_k, d_v: expected d_k * d_v == d_in = {d_in} (from {cfg_path}), got {d_k} * {d_v} = {d_k * d_v}")
+        raise ValueError(
+            f"d_k, d_v: expected d_k * d_v == d_in = {d_in} (from {cfg_path}), got {d_k} * {d_v} = {d_k * d_v}"
+        )
 
     try:
         tensors = load_file(weights_path)
@@ -309,16 +326,18 @@ def load_saelens(
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not torch.all(scaling == 1):
         raise ValueError(f"{weights_path}: a scaling_factor other than 1 (legacy finetuning scaling) is not supported")
-    expected = {name: (d_in, d_sae) if name == "W_enc" else (d_sae, d_in) if name == "W_dec" else (d_in,) if name == "b_dec" else (d_sae,)
-                for name in _PARAMS[architecture]}
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    expected = {name: shapes.get(name, (d_sae,)) for name in _PARAMS[architecture]}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{name}: expected {shape}, got {tuple(tensors[name].shape)}"
              for name, shape in expected.items() if name in tensors and tuple(tensors[name].shape) != shape]
     if missing or unexpected or wrong:
-        problems = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else []) + wrong
-        raise ValueError(f"{weights_path} does not match a SAELens {architecture!r} SAE with d_in={d_in}, d_sae={d_sae}: "
-                         + "; ".join(problems))
+        problems = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else [])
+        raise ValueError(
+            f"{weights_path} does not match a SAELens {architecture!r} SAE with d_in={d_in}, d_sae={d_sae}: "
+            + "; ".join(problems + wrong)
+        )
 
     torch_dtype = getattr(torch, dtype)
     t = {name: tensor.to(torch_dtype) for name, tensor in tensors.items()}

@@ -178,7 +178,7 @@ def test_pre_6_config_reads_like_saelens(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({
         "d_in": D_IN, "d_sae": N_F, "dtype": "float32", "device": "cpu", "hook_point": "blocks.0.mixer.hook_state",
         "hook_point_head_index": 1, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3},
-        "apply_b_dec_to_input": True, "normalize_activations": False, "model_name": "m",
+        "apply_b_dec_to_input": True, "normalize_activations": False, "model_name": "m", "sae_lens_version": "3.5.0",
     }))
     theirs = sl.SAE.load_from_disk(str(tmp_path))
     ours = load(str(tmp_path), d_k=D_K, d_v=D_V)
@@ -194,10 +194,12 @@ def test_hand_written_standard_directory(tmp_path):
     g = torch.Generator().manual_seed(6)
     W_enc, b_enc = torch.randn(D_IN, N_F, generator=g), torch.randn(N_F, generator=g)
     W_dec, b_dec = torch.randn(N_F, D_IN, generator=g), torch.randn(D_IN, generator=g)
-    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, str(tmp_path / "sae_weights.safetensors"))
+    weights = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    save_file(weights, str(tmp_path / "sae_weights.safetensors"))
     cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": N_F, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.0.mixer.hook_write", "hook_head_index": None}}
+           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.0.mixer.hook_write",
+                        "hook_head_index": None}}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     sae = load(str(tmp_path), d_k=D_K, d_v=D_V)
     x = torch.randn(9, D_IN, generator=g)
