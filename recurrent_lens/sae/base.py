@@ -57,7 +57,7 @@ class SAEMetadata(dict):
     _ALIASES: ClassVar[dict[str, str]] = {"hook_head_index": "head"}
 
     def __getattr__(self, name: str) -> Any:
-        # Dunder and private names must stay real attribute misses, or copy/pickle would take None for a hook.
+        # copy and pickle probe names such as __deepcopy__ / __getstate__; answering None would break them.
         if name.startswith("_"):
             raise AttributeError(name)
         return self.get(self._ALIASES.get(name, name))
