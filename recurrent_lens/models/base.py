@@ -859,7 +859,7 @@ class HookedRecurrentModel(HookedRootModule):
         return found
 
     # ------------------------------------------------------------------ SAEs
-    def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool = False) -> None:
+    def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool | None = None) -> None:
         """Splice an SAE's reconstruction into ``head`` of a matrix hook (see :mod:`recurrent_lens.sae.attach`)."""
         from recurrent_lens.sae.attach import add_sae
 
@@ -872,7 +872,7 @@ class HookedRecurrentModel(HookedRootModule):
         reset_saes(self)
 
     @contextmanager
-    def saes(self, saes: Sequence[tuple[nn.Module, str, int]], *, use_error_term: bool = False) -> Iterator[HookedRecurrentModel]:
+    def saes(self, saes: Sequence[tuple[nn.Module, str, int]], *, use_error_term: bool | None = None) -> Iterator[HookedRecurrentModel]:
         """Attach ``(sae, hook_name, head)`` triples for the duration of a ``with`` block."""
         from recurrent_lens.sae.attach import saes as attach_saes
 

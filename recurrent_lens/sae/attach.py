@@ -13,6 +13,10 @@ runs again, so the SAEs' own hook points are ordinary model hooks::
     blocks.1.mixer.hook_state.saes.h0.hook_sae_recons        [batch, pos, d_k, d_v]
     blocks.1.mixer.hook_state.saes.h0.hook_sae_error         [batch, pos, d_k, d_v]  (error term only)
 
+SAELens's ``HookedSAETransformer`` names an SAE's hooks directly under the hook it replaces
+(``<hook>.hook_sae_acts_post``); ours add ``saes.h{head}`` because one hook point holds an SAE per
+head, and SAELens's ``hook_sae_output`` is the hook point itself (``blocks.1.mixer.hook_state``).
+
 Order inside the hook point: hooks that were on the original HookPoint run first, on the raw
 tensor; then each attached head's slice is replaced by its SAE's reconstruction; then hooks added
 to ``blocks.1.mixer.hook_state`` while attached see the spliced tensor. The model treats a changed
@@ -152,12 +156,13 @@ def _mixer_dims(model: nn.Module, hook_name: str) -> tuple[int, int, int]:
     return dims[0], dims[1], dims[2]
 
 
-def add_sae(model: nn.Module, sae: SAE, hook_name: str, head: int, use_error_term: bool = False) -> None:
+def add_sae(model: nn.Module, sae: SAE, hook_name: str, head: int, use_error_term: bool | None = None) -> None:
     """Splice ``sae`` into head ``head`` of the matrix hook ``hook_name`` until :func:`reset_saes`.
 
     Raises ``ValueError`` naming the argument, the expected and the actual value for an unknown
     hook, a non-matrix hook, a head out of range or an SAE whose ``d_k``/``d_v`` do not match the
-    hook. Attaching a second SAE to the same head replaces the first. ``sae.cfg.metadata`` gets
+    hook. Attaching a second SAE to the same head replaces the first. ``use_error_term=None`` takes
+    ``sae.use_error_term`` (SAELens semantics). ``sae.cfg.metadata`` gets
     ``hook_name`` and ``head`` when they are not already set.
 
     Example:
@@ -188,7 +193,7 @@ def add_sae(model: nn.Module, sae: SAE, hook_name: str, head: int, use_error_ter
         setattr(model.get_submodule(parent_name), leaf, wrapper)
         hp = wrapper
     hp.saes[f"h{head}"] = sae
-    hp.use_error_term[f"h{head}"] = use_error_term
+    hp.use_error_term[f"h{head}"] = sae.use_error_term if use_error_term is None else use_error_term
     sae.cfg.metadata.setdefault("hook_name", hook_name)
     sae.cfg.metadata.setdefault("head", head)
     model.setup()
@@ -220,9 +225,11 @@ def reset_saes(model: nn.Module, hook_names: Sequence[str] | None = None) -> Non
 
 @contextmanager
 def saes(
-    model: nn.Module, saes: Sequence[tuple[SAE, str, int]], use_error_term: bool = False
+    model: nn.Module, saes: Sequence[tuple[SAE, str, int]], use_error_term: bool | None = None
 ) -> Iterator[Any]:
     """Attach ``(sae, hook_name, head)`` triples for the duration of a ``with`` block.
+
+    ``use_error_term=None`` uses each SAE's own ``use_error_term``.
 
     Example:
         >>> import torch

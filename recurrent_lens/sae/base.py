@@ -32,11 +32,50 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.sae import sparsity as sp
 
-__all__ = ["SAEConfig", "SAEOutput", "SAE", "SAE_REGISTRY", "register_sae_class"]
+__all__ = ["SAEConfig", "SAEMetadata", "SAEOutput", "SAE", "SAE_REGISTRY", "register_sae_class"]
 
 ENCODERS = ("linear", "bilinear")
 DECODERS = ("flat", "factored", "full")
 SPARSITIES = ("topk", "batchtopk", "jumprelu", "gated")
+
+
+class SAEMetadata(dict):
+    """Provenance of an SAE: a ``dict`` that also answers attribute access, as SAELens's metadata does.
+
+    ``metadata["hook_name"]`` and ``metadata.hook_name`` are the same entry; a missing name reads as
+    ``None`` through attribute access (SAELens semantics) and raises ``KeyError`` through item access
+    (dict semantics). ``hook_head_index`` (SAELens's name) is an alias of our ``head`` entry.
+
+    Example:
+        >>> m = SAEMetadata(hook_name="blocks.0.mixer.hook_state", head=2)
+        >>> m.hook_name, m["head"], m.hook_head_index, m.model_name
+        ('blocks.0.mixer.hook_state', 2, 2, None)
+        >>> m.model_name = "toy"; m["model_name"]
+        'toy'
+    """
+
+    _ALIASES: ClassVar[dict[str, str]] = {"hook_head_index": "head"}
+
+    def __getattr__(self, name: str) -> Any:
+        # copy and pickle probe names such as __deepcopy__ / __getstate__; answering None would break them.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.get(self._ALIASES.get(name, name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            raise AttributeError(f"SAEMetadata: cannot set private attribute {name!r}; use item assignment")
+        self[self._ALIASES.get(name, name)] = value
+
+    def __delattr__(self, name: str) -> None:
+        key = self._ALIASES.get(name, name)
+        if key not in self:
+            raise AttributeError(name)
+        del self[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain ``dict`` copy (SAELens's ``SAEMetadata.to_dict``)."""
+        return dict(self)
 
 
 @dataclass
@@ -85,8 +124,17 @@ class SAEConfig:
     gated_sparsity_coef: float = 1e-3
     gated_aux_coef: float = 1.0
     dtype: str = "float32"
-    metadata: dict[str, Any] = field(default_factory=dict)
-    """Free-form provenance: ``hook_name``, ``head``, ``model_name``, training info."""
+    metadata: dict[str, Any] = field(default_factory=SAEMetadata)
+    """Free-form provenance: ``hook_name``, ``head``, ``model_name``, training info. Always an
+    :class:`SAEMetadata` (a plain dict given here or assigned later is converted), so both
+    ``metadata["hook_name"]`` and ``metadata.hook_name`` work."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "metadata" and not isinstance(value, SAEMetadata):
+            if not isinstance(value, dict):
+                raise TypeError(f"metadata: expected a dict, got {type(value).__name__}")
+            value = SAEMetadata(value)
+        super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
         if isinstance(self.decoder, int) and not isinstance(self.decoder, bool):
@@ -112,15 +160,28 @@ class SAEConfig:
 
     @property
     def d_in(self) -> int:
+        """Size of the flattened state ``vec(S)``: ``d_k * d_v`` (SAELens's ``d_in``)."""
         return self.d_k * self.d_v
+
+    @property
+    def d_sae(self) -> int:
+        """SAELens's name for :attr:`n_features`.
+
+        Example:
+            >>> SAEConfig(d_k=4, d_v=3, n_features=8).d_sae
+            8
+        """
+        return self.n_features
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields plus ``architecture`` (filled in by the owning SAE's preset name)."""
-        return dataclasses.asdict(self)
+        """All fields (``metadata`` as a plain dict); the owning SAE adds ``architecture``."""
+        d = dataclasses.asdict(self)
+        d["metadata"] = dict(d["metadata"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
@@ -265,8 +326,24 @@ class SAE(HookedRootModule):
     ``log_threshold``, Gated replaces ``b_enc`` by ``b_gate``, ``r_mag``, ``b_mag``. Buffers:
     ``mean`` [d_k, d_v] (dataset mean, zero unless centred) and ``steps_since_active``.
 
+    ``use_error_term`` (constructor argument and attribute, default ``False``) is what
+    :func:`recurrent_lens.sae.add_sae` uses when its own ``use_error_term`` is not given, as in
+    SAELens; it does not change :meth:`forward`.
+
     Methods: :meth:`encode`, :meth:`decode`, :meth:`forward`, :meth:`normalize_decoder`,
-    :meth:`resample_dead_features`, :meth:`save_pretrained`, :meth:`from_pretrained`.
+    :meth:`fold_W_dec_norm`, :meth:`resample_dead_features`, :meth:`save_pretrained`,
+    :meth:`from_pretrained`.
+
+    SAELens users: ``cfg.d_in`` / ``cfg.d_sae``, ``cfg.metadata.hook_name``,
+    ``cfg.metadata.hook_head_index``, ``use_error_term``, :meth:`fold_W_dec_norm` and the hook names
+    mean what they mean there, and :meth:`encode` also takes the flattened ``[..., d_k * d_v]``
+    input (``vec(S)``, row-major). Differences: :meth:`decode` returns ``[..., d_k, d_v]`` (call
+    ``.flatten(-2)`` for SAELens's layout), :meth:`forward` returns an :class:`SAEOutput` with the
+    training losses rather than a reconstruction, there is no ``hook_sae_output`` (the spliced
+    tensor is the model's own hook point, see :mod:`recurrent_lens.sae.attach`), and ``W_enc`` /
+    ``W_dec`` here are the bilinear value-side factors, not SAELens's ``[d_in, d_sae]`` matrices:
+    ``save_pretrained(path, format="saelens")`` materialises those (see
+    :mod:`recurrent_lens.sae.saelens`).
 
     Example:
         >>> import torch
@@ -293,9 +370,11 @@ class SAE(HookedRootModule):
         n_features: int | None = None,
         *,
         cfg: SAEConfig | None = None,
+        use_error_term: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        self.use_error_term = use_error_term
         if cfg is None:
             if d_k is None or d_v is None or n_features is None:
                 raise TypeError(f"{type(self).__name__} needs d_k, d_v and n_features (or cfg=SAEConfig(...))")
@@ -378,6 +457,21 @@ class SAE(HookedRootModule):
 
     def _chunk(self) -> int:
         return max(1, self._chunk_elements // self.cfg.d_in)
+
+    def encoder_atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
+        """Every encoder row as a ``d_k x d_v`` matrix ``E_i`` with ``pre_i = <E_i, S - mean>_F + bias``
+        (bilinear: ``sum_r V_enc[i,r] W_enc[i,r]^T``; allocates ``n_features * d_in``).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import WriteSAE
+            >>> sae = WriteSAE(4, 3, 8)
+            >>> torch.equal(sae.encoder_atoms()[0], torch.outer(sae.V_enc[0, 0], sae.W_enc[0, 0]))
+            True
+        """
+        if self.cfg.encoder == "linear":
+            return self.E_enc
+        return _assemble(*self.encoder_factors).view(-1, self.cfg.d_k, self.cfg.d_v)
 
     def decoder_atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
         """Every decoder atom as a ``d_k x d_v`` matrix (allocates ``n_features * d_in``).
@@ -477,17 +571,33 @@ class SAE(HookedRootModule):
             return self._segment_decode(code.values, code.indices, code.sample, code.acts.shape[0])
         return self._dense_decode(code.acts)
 
-    def encode(self, S: Float[torch.Tensor, "... d_k d_v"]) -> Float[torch.Tensor, "... n_features"]:
+    def encode(
+        self, S: Float[torch.Tensor, "... d_k d_v"] | Float[torch.Tensor, "... d_in"]
+    ) -> Float[torch.Tensor, "... n_features"]:
         """Sparse codes of ``S`` (centred by ``mean`` first). BatchTopK pools all leading dims.
+
+        ``S`` is ``[..., d_k, d_v]`` or, as in SAELens, the flattened ``[..., d_k * d_v]``
+        (``vec(S)``, row-major). A shape that fits both readings (``d_k == 1`` and a leading size
+        of 1) is read as a matrix. ``hook_sae_input`` always sees the ``[..., d_k, d_v]`` form.
 
         Example:
             >>> import torch
             >>> from recurrent_lens.sae import WriteSAE
             >>> sae = WriteSAE(4, 3, 8, k=2)
-            >>> sae.encode(torch.randn(2, 5, 4, 3)).shape
+            >>> S = torch.randn(2, 5, 4, 3)
+            >>> sae.encode(S).shape
             torch.Size([2, 5, 8])
+            >>> torch.equal(sae.encode(S.flatten(-2)), sae.encode(S))
+            True
         """
-        return self._encode(S)[2]
+        return self._encode(self._as_matrix(S))[2]
+
+    def _as_matrix(self, S: torch.Tensor) -> torch.Tensor:
+        """``[..., d_k * d_v]`` -> ``[..., d_k, d_v]``; anything else is returned for ``_check_input``."""
+        d_k, d_v = self.cfg.d_k, self.cfg.d_v
+        if S.dim() >= 1 and S.shape[-1] == d_k * d_v and not (S.dim() >= 2 and tuple(S.shape[-2:]) == (d_k, d_v)):
+            return S.reshape(*S.shape[:-1], d_k, d_v)
+        return S
 
     def decode(self, acts: Float[torch.Tensor, "... n_features"]) -> Float[torch.Tensor, "... d_k d_v"]:
         """Reconstruction ``sum_i acts_i A_i + b_dec + mean`` for arbitrary (dense) codes.
@@ -590,6 +700,62 @@ class SAE(HookedRootModule):
             n = self.cfg.n_features
             self.D_dec.copy_(F.normalize(self.D_dec.reshape(n, -1), dim=-1).view_as(self.D_dec))
 
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Scale every decoder atom to unit Frobenius norm and its encoder row, biases and threshold up
+        by the same factor, as SAELens's ``fold_W_dec_norm`` does.
+
+        Reconstructions are unchanged; codes are multiplied by the atom norms. Like SAELens, TopK
+        and BatchTopK refuse (rescaling the pre-activations changes which features win), and so do
+        the soft Gated gate (``sigmoid(gate / T)`` is not scale invariant) and tied SAEs (encoder and
+        decoder share the factors, so they cannot be scaled in opposite directions).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import FlatSAE
+            >>> sae = FlatSAE(4, 3, 8, sparsity="jumprelu")
+            >>> _ = sae.D_dec.data.mul_(torch.arange(1.0, 9.0)[:, None, None])
+            >>> S = torch.randn(5, 4, 3)
+            >>> before = sae.reconstruct(S)
+            >>> sae.fold_W_dec_norm()
+            >>> bool((sae.reconstruct(S) - before).abs().max() < 1e-5)
+            True
+            >>> bool(sae.decoder_atoms().flatten(1).norm(dim=-1).sub(1).abs().max() < 1e-6)
+            True
+        """
+        cfg = self.cfg
+        if cfg.sparsity in ("topk", "batchtopk"):
+            raise NotImplementedError(
+                f"fold_W_dec_norm: not output-preserving for sparsity={cfg.sparsity!r} (scaling the "
+                "pre-activations changes which features are selected)"
+            )
+        if cfg.sparsity == "gated" and cfg.gate_mode != "hard":
+            raise NotImplementedError(
+                f"fold_W_dec_norm: not output-preserving for gate_mode={cfg.gate_mode!r} (the soft gate "
+                "sigmoid(gate / T) is not scale invariant); only gate_mode='hard' can be folded"
+            )
+        if cfg.tied:
+            raise NotImplementedError(
+                "fold_W_dec_norm: tied SAEs share encoder and decoder factors, so the norms cannot be folded"
+            )
+        norms = self.decoder_atoms().reshape(cfg.n_features, -1).norm(dim=-1).clamp(min=1e-8)
+        per_feature = norms[:, None, None]
+        if cfg.decoder == "factored":
+            self.V_dec.div_(per_feature)
+        else:
+            self.D_dec.div_(per_feature)
+        if cfg.encoder == "linear":
+            self.E_enc.mul_(per_feature)
+        else:
+            self.V_enc.mul_(per_feature)
+        if cfg.sparsity == "gated":
+            self.b_gate.mul_(norms)
+            self.b_mag.mul_(norms)
+        else:
+            self.b_enc.mul_(norms)
+        if cfg.sparsity == "jumprelu":
+            self.log_threshold.add_(norms.log())
+
     def dead_mask(self) -> torch.Tensor:
         """Boolean ``[n_features]``: features that have not fired for ``dead_threshold`` forwards."""
         return self.steps_since_active >= self.cfg.dead_threshold
@@ -670,8 +836,12 @@ class SAE(HookedRootModule):
 
     # ------------------------------------------------------------------ io
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, format: str = "native") -> None:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` into directory ``path`` (atomically).
+
+        ``format="native"`` keeps this SAE exactly (our keys); ``format="saelens"`` writes a
+        directory that SAELens's ``SAE.load_from_disk`` reads, on ``d_in = d_k * d_v`` (see
+        :mod:`recurrent_lens.sae.saelens`).
 
         Example:
             >>> import tempfile
@@ -684,7 +854,7 @@ class SAE(HookedRootModule):
         """
         from recurrent_lens.sae.io import save_sae
 
-        save_sae(self, path)
+        save_sae(self, path, format=format)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> "SAE":

@@ -1,8 +1,10 @@
 """Saving and loading SAEs.
 
-Native format (SAELens' layout): a directory with ``cfg.json`` (``SAEConfig.to_dict()`` plus
-``"architecture"``) and ``sae_weights.safetensors`` (the state dict, including the ``mean`` and
-``steps_since_active`` buffers). Files are written to a temporary name and renamed, so a crash
+Native format: a directory with ``cfg.json`` (``SAEConfig.to_dict()`` plus ``"architecture"``) and
+``sae_weights.safetensors`` (our state dict with our own keys, including the ``mean`` and
+``steps_since_active`` buffers). SAELens uses the same two file names with different contents;
+``save_sae(..., format="saelens")`` writes SAELens's format and :func:`load` reads it back (see
+:mod:`recurrent_lens.sae.saelens`). Files are written to a temporary name and renamed, so a crash
 never leaves a half-written file under the final name.
 
 Reference format: :func:`from_reference_checkpoint` imports the reference WriteSAE ``best.pt`` /
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
+from recurrent_lens.sae.saelens import is_saelens_config, load_saelens, save_saelens
 
 __all__ = ["save_sae", "load", "check_cfg_dict", "from_reference_checkpoint", "CFG_NAME", "WEIGHTS_NAME"]
 
@@ -49,8 +52,8 @@ def atomic_write(path: str, write: Any) -> None:
         raise
 
 
-def save_sae(sae: SAE, path: str) -> None:
-    """Write ``sae`` to directory ``path`` (created if needed).
+def save_sae(sae: SAE, path: str, format: str = "native") -> None:
+    """Write ``sae`` to directory ``path`` (created if needed), ``format="native"`` or ``"saelens"``.
 
     Example:
         >>> import tempfile, os
@@ -61,6 +64,10 @@ def save_sae(sae: SAE, path: str) -> None:
         ...     sorted(os.listdir(d))
         ['cfg.json', 'sae_weights.safetensors']
     """
+    if format == "saelens":
+        return save_saelens(sae, path)
+    if format != "native":
+        raise ValueError(f"format: expected 'native' or 'saelens', got {format!r}")
     os.makedirs(path, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in sae.state_dict().items()}
     atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
@@ -95,8 +102,12 @@ def _load_into(sae: SAE, tensors: dict[str, torch.Tensor], source: str) -> SAE:
     return sae
 
 
-def load(path: str, device: str | torch.device = "cpu") -> SAE:
+def load(path: str, device: str | torch.device = "cpu", *, d_k: int | None = None, d_v: int | None = None) -> SAE:
     """Load an SAE directory written by ``save_pretrained``; the class comes from ``architecture``.
+
+    A SAELens directory (its ``cfg.json`` has ``d_sae``) loads as a :class:`FlatSAE` on
+    ``[d_k, d_v]`` states; ``d_k``/``d_v`` are needed when the directory does not record them
+    (see :func:`recurrent_lens.sae.saelens.load_saelens`).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a truncated or
     mismatched one, before any weight is copied; ``cfg.json`` is validated (:func:`check_cfg_dict`)
@@ -119,6 +130,11 @@ def load(path: str, device: str | torch.device = "cpu") -> SAE:
             cfg_dict = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON (truncated?): {e}") from e
+    if isinstance(cfg_dict, dict) and is_saelens_config(cfg_dict):
+        return load_saelens(path, d_k=d_k, d_v=d_v, device=device, cfg_dict=cfg_dict)
+    for name, given in (("d_k", d_k), ("d_v", d_v)):
+        if given is not None and given != cfg_dict.get(name):
+            raise ValueError(f"{name}: {cfg_path} has {name}={cfg_dict.get(name)!r}, got {name}={given!r}")
     check_cfg_dict(cfg_dict, cfg_path)
     architecture = cfg_dict.get("architecture", SAE.architecture)
     try:
