@@ -276,17 +276,20 @@ class JsonlSource(TextSource):
                                      f"({e.msg} at column {e.colno})") from None
                 if not isinstance(record, dict):
                     raise ValueError(f"{self.path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-                if self.text_field not in record:
-                    raise ValueError(f"{self.path}, line {lineno}: expected a field text_field={self.text_field!r}, "
-                                     f"got fields {sorted(record)}")
-                text = record[self.text_field]
-                if not isinstance(text, str):
-                    raise ValueError(f"{self.path}, line {lineno}: field {self.text_field!r}: expected a string, "
-                                     f"got {type(text).__name__}")
-                yield text
+                yield _text_field(record, self.text_field, f"{self.path}, line {lineno}")
 
     def _extra_repr(self) -> str:
         return f", text_field={self.text_field!r}" + super()._extra_repr()
+
+
+def _text_field(record: dict[str, Any], field: str, where: str) -> str:
+    """``record[field]``, which must exist and be a string; errors say ``where`` the record came from."""
+    if field not in record:
+        raise ValueError(f"{where}: expected a field text_field={field!r}, got fields {sorted(record)}")
+    text = record[field]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {field!r}: expected a string, got {type(text).__name__}")
+    return text
 
 
 class DatasetSource(TextSource):
@@ -304,14 +307,7 @@ class DatasetSource(TextSource):
 
     def _documents(self) -> Iterator[str]:
         for row_index, row in enumerate(self.dataset):
-            if self.text_field not in row:
-                raise ValueError(f"{self.kind} dataset {self.path!r}, row {row_index}: expected a field "
-                                 f"text_field={self.text_field!r}, got fields {sorted(row)}")
-            text = row[self.text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{self.kind} dataset {self.path!r}, row {row_index}: field {self.text_field!r}: "
-                                 f"expected a string, got {type(text).__name__}")
-            yield text
+            yield _text_field(row, self.text_field, f"{self.kind} dataset {self.path!r}, row {row_index}")
 
     def _extra_repr(self) -> str:
         return f", text_field={self.text_field!r}" + super()._extra_repr()

@@ -46,6 +46,16 @@ def tiny_qwen3_5(seed: int = 0, layer_types: tuple[str, ...] = ("linear_attentio
     return perturb_(Qwen3_5ForCausalLM(cfg), 0.1, seed).eval()
 
 
+def word_tokenizer(words: list[str]):
+    """A word-level fast tokenizer over ``words`` (which must include ``<unk>`` and ``<eos>``), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
 def tiny_gdn(seed: int = 0, n_layers: int = 2, **overrides) -> HookedRecurrentModel:
     """A tiny random recurrent_lens Gated DeltaNet (fla layout, GVA 2 → 4 heads)."""
     kw = dict(architecture="gated_deltanet", d_model=32, n_layers=n_layers, d_vocab=61, n_heads=4,

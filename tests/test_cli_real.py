@@ -7,28 +7,18 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_qwen3_5
+from helpers import tiny_qwen3_5, word_tokenizer
 from recurrent_lens.cli import main
 from recurrent_lens.sae import load
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
 
 
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen")
     tiny_qwen3_5(seed=0).save_pretrained(path)
-    tokenizer().save_pretrained(path)
+    word_tokenizer(["<unk>", "<eos>", *WORDS]).save_pretrained(path)
     g = torch.Generator().manual_seed(0)
     docs = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
             for n in torch.randint(5, 30, (60,), generator=g)]

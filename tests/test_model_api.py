@@ -2,19 +2,10 @@
 
 import pytest
 import torch
-from helpers import tiny_gdn, tiny_qwen3_5
+from helpers import tiny_gdn, tiny_qwen3_5, word_tokenizer
 from transformer_lens import ActivationCache
 
 from recurrent_lens import HookedRecurrentModel
-
-
-def word_tokenizer(words):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")
