@@ -431,7 +431,9 @@ def _demo(args, parser) -> int:
     print(f"with the {other} atom instead: atom beats delete {100 * contrast.win_rate:.1f}% (n={contrast.n}), "
           f"median KL atom {contrast.medians['atom']:.3g} / delete {contrast.medians['delete']:.3g} / "
           f"random {contrast.medians['random']:.3g}")
-    print("paper (Qwen3.5-0.8B, L1/L9/L17 H4, dominant atom): atom beats delete 92.4% (n=4851)")
+    print("paper (Qwen3.5-0.8B, L1/L9/L17 H4, dominant atom): atom beats delete 92.4% (n=4851)"
+          + ("\n--quick: these numbers are a smoke test of the pipeline (tiny SAE, few steps), not results"
+             if args.quick else ""))
     result.to_pandas().to_csv(os.path.join(args.out, "substitution.csv"), index=False)
     sae.save_pretrained(os.path.join(args.out, "sae"))
     for path in _plots(result, contrast, args.out, f"toy {args.arch}, {args.hook} head {args.head}"):

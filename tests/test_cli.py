@@ -51,6 +51,7 @@ def test_demo_quick(tmp_path, capsys):
     text = capsys.readouterr().out
     assert re.search(r"^atom beats delete: \d+\.\d% \(n=\d+\)$", text, re.M)
     assert "median KL" in text and "92.4%" in text
+    assert "--quick: these numbers are a smoke test of the pipeline" in text  # not results next to the paper's
     assert "firings at the value positions [2, 4, 6, 8, 10, 12, 14, 16], read at t + 16, rising atom" in text
     assert re.search(r"^with the dominant atom instead: atom beats delete \d+\.\d% \(n=\d+\)", text, re.M)
     assert (tmp_path / "substitution_kl.png").stat().st_size > 1000
