@@ -374,9 +374,12 @@ def _plots(result, contrast, out: str, title: str) -> list[str]:
     ax[0].legend()
     ax[0].set_title("KL per condition")
     x, y = rows["kl_delete"].clip(lower=floor), rows["kl_atom"].clip(lower=floor)
-    ax[1].scatter(x, y, s=6, alpha=0.5, c=np.where(rows["win"], "tab:blue", "tab:red"))
+    win = rows["win"].to_numpy(bool)
+    ax[1].scatter(x[win], y[win], s=6, alpha=0.5, c="tab:blue", label="atom beats delete")
+    ax[1].scatter(x[~win], y[~win], s=6, alpha=0.5, c="tab:red", label="delete beats atom")
     lim = [floor, max(float(x.max()), float(y.max()))]
-    ax[1].plot(lim, lim, "k--", lw=0.8)
+    ax[1].plot(lim, lim, "k--", lw=0.8, label="equal KL")
+    ax[1].legend(loc="upper left", fontsize=8)
     ax[1].set_xscale("log")
     ax[1].set_yscale("log")
     ax[1].set_xlabel("KL delete")
@@ -482,12 +485,17 @@ def _load_checkpoint(args, parser):
     return model.eval()
 
 
+def _hook_names(args) -> list[str]:
+    """``--hook`` plus ``blocks.{L}.mixer.hook_{--hook-kind}`` for every ``--layers`` entry."""
+    hooks = [args.hook] if args.hook else []
+    return hooks + [f"blocks.{layer}.mixer.hook_{args.hook_kind}" for layer in args.layers or []]
+
+
 def _cells(args, parser, model) -> list:
     """The cells named by ``--hook``/``--layers`` x ``--heads``, checked against the model."""
     from recurrent_lens.sae.cells import parse_cells
 
-    hooks = [args.hook] if args.hook else []
-    hooks += [f"blocks.{layer}.mixer.hook_{args.hook_kind}" for layer in args.layers or []]
+    hooks = _hook_names(args)
     if not hooks:
         parser.error("name the hooks to read: --hook blocks.L.mixer.hook_state (or hook_write) and/or --layers L1,L2")
     heads = args.heads if args.heads is not None else range(model.cfg.n_heads)
@@ -545,7 +553,7 @@ def _train_real(args, parser) -> int:
             store = StateStore(args.states)
         except (OSError, ValueError) as e:
             parser.error(f"argument --states: {e}")
-        hooks = [args.hook] if args.hook else [f"blocks.{layer}.mixer.hook_{args.hook_kind}" for layer in args.layers or []]
+        hooks = _hook_names(args)
         cells = [c for c in store.cells if (not hooks or c.hook_name in hooks)
                  and (args.heads is None or c.head in args.heads)]
         if not cells:
