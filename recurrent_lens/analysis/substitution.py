@@ -257,7 +257,8 @@ def substitution_test(
             rank-1 factors); always at the atom condition's Frobenius norm.
         readout: *(protocol)* ``"offset"`` (read at ``t + readout_offset``) or ``"last"`` (read at the last
             position of each sequence; firings at ``t < pos - 1``).
-        readout_offset: *(protocol)* ``>= 1`` with ``readout="offset"``; ``None`` with ``"last"``.
+        readout_offset: *(protocol)* ``>= 1`` with ``readout="offset"``; ``None`` with ``"last"``. Passing an
+            offset without ``readout`` selects ``readout="offset"`` under either protocol.
         kl: *(protocol)* ``"native_to_condition"`` (KL(p_native ‖ p_cond)) or ``"condition_to_native"``.
         max_firings_per_atom: *(protocol)* cap per substituted atom, or per feature with ``features`` or
             ``atom="feature"`` (``None``: no cap).
@@ -297,6 +298,8 @@ def substitution_test(
         ('write', 'last', ())
     """
     check_protocol(protocol)
+    if readout is PRESET and readout_offset is not PRESET and readout_offset is not None:
+        readout = "offset"  # an explicit offset asks for the offset readout, whatever the protocol's
     opts, overrides = resolve("substitution", protocol, dict(
         replace=replace, scale=scale, random=random, readout=readout, readout_offset=readout_offset, kl=kl,
         max_firings_per_atom=max_firings_per_atom, atom=atom))
