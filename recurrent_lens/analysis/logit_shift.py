@@ -274,22 +274,22 @@ def logit_shift_prediction(
             lead_dir = final_norm_jvp(model, resid, lead_dir)
         tok = (lead_dir @ W_U.T).argmax(-1)
         unit_pred = coef * (out_dir * W_U[tok]).sum(-1)
-        eps_t = torch.tensor([float(e) for e in eps])
+        eps_list = [float(e) for e in eps]
         step = coef[:, None, None] * A
 
     def edit(S: Tensor, idx: Tensor) -> Tensor:
-        return torch.stack([S] + [S + e * step[idx].to(S.dtype) for e in eps_t.tolist()])
+        return torch.stack([S] + [S + e * step[idx].to(S.dtype) for e in eps_list])
 
     logits = branch_logits(model, tokens, site, b, t0, edit, readout_offset, progress=progress, desc="logit shift")
-    sel = logits.gather(-1, tok[None, :, None].expand(len(eps_t) + 1, -1, 1))[..., 0]
+    sel = logits.gather(-1, tok[None, :, None].expand(len(eps_list) + 1, -1, 1))[..., 0]
     measured = sel[1:] - sel[:1]  # [n_eps, n]
     frames = []
-    for i, e in enumerate(eps_t.tolist()):
+    for i, e in enumerate(eps_list):
         frames.append(pd.DataFrame({"atom": atom.numpy(), "eps": e, "batch": b.numpy(), "pos": t0.numpy(),
                                     "token": tok.numpy(), "predicted": (e * unit_pred).numpy(),
                                     "measured": measured[i].numpy()}))
     settings = LogitShiftSettings(
-        protocol=protocol, hook_name=hook_name, head=head, atoms=atoms, eps=list(eps_t.tolist()), n_atoms=n_atoms,
+        protocol=protocol, hook_name=hook_name, head=head, atoms=atoms, eps=eps_list, n_atoms=n_atoms,
         fit=fit, formula=formula, readout=readout, readout_offset=readout_offset,
         positions_per_atom=positions_per_atom, skip_positions=skip_positions, seed=seed, overrides=overrides)
     return LogitShiftResult(pd.concat(frames, ignore_index=True), settings)
