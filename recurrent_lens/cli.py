@@ -869,7 +869,8 @@ def _resolve_protocol_args(args) -> None:
     for dest, value in table[args.protocol].items():
         if getattr(args, dest) is _UNSET:
             setattr(args, dest, list(value) if isinstance(value, tuple) else value)
-    if readout_unset and "readout_offset" in vars(args) and args.readout_offset is not None and "positions" in table["ours"]:
+    explicit_offset = "positions" in table["ours"] and args.readout_offset is not None
+    if readout_unset and explicit_offset:
         args.readout = "offset"  # an explicit --readout-offset asks for the offset readout
 
 
@@ -928,7 +929,7 @@ def _reproduce_cmd(args, parser) -> int:
         model, task = toy.load(args.arch, progress=progress)
         tokens = task.make_batch(args.sequences, seed=args.seed + 10_000)[0]
         length = args.prompt_length or 2 + 2 * task.n_pairs
-        toy_protocol = dict(atom="rising", positions=task.value_positions, readout_offset=task.recall_offset)
+        toy_protocol = dict(atom="rising", positions=task.value_positions.tolist(), readout_offset=task.recall_offset)
         substitution = toy_protocol if args.protocol == "ours" else {}
         where = f"toy {args.arch}"
     else:

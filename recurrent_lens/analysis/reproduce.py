@@ -97,10 +97,15 @@ class Reproduction:
         return self.table.copy()
 
     def report(self) -> str:
-        """One line per claim: this run's number (95% CI or IQR, n) beside the paper's."""
+        """One line per claim: this run's number (95% CI or IQR, n) beside the paper's, and under it the
+        run's details (medians, fits, install settings) when they change."""
         lines = [f"{'claim':<40} {'this run (' + self.protocol + ')':<40} paper"]
+        shown = ""
         for r in self.table.itertuples():
             lines.append(f"{r.claim:<40} {_fmt_run(r):<40} {_fmt_paper(r)}")
+            if r.detail and r.detail != shown:
+                lines.append(f"    {r.detail}")
+                shown = r.detail
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -118,6 +123,8 @@ def _num(claim: str, v: float) -> str:
         return f"{100 * v:.1f}%"
     if "registers" in claim:
         return f"{int(v)}"
+    if "KL" in claim:
+        return f"{v:.2f}" if abs(v) < 1000 else f"{v:.3g}"
     return f"{v:.3g}"
 
 
@@ -227,7 +234,9 @@ def reproduce(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch 
                                 seed=seed, **substitution)
         results["substitution"] = res
         m, r = res.medians, res.median_ratios
-        detail = f"median KL atom {m['atom']:.3g} / delete {m['delete']:.3g} / random {m['random']:.3g}"
+        moved = int((res.rows["kl_delete"] > 0.1).sum())
+        detail = (f"median KL atom {m['atom']:.3g} / delete {m['delete']:.3g} / random {m['random']:.3g}; "
+                  f"deletion moves the readout by > 0.1 nats at {moved} of {res.n} firings")
         chain_ci = wilson_interval(int(res.rows["chain"].sum()), res.n)
         rows += [_row(protocol, _SUBSTITUTION[0], res.win_rate, res.n, detail, res.win_ci, "wilson95"),
                  _row(protocol, _SUBSTITUTION[1], res.chain_rate, res.n, "", chain_ci, "wilson95"),
