@@ -43,7 +43,8 @@ PAPER_BAND = (100, 1000)
 PAPER: dict[str, dict[str, Any]] = {
     "substitution: atom beats delete": dict(
         value=0.924, ci=(0.916, 0.931), n="4,851",
-        note="L1/L9/L17 H4 pooled, 8 exemplar features per layer (§3.2, Table 2); L9 alone 91.2% (n=1,851)"),
+        note="L1/L9/L17 H4 pooled, the 8-feature exemplar pool (§3.2, Table 2, App. F.2); L9 alone 91.2% "
+             "(n=1,851)"),
     "substitution: strict chain": dict(value=0.895, ci=None, n="4,851", note="atom < delete < random (§3.2)"),
     "substitution: median KL delete / atom": dict(value=2.70, ci=None, n="4,851",
                                                   note="ratio of per-column medians (Table 2)"),
@@ -60,8 +61,8 @@ PAPER: dict[str, dict[str, Any]] = {
     "install m=6: installed inclusion": dict(value=float("nan"), ci=None, n="—",
                                              note="not reported for ranks 100-1000; pooled 16.7% (n=1,200)"),
     "partition: registers": dict(value=222, ci=None, n="316 alive", note="94 bundles, 1,732 dead (§3.1)"),
-    "partition: delta BIC": dict(value=-296.0, ci=None, n="316 alive", note="L1 -6,774; L17 -390 (§3.1)"),
-    "partition: register median cos": dict(value=0.262, ci=None, n="222", note="§3.1, Table 11"),
+    "partition: delta BIC": dict(value=-296.0, ci=None, n="316 alive", note="L1 -6,774; L17 -390 (§3.1, §3.2)"),
+    "partition: register median cos": dict(value=0.262, ci=None, n="222", note="Table 11"),
 }
 """The paper's number for each claim: ``value``, ``ci`` (95% interval, or the IQR for R²), ``n`` and a note."""
 

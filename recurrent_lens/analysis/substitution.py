@@ -24,9 +24,9 @@ What a firing is: without ``features``, a position where some code is nonzero (f
 some code rises), one row per position, capped per substituted atom; ``atom="feature"`` makes every
 (position, atom) pair with a nonzero code a firing. With ``features=[f, ...]`` a firing is a (position,
 f) pair where ``f``'s code is nonzero (its rise, for ``"rising"``), capped per ``f``: the paper's
-App. J loop "for each firing position t of feature i" (its 92.4% pools eight such features per layer,
-e.g. ``[412, 192, 97, 1361, 53, 63, 87, 1335]`` at Qwen3.5-0.8B L9 H4 in the reference repository's
-scripts/clean_amplified_kl.py).
+App. J loop "for each firing position t of feature i" (its 92.4% pools the firings of an 8-feature
+exemplar pool, e.g. ``[412, 192, 97, 1361, 53, 63, 87, 1335]`` at Qwen3.5-0.8B L9 H4 in the reference
+repository's scripts/clean_amplified_kl.py).
 
 ``rank1_atoms=True`` replaces every decoder atom by its best rank-1 approximation ``σ₁u₁v₁ᵀ`` first:
 with a :class:`~recurrent_lens.sae.FlatSAE` and ``scale="match_norm"`` this is the paper's flat-SVD
@@ -237,7 +237,7 @@ def substitution_test(
     - ``max_firings_per_atom=30``: App. F.2's population test (the reference script has no cap; App. F.1
       uses 200 per feature).
 
-    The paper's 92.4% (n = 4,851) pools the firings of eight exemplar features at L1, L9 and L17 head 4
+    The paper's 92.4% (n = 4,851) pools the firings of an 8-feature exemplar pool at L1, L9 and L17 head 4
     (L9 alone: 91.2%, n = 1,851): pass them as ``features``. Its 89.8% population test (App. F.2) is
     ``features`` = the alive atoms with a 30-firing cap, averaged per atom (``result.per_atom()``).
     Why the dominant atom fails on associative-recall states (the toys): see ``atom`` below.
