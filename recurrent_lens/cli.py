@@ -893,7 +893,7 @@ def _add_reproduce_parser(sub) -> None:
     g.add_argument("--split", default="train", help="dataset split (default: train)")
     g.add_argument("--context-length", type=_positive_int, default=None, help="tokens per sequence for text")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model weight dtype")
-    g.add_argument("--device", default=None, help="model and SAE device (default: cpu)")
+    p.set_defaults(device=None)  # the analyses build their tables on the CPU: the model stays there
     p.add_argument("--sequences", type=_positive_int, default=128,
                    help="evaluation sequences (default: 128; a toy's are held out, seed --seed + 10000; a "
                         "checkpoint's are the first of --dataset)")
