@@ -369,6 +369,8 @@ def plot(rep: Reproduction, path: str) -> str:
         a.plot([1.5, 3.0], [0.667, 1.0], "k*", ms=10, label="paper, ranks 100-1000")
         a.axhline(0.333, color="k", ls=":", lw=0.8, label="paper native 33.3%")
         a.set_xscale("log")
+        a.set_xticks(ms, [f"{m:g}" for m in ms])
+        a.minorticks_off()
         a.set_ylim(-0.02, 1.02)
         a.legend()
         a.set_title(f"install: target in continuation (band {rep.results['band']})")
