@@ -12,6 +12,11 @@
                                [--readout final_norm]
     recurrent-lens erase --arch gdn --sae DIR --atom I [--target TOKEN] [--control-multipliers 1 2 4]
     recurrent-lens partition --arch gdn --sae DIR [--replace update] [--tau 0.05]
+    recurrent-lens reproduce [--arch gdn | --model DIR --dataset PATH --sae DIR --hook H --head N] [--protocol paper]
+
+``demo``, ``substitution``, ``logit-shift``, ``partition`` and ``reproduce`` take ``--protocol ours|paper``:
+every option not given on the command line takes that protocol's choice (``ours`` keeps the defaults
+listed in ``--help``; ``paper`` the paper's, shown there as ``--protocol paper: ...``).
 
 The analysis commands (``substitution``, ``logit-shift``, ``erase``, ``partition``) run on held-out toy
 sequences (seed ``--seed + 10000``), so they all see the same data for one SAE, and take ``--csv`` for
@@ -189,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
     _add_sae_args(demo)
     _add_substitution_args(demo)
+    _add_protocol_options(demo, "substitution")
     demo.add_argument("--out", default=".", help="directory for plots and tables (default: the working directory)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for a fast smoke run (seconds)")
 
@@ -244,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(subst)
     _add_substitution_args(subst)
     _add_saved_sae_args(subst, "per-firing")
+    _add_protocol_options(subst, "substitution", features=True)
 
     shift = _add_analysis_parser(
         sub, "logit-shift", summary="closed-form vs measured logit shift of adding an atom to the state",
@@ -298,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="atoms with fewer firings count as dead (default: 1)")
     part.add_argument("--tau", type=_cosine, default=0.05,
                       help="cosine above which an atom is a register when one Gaussian is preferred (default: 0.05)")
+    _add_protocol_options(shift, "logit_shift")
+    _add_protocol_options(part, "partition")
+    _add_reproduce_parser(sub)
     return parser
 
 
@@ -329,11 +339,13 @@ def _substitution(args, model, task, sae, progress: bool, atom: str | None = Non
                                scale=args.scale, random=args.random, readout_offset=offset, kl=args.kl,
                                max_firings_per_atom=args.max_firings_per_atom, skip_positions=SKIP_POSITIONS,
                                positions=positions, atom=atom or args.atom, rank1_atoms=args.rank1_atoms,
-                               seed=args.seed, progress=progress)
+                               seed=args.seed, progress=progress, protocol=args.protocol, readout=args.readout,
+                               features=getattr(args, "features", None))
     if atom is None:
         where = "every position" if positions is None else f"the value positions {positions.tolist()}"
-        print(f"substitution test on {args.hook} head {args.head} ({time.perf_counter() - t:.1f}s): "
-              f"firings at {where}, read at t + {offset}, {args.atom} atom")
+        read = "at the last position" if offset is None else f"at t + {offset}"
+        print(f"substitution test on {args.hook} head {args.head} ({time.perf_counter() - t:.1f}s, protocol "
+              f"{args.protocol}): firings at {where}, read {read}, {args.atom} atom")
     return result
 
 
@@ -346,6 +358,8 @@ def _protocol(args, task):
     ``--positions all`` every firing is tested at ``t + --readout-offset`` (default 1), where the readout
     usually does not depend on the write and all conditions give KL ≈ 0.
     """
+    if args.readout == "last":
+        return (task.value_positions if args.positions == "values" else None), None
     if args.positions == "values":
         offset = task.recall_offset if args.readout_offset is None else args.readout_offset
         return task.value_positions, offset
@@ -664,10 +678,10 @@ def _check_range(parser: argparse.ArgumentParser, flag: str, values: Sequence[in
         parser.error(f"argument {flag}: expected {what} in [0, {n}), got {', '.join(map(str, bad))}")
 
 
-def _check_readout_offset(parser: argparse.ArgumentParser, offset: int, task) -> None:
+def _check_readout_offset(parser: argparse.ArgumentParser, offset: int | None, task) -> None:
     """Refuse a ``--readout-offset`` that leaves no position to edit in the toy's sequences."""
     most = task.seq_len - 1 - SKIP_POSITIONS
-    if offset > most:
+    if offset is not None and offset > most:
         parser.error(f"argument --readout-offset: expected at most {most} (the toy's sequences have "
                      f"{task.seq_len} positions, the first is skipped), got {offset}")
 
@@ -688,6 +702,8 @@ def _save_csv(result, path: str | None) -> None:
 def _substitution_cmd(args, parser) -> int:
     model, task, sae = _load_sae_and_toy(args, parser)
     _check_readout_offset(parser, _protocol(args, task)[1], task)
+    if args.features is not None:
+        _check_range(parser, "--features", args.features, sae.cfg.n_features, "atom indices")
     result = _substitution(args, model, task, sae, not args.no_progress)
     print(result.report())
     _save_csv(result, args.csv)
@@ -703,8 +719,10 @@ def _logit_shift_report(result) -> str:
         f"(n={s['n']})",
         f"  R^2 zero-parameter  {s['r2_zero_param']:.4g}",
         f"  R^2 one-parameter   {s['r2_one_param']:.4g} (fitted scale {s['fit_scale']:.4g})",
-        f"  median cell R^2     {s['median_cell_r2']:.4g} over {s['cells']} (atom, eps) cells",
-        "paper (Qwen3.5-0.8B L9 H4): median cell R^2 0.983",
+        f"  median cell R^2     {s['median_cell_r2']:.4g} over {s['cells']} (atom, eps) cells, fit {s['fit']} "
+        f"(IQR {s['cell_r2_iqr'][0]:.3g} to {s['cell_r2_iqr'][1]:.3g}; protocol {s['protocol']})",
+        "  by fit              " + ", ".join(f"{k} {v:.4g}" for k, v in s["median_cell_r2_by_fit"].items()),
+        "paper (Qwen3.5-0.8B L9 H4): median cell R^2 0.983 [IQR 0.977-0.990], G fitted per context",
     ])
 
 
@@ -718,7 +736,8 @@ def _logit_shift_cmd(args, parser) -> int:
     result = logit_shift_prediction(model, sae, args.hook, args.head, _eval_tokens(args, task), atoms=args.atoms,
                                     eps=args.eps, n_atoms=args.n_atoms, positions_per_atom=args.positions_per_atom,
                                     readout_offset=args.readout_offset, readout=args.readout,
-                                    skip_positions=SKIP_POSITIONS, seed=args.seed, progress=not args.no_progress)
+                                    skip_positions=SKIP_POSITIONS, seed=args.seed, progress=not args.no_progress,
+                                    protocol=args.protocol, fit=args.fit, formula=args.formula)
     print(_logit_shift_report(result))
     _save_csv(result, args.csv)
     return 0
@@ -773,8 +792,8 @@ def _partition_report(result) -> str:
     else:
         rule = f"one Gaussian preferred: {threshold}"
     return "\n".join([
-        f"partition on {st['hook_name']} head {st['head']}: median cosine of each atom with the native "
-        f"{st['replace']} where it fires",
+        f"partition on {st['hook_name']} head {st['head']} (protocol {st['protocol']}, {st['statistic']}): "
+        f"each atom's alignment with the native {st['replace']} where it fires",
         f"  alive {s['alive']}, dead {s['dead']}",
         f"  registers {s['registers']}, bundles {s['bundles']} (register median cosine {s['register_median_cos']:.4g})",
         f"  delta BIC {s['delta_bic']:.4g} ({rule})",
@@ -787,9 +806,193 @@ def _partition_cmd(args, parser) -> int:
     model, task, sae = _load_sae_and_toy(args, parser)
     result = partition_atoms(model, sae, args.hook, args.head, _eval_tokens(args, task), replace=args.replace,
                              max_firings_per_atom=args.max_firings_per_atom, min_firings=args.min_firings,
-                             tau=args.tau, skip_positions=SKIP_POSITIONS, seed=args.seed, progress=not args.no_progress)
+                             tau=args.tau, skip_positions=SKIP_POSITIONS, seed=args.seed, progress=not args.no_progress,
+                             protocol=args.protocol, statistic=args.statistic)
     print(_partition_report(result))
     _save_csv(result, args.csv)
+    return 0
+
+
+# --- protocol presets (--protocol) and `reproduce` -----------------------------------------------------------
+
+_UNSET = type("Unset", (), {"__repr__": lambda self: "<the protocol's choice>"})()
+"""Default of every protocol-dependent option: replaced after parsing by the chosen protocol's value."""
+
+_PROTOCOL_DESTS = {
+    "substitution": ("replace", "scale", "random", "kl", "atom", "max_firings_per_atom", "positions", "readout"),
+    "logit_shift": ("eps", "n_atoms", "positions_per_atom", "fit", "formula", "readout"),
+    "partition": ("statistic", "replace", "max_firings_per_atom", "tau"),
+}
+
+
+def _show(value) -> str:
+    return " ".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _add_protocol_options(p: argparse.ArgumentParser, kind: str, features: bool = False) -> None:
+    """``--protocol`` and the options only the protocols add, on a subcommand running the ``kind`` analysis.
+
+    The defaults of the protocol-dependent options become "unset" (their help text gains the paper's
+    value); :func:`_resolve_protocol_args` fills them in after parsing, so a value given on the command
+    line always wins, whatever the protocol.
+    """
+    from recurrent_lens.analysis import preset
+
+    p.add_argument("--protocol", default="ours", choices=["ours", "paper"],
+                   help="option presets: 'ours' (default, the defaults shown) or 'paper' (the paper's choices, shown "
+                        "as '--protocol paper: ...'); options given explicitly win")
+    if kind == "substitution":
+        p.add_argument("--readout", default="offset", choices=["offset", "last"],
+                       help="where the KL is read: 'offset' (default) at t + --readout-offset, 'last' at the last "
+                            "position of each sequence (the paper's 'final output distribution')")
+        if features:
+            p.add_argument("--features", type=int, nargs="+", default=None, metavar="I",
+                           help="test only the firings of these atoms (the paper pools 8 exemplar features)")
+        atom = next(a for a in p._actions if a.dest == "atom")
+        atom.choices = list(atom.choices) + ["feature"]
+        atom.help += "; 'feature' = the firing feature's own atom"
+    elif kind == "logit_shift":
+        p.add_argument("--fit", default="none", choices=["none", "cell", "context"],
+                       help="what the per-cell R^2 compares: 'none' (default) the closed form as is, 'cell' one slope "
+                            "per (atom, eps) cell, 'context' one G per (sequence, t0, atom) across the eps values "
+                            "(the paper's App. A)")
+        p.add_argument("--formula", default="closed_form", choices=["closed_form", "table9"],
+                       help="'closed_form' (default, Eq. 1) or 'table9' (the paper's Table 9 variant: perturb by eps "
+                            "times the atom's own component of the state)")
+    else:
+        p.add_argument("--statistic", default="median_cos_gmm", choices=["median_cos_gmm", "mean_abs_cos_top50"],
+                       help="atom score: 'median_cos_gmm' (default) the median cosine with the update over the "
+                            "firings; 'mean_abs_cos_top50' the reference code's mean |cos| per factor over the top-50 "
+                            "activations (geometric mean)")
+    paper = {**preset(kind, "paper"), "positions": "all"}
+    ours = {}
+    for action in p._actions:
+        if action.dest in _PROTOCOL_DESTS[kind]:
+            ours[action.dest] = action.default
+            action.default = _UNSET
+            action.help = f"{action.help}; --protocol paper: {_show(paper[action.dest])}"
+    p.set_defaults(_protocol_defaults={"ours": ours, "paper": {d: paper[d] for d in ours}})
+
+
+def _resolve_protocol_args(args) -> None:
+    """Give every protocol-dependent option left unset the value of ``--protocol``."""
+    table = getattr(args, "_protocol_defaults", None)
+    if table is None:
+        return
+    readout_unset = getattr(args, "readout", None) is _UNSET
+    for dest, value in table[args.protocol].items():
+        if getattr(args, dest) is _UNSET:
+            setattr(args, dest, list(value) if isinstance(value, tuple) else value)
+    explicit_offset = "positions" in table["ours"] and args.readout_offset is not None
+    if readout_unset and explicit_offset:
+        args.readout = "offset"  # an explicit --readout-offset asks for the offset readout
+
+
+def _add_reproduce_parser(sub) -> None:
+    p = sub.add_parser(
+        "reproduce", help="the paper's table on a toy or a checkpoint, under --protocol paper (default) or ours",
+        description="Run the substitution test, the population test, the closed-form logit shift, the install "
+                    "dose-response and the partition with one protocol's settings on a toy (--arch, with its shipped "
+                    "or cached SAE unless --sae) or on a checkpoint (--model, --dataset, --sae, --hook, --head); print "
+                    "each number beside the paper's, write reproduce_{protocol}.csv and .png to --out.")
+    _add_model_args(p)
+    p.add_argument("--protocol", default="paper", choices=["paper", "ours"],
+                   help="'paper' (default): every option as the paper ran it; 'ours': this library's defaults (on a "
+                        "toy, the toy protocol: rising atom, value positions, read at the recall)")
+    p.add_argument("--sae", default=None, help="SAE directory (default with a toy: toy.load_sae(--arch))")
+    g = p.add_argument_group("checkpoint (instead of a toy)")
+    g.add_argument("--model", default=None, metavar="DIR_OR_HUB_ID", help="checkpoint for from_pretrained")
+    g.add_argument("--dataset", default=None, metavar="PATH_OR_HUB_ID", help="text or token dataset (as train-sae)")
+    g.add_argument("--text-field", default="text", help="text field of .jsonl / datasets rows (default: text)")
+    g.add_argument("--split", default="train", help="dataset split (default: train)")
+    g.add_argument("--context-length", type=_positive_int, default=None, help="tokens per sequence for text")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model weight dtype")
+    p.set_defaults(device=None)  # the analyses build their tables on the CPU: the model stays there
+    p.add_argument("--sequences", type=_positive_int, default=128,
+                   help="evaluation sequences (default: 128; a toy's are held out, seed --seed + 10000; a "
+                        "checkpoint's are the first of --dataset)")
+    p.add_argument("--install-prompts", type=_positive_int, default=64,
+                   help="install prompts, the first of the evaluation sequences cut to --prompt-length (default: 64)")
+    p.add_argument("--prompt-length", type=_positive_int, default=None,
+                   help="install prompt length (default: a toy's pairs up to SEP; half a checkpoint's sequence)")
+    p.add_argument("--band", type=_non_negative_int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="native-rank band of the install targets, inclusive, 0 = top-1 (default: the paper's 100 1000; "
+                        "the lower half of the ranks for vocabularies of at most 1000 tokens)")
+    p.add_argument("--magnitudes", type=_positive_float, nargs="+", default=[1.5, 3.0, 6.0], metavar="M",
+                   help="install magnitudes (default: the paper's 1.5 3 6)")
+    p.add_argument("--population-atoms", type=_positive_int, default=155,
+                   help="atoms of the population test, the most often firing (default: 155, App. F.2's pool size)")
+    p.add_argument("--out", default=".", help="directory for the CSV and the plot (default: the working directory)")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+
+
+def _reproduce_cmd(args, parser) -> int:
+    """``reproduce``: the paper's table under one protocol (see :mod:`recurrent_lens.analysis.reproduce`)."""
+    from recurrent_lens import toy
+    from recurrent_lens.analysis.reproduce import default_band, plot, reproduce
+    from recurrent_lens.sae import load
+
+    _check_out(parser, args.out)
+    progress = not args.no_progress
+    if args.quick:
+        args.sequences, args.install_prompts = min(args.sequences, 16), min(args.install_prompts, 8)
+        args.population_atoms, args.magnitudes = min(args.population_atoms, 8), [3.0]
+    if args.model is None:
+        if args.dataset is not None:
+            parser.error("argument --dataset: only with --model")
+        model, task = toy.load(args.arch, progress=progress)
+        tokens = task.make_batch(args.sequences, seed=args.seed + 10_000)[0]
+        length = args.prompt_length or 2 + 2 * task.n_pairs
+        toy_protocol = dict(atom="rising", positions=task.value_positions.tolist(), readout_offset=task.recall_offset)
+        substitution = toy_protocol if args.protocol == "ours" else {}
+        where = f"toy {args.arch}"
+    else:
+        if args.sae is None or args.dataset is None:
+            parser.error("arguments --sae and --dataset: required with --model")
+        if args.hook is None or args.head is None:
+            parser.error("arguments --hook and --head: required with --model")
+        import torch
+
+        model = _load_checkpoint(args, parser)
+        tokens = torch.stack(list(_token_source(args, parser, model, max_sequences=args.sequences)))
+        length = args.prompt_length or max(tokens.shape[1] // 2, 1)
+        substitution, where = {}, args.model
+    _check_site(parser, model, args.hook, args.head)
+    if args.sae is None:
+        sae = toy.load_sae(args.arch, progress=progress)
+        sae_name = f"toy.load_sae({args.arch!r})"
+    else:
+        try:
+            sae = load(args.sae)
+        except (OSError, ValueError) as e:
+            parser.error(f"argument --sae: cannot load an SAE from {args.sae!r} ({e})")
+        sae_name = args.sae
+        if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
+            parser.error(f"argument --sae: the SAE reads {sae.cfg.d_k}x{sae.cfg.d_v} states, the model has "
+                         f"{model.cfg.d_k}x{model.cfg.d_v}")
+    sae = sae.to(model.embed.weight.device)
+    if length > tokens.shape[1]:
+        parser.error(f"argument --prompt-length: expected at most the sequence length {tokens.shape[1]}, got {length}")
+    band = tuple(args.band) if args.band is not None else default_band(model.cfg.d_vocab)
+    if not band[0] <= band[1] < model.cfg.d_vocab:
+        parser.error(f"argument --band: expected LO <= HI < d_vocab = {model.cfg.d_vocab}, got {band[0]} {band[1]}")
+    why = "" if args.band is not None or band == (100, 1000) else (
+        f" (the paper's 100-1000 needs more than 1000 tokens; the lower half of this {model.cfg.d_vocab}-token "
+        f"vocabulary instead)")
+    prompts = tokens[: args.install_prompts, :length]
+    logit_shift = dict(n_atoms=4, positions_per_atom=20) if args.quick else {}
+    print(f"reproduce, protocol {args.protocol}: {where}, {args.hook} head {args.head}, SAE {sae_name}\n"
+          f"  {len(tokens)} sequences of {tokens.shape[1]} tokens; install prompts {len(prompts)} x {length} tokens, "
+          f"targets ranked {band[0]}-{band[1]}{why}"
+          + (f"\n  toy protocol: {', '.join(f'{k}={v}' for k, v in substitution.items())}" if substitution else ""))
+    rep = reproduce(model, sae, args.hook, args.head, tokens, prompts, protocol=args.protocol, band=band,
+                    magnitudes=args.magnitudes, substitution=substitution, logit_shift=logit_shift,
+                    population_atoms=args.population_atoms, skip_positions=SKIP_POSITIONS, seed=args.seed,
+                    progress=progress)
+    print(rep.report())
+    csv = os.path.join(args.out, f"reproduce_{args.protocol}.csv")
+    rep.to_pandas().to_csv(csv, index=False)
+    print(f"saved {csv}\nsaved {plot(rep, os.path.join(args.out, f'reproduce_{args.protocol}.png'))}")
     return 0
 
 
@@ -806,11 +1009,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     real = args.command == "harvest" or (args.command == "train-sae" and (args.model or args.states))
+    real = real or (args.command == "reproduce" and args.model is not None)
     if not real:  # the other subcommands work on a toy
         spec = TOY_SPECS[args.arch]
         args.hook = spec.probe_hook if args.hook is None else args.hook
         args.head = spec.probe[1] if args.head is None else args.head
+    _resolve_protocol_args(args)
     handler = {"demo": _demo, "train-sae": _train_cmd, "harvest": _harvest_cmd, "substitution": _substitution_cmd,
+               "reproduce": _reproduce_cmd,
                "logit-shift": _logit_shift_cmd, "erase": _erase_cmd, "partition": _partition_cmd}[args.command]
     return handler(args, command_parser)
 

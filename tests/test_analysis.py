@@ -251,8 +251,9 @@ def test_partition_records_settings_shows_progress_and_mixtures_ignore_the_seed(
     kw = dict(max_firings_per_atom=None, min_firings=2, tau=0.1, skip_positions=1)
     res = analysis.partition_atoms(model, sae, HOOK, 0, tokens, seed=0, progress=True, **kw)
     assert "partition" in capsys.readouterr().err
-    assert res.settings == dict(hook_name=HOOK, head=0, replace="update", max_firings_per_atom=None, min_firings=2,
-                                tau=0.1, skip_positions=1, seed=0)
+    assert res.settings == dict(protocol="ours", hook_name=HOOK, head=0, statistic="median_cos_gmm", replace="update",
+                                max_firings_per_atom=None, min_firings=2, tau=0.1, skip_positions=1, seed=0,
+                                overrides=("max_firings_per_atom", "tau"))
     table = res.to_pandas()
     assert len(table) >= 4 and (table["n"] >= 2).all()
     # the seed only draws the per-atom subsample; without one, the table and both mixtures are the same

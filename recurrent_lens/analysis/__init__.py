@@ -1,19 +1,30 @@
-"""The paper's evaluation protocols (specs/WRITESAE.md §4) as architecture-agnostic functions.
+"""The paper's evaluation protocols as architecture-agnostic functions.
 
 Each takes a :class:`~recurrent_lens.HookedRecurrentModel`, usually an SAE, a ``hook_state`` name, a
 head and tokens, works only through the shared hook vocabulary and the recurrent cache, and returns a
-tidy result (``.to_pandas()``, ``.summary()``, readable ``repr``).
+tidy result (``.to_pandas()``, ``.summary()``, readable ``repr``) whose ``settings`` record every option.
 
-- :func:`substitution_test`: atom vs delete vs random substitution of the native update (§4(a)).
-- :func:`logit_shift_prediction`: closed-form logit shift vs measurement, R² (§4(b)).
-- :func:`erase_atom`, :func:`install`, :func:`install_during_generation`, :func:`target_direction` (§4(c)).
-- :func:`partition_atoms`: register/bundle partition with a 1-D GMM and ΔBIC (§4(d)).
+Every analysis takes ``protocol="ours"`` (the default) or ``protocol="paper"``, which sets each option
+to the choice of the paper (Young 2026, arXiv 2605.12770) or its reference repository; explicitly passed
+options override the preset (:mod:`~recurrent_lens.analysis.protocols`, :func:`preset_table`).
+
+- :func:`substitution_test`: atom vs delete vs random substitution of the native write (§3.2, App. J).
+- :func:`logit_shift_prediction`: closed-form logit shift vs measurement, R² (Eq. 1, App. A).
+- :func:`erase_atom`, :func:`install`, :func:`install_during_generation`, :func:`target_direction`,
+  :func:`targets_by_rank` (§4, App. I.4-I.6).
+- :func:`partition_atoms`: register/bundle partition with a 1-D GMM and ΔBIC (§3.1).
 """
 
 from recurrent_lens.analysis._common import kl_divergence, wilcoxon_signed_rank, wilson_interval
-from recurrent_lens.analysis.interventions import erase_atom, install, install_during_generation, target_direction
+from recurrent_lens.analysis.interventions import (
+    erase_atom, install, install_during_generation, out_proj_slice, target_direction, targets_by_rank,
+)
 from recurrent_lens.analysis.logit_shift import logit_shift_prediction, output_jacobian
 from recurrent_lens.analysis.partition import fit_gmm_1d, partition_atoms
+from recurrent_lens.analysis.protocols import (
+    PRESET, PROTOCOLS, EraseSettings, GenerationInstallSettings, InstallSettings, LogitShiftSettings,
+    PartitionSettings, Settings, SubstitutionSettings, preset, preset_table,
+)
 from recurrent_lens.analysis.results import (
     InstallResult, InterventionResult, LogitShiftResult, PartitionResult, SubstitutionResult,
 )
@@ -21,7 +32,9 @@ from recurrent_lens.analysis.substitution import find_firings, substitution_test
 
 __all__ = [
     "substitution_test", "find_firings", "logit_shift_prediction", "output_jacobian", "erase_atom", "install",
-    "install_during_generation", "target_direction", "partition_atoms", "fit_gmm_1d", "kl_divergence",
-    "wilson_interval", "wilcoxon_signed_rank", "SubstitutionResult", "LogitShiftResult", "InterventionResult",
-    "InstallResult", "PartitionResult",
+    "install_during_generation", "target_direction", "targets_by_rank", "out_proj_slice", "partition_atoms",
+    "fit_gmm_1d", "kl_divergence", "wilson_interval", "wilcoxon_signed_rank", "SubstitutionResult",
+    "LogitShiftResult", "InterventionResult", "InstallResult", "PartitionResult", "PRESET", "PROTOCOLS", "preset",
+    "preset_table", "Settings", "SubstitutionSettings", "LogitShiftSettings", "InstallSettings",
+    "GenerationInstallSettings", "PartitionSettings", "EraseSettings",
 ]

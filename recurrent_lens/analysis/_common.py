@@ -88,16 +88,17 @@ def native_run(model, tokens: Tensor, site: Site) -> dict[str, Tensor]:
     """States, net updates (write + erase), writes, keys and queries of one head at every position.
 
     Returns tensors ``[batch, pos, ...]`` of that head: ``state``, ``write``, ``update`` (``write`` plus
-    ``erase`` where the architecture has one), ``k``, ``q`` and ``decay`` (``None`` without decay),
+    ``erase`` where the architecture has one), ``k``, ``v``, ``q`` and ``decay`` (``None`` without decay),
     plus ``logits`` ``[batch, pos, d_vocab]``.
     """
-    names = [site.hook(n) for n in ("hook_state", "hook_write", "hook_erase", "hook_k", "hook_q", "hook_decay")]
+    names = [site.hook(n) for n in ("hook_state", "hook_write", "hook_erase", "hook_k", "hook_v", "hook_q",
+                                    "hook_decay")]
     names = [n for n in names if n in model.hook_dict]
     logits, cache = model.run_with_cache(tokens, names_filter=names)
     h = site.head
     out = {"logits": logits, "state": cache[site.hook("hook_state")][:, :, h],
            "write": cache[site.hook("hook_write")][:, :, h], "k": cache[site.hook("hook_k")][:, :, h],
-           "q": cache[site.hook("hook_q")][:, :, h]}
+           "v": cache[site.hook("hook_v")][:, :, h], "q": cache[site.hook("hook_q")][:, :, h]}
     erase = site.hook("hook_erase")
     out["update"] = out["write"] + cache[erase][:, :, h] if erase in cache.cache_dict else out["write"]
     decay = site.hook("hook_decay")
@@ -119,7 +120,7 @@ def select_batch(cache: RecurrentCache, index: Tensor) -> RecurrentCache:
 
 @torch.no_grad()
 def branch_logits(model, tokens: Tensor, site: Site, rows: Tensor, positions: Tensor,
-                  edit: Callable[[Tensor, Tensor], Tensor], readout_offset: int,
+                  edit: Callable[[Tensor, Tensor], Tensor], readout_offset: int | None,
                   progress: bool = False, desc: str = "branch") -> Tensor:
     """Logits after replacing the head's state at chosen positions, read ``readout_offset`` tokens later.
 
@@ -127,15 +128,19 @@ def branch_logits(model, tokens: Tensor, site: Site, rows: Tensor, positions: Te
     (one cache shared by every firing at that position); the head's state ``S_t`` is then replaced by
     each of ``edit(S_t [n, d_k, d_v], firing_index [n]) -> [C, n, d_k, d_v]``'s ``C`` candidates, the
     next ``readout_offset`` tokens are fed from branched copies of the cache, and the last logits are
-    returned as ``[C, n_firings, d_vocab]`` (fp32). This is the cache-based continuation of
-    specs/WRITESAE.md Decision 6: the edit is seen first by the token at ``t + 1``.
+    returned as ``[C, n_firings, d_vocab]`` (fp32). This is the cache-based continuation: the edit is
+    seen first by the token at ``t + 1``. ``readout_offset=None`` reads at the last position of the
+    sequence instead (every later token is fed; positions must be ``< pos - 1``).
     """
     from tqdm.auto import tqdm
 
-    if readout_offset < 1:
-        raise ValueError(f"readout_offset: expected >= 1 (the edit is read by later tokens), got {readout_offset}")
     T = tokens.shape[1]
-    if len(positions) and int(positions.max()) + readout_offset >= T:
+    if readout_offset is None:
+        if len(positions) and int(positions.max()) >= T - 1:
+            raise ValueError(f"positions: every position must be < {T - 1} to be read at the last position {T - 1}")
+    elif readout_offset < 1:
+        raise ValueError(f"readout_offset: expected >= 1 (the edit is read by later tokens), got {readout_offset}")
+    elif len(positions) and int(positions.max()) + readout_offset >= T:
         raise ValueError(f"positions: every position + readout_offset must be < {T} (sequence length)")
     out: Tensor | None = None
     cache = model.make_cache()
@@ -154,7 +159,8 @@ def branch_logits(model, tokens: Tensor, site: Site, rows: Tensor, positions: Te
         state = branch[site.layer].state.clone()
         state[:, site.head] = cand.reshape(C * n, *cand.shape[2:]).to(state.dtype)
         branch[site.layer].state = state
-        logits = model(tokens[b, t + 1 : t + 1 + readout_offset].repeat(C, 1), cache=branch)[:, -1].float()
+        stop = T if readout_offset is None else t + 1 + readout_offset
+        logits = model(tokens[b, t + 1 : stop].repeat(C, 1), cache=branch)[:, -1].float()
         if out is None:
             out = logits.new_zeros(C, len(rows), logits.shape[-1])
         out[:, idx] = logits.view(C, n, -1)

@@ -1,9 +1,19 @@
-"""Cache interventions (specs/WRITESAE.md §4(c)): atom erasure, installs at chosen positions, and
+"""Cache interventions (the paper's §4 and App. I.4-I.6): atom erasure, installs at chosen positions, and
 installs during generation.
 
-An *install* adds ``m · ‖Δ_nat,t‖_F · k̂_t dᵀ`` to the head's state at position ``t``: the key factor
-is the unit key the recurrence uses at ``t`` (``hook_k``, Decision 8), ``d`` a unit value-side
-direction (e.g. :func:`target_direction`), and the magnitude is relative to the native net update.
+An *install* adds ``m · r_t · k̂_t dᵀ`` to the head's state at position ``t``: the key factor is the unit
+key the recurrence uses at ``t`` (``hook_k``; the paper does not state it), ``d`` a unit value-side
+direction and ``r_t`` the reference magnitude at ``t``:
+
+- ``magnitude_ref="kv"``: ``‖k_t v_tᵀ‖_F = ‖k_t‖‖v_t‖`` (``hook_k``, ``hook_v``), the paper's
+  ``m · ‖k_t v_tᵀ‖`` (§4, App. I.6);
+- ``magnitude_ref="write"``: ``‖W_t‖_F`` (``hook_write``, ``β_t k_t v_tᵀ``);
+- ``magnitude_ref="update"``: the net update's norm (write + erase; ours).
+
+The direction (``direction=``) is a given ``[d_v]`` vector, ``"out_proj"`` (the paper's
+``v*_T = W_O[head]ᵀ W_U[T] / ‖·‖`` with ``W_O[head]`` the head's slice of the output projection) or
+``"jacobian"`` (:func:`target_direction`: the output map's Jacobian, gated norm included, averaged
+over the tokens).
 """
 
 from __future__ import annotations
@@ -20,13 +30,51 @@ from recurrent_lens.analysis._common import (
     as_index, branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit,
 )
 from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
+from recurrent_lens.analysis.protocols import (
+    PRESET, EraseSettings, GenerationInstallSettings, InstallSettings, check_protocol, resolve,
+)
 from recurrent_lens.analysis.results import InstallResult, InterventionResult
 
+_DIRECTIONS = ("out_proj", "jacobian")
+_MAGNITUDE_REFS = ("kv", "write", "update")
 
-def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
-                     target: SupportsIndex) -> Float[Tensor, " d_v"]:
-    """``v*_T = W_O^{(h)ᵀ} W_U[T] / ‖·‖`` averaged over the positions of ``tokens`` (``W_O`` is the
-    output Jacobian of :func:`~recurrent_lens.analysis.logit_shift.output_jacobian`).
+
+def out_proj_slice(model, hook_name: str, head: int) -> Float[Tensor, "d_model d_v"]:
+    """``W_O[head]``: the head's ``d_v`` input columns of the mixer's output projection.
+
+    The projection is the mixer's ``out_proj`` (or ``o_proj``) linear layer; Mamba-2's columns start
+    after its gated-MLP slice. Refuses mixers without one.
+
+    Example:
+        >>> from recurrent_lens import toy
+        >>> from recurrent_lens.analysis import out_proj_slice
+        >>> model, _ = toy.load("gdn", progress=False)
+        >>> out_proj_slice(model, "blocks.1.mixer.hook_state", 1).shape
+        torch.Size([64, 16])
+    """
+    site = parse_site(model, hook_name, head)
+    mixer = model.blocks[site.layer].mixer
+    linear = next((m for m in (getattr(mixer, "out_proj", None), getattr(mixer, "o_proj", None))
+                   if isinstance(m, torch.nn.Linear)), None)
+    H, dv = model.cfg.n_heads, model.cfg.d_v
+    offset = int(getattr(mixer, "d_mlp_slice", 0))
+    if linear is None or linear.in_features != offset + H * dv:
+        raise ValueError(f"direction: 'out_proj' needs blocks.{site.layer}.mixer ({type(mixer).__name__}) to have an "
+                         f"out_proj or o_proj linear layer reading its {H} heads x {dv} values; use 'jacobian'")
+    start = offset + site.head * dv
+    return linear.weight.detach().float()[:, start : start + dv]
+
+
+def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"] | None,
+                     target: SupportsIndex | Sequence[SupportsIndex] | Int[Tensor, " n"], *,
+                     method: str = "jacobian") -> Float[Tensor, "*n d_v"]:
+    """The unit value-side direction ``v*_T`` that raises token ``T``'s logit when read.
+
+    ``method="jacobian"`` (default): ``W_O^{(h)ᵀ} W_U[T]`` with ``W_O`` the output Jacobian of
+    :func:`~recurrent_lens.analysis.logit_shift.output_jacobian` (gated norm included), normalised and
+    averaged over the positions of ``tokens``. ``method="out_proj"``: the paper's
+    ``W_O[head]ᵀ W_U[T] / ‖·‖`` (§4, App. I.5) with :func:`out_proj_slice` (``tokens`` unused, may be
+    ``None``). ``target`` may be one id (returns ``[d_v]``) or several (returns ``[n, d_v]``).
 
     Example:
         >>> from recurrent_lens import toy
@@ -35,13 +83,31 @@ def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batc
         >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, task.make_batch(4)[0], 20)
         >>> d.shape, round(float(d.norm()), 4)
         (torch.Size([16]), 1.0)
+        >>> target_direction(model, "blocks.1.mixer.hook_state", 0, None, [20, 21], method="out_proj").shape
+        torch.Size([2, 16])
     """
+    if method not in _DIRECTIONS:
+        raise ValueError(f"method: expected one of {_DIRECTIONS}, got {method!r}")
     site = parse_site(model, hook_name, head)
-    tokens = check_tokens(model, tokens, 1)
-    target = _check_token(model, target, "target")
-    J = output_jacobian(model, tokens, site)  # [B, T, d_model, d_v]
-    v = torch.einsum("btmv,m->btv", J, unembedding(model)[target])
-    return unit(unit(v).mean((0, 1)))
+    single = not hasattr(target, "__len__") or (isinstance(target, Tensor) and target.dim() == 0)
+    targets = [_check_token(model, target, "target")] if single else _check_tokens_list(model, target, "target")
+    W_U = unembedding(model)[targets]  # [n, d_model]
+    if method == "out_proj":
+        d = unit(W_U @ out_proj_slice(model, hook_name, head))
+    else:
+        if tokens is None:
+            raise ValueError("tokens: method='jacobian' averages over token positions; got None")
+        tokens = check_tokens(model, tokens, 1)
+        J = output_jacobian(model, tokens, site)  # [B, T, d_model, d_v]
+        d = unit(unit(torch.einsum("btmv,nm->btnv", J, W_U)).mean((0, 1)))
+    return d[0] if single else d
+
+
+def _check_tokens_list(model, tokens, name: str) -> list[int]:
+    values = list(torch.as_tensor(tokens).flatten().tolist()) if isinstance(tokens, Tensor) else list(tokens)
+    if not values:
+        raise ValueError(f"{name}: expected at least one token id, got none")
+    return [_check_token(model, v, name) for v in values]
 
 
 def _check_token(model, tok: SupportsIndex, name: str) -> int:
@@ -71,6 +137,10 @@ def erase_atom(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch
     (``argmax Σ_firings (log p_native − log p_erased)``). Controls: at as many non-firing positions,
     add ``m · a* · A`` for each multiplier ``m`` (``a*`` = the median firing coefficient).
     Conditions in the table: ``erase`` and ``add_x{m}``.
+
+    This is the paper's protocol as is (App. I.4: 150 natural firings, the preferred token chosen by the
+    summed log-probability drop, controls at ``m ∈ {1, 2, 4}`` times the median natural activation
+    ``a*``), so it has no ``protocol`` switch.
 
     Args:
         atom: the SAE atom's index: any integer :func:`operator.index` accepts (e.g. a NumPy or torch
@@ -150,22 +220,58 @@ def erase_atom(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch
                             progress=progress, desc="erase controls")
     rows = pd.concat([_logprob_rows(erased, target, ["erase"], fb, ft),
                       _logprob_rows(control, target, [f"add_x{m:g}" for m in mults], nb, nt)], ignore_index=True)
-    settings = dict(hook_name=hook_name, head=head, atom=atom, a_star=a_star, max_positions=max_positions,
-                    control_multipliers=mults, readout_offset=readout_offset, skip_positions=skip_positions, seed=seed)
+    settings = EraseSettings(hook_name=hook_name, head=head, atom=atom, max_positions=max_positions,
+                             control_multipliers=mults, readout_offset=readout_offset, skip_positions=skip_positions,
+                             seed=seed, a_star=a_star)
     return InterventionResult(rows, target, settings)
 
 
-def _install_term(native: dict[str, Tensor], b: Tensor, t: Tensor, direction: Tensor, magnitude: float) -> Tensor:
-    k_hat = unit(native["k"][b, t].float())
-    scale = magnitude * frob(native["update"][b, t].float())
-    return scale[:, None, None] * k_hat[:, :, None] * direction.float()[None, None, :]
+def _magnitude(parts: dict[str, Tensor], ref: str) -> Tensor:
+    """The reference norm ``r_t`` of each row: ``parts`` holds ``k``, ``v``, ``write`` (and ``erase``)."""
+    if ref == "kv":
+        return parts["k"].float().norm(dim=-1) * parts["v"].float().norm(dim=-1)
+    if ref == "write":
+        return frob(parts["write"].float())
+    update = parts["write"] + parts["erase"] if "erase" in parts else parts["write"]
+    return frob(update.float())
+
+
+def _install_options(protocol: str, direction, magnitude, magnitude_ref, max_new_tokens=PRESET):
+    """Resolve the install options; ``direction`` is a tensor (``"given"``), a method name or PRESET."""
+    check_protocol(protocol)
+    given = direction if isinstance(direction, str) or direction is PRESET else "given"
+    opts, overrides = resolve("install", protocol, dict(direction=given, magnitude=magnitude,
+                                                        magnitude_ref=magnitude_ref, max_new_tokens=max_new_tokens))
+    if opts["direction"] not in _DIRECTIONS + ("given",):
+        raise ValueError(f"direction: expected a [d_v] tensor or one of {_DIRECTIONS}, got {opts['direction']!r}")
+    if opts["magnitude_ref"] not in _MAGNITUDE_REFS:
+        raise ValueError(f"magnitude_ref: expected one of {_MAGNITUDE_REFS}, got {opts['magnitude_ref']!r}")
+    return opts, overrides
 
 
 def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
-            direction: Float[Tensor, " d_v"], positions: Sequence[int] | Tensor, *, magnitude: float = 3.0,
+            direction: Float[Tensor, " d_v"] | str = PRESET, positions: Sequence[int] | Tensor | None = None, *,
+            protocol: str = "ours", magnitude: float = PRESET, magnitude_ref: str = PRESET,
             target: SupportsIndex, readout_offset: int = 1) -> InterventionResult:
-    """Add ``m·‖Δ_nat,t‖·k̂_t dᵀ`` at each position of ``positions`` (every sequence, one at a time) and
-    measure the target's log-probability and logit at ``t + readout_offset`` (the sign test).
+    """Add ``m · r_t · k̂_t dᵀ`` at each position of ``positions`` (every sequence, one at a time) and
+    measure the target's log-probability and logit at ``t + readout_offset`` (the sign test, §4 and
+    App. I.5).
+
+    Options marked *(protocol)* default to ``protocol``'s choice; explicit values win.
+    ``protocol="ours"`` (default): ``direction='jacobian'``, ``magnitude=3.0``,
+    ``magnitude_ref='update'``. ``protocol="paper"``: ``direction='out_proj'`` (§4 and App. I.5:
+    ``v*_T = W_O[head]ᵀ W_U[T] / ‖·‖``), ``magnitude=3.0`` and ``magnitude_ref='kv'`` (§4 and App. I.6:
+    ``m · ‖k_t v_tᵀ‖``; App. I.5 does not state the sign test's magnitude).
+
+    Args:
+        direction: *(protocol)* a unit ``[d_v]`` direction, ``"out_proj"`` or ``"jacobian"`` (the latter two
+            computed for ``target``; ``"jacobian"`` averages over ``tokens``).
+        positions: the positions to install at (required).
+        protocol: ``"ours"`` (default) or ``"paper"``.
+        magnitude: *(protocol)* ``m``.
+        magnitude_ref: *(protocol)* ``"kv"``, ``"write"`` or ``"update"`` (module docstring).
+        target: the token whose logit is tracked.
+        readout_offset: read at ``t + readout_offset``.
 
     Example:
         >>> from recurrent_lens import toy
@@ -176,11 +282,17 @@ def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
         >>> res = install(model, "blocks.1.mixer.hook_state", 0, tokens, d, [18, 20], target=20)
         >>> len(res.to_pandas()), res.target
         (8, 20)
+        >>> paper = install(model, "blocks.1.mixer.hook_state", 0, tokens, positions=[18], target=20, protocol="paper")
+        >>> paper.settings.direction, paper.settings.magnitude_ref
+        ('out_proj', 'kv')
     """
+    opts, overrides = _install_options(protocol, direction, magnitude, magnitude_ref)
     site = parse_site(model, hook_name, head)
     tokens = check_tokens(model, tokens, readout_offset + 1)
     target = _check_token(model, target, "target")
-    direction = _check_direction(model, direction)
+    if positions is None:
+        raise ValueError("positions: expected the positions to install at, got None")
+    d = _resolve_direction(model, hook_name, head, tokens, direction, opts["direction"], [target])[0]
     pos = torch.as_tensor(positions).long().flatten()
     if len(pos) == 0 or int(pos.min()) < 0 or int(pos.max()) + readout_offset >= tokens.shape[1]:
         raise ValueError(f"positions: expected positions in [0, {tokens.shape[1] - readout_offset}), got {pos.tolist()}")
@@ -188,10 +300,32 @@ def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
     B = tokens.shape[0]
     b = torch.arange(B).repeat_interleave(len(pos))
     t = pos.repeat(B)
-    X = _install_term(native, b, t, unit(direction), magnitude)
+    scale = opts["magnitude"] * _magnitude({k: native[k][b, t] for k in ("k", "v", "write", "update")}
+                                           | {"erase": native["update"][b, t] - native["write"][b, t]},
+                                           opts["magnitude_ref"])
+    X = scale[:, None, None] * unit(native["k"][b, t].float())[:, :, None] * d[None, None, :]
     logits = branch_logits(model, tokens, site, b, t, lambda S, idx: torch.stack([S, S + X[idx]]), readout_offset)
-    return InterventionResult(_logprob_rows(logits, target, ["install"], b, t), target,
-                              dict(hook_name=hook_name, head=head, magnitude=magnitude, readout_offset=readout_offset))
+    settings = InstallSettings(protocol=protocol, hook_name=hook_name, head=head, magnitude=float(opts["magnitude"]),
+                               magnitude_ref=opts["magnitude_ref"], direction=opts["direction"],
+                               readout_offset=readout_offset, overrides=overrides)
+    return InterventionResult(_logprob_rows(logits, target, ["install"], b, t), target, settings)
+
+
+def _resolve_direction(model, hook_name: str, head: int, tokens: Tensor, given, method: str,
+                       targets: list[int]) -> Tensor:
+    """One unit direction per target ``[n, d_v]``: the given tensor (``[d_v]`` shared or ``[n, d_v]``) or
+    ``method``'s."""
+    if method != "given":
+        return target_direction(model, hook_name, head, tokens, targets, method=method).float()
+    d = torch.as_tensor(given).float()
+    if d.dim() == 1:
+        d = _check_direction(model, d)[None].expand(len(targets), -1)
+    elif tuple(d.shape) != (len(targets), model.cfg.d_v):
+        raise ValueError(f"direction: expected shape ({model.cfg.d_v},) or ({len(targets)}, {model.cfg.d_v}) "
+                         f"(one per prompt), got {tuple(d.shape)}")
+    if bool((d.norm(dim=-1) == 0).any()):
+        raise ValueError("direction: expected nonzero vectors")
+    return unit(d)
 
 
 def _check_direction(model, direction: Tensor) -> Tensor:
@@ -203,16 +337,77 @@ def _check_direction(model, direction: Tensor) -> Tensor:
     return direction
 
 
+def targets_by_rank(model, tokens: Int[Tensor, "batch pos"], band: tuple[int, int] = (100, 1000), *,
+                    n_per_prompt: int = 1, seed: int = 0) -> Int[Tensor, "batch n"]:
+    """Targets stratified by native rank: per prompt, ``n_per_prompt`` random tokens whose rank in the
+    model's next-token distribution at the prompt's last position (the first generated step) lies in
+    ``band``.
+
+    The rank of a token is the number of tokens with a strictly higher logit (0 = the top-1), and
+    ``band = (lo, hi)`` is inclusive. The paper's headline install class is ``(100, 1000)`` ("targets
+    initially ranked 100–1000 by the unmodified model", §4 and App. I.6), which needs a vocabulary of more
+    than 1,000 tokens.
+
+    Example:
+        >>> from recurrent_lens import toy
+        >>> from recurrent_lens.analysis import targets_by_rank
+        >>> model, task = toy.load("gdn", progress=False)
+        >>> prompts = task.make_batch(3, seed=0)[0][:, :18]
+        >>> targets_by_rank(model, prompts, band=(17, 33)).shape
+        torch.Size([3, 1])
+    """
+    tokens = check_tokens(model, tokens, 1)
+    V = model.cfg.d_vocab
+    ok = (isinstance(band, (tuple, list)) and len(band) == 2 and all(isinstance(x, int) for x in band)
+          and 0 <= band[0] <= band[1] < V)
+    if not ok:
+        raise ValueError(f"band: expected (lo, hi) integer ranks with 0 <= lo <= hi < d_vocab = {V}, got {band!r}")
+    if isinstance(n_per_prompt, bool) or not isinstance(n_per_prompt, int) or n_per_prompt < 1:
+        raise ValueError(f"n_per_prompt: expected a positive integer, got {n_per_prompt!r}")
+    with torch.no_grad():
+        logits = model(tokens)[:, -1].float()
+    rank = (logits[:, None, :] > logits[:, :, None]).sum(-1)  # [B, V]: tokens above each token
+    inside = (rank >= band[0]) & (rank <= band[1])
+    short = (inside.sum(-1) < n_per_prompt).nonzero().flatten().tolist()
+    if short:
+        raise ValueError(f"band: prompts {short} have fewer than n_per_prompt = {n_per_prompt} tokens ranked in "
+                         f"{tuple(band)}")
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(inside.shape, generator=g).masked_fill(~inside.cpu(), -1.0)
+    return noise.topk(n_per_prompt, dim=-1).indices.to(tokens.device)
+
+
 @torch.no_grad()
 def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tensor, "batch pos"],
-                              direction: Float[Tensor, " d_v"], positions: Sequence[int], *, magnitude: float = 3.0,
-                              target: SupportsIndex, max_new_tokens: int = 20) -> InstallResult:
-    """Install ``m·‖Δ_nat,t‖·k̂_t d̂ᵀ`` at absolute positions ``positions`` while ``model.generate`` runs.
+                              direction: Float[Tensor, "*batch d_v"] | str = PRESET,
+                              positions: Sequence[int] | None = None, *, protocol: str = "ours",
+                              magnitude: float = PRESET, magnitude_ref: str = PRESET,
+                              target: SupportsIndex | Sequence[SupportsIndex] | Int[Tensor, " batch"],
+                              max_new_tokens: int = PRESET) -> InstallResult:
+    """Install ``m · r_t · k̂_t d̂ᵀ`` at absolute positions ``positions`` while ``model.generate`` runs.
 
     The hooks read ``model.positions`` on every call (the prompt, then one token per step), so
     positions may lie in the prompt or in the generated part. Returns native and installed greedy
     continuations with the target-inclusion metric, the target's log-probability and rank at the first
     step that follows the first install, per prompt.
+
+    Options marked *(protocol)* default to ``protocol``'s choice; explicit values win.
+    ``protocol="ours"`` (default): ``direction='jacobian'`` (averaged over the prompts),
+    ``magnitude=3.0``, ``magnitude_ref='update'``, ``max_new_tokens=20``. ``protocol="paper"`` (§4
+    "Generation edit", App. I.6): ``direction='out_proj'`` (``v*_T = W_O[head]ᵀ W_U[T] / ‖·‖``),
+    ``magnitude=3.0``, ``magnitude_ref='kv'`` (``m · ‖k_t v_tᵀ‖_F``), ``max_new_tokens=20`` (greedy).
+    The paper installs at three consecutive positions (pass them) and reports its headline on targets
+    ranked 100–1000 by the unmodified model (:func:`targets_by_rank`), with ``m ∈ {1.5, 3, 6}``.
+
+    Args:
+        direction: *(protocol)* a unit direction (``[d_v]``, or ``[batch, d_v]`` one per prompt),
+            ``"out_proj"`` or ``"jacobian"`` (computed per target).
+        positions: absolute positions to install at (required).
+        protocol: ``"ours"`` (default) or ``"paper"``.
+        magnitude: *(protocol)* ``m``.
+        magnitude_ref: *(protocol)* ``"kv"``, ``"write"`` or ``"update"`` (module docstring).
+        target: one token id for every prompt, or one per prompt (``[batch]``).
+        max_new_tokens: *(protocol)* tokens generated greedily.
 
     Example: write "first key -> value 20" into the toy GDN's recall head while it answers the queries.
 
@@ -228,10 +423,28 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
         >>> s["installed_inclusion"] > s["native_inclusion"]
         True
     """
+    opts, overrides = _install_options(protocol, direction, magnitude, magnitude_ref, max_new_tokens)
+    magnitude, ref, max_new_tokens = float(opts["magnitude"]), opts["magnitude_ref"], opts["max_new_tokens"]
     site = parse_site(model, hook_name, head)
     prompt = check_tokens(model, prompt, 1)
-    target = _check_token(model, target, "target")
-    d = unit(_check_direction(model, direction))
+    B = prompt.shape[0]
+    per_prompt = hasattr(target, "__len__") and not (isinstance(target, Tensor) and target.dim() == 0)
+    if per_prompt:
+        targets = _check_tokens_list(model, target, "target")
+        if len(targets) != B:
+            raise ValueError(f"target: expected one token id or one per prompt ({B}), got {len(targets)}")
+    else:
+        targets = [_check_token(model, target, "target")] * B
+    if positions is None:
+        raise ValueError("positions: expected the absolute positions to install at, got None")
+    distinct = sorted(set(targets))
+    if opts["direction"] == "given":
+        d = _resolve_direction(model, hook_name, head, prompt, direction, "given", targets)
+    else:
+        by_target = _resolve_direction(model, hook_name, head, prompt, direction, opts["direction"], distinct)
+        d = by_target[torch.tensor([distinct.index(x) for x in targets])]
+    d = d.to(prompt.device)
+    target_t = torch.tensor(targets, device=prompt.device)
     wanted = sorted({int(p) for p in positions})
     if not wanted or wanted[0] < 0:
         raise ValueError(f"positions: expected non-negative absolute positions, got {list(positions)}")
@@ -257,11 +470,11 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
         if not hit:
             return x
         x = x.clone()
-        update = seen["write"] + seen["erase"] if "erase" in seen else seen["write"]
         for i in hit:
-            k_hat = unit(seen["k"][:, i, site.head].float())
-            scale = magnitude * frob(update[:, i, site.head].float())
-            x[:, i, site.head] += (scale[:, None, None] * k_hat[:, :, None] * d[None, None, :]).to(x.dtype)
+            parts = {name: v[:, i, site.head] for name, v in seen.items()}
+            k_hat = unit(parts["k"].float())
+            scale = magnitude * _magnitude(parts, ref)
+            x[:, i, site.head] += (scale[:, None, None] * k_hat[:, :, None] * d[:, None, :]).to(x.dtype)
         return x
 
     def log_logits(x, hook):
@@ -270,9 +483,8 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
             logged.append(x[:, pos.index(first_read)].float())
         return x
 
-    hooks = [(site.hook("hook_k"), grab("k")), (site.hook("hook_write"), grab("write"))]
-    if site.hook("hook_erase") in model.hook_dict:
-        hooks.append((site.hook("hook_erase"), grab("erase")))
+    hooks = [(site.hook(f"hook_{n}"), grab(n)) for n in ("k", "v", "write", "erase")
+             if site.hook(f"hook_{n}") in model.hook_dict]
     log_hook = ("ln_final.hook_normalized", log_logits)
     results = {}
     for name, extra in (("native", []), ("installed", [(site.hook("hook_state"), edit_state)])):
@@ -281,16 +493,20 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
             out = model.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
         resid = logged[0]
         lp = (resid @ unembedding(model).T).log_softmax(-1)
-        results[name] = (out[:, P:], lp[:, target], (lp > lp[:, target : target + 1]).sum(-1))
+        own = lp.gather(-1, target_t[:, None])
+        results[name] = (out[:, P:], own[:, 0], (lp > own).sum(-1))
     rows = pd.DataFrame({
-        "native_included": (results["native"][0] == target).any(-1).numpy(),
-        "installed_included": (results["installed"][0] == target).any(-1).numpy(),
-        "native_first_logprob": results["native"][1].numpy(),
-        "installed_first_logprob": results["installed"][1].numpy(),
-        "native_rank": results["native"][2].numpy(),
-        "installed_rank": results["installed"][2].numpy(),
+        "target": targets,
+        "native_included": (results["native"][0] == target_t[:, None]).any(-1).cpu().numpy(),
+        "installed_included": (results["installed"][0] == target_t[:, None]).any(-1).cpu().numpy(),
+        "native_first_logprob": results["native"][1].cpu().numpy(),
+        "installed_first_logprob": results["installed"][1].cpu().numpy(),
+        "native_rank": results["native"][2].cpu().numpy(),
+        "installed_rank": results["installed"][2].cpu().numpy(),
         "native": results["native"][0].tolist(),
         "installed": results["installed"][0].tolist(),
     })
-    return InstallResult(rows, target, dict(hook_name=hook_name, head=head, positions=wanted, magnitude=magnitude,
-                                            max_new_tokens=max_new_tokens))
+    settings = GenerationInstallSettings(protocol=protocol, hook_name=hook_name, head=head, positions=wanted,
+                                         magnitude=magnitude, magnitude_ref=ref, direction=opts["direction"],
+                                         max_new_tokens=max_new_tokens, overrides=overrides)
+    return InstallResult(rows, -1 if per_prompt else targets[0], settings)

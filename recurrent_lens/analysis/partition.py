@@ -1,11 +1,18 @@
-"""Register/bundle partition of SAE atoms (specs/WRITESAE.md §4(d)).
+"""Register/bundle partition of SAE atoms (the paper's §3.1, Fig. 2a).
 
-For every firing of atom ``i`` (its code on ``S_t`` is positive) take the Frobenius cosine between the
-atom and the native update at ``t`` (for rank-1 atoms and updates this is ``cos(v_i, k̂_t)·cos(w_i, δ_t)``);
-each atom's median over its firings is its alignment. 1- and 2-component 1-D Gaussian mixtures are
-fitted to the alive atoms' medians (EM written here); ``ΔBIC = BIC₂ − BIC₁``. When two components are
-preferred (ΔBIC < 0), *registers* are the atoms assigned to the higher-mean component; otherwise the
-operational threshold ``tau`` (0.05) splits them.
+``statistic="median_cos_gmm"``: for every firing of atom ``i`` (its code on ``S_t`` is positive) take the
+Frobenius cosine between the atom and the native update at ``t`` (for rank-1 atoms and updates this is
+``cos(v_i, k̂_t)·cos(w_i, δ_t)``); each atom's median over its firings is its score.
+
+``statistic="mean_abs_cos_top50"`` (the reference repository's experiments/analysis/memory_alignment.py):
+over the atom's 50 largest activations, the mean ``|cos|`` of its key factor with the update's key
+factor and of its value factor with the update's value factor, combined as their geometric mean. The
+factors are the leading singular vectors (for a rank-1 atom ``v_i w_iᵀ`` and a rank-1 update ``k̂ δᵀ``
+exactly ``v_i, w_i`` and ``k̂, δ`` up to sign, which ``|cos|`` ignores).
+
+1- and 2-component 1-D Gaussian mixtures are fitted to the alive atoms' scores (EM written here);
+``ΔBIC = BIC₂ − BIC₁``. When two components are preferred (ΔBIC < 0), *registers* are the atoms assigned
+to the higher-mean component; otherwise the operational threshold ``tau`` (0.05) splits them.
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site
+from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site, unit
+from recurrent_lens.analysis.protocols import PRESET, PartitionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import PartitionResult
+
+TOP_N = 50
+"""Activations per atom of ``statistic="mean_abs_cos_top50"`` (the reference's ``top_n``)."""
 
 
 def _normal_logpdf(x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
@@ -65,17 +76,44 @@ def fit_gmm_1d(x: Tensor, n_components: int, n_iter: int = 500) -> tuple[Tensor,
     return w, mu, sigma, float(torch.logsumexp(logp, 1).sum())
 
 
+def _leading_factors(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Unit leading left and right singular vectors of each matrix in ``[..., m, n]``."""
+    U, _, Vh = torch.linalg.svd(x)
+    return U[..., :, 0], Vh[..., 0, :]
+
+
 def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
-                    replace: str = "update", max_firings_per_atom: int | None = 200, min_firings: int = 1,
-                    tau: float = 0.05, skip_positions: int = 0, seed: int = 0,
-                    progress: bool = False) -> PartitionResult:
+                    protocol: str = "ours", statistic: str = PRESET, replace: str = PRESET,
+                    max_firings_per_atom: int | None = PRESET, min_firings: int = 1, tau: float = PRESET,
+                    skip_positions: int = 0, seed: int = 0, progress: bool = False) -> PartitionResult:
     """Split alive atoms into registers (aligned with the native update where they fire) and bundles.
 
+    Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
+    wins over the preset (``result.settings.overrides`` lists those that differ from it).
+
+    ``protocol="ours"`` (the default): ``statistic='median_cos_gmm'``, ``replace='update'``,
+    ``max_firings_per_atom=200``, ``tau=0.05``.
+
+    ``protocol="paper"`` (arXiv 2605.12770):
+
+    - ``statistic='median_cos_gmm'``: §3.1 and Fig. 2a fit a two-component Gaussian mixture on each atom's
+      median cosine to the native write. The reference repository's only alignment code
+      (experiments/analysis/memory_alignment.py) scores the mean ``|cos|`` per factor over each
+      feature's top-50 activations instead: ``statistic='mean_abs_cos_top50'``.
+    - ``replace='update'``: that code compares with the write actually stored, ``k̂_t δ_tᵀ`` with
+      ``δ_t = β_t (v_t − S_{t−1}ᵀ k̂_t)``; the text's "native write" could also be read as ``β k vᵀ``
+      (``replace='write'``).
+    - ``max_firings_per_atom=None``: the median over all of an atom's firings (no cap is stated).
+    - ``tau=0.05``: the register threshold of Fig. 12 and App. F.2.
+
     Args:
-        replace: compare with the net update (``"update"``, default) or the write (``"write"``).
-        max_firings_per_atom: cosines per atom (seeded subsample; ``None``: all).
+        protocol: ``"ours"`` (default) or ``"paper"``: the preset of every *(protocol)* option.
+        statistic: *(protocol)* ``"median_cos_gmm"`` or ``"mean_abs_cos_top50"`` (module docstring).
+        replace: *(protocol)* compare with the net update (``"update"``) or the write (``"write"``).
+        max_firings_per_atom: *(protocol)* cosines per atom for ``median_cos`` (a seeded subsample;
+            ``None``: all). The top-50 statistic always uses the 50 largest activations.
         min_firings: atoms with fewer firings count as dead.
-        tau: threshold used when one Gaussian is preferred.
+        tau: *(protocol)* threshold used when one Gaussian is preferred.
         skip_positions: ignore firings at the first positions (e.g. BOS).
         seed: seeds the per-atom subsample of firings (the mixtures are deterministic).
         progress: show a progress bar over the alive atoms.
@@ -94,18 +132,31 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
         >>> s = result.summary()
         >>> s["alive"] + s["dead"], s["registers"] + s["bundles"] == s["alive"]
         (16, True)
+        >>> partition_atoms(model, sae, "blocks.0.mixer.hook_state", 0, tokens, protocol="paper").settings.statistic
+        'median_cos_gmm'
     """
+    check_protocol(protocol)
+    opts, overrides = resolve("partition", protocol, dict(statistic=statistic, replace=replace,
+                                                           max_firings_per_atom=max_firings_per_atom, tau=tau))
+    statistic, replace, cap, tau = opts["statistic"], opts["replace"], opts["max_firings_per_atom"], opts["tau"]
+    if statistic not in ("median_cos_gmm", "mean_abs_cos_top50"):
+        raise ValueError(f"statistic: expected 'median_cos_gmm' or 'mean_abs_cos_top50', got {statistic!r}")
     if replace not in ("update", "write"):
         raise ValueError(f"replace: expected 'update' or 'write', got {replace!r}")
+    if cap is not None and cap < 1:
+        raise ValueError(f"max_firings_per_atom: expected >= 1 or None, got {cap}")
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, 1)
     native = native_run(model, tokens, site)
+    top50 = statistic == "mean_abs_cos_top50"
     with torch.no_grad():
         codes = sae.encode(native["state"])
         codes[:, :skip_positions] = 0
         atoms = sae.decoder_atoms().detach().float()
         upd = native[replace].float()
+        if top50:
+            atom_key, atom_value = _leading_factors(atoms)
         g = torch.Generator().manual_seed(seed)
         rows = []
         fired = codes > 0
@@ -114,19 +165,29 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
             b, t = fired[..., i].nonzero(as_tuple=True)
             if len(b) < min_firings:
                 continue
-            if max_firings_per_atom is not None and len(b) > max_firings_per_atom:
-                keep = torch.randperm(len(b), generator=g)[:max_firings_per_atom]
+            row = {"atom": i, "n": len(b)}
+            if top50:
+                top = codes[b, t, i].argsort(descending=True, stable=True)[:TOP_N]
+                key, value = _leading_factors(upd[b[top], t[top]])
+                row["mean_abs_key_cos"] = float((unit(key) @ atom_key[i]).abs().mean())
+                row["mean_abs_value_cos"] = float((unit(value) @ atom_value[i]).abs().mean())
+            if cap is not None and len(b) > cap:
+                keep = torch.randperm(len(b), generator=g)[:cap]
                 b, t = b[keep], t[keep]
             U = upd[b, t]
             cos = (U * atoms[i]).flatten(-2).sum(-1) / (frob(U) * frob(atoms[i])).clamp_min(1e-12)
-            rows.append({"atom": i, "n": int(fired[..., i].sum()), "median_cos": float(cos.median())})
-    table = pd.DataFrame(rows, columns=["atom", "n", "median_cos"])
+            row["median_cos"] = float(cos.median())
+            row["score"] = (math.sqrt(row["mean_abs_key_cos"] * row["mean_abs_value_cos"]) if top50
+                            else row["median_cos"])
+            rows.append(row)
+    columns = ["atom", "n", "median_cos"] + (["mean_abs_key_cos", "mean_abs_value_cos"] if top50 else []) + ["score"]
+    table = pd.DataFrame(rows, columns=columns)
     n_dead = atoms.shape[0] - len(table)
     gmm: dict = {}
     delta_bic = float("nan")
-    labels = ["register" if c > tau else "bundle" for c in table["median_cos"]]
+    labels = ["register" if c > tau else "bundle" for c in table["score"]]
     if len(table) >= 4:
-        x = torch.tensor(table["median_cos"].to_numpy())
+        x = torch.tensor(table["score"].to_numpy())
         w1, m1, s1, ll1 = fit_gmm_1d(x, 1)
         w2, m2, s2, ll2 = fit_gmm_1d(x, 2)
         n = len(x)
@@ -138,6 +199,7 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
             high = int(m2.argmax())
             labels = ["register" if int(c) == high else "bundle" for c in logp.argmax(1)]
     table["label"] = labels
-    settings = dict(hook_name=hook_name, head=head, replace=replace, max_firings_per_atom=max_firings_per_atom,
-                    min_firings=min_firings, tau=tau, skip_positions=skip_positions, seed=seed)
+    settings = PartitionSettings(protocol=protocol, hook_name=hook_name, head=head, statistic=statistic,
+                                 replace=replace, max_firings_per_atom=cap, min_firings=min_firings, tau=tau,
+                                 skip_positions=skip_positions, seed=seed, overrides=overrides)
     return PartitionResult(table, gmm, delta_bic, n_dead, settings)

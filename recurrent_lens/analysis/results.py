@@ -6,7 +6,8 @@ statistics) and a readable ``repr``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -39,18 +40,19 @@ class _Result:
 
 @dataclass(repr=False)
 class SubstitutionResult(_Result):
-    """Single-write substitution (specs/WRITESAE.md §4(a)): KL of atom / delete / random vs native.
+    """Single-write substitution: KL of atom / delete / random vs native.
 
     Attributes:
-        rows: one row per firing: ``batch``, ``pos``, ``atom``, ``coefficient``, ``update_norm``,
-            ``atom_cos`` (Frobenius cosine of the atom with the replaced update), ``kl_atom``,
-            ``kl_delete``, ``kl_random``, ``win`` (atom < delete), ``chain``
-            (atom < delete < random).
-        settings: the arguments the test ran with.
+        rows: one row per firing: ``batch``, ``pos``, ``feature`` (the atom whose firing it is),
+            ``atom`` (the substituted atom), ``coefficient``, ``update_norm``, ``atom_cos`` (Frobenius
+            cosine of the atom with the replaced update), ``kl_atom``, ``kl_delete``, ``kl_random``,
+            ``win`` (atom < delete), ``chain`` (atom < delete < random).
+        settings: the options the test ran with (a
+            :class:`~recurrent_lens.analysis.protocols.SubstitutionSettings`; any mapping is accepted).
     """
 
     rows: pd.DataFrame
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
     seconds: float = float("nan")
 
     @property
@@ -82,9 +84,17 @@ class SubstitutionResult(_Result):
         base = m["atom"] if m["atom"] > 0 else float("nan")
         return {c: v / base for c, v in m.items()}
 
+    @property
+    def _unit(self) -> str:
+        return "feature" if "feature" in self.rows.columns else "atom"
+
     def per_atom(self, min_firings: int = 5) -> pd.DataFrame:
-        """Per-atom means (atoms with at least ``min_firings`` firings), most frequent first."""
-        g = self.rows.groupby("atom")
+        """Per-atom means (atoms with at least ``min_firings`` firings), most frequent first.
+
+        Grouped by the firing feature (the substituted atom unless ``features`` was given with
+        ``atom="dominant"`` or ``"rising"``); the paper's population test averages these (App. F.2).
+        """
+        g = self.rows.groupby(self._unit)
         table = g.agg(n=("win", "size"), win_rate=("win", "mean"), chain_rate=("chain", "mean"),
                       kl_atom=("kl_atom", "mean"), kl_delete=("kl_delete", "mean"), kl_random=("kl_random", "mean"))
         return table[table["n"] >= min_firings].sort_values("n", ascending=False)
@@ -96,21 +106,27 @@ class SubstitutionResult(_Result):
         on the update (deletion KL near 0), atom vs delete compares two numbers near rounding noise.
         """
         rows = self.rows[self.rows["kl_delete"] > min_kl_delete].reset_index(drop=True)
-        return SubstitutionResult(rows, {**self.settings, "min_kl_delete": min_kl_delete}, self.seconds)
+        if is_dataclass(self.settings):
+            settings = replace(self.settings, min_kl_delete=min_kl_delete)
+        else:
+            settings = {**self.settings, "min_kl_delete": min_kl_delete}
+        return SubstitutionResult(rows, settings, self.seconds)
 
     def atom_bootstrap_ci(self, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-        """95% interval of the win rate under a bootstrap that resamples whole atoms (feature clusters)."""
+        """95% interval of the win rate under a bootstrap that resamples whole features (the paper's
+        "cluster-bootstrap by feature")."""
         import torch
 
         from recurrent_lens.analysis._common import bootstrap_ci
 
-        groups = [torch.tensor(v.to_numpy(), dtype=torch.float64) for _, v in self.rows.groupby("atom")["win"]]
+        groups = [torch.tensor(v.to_numpy(), dtype=torch.float64) for _, v in self.rows.groupby(self._unit)["win"]]
         return bootstrap_ci(groups, lambda x: float(x.mean()), n_boot, seed)
 
     def summary(self) -> dict[str, Any]:
         m, r = self.medians, self.median_ratios
         per_atom = self.per_atom()
         return {
+            "protocol": self.settings.get("protocol", "ours"),
             "n": self.n,
             "atoms": int(self.rows["atom"].nunique()) if self.n else 0,
             "atom_beats_delete": self.win_rate,
@@ -151,17 +167,22 @@ class SubstitutionResult(_Result):
         return "\n".join(lines)
 
 
+_FITS = ("none", "cell", "context")
+
+
 @dataclass(repr=False)
 class LogitShiftResult(_Result):
-    """Closed-form logit shift vs measurement (specs/WRITESAE.md §4(b)).
+    """Closed-form logit shift vs measurement (the paper's Eq. 1 and App. A).
 
     Attributes:
         rows: one row per (atom, eps, firing): ``atom``, ``eps``, ``batch``, ``pos``, ``token``,
             ``predicted``, ``measured``.
+        settings: the options (a :class:`~recurrent_lens.analysis.protocols.LogitShiftSettings`);
+            ``settings["fit"]`` picks what :meth:`per_cell` and the summary's ``median_cell_r2`` use.
     """
 
     rows: pd.DataFrame
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def _r2(measured, predicted) -> float:
@@ -184,22 +205,53 @@ class LogitShiftResult(_Result):
         """Pooled R² after the through-origin fit of one global scale."""
         return self._r2(self.rows["measured"], self.fit_scale * self.rows["predicted"])
 
-    def per_cell(self) -> pd.DataFrame:
-        """R² (zero-parameter) per (atom, eps) cell."""
+    def _fit(self, fit: str | None) -> str:
+        fit = self.settings.get("fit", "none") if fit is None else fit
+        if fit not in _FITS:
+            raise ValueError(f"fit: expected one of {_FITS}, got {fit!r}")
+        return fit
+
+    def fitted(self, fit: str | None = None) -> pd.Series:
+        """The predictions after a least-squares slope through the origin per group: ``"none"`` (no
+        fit), ``"cell"`` (per (atom, eps)) or ``"context"`` (per (atom, batch, pos), across the eps
+        values: the paper's per-(prompt, feature, eval-token) G). ``None``: ``settings["fit"]``."""
+        fit = self._fit(fit)
+        r = self.rows
+        if fit == "none":
+            return r["predicted"].copy()
+        keys = ["atom", "eps"] if fit == "cell" else ["atom", "batch", "pos"]
+        pm = (r["predicted"] * r["measured"]).groupby([r[k] for k in keys]).transform("sum")
+        pp = (r["predicted"] ** 2).groupby([r[k] for k in keys]).transform("sum")
+        slope = (pm / pp.where(pp > 0)).fillna(0.0)
+        return slope * r["predicted"]
+
+    def per_cell(self, fit: str | None = None) -> pd.DataFrame:
+        """R² per (atom, eps) cell of the measured shifts against :meth:`fitted` predictions."""
+        pred = self.fitted(fit)
         rows = []
         for (atom, eps), g in self.rows.groupby(["atom", "eps"]):
-            rows.append({"atom": atom, "eps": eps, "n": len(g), "r2": self._r2(g["measured"], g["predicted"])})
-        return pd.DataFrame(rows)
+            rows.append({"atom": atom, "eps": eps, "n": len(g), "r2": self._r2(g["measured"], pred[g.index])})
+        return pd.DataFrame(rows, columns=["atom", "eps", "n", "r2"])
+
+    def median_cell_r2(self, fit: str | None = None) -> float:
+        """Median of :meth:`per_cell`'s R² (the paper's 0.983 is this with ``fit="context"``)."""
+        cells = self.per_cell(fit)
+        return float(cells["r2"].median()) if len(cells) else float("nan")
 
     def summary(self) -> dict[str, Any]:
         cells = self.per_cell()
+        q = cells["r2"].quantile([0.25, 0.75]) if len(cells) else None
         return {
+            "protocol": self.settings.get("protocol", "ours"),
             "n": len(self.rows),
             "cells": len(cells),
+            "fit": self._fit(None),
+            "median_cell_r2": float(cells["r2"].median()) if len(cells) else float("nan"),
+            "cell_r2_iqr": (float(q.iloc[0]), float(q.iloc[1])) if q is not None else (float("nan"),) * 2,
+            "median_cell_r2_by_fit": {f: self.median_cell_r2(f) for f in _FITS},
             "r2_zero_param": self.r2_zero_param,
             "r2_one_param": self.r2_one_param,
             "fit_scale": self.fit_scale,
-            "median_cell_r2": float(cells["r2"].median()) if len(cells) else float("nan"),
             "settings": self.settings,
         }
 
@@ -212,11 +264,13 @@ class InterventionResult(_Result):
         rows: one row per edited position: ``condition``, ``batch``, ``pos``, ``delta_logprob``,
             ``delta_logit``.
         target: the token id whose log-probability is tracked.
+        settings: the options (an :class:`~recurrent_lens.analysis.protocols.EraseSettings` or
+            :class:`~recurrent_lens.analysis.protocols.InstallSettings`).
     """
 
     rows: pd.DataFrame
     target: int = -1
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         import torch
@@ -235,21 +289,32 @@ class InterventionResult(_Result):
 
 @dataclass(repr=False)
 class InstallResult(_Result):
-    """Install during generation (specs/WRITESAE.md §4(c)): native vs installed continuations.
+    """Install during generation (the paper's §4 "Generation edit", App. I.6): native vs installed
+    continuations.
 
     Attributes:
-        rows: one row per prompt: ``native_included``, ``installed_included``, ``native_first_logprob``,
-            ``installed_first_logprob``, ``native_rank``, ``installed_rank`` (rank of the target at the
-            first step after the first install), and the generated ``native`` / ``installed`` token lists.
+        rows: one row per prompt: ``target``, ``native_included``, ``installed_included``,
+            ``native_first_logprob``, ``installed_first_logprob``, ``native_rank``, ``installed_rank``
+            (rank of the target at the first step after the first install: the number of tokens with a
+            higher probability, 0 = top-1), and the generated ``native`` / ``installed`` token lists.
+        target: the token id, or ``-1`` when prompts have their own targets (the ``target`` column).
+        settings: the options (a :class:`~recurrent_lens.analysis.protocols.GenerationInstallSettings`).
     """
 
     rows: pd.DataFrame
     target: int = -1
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def inclusion_ci(self, column: str = "installed_included") -> tuple[float, float]:
+        """Wilson 95% interval of an inclusion rate (``"installed_included"`` or ``"native_included"``)."""
+        from recurrent_lens.analysis._common import wilson_interval
+
+        return wilson_interval(int(self.rows[column].sum()), len(self.rows))
 
     def summary(self) -> dict[str, Any]:
         r = self.rows
         return {
+            "protocol": self.settings.get("protocol", "ours"),
             "target": self.target,
             "n": len(r),
             "native_inclusion": float(r["native_included"].mean()),
@@ -263,29 +328,37 @@ class InstallResult(_Result):
 
 @dataclass(repr=False)
 class PartitionResult(_Result):
-    """Register/bundle partition (specs/WRITESAE.md §4(d)).
+    """Register/bundle partition (the paper's §3.1).
 
     Attributes:
-        rows: one row per alive atom: ``atom``, ``n``, ``median_cos``, ``label``.
+        rows: one row per alive atom: ``atom``, ``n`` (firings), ``median_cos`` (median Frobenius cosine
+            with the native update over its firings), ``score`` (the statistic the mixture is fitted
+            on: ``median_cos``, or with ``statistic="mean_abs_cos_top50"`` the geometric mean of
+            ``mean_abs_key_cos`` and ``mean_abs_value_cos``, also listed), ``label``.
         gmm: the fitted mixtures: ``{"one": (mu, sigma), "two": ((w1, mu1, s1), (w2, mu2, s2))}``.
         delta_bic: ``BIC₂ − BIC₁`` (negative: two components are preferred).
+        settings: the options (a :class:`~recurrent_lens.analysis.protocols.PartitionSettings`).
     """
 
     rows: pd.DataFrame
     gmm: dict[str, Any] = field(default_factory=dict)
     delta_bic: float = float("nan")
     n_dead: int = 0
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         r = self.rows
+        reg = r["label"] == "register"
+        score = r["score"] if "score" in r.columns else r["median_cos"]
         return {
+            "protocol": self.settings.get("protocol", "ours"),
             "alive": len(r),
             "dead": self.n_dead,
-            "registers": int((r["label"] == "register").sum()),
+            "registers": int(reg.sum()),
             "bundles": int((r["label"] == "bundle").sum()),
             "delta_bic": self.delta_bic,
-            "register_median_cos": float(r.loc[r["label"] == "register", "median_cos"].median()) if len(r) else float("nan"),
+            "register_median_cos": float(r.loc[reg, "median_cos"].median()) if len(r) else float("nan"),
+            "register_median_score": float(score[reg].median()) if len(r) else float("nan"),
             "gmm": self.gmm,
             "settings": self.settings,
         }

@@ -1,49 +1,59 @@
-"""Single-write substitution (specs/WRITESAE.md §4(a), Decisions 5–7).
+"""Single-write substitution: does one SAE atom stand in for the native write at a firing?
 
 At every firing ``t`` the state is replaced by ``S′ = S_t − Δ_nat + X`` for
 
-- ``X = atom``: ``a_{i*} A_{i*}`` (``scale="coefficient"``) or ``‖Δ_nat‖_F A_{i*}/‖A_{i*}‖_F``
-  (``scale="match_norm"``);
+- ``X = atom``: ``a A`` (``scale="coefficient"``) or ``‖Δ_nat‖_F A/‖A‖_F`` (``scale="match_norm"``);
 - ``X = 0``: delete;
 - ``X = random``: a fresh random rank-1 atom ``u wᵀ`` (``random="rank1"``), a random SAE atom that
   does not fire at ``t`` (``random="sae_atom"``), or an empirical resample (``random="empirical"``, the
-  paper's Mamba-2 control): a rank-1 ``u wᵀ`` whose every coordinate is drawn from the same coordinate of
-  the tested native updates' factors; always with the same Frobenius norm as the atom condition;
+  paper's Mamba-2 control, App. B): a rank-1 ``u wᵀ`` whose every coordinate is drawn from the same
+  coordinate of the tested native updates' factors; always with the same Frobenius norm as the atom
+  condition;
 
 where ``Δ_nat`` is the net update (``replace="update"``: write + erase, so delete leaves the decayed
-previous state) or the write alone (``replace="write"``). Which atom stands in for the update:
+previous state) or the write alone (``replace="write"``: ``β k vᵀ``). Which atom stands in for the update:
 
-- ``atom="dominant"`` (the paper's protocol): a firing is a position where the code ``a(S_t)`` is nonzero,
-  ``i* = argmax_i a_i(S_t)`` and its coefficient is ``a_{i*}(S_t)``;
+- ``atom="dominant"``: ``A = A_{i*}``, ``i* = argmax_i a_i(S_t)``, coefficient ``a_{i*}(S_t)``;
 - ``atom="rising"``: the atom the write switched on, ``i* = argmax_i [a_i(S_t) − a_i(S_t − Δ_nat)]``, with
-  that rise as its coefficient; a firing is a position where some code rises. Where the state
-  superposes many writes of similar size (associative recall: one association per pair) the dominant
-  atom of ``S_t`` is usually another pair's, so only this choice asks whether *the write at t* is an atom.
+  that rise as its coefficient. Where the state superposes many writes of similar size (associative
+  recall: one association per pair) the dominant atom of ``S_t`` is usually another pair's, so only this
+  choice asks whether *the write at t* is an atom;
+- ``atom="feature"``: the firing feature's own atom ``A_f`` with its code ``a_f(S_t)``.
+
+What a firing is: without ``features``, a position where some code is nonzero (for ``"rising"``: where
+some code rises), one row per position, capped per substituted atom; ``atom="feature"`` makes every
+(position, atom) pair with a nonzero code a firing. With ``features=[f, ...]`` a firing is a (position,
+f) pair where ``f``'s code is nonzero (its rise, for ``"rising"``), capped per ``f``: the paper's
+App. J loop "for each firing position t of feature i" (its 92.4% pools the firings of an 8-feature
+exemplar pool, e.g. ``[412, 192, 97, 1361, 53, 63, 87, 1335]`` at Qwen3.5-0.8B L9 H4 in the reference
+repository's scripts/clean_amplified_kl.py).
 
 ``rank1_atoms=True`` replaces every decoder atom by its best rank-1 approximation ``σ₁u₁v₁ᵀ`` first:
 with a :class:`~recurrent_lens.sae.FlatSAE` and ``scale="match_norm"`` this is the paper's flat-SVD
 baseline (a flat atom made write-shaped after the fact).
 
-The forward continues from a branched cache and the next-token distribution at ``t + readout_offset`` is
-compared with the native one by KL.
+The forward continues from a branched cache and the next-token distribution at ``t + readout_offset``
+(``readout="offset"``) or at the last position of the sequence (``readout="last"``, the paper's "final
+output distribution") is compared with the native one by KL.
 
-Where to read: the test is only informative at a readout that *needs* the update written at ``t`` (the
-paper reads at the first token that needs the edited state). At an arbitrary ``t + 1`` the prediction
-usually does not depend on the write at ``t`` and every condition gives KL ≈ 0. ``positions`` restricts
-the tested firings to chosen write positions; on the toy task (``ToyTask(query_order="pairs")``) the
-protocol is ``positions=task.value_positions`` and ``readout_offset=task.recall_offset``: the write at
-value ``v_i`` is read at query ``q_i``, where the model must recall ``v_i``.
+Where to read: the test is only informative at a readout that *needs* the update written at ``t``. At an
+arbitrary ``t + 1`` (or at the end of a sequence) the prediction usually does not depend on the write at
+``t`` and every condition gives KL ≈ 0. ``positions`` restricts the tested firings to chosen write
+positions; on the toy task (``ToyTask(query_order="pairs")``) the protocol is
+``positions=task.value_positions`` and ``readout_offset=task.recall_offset``: the write at value ``v_i``
+is read at query ``q_i``, where the model must recall ``v_i``.
 
 Implementation: the prefix is run once through a :class:`RecurrentCache`, one token group at a time;
 at each firing position the cache is branched for all firings there and all four conditions (native,
-atom, delete, random) in one batched call of ``readout_offset`` tokens. The cost is one pass over the
-prefix plus one small batched call per distinct firing position.
+atom, delete, random) in one batched call. The cost is one pass over the prefix plus one small batched
+call per distinct firing position.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import SupportsIndex
 
 import pandas as pd
 import torch
@@ -51,15 +61,17 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, parse_site, unit,
+    as_index, best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, parse_site, unit,
 )
+from recurrent_lens.analysis.protocols import PRESET, SubstitutionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import SubstitutionResult
 
 _REPLACE = ("update", "write")
 _SCALE = ("coefficient", "match_norm")
 _RANDOM = ("rank1", "sae_atom", "empirical")
 _KL = ("native_to_condition", "condition_to_native")
-_ATOM = ("dominant", "rising")
+_ATOM = ("dominant", "rising", "feature")
+_READOUT = ("offset", "last")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -93,6 +105,58 @@ def empirical_resample(updates: Float[Tensor, "n d_k d_v"], generator: torch.Gen
     return u[:, :, None] * w[:, None, :]
 
 
+def _eligible(shape: tuple[int, int], last_position: int, skip_positions: int, positions: Tensor | None) -> Tensor:
+    B, T = shape
+    ok = torch.ones(B, T, dtype=torch.bool)
+    ok[:, :skip_positions] = False
+    ok[:, last_position + 1 :] = False
+    if positions is not None:
+        allowed = torch.zeros(T, dtype=torch.bool)
+        allowed[positions] = True
+        ok &= allowed
+    return ok
+
+
+def _cap(group: Tensor, limit: int | None, seed: int) -> Tensor:
+    """Indices kept when at most ``limit`` rows per value of ``group`` are kept (a seeded random subset)."""
+    if limit is None:
+        return torch.arange(len(group))
+    perm = torch.randperm(len(group), generator=torch.Generator().manual_seed(seed))
+    keep = torch.zeros(len(group), dtype=torch.bool)
+    counts: dict[int, int] = {}
+    for i, a in zip(perm.tolist(), group[perm].tolist()):
+        if counts.get(a, 0) < limit:
+            counts[a] = counts.get(a, 0) + 1
+            keep[i] = True
+    return keep.nonzero().flatten()
+
+
+def _firings(scores: Tensor, *, atom: str, features: list[int] | None, max_firings_per_atom: int | None,
+             last_position: int, skip_positions: int, seed: int,
+             positions: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(batch, pos, atom, coefficient, feature)`` of every firing (see the module docstring), sorted by
+    position then batch."""
+    B, T, F = scores.shape
+    ok = _eligible((B, T), last_position, skip_positions, positions)
+    if features is None and atom != "feature":
+        b, t = ((scores != 0).any(-1) & ok).nonzero(as_tuple=True)
+        coef, chosen = scores[b, t].max(-1)
+        feature = chosen
+    else:
+        cols = torch.arange(F) if features is None else torch.tensor(features, dtype=torch.long)
+        sub = scores[..., cols]
+        b, t, j = ((sub != 0) & ok[..., None]).nonzero(as_tuple=True)
+        feature = cols[j]
+        if atom == "feature":
+            chosen, coef = feature, sub[b, t, j]
+        else:
+            coef, chosen = scores[b, t].max(-1)
+    keep = _cap(feature, max_firings_per_atom, seed)
+    b, t, chosen, coef, feature = b[keep], t[keep], chosen[keep], coef[keep], feature[keep]
+    order = torch.argsort((t * B + b) * F + feature)
+    return b[order], t[order], chosen[order], coef[order], feature[order]
+
+
 @torch.no_grad()
 def find_firings(codes: Tensor, *, max_firings_per_atom: int | None, last_position: int, skip_positions: int = 0,
                  seed: int = 0, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -108,29 +172,18 @@ def find_firings(codes: Tensor, *, max_firings_per_atom: int | None, last_positi
 
     Returns:
         ``(batch, pos, atom, coefficient)``, each ``[n]``, sorted by position.
+
+    Example:
+        >>> import torch
+        >>> codes = torch.zeros(1, 4, 3); codes[0, 1, 2] = 0.5; codes[0, 3, 0] = 1.0
+        >>> b, t, atom, coef = find_firings(codes, max_firings_per_atom=None, last_position=2)
+        >>> t.tolist(), atom.tolist(), coef.tolist()
+        ([1], [2], [0.5])
     """
-    B, T, _ = codes.shape
-    fires = (codes != 0).any(-1)
-    fires[:, :skip_positions] = False
-    fires[:, last_position + 1 :] = False
-    if positions is not None:
-        allowed = torch.zeros(T, dtype=torch.bool)
-        allowed[positions] = True
-        fires &= allowed
-    b, t = fires.nonzero(as_tuple=True)
-    coef, atom = codes[b, t].max(-1)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(b), generator=g)
-    if max_firings_per_atom is not None:
-        keep = torch.zeros(len(b), dtype=torch.bool)
-        counts: dict[int, int] = {}
-        for i, a in zip(perm.tolist(), atom[perm].tolist()):
-            if counts.get(a, 0) < max_firings_per_atom:
-                counts[a] = counts.get(a, 0) + 1
-                keep[i] = True
-        b, t, atom, coef = b[keep], t[keep], atom[keep], coef[keep]
-    order = torch.argsort(t * B + b)
-    return b[order], t[order], atom[order], coef[order]
+    b, t, atom, coef, _ = _firings(codes, atom="dominant", features=None, max_firings_per_atom=max_firings_per_atom,
+                                   last_position=last_position, skip_positions=skip_positions, seed=seed,
+                                   positions=positions)
+    return b, t, atom, coef
 
 
 def substitution_test(
@@ -140,20 +193,54 @@ def substitution_test(
     head: int,
     tokens: Int[Tensor, "batch pos"],
     *,
-    replace: str = "update",
-    scale: str = "coefficient",
-    random: str = "rank1",
-    readout_offset: int = 1,
-    kl: str = "native_to_condition",
-    max_firings_per_atom: int | None = 30,
+    protocol: str = "ours",
+    replace: str = PRESET,
+    scale: str = PRESET,
+    random: str = PRESET,
+    readout: str = PRESET,
+    readout_offset: int | None = PRESET,
+    kl: str = PRESET,
+    max_firings_per_atom: int | None = PRESET,
     skip_positions: int = 0,
     positions: Sequence[int] | Int[Tensor, " n"] | None = None,
-    atom: str = "dominant",
+    atom: str = PRESET,
+    features: Sequence[SupportsIndex] | None = None,
     rank1_atoms: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> SubstitutionResult:
     """Atom vs delete vs random substitution of the native update at every firing.
+
+    Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
+    wins over the preset (``result.settings.overrides`` lists those that differ from it).
+
+    ``protocol="ours"`` (the default): ``replace='update'``, ``scale='coefficient'``, ``random='rank1'``,
+    ``readout='offset'``, ``readout_offset=1``, ``kl='native_to_condition'``, ``atom='dominant'``,
+    ``max_firings_per_atom=30``.
+
+    ``protocol="paper"`` (arXiv 2605.12770 and its reference repository):
+
+    - ``replace='write'``: App. J's pseudo-code scales by ``‖β_t k_t v_tᵀ‖_F`` and the reference kernel's
+      docstring (scripts/clean_amplified_kl.py) substitutes ``S_t − β_t k_t v_tᵀ + ...``: only the additive
+      write is removed, so the delta rule's erase stays in the state.
+    - ``scale='match_norm'``: App. J and the reference docstring match the atom's norm to ``‖β_t k_t v_tᵀ‖_F``.
+      §2 ("Replacement protocol") and the Table 2 caption use the firing coefficient instead:
+      ``scale='coefficient'``.
+    - ``random='sae_atom'``: the reference docstring's "matched-norm rank-1 from a non-firing atom". App. J
+      and Fig. 11 describe a random rank-1 matrix at matched norm instead: ``random='rank1'``.
+    - ``readout='last'`` (``readout_offset=None``): KL "on the final output distribution" (§2, §3); the
+      paper states nothing more about where it is read.
+    - ``kl='native_to_condition'``: the reference docstring records ``KL(p_native ‖ p_cond)``; §2 writes
+      ``KL(p_patched ‖ p_baseline)``: ``kl='condition_to_native'``.
+    - ``atom='dominant'``: App. J ("Per-firing atom selection") and §2 take ``argmax_i a_i(S_t)``. The
+      reference docstring substitutes the firing feature's own atom ``v_i w_iᵀ``: ``atom='feature'``.
+    - ``max_firings_per_atom=30``: App. F.2's population test (the reference script has no cap; App. F.1
+      uses 200 per feature).
+
+    The paper's 92.4% (n = 4,851) pools the firings of an 8-feature exemplar pool at L1, L9 and L17 head 4
+    (L9 alone: 91.2%, n = 1,851): pass them as ``features``. Its 89.8% population test (App. F.2) is
+    ``features`` = the alive atoms with a 30-firing cap, averaged per atom (``result.per_atom()``).
+    Why the dominant atom fails on associative-recall states (the toys): see ``atom`` below.
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.
@@ -162,28 +249,40 @@ def substitution_test(
         hook_name: ``blocks.{l}.mixer.hook_state``.
         head: the head the SAE reads.
         tokens: ``[batch, pos]`` sequences.
-        replace: ``"update"`` (write + erase, default) or ``"write"``: what ``Δ_nat`` removes.
-        scale: ``"coefficient"`` (``a_{i*} A_{i*}``) or ``"match_norm"`` (``‖Δ_nat‖_F`` times the unit atom).
-        random: ``"rank1"`` (fresh random ``u wᵀ``), ``"sae_atom"`` (a random non-firing SAE atom) or
-            ``"empirical"`` (per-coordinate resample of the native updates' rank-1 factors).
-        readout_offset: read the distribution at ``t + readout_offset`` (>= 1).
-        kl: ``"native_to_condition"`` (KL(p_native ‖ p_cond)) or ``"condition_to_native"``.
-        max_firings_per_atom: cap per dominant atom (``None``: no cap).
+        protocol: ``"ours"`` (default) or ``"paper"``: the preset of every *(protocol)* option.
+        replace: *(protocol)* ``"update"`` (write + erase) or ``"write"``: what ``Δ_nat`` removes.
+        scale: *(protocol)* ``"coefficient"`` (``a A``) or ``"match_norm"`` (``‖Δ_nat‖_F`` times the unit atom).
+        random: *(protocol)* ``"rank1"`` (fresh random ``u wᵀ``), ``"sae_atom"`` (a random SAE atom that
+            does not fire at ``t``) or ``"empirical"`` (per-coordinate resample of the native updates'
+            rank-1 factors); always at the atom condition's Frobenius norm.
+        readout: *(protocol)* ``"offset"`` (read at ``t + readout_offset``) or ``"last"`` (read at the last
+            position of each sequence; firings at ``t < pos - 1``).
+        readout_offset: *(protocol)* ``>= 1`` with ``readout="offset"``; ``None`` with ``"last"``. Passing an
+            offset without ``readout`` selects ``readout="offset"`` under either protocol.
+        kl: *(protocol)* ``"native_to_condition"`` (KL(p_native ‖ p_cond)) or ``"condition_to_native"``.
+        max_firings_per_atom: *(protocol)* cap per substituted atom, or per feature with ``features`` or
+            ``atom="feature"`` (``None``: no cap).
         skip_positions: ignore the first positions (e.g. BOS).
         positions: test only firings at these write positions (same in every sequence; each must be
             ``< pos - readout_offset``); ``None`` (default): every position. Use it to pair each write
             with the readout that needs it, e.g. ``task.value_positions`` with
             ``readout_offset=task.recall_offset`` on the toy task.
-        atom: ``"dominant"`` (``argmax a(S_t)``, default) or ``"rising"`` (``argmax`` of the code's rise
-            ``a(S_t) − a(S_t − Δ_nat)``, coefficient = the rise); see the module docstring.
+        atom: *(protocol)* ``"dominant"`` (``argmax a(S_t)``), ``"rising"`` (``argmax`` of the code's rise
+            ``a(S_t) − a(S_t − Δ_nat)``, coefficient = the rise) or ``"feature"`` (the firing feature's own
+            atom). The dominant atom fits states dominated by persistent directions that each token
+            refreshes (the paper's Qwen3.5 "registers"); a recall state superposes many associations of
+            similar size, its dominant atom is usually another pair's (cosine with the write ≈ 0), and
+            substituting it tests nothing about the write at ``t``: there, use ``"rising"``.
+        features: test only the firings of these atoms (see the module docstring); ``None``: all.
         rank1_atoms: use each atom's best rank-1 approximation (the flat-SVD baseline with a flat SAE).
         seed: seeds the firing subsample and the random controls.
         progress: show a progress bar over positions.
 
     Returns:
-        A :class:`~recurrent_lens.analysis.results.SubstitutionResult`.
+        A :class:`~recurrent_lens.analysis.results.SubstitutionResult`; its ``settings`` are a
+        :class:`~recurrent_lens.analysis.protocols.SubstitutionSettings`.
 
-    Example: the toy protocol on the toy GDN with the demo's WriteSAE.
+    Example: the toy protocol on the toy GDN with the demo's WriteSAE, then the paper's protocol.
 
         >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import substitution_test
@@ -194,35 +293,61 @@ def substitution_test(
         ...                            positions=task.value_positions, readout_offset=task.recall_offset)
         >>> result.n, result.win_rate > 0.7, result.medians["atom"] < result.medians["delete"]
         (128, True, True)
+        >>> paper = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, protocol="paper")
+        >>> paper.settings.replace, paper.settings.readout, paper.settings.overrides
+        ('write', 'last', ())
     """
+    check_protocol(protocol)
+    if readout is PRESET and readout_offset is not PRESET and readout_offset is not None:
+        readout = "offset"  # an explicit offset asks for the offset readout, whatever the protocol's
+    opts, overrides = resolve("substitution", protocol, dict(
+        replace=replace, scale=scale, random=random, readout=readout, readout_offset=readout_offset, kl=kl,
+        max_firings_per_atom=max_firings_per_atom, atom=atom))
+    replace, scale, random, readout = opts["replace"], opts["scale"], opts["random"], opts["readout"]
+    readout_offset, kl, cap, atom = opts["readout_offset"], opts["kl"], opts["max_firings_per_atom"], opts["atom"]
     _choice("replace", replace, _REPLACE)
     _choice("scale", scale, _SCALE)
     _choice("random", random, _RANDOM)
     _choice("kl", kl, _KL)
     _choice("atom", atom, _ATOM)
-    if max_firings_per_atom is not None and max_firings_per_atom < 1:
-        raise ValueError(f"max_firings_per_atom: expected >= 1 or None, got {max_firings_per_atom}")
+    _choice("readout", readout, _READOUT)
+    if readout == "last" and readout_offset is not None:
+        raise ValueError(f"readout_offset: applies to readout='offset' only, got {readout_offset} with readout='last' "
+                         f"(the protocol {protocol!r} reads at the last position unless readout='offset' is passed)")
+    if readout == "offset" and readout_offset is None:
+        raise ValueError("readout_offset: expected an int >= 1 with readout='offset', got None")
+    if cap is not None and cap < 1:
+        raise ValueError(f"max_firings_per_atom: expected >= 1 or None, got {cap}")
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
-    tokens = check_tokens(model, tokens, readout_offset + 1)
-    last_position = tokens.shape[1] - 1 - readout_offset
+    n_features = sae.cfg.n_features
+    if features is not None:
+        bad = [f for f in features if as_index(f, n_features) is None]
+        if len(features) == 0 or bad:
+            raise ValueError(f"features: expected a non-empty list of atom indices in [0, {n_features}), got "
+                             f"{list(features) if not bad else bad}")
+        features = sorted({int(f) for f in features})
+    gap = 1 if readout == "last" else readout_offset
+    tokens = check_tokens(model, tokens, gap + 1)
+    last_position = tokens.shape[1] - 1 - gap
     if positions is not None:
         positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         if len(positions) == 0 or int(positions.min()) < 0 or int(positions.max()) > last_position:
+            where = f"readout_offset {readout_offset}" if readout == "offset" else "the last-position readout"
             raise ValueError(f"positions: expected a non-empty list of positions in [0, {last_position}] "
-                             f"(sequence length {tokens.shape[1]} minus readout_offset {readout_offset}), "
-                             f"got {positions.tolist()}")
+                             f"(sequence length {tokens.shape[1]}, {where}), got {positions.tolist()}")
     start = time.perf_counter()
     native = native_run(model, tokens, site)
     delta_all = native[replace]
     with torch.no_grad():
         codes = sae.encode(native["state"])
-        scores = codes if atom == "dominant" else (codes - sae.encode(native["state"] - delta_all)).clamp_min(0)
-        b, t, chosen, coef = find_firings(scores, max_firings_per_atom=max_firings_per_atom,
-                                          last_position=last_position, skip_positions=skip_positions, seed=seed,
-                                          positions=positions)
+        scores = (codes - sae.encode(native["state"] - delta_all)).clamp_min(0) if atom == "rising" else codes
+        b, t, chosen, coef, feature = _firings(scores, atom=atom, features=features, max_firings_per_atom=cap,
+                                               last_position=last_position, skip_positions=skip_positions,
+                                               seed=seed, positions=positions)
         if len(b) == 0:
-            raise ValueError("tokens: the SAE never fires on these tokens at eligible positions")
+            which = "" if features is None else f" (features {features})"
+            raise ValueError(f"tokens: the SAE never fires{which} on these tokens at eligible positions")
         atoms = sae.decoder_atoms().detach().float()
         if rank1_atoms:
             atoms = best_rank1(atoms)
@@ -257,16 +382,16 @@ def substitution_test(
     else:
         kls = [kl_divergence(logits[c], nat) for c in (1, 2, 3)]
     rows = pd.DataFrame({
-        "batch": b.numpy(), "pos": t.numpy(), "atom": chosen.numpy(), "coefficient": coef.float().numpy(),
-        "update_norm": frob(delta).numpy(),
+        "batch": b.numpy(), "pos": t.numpy(), "feature": feature.numpy(), "atom": chosen.numpy(),
+        "coefficient": coef.float().numpy(), "update_norm": frob(delta).numpy(),
         "atom_cos": ((A * delta).sum((-2, -1)) / (frob(A) * frob(delta)).clamp_min(1e-12)).numpy(),
         "kl_atom": kls[0].numpy(), "kl_delete": kls[1].numpy(), "kl_random": kls[2].numpy(),
     })
     rows["win"] = rows["kl_atom"] < rows["kl_delete"]
     rows["chain"] = rows["win"] & (rows["kl_delete"] < rows["kl_random"])
-    settings = dict(hook_name=hook_name, head=head, replace=replace, scale=scale, random=random,
-                    readout_offset=readout_offset, kl=kl, max_firings_per_atom=max_firings_per_atom,
-                    skip_positions=skip_positions,
-                    positions=None if positions is None else positions.tolist(), atom=atom,
-                    rank1_atoms=rank1_atoms, seed=seed)
+    settings = SubstitutionSettings(
+        protocol=protocol, hook_name=hook_name, head=head, replace=replace, scale=scale, random=random,
+        readout=readout, readout_offset=readout_offset, kl=kl, max_firings_per_atom=cap,
+        skip_positions=skip_positions, positions=None if positions is None else positions.tolist(), atom=atom,
+        features=features, rank1_atoms=rank1_atoms, seed=seed, overrides=overrides)
     return SubstitutionResult(rows, settings, time.perf_counter() - start)
