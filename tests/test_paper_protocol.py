@@ -340,11 +340,12 @@ def test_reproduce_on_the_toy(protocol, tmp_path, capsys):
 
 def test_reproduce_on_a_tiny_checkpoint(tmp_path, capsys):
     from helpers import tiny_qwen3_5
-    from test_cli_real import WORDS, tokenizer
+    from helpers import word_tokenizer
+    from test_cli_real import WORDS
 
     ckpt = tmp_path / "qwen"
     tiny_qwen3_5(seed=0).save_pretrained(ckpt)
-    tokenizer().save_pretrained(ckpt)
+    word_tokenizer(["<unk>", "<eos>", *WORDS]).save_pretrained(ckpt)
     g = torch.Generator().manual_seed(0)
     docs = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(12)]
     (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n")

@@ -306,8 +306,13 @@ class MultiCellTrainer:
             check_writable(out_dir, "out_dir")
             for cell in self.cells:
                 check_writable(os.path.join(out_dir, cell.name), "out_dir")
-                remove_stale_temporaries(os.path.join(out_dir, cell.name))
-            remove_stale_temporaries(out_dir)
+            if self.writer:  # the process that writes a directory clears what a killed run left there
+                for cell in self.cells:
+                    remove_stale_temporaries(os.path.join(out_dir, cell.name))
+                if self.rank == 0:
+                    remove_stale_temporaries(out_dir)
+            if self.sync is not None:
+                dist.barrier()
         rank, data_world = (self.rank, self.world) if split_data else (0, 1)
         if store is not None:
             self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)

@@ -123,7 +123,8 @@ def check_writable(directory: str, what: str) -> None:
     """
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=directory)
+        # not ".tmp-": another process clearing stale temporaries in the same directory must not take it
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
