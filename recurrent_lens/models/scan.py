@@ -116,6 +116,24 @@ class Rule:
         ``boundary_states[:, c]`` is the state before chunk ``c``."""
         raise NotImplementedError
 
+    def chunk_states(self, x: RecurrenceInputs, S0: Tensor, offsets: Tensor) -> Tensor | None:
+        """The state after ``offsets + 1`` steps of one chunk per row, in closed form, or ``None`` where the
+        rule has none (then :func:`replay_at` steps through the chunk).
+
+        ``x`` holds ``[rows, chunk, head, ...]`` inputs, ``S0`` the ``[rows, head, d_k, d_v]`` state before each
+        row's chunk and ``offsets`` ``[rows]`` the position inside it.
+        """
+        return None
+
+
+def _up_to(G: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """For cumulative log-decays ``G`` ``[rows, head, chunk, c]``: ``G`` at each row's offset ``[rows, head, 1, c]``
+    and ``exp(G_t − G_s)`` for ``s ≤ t`` (0 after ``t``) ``[rows, head, chunk, c]``, masked before the exp."""
+    R, H, C, c = G.shape
+    Gt = G.gather(2, offsets[:, None, None, None].expand(R, H, 1, c))
+    after = torch.arange(C, device=G.device)[None, None, :, None] > offsets[:, None, None, None]
+    return Gt, (Gt - G).masked_fill(after, float("-inf")).exp()
+
 
 class LinearRule(Rule):
     """``S_t = diag(exp g_t) S_{t-1} + β_t k_t v_tᵀ`` with scalar or per-key-channel log-decay ``g``."""
@@ -140,6 +158,17 @@ class LinearRule(Rule):
             o, S, bounds = self._chunked(x, S0, self.channel_chunk)
             return o, S, bounds[:, :: chunk_size // self.channel_chunk]
         return self._chunked(x, S0, chunk_size)
+
+    def chunk_states(self, x, S0, offsets):
+        # S_t = exp(G_t) ⊙ S_0 + Σ_{s≤t} exp(G_t − G_s) ⊙ β_s k_s v_sᵀ, per head or per key channel
+        k = x.k if x.beta is None else x.k * x.beta[..., None]
+        k, v = k.transpose(1, 2), x.v.transpose(1, 2)  # [R, H, C, d_k], [R, H, C, d_v]
+        if x.decay is None:
+            G = k.new_zeros(*k.shape[:3], 1)
+        else:
+            G = (x.decay if x.decay.dim() == 4 else x.decay[..., None]).transpose(1, 2).cumsum(2)  # [R, H, C, 1|d_k]
+        Gt, w = _up_to(G, offsets)
+        return Gt.exp().transpose(-1, -2) * S0 + (k * w).transpose(-1, -2) @ v
 
     def _chunked(self, x, S0, chunk_size):
         B, T, H, dk, dv = x.shape
@@ -200,16 +229,7 @@ class DeltaRule(LinearRule):
         N, C = T // chunk_size, chunk_size
         chunks = x.map(lambda t: t.reshape(B, N, C, *t.shape[2:]).transpose(2, 3))  # [B, N, H, C, ...]
         q, k, v = chunks.q, chunks.k, chunks.v
-        beta = torch.ones_like(k[..., 0]) if chunks.beta is None else chunks.beta  # [B, N, H, C]
-        G = q.new_zeros(B, N, H, C) if chunks.decay is None else chunks.decay.cumsum(-1)
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # Γ_t/Γ_s, s ≤ t
-        eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        # u_t + β_t Σ_{s<t} (Γ_t/Γ_s)(k_t·k_s) u_s = β_t v_t − β_t Γ_t k_tᵀ S_0, a unit lower-triangular system
-        L = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
-        Tinv = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
-        U0 = Tinv @ (beta[..., None] * v)  # [B, N, H, C, dv]
-        Wk = Tinv @ ((beta * G.exp())[..., None] * k)  # [B, N, H, C, dk]
+        G, decay, U0, Wk = self._solve(k, v, chunks.beta, chunks.decay)
         A = (q @ k.transpose(-1, -2)) * decay  # [B, N, H, C, C]
         q_in = q * G.exp()[..., None]
         k_out = k * (G[..., -1:] - G).exp()[..., None]
@@ -222,6 +242,31 @@ class DeltaRule(LinearRule):
             S = last[:, n] * S + k_out[:, n].transpose(-1, -2) @ U
         o = torch.stack(outs, 1).transpose(2, 3).reshape(B, T, H, dv)
         return o, S, torch.stack(bounds, 1)
+
+    def chunk_states(self, x, S0, offsets):
+        # S_t = Γ_t S_0 + Σ_{s≤t} (Γ_t/Γ_s) k_s u_sᵀ with the chunk's corrected values u = U0 − Wk S_0
+        x = x.map(lambda t: t.transpose(1, 2))  # [R, H, C, ...]
+        k = x.k
+        G, _, U0, Wk = self._solve(k, x.v, x.beta, x.decay)
+        Gt, w = _up_to(G[..., None], offsets)
+        return Gt.exp() * S0 + (k * w).transpose(-1, -2) @ (U0 - Wk @ S0)
+
+    @staticmethod
+    def _solve(k: Tensor, v: Tensor, beta: Tensor | None, g: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One chunk's delta-rule terms over ``[..., C]`` leading axes: the cumulative log-decay ``G``, the
+        causal ``Γ_t/Γ_s``, and ``U0``, ``Wk`` with the chunk's corrected values ``u = U0 − Wk S_0``.
+
+        ``u_t + β_t Σ_{s<t} (Γ_t/Γ_s)(k_t·k_s) u_s = β_t v_t − β_t Γ_t k_tᵀ S_0`` is a unit lower-triangular system.
+        """
+        beta = torch.ones_like(k[..., 0]) if beta is None else beta  # [..., C]
+        G = torch.zeros_like(beta) if g is None else g.cumsum(-1)
+        C = k.shape[-2]
+        causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+        decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # Γ_t/Γ_s, s ≤ t
+        eye = torch.eye(C, dtype=k.dtype, device=k.device)
+        L = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+        Tinv = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
+        return G, decay, Tinv @ (beta[..., None] * v), Tinv @ ((beta * G.exp())[..., None] * k)
 
 
 class DPLRRule(Rule):
@@ -470,10 +515,12 @@ def boundary_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int, 
 
 def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Tensor, positions: Tensor, chunk_size: int, *,
               writes: Tensor | None = None) -> Tensor:
-    """The states ``S_t`` at chosen positions, each replayed from the boundary state of its chunk.
+    """The states ``S_t`` at chosen positions, each computed from the boundary state of its chunk.
 
-    Every requested position replays at most one chunk (``positions % chunk_size + 1`` steps), all
-    positions at once: ``chunk_size`` Python steps at most, over ``batch · n`` rows, and nothing of size
+    Rules with a closed form inside a chunk (:meth:`Rule.chunk_states`: the linear and delta rules) get
+    each state with a few matrix products per position; otherwise (RWKV-7's rule, or edited writes) every
+    requested position replays at most one chunk (``positions % chunk_size + 1`` steps), all positions at
+    once: ``chunk_size`` Python steps at most, over ``batch · n`` rows. Nothing of size
     ``[batch, pos, head, d_k, d_v]`` is formed.
 
     Args:
@@ -504,6 +551,10 @@ def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Tensor, positions: Tensor
         flat_writes = chunk_inputs(F.pad(writes, (0, 0, 0, 0, 0, 0, 0, N * chunk_size - T)))
     S = bounds[rows, chunk].reshape(B * n, *bounds.shape[2:])
     offset = offset.reshape(B * n)
+    if flat_writes is None:
+        closed = rule.chunk_states(flat, S, offset)
+        if closed is not None:
+            return closed.reshape(B, n, *closed.shape[1:])
     out = torch.zeros_like(S)
     for s in range(int(offset.max()) + 1 if n else 0):
         S, _ = rule.step(S, flat.at(s), None if flat_writes is None else flat_writes[:, s])
