@@ -20,15 +20,16 @@ come from ``sample_positions``. Prints, each measured in this run:
                                                                                         (target <= 1.5)
       followed by the part of (c) that no harvesting method can remove: reaching layer 2 at all (all of
       layer 1's output projection and MLP, layer 2's projections) = one head of layer 2 / one head of layer 1
-Times are best of ``--repeats`` after one warm-up, under ``torch.no_grad``. On CUDA, peaks are
-``torch.cuda.max_memory_allocated`` in this process, and the states per second of a harvest of all
-heads of the three GDN layers are printed too.
+Times are best of ``--repeats`` after one warm-up, the operations taking turns, under ``torch.no_grad``.
+On CUDA, peaks are ``torch.cuda.max_memory_allocated`` in this process, and the states per second of a
+harvest of all heads of the three GDN layers are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -139,16 +140,20 @@ def measure_in_child(args, what: str, batch: int | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def best_of(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def best_of(fns: dict, repeats: int, sync) -> dict[str, float]:
+    """Best time of each function, run round-robin so that a change in the machine's load (shared
+    cores) hits every function alike instead of whichever happens to be timed then."""
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    sync()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def mib(n: float) -> str:
@@ -267,10 +272,9 @@ def main() -> None:
         cpu_memory(args, s)
         sync = lambda: None  # noqa: E731
 
-    def timed(name: str) -> float:
-        return best_of(lambda: ops[name](tokens, positions), args.repeats, sync)
-
-    t_fwd, t_one, t_many, t_two = timed("forward"), timed("one head"), timed("layers 1-2"), timed("layer 2 one head")
+    names = ["forward", "one head", "layers 1-2", "layer 2 one head"] + (["layers 0-2"] if cuda else [])
+    t = best_of({name: functools.partial(ops[name], tokens, positions) for name in names}, args.repeats, sync)
+    t_fwd, t_one, t_many, t_two = t["forward"], t["one head"], t["layers 1-2"], t["layer 2 one head"]
     print(f"(b) states_at(layer {LAYER}, head {s['head']}) / plain forward: {t_one:.3f}s / {t_fwd:.3f}s = "
           f"{t_one / t_fwd:.2f}  (target <= 0.75)")
     print(f"(c) harvest of layers 1-2 x {s['n_heads']} heads ({2 * s['n_heads']} cells) / one head of layer {LAYER}: "
@@ -278,7 +282,7 @@ def main() -> None:
     print(f"    floor of (c): states_at(layer 2, head {s['head']}) / states_at(layer {LAYER}, head {s['head']}): "
           f"{t_two:.3f}s / {t_one:.3f}s = {t_two / t_one:.2f}")
     if cuda:
-        t_every = timed("layers 0-2")
+        t_every = t["layers 0-2"]
         n = 3 * s["n_heads"] * s["batch"] * N_POSITIONS
         print(f"    3 layers x {s['n_heads']} heads: {n} states in {t_every:.3f}s = {n / t_every:,.0f} states/s")
 
