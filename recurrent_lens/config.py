@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -47,6 +48,13 @@ def _option_type(hint: Any) -> str:
 
 
 _NO_MATCH = object()
+
+
+@functools.cache
+def _option_fields(cls: type) -> dict[str, Any]:
+    """The fields of an :class:`ArchOptions` subclass and their types (resolved once per class)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _coerce_option(hint: Any, value: Any) -> Any:
@@ -108,13 +116,12 @@ class ArchOptions:
         """The options in ``options`` (a dict of field names to values); missing ones take their defaults."""
         if not isinstance(options, Mapping):
             raise ValueError(f"options: expected a dict of option names to values, got {type(options).__name__}")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
+        hints = _option_fields(cls)
         values = {}
         for key, value in options.items():
-            if key not in names:
+            if key not in hints:
                 raise ValueError(f"options: architecture {architecture!r} has no option {key!r}; "
-                                 f"valid options: {sorted(names)}")
+                                 f"valid options: {sorted(hints)}")
             values[key] = _coerce_option(hints[key], value)
             if values[key] is _NO_MATCH:
                 raise ValueError(f"options[{key!r}] of architecture {architecture!r}: expected "

@@ -17,8 +17,9 @@ from recurrent_lens.models.mixer import fire, hook_active
 from recurrent_lens.models.registry import get_architecture
 
 
-def rms_normalize(x: Float[Tensor, "*batch d"], eps: float) -> Float[Tensor, "*batch d"]:
-    """``x / sqrt(mean(x²) + eps)`` over the last axis, in fp32.
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """``x / sqrt(mean(x²) + eps)`` over the last axis, in fp32 (any shape; inside every norm, so the shape is
+    not type-checked).
 
     Example:
         >>> import torch
@@ -29,8 +30,9 @@ def rms_normalize(x: Float[Tensor, "*batch d"], eps: float) -> Float[Tensor, "*b
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def l2_normalize(x: Float[Tensor, "*batch d"], eps: float = 1e-6) -> Float[Tensor, "*batch d"]:
-    """``x / sqrt(Σx² + eps)`` in fp32, the form fla and transformers use inside the delta-rule kernels.
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(Σx² + eps)`` over the last axis in fp32, the form fla and transformers use inside the delta-rule
+    kernels (any shape, not type-checked).
 
     Example:
         >>> import torch
@@ -41,7 +43,7 @@ def l2_normalize(x: Float[Tensor, "*batch d"], eps: float = 1e-6) -> Float[Tenso
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-def _edited_scale(hp: HookPoint, scale: Float[Tensor, "*batch 1"]) -> Float[Tensor, "*batch 1"] | None:
+def _edited_scale(hp: HookPoint, scale: Tensor) -> Tensor | None:
     """Fire a norm's ``hook_scale``; the scale the norm must divide by, or ``None`` when it is unchanged.
 
     ``None`` lets the caller keep its usual (bitwise reference) arithmetic. A hook that returns a new

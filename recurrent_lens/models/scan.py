@@ -17,7 +17,6 @@ replaces the quantity at its step and every later step is recomputed from it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,7 +66,7 @@ class RecurrenceInputs:
             out["decay"] = self.decay
         return out
 
-    def map(self, fn: Callable[[Tensor], Tensor]) -> RecurrenceInputs:
+    def map(self, fn) -> RecurrenceInputs:
         """Apply ``fn`` to every tensor (all share the leading ``[batch, pos, head]`` axes)."""
         return RecurrenceInputs(
             q=fn(self.q),
@@ -124,10 +123,12 @@ class Rule:
     has_erase: bool = False
     has_chunked: bool = False
 
-    def step(self, S: State, x: RecurrenceInputs, write: State | None = None,
-             erase: State | None = None) -> tuple[State, State | None]:
-        """One token: ``x`` holds ``[batch, head, ...]`` slices; ``write``/``erase`` override the
-        rule's own terms. Returns the new state and this step's erase term (``None`` if the rule has none)."""
+    def step(self, S: Tensor, x: RecurrenceInputs, write: Tensor | None = None,
+             erase: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """One token: ``S`` is ``[batch, head, d_k, d_v]``, ``x`` holds ``[batch, head, ...]`` slices;
+        ``write``/``erase`` (``[batch, head, d_k, d_v]``) override the rule's own terms. Returns the new state
+        and this step's erase term (``None`` if the rule has none). The shapes are not annotated: the scans
+        call this once per token."""
         raise NotImplementedError
 
     def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
@@ -146,8 +147,7 @@ class LinearRule(Rule):
     """Chunk length used inside ``chunked`` for per-channel decay, whose intra-chunk term costs
     ``chunk² · d_k`` per chunk; boundary states are still reported every ``chunk_size`` tokens."""
 
-    def step(self, S: State, x: RecurrenceInputs, write: State | None = None,
-             erase: State | None = None) -> tuple[State, None]:
+    def step(self, S, x, write=None, erase=None):  # per token: unannotated, see Rule.step
         decay = _decay_factor(x.decay)
         if decay is not None:
             S = S * decay
@@ -205,8 +205,7 @@ class DeltaRule(LinearRule):
 
     has_erase = True
 
-    def step(self, S: State, x: RecurrenceInputs, write: State | None = None,
-             erase: State | None = None) -> tuple[State, State]:
+    def step(self, S, x, write=None, erase=None):  # per token: unannotated, see Rule.step
         decay = _decay_factor(x.decay)
         if decay is not None:
             S = S * decay
@@ -261,8 +260,7 @@ class DPLRRule(Rule):
             Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
         return dplr_chunked(x, S0, chunk_size)
 
-    def step(self, S: State, x: RecurrenceInputs, write: State | None = None,
-             erase: State | None = None) -> tuple[State, State]:
+    def step(self, S, x, write=None, erase=None):  # per token: unannotated, see Rule.step
         if erase is None:
             kS = torch.einsum("bhk,bhkv->bhv", x.extra["erase_key"], S)
             erase = -(x.extra["erase_key"] * x.extra["a"])[..., :, None] * kS[..., None, :]
