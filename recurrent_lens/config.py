@@ -39,7 +39,8 @@ def _option_type(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
-        return f"a list or tuple of {len(typing.get_args(hint))} ({', '.join(map(_option_type, typing.get_args(hint)))})"
+        items = typing.get_args(hint)
+        return f"a list or tuple of {len(items)} ({', '.join(map(_option_type, items))})"
     names = {bool: "True or False", int: "an int", float: "a number", str: "a string", type(None): "None"}
     if hint not in names:
         raise TypeError(f"ArchOptions: unsupported field type {hint!r} (use bool, int, float, str, Literal, "
@@ -181,7 +182,8 @@ class ModelConfig:
     d_mlp: int = 0
     """Hidden width of the MLP; 0 means the block has no MLP (Mamba-2)."""
     mlp: str = "swiglu"
-    """MLP kind: ``"swiglu"`` (down(silu(gate x) * up x)) or ``"relu2"`` (RWKV-7's token-shifted ReLU²)."""
+    """MLP kind: ``"swiglu"`` (down(silu(gate x) * up x)), shared by every architecture, or ``"relu2"``, a ReLU²
+    MLP that an architecture builds itself (RWKV-7's token-shifted channel mix; see ``Architecture.mlp``)."""
     norm: str = "rms"
     """Block norm: ``"rms"`` (x·w), ``"rms_one_plus"`` (Qwen3.5's x·(1+w)) or ``"layer"`` (LayerNorm with bias)."""
     norm_eps: float = 1e-6
@@ -207,8 +209,8 @@ class ModelConfig:
     chunk_size: int = 64
     """Chunk length of the chunked scans (fast path and chunk-parallel state materialisation)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Architecture-specific settings by name: the fields of the architecture's :class:`ArchOptions` that
-    differ from their defaults. Unknown names and values of the wrong type are refused when the config is built."""
+    """Architecture-specific settings by name: fields of the architecture's :class:`ArchOptions` (missing ones
+    take their defaults). Unknown names and values of the wrong type are refused when the config is built."""
     dtype: str = "float32"
     """Dtype of the weights; recurrences, gates and norms always compute in fp32."""
     device: str = "cpu"

@@ -160,7 +160,8 @@ class GatedRMSNorm(nn.Module):
         self.eps, self.act = eps, act
         self.weight = nn.Parameter(torch.ones(d))
 
-    def forward(self, x: Float[Tensor, "*batch d"], gate: Float[Tensor, "*batch d"] | None = None) -> Float[Tensor, "*batch d"]:
+    def forward(self, x: Float[Tensor, "*batch d"],
+                gate: Float[Tensor, "*batch d"] | None = None) -> Float[Tensor, "*batch d"]:
         y = rms_normalize(x, self.eps) * self.weight.float()
         if gate is not None and self.act != "none":
             g = gate.float()

@@ -128,7 +128,8 @@ class GatedDeltaNetMixer(MatrixMixer):
         gate = self.in_proj_z(x).reshape(B, T, cfg.n_heads, cfg.d_v) if self.use_gate else None
         return inputs, gate
 
-    def output(self, read: Float[Tensor, "batch pos head d_v"], aux: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
+    def output(self, read: Float[Tensor, "batch pos head d_v"],
+               aux: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
         return norm_heads_and_project(self.norm, self.out_proj, read, aux)
 
 
