@@ -1,4 +1,4 @@
-"""Run flash-linear-attention (fla) reference models on CPU in fp32 (ARCHITECTURES.md §6).
+"""Run flash-linear-attention (fla) reference models on CPU in fp32.
 
 fla's layers call Triton kernels (norms, gated norms, short convolutions, token shift, l2norm, the
 SwiGLU of ``GatedMLP``, its activations and every recurrence op), which fail on a machine without a GPU

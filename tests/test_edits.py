@@ -1,4 +1,8 @@
-"""Edit semantics of DESIGN.md §3 and execution-mode agreement, on every architecture."""
+"""Edit semantics and execution-mode agreement, on every architecture.
+
+An edit of a recurrence input carries through the recurrence; an edited state or erase term replaces the
+quantity at its step and every later step is recomputed from it; an edited read changes that position only.
+"""
 
 import pytest
 import torch
@@ -25,7 +29,7 @@ def quantities(model, tokens, layer=0):
 
 
 def transition(model, c, X, t):
-    """M_t(X) + W_t written from ARCHITECTURES.md §0 for the architecture's rule, per head."""
+    """M_t(X) + W_t per head, written from each architecture's transition M_t and write W_t, not from the engine."""
     mixer = model.blocks[0].mixer
     k, v = c["k"][:, t], c["v"][:, t]
     beta = c["beta"][:, t] if "beta" in c else torch.ones(k.shape[:2])

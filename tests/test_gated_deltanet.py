@@ -54,7 +54,7 @@ def test_hook_state_equals_independent_recurrence():
 
 
 def test_qwen3_5_0_8b_instantiates_on_meta_with_reference_parameter_count():
-    """ARCHITECTURES.md §7: Qwen3.5-0.8B text model, 752 M parameters (tied)."""
+    """Qwen3.5-0.8B's text model (its reference config, tied head) has 752 M parameters."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     from recurrent_lens.models.gated_deltanet import config_from_qwen3_5

@@ -155,7 +155,7 @@ def test_editing_dt_changes_write_and_decay_together():
 
 
 def reference_mixer(mixer, u: torch.Tensor) -> torch.Tensor:
-    """Mamba-2's mixer written from ARCHITECTURES.md §2 with mamba's [head_dim × d_state] state, a
+    """Mamba-2's mixer written from its equations with mamba's [head_dim × d_state] state, a
     token loop, an explicit causal conv and explicit group indexing."""
     cfg, opts = mixer.cfg, mixer.cfg.options
     H, G, N, P = cfg.n_heads, cfg.n_key_heads, cfg.d_k, cfg.d_v

@@ -102,7 +102,7 @@ def test_prefill_then_decode_equals_full_forward():
 
 
 def independent_recurrence(r, w, k, v, kappa, a):
-    """BlinkDL's orientation, written from ARCHITECTURES.md §3a: S′ = Sᵀ (V×K),
+    """BlinkDL's orientation, S′ = Sᵀ (V×K):
     S′_t = S′_{t-1}(diag(e^w) − κ̂(κ̂⊙a)ᵀ) + v kᵀ, o = S′ r. Returns the K×V states and the reads."""
     B, T, H, dk = k.shape
     S = torch.zeros(B, H, v.shape[-1], dk)
@@ -185,7 +185,7 @@ def test_edited_removal_key_reaches_the_erase_term():
 
 
 def test_real_size_parameters_match_fla_on_meta(monkeypatch):
-    """RWKV-7-1.5B (ARCHITECTURES.md §7): same parameter count as fla, and every checkpoint key lands on a
+    """RWKV-7-1.5B (fla-hub/rwkv7-1.5B-world's config): same parameter count as fla, and every checkpoint key lands on a
     parameter slice of its shape."""
     from fla.layers.rwkv7 import RWKV7Attention
     from fla.models import RWKV7Config, RWKV7ForCausalLM

@@ -32,7 +32,7 @@ def make_inputs(rule, B, T, H, dk, dv, *, seed=0, per_channel=False, with_beta=T
 
 
 def explicit_loop(rule, x, S0):
-    """An independent loop written from the equations in ARCHITECTURES.md §0, not from the engine."""
+    """An independent loop written from each rule's equation S_t = M_t(S_{t-1}) + W_t, not from the engine."""
     B, T, H, dk, dv = x.shape
     S, states = S0.clone(), []
     beta = x.beta if x.beta is not None else torch.ones(B, T, H)

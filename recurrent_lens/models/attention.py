@@ -7,8 +7,6 @@ Qwen3.5's layout: ``q_proj`` packs, per head, the query and a sigmoid output gat
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,7 +15,7 @@ from transformer_lens.hook_points import HookPoint
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import RMSNorm
-from recurrent_lens.models.mixer import fire, hook_active
+from recurrent_lens.models.mixer import ForwardContext, fire, hook_active
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -70,10 +68,10 @@ class Attention(nn.Module):
             self.hook_gate = HookPoint()  # [batch, pos, head, d_head]
         self.hook_out = HookPoint()  # [batch, pos, d_model]
 
-    def forward(self, x: Tensor, cache: LayerCache | None = None, ctx: dict[str, Any] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None, ctx: ForwardContext | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        positions = ctx["positions"] if ctx and "positions" in ctx else torch.arange(T, device=x.device)
+        positions = torch.arange(T, device=x.device) if ctx is None or ctx.positions is None else ctx.positions
         qg = self.q_proj(x).view(B, T, H, -1)
         q, gate = (qg[..., :D], qg[..., D:]) if self.cfg.attn_output_gate else (qg, None)
         q = self.q_norm(q)

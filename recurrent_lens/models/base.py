@@ -22,7 +22,7 @@ from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.attention import Attention
 from recurrent_lens.models.cache import LayerCache, RecurrentCache
 from recurrent_lens.models.components import ShortConv, make_mlp, make_norm
-from recurrent_lens.models.mixer import HarvestDone, HarvestRequest, fire
+from recurrent_lens.models.mixer import ForwardContext, HarvestDone, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
 
 TokensLike = (str | list[str] | list[int] | list[list[int]]
@@ -75,7 +75,7 @@ class Block(nn.Module):
             self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
-    def forward(self, x: Tensor, cache: LayerCache | None = None, ctx: dict[str, Any] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None, ctx: ForwardContext | None = None) -> Tensor:
         x = fire(self.hook_resid_pre, x)
         mixer = self.attn if self.is_attention else self.mixer
         x = fire(self.hook_resid_mid, x + fire(self.hook_mixer_out, mixer(self.ln1(x), cache, ctx)).to(x.dtype))
@@ -416,7 +416,7 @@ class HookedRecurrentModel(HookedRootModule):
             work = cache.fork(device=tokens.device)
         offset = cache.seq_len if cache is not None else 0
         self.positions = torch.arange(offset, offset + T, device=tokens.device)
-        ctx: dict[str, Any] = {"positions": self.positions, "tokens": tokens}
+        ctx = get_architecture(self.cfg.architecture).mixer.context_type(positions=self.positions, tokens=tokens)
         x = fire(self.hook_embed, self.embed(tokens))
         if self.cfg.residual_in_fp32:
             x = x.float()

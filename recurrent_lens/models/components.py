@@ -7,21 +7,38 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.mixer import fire, hook_active
+from recurrent_lens.models.registry import get_architecture
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """``x / sqrt(mean(x²) + eps)`` over the last axis, in fp32 (any shape; inside every norm, so the shape is
+    not type-checked).
+
+    Example:
+        >>> import torch
+        >>> rms_normalize(torch.tensor([2.0, -2.0]), eps=0.0)
+        tensor([ 1., -1.])
+    """
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """``x / sqrt(Σx² + eps)`` in fp32, the form fla and transformers use inside the delta-rule kernels."""
+    """``x / sqrt(Σx² + eps)`` over the last axis in fp32, the form fla and transformers use inside the delta-rule
+    kernels (any shape, not type-checked).
+
+    Example:
+        >>> import torch
+        >>> l2_normalize(torch.tensor([3.0, 4.0]), eps=0.0)
+        tensor([0.6000, 0.8000])
+    """
     x = x.float()
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
@@ -58,7 +75,7 @@ class RMSNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
         w = self.weight.float()
         normed = None
         if hook_active(self.hook_scale):
@@ -93,7 +110,7 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
         y = None
         if hook_active(self.hook_scale):
             centred = x.float() - x.float().mean(-1, keepdim=True)
@@ -108,7 +125,15 @@ class LayerNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig, d: int | None = None) -> nn.Module:
-    """The block norm the config names."""
+    """The block norm the config names (``cfg.norm``), over ``d`` channels (default ``d_model``).
+
+    Example:
+        >>> from recurrent_lens import ModelConfig
+        >>> cfg = ModelConfig(architecture="mamba2", d_model=8, n_layers=1, d_vocab=10, n_heads=2, d_k=4, d_v=4,
+        ...                   norm="layer")
+        >>> type(make_norm(cfg)).__name__
+        'LayerNorm'
+    """
     d = cfg.d_model if d is None else d
     if cfg.norm == "layer":
         return LayerNorm(d, cfg.norm_eps)
@@ -116,36 +141,39 @@ def make_norm(cfg: ModelConfig, d: int | None = None) -> nn.Module:
 
 
 class GatedRMSNorm(nn.Module):
-    """Per-head RMSNorm over the last axis, then ``⊙ act(gate)`` (norm before gate, plain weight).
+    """Per-head RMSNorm over the last axis with a plain weight, then ``⊙ act(gate)``: ``rmsnorm(x)·w ⊙ act(g)``.
 
-    ``group`` > 1 normalises over groups of that many heads' channels jointly (Mamba-2's grouped norm,
-    applied after the gate: ``norm_before_gate=False``).
+    ``act`` is ``"silu"``, ``"sigmoid"`` or ``"none"`` (no gate: ``rmsnorm(x)·w``, also when ``gate`` is
+    ``None``). Computed in fp32, returned in the weight's dtype.
+
+    Example:
+        >>> import torch
+        >>> norm = GatedRMSNorm(2, eps=0.0, act="sigmoid")
+        >>> norm(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)).detach() * 12.5 ** 0.5  # sigmoid(0) = 1/2
+        tensor([[1.5000, 2.0000]])
     """
 
-    def __init__(self, d: int, eps: float, act: str = "silu", norm_before_gate: bool = True) -> None:
+    def __init__(self, d: int, eps: float, act: str = "silu") -> None:
         super().__init__()
         if act not in ("silu", "sigmoid", "none"):
             raise ValueError(f"act: expected 'silu', 'sigmoid' or 'none', got {act!r}")
-        self.eps, self.act, self.norm_before_gate = eps, act, norm_before_gate
+        self.eps, self.act = eps, act
         self.weight = nn.Parameter(torch.ones(d))
 
-    def _gate(self, g: Tensor) -> Tensor:
-        g = g.float()
-        return F.silu(g) if self.act == "silu" else torch.sigmoid(g)
-
-    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        w = self.weight.float()
-        if gate is None or self.act == "none":
-            return (rms_normalize(x, self.eps) * w).to(self.weight.dtype)
-        if self.norm_before_gate:
-            return (rms_normalize(x, self.eps) * w * self._gate(gate)).to(self.weight.dtype)
-        return (rms_normalize(x.float() * self._gate(gate), self.eps) * w).to(self.weight.dtype)
+    def forward(self, x: Float[Tensor, "*batch d"],
+                gate: Float[Tensor, "*batch d"] | None = None) -> Float[Tensor, "*batch d"]:
+        y = rms_normalize(x, self.eps) * self.weight.float()
+        if gate is not None and self.act != "none":
+            g = gate.float()
+            y = y * (F.silu(g) if self.act == "silu" else torch.sigmoid(g))
+        return y.to(self.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, act={self.act}, norm_before_gate={self.norm_before_gate}"
+        return f"{self.weight.shape[0]}, eps={self.eps}, act={self.act}"
 
 
-def norm_heads_and_project(norm: GatedRMSNorm, out_proj: nn.Linear, read: Tensor, gate: Tensor | None) -> Tensor:
+def norm_heads_and_project(norm: GatedRMSNorm, out_proj: nn.Linear, read: Float[Tensor, "batch pos head d_v"],
+                           gate: Float[Tensor, "batch pos head d_v"] | None) -> Float[Tensor, "batch pos d_model"]:
     """The usual mixer output: per-head (gated) RMSNorm of the read ``[batch, pos, head, d_v]``, heads
     flattened, then the output projection."""
     return out_proj(norm(read, gate).to(out_proj.weight.dtype).flatten(2))
@@ -169,7 +197,8 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
-    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+    def forward(self, x: Float[Tensor, "batch pos channels"],
+                cache: LayerCache | None = None) -> Float[Tensor, "batch pos channels"]:
         B, T, C = x.shape
         xt = x.transpose(1, 2)  # [B, C, T]
         prev = cache.conv if cache is not None and cache.conv is not None else xt.new_zeros(B, C, self.kernel - 1)
@@ -199,43 +228,32 @@ class SwiGLU(nn.Module):
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
     @property
-    def W_out(self) -> Tensor:
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
         """``[d_mlp, d_model]``: the output map as TransformerLens stores it (``hook_post @ W_out`` is the output)."""
         return self.down_proj.weight.T
 
-    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+    def forward(self, x: Float[Tensor, "batch pos d_model"],
+                cache: LayerCache | None = None) -> Float[Tensor, "batch pos d_model"]:
         pre = fire(self.hook_pre, self.gate_proj(x))
         return self.down_proj(fire(self.hook_post, F.silu(pre) * self.up_proj(x)))
 
 
-class TokenShiftReLU2(nn.Module):
-    """RWKV-7's channel mix: ``value(relu(key(x + (x_{t-1} − x)⊙μ))²)`` with its own token shift."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.x_k = nn.Parameter(torch.zeros(cfg.d_model))
-        self.key = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
-        self.value = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
-
-    @property
-    def W_out(self) -> Tensor:
-        """``[d_mlp, d_model]``: the output map as TransformerLens stores it (``hook_post @ W_out`` is the output)."""
-        return self.value.weight.T
-
-    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
-        prev = x.new_zeros(x.shape[0], 1, x.shape[-1])
-        if cache is not None and "ffn_shift" in cache.extra:
-            prev = cache.extra["ffn_shift"].to(x.dtype)
-        shifted = torch.cat([prev, x[:, :-1]], dim=1)
-        if cache is not None:
-            cache.extra["ffn_shift"] = x[:, -1:]
-        pre = fire(self.hook_pre, self.key(x + (shifted - x) * self.x_k))
-        return self.value(fire(self.hook_post, F.relu(pre).square()))
-
-
 def make_mlp(cfg: ModelConfig) -> nn.Module | None:
+    """The block MLP: none when ``d_mlp == 0``, SwiGLU for ``mlp="swiglu"``, otherwise the one the architecture
+    builds for its own kind (``Architecture.mlp``: RWKV-7's ``"relu2"``).
+
+    Example:
+        >>> from recurrent_lens import ModelConfig
+        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=8, n_layers=1, d_vocab=10, n_heads=2, d_k=4,
+        ...                   d_v=4, d_mlp=16)
+        >>> type(make_mlp(cfg)).__name__
+        'SwiGLU'
+    """
     if cfg.d_mlp == 0:
         return None
-    return SwiGLU(cfg) if cfg.mlp == "swiglu" else TokenShiftReLU2(cfg)
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg)
+    build = get_architecture(cfg.architecture).mlp
+    if build is None:
+        raise ValueError(f"mlp: architecture {cfg.architecture!r} builds only 'swiglu' MLPs, got {cfg.mlp!r}")
+    return build(cfg)

@@ -1,29 +1,22 @@
 """DeltaNet (fla ``delta_net``): the delta rule without decay.
 
-Recurrence per head (ARCHITECTURES.md §4)::
+Recurrence per head, with the state ``S_t`` of shape ``d_k × d_v``::
 
     S_t = (I − β_t k̂_t k̂_tᵀ) S_{t-1} + β_t k̂_t v_tᵀ,      o_t = S_tᵀ (q̂_t / √d_k)
 
 with q̂, k̂ normalised per head (l2, or L1 with ``qk_norm="sum"``) and ``β_t = sigmoid(b_proj x)``
-(1 without ``use_beta``; doubled with ``allow_neg_eigval``).
+(1 without ``use_beta``; doubled with ``allow_neg_eigval``). The write is ``β_t k̂_t v_tᵀ`` and the erase
+term ``−β_t k̂_t k̂_tᵀ S_{t-1}``.
 
 Parameters follow the Gated DeltaNet layout: fla's ``q/k/v_proj`` load into row blocks of one
 ``in_proj_qkv`` and ``q/k/v_conv1d`` into channel blocks of one depthwise ``conv1d``, so the layer keeps a
-single conv cache. ``options`` read here:
-
-- ``qk_activation`` (``"silu"`` default, ``"relu"``, ``"elu"`` (elu + 1) or ``"identity"``): with
-  ``"silu"`` the SiLU is applied to q and k right after the short conv; the others are applied after the
-  head split. v always gets SiLU.
-- ``qk_norm`` (``"l2"`` default or ``"sum"``).
-- ``use_beta`` (default True): without it there is no ``b_proj`` and no ``hook_beta``.
-- ``use_gate`` (default False): output ``rmsnorm(o)·w ⊙ silu(g_proj x)``; otherwise plain RMSNorm·w.
-- ``use_short_conv`` (default True; ``conv_kernel=0`` also means no short convolution), ``conv_bias``
-  (default False), ``allow_neg_eigval`` (default False).
+single conv cache. Options: :class:`DeltaNetOptions`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +24,42 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from recurrent_lens.config import ModelConfig
+from recurrent_lens.config import ArchOptions, ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import GatedRMSNorm, ShortConv, l2_normalize, norm_heads_and_project
-from recurrent_lens.models.gated_deltanet import fla_stack_config, map_fla_weight
-from recurrent_lens.models.mixer import MatrixMixer, fire
-from recurrent_lens.models.registry import Architecture, register_architecture
+from recurrent_lens.models.fla_format import fla_head_dim, fla_mixer_weight, fla_stack_config, refuse_hybrid
+from recurrent_lens.models.mixer import ForwardContext, MatrixMixer, fire
+from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import DeltaRule, RecurrenceInputs
 
-_QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
-_QK_NORMS = ("l2", "sum")
+
+@dataclass(frozen=True)
+class DeltaNetOptions(ArchOptions):
+    """The ``options`` of ``delta_net`` configs.
+
+    Example:
+        >>> from recurrent_lens import ModelConfig
+        >>> cfg = ModelConfig(architecture="delta_net", d_model=8, n_layers=1, d_vocab=10, n_heads=2, d_k=4,
+        ...                   d_v=4, options={"qk_norm": "sum"})
+        >>> DeltaNetOptions.from_config(cfg).qk_norm, DeltaNetOptions.from_config(cfg).use_beta
+        ('sum', True)
+    """
+
+    qk_activation: Literal["silu", "relu", "elu", "identity"] = "silu"
+    """Activation of q and k: ``"silu"`` is applied right after the short conv, the others (``"elu"`` is
+    elu + 1) after the head split. v always gets SiLU."""
+    qk_norm: Literal["l2", "sum"] = "l2"
+    """Normalisation of q and k per head: l2, or L1 (``"sum"``)."""
+    use_beta: bool = True
+    """A learned write strength ``β = sigmoid(b_proj x)``; without it β = 1, and there is no ``hook_beta``."""
+    use_gate: bool = False
+    """Output ``rmsnorm(o)·w ⊙ silu(g_proj x)``; otherwise plain RMSNorm·w."""
+    use_short_conv: bool = True
+    """Short convolution on q, k, v; ``conv_kernel=0`` also means none."""
+    conv_bias: bool = False
+    """Bias on the short convolution."""
+    allow_neg_eigval: bool = False
+    """β ← 2β, so that the transition's eigenvalues may be negative."""
 
 
 def _qk_activation(x: Tensor, name: str) -> Tensor:
@@ -74,7 +93,7 @@ class DeltaNetMixer(MatrixMixer):
         hook_read    [batch, pos, head, d_v]      S_tᵀ q_t
         hook_out     [batch, pos, d_model]
 
-    ``has_beta`` is set per instance from ``options["use_beta"]`` (before the base class creates the
+    ``has_beta`` is set per instance from the ``use_beta`` option (before the base class creates the
     hooks), because whether β exists is a property of the checkpoint, not of the class.
     """
 
@@ -82,18 +101,14 @@ class DeltaNetMixer(MatrixMixer):
     has_decay = False
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        opts = cfg.options
-        self.has_beta = bool(opts.get("use_beta", True))
+        opts = DeltaNetOptions.from_config(cfg)
+        self.has_beta = opts.use_beta
         super().__init__(cfg, layer)
-        self.qk_activation = opts.get("qk_activation", "silu")
-        self.qk_norm = opts.get("qk_norm", "l2")
-        if self.qk_activation not in _QK_ACTIVATIONS:
-            raise ValueError(f"options['qk_activation']: expected one of {_QK_ACTIVATIONS}, got {self.qk_activation!r}")
-        if self.qk_norm not in _QK_NORMS:
-            raise ValueError(f"options['qk_norm']: expected one of {_QK_NORMS}, got {self.qk_norm!r}")
-        self.use_gate = opts.get("use_gate", False)
-        self.use_short_conv = bool(opts.get("use_short_conv", True)) and cfg.conv_kernel > 0
-        self.allow_neg_eigval = opts.get("allow_neg_eigval", False)
+        self.qk_activation = opts.qk_activation
+        self.qk_norm = opts.qk_norm
+        self.use_gate = opts.use_gate
+        self.use_short_conv = opts.use_short_conv and cfg.conv_kernel > 0
+        self.allow_neg_eigval = opts.allow_neg_eigval
         H = cfg.n_heads
         self.key_dim, self.value_dim = H * cfg.d_k, H * cfg.d_v
         channels = 2 * self.key_dim + self.value_dim
@@ -103,7 +118,7 @@ class DeltaNetMixer(MatrixMixer):
         if self.use_gate:
             self.in_proj_z = nn.Linear(cfg.d_model, self.value_dim, bias=False)
         if self.use_short_conv:
-            self.conv1d = ShortConv(channels, cfg.conv_kernel, bias=opts.get("conv_bias", False))
+            self.conv1d = ShortConv(channels, cfg.conv_kernel, bias=opts.conv_bias)
         self.norm = GatedRMSNorm(cfg.d_v, cfg.norm_eps, act="silu" if self.use_gate else "none")
         self.out_proj = nn.Linear(self.value_dim, cfg.d_model, bias=False)
         self.hook_conv = HookPoint()  # [batch, pos, 2·n_heads·d_k + n_heads·d_v]
@@ -116,7 +131,7 @@ class DeltaNetMixer(MatrixMixer):
         return torch.cat([qk, F.silu(v)], dim=-1)
 
     def project(self, x: Float[Tensor, "batch pos d_model"], cache: LayerCache | None,
-                ctx: dict[str, Any]) -> tuple[RecurrenceInputs, Tensor | None]:
+                ctx: ForwardContext) -> tuple[RecurrenceInputs, Tensor | None]:
         B, T, _ = x.shape
         cfg = self.cfg
         qkv = self.in_proj_qkv(x)
@@ -138,16 +153,9 @@ class DeltaNetMixer(MatrixMixer):
         return norm_heads_and_project(self.norm, self.out_proj, read, aux)
 
 
-def _head_dim(total: float | int, n_heads: int, what: str) -> int:
-    if total != int(total) or int(total) % n_heads:
-        raise ValueError(f"config.json: {what} = {total} must be an integer divisible by num_heads = {n_heads}")
-    return int(total) // n_heads
-
-
 def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     """Read an fla ``delta_net`` config (pure DeltaNet stacks; hybrid ``attn`` layers are not supported)."""
-    if d.get("attn"):
-        raise ValueError("fla delta_net configs with hybrid 'attn' layers are not supported")
+    refuse_hybrid(d, "delta_net")
     hidden, n_heads = d["hidden_size"], d.get("num_heads", 16)
     if d.get("hidden_act", "swish") != "swish":
         raise ValueError(f"config.json: hidden_act must be 'swish' (SwiGLU MLP), got {d['hidden_act']!r}")
@@ -155,8 +163,8 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
         architecture="delta_net",
         **fla_stack_config(d),
         n_heads=n_heads,
-        d_k=_head_dim(hidden * d.get("expand_k", 1.0), n_heads, "hidden_size * expand_k"),
-        d_v=_head_dim(hidden * d.get("expand_v", 1.0), n_heads, "hidden_size * expand_v"),
+        d_k=fla_head_dim(hidden * d.get("expand_k", 1.0), n_heads, "hidden_size * expand_k"),
+        d_v=fla_head_dim(hidden * d.get("expand_v", 1.0), n_heads, "hidden_size * expand_v"),
         options={
             "qk_activation": d.get("qk_activation", "silu"),
             "qk_norm": d.get("qk_norm", "l2"),
@@ -168,11 +176,22 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     )
 
 
+FLA_RENAMES = {"b_proj.weight": "in_proj_b.weight", "g_proj.weight": "in_proj_z.weight",
+               "o_norm.weight": "norm.weight", "o_proj.weight": "out_proj.weight"}
+"""fla's names of the DeltaNet parameters outside q, k, v, and ours."""
+
+
+def map_fla_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:
+    """Map an fla ``delta_net`` checkpoint key onto our parameters."""
+    kd, vd = cfg.n_heads * cfg.d_k, cfg.n_heads * cfg.d_v
+    return fla_mixer_weight(name, cfg, (kd, kd, vd), FLA_RENAMES)
+
+
 register_architecture(Architecture(
     name="delta_net",
     mixer=DeltaNetMixer,
     model_types=("delta_net",),
     config_from_hf=config_from_fla,
-    # fla's DeltaNet keys are a subset of its Gated DeltaNet keys, with the same row layout
     map_weight=map_fla_weight,
+    options=DeltaNetOptions,
 ))

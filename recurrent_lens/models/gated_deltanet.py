@@ -1,39 +1,67 @@
 """Gated DeltaNet: Qwen3.5's linear-attention layers (transformers ``qwen3_5``) and fla's ``gated_deltanet``.
 
-Recurrence per value head (ARCHITECTURES.md §1)::
+Recurrence per value head, with the state ``S_t`` of shape ``d_k × d_v``::
 
     α_t = exp(g_t),  g_t = −exp(A_log) · softplus(a_t + dt_bias)
     S_t = α_t (I − β_t k̂_t k̂_tᵀ) S_{t-1} + β_t k̂_t v_tᵀ,      o_t = S_tᵀ (q̂_t / √d_k)
 
-with q̂, k̂ l2-normalised per key head, then repeated (``repeat_interleave``) onto the value heads.
+with ``a_t = in_proj_a x``, ``β_t = sigmoid(in_proj_b x)`` and q̂, k̂ l2-normalised per key head
+(``x·rsqrt(Σx² + 1e-6)``), then repeated (``repeat_interleave``) onto the value heads: value head ``j``
+reads key head ``⌊j / (n_heads / n_key_heads)⌋``. The write is ``β_t k̂_t v_tᵀ`` and the erase term
+``−β_t k̂_t k̂_tᵀ α_t S_{t-1}``.
 
 Our layout follows Qwen3.5: one fused ``in_proj_qkv`` with rows ``[q | k | v]`` and one depthwise
 ``conv1d`` over the same channels; fla's separate ``q/k/v_proj`` and ``q/k/v_conv1d`` load into row
-blocks of those. ``options`` read here:
-
-- ``use_gate`` (default True): output gate ``rmsnorm(o)·w ⊙ act(g_proj x)``; False: plain RMSNorm.
-- ``gate_act`` (``"silu"`` default, or ``"sigmoid"``).
-- ``allow_neg_eigval`` (default False): β ← 2β.
-- ``use_short_conv`` (default True; without it q, k, v get SiLU only). ``conv_kernel=0`` also means
-  no short convolution, whatever this option says.
+blocks of those. Options: :class:`GatedDeltaNetOptions`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from recurrent_lens.config import ModelConfig
+from recurrent_lens.config import ArchOptions, ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import GatedRMSNorm, ShortConv, l2_normalize, norm_heads_and_project
-from recurrent_lens.models.mixer import MatrixMixer, fire
+from recurrent_lens.models.fla_format import fla_mixer_weight, fla_stack_config, refuse_hybrid
+from recurrent_lens.models.mixer import ForwardContext, MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import DeltaRule, RecurrenceInputs
+
+
+@dataclass(frozen=True)
+class GatedDeltaNetOptions(ArchOptions):
+    """The ``options`` of ``gated_deltanet`` configs.
+
+    Example:
+        >>> from recurrent_lens import ModelConfig
+        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=8, n_layers=1, d_vocab=10, n_heads=2, d_k=4,
+        ...                   d_v=4, options={"layout": "fla", "gate_act": "sigmoid"})
+        >>> GatedDeltaNetOptions.from_config(cfg).gate_act
+        'sigmoid'
+    """
+
+    layout: Literal["qwen3_5", "fla"] = "qwen3_5"
+    """Checkpoint key layout the weights load from: transformers' Qwen3.5 or fla's ``gated_deltanet``."""
+    use_gate: bool = True
+    """Output gate ``rmsnorm(o)·w ⊙ act(in_proj_z x)``; False: plain RMSNorm·w."""
+    gate_act: Literal["silu", "sigmoid"] = "silu"
+    """Activation of the output gate."""
+    allow_neg_eigval: bool = False
+    """β ← 2β, so that the transition's eigenvalues may be negative."""
+    use_short_conv: bool = True
+    """Short convolution on q, k, v (without it they get SiLU only); ``conv_kernel=0`` also means none."""
+    conv_bias: bool = False
+    """Bias on the short convolution."""
+    gated_norm_eps: float | None = None
+    """Epsilon of the output norm (None: ``norm_eps``)."""
 
 
 class GatedDeltaNetMixer(MatrixMixer):
@@ -59,10 +87,10 @@ class GatedDeltaNetMixer(MatrixMixer):
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__(cfg, layer)
-        opts = cfg.options
-        self.use_gate = opts.get("use_gate", True)
-        self.allow_neg_eigval = opts.get("allow_neg_eigval", False)
-        self.use_short_conv = bool(opts.get("use_short_conv", True)) and cfg.conv_kernel > 0
+        opts = GatedDeltaNetOptions.from_config(cfg)
+        self.use_gate = opts.use_gate
+        self.allow_neg_eigval = opts.allow_neg_eigval
+        self.use_short_conv = opts.use_short_conv and cfg.conv_kernel > 0
         Hk, H = cfg.n_key_heads, cfg.n_heads
         self.key_dim, self.value_dim = Hk * cfg.d_k, H * cfg.d_v
         channels = 2 * self.key_dim + self.value_dim
@@ -72,15 +100,16 @@ class GatedDeltaNetMixer(MatrixMixer):
         if self.use_gate:
             self.in_proj_z = nn.Linear(cfg.d_model, self.value_dim, bias=False)
         if self.use_short_conv:
-            self.conv1d = ShortConv(channels, cfg.conv_kernel, bias=opts.get("conv_bias", False))
+            self.conv1d = ShortConv(channels, cfg.conv_kernel, bias=opts.conv_bias)
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1, 16)))
         self.dt_bias = nn.Parameter(torch.rand(H))
-        self.norm = GatedRMSNorm(cfg.d_v, opts.get("gated_norm_eps", cfg.norm_eps),
-                                 act=opts.get("gate_act", "silu") if self.use_gate else "none")
+        eps = cfg.norm_eps if opts.gated_norm_eps is None else opts.gated_norm_eps
+        self.norm = GatedRMSNorm(cfg.d_v, eps, act=opts.gate_act if self.use_gate else "none")
         self.out_proj = nn.Linear(self.value_dim, cfg.d_model, bias=False)
         self.hook_conv = HookPoint()  # [batch, pos, 2·n_key_heads·d_k + n_heads·d_v]
 
-    def project(self, x: Tensor, cache: LayerCache | None, ctx: dict[str, Any]) -> tuple[RecurrenceInputs, Any]:
+    def project(self, x: Float[Tensor, "batch pos d_model"], cache: LayerCache | None,
+                ctx: ForwardContext) -> tuple[RecurrenceInputs, Tensor | None]:
         B, T, _ = x.shape
         cfg = self.cfg
         qkv = self.in_proj_qkv(x)
@@ -99,7 +128,8 @@ class GatedDeltaNetMixer(MatrixMixer):
         gate = self.in_proj_z(x).reshape(B, T, cfg.n_heads, cfg.d_v) if self.use_gate else None
         return inputs, gate
 
-    def output(self, read: Tensor, aux: Any) -> Tensor:
+    def output(self, read: Float[Tensor, "batch pos head d_v"],
+               aux: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
         return norm_heads_and_project(self.norm, self.out_proj, read, aux)
 
 
@@ -172,8 +202,7 @@ def map_qwen3_5_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:
 
 def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     """Read an fla ``gated_deltanet`` config (pure GDN stacks; fla's hybrid ``attn`` layers are not supported)."""
-    if d.get("attn"):
-        raise ValueError("fla gated_deltanet configs with hybrid 'attn' layers are not supported")
+    refuse_hybrid(d, "gated_deltanet")
     head_dim, expand_v = d.get("head_dim", 256), d.get("expand_v", 2)
     n_heads, n_v_heads = d.get("num_heads", 6), d.get("num_v_heads") or d.get("num_heads", 6)
     return ModelConfig(
@@ -194,55 +223,20 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     )
 
 
-def fla_mlp_width(d: dict[str, Any]) -> int:
-    """fla ``GatedMLP`` width: ``intermediate_size``, else 2/3·hidden_ratio·hidden rounded up to 256."""
-    if d.get("intermediate_size"):
-        return d["intermediate_size"]
-    ratio = d.get("hidden_ratio") or 4
-    return 256 * -(-int(d["hidden_size"] * ratio * 2 / 3) // 256)
-
-
-def fla_stack_config(d: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`ModelConfig` fields every fla SwiGLU stack (GDN, DeltaNet, GLA) reads the same way."""
-    return dict(d_model=d["hidden_size"], n_layers=d["num_hidden_layers"], d_vocab=d["vocab_size"],
-                d_mlp=fla_mlp_width(d), norm="rms", norm_eps=d.get("norm_eps", 1e-6),
-                conv_kernel=d.get("conv_size", 4), tie_embeddings=d.get("tie_word_embeddings", False))
-
-
-def fla_block_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:
-    """The block, embedding and head keys every fla model shares (``attn_norm``, ``mlp``, ``lm_head``)."""
-    if name in ("model.embeddings.weight", "model.embed_tokens.weight"):
-        return WeightTarget("embed.weight")
-    if name.startswith("model.norm."):
-        return WeightTarget("ln_final." + name.split(".", 2)[2])
-    if name == "lm_head.weight":
-        return None if cfg.tie_embeddings else WeightTarget("unembed.weight")
-    m = re.match(r"^model\.layers\.(\d+)\.(attn_norm|mlp_norm|mlp)\.(.*)$", name)
-    if m:
-        part = {"attn_norm": "ln1", "mlp_norm": "ln2", "mlp": "mlp"}[m.group(2)]
-        return WeightTarget(f"blocks.{m.group(1)}.{part}.{m.group(3)}")
-    return None
+FLA_RENAMES = {"a_proj.weight": "in_proj_a.weight", "b_proj.weight": "in_proj_b.weight",
+               "g_proj.weight": "in_proj_z.weight", "o_norm.weight": "norm.weight",
+               "o_proj.weight": "out_proj.weight", "A_log": "A_log", "dt_bias": "dt_bias"}
+"""fla's names of the Gated DeltaNet parameters outside q, k, v, and ours."""
 
 
 def map_fla_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:
-    m = re.match(r"^model\.layers\.(\d+)\.attn\.(.*)$", name)
-    if not m:
-        return fla_block_weight(name, cfg)
-    prefix, rest = f"blocks.{m.group(1)}.mixer.", m.group(2)
+    """Map an fla ``gated_deltanet`` checkpoint key onto our parameters."""
     kd, vd = cfg.n_key_heads * cfg.d_k, cfg.n_heads * cfg.d_v
-    rows = {"q": slice(0, kd), "k": slice(kd, 2 * kd), "v": slice(2 * kd, 2 * kd + vd)}
-    p = re.match(r"^([qkv])_(proj|conv1d)\.(weight|bias)$", rest)
-    if p:
-        target = "in_proj_qkv.weight" if p.group(2) == "proj" else f"conv1d.{p.group(3)}"
-        return WeightTarget(prefix + target, rows[p.group(1)])
-    renames = {"a_proj.weight": "in_proj_a.weight", "b_proj.weight": "in_proj_b.weight",
-               "g_proj.weight": "in_proj_z.weight", "o_norm.weight": "norm.weight",
-               "o_proj.weight": "out_proj.weight", "A_log": "A_log", "dt_bias": "dt_bias"}
-    return WeightTarget(prefix + renames[rest]) if rest in renames else None
+    return fla_mixer_weight(name, cfg, (kd, kd, vd), FLA_RENAMES)
 
 
 def _map_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:
-    layout = cfg.options.get("layout", "qwen3_5")
+    layout = GatedDeltaNetOptions.from_config(cfg).layout
     return map_fla_weight(name, cfg) if layout == "fla" else map_qwen3_5_weight(name, cfg)
 
 
@@ -256,4 +250,5 @@ register_architecture(Architecture(
     model_types=("qwen3_5", "qwen3_5_text", "gated_deltanet"),
     config_from_hf=_config_from_hf,
     map_weight=_map_weight,
+    options=GatedDeltaNetOptions,
 ))

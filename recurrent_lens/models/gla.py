@@ -1,24 +1,16 @@
 """Gated Linear Attention (fla ``gla``): a linear recurrence with a decay per key channel.
 
-Recurrence per head (ARCHITECTURES.md §5)::
+Recurrence per head, with the state ``S_t`` of shape ``d_k × d_v``::
 
     gk_t = logsigmoid(W2 (W1 x_t) + b2) / 16                 # optionally clamped from below
     S_t  = diag(exp gk_t) S_{t-1} + k_t v_tᵀ,                o_t = S_tᵀ (q_t / √d_k)
 
-There is no β and q, k are not normalised. The low-rank width 16 and the normaliser 16 are the
-``GatedLinearAttention`` defaults, which fla's ``GLABlock`` never overrides from the config, so they are
-constants here too. Key, value and gate heads are shared by ``n_heads / num_kv_heads`` query heads
-(repeat-interleave). q, k, v load into row blocks of one ``in_proj_qkv`` (rows ``[q: n_heads·d_k |
-k: num_kv_heads·d_k | v: num_kv_heads·d_v]``) and, with ``use_short_conv``, channel blocks of one
-``conv1d``. ``options`` read here:
-
-- ``num_kv_heads`` (default ``n_heads``).
-- ``use_short_conv`` (default False; SiLU after the conv; ignored when ``conv_kernel=0``), ``conv_bias``
-  (default False).
-- ``feature_map`` (default None): ``"relu"``, ``"sigmoid"``, ``"silu"``/``"swish"``, ``"sqrelu"`` or
-  ``"logsigmoid"`` on q and k after the head split.
-- ``clamp_min`` (default None): lower bound of ``gk``.
-- ``use_output_gate`` (default True): output ``rmsnorm(o)·w ⊙ silu(g_proj x)``; otherwise plain RMSNorm·w.
+There is no β and q, k are not normalised; the write is ``k_t v_tᵀ``. The low-rank width 16 and the
+normaliser 16 are the ``GatedLinearAttention`` defaults, which fla's ``GLABlock`` never overrides from the
+config, so they are constants here too. Key, value and gate heads are shared by ``n_heads / num_kv_heads``
+query heads (repeat-interleave). q, k, v load into row blocks of one ``in_proj_qkv`` (rows ``[q:
+n_heads·d_k | k: num_kv_heads·d_k | v: num_kv_heads·d_v]``) and, with ``use_short_conv``, channel blocks of
+one ``conv1d``. Options: :class:`GLAOptions`.
 
 fla names the output norm ``g_norm_swish_gate`` (``fuse_norm`` with the swish gate) or ``g_norm``; both
 compute the same thing and both load into ``norm``.
@@ -26,19 +18,19 @@ compute the same thing and both load into ``norm``.
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from recurrent_lens.config import ModelConfig
+from recurrent_lens.config import ArchOptions, ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import GatedRMSNorm, ShortConv, norm_heads_and_project
-from recurrent_lens.models.gated_deltanet import fla_block_weight, fla_stack_config
-from recurrent_lens.models.mixer import MatrixMixer, fire
+from recurrent_lens.models.fla_format import fla_head_dim, fla_mixer_weight, fla_stack_config, refuse_hybrid
+from recurrent_lens.models.mixer import ForwardContext, MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import LinearRule, RecurrenceInputs
 
@@ -53,6 +45,41 @@ _FEATURE_MAPS = {
     "sqrelu": lambda x: F.relu(x).square(),
     "logsigmoid": F.logsigmoid,
 }
+
+
+@dataclass(frozen=True)
+class GLAOptions(ArchOptions):
+    """The ``options`` of ``gla`` configs.
+
+    Example:
+        >>> from recurrent_lens import ModelConfig
+        >>> cfg = ModelConfig(architecture="gla", d_model=8, n_layers=1, d_vocab=10, n_heads=4, d_k=2, d_v=2,
+        ...                   options={"num_kv_heads": 3})
+        Traceback (most recent call last):
+        ...
+        ValueError: options['num_kv_heads']: must divide n_heads = 4, got 3
+    """
+
+    num_kv_heads: int | None = None
+    """Key/value (and gate) heads, each shared by ``n_heads / num_kv_heads`` query heads (None: ``n_heads``)."""
+    use_short_conv: bool = False
+    """Short convolution on q, k, v, followed by SiLU; ignored when ``conv_kernel=0``."""
+    conv_bias: bool = False
+    """Bias on the short convolution."""
+    feature_map: Literal["relu", "sigmoid", "silu", "swish", "sqrelu", "logsigmoid"] | None = None
+    """A feature map applied to q and k after the head split."""
+    clamp_min: float | None = None
+    """Lower bound of ``gk``."""
+    use_output_gate: bool = True
+    """Output ``rmsnorm(o)·w ⊙ silu(g_proj x)``; otherwise plain RMSNorm·w."""
+
+    def kv_heads(self, cfg: ModelConfig) -> int:
+        """The number of key/value heads of ``cfg``."""
+        return self.num_kv_heads or cfg.n_heads
+
+    def check(self, cfg: ModelConfig) -> None:
+        if cfg.n_heads % self.kv_heads(cfg):
+            raise ValueError(f"options['num_kv_heads']: must divide n_heads = {cfg.n_heads}, got {self.num_kv_heads}")
 
 
 class GLAMixer(MatrixMixer):
@@ -77,23 +104,18 @@ class GLAMixer(MatrixMixer):
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__(cfg, layer)
-        opts = cfg.options
+        opts = GLAOptions.from_config(cfg)
         H = cfg.n_heads
-        self.n_kv_heads = opts.get("num_kv_heads") or H
-        if H % self.n_kv_heads:
-            raise ValueError(f"options['num_kv_heads']: must divide n_heads = {H}, got {self.n_kv_heads}")
-        self.feature_map = opts.get("feature_map")
-        if self.feature_map is not None and self.feature_map not in _FEATURE_MAPS:
-            raise ValueError(f"options['feature_map']: expected None or one of {sorted(_FEATURE_MAPS)}, "
-                             f"got {self.feature_map!r}")
-        self.clamp_min = opts.get("clamp_min")
-        self.use_output_gate = opts.get("use_output_gate", True)
-        self.use_short_conv = bool(opts.get("use_short_conv", False)) and cfg.conv_kernel > 0
+        self.n_kv_heads = opts.kv_heads(cfg)
+        self.feature_map = opts.feature_map
+        self.clamp_min = opts.clamp_min
+        self.use_output_gate = opts.use_output_gate
+        self.use_short_conv = opts.use_short_conv and cfg.conv_kernel > 0
         self.split = [H * cfg.d_k, self.n_kv_heads * cfg.d_k, self.n_kv_heads * cfg.d_v]
         self.value_dim = H * cfg.d_v
         self.in_proj_qkv = nn.Linear(cfg.d_model, sum(self.split), bias=False)
         if self.use_short_conv:
-            self.conv1d = ShortConv(sum(self.split), cfg.conv_kernel, bias=opts.get("conv_bias", False))
+            self.conv1d = ShortConv(sum(self.split), cfg.conv_kernel, bias=opts.conv_bias)
         self.gk_proj = nn.Sequential(nn.Linear(cfg.d_model, GATE_LOW_RANK_DIM, bias=False),
                                      nn.Linear(GATE_LOW_RANK_DIM, self.n_kv_heads * cfg.d_k, bias=True))
         if self.use_output_gate:
@@ -103,7 +125,7 @@ class GLAMixer(MatrixMixer):
         self.hook_conv = HookPoint()  # [batch, pos, n_heads·d_k + num_kv_heads·(d_k + d_v)]
 
     def project(self, x: Float[Tensor, "batch pos d_model"], cache: LayerCache | None,
-                ctx: dict[str, Any]) -> tuple[RecurrenceInputs, Tensor | None]:
+                ctx: ForwardContext) -> tuple[RecurrenceInputs, Tensor | None]:
         B, T, _ = x.shape
         cfg, H, G = self.cfg, self.cfg.n_heads, self.cfg.n_heads // self.n_kv_heads
         qkv = self.in_proj_qkv(x)
@@ -131,8 +153,7 @@ class GLAMixer(MatrixMixer):
 def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     """Read an fla ``gla`` config. Any ``attn_mode`` (``chunk``, ``fused_recurrent``, ``fused_chunk``) loads:
     they name GPU kernels, not different maths."""
-    if d.get("attn"):
-        raise ValueError("fla gla configs with hybrid 'attn' layers are not supported")
+    refuse_hybrid(d, "gla")
     if not d.get("use_gk", True) or d.get("use_gv", False):
         raise ValueError(f"config.json: only use_gk=True, use_gv=False is supported, got use_gk={d.get('use_gk')}, "
                          f"use_gv={d.get('use_gv')}")
@@ -141,16 +162,12 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     if d.get("hidden_act", "swish") != "swish":
         raise ValueError(f"config.json: hidden_act must be 'swish' (SwiGLU MLP and output gate), got {d['hidden_act']!r}")
     hidden, n_heads = d["hidden_size"], d.get("num_heads", 4)
-    key_dim, value_dim = hidden * d.get("expand_k", 0.5), hidden * d.get("expand_v", 1.0)
-    for name, total in (("hidden_size * expand_k", key_dim), ("hidden_size * expand_v", value_dim)):
-        if total != int(total) or int(total) % n_heads:
-            raise ValueError(f"config.json: {name} = {total} must be an integer divisible by num_heads = {n_heads}")
     return ModelConfig(
         architecture="gla",
         **fla_stack_config(d),
         n_heads=n_heads,
-        d_k=int(key_dim) // n_heads,
-        d_v=int(value_dim) // n_heads,
+        d_k=fla_head_dim(hidden * d.get("expand_k", 0.5), n_heads, "hidden_size * expand_k"),
+        d_v=fla_head_dim(hidden * d.get("expand_v", 1.0), n_heads, "hidden_size * expand_v"),
         options={
             "num_kv_heads": d.get("num_kv_heads") or n_heads,
             "use_short_conv": d.get("use_short_conv", False),
@@ -161,23 +178,16 @@ def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     )
 
 
-def map_fla_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:
-    m = re.match(r"^model\.layers\.(\d+)\.attn\.(.*)$", name)
-    if not m:
-        return fla_block_weight(name, cfg)
-    prefix, rest = f"blocks.{m.group(1)}.mixer.", m.group(2)
-    kv = cfg.options.get("num_kv_heads") or cfg.n_heads
-    qd, kd, vd = cfg.n_heads * cfg.d_k, kv * cfg.d_k, kv * cfg.d_v
-    rows = {"q": slice(0, qd), "k": slice(qd, qd + kd), "v": slice(qd + kd, qd + kd + vd)}
-    p = re.match(r"^([qkv])_(proj|conv1d)\.(weight|bias)$", rest)
-    if p:
-        target = "in_proj_qkv.weight" if p.group(2) == "proj" else f"conv1d.{p.group(3)}"
-        return WeightTarget(prefix + target, rows[p.group(1)])
-    if rest.startswith("gk_proj."):
-        return WeightTarget(prefix + rest)
-    renames = {"g_proj.weight": "in_proj_z.weight", "g_norm_swish_gate.weight": "norm.weight",
+FLA_RENAMES = {"g_proj.weight": "in_proj_z.weight", "g_norm_swish_gate.weight": "norm.weight",
                "g_norm.weight": "norm.weight", "o_proj.weight": "out_proj.weight"}
-    return WeightTarget(prefix + renames[rest]) if rest in renames else None
+"""fla's names of the GLA parameters outside q, k, v and ``gk_proj`` (named alike), and ours."""
+
+
+def map_fla_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:
+    """Map an fla ``gla`` checkpoint key onto our parameters."""
+    kv = GLAOptions.from_config(cfg).kv_heads(cfg)
+    widths = (cfg.n_heads * cfg.d_k, kv * cfg.d_k, kv * cfg.d_v)
+    return fla_mixer_weight(name, cfg, widths, FLA_RENAMES, keep_prefixes=("gk_proj.",))
 
 
 register_architecture(Architecture(
@@ -186,4 +196,5 @@ register_architecture(Architecture(
     model_types=("gla",),
     config_from_hf=config_from_fla,
     map_weight=map_fla_weight,
+    options=GLAOptions,
 ))

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from huggingface_hub import snapshot_download
 from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from recurrent_lens.config import ModelConfig, resolve_dtype
 from recurrent_lens.models.registry import Architecture, architectures
@@ -46,8 +49,6 @@ def resolve_path(name_or_path: str | Path) -> Path:
     if path.exists():
         raise CheckpointError(f"name_or_path: expected a directory or a hub id, got the file {path}")
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin",
                                                                          "*.model", "*.txt", "*.tiktoken"]))
     except Exception as e:
@@ -449,8 +450,6 @@ def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, f
     a :class:`CheckpointError`. With ``index`` (key -> shard, from a sharded checkpoint's index), every
     key it lists must be in its shard.
     """
-    from tqdm.auto import tqdm
-
     # buffers too: a model built on ``meta`` has no values for them, so the checkpoint must provide them
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     # a scalar counts as one row
@@ -515,8 +514,6 @@ def load_weights(model: torch.nn.Module, arch: Architecture, cfg: ModelConfig, f
 def load_tokenizer(path: Path) -> Any:
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -1,7 +1,7 @@
 """Mamba-2: transformers ``mamba2`` checkpoints and original mamba_ssm ones (state-spaces/mamba2-*).
 
-Recurrence per head h (ARCHITECTURES.md §2), in this library's ``d_state × head_dim`` orientation
-(the transpose of mamba's ``head_dim × d_state`` state)::
+Recurrence per head h, in this library's ``d_state × head_dim`` orientation (the transpose of mamba's
+``head_dim × d_state`` state)::
 
     Δ_t = softplus(dt_t + dt_bias_h)             (clamped to time_step_limit when that is not (0, ∞))
     S_t = exp(Δ_t A_h) S_{t-1} + Δ_t B_t x_tᵀ,   A_h = −exp(A_log_h)
@@ -16,25 +16,14 @@ empty unless ``d_inner`` exceeds ``n_heads·d_v``), depthwise causal conv with b
 (``conv_kernel=0``: SiLU only, no conv and no conv bias), split ``[x | B | C]``, the scan, a gated
 RMSNorm grouped over ``n_heads·d_v / n_groups`` channels (gate before the norm by default),
 ``silu(z0)·x0`` prepended when present, ``out_proj``. Blocks have no MLP and keep the residual in
-fp32; the head is tied in mamba_ssm checkpoints.
-
-``options`` read here:
-
-- ``d_inner`` (default ``n_heads·d_v``): width of ``z`` plus the gated-MLP slice, i.e. the input
-  width of ``out_proj`` (mamba_ssm's ``expand·d_model`` when its ``d_ssm`` is smaller).
-- ``D_has_hdim`` (default False): D per channel (``[n_heads·d_v]``) instead of per head.
-- ``norm_before_gate`` (default False): ``rmsnorm(y)·w·silu(z)`` instead of ``rmsnorm(y·silu(z))·w``.
-- ``time_step_limit`` (default ``(0, inf)``): clamp of Δ, applied in every mode (transformers and
-  mamba_ssm skip it when decoding one token at a time).
-- ``proj_bias`` (default False): biases on ``in_proj`` and ``out_proj``.
-- ``conv_bias`` (default True): bias on the convolution.
-- ``gated_norm_eps`` (default ``norm_eps``): epsilon of the gated norm.
+fp32; the head is tied in mamba_ssm checkpoints. Options: :class:`Mamba2Options`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,14 +32,52 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from recurrent_lens.config import ModelConfig
+from recurrent_lens.config import ArchOptions, ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import ShortConv
-from recurrent_lens.models.mixer import MatrixMixer, fire
+from recurrent_lens.models.mixer import ForwardContext, MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import LinearRule, RecurrenceInputs
 
 _NO_LIMIT = (0.0, math.inf)
+
+
+@dataclass(frozen=True)
+class Mamba2Options(ArchOptions):
+    """The ``options`` of ``mamba2`` configs.
+
+    Example:
+        >>> from recurrent_lens import ModelConfig
+        >>> cfg = ModelConfig(architecture="mamba2", d_model=8, n_layers=1, d_vocab=10, n_heads=2, d_k=4, d_v=4,
+        ...                   d_mlp=0, options={"time_step_limit": [0, 1]})
+        >>> Mamba2Options.from_config(cfg).time_step_limit
+        (0.0, 1.0)
+    """
+
+    d_inner: int | None = None
+    """Width of ``z`` plus the gated-MLP slice, i.e. the input width of ``out_proj`` (None: ``n_heads·d_v``;
+    mamba_ssm's ``expand·d_model`` when its ``d_ssm`` is smaller)."""
+    D_has_hdim: bool = False
+    """D per channel (``[n_heads·d_v]``) instead of per head."""
+    norm_before_gate: bool = False
+    """``rmsnorm(y)·w·silu(z)`` instead of ``rmsnorm(y·silu(z))·w``."""
+    time_step_limit: tuple[float, float] = _NO_LIMIT
+    """Clamp of Δ, applied in every mode (transformers and mamba_ssm skip it when decoding one token at a time)."""
+    proj_bias: bool = False
+    """Biases on ``in_proj`` and ``out_proj``."""
+    conv_bias: bool = True
+    """Bias on the convolution."""
+    gated_norm_eps: float | None = None
+    """Epsilon of the gated norm (None: ``norm_eps``)."""
+
+    def check(self, cfg: ModelConfig) -> None:
+        d_ssm = cfg.n_heads * cfg.d_v
+        if self.d_inner is not None and self.d_inner < d_ssm:
+            raise ValueError(f"options['d_inner']: expected >= n_heads·d_v = {d_ssm}, got {self.d_inner}")
+        low, high = self.time_step_limit
+        if not low <= high:
+            raise ValueError(f"options['time_step_limit']: expected (low, high) with low <= high, "
+                             f"got {self.time_step_limit}")
 
 
 class GroupedGatedRMSNorm(nn.Module):
@@ -110,35 +137,30 @@ class Mamba2Mixer(MatrixMixer):
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__(cfg, layer)
-        opts = cfg.options
+        opts = Mamba2Options.from_config(cfg)
         H, G, N, P = cfg.n_heads, cfg.n_key_heads, cfg.d_k, cfg.d_v
         self.n_groups = G
         self.d_ssm = H * P
-        self.d_inner = opts.get("d_inner", self.d_ssm)
-        if self.d_inner < self.d_ssm:
-            raise ValueError(f"options['d_inner']: expected >= n_heads·d_v = {self.d_ssm}, got {self.d_inner}")
+        self.d_inner = self.d_ssm if opts.d_inner is None else opts.d_inner
         self.d_mlp_slice = self.d_inner - self.d_ssm
         self.conv_dim = self.d_ssm + 2 * G * N
-        self.D_has_hdim = opts.get("D_has_hdim", False)
-        limit = tuple(float(v) for v in opts.get("time_step_limit", _NO_LIMIT))
-        if len(limit) != 2 or not limit[0] <= limit[1]:
-            raise ValueError(f"options['time_step_limit']: expected (low, high) with low <= high, got {limit}")
-        self.time_step_limit = None if limit == _NO_LIMIT else limit
-        bias = opts.get("proj_bias", False)
+        self.D_has_hdim = opts.D_has_hdim
+        self.time_step_limit = None if opts.time_step_limit == _NO_LIMIT else opts.time_step_limit
+        bias = opts.proj_bias
         self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner + 2 * G * N + H, bias=bias)
-        self.conv1d = (ShortConv(self.conv_dim, cfg.conv_kernel, bias=opts.get("conv_bias", True))
-                       if cfg.conv_kernel else None)
+        self.conv1d = ShortConv(self.conv_dim, cfg.conv_kernel, bias=opts.conv_bias) if cfg.conv_kernel else None
         # mamba's init: Δ log-uniform in [1e-3, 1e-1] through softplus, A uniform in [1, 16]
         self.dt_bias = nn.Parameter(_inverse_softplus(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()))
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
         self.D = nn.Parameter(torch.ones(self.d_ssm if self.D_has_hdim else H))
-        self.norm = GroupedGatedRMSNorm(self.d_ssm, self.d_ssm // G, opts.get("gated_norm_eps", cfg.norm_eps),
-                                        norm_before_gate=opts.get("norm_before_gate", False))
+        eps = cfg.norm_eps if opts.gated_norm_eps is None else opts.gated_norm_eps
+        self.norm = GroupedGatedRMSNorm(self.d_ssm, self.d_ssm // G, eps, norm_before_gate=opts.norm_before_gate)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=bias)
         self.hook_conv = HookPoint()  # [batch, pos, n_heads·d_v + 2·n_groups·d_k]
         self.hook_dt = HookPoint()  # [batch, pos, head]
 
-    def project(self, x: Tensor, cache: LayerCache | None, ctx: dict[str, Any]) -> tuple[RecurrenceInputs, Any]:
+    def project(self, x: Float[Tensor, "batch pos d_model"], cache: LayerCache | None,
+                ctx: ForwardContext) -> tuple[RecurrenceInputs, tuple[Tensor, Tensor, Tensor]]:
         B, T, _ = x.shape
         cfg = self.cfg
         H, G, N, P = cfg.n_heads, self.n_groups, cfg.d_k, cfg.d_v
@@ -162,11 +184,13 @@ class Mamba2Mixer(MatrixMixer):
         )
         return inputs, (z, z0, x0)
 
-    def read_extra(self, o: Tensor, inputs: RecurrenceInputs, aux: Any) -> Tensor:
+    def read_extra(self, o: Float[Tensor, "batch pos head d_v"], inputs: RecurrenceInputs,
+                   aux: tuple[Tensor, Tensor, Tensor]) -> Float[Tensor, "batch pos head d_v"]:
         D = self.D.float().reshape(self.cfg.n_heads, -1)  # [head, d_v] or [head, 1]
         return o + D * inputs.v
 
-    def output(self, read: Tensor, aux: Any) -> Tensor:
+    def output(self, read: Float[Tensor, "batch pos head d_v"],
+               aux: tuple[Tensor, Tensor, Tensor]) -> Float[Tensor, "batch pos d_model"]:
         z, z0, x0 = aux
         y = self.norm(read.flatten(2), z)
         if self.d_mlp_slice:
@@ -308,4 +332,5 @@ register_architecture(Architecture(
     config_from_hf=_config_from_hf,
     map_weight=map_weight,
     detect=is_mamba_ssm_config,
+    options=Mamba2Options,
 ))

@@ -3,9 +3,10 @@
 A subclass supplies three pieces of maths and nothing else:
 
 - ``project(x, cache, ctx)``: the per-token inputs of the recurrence (:class:`RecurrenceInputs`) plus
-  whatever ``output`` needs later;
+  whatever ``output`` needs later (``aux``);
 - ``read_extra(o, inputs, aux)``: an architecture's skip or bonus term added to ``S_tᵀ q_t`` (default none);
-- ``output(read, aux)``: output norm, gate and projection back to ``d_model``.
+- ``output(read, aux)``: output norm, gate and projection back to ``d_model``; or, when those also use the
+  recurrence inputs as the hooks left them (RWKV-7's bonus term), ``output_with_inputs(read, inputs, aux)``.
 
 The base class fires ``hook_q/k/v/beta/decay`` on the inputs (edits carry through the recurrence),
 runs the scan engine in the cheapest exact form the attached hooks allow, fires ``hook_write``,
@@ -15,11 +16,13 @@ with replacement semantics (see :class:`MatrixMixer`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
@@ -28,6 +31,22 @@ from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.scan import (
     RecurrenceInputs, Rule, boundary_scan, recurrent_scan, replay, replay_at, scan,
 )
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward may read besides its input: built by the model for each forward.
+
+    A mixer whose layers hand values on to later layers of the same forward declares a subclass with
+    fields for them as its ``context_type`` (RWKV-7's ``v_first``).
+
+    Attributes:
+        positions: ``[pos]`` absolute positions of the tokens (``None``: ``0 .. pos - 1``).
+        tokens: ``[batch, pos]`` the token ids fed to the model.
+    """
+
+    positions: Int[Tensor, " pos"] | None = None
+    tokens: Int[Tensor, "batch pos"] | None = None
 
 
 @dataclass
@@ -82,7 +101,8 @@ MatrixEdit = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
 """``(mask, values)`` or ``(mask, values, unedited)``, the edit format of :func:`~recurrent_lens.models.scan.replay`."""
 
 
-def fire_matrix(hp: HookPoint, x: Tensor, recompute: Callable[[], Tensor]) -> MatrixEdit | None:
+def fire_matrix(hp: HookPoint, x: Float[Tensor, "batch pos head d_k d_v"],
+                recompute: Callable[[], Tensor]) -> MatrixEdit | None:
     """Fire a per-step matrix hook and locate its edits.
 
     Returns ``None`` when the hook left the tensor as it was and nothing downstream needs a gradient
@@ -155,13 +175,16 @@ class MatrixMixer(nn.Module):
     token by token; when nothing is edited, their forward values are bitwise those of the same run with
     a forward cache hook in place of the gradient hook.
 
-    Class attributes a subclass sets: ``rule`` (the :class:`Rule`), ``has_beta``, ``has_decay``. Whether
-    the decay is a scalar per head or one value per key channel follows from the shape ``project`` gives it.
+    Class attributes a subclass sets: ``rule`` (the :class:`Rule`), ``has_beta``, ``has_decay`` and, when its
+    layers hand values to later layers, ``context_type`` (a :class:`ForwardContext` subclass with fields for
+    them). Whether the decay is a scalar per head or one value per key channel follows from the shape
+    ``project`` gives it.
     """
 
     rule: Rule
     has_beta: bool = True
     has_decay: bool = True
+    context_type: type[ForwardContext] = ForwardContext
     harvest_request: HarvestRequest | None = None
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -184,19 +207,47 @@ class MatrixMixer(nn.Module):
         self.hook_read = HookPoint()  # [batch, pos, head, d_v]
         self.hook_out = HookPoint()  # [batch, pos, d_model]
 
-    def project(self, x: Tensor, cache: LayerCache | None, ctx: dict[str, Any]) -> tuple[RecurrenceInputs, Any]:
+    def project(self, x: Float[Tensor, "batch pos d_model"], cache: LayerCache | None,
+                ctx: ForwardContext) -> tuple[RecurrenceInputs, Any]:
+        """The inputs of the recurrence for ``x``, and whatever :meth:`output` needs besides the read."""
         raise NotImplementedError
 
-    def read_extra(self, o: Tensor, inputs: RecurrenceInputs, aux: Any) -> Tensor:
+    def read_extra(self, o: Float[Tensor, "batch pos head d_v"], inputs: RecurrenceInputs,
+                   aux: Any) -> Float[Tensor, "batch pos head d_v"]:
+        """``S_tᵀ q_t`` plus the architecture's skip or bonus term (part of ``hook_read``); none by default."""
         return o
 
-    def output(self, read: Tensor, aux: Any) -> Tensor:
+    def output(self, read: Float[Tensor, "batch pos head d_v"], aux: Any) -> Float[Tensor, "batch pos d_model"]:
+        """The mixer output from the (hooked) read: output norm, gate, projection."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, cache: LayerCache | None = None, ctx: dict[str, Any] | None = None) -> Tensor:
-        ctx = {} if ctx is None else ctx
+    def output_with_inputs(self, read: Float[Tensor, "batch pos head d_v"], inputs: RecurrenceInputs,
+                           aux: Any) -> Float[Tensor, "batch pos d_model"]:
+        """The mixer output when it also uses the recurrence inputs as the hooks left them; override this
+        instead of :meth:`output` then. By default ``output(read, aux)``."""
+        return self.output(read, aux)
+
+    def _as_context(self, ctx: ForwardContext | Mapping[str, Any] | None) -> ForwardContext:
+        """``ctx`` as this mixer's ``context_type``: a new one for ``None``, built from the fields of a dict."""
+        if ctx is None:
+            return self.context_type()
+        if isinstance(ctx, Mapping):
+            names = sorted(f.name for f in dataclasses.fields(self.context_type))
+            unknown = sorted(set(ctx) - set(names))
+            if unknown:
+                raise ValueError(f"ctx: expected fields of {self.context_type.__name__} {names}, got {unknown}")
+            return self.context_type(**ctx)
+        if not isinstance(ctx, self.context_type):
+            raise TypeError(f"ctx: {type(self).__name__} needs a {self.context_type.__name__}, "
+                            f"got {type(ctx).__name__}")
+        return ctx
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], cache: LayerCache | None = None,
+                ctx: ForwardContext | Mapping[str, Any] | None = None) -> Float[Tensor, "batch pos d_model"]:
+        """The mixer output for ``x``; ``cache`` carries state between calls, ``ctx`` is the forward's
+        :class:`ForwardContext` (or a dict of its fields)."""
         x = fire(self.hook_in, x)
-        inputs, aux = self.project(x, cache, ctx)
+        inputs, aux = self.project(x, cache, self._as_context(ctx))
         inputs = RecurrenceInputs(
             q=fire(self.hook_q, inputs.q),
             k=fire(self.hook_k, inputs.k),
@@ -211,7 +262,7 @@ class MatrixMixer(nn.Module):
         if cache is not None:
             cache.state = final
         read = fire(self.hook_read, self.read_extra(o, inputs, aux))
-        return fire(self.hook_out, self.output(read, aux))
+        return fire(self.hook_out, self.output_with_inputs(read, inputs, aux))
 
     def _recur(self, inputs: RecurrenceInputs, S0: Tensor) -> tuple[Tensor, Tensor]:
         rule, chunk = self.rule, self.cfg.chunk_size

@@ -1,8 +1,10 @@
 """The architecture registry: one entry per file under ``recurrent_lens/models/``.
 
 An :class:`Architecture` tells the shared code everything it needs about one family: which mixer class
-to build, how to read a reference ``config.json`` into a :class:`ModelConfig`, and how each checkpoint
-key maps onto our parameters. Nothing outside the architecture's own file branches on its name.
+to build, which options its configs take, how to read a reference ``config.json`` into a
+:class:`ModelConfig`, and how each checkpoint key maps onto our parameters. Nothing outside the
+architecture's own file branches on its name. Each architecture file registers itself when it is imported;
+importing ``recurrent_lens.models`` imports the built-in ones.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from recurrent_lens.config import ModelConfig
+from recurrent_lens.config import ArchOptions, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,12 @@ class Architecture:
         map_weight: maps a checkpoint key to a :class:`WeightTarget`, or ``None`` for keys the model
             does not use (vision towers, MTP heads), which are skipped with a note.
         detect: recognises checkpoints without a ``model_type`` (mamba_ssm's ``config.json``).
-        embed_norm: builds a norm applied to the embedding before the first block (RWKV-7's ``ln0``).
+        embed_norm: builds a module applied to the embedding before the first block, the model's
+            ``ln_embed`` (default: none).
+        options: the :class:`~recurrent_lens.config.ArchOptions` subclass that ``ModelConfig.options`` is
+            parsed into (default: no options).
+        mlp: builds the block MLP for an MLP kind ``cfg.mlp`` other than ``"swiglu"``, which the
+            architecture defines itself (default: none; SwiGLU is shared).
     """
 
     name: str
@@ -48,6 +55,8 @@ class Architecture:
     map_weight: Callable[[str, ModelConfig], WeightTarget | None] | None = None
     detect: Callable[[dict[str, Any]], bool] | None = None
     embed_norm: Callable[[ModelConfig], nn.Module] | None = None
+    options: type[ArchOptions] = ArchOptions
+    mlp: Callable[[ModelConfig], nn.Module] | None = None
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -70,7 +79,7 @@ def register_architecture(arch: Architecture, *, overwrite: bool = False) -> Arc
 
 
 def get_architecture(name: str) -> Architecture:
-    _load_builtins()
+    """The architecture registered as ``name`` (a ValueError naming the registered ones otherwise)."""
     if name not in _REGISTRY:
         raise ValueError(f"architecture: unknown name {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -78,10 +87,5 @@ def get_architecture(name: str) -> Architecture:
 
 def architectures() -> dict[str, Architecture]:
     """All registered architectures by name."""
-    _load_builtins()
     return dict(_REGISTRY)
 
-
-def _load_builtins() -> None:
-    """Import the built-in architecture files, each of which registers itself."""
-    from recurrent_lens.models import delta_net, gated_deltanet, gla, mamba2, rwkv7  # noqa: F401

@@ -1,7 +1,6 @@
 """RWKV-7 ("Goose"), in fla's ``rwkv7`` layout (e.g. fla-hub/rwkv7-1.5B-world).
 
-Time mix per head (ARCHITECTURES.md §3), with the state in the K×V orientation (BlinkDL stores its
-transpose)::
+Time mix per head, with the state in the K×V orientation (BlinkDL stores its transpose)::
 
     xx   = x_{t-1} − x_t                                   (x_{-1}: zero, or the cached last token)
     x_c  = x + xx ⊙ μ_c                                    c ∈ {r, w, k, v, a, g}
@@ -16,26 +15,20 @@ transpose)::
     o_t  = S_tᵀ r_t                                        read scale 1 (no d_k^-1/2)
     out  = W_o [(GroupNorm(o) + ((r ⊙ k ⊙ r_k)·1) v) ⊙ g]   GroupNorm: one group per head, then the bonus
 
+The write is ``k_t v_tᵀ`` and the erase term ``−(κ̂_t⊙a_t)(κ̂_tᵀ S_{t-1})``.
+
 The block is fla's ``RWKV7Block``: LayerNorms with bias; layer 0 first replaces the stream by
-``pre_norm(x)`` (BlinkDL's ``ln0``, our ``ln_embed``); the channel mix is
-:class:`~recurrent_lens.models.components.TokenShiftReLU2`. ``v_first`` travels from layer 0 to the
-later layers through ``ctx["v_first"]``; it is recomputed on every call (decode steps included) and
-never cached, as in fla.
-
-``options`` read here:
-
-- ``decay_low_rank_dim``, ``a_low_rank_dim``, ``v_low_rank_dim``, ``gate_low_rank_dim``: LoRA ranks
-  (default: fla's size-dependent formula).
-- ``fuse_norm`` (default True): the removal key is normalised as ``x·rsqrt(Σx² + 1e-6)`` (fla's
-  ``l2_norm``, used when ``fuse_norm``); False gives ``F.normalize`` (eps 1e-12).
-- ``group_norm_eps`` (default ``d_k · norm_eps``, fla's ``head_dim · norm_eps``).
-- ``pre_norm`` (default True): the LayerNorm on the embedding (fla's ``norm_first``).
+``pre_norm(x)`` (BlinkDL's ``ln0``, our ``ln_embed``); the channel mix is :class:`TokenShiftReLU2`
+(``cfg.mlp = "relu2"``). ``v_first`` travels from layer 0 to the later layers in the forward's
+:class:`RWKV7Context`; it is recomputed on every call (decode steps included) and never cached, as in fla.
+Options: :class:`RWKV7Options`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,11 +37,11 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from recurrent_lens.config import ModelConfig
+from recurrent_lens.config import ArchOptions, ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import LayerNorm, l2_normalize
-from recurrent_lens.models.gated_deltanet import fla_block_weight
-from recurrent_lens.models.mixer import MatrixMixer, fire
+from recurrent_lens.models.fla_format import fla_block_weight, fla_mixer_key, refuse_hybrid
+from recurrent_lens.models.mixer import ForwardContext, MatrixMixer, fire
 from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import DPLRRule, RecurrenceInputs
 
@@ -57,6 +50,40 @@ MIX_NAMES = ("r", "w", "k", "v", "a", "g")
 
 MAX_DECAY = -math.exp(-0.5)
 """The most negative log-decay: ``w = MAX_DECAY · σ(...)``, BlinkDL's ``exp(−exp(−softplus(−·) − 0.5))``."""
+
+
+@dataclass(frozen=True)
+class RWKV7Options(ArchOptions):
+    """The ``options`` of ``rwkv7`` configs.
+
+    Example:
+        >>> from recurrent_lens import ModelConfig
+        >>> cfg = ModelConfig(architecture="rwkv7", d_model=64, n_layers=1, d_vocab=10, n_heads=4, d_k=16, d_v=16,
+        ...                   options={"decay_low_rank_dim": 8})
+        >>> RWKV7Options.from_config(cfg).low_rank_dims(cfg)
+        {'decay_low_rank_dim': 8, 'a_low_rank_dim': 32, 'v_low_rank_dim': 32, 'gate_low_rank_dim': 32}
+    """
+
+    decay_low_rank_dim: int | None = None
+    """Rank of ``w_lora`` (None: fla's size-dependent formula, :func:`default_low_rank_dims`)."""
+    a_low_rank_dim: int | None = None
+    """Rank of ``a_lora`` (None: fla's formula)."""
+    v_low_rank_dim: int | None = None
+    """Rank of ``v_lora`` (None: fla's formula)."""
+    gate_low_rank_dim: int | None = None
+    """Rank of ``g_lora`` (None: fla's formula)."""
+    fuse_norm: bool = True
+    """The removal key is normalised as ``x·rsqrt(Σx² + 1e-6)`` (fla's ``l2_norm``, used when ``fuse_norm``);
+    False gives ``F.normalize`` (eps 1e-12)."""
+    group_norm_eps: float | None = None
+    """Epsilon of the per-head GroupNorm (None: ``d_k · norm_eps``, fla's ``head_dim · norm_eps``)."""
+    pre_norm: bool = True
+    """The LayerNorm on the embedding, ``ln_embed`` (fla's ``norm_first``)."""
+
+    def low_rank_dims(self, cfg: ModelConfig) -> dict[str, int]:
+        """The four LoRA ranks, fla's defaults where unset."""
+        defaults = default_low_rank_dims(cfg.d_model, cfg.d_k)
+        return {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
 
 
 def default_low_rank_dims(d_model: int, d_k: int) -> dict[str, int]:
@@ -93,6 +120,18 @@ class LoRA(nn.Module):
         return f"act={self.act}"
 
 
+@dataclass
+class RWKV7Context(ForwardContext):
+    """The forward context of RWKV-7 layers: layer 0 sets ``v_first``, later layers read it.
+
+    Attributes:
+        v_first: ``[batch, pos, head, d_v]`` layer 0's value v₀ (after ``hook_v_first``), or ``None`` before
+            layer 0 has run.
+    """
+
+    v_first: Float[Tensor, "batch pos head d_v"] | None = None
+
+
 class RWKV7Mixer(MatrixMixer):
     """RWKV-7 time mix: a diagonal-plus-low-rank (DPLR) recurrence with a post-norm bonus term.
 
@@ -125,14 +164,16 @@ class RWKV7Mixer(MatrixMixer):
     rule = DPLRRule()
     has_beta = False
     has_decay = True
+    context_type = RWKV7Context
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__(cfg, layer)
-        opts = {**default_low_rank_dims(cfg.d_model, cfg.d_k), **cfg.options}
+        opts = RWKV7Options.from_config(cfg)
+        ranks = opts.low_rank_dims(cfg)
         H, dk, dv = cfg.n_heads, cfg.d_k, cfg.d_v
         self.key_dim, self.value_dim = H * dk, H * dv
-        self.fuse_norm = opts.get("fuse_norm", True)
-        self.group_norm_eps = opts.get("group_norm_eps", dk * cfg.norm_eps)
+        self.fuse_norm = opts.fuse_norm
+        self.group_norm_eps = dk * cfg.norm_eps if opts.group_norm_eps is None else opts.group_norm_eps
         self.x_lerp = nn.Parameter(torch.full((len(MIX_NAMES), cfg.d_model), 0.5))
         self.k_k = nn.Parameter(torch.ones(self.key_dim))
         self.k_a = nn.Parameter(torch.ones(self.key_dim))
@@ -141,11 +182,11 @@ class RWKV7Mixer(MatrixMixer):
         self.k_proj = nn.Linear(cfg.d_model, self.key_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.value_dim, bias=False)
         self.o_proj = nn.Linear(self.value_dim, cfg.d_model, bias=False)
-        self.w_lora = LoRA(cfg.d_model, self.key_dim, opts["decay_low_rank_dim"], "tanh")
-        self.a_lora = LoRA(cfg.d_model, self.key_dim, opts["a_low_rank_dim"], None)
+        self.w_lora = LoRA(cfg.d_model, self.key_dim, ranks["decay_low_rank_dim"], "tanh")
+        self.a_lora = LoRA(cfg.d_model, self.key_dim, ranks["a_low_rank_dim"], None)
         if layer > 0:
-            self.v_lora = LoRA(cfg.d_model, self.value_dim, opts["v_low_rank_dim"], None)
-        self.g_lora = LoRA(cfg.d_model, self.value_dim, opts["gate_low_rank_dim"], "sigmoid", bias=False)
+            self.v_lora = LoRA(cfg.d_model, self.value_dim, ranks["v_low_rank_dim"], None)
+        self.g_lora = LoRA(cfg.d_model, self.value_dim, ranks["gate_low_rank_dim"], "sigmoid", bias=False)
         self.g_norm = GroupNormPerHead(H, self.value_dim, self.group_norm_eps)
         self.hook_v_first = HookPoint()  # [batch, pos, head, d_v]
         self.hook_a = HookPoint()  # [batch, pos, head, d_k]
@@ -153,20 +194,11 @@ class RWKV7Mixer(MatrixMixer):
         self.hook_removal_key = HookPoint()  # [batch, pos, head, d_k]
         self.hook_bonus = HookPoint()  # [batch, pos, head, d_v]
 
-    def token_shift(self, x: Float[Tensor, "batch pos d_model"],
-                    cache: LayerCache | None) -> Float[Tensor, "batch pos d_model"]:
-        """``x_{t-1} − x_t``, continuing from the last token of the previous call when there is a cache."""
-        prev = x.new_zeros(x.shape[0], 1, x.shape[-1])
-        if cache is not None and "attn_shift" in cache.extra:
-            prev = cache.extra["attn_shift"].to(x.dtype)
-        if cache is not None:
-            cache.extra["attn_shift"] = x[:, -1:]
-        return torch.cat([prev, x[:, :-1]], dim=1) - x
-
-    def project(self, x: Tensor, cache: LayerCache | None, ctx: dict[str, Any]) -> tuple[RecurrenceInputs, Any]:
+    def project(self, x: Float[Tensor, "batch pos d_model"], cache: LayerCache | None,
+                ctx: ForwardContext) -> tuple[RecurrenceInputs, Tensor]:
         B, T, _ = x.shape
         H, dk, dv = self.n_heads, self.d_k, self.d_v
-        xx = self.token_shift(x, cache)
+        xx = token_shift(x, cache, "attn_shift")
         x_r, x_w, x_k, x_v, x_a, x_g = (x + xx * mu for mu in self.x_lerp.to(x.dtype))
 
         def heads(t: Tensor, d: int) -> Tensor:
@@ -177,13 +209,13 @@ class RWKV7Mixer(MatrixMixer):
         k0 = heads(self.k_proj(x_k), dk)
         v0 = heads(self.v_proj(x_v), dv)
         if self.layer == 0:
-            ctx["v_first"] = fire(self.hook_v_first, v0)
+            ctx.v_first = fire(self.hook_v_first, v0)
             v = v0
         else:
-            if "v_first" not in ctx:
-                raise ValueError(f"blocks.{self.layer}.mixer: ctx['v_first'] is missing; RWKV-7 layers after "
+            if ctx.v_first is None:
+                raise ValueError(f"blocks.{self.layer}.mixer: the context holds no v_first; RWKV-7 layers after "
                                  "the first need layer 0 to run earlier in the same forward")
-            v_first = fire(self.hook_v_first, ctx["v_first"])
+            v_first = fire(self.hook_v_first, ctx.v_first)
             v = torch.lerp(v0, v_first, torch.sigmoid(heads(self.v_lora(x_v), dv)))
         a = fire(self.hook_a, torch.sigmoid(heads(self.a_lora(x_a), dk)))
         g = fire(self.hook_g, heads(self.g_lora(x_g), dv))
@@ -192,20 +224,65 @@ class RWKV7Mixer(MatrixMixer):
         kappa = fire(self.hook_removal_key, kappa)
         k = k0 + k0 * (a - 1) * self.k_a.float().reshape(H, dk)
         inputs = RecurrenceInputs(q=r, k=k, v=v, decay=w, extra={"erase_key": kappa, "a": a})
-        return inputs, {"g": g}
+        return inputs, g
 
-    def read_extra(self, o: Tensor, inputs: RecurrenceInputs, aux: Any) -> Tensor:
-        # the bonus joins after the GroupNorm (in ``output``), but uses the hooked r, k, v seen here
-        aux["inputs"] = inputs
-        return o
-
-    def output(self, read: Tensor, aux: Any) -> Tensor:
+    def output_with_inputs(self, read: Float[Tensor, "batch pos head d_v"], inputs: RecurrenceInputs,
+                           aux: Tensor) -> Float[Tensor, "batch pos d_model"]:
+        """``W_o [(GroupNorm(read) + bonus) ⊙ g]``, the bonus from the recurrence's r, k, v as hooked."""
         B, T = read.shape[:2]
-        x = aux["inputs"]
-        bonus = (x.q * x.k * self.r_k.float()).sum(-1, keepdim=True) * x.v
+        bonus = (inputs.q * inputs.k * self.r_k.float()).sum(-1, keepdim=True) * inputs.v
         bonus = fire(self.hook_bonus, bonus)
-        o = (self.g_norm(read) + bonus) * aux["g"]
+        o = (self.g_norm(read) + bonus) * aux
         return self.o_proj(o.reshape(B, T, self.value_dim).to(self.o_proj.weight.dtype))
+
+
+def token_shift(x: Float[Tensor, "batch pos d"], cache: LayerCache | None, key: str) -> Float[Tensor, "batch pos d"]:
+    """``x_{t-1} − x_t`` (``x_{-1}``: zero, or the last token of the previous call, kept in ``cache.extra[key]``).
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens.models.cache import LayerCache
+        >>> cache = LayerCache()
+        >>> token_shift(torch.tensor([[[1.0], [3.0]]]), cache, "shift").flatten().tolist()
+        [-1.0, -2.0]
+        >>> token_shift(torch.tensor([[[4.0]]]), cache, "shift").flatten().tolist()
+        [-1.0]
+    """
+    prev = x.new_zeros(x.shape[0], 1, x.shape[-1])
+    if cache is not None and key in cache.extra:
+        prev = cache.extra[key].to(x.dtype)
+    if cache is not None:
+        cache.extra[key] = x[:, -1:]
+    return torch.cat([prev, x[:, :-1]], dim=1) - x
+
+
+class TokenShiftReLU2(nn.Module):
+    """RWKV-7's channel mix: ``value(relu(key(x + (x_{t-1} − x)⊙μ))²)`` with its own token shift, carried in
+    ``cache.extra["ffn_shift"]``.
+
+    Hook points::
+
+        hook_pre   [batch, pos, d_mlp]   key(x + (x_{t-1} − x)⊙μ)
+        hook_post  [batch, pos, d_mlp]   relu(hook_pre)²
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.x_k = nn.Parameter(torch.zeros(cfg.d_model))
+        self.key = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.value = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        """``[d_mlp, d_model]``: the output map as TransformerLens stores it (``hook_post @ W_out`` is the output)."""
+        return self.value.weight.T
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"],
+                cache: LayerCache | None = None) -> Float[Tensor, "batch pos d_model"]:
+        pre = fire(self.hook_pre, self.key(x + token_shift(x, cache, "ffn_shift") * self.x_k))
+        return self.value(fire(self.hook_post, F.relu(pre).square()))
 
 
 class GroupNormPerHead(nn.Module):
@@ -228,13 +305,12 @@ class GroupNormPerHead(nn.Module):
 
 
 def _embed_norm(cfg: ModelConfig) -> nn.Module:
-    return LayerNorm(cfg.d_model, cfg.norm_eps) if cfg.options.get("pre_norm", True) else nn.Identity()
+    return LayerNorm(cfg.d_model, cfg.norm_eps) if RWKV7Options.from_config(cfg).pre_norm else nn.Identity()
 
 
 def config_from_fla(d: dict[str, Any]) -> ModelConfig:
     """Read an fla ``rwkv7`` ``config.json``."""
-    if d.get("attn"):
-        raise ValueError("fla rwkv7 configs with hybrid 'attn' layers are not supported")
+    refuse_hybrid(d, "rwkv7")
     if d.get("hidden_act", "sqrelu") != "sqrelu":
         raise ValueError(f"hidden_act: expected 'sqrelu', got {d['hidden_act']!r}")
     if not d.get("norm_bias", True):
@@ -297,10 +373,10 @@ def map_fla_weight(name: str, cfg: ModelConfig) -> WeightTarget | None:
     if m:
         part = "ln2" if m.group(2) == "ffn_norm" else "mlp"
         return WeightTarget(f"blocks.{m.group(1)}.{part}.{m.group(3)}")
-    m = re.match(r"^model\.layers\.(\d+)\.attn\.(.*)$", name)
-    if not m:
+    key = fla_mixer_key(name)
+    if key is None:
         return fla_block_weight(name, cfg)
-    prefix, rest = f"blocks.{m.group(1)}.mixer.", m.group(2)
+    prefix, rest = key
     C = cfg.d_model
     if rest == "x_x":
         return WeightTarget(prefix + "x_lerp", transform=lambda t: t.reshape(len(MIX_NAMES), C))
@@ -321,4 +397,6 @@ register_architecture(Architecture(
     config_from_hf=config_from_fla,
     map_weight=map_fla_weight,
     embed_norm=_embed_norm,
+    options=RWKV7Options,
+    mlp=TokenShiftReLU2,
 ))

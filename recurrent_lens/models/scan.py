@@ -11,7 +11,8 @@ to the value heads and scaled as the recurrence uses them):
 
 Each rule has a short token-by-token ``step`` (the reference, modelled on fla's ``naive.py``) and, where
 one exists, an exact chunked form used when nobody looks at per-step matrices. :func:`scan` picks the
-form; :func:`replay` re-runs the recurrence after per-step state or erase edits (DESIGN.md §3).
+form; :func:`replay` re-runs the recurrence after per-step state or erase edits, where an edited slice
+replaces the quantity at its step and every later step is recomputed from it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float, Int
 from torch import Tensor
+
+State = Float[Tensor, "batch head d_k d_v"]
+"""One state per head, ``S`` of shape ``d_k × d_v``."""
+States = Float[Tensor, "batch pos head d_k d_v"]
+"""A state (or write, or erase term) per position and head."""
 
 
 @dataclass
@@ -70,7 +78,13 @@ class RecurrenceInputs:
         )
 
     def at(self, t: int) -> RecurrenceInputs:
+        """The inputs of position ``t``: every tensor ``[batch, head, ...]``."""
         return self.map(lambda x: x[:, t])
+
+    def chunks(self, chunk_size: int) -> RecurrenceInputs:
+        """The position axis cut into chunks and moved behind the head: every tensor ``[batch, n_chunks, head,
+        chunk_size, ...]`` (the length must be a multiple of ``chunk_size``)."""
+        return self.map(lambda t: rearrange(t, "b (n c) h ... -> b n h c ...", c=chunk_size))
 
     def write(self) -> Tensor:
         """``W_t = β_t k_t v_tᵀ`` for every token: ``[batch, pos, head, d_k, d_v]``."""
@@ -84,10 +98,15 @@ class ScanResult:
     ``[batch, head, d_k, d_v]`` and, when asked for, every state and every erase term
     ``[batch, pos, head, d_k, d_v]``."""
 
-    o: Tensor
-    final_state: Tensor
-    states: Tensor | None = None
-    erases: Tensor | None = None
+    o: Float[Tensor, "batch pos head d_v"]
+    final_state: State
+    states: States | None = None
+    erases: States | None = None
+
+
+def _unchunk(outs: list[Tensor]) -> Float[Tensor, "batch pos head d_v"]:
+    """Per-chunk outputs ``[batch, head, chunk_size, d_v]`` back to ``[batch, pos, head, d_v]``."""
+    return rearrange(torch.stack(outs, 1), "b n h c v -> b (n c) h v")
 
 
 def _decay_factor(g: Tensor | None) -> Tensor | None:
@@ -106,11 +125,14 @@ class Rule:
 
     def step(self, S: Tensor, x: RecurrenceInputs, write: Tensor | None = None,
              erase: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """One token: ``x`` holds ``[batch, head, ...]`` slices; ``write``/``erase`` override the
-        rule's own terms. Returns the new state and this step's erase term (``None`` if the rule has none)."""
+        """One token: ``S`` is ``[batch, head, d_k, d_v]``, ``x`` holds ``[batch, head, ...]`` slices;
+        ``write``/``erase`` (``[batch, head, d_k, d_v]``) override the rule's own terms. Returns the new state
+        and this step's erase term (``None`` if the rule has none). The shapes are not annotated: the scans
+        call this once per token."""
         raise NotImplementedError
 
-    def chunked(self, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
+            Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
         """Exact chunked form on inputs whose length is a multiple of ``chunk_size``.
         Returns ``(o, final_state, boundary_states [batch, n_chunks, head, d_k, d_v])`` where
         ``boundary_states[:, c]`` is the state before chunk ``c``."""
@@ -143,7 +165,7 @@ class LinearRule(Rule):
     """Chunk length used inside ``chunked`` for per-channel decay, whose intra-chunk term costs
     ``chunk² · d_k`` per chunk; boundary states are still reported every ``chunk_size`` tokens."""
 
-    def step(self, S, x, write=None, erase=None):
+    def step(self, S, x, write=None, erase=None):  # per token: unannotated, see Rule.step
         decay = _decay_factor(x.decay)
         if decay is not None:
             S = S * decay
@@ -152,7 +174,8 @@ class LinearRule(Rule):
             write = k[..., :, None] * x.v[..., None, :]
         return S + write, None
 
-    def chunked(self, x, S0, chunk_size):
+    def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
+            Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
         per_channel = x.decay is not None and x.decay.dim() == 4 and x.decay.shape[-1] > 1
         if per_channel and chunk_size > self.channel_chunk and chunk_size % self.channel_chunk == 0:
             o, S, bounds = self._chunked(x, S0, self.channel_chunk)
@@ -170,10 +193,10 @@ class LinearRule(Rule):
         Gt, w = _up_to(G, offsets)
         return Gt.exp().transpose(-1, -2) * S0 + (k * w).transpose(-1, -2) @ v
 
-    def _chunked(self, x, S0, chunk_size):
+    def _chunked(self, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
         B, T, H, dk, dv = x.shape
         N, C = T // chunk_size, chunk_size
-        chunks = x.map(lambda t: t.reshape(B, N, C, *t.shape[2:]).transpose(2, 3))  # [B, N, H, C, ...]
+        chunks = x.chunks(C)  # [B, N, H, C, ...]
         q, k, v = chunks.q, chunks.k, chunks.v
         if chunks.beta is not None:
             k = k * chunks.beta[..., None]
@@ -199,8 +222,7 @@ class LinearRule(Rule):
             bounds.append(S)
             outs.append(intra[:, n] + q_in[:, n] @ S)
             S = last[:, n, ..., None] * S + k_out[:, n].transpose(-1, -2) @ v[:, n]
-        o = torch.stack(outs, 1).transpose(2, 3).reshape(B, T, H, dv)
-        return o, S, torch.stack(bounds, 1)
+        return _unchunk(outs), S, torch.stack(bounds, 1)
 
 
 class DeltaRule(LinearRule):
@@ -212,7 +234,7 @@ class DeltaRule(LinearRule):
 
     has_erase = True
 
-    def step(self, S, x, write=None, erase=None):
+    def step(self, S, x, write=None, erase=None):  # per token: unannotated, see Rule.step
         decay = _decay_factor(x.decay)
         if decay is not None:
             S = S * decay
@@ -224,10 +246,11 @@ class DeltaRule(LinearRule):
             write = (beta[..., None] * x.k)[..., :, None] * x.v[..., None, :]
         return S + erase + write, erase
 
-    def chunked(self, x, S0, chunk_size):
+    def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
+            Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
         B, T, H, dk, dv = x.shape
         N, C = T // chunk_size, chunk_size
-        chunks = x.map(lambda t: t.reshape(B, N, C, *t.shape[2:]).transpose(2, 3))  # [B, N, H, C, ...]
+        chunks = x.chunks(C)  # [B, N, H, C, ...]
         q, k, v = chunks.q, chunks.k, chunks.v
         G, decay, U0, Wk = self._solve(k, v, chunks.beta, chunks.decay)
         A = (q @ k.transpose(-1, -2)) * decay  # [B, N, H, C, C]
@@ -240,8 +263,7 @@ class DeltaRule(LinearRule):
             U = U0[:, n] - Wk[:, n] @ S
             outs.append(q_in[:, n] @ S + A[:, n] @ U)
             S = last[:, n] * S + k_out[:, n].transpose(-1, -2) @ U
-        o = torch.stack(outs, 1).transpose(2, 3).reshape(B, T, H, dv)
-        return o, S, torch.stack(bounds, 1)
+        return _unchunk(outs), S, torch.stack(bounds, 1)
 
     def chunk_states(self, x, S0, offsets):
         # S_t = Γ_t S_0 + Σ_{s≤t} (Γ_t/Γ_s) k_s u_sᵀ with the chunk's corrected values u = U0 − Wk S_0
@@ -279,10 +301,11 @@ class DPLRRule(Rule):
     has_erase = True
     has_chunked = True
 
-    def chunked(self, x, S0, chunk_size):
+    def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
+            Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
         return dplr_chunked(x, S0, chunk_size)
 
-    def step(self, S, x, write=None, erase=None):
+    def step(self, S, x, write=None, erase=None):  # per token: unannotated, see Rule.step
         if erase is None:
             kS = torch.einsum("bhk,bhkv->bhv", x.extra["erase_key"], S)
             erase = -(x.extra["erase_key"] * x.extra["a"])[..., :, None] * kS[..., None, :]
@@ -297,7 +320,8 @@ MIN_CHUNK_LOG_DECAY = -80.0
 """The lowest cumulative log-decay one chunk may reach before ``e^{−G}`` leaves fp32's range."""
 
 
-def dplr_chunked(x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def dplr_chunked(x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
+        Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
     """The DPLR recurrence (RWKV-7) chunk by chunk, exactly, with :meth:`Rule.chunked`'s contract.
 
     Per head, with ``D_t = diag(exp w_t)``, erase key ``κ_t`` and rate ``a_t``::
@@ -331,22 +355,19 @@ def dplr_chunked(x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> tuple[Tens
         ``(o [batch, pos, head, d_v], final_state, boundary_states [batch, n_chunks, head, d_k, d_v])``
         where ``boundary_states[:, c]`` is the state before chunk ``c``.
     """
-    B, T, H, dk, dv = x.shape
+    T = x.k.shape[1]
     if T % chunk_size:
         raise ValueError(f"dplr_chunked: the length ({T}) must be a multiple of chunk_size ({chunk_size})")
     if x.decay is None or x.decay.shape != x.k.shape:
         raise ValueError(f"dplr_chunked: decay must be per key channel with shape {tuple(x.k.shape)}, "
                          f"got {None if x.decay is None else tuple(x.decay.shape)}")
     N, C = T // chunk_size, chunk_size
-
-    def chunks(t: Tensor) -> Tensor:
-        return t.reshape(B, N, C, *t.shape[2:]).transpose(2, 3)  # [B, N, H, C, ...]
-
-    q, k, v, w = chunks(x.q), chunks(x.k), chunks(x.v), chunks(x.decay)
-    if x.beta is not None:
-        k = k * chunks(x.beta)[..., None]
-    kappa = chunks(x.extra["erase_key"])
-    alpha, beta = -kappa, kappa * chunks(x.extra["a"])
+    chunks = x.chunks(C)  # [B, N, H, C, ...]
+    q, k, v, w = chunks.q, chunks.k, chunks.v, chunks.decay
+    if chunks.beta is not None:
+        k = k * chunks.beta[..., None]
+    kappa = chunks.extra["erase_key"]
+    alpha, beta = -kappa, kappa * chunks.extra["a"]
     G = w.cumsum(-2)  # [B, N, H, C, d_k], inclusive
     if bool((G[..., -1, :] < MIN_CHUNK_LOG_DECAY).any()):
         raise ValueError(f"dplr_chunked: a chunk's cumulative log-decay falls below {MIN_CHUNK_LOG_DECAY} "
@@ -379,8 +400,7 @@ def dplr_chunked(x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> tuple[Tens
         outs.append(q_in[:, n] @ S + A_qb[:, n] @ U + intra[:, n])
         S = last[:, n].exp().transpose(-1, -2) * S + carry_b[:, n].transpose(-1, -2) @ U \
             + carry_k[:, n].transpose(-1, -2) @ v[:, n]
-    o = torch.stack(outs, 1).transpose(2, 3).reshape(B, T, H, dv)
-    return o, S, torch.stack(bounds, 1)
+    return _unchunk(outs), S, torch.stack(bounds, 1)
 
 
 def _pad_to(x: RecurrenceInputs, length: int) -> RecurrenceInputs:
@@ -391,7 +411,7 @@ def _pad_to(x: RecurrenceInputs, length: int) -> RecurrenceInputs:
     return x.map(lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, length - T)))
 
 
-def recurrent_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, *, writes: Tensor | None = None,
+def recurrent_scan(rule: Rule, x: RecurrenceInputs, S0: State, *, writes: States | None = None,
                    keep_states: bool = False) -> ScanResult:
     """Token-by-token reference: one ``rule.step`` per position.
 
@@ -416,7 +436,7 @@ def recurrent_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, *, writes: Tenso
     return ScanResult(o, S, torch.stack(states, 1), torch.stack(erases, 1) if rule.has_erase else None)
 
 
-def chunked_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> ScanResult:
+def chunked_scan(rule: Rule, x: RecurrenceInputs, S0: State, chunk_size: int) -> ScanResult:
     """The fast path: the rule's exact chunked form (no per-step matrices); fla's kernels on CUDA."""
     from recurrent_lens.models import kernels
 
@@ -430,27 +450,27 @@ def chunked_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -
     return ScanResult(o[:, :T], S)
 
 
-def materialized_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> ScanResult:
+def materialized_scan(rule: Rule, x: RecurrenceInputs, S0: State, chunk_size: int) -> ScanResult:
     """Every state and erase term, fast: states at chunk boundaries from the chunked form, then all
     chunks replayed in parallel token by token (``chunk_size`` Python steps instead of ``pos``)."""
-    B, T, H, dk, dv = x.shape
+    B, T = x.k.shape[:2]
     if not rule.has_chunked or T <= chunk_size:
         return recurrent_scan(rule, x, S0, keep_states=True)
     N = -(-T // chunk_size)
     padded = _pad_to(x, N * chunk_size)
     _, final, bounds = rule.chunked(padded, S0, chunk_size)
-    flat = padded.map(lambda t: t.reshape(B * N, chunk_size, *t.shape[2:]))
-    res = recurrent_scan(rule, flat, bounds.reshape(B * N, H, dk, dv), keep_states=True)
+    flat = padded.map(lambda t: rearrange(t, "b (n c) ... -> (b n) c ...", c=chunk_size))
+    res = recurrent_scan(rule, flat, rearrange(bounds, "b n ... -> (b n) ..."), keep_states=True)
 
     def unflatten(t: Tensor) -> Tensor:
-        return t.reshape(B, N * chunk_size, *t.shape[2:])[:, :T]
+        return rearrange(t, "(b n) c ... -> b (n c) ...", b=B)[:, :T]
 
     erases = None if res.erases is None else unflatten(res.erases)
     return ScanResult(unflatten(res.o), final, unflatten(res.states), erases)
 
 
-def scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, *, chunk_size: int = 64,
-         keep_states: bool = False, writes: Tensor | None = None) -> ScanResult:
+def scan(rule: Rule, x: RecurrenceInputs, S0: State, *, chunk_size: int = 64,
+         keep_states: bool = False, writes: States | None = None) -> ScanResult:
     """Run the recurrence in the cheapest exact form the request allows.
 
     - no per-step matrices wanted and no explicit writes: the chunked form (or the loop for rules
@@ -479,8 +499,8 @@ def scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, *, chunk_size: int = 64,
     return recurrent_scan(rule, x, S0)
 
 
-def boundary_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int, *,
-                  writes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def boundary_scan(rule: Rule, x: RecurrenceInputs, S0: State, chunk_size: int, *, writes: States | None = None
+                  ) -> tuple[Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
     """Outputs, final state and the state before every chunk, without any other per-step state.
 
     The rule's chunked form where it has one; otherwise (or with explicit ``writes``, which the chunked
@@ -513,8 +533,9 @@ def boundary_scan(rule: Rule, x: RecurrenceInputs, S0: Tensor, chunk_size: int, 
     return torch.stack(outs, 1), S, torch.stack(bounds, 1)
 
 
-def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Tensor, positions: Tensor, chunk_size: int, *,
-              writes: Tensor | None = None) -> Tensor:
+def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Float[Tensor, "batch n_chunks head d_k d_v"],
+              positions: Int[Tensor, "batch n"], chunk_size: int, *,
+              writes: States | None = None) -> Float[Tensor, "batch n head d_k d_v"]:
     """The states ``S_t`` at chosen positions, each computed from the boundary state of its chunk.
 
     Rules with a closed form inside a chunk (:meth:`Rule.chunk_states`: the linear and delta rules) get
@@ -542,14 +563,14 @@ def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Tensor, positions: Tensor
 
     def chunk_inputs(t: Tensor) -> Tensor:
         # [B, N·C, ...] -> the chunk of every requested position, [B·n, C, ...]
-        t = t.reshape(B, N, chunk_size, *t.shape[2:])[rows, chunk]
-        return t.reshape(B * n, chunk_size, *t.shape[3:])
+        t = rearrange(t, "b (n c) ... -> b n c ...", c=chunk_size)[rows, chunk]
+        return rearrange(t, "b k c ... -> (b k) c ...")
 
     flat = padded.map(chunk_inputs)
     flat_writes = None
     if writes is not None:
         flat_writes = chunk_inputs(F.pad(writes, (0, 0, 0, 0, 0, 0, 0, N * chunk_size - T)))
-    S = bounds[rows, chunk].reshape(B * n, *bounds.shape[2:])
+    S = rearrange(bounds[rows, chunk], "b k ... -> (b k) ...")
     offset = offset.reshape(B * n)
     if flat_writes is None:
         closed = rule.chunk_states(flat, S, offset)
@@ -559,12 +580,12 @@ def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Tensor, positions: Tensor
     for s in range(int(offset.max()) + 1 if n else 0):
         S, _ = rule.step(S, flat.at(s), None if flat_writes is None else flat_writes[:, s])
         out = torch.where((offset == s)[:, None, None, None], S, out)
-    return out.reshape(B, n, *out.shape[1:])
+    return rearrange(out, "(b k) ... -> b k ...", b=B)
 
 
-def replay(rule: Rule, x: RecurrenceInputs, S0: Tensor, states: Tensor, *, writes: Tensor | None = None,
+def replay(rule: Rule, x: RecurrenceInputs, S0: State, states: States, *, writes: States | None = None,
            state_edit: tuple[Tensor, ...] | None = None,
-           erase_edit: tuple[Tensor, ...] | None = None, differentiable: bool = False) -> Tensor:
+           erase_edit: tuple[Tensor, ...] | None = None, differentiable: bool = False) -> States:
     """Recompute states after per-step edits, from the first edited position on.
 
     Args:
