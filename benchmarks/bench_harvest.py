@@ -281,6 +281,8 @@ def main() -> None:
           f"{t_many:.3f}s / {t_one:.3f}s = {t_many / t_one:.2f}  (target <= 1.5)")
     print(f"    floor of (c): states_at(layer 2, head {s['head']}) / states_at(layer {LAYER}, head {s['head']}): "
           f"{t_two:.3f}s / {t_one:.3f}s = {t_two / t_one:.2f}")
+    print(f"    at equal depth: the {2 * s['n_heads']} cells / states_at(layer 2, head {s['head']}): "
+          f"{t_many:.3f}s / {t_two:.3f}s = {t_many / t_two:.2f}")
     if cuda:
         t_every = t["layers 0-2"]
         n = 3 * s["n_heads"] * s["batch"] * N_POSITIONS
