@@ -42,75 +42,199 @@ from jaxtyping import Float, Int
 from torch import nn
 
 __all__ = [
+    "on_host", "sparse_rows", "FactoredMatmul", "SparseFactoredDecode",
     "Part", "Code", "FixedCode", "SegmentCode", "Directions",
     "Encoder", "LinearEncoder", "BilinearEncoder",
     "Decoder", "FactoredDecoder", "FlatDecoder", "FullDecoder",
 ]
 
 
-def assemble(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Atoms ``sum_r V[i,r] W[i,r]^T`` as ``[n, d_k * d_v]``."""
-    n = V.shape[0]
+def assemble(V: torch.Tensor, W: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Atoms ``sum_r V[i,r] W[i,r]^T`` as ``[n, d_k * d_v]``, written into ``buffer[:n]`` if given."""
+    n, _, d_k = V.shape
+    d_v = W.shape[-1]
+    out = None if buffer is None else buffer[:n].view(n, d_k, d_v)
     if V.shape[1] == 1:
         # An outer product as a broadcast multiply: bmm with an inner dimension of 1 is several times slower.
-        return (V[:, 0, :, None] * W[:, 0, None, :]).reshape(n, -1)
-    return torch.bmm(V.transpose(1, 2), W).reshape(n, -1)
+        out = torch.mul(V[:, 0, :, None], W[:, 0, None, :], out=out)
+    else:
+        out = torch.bmm(V.transpose(1, 2), W, out=out)
+    return out.view(n, -1)
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on the CPU, where reading a count of it costs nothing. The fast paths that need
+    one (sparse encoder gradients, skipping or shrinking the auxiliary loss) run only there: on a GPU
+    they would make every training step wait for the device."""
+    return t.device.type == "cpu"
+
+
+def sparse_rows(G: torch.Tensor, max_fill: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The non-zeros of ``G`` [n, f] row by row, as ``(indices, values)`` [n, m] padded with zeros
+    (``m`` = most non-zeros in a row), or ``None`` if a row is fuller than ``max_fill * f`` or ``G``
+    is not :func:`on_host`."""
+    if not on_host(G) or G.dim() != 2:
+        return None
+    n, f = G.shape
+    rows, cols = G.nonzero().unbind(1)  # row-major order
+    counts = torch.bincount(rows, minlength=n)
+    m = int(counts.max()) if len(rows) else 0
+    if m > max_fill * f:
+        return None
+    slot = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]  # position within its row
+    indices = torch.zeros(n, m, dtype=torch.int64).index_put_((rows, slot), cols)
+    return indices, G.new_zeros(n, m).index_put_((rows, slot), G[rows, cols])
+
+
+def _add_rows(shape_like: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``zeros_like(shape_like)`` with ``rows[j]`` added at ``index[j]``."""
+    out = torch.zeros_like(shape_like)
+    if on_host(out):
+        # About ten times faster than the accumulating index_put_ of autograd's gather backward.
+        return out.index_add_(0, index, rows)
+    # On CUDA index_add_ sums with atomics, so results would vary from run to run; index_put_ does not.
+    return out.index_put_((index,), rows, accumulate=True)
 
 
 class FactoredMatmul(torch.autograd.Function):
     """``X @ A^T`` (encode) or ``X @ A`` (decode) for atoms ``A_i = sum_r V[i,r] W[i,r]^T``.
 
     The atoms are built ``chunk`` features at a time and rebuilt in backward, so memory stays at
-    one chunk of ``[chunk, d_k * d_v]`` instead of all ``n_features`` atoms plus their gradients.
+    one chunk of ``[chunk, d_k * d_v]`` instead of all ``n_features`` atoms plus their gradients
+    (and a chunk that fits in the cache is also faster to multiply).
+
+    Encoding, the backward pass is sparse when the incoming gradient is (TopK and BatchTopK pass
+    gradient to the selected pre-activations only): with ``m`` non-zeros ``g`` per row it costs
+    ``n * m * d_k * d_v`` instead of a GEMM over all features,
+    ``dV_i = sum_b g_bi X_b W_i``, ``dW_i = sum_b g_bi X_b^T V_i``, ``dX_b = sum_i g_bi A_i``.
+    It runs when no row has more than ``sparse_fill`` of the features (on the CPU only, see
+    :func:`on_host`).
     """
+
+    sparse_fill: ClassVar[float] = 1 / 8
+    """Measured at d_k = d_v = 128, 8192 features, 2 threads: the sparse backward takes 4 ms for 32
+    non-zeros per row against 330 ms dense, and breaks even at about a quarter of the features."""
 
     @staticmethod
     def forward(ctx, X, V, W, chunk, transpose):  # type: ignore[override]
         ctx.save_for_backward(X, V, W)
         ctx.chunk, ctx.transpose = chunk, transpose
         n = V.shape[0]
+        # One buffer for every chunk's atoms: it stays in the cache, and the allocator is not asked
+        # (and the pages not faulted in) again for each chunk.
+        buffer = X.new_empty(min(chunk, n), V.shape[2] * W.shape[2])
         if transpose:
             out = X.new_empty(X.shape[0], n)
             for s in range(0, n, chunk):
-                out[:, s : s + chunk] = X @ assemble(V[s : s + chunk], W[s : s + chunk]).T
+                out[:, s : s + chunk] = X @ assemble(V[s : s + chunk], W[s : s + chunk], buffer).T
             return out
         out = None
         for s in range(0, n, chunk):
-            part = X[:, s : s + chunk] @ assemble(V[s : s + chunk], W[s : s + chunk])
+            part = X[:, s : s + chunk] @ assemble(V[s : s + chunk], W[s : s + chunk], buffer)
             out = part if out is None else out.add_(part)
         return out
 
     @staticmethod
     def backward(ctx, G):  # type: ignore[override]
         X, V, W = ctx.saved_tensors
-        chunk, transpose = ctx.chunk, ctx.transpose
-        n, r, d_k = V.shape
-        d_v = W.shape[-1]
-        need_x, need_v, need_w = ctx.needs_input_grad[:3]
-        gX = torch.zeros_like(X) if need_x else None
-        gV = torch.empty_like(V) if need_v else None
-        gW = torch.empty_like(W) if need_w else None
-        for s in range(0, n, chunk):
-            Vc, Wc = V[s : s + chunk], W[s : s + chunk]
-            c = Vc.shape[0]
-            A = assemble(Vc, Wc)
-            if transpose:
-                Gc = G[:, s : s + chunk]
-                if need_x:
-                    gX.addmm_(Gc, A)
-                gA = Gc.T @ X if (need_v or need_w) else None
-            else:
-                if need_x:
-                    gX[:, s : s + chunk] = G @ A.T
-                gA = X[:, s : s + chunk].T @ G if (need_v or need_w) else None
-            if gA is None:
-                continue
-            gA = gA.view(c, d_k, d_v)
+        if ctx.transpose:
+            rows = sparse_rows(G, FactoredMatmul.sparse_fill)
+            if rows is not None:
+                return (*_sparse_encode_grads(X, V, W, *rows, ctx.needs_input_grad[:3]), None, None)
+        return (*_dense_grads(X, V, W, G, ctx.chunk, ctx.transpose, ctx.needs_input_grad[:3]), None, None)
+
+
+def _dense_grads(X, V, W, G, chunk, transpose, needs):
+    n, r, d_k = V.shape
+    d_v = W.shape[-1]
+    need_x, need_v, need_w = needs
+    gX = torch.zeros_like(X) if need_x else None
+    gV = torch.empty_like(V) if need_v else None
+    gW = torch.empty_like(W) if need_w else None
+    buffer = X.new_empty(min(chunk, n), d_k * d_v)
+    for s in range(0, n, chunk):
+        Vc, Wc = V[s : s + chunk], W[s : s + chunk]
+        c = Vc.shape[0]
+        A = assemble(Vc, Wc, buffer)
+        if transpose:
+            Gc = G[:, s : s + chunk]
+            if need_x:
+                gX.addmm_(Gc, A)
+            gA = Gc.T @ X if (need_v or need_w) else None
+        else:
+            if need_x:
+                gX[:, s : s + chunk] = G @ A.T
+            gA = X[:, s : s + chunk].T @ G if (need_v or need_w) else None
+        if gA is None:
+            continue
+        gA = gA.view(c, d_k, d_v)
+        if need_v:
+            gV[s : s + chunk] = torch.bmm(gA, Wc.transpose(1, 2)).transpose(1, 2)
+        if need_w:
+            gW[s : s + chunk] = torch.bmm(gA.transpose(1, 2), Vc.transpose(1, 2)).transpose(1, 2)
+    return gX, gV, gW
+
+
+def _sparse_encode_grads(X, V, W, idx, g, needs):
+    """Gradients of ``X @ A^T`` for an incoming gradient with non-zeros ``g`` at ``idx`` ([n, m])."""
+    n, m = idx.shape
+    r, d_k, d_v = V.shape[1], V.shape[2], W.shape[2]
+    need_x, need_v, need_w = needs
+    S = X.reshape(n, d_k, d_v)
+    flat = idx.reshape(-1)
+    gr = g.repeat_interleave(r, dim=1)  # [n, m * r]: the weight of each (feature, rank) pair
+    Vg = V[idx].view(n, m * r, d_k)
+    Wg = W[idx].view(n, m * r, d_v)
+    gV = gW = gX = None
+    if need_v:
+        SW = torch.bmm(Wg, S.transpose(1, 2))  # [n, m*r, d_k]: X_b W_ir
+        gV = _add_rows(V, flat, (SW * gr[..., None]).view(n * m, r, d_k))
+    if need_w:
+        SV = torch.bmm(Vg, S)  # [n, m*r, d_v]: X_b^T V_ir
+        gW = _add_rows(W, flat, (SV * gr[..., None]).view(n * m, r, d_v))
+    if need_x:
+        gX = torch.bmm((Vg * gr[..., None]).transpose(1, 2), Wg).view(n, d_k * d_v)
+    return gX, gV, gW
+
+
+class SparseFactoredDecode(torch.autograd.Function):
+    """``sum_j values[b,j] A_{indices[b,j]}`` for factored atoms, touching the selected atoms only.
+
+    The backward pass is written out (two batched products, the code gradient and one index_add_
+    per factor) instead of autograd's chain of gathers, products and accumulating index_put_.
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, V, W):  # type: ignore[override]
+        n, k = values.shape
+        r, d_k, d_v = V.shape[1], V.shape[2], W.shape[2]
+        Vg = V[indices]
+        P = (Vg * values[..., None, None]).reshape(n, k * r, d_k)
+        Q = W[indices].reshape(n, k * r, d_v)
+        ctx.save_for_backward(values, indices, V, W)
+        return torch.bmm(P.transpose(1, 2), Q).reshape(n, -1)
+
+    @staticmethod
+    def backward(ctx, G):  # type: ignore[override]
+        values, indices, V, W = ctx.saved_tensors
+        need_values, _, need_v, need_w = ctx.needs_input_grad
+        n, k = values.shape
+        r, d_k, d_v = V.shape[1], V.shape[2], W.shape[2]
+        G = G.reshape(n, d_k, d_v)
+        Vg = V[indices].reshape(n, k * r, d_k)
+        Q = W[indices].reshape(n, k * r, d_v)
+        g_values = gV = gW = None
+        if need_values or need_v:
+            dP = torch.bmm(Q, G.transpose(1, 2))  # [n, k*r, d_k]: the gradient of P_j = values_j V_j
+            if need_values:
+                g_values = (dP * Vg).sum(-1).view(n, k, r).sum(-1)
             if need_v:
-                gV[s : s + chunk] = torch.bmm(gA, Wc.transpose(1, 2)).transpose(1, 2)
-            if need_w:
-                gW[s : s + chunk] = torch.bmm(gA.transpose(1, 2), Vc.transpose(1, 2)).transpose(1, 2)
-        return gX, gV, gW, None, None
+                rows = (dP.view(n, k, r, d_k) * values[..., None, None]).view(n * k, r, d_k)
+                gV = _add_rows(V, indices.reshape(-1), rows)
+        if need_w:
+            P = (Vg.view(n, k, r, d_k) * values[..., None, None]).view(n, k * r, d_k)
+            gW = _add_rows(W, indices.reshape(-1), torch.bmm(P, G).view(n * k, r, d_v))
+        return g_values, None, gV, gW
 
 
 # ---------------------------------------------------------------------------------------- codes
@@ -332,7 +456,7 @@ class BilinearEncoder(Encoder):
 
     def project(self, x: Float[torch.Tensor, "n d_in"]) -> Float[torch.Tensor, "n n_features"]:
         V, W = self.factors
-        return FactoredMatmul.apply(x, V, W, self.sae._chunk(), True)
+        return FactoredMatmul.apply(x, V, W, self.sae._chunk(x.device), True)
 
     def atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
         return assemble(*self.factors).view(-1, self.cfg.d_k, self.cfg.d_v)
@@ -422,14 +546,10 @@ class FactoredDecoder(Decoder):
         V, W = self.sae.V_dec, self.sae.W_dec
         if detach:
             V, W = V.detach(), W.detach()
-        return FactoredMatmul.apply(a, V, W, self.sae._chunk(), False)
+        return FactoredMatmul.apply(a, V, W, self.sae._chunk(a.device), False)
 
     def decode_sparse(self, values: Float[torch.Tensor, "n k"], indices: Int[torch.Tensor, "n k"]) -> Float[torch.Tensor, "n d_in"]:
-        cfg = self.cfg
-        n, k = values.shape
-        P = (self.sae.V_dec[indices] * values[..., None, None]).reshape(n, k * cfg.rank, cfg.d_k)
-        Q = self.sae.W_dec[indices].reshape(n, k * cfg.rank, cfg.d_v)
-        return torch.bmm(P.transpose(1, 2), Q).reshape(n, -1)
+        return SparseFactoredDecode.apply(values, indices, self.sae.V_dec, self.sae.W_dec)
 
     def decode_segments(
         self, values: Float[torch.Tensor, " m"], indices: Int[torch.Tensor, " m"], sample: Int[torch.Tensor, " m"], n: int

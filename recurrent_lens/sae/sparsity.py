@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 
+from recurrent_lens.sae import parts
 from recurrent_lens.sae.parts import Code, Directions, FixedCode, Part, SegmentCode
 
 __all__ = ["topk", "batch_topk", "jumprelu", "jumprelu_l0", "gated", "Sparsity", "TopK", "BatchTopK", "JumpReLU",
@@ -244,9 +245,17 @@ class TopK(Sparsity):
 
     def aux_loss(self, p: Any, dead: Bool[torch.Tensor, " n_features"]) -> Float[torch.Tensor, ""]:
         cfg = self.cfg
-        # Alive features are masked to -inf; any of them still picked by topk (fewer dead than
-        # k_aux) becomes 0 after the ReLU, so no host-side count of the dead is needed.
-        values, indices = topk(p.pre.masked_fill(~dead, float("-inf")), cfg.k_aux)
+        k_aux = cfg.k_aux
+        if parts.on_host(dead):
+            # Counting the dead costs nothing here: no work while none is dead, and no more features
+            # selected than are dead (the reference's min(k_aux, n_dead)).
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                return p.x.new_zeros(())
+            k_aux = min(k_aux, n_dead)
+        # Elsewhere the count would wait for the device: alive features are masked to -inf, and any
+        # of them still picked (fewer dead than k_aux) becomes 0 after the ReLU.
+        values, indices = topk(p.pre.masked_fill(~dead, float("-inf")), k_aux)
         aux_hat = self.sae.decoder.decode_sparse(values, indices) + self.sae.b_dec.reshape(-1)
         aux = (aux_hat - (p.x - p.x_hat.detach())).pow(2).mean()
         return cfg.aux_coef * aux * dead.any().to(aux.dtype)

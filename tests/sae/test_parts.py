@@ -149,7 +149,7 @@ def test_learner_updates_counters_before_the_aux_loss():
     row = learner.update(S, stop=10)
     assert sae.steps_since_active.tolist() == [0 if f else 3 for f in fired.tolist()]
     assert row["dead"] == int(expected_dead.sum()) > 0
-    assert row["aux_loss"] == pytest.approx(float(expected.aux_loss), rel=1e-6) and row["aux_loss"] > 0
+    assert row["aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-6) and row["aux_loss"] > 0
 
 
 def test_register_sae_class_refuses_duplicates():
@@ -182,3 +182,118 @@ def test_attachment_goes_through_the_public_splice():
     with saes(model, [(Zeroing(8, 8, 16, k=2), hook, 1)]):
         _, cache = model.run_with_cache(tokens, names_filter=hook)
     assert not cache[hook][:, :, 1].any() and cache[hook][:, :, 0].any()
+
+
+# ---------------------------------------------------------------------------------------- fast paths
+
+
+def _sparse_rows_gradient(n, n_f, max_per_row, generator):
+    """An incoming gradient like TopK's: a few non-zeros per row (some rows fewer, one row none)."""
+    G = torch.zeros(n, n_f, dtype=torch.float64)
+    for b in range(1, n):
+        cols = torch.randperm(n_f, generator=generator)[: int(torch.randint(1, max_per_row + 1, (), generator=generator))]
+        G[b, cols] = torch.randn(len(cols), dtype=torch.float64, generator=generator)
+    return G
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_sparse_encoder_backward_equals_the_dense_one(rank, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    n, n_f, d_k, d_v = 6, 40, 4, 3
+    X = torch.randn(n, d_k * d_v, dtype=torch.float64, generator=g)
+    V = torch.randn(n_f, rank, d_k, dtype=torch.float64, generator=g)
+    W = torch.randn(n_f, rank, d_v, dtype=torch.float64, generator=g)
+    G = _sparse_rows_gradient(n, n_f, 4, g)
+    assert parts.sparse_rows(G, parts.FactoredMatmul.sparse_fill) is not None
+
+    def grads(fill):
+        monkeypatch.setattr(parts.FactoredMatmul, "sparse_fill", fill)
+        leaves = [t.clone().requires_grad_(True) for t in (X, V, W)]
+        parts.FactoredMatmul.apply(*leaves, 7, True).backward(G)
+        return [t.grad for t in leaves]
+
+    for sparse, dense in zip(grads(1 / 8), grads(0.0)):
+        torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+    atoms = torch.einsum("irp,irq->ipq", V, W).reshape(n_f, -1)
+    torch.testing.assert_close(grads(1 / 8)[0], G @ atoms)
+
+
+@pytest.mark.parametrize("fill", [0.0, 1.0])
+def test_factored_matmul_gradcheck_dense_and_sparse_backward(fill, monkeypatch):
+    """gradcheck's one-hot output gradients take the sparse path unless ``sparse_fill`` is 0."""
+    monkeypatch.setattr(parts.FactoredMatmul, "sparse_fill", fill)
+    g = torch.Generator().manual_seed(1)
+    X, V, W = (torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_(True)
+               for shape in ((5, 12), (9, 2, 4), (9, 2, 3)))
+    torch.autograd.gradcheck(lambda X, V, W: parts.FactoredMatmul.apply(X, V, W, 4, True), (X, V, W))
+
+
+def test_sparse_rows_refuses_full_rows_and_pads_short_ones():
+    G = torch.tensor([[0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    indices, values = parts.sparse_rows(G, 0.5)
+    torch.testing.assert_close(torch.zeros_like(G).scatter_add(1, indices, values), G)
+    assert indices.shape == (3, 2) and parts.sparse_rows(G, 0.25) is None
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_sparse_factored_decode_gradcheck(rank):
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(4, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    indices = torch.tensor([[0, 5, 2], [1, 1, 6], [3, 4, 5], [6, 0, 2]])  # a repeated feature in row 1
+    V = torch.randn(7, rank, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    W = torch.randn(7, rank, 2, dtype=torch.float64, generator=g).requires_grad_(True)
+    torch.autograd.gradcheck(lambda v, V, W: parts.SparseFactoredDecode.apply(v, indices, V, W), (values, V, W))
+    out = parts.SparseFactoredDecode.apply(values, indices, V, W)
+    dense = torch.zeros(4, 7, dtype=torch.float64).index_put((torch.arange(4)[:, None].expand(4, 3), indices), values,
+                                                            accumulate=True)
+    torch.testing.assert_close(out, dense @ torch.einsum("irp,irq->ipq", V, W).reshape(7, -1))
+
+
+def test_aux_loss_skipped_without_dead_and_limited_to_the_dead():
+    """No dead feature: the auxiliary loss is an exact zero outside the graph. Fewer dead than k_aux:
+    the same value as selecting k_aux with the alive ones masked (the reference's formula)."""
+    torch.manual_seed(0)
+    sae = WriteSAE(4, 3, 16, k=2, k_aux=6, dead_threshold=3)
+    S = torch.randn(5, 4, 3)
+    out = sae(S)
+    assert out.aux_loss.item() == 0.0 and out.aux_loss.grad_fn is None and torch.equal(out.loss, out.mse)
+    sae.steps_since_active[[2, 9]] = 3
+    p = sae.autoencode(S)
+    dead = sae.dead_mask()
+    values, indices = sparsity.topk(p.pre.masked_fill(~dead, float("-inf")), 6)
+    aux_hat = torch.zeros(5, 16).scatter(1, indices, values) @ sae.decoder_atoms().reshape(16, -1) + sae.b_dec.reshape(-1)
+    expected = (aux_hat - (p.x - p.x_hat)).pow(2).mean()
+    torch.testing.assert_close(sae.losses(p).aux_loss, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_chunks_are_balanced_and_smaller_on_the_cpu():
+    n = 16390
+    sae = WriteSAE(128, 128, n, k=4)
+    chunks = {}
+    for device, limit in (("cpu", sae._cpu_chunk_elements), ("meta", sae._chunk_elements)):
+        c = chunks[device] = sae._chunk(torch.device(device))
+        sizes = [min(c, n - s) for s in range(0, n, c)]
+        assert c * 128 * 128 <= limit and min(sizes) >= c // 2, (device, c, sizes[-1])
+    assert chunks["cpu"] < chunks["meta"]
+
+
+@pytest.mark.parametrize("n_dead", [0, 3])
+def test_off_host_paths_give_the_same_step(n_dead, monkeypatch):
+    """Off the CPU nothing may be counted on the host: the encoder backward is dense, the auxiliary
+    loss is masked instead of skipped or shrunk, rows are summed with index_put_. Same step either way."""
+    torch.manual_seed(0)
+    sae = WriteSAE(4, 3, 24, k=2, k_aux=5, dead_threshold=3, rank=1)
+    sae.steps_since_active[:n_dead] = 3
+    S = torch.randn(9, 4, 3)
+
+    def step():
+        sae.zero_grad(set_to_none=True)
+        out = sae(S)
+        out.loss.backward()
+        return [out.loss.detach()] + [p.grad.clone() for p in sae.parameters()]
+
+    on_host = step()
+    monkeypatch.setattr(parts, "on_host", lambda t: False)
+    off_host = step()
+    for a, b in zip(on_host, off_host):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
