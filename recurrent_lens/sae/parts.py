@@ -338,10 +338,8 @@ class Part:
     def cfg(self) -> Any:
         return self.sae.cfg
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        """Names of the parameters this part owns whose first axis indexes features."""
-        return ()
+    feature_names: tuple[str, ...] = ()
+    """Names of the parameters this part owns whose first axis indexes features."""
 
     def _new(self, name: str, value: torch.Tensor) -> None:
         self.sae.register_parameter(name, nn.Parameter(value))
@@ -401,9 +399,7 @@ class LinearEncoder(Encoder):
 
     kind = "linear"
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return ("E_enc",)
+    feature_names: tuple[str, ...] = ("E_enc",)
 
     def build(self) -> None:
         cfg = self.cfg
@@ -530,9 +526,7 @@ class FactoredDecoder(Decoder):
 
     kind = "factored"
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return ("V_dec", "W_dec")
+    feature_names: tuple[str, ...] = ("V_dec", "W_dec")
 
     def build(self) -> None:
         cfg = self.cfg
@@ -582,9 +576,7 @@ class FlatDecoder(Decoder):
 
     kind = "flat"
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return ("D_dec",)
+    feature_names: tuple[str, ...] = ("D_dec",)
 
     def build(self) -> None:
         cfg = self.cfg

@@ -228,9 +228,7 @@ class TopK(Sparsity):
 
     kind = "topk"
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return ("b_enc",)
+    feature_names: tuple[str, ...] = ("b_enc",)
 
     def build(self) -> None:
         self._new("b_enc", self.sae.encoder.bias_init())
@@ -290,9 +288,7 @@ class JumpReLU(Sparsity):
 
     kind = "jumprelu"
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return ("b_enc", "log_threshold")
+    feature_names: tuple[str, ...] = ("b_enc", "log_threshold")
 
     def build(self) -> None:
         cfg = self.cfg
@@ -328,9 +324,7 @@ class Gated(Sparsity):
 
     kind = "gated"
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return ("b_gate", "r_mag", "b_mag")
+    feature_names: tuple[str, ...] = ("b_gate", "r_mag", "b_mag")
 
     def build(self) -> None:
         for name in self.feature_names:
