@@ -22,11 +22,11 @@ tensor; then each attached head's slice is replaced by its SAE's reconstruction;
 to ``blocks.1.mixer.hook_state`` while attached see the spliced tensor. The model treats a changed
 slice of ``hook_state`` as a state replacement that carries forward through the recurrence.
 
-With ``use_error_term=True`` the slice becomes ``x + (recon - recon_clean)``, where ``recon_clean``
-is the reconstruction computed with the SAE's hooks off and without gradient: with no latent edit
-the model's output is bitwise unchanged, and an edit of ``hook_sae_acts_post`` shifts the state by
-exactly the decoded difference. Editing ``hook_sae_error`` replaces the error term (the slice
-becomes ``recon + error``).
+Each head's slice becomes :meth:`SAE.splice` of it. With ``use_error_term=True`` that is
+``x + (recon - recon_clean)``, where ``recon_clean`` is the reconstruction computed with the SAE's
+hooks off and without gradient: with no latent edit the model's output is bitwise unchanged, and an
+edit of ``hook_sae_acts_post`` shifts the state by exactly the decoded difference. Editing
+``hook_sae_error`` replaces the error term (the slice becomes ``recon + error``).
 
 Gradients: with grad enabled, the spliced tensor is a new tensor that requires grad (through the SAE's
 or the model's parameters), so the model gives it the total derivative at every step, even where its
@@ -37,7 +37,7 @@ the gradient of splicing the reconstruction with the error term held fixed: at `
 ``i`` gets ``<dL/dS_pos, A_i>`` for its atom ``A_i`` and the head's state gradient ``dL/dS_pos``, ready
 for gradient × activation attribution.
 
-Attached SAEs run :meth:`SAE.reconstruct`-style passes: they do not update dead-feature counters.
+Attached SAEs never touch their dead-feature counters (only training does).
 :func:`reset_saes` puts the original HookPoint (with its hooks) back.
 """
 
@@ -80,7 +80,7 @@ class SAEHookPoint(HookPoint):
         out = x
         for key, sae in self.saes.items():
             head = int(key[1:])
-            spliced = _splice(sae, x[:, :, head], self.use_error_term[key])
+            spliced = sae.splice(x[:, :, head], self.use_error_term[key])
             if out is x:
                 out = x.clone()
             out[:, :, head] = spliced
@@ -88,45 +88,6 @@ class SAEHookPoint(HookPoint):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, heads={sorted(int(k[1:]) for k in self.saes)}"
-
-
-def _splice(sae: SAE, x: torch.Tensor, use_error_term: bool) -> torch.Tensor:
-    lead = tuple(x.shape[:-2])
-    _, _, acts, code = sae._encode(x)
-    recon_in = sae._finish(sae._decode_code(code), lead)
-    recon = sae.hook_sae_recons(recon_in)
-    if not use_error_term:
-        return recon.to(x.dtype)
-    with torch.no_grad(), _hooks_disabled(sae):
-        _, _, clean_acts, clean_code = sae._encode(x)
-        recon_clean = sae._finish(sae._decode_code(clean_code), lead)
-    error_in = x - recon_clean.to(x.dtype)
-    error = sae.hook_sae_error(error_in)
-    if error is not error_in:
-        return recon.to(x.dtype) + error
-    if recon is recon_in and code.kind == "dense" and clean_code.kind != "dense":
-        # Edited codes go through the dense decoder and the clean ones did not, so their difference
-        # would carry rounding noise into every slice. Decoding the (exactly zero where unedited)
-        # difference of the codes keeps unedited slices bitwise equal to x, which the model needs
-        # to tell replaced states from recomputed ones.
-        delta = sae._dense_decode((acts - clean_acts).reshape(-1, sae.cfg.n_features))
-        return x + delta.view_as(x).to(x.dtype)
-    # Same decoding path for both, so with no edit the difference is exactly zero.
-    return x + (recon - recon_clean).to(x.dtype)
-
-
-@contextmanager
-def _hooks_disabled(sae: SAE) -> Iterator[None]:
-    """Run ``sae`` with its hook points as plain identities (for the clean reconstruction)."""
-    saved = []
-    for hp in sae.hook_dict.values():
-        saved.append((hp, hp._forward_hooks.copy()))
-        hp._forward_hooks.clear()
-    try:
-        yield
-    finally:
-        for hp, hooks in saved:
-            hp._forward_hooks.update(hooks)
 
 
 def _matrix_hook(model: nn.Module, hook_name: str) -> HookPoint:

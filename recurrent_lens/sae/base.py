@@ -1,6 +1,7 @@
-"""The SAE family for matrix-valued states (specs/WRITESAE.md §1, DESIGN.md §4).
+"""The SAE family for matrix-valued states.
 
-One class, :class:`SAE`, covers every variant through two orthogonal choices plus a sparsity:
+One class, :class:`SAE`, composed of three parts chosen by its config (see
+:mod:`recurrent_lens.sae.parts` and :mod:`recurrent_lens.sae.sparsity`):
 
 - ``encoder``: ``"linear"`` (one dense matrix ``E_i`` per feature, ``pre_i = <E_i, S>_F``) or
   ``"bilinear"`` (``pre_i = sum_r V_enc[i,r]^T S W_enc[i,r]``);
@@ -12,31 +13,47 @@ One class, :class:`SAE`, covers every variant through two orthogonal choices plu
 Orientation: ``V`` factors live on the key side (``d_k``), ``W`` factors on the value side
 (``d_v``), so an atom ``v w^T`` has the state's ``[d_k, d_v]`` layout.
 
-Speed (specs/WRITESAE.md §6): the encoder is one GEMM of ``vec(S)`` against the assembled atoms
-``vec(V_i W_i^T)``, done in feature chunks by a custom autograd function that re-assembles the
-atoms in the backward pass instead of storing them; TopK/BatchTopK decoders gather only the
-active atoms. Nothing in a training step copies a value to the host.
+:meth:`SAE.forward` is pure: it returns the reconstruction, the codes and the training losses for
+the current dead-feature counters, and changes nothing. Keeping the counters is the trainer's job
+(:mod:`recurrent_lens.sae.training`): it runs :meth:`SAE.autoencode`, updates the counters from
+the codes, then asks :meth:`SAE.losses` for the losses.
+
+Speed: the bilinear encoder is one GEMM of ``vec(S)`` against the assembled atoms
+``vec(V_i W_i^T)``, done in feature chunks (small enough to stay in the CPU's cache) by a custom
+autograd function that re-assembles the atoms in the backward pass instead of storing them. With
+TopK and BatchTopK only the selected atoms are decoded, and on the CPU the encoder's backward pass
+touches only the selected features and the auxiliary loss is skipped while no feature is dead, so
+that a training step costs little more than the encoder's forward GEMM. On a GPU nothing in a
+training step copies a value to the host (those two CPU shortcuts need a count on the host).
 """
 
 import dataclasses
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.sae import sparsity as sp
+from recurrent_lens.sae.parts import (
+    BilinearEncoder, Code, Decoder, Directions, Encoder, FactoredDecoder, FlatDecoder, FullDecoder, LinearEncoder,
+)
 
-__all__ = ["SAEConfig", "SAEMetadata", "SAEOutput", "SAE", "SAE_REGISTRY", "register_sae_class"]
+__all__ = ["SAEConfig", "SAEMetadata", "SAEOutput", "SAEPass", "SAE", "SAE_REGISTRY", "register_sae_class"]
 
-ENCODERS = ("linear", "bilinear")
-DECODERS = ("flat", "factored", "full")
-SPARSITIES = ("topk", "batchtopk", "jumprelu", "gated")
+ENCODER_PARTS: dict[str, type[Encoder]] = {"linear": LinearEncoder, "bilinear": BilinearEncoder}
+DECODER_PARTS: dict[str, type[Decoder]] = {"flat": FlatDecoder, "factored": FactoredDecoder, "full": FullDecoder}
+SPARSITY_PARTS: dict[str, type[sp.Sparsity]] = {
+    "topk": sp.TopK, "batchtopk": sp.BatchTopK, "jumprelu": sp.JumpReLU, "gated": sp.Gated,
+}
+ENCODERS = tuple(ENCODER_PARTS)
+DECODERS = tuple(DECODER_PARTS)
+SPARSITIES = tuple(SPARSITY_PARTS)
 
 
 class SAEMetadata(dict):
@@ -211,100 +228,66 @@ class SAEOutput:
         return self.acts
 
 
-def _assemble(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Atoms ``sum_r V[i,r] W[i,r]^T`` as ``[n, d_k * d_v]``."""
-    n = V.shape[0]
-    if V.shape[1] == 1:
-        # An outer product as a broadcast multiply: bmm with an inner dimension of 1 is several times slower.
-        return (V[:, 0, :, None] * W[:, 0, None, :]).reshape(n, -1)
-    return torch.bmm(V.transpose(1, 2), W).reshape(n, -1)
-
-
-class _FactoredMatmul(torch.autograd.Function):
-    """``X @ A^T`` (encode) or ``X @ A`` (decode) for atoms ``A_i = sum_r V[i,r] W[i,r]^T``.
-
-    The atoms are built ``chunk`` features at a time and rebuilt in backward, so memory stays at
-    one chunk of ``[chunk, d_k * d_v]`` instead of all ``n_features`` atoms plus their gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, X, V, W, chunk, transpose):  # type: ignore[override]
-        ctx.save_for_backward(X, V, W)
-        ctx.chunk, ctx.transpose = chunk, transpose
-        n = V.shape[0]
-        if transpose:
-            out = X.new_empty(X.shape[0], n)
-            for s in range(0, n, chunk):
-                out[:, s : s + chunk] = X @ _assemble(V[s : s + chunk], W[s : s + chunk]).T
-            return out
-        out = None
-        for s in range(0, n, chunk):
-            part = X[:, s : s + chunk] @ _assemble(V[s : s + chunk], W[s : s + chunk])
-            out = part if out is None else out.add_(part)
-        return out
-
-    @staticmethod
-    def backward(ctx, G):  # type: ignore[override]
-        X, V, W = ctx.saved_tensors
-        chunk, transpose = ctx.chunk, ctx.transpose
-        n, r, d_k = V.shape
-        d_v = W.shape[-1]
-        need_x, need_v, need_w = ctx.needs_input_grad[:3]
-        gX = torch.zeros_like(X) if need_x else None
-        gV = torch.empty_like(V) if need_v else None
-        gW = torch.empty_like(W) if need_w else None
-        for s in range(0, n, chunk):
-            Vc, Wc = V[s : s + chunk], W[s : s + chunk]
-            c = Vc.shape[0]
-            A = _assemble(Vc, Wc)
-            if transpose:
-                Gc = G[:, s : s + chunk]
-                if need_x:
-                    gX.addmm_(Gc, A)
-                gA = Gc.T @ X if (need_v or need_w) else None
-            else:
-                if need_x:
-                    gX[:, s : s + chunk] = G @ A.T
-                gA = X[:, s : s + chunk].T @ G if (need_v or need_w) else None
-            if gA is None:
-                continue
-            gA = gA.view(c, d_k, d_v)
-            if need_v:
-                gV[s : s + chunk] = torch.bmm(gA, Wc.transpose(1, 2)).transpose(1, 2)
-            if need_w:
-                gW[s : s + chunk] = torch.bmm(gA.transpose(1, 2), Vc.transpose(1, 2)).transpose(1, 2)
-        return gX, gV, gW, None, None
-
 
 @dataclass
-class _Code:
-    """Sparse codes in the forms the decoder can use.
+class SAEPass:
+    """One encode/decode pass of an SAE over a batch (:meth:`SAE.autoencode`), before any loss.
 
-    ``kind`` is ``"fixed"`` (``values``/``indices`` are ``[n, k]``), ``"segments"`` (flat
-    ``values``/``indices``/``sample`` sorted by sample) or ``"dense"`` (only ``acts``).
+    ``x``, ``pre``, ``code.acts`` and ``x_hat`` are 2-D (samples flattened); ``acts`` and
+    ``reconstruction`` have the input's leading dims and are what the hooks returned.
     """
 
-    acts: torch.Tensor
-    kind: str
-    values: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
-    sample: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    x: Float[torch.Tensor, "n d_in"]
+    """The centred input ``vec(S - mean)``."""
+    pre: Float[torch.Tensor, "n n_features"]
+    """Pre-activations (Gated: the magnitude path), as ``hook_sae_acts_pre`` returned them."""
+    acts: Float[torch.Tensor, "... n_features"]
+    """Codes, as ``hook_sae_acts_post`` returned them."""
+    code: Code
+    """The codes in the form the decoder used (sparse unless a hook edited them)."""
+    x_hat: Float[torch.Tensor, "n d_in"]
+    """The centred reconstruction, ``b_dec`` included (before ``hook_sae_recons``)."""
+    reconstruction: Float[torch.Tensor, "... d_k d_v"]
+    """``x_hat + mean`` in the input's shape, as ``hook_sae_recons`` returned it."""
+    recons_edited: bool = False
+    """Whether a hook on ``hook_sae_recons`` returned a different tensor."""
 
 
 SAE_REGISTRY: dict[str, type["SAE"]] = {}
 
 
-def register_sae_class(architecture: str, cls: type["SAE"]) -> None:
+def register_sae_class(architecture: str, cls: type["SAE"], *, overwrite: bool = False) -> None:
     """Register ``cls`` under ``architecture`` so that :func:`recurrent_lens.sae.load` finds it.
+
+    A name already registered is refused unless ``overwrite=True``.
 
     Example:
         >>> from recurrent_lens.sae import SAE, register_sae_class
         >>> class MySAE(SAE):
         ...     architecture = "my_sae"
         >>> register_sae_class("my_sae", MySAE)
+        >>> register_sae_class("write_sae", MySAE)
+        Traceback (most recent call last):
+        ...
+        ValueError: SAE architecture 'write_sae' is already registered (pass overwrite=True to replace it)
     """
+    if architecture in SAE_REGISTRY and not overwrite:
+        raise ValueError(f"SAE architecture {architecture!r} is already registered (pass overwrite=True to replace it)")
     SAE_REGISTRY[architecture] = cls
+
+
+@contextmanager
+def _hooks_off(sae: HookedRootModule) -> Iterator[None]:
+    """Run ``sae`` with its hook points as plain identities."""
+    saved = []
+    for hp in sae.hook_dict.values():
+        saved.append((hp, hp._forward_hooks.copy()))
+        hp._forward_hooks.clear()
+    try:
+        yield
+    finally:
+        for hp, hooks in saved:
+            hp._forward_hooks.update(hooks)
 
 
 class SAE(HookedRootModule):
@@ -316,21 +299,25 @@ class SAE(HookedRootModule):
         hook_sae_acts_pre   [..., n_features]   pre-activations (Gated: the magnitude path)
         hook_sae_acts_post  [..., n_features]   sparse codes
         hook_sae_recons     [..., d_k, d_v]     reconstruction (bias and mean included)
-        hook_sae_error      [..., d_k, d_v]     input minus clean reconstruction (attached with
+        hook_sae_error      [..., d_k, d_v]     input minus clean reconstruction (spliced with
                                                 use_error_term=True only)
 
-    Parameters, depending on the config: ``E_enc`` [n_features, d_k, d_v] (linear encoder),
-    ``V_enc`` [n_features, rank, d_k] and ``W_enc`` [n_features, rank, d_v] (bilinear encoder,
-    absent when tied), ``b_enc`` [n_features], ``V_dec``/``W_dec`` (factored decoder) or ``D_dec``
-    [n_features, d_k, d_v] (flat/full decoder), ``b_dec`` [d_k, d_v]; JumpReLU adds
+    The SAE is composed of three parts (``sae.encoder``, ``sae.decoder``, ``sae.sparsity``; see
+    :mod:`recurrent_lens.sae.parts`), chosen by ``cfg.encoder``, ``cfg.decoder`` and
+    ``cfg.sparsity``. Parameters, depending on the config: ``E_enc`` [n_features, d_k, d_v] (linear
+    encoder), ``V_enc`` [n_features, rank, d_k] and ``W_enc`` [n_features, rank, d_v] (bilinear
+    encoder, absent when tied), ``b_enc`` [n_features], ``V_dec``/``W_dec`` (factored decoder) or
+    ``D_dec`` [n_features, d_k, d_v] (flat/full decoder), ``b_dec`` [d_k, d_v]; JumpReLU adds
     ``log_threshold``, Gated replaces ``b_enc`` by ``b_gate``, ``r_mag``, ``b_mag``. Buffers:
-    ``mean`` [d_k, d_v] (dataset mean, zero unless centred) and ``steps_since_active``.
+    ``mean`` [d_k, d_v] (dataset mean, zero unless centred) and ``steps_since_active`` (kept by the
+    trainer, see :mod:`recurrent_lens.sae.training`).
 
     ``use_error_term`` (constructor argument and attribute, default ``False``) is what
     :func:`recurrent_lens.sae.add_sae` uses when its own ``use_error_term`` is not given, as in
     SAELens; it does not change :meth:`forward`.
 
-    Methods: :meth:`encode`, :meth:`decode`, :meth:`forward`, :meth:`normalize_decoder`,
+    Methods: :meth:`encode`, :meth:`decode`, :meth:`reconstruct`, :meth:`forward`,
+    :meth:`autoencode`, :meth:`losses`, :meth:`splice`, :meth:`normalize_decoder`,
     :meth:`fold_W_dec_norm`, :meth:`resample_dead_features`, :meth:`save_pretrained`,
     :meth:`from_pretrained`.
 
@@ -362,6 +349,13 @@ class SAE(HookedRootModule):
 
     _chunk_elements: int = 1 << 26
     """Upper bound on atom entries materialised at once by the factored GEMM (256 MiB fp32)."""
+    _cpu_chunk_elements: int = 1 << 22
+    """The same on the CPU, where a chunk that stays in the cache while it is multiplied (16 MiB fp32)
+    makes the encoder about 1.5x faster; on a GPU, large chunks keep the kernels few."""
+
+    encoder: Encoder
+    decoder: Decoder
+    sparsity: sp.Sparsity
 
     def __init__(
         self,
@@ -386,7 +380,18 @@ class SAE(HookedRootModule):
             raise TypeError("pass either cfg=SAEConfig(...) or the config fields, not both")
         self._check_preset(cfg)
         self.cfg = cfg
-        self._build_parameters()
+        self.encoder = ENCODER_PARTS[cfg.encoder](self)
+        self.decoder = DECODER_PARTS[cfg.decoder](self)
+        self.sparsity = SPARSITY_PARTS[cfg.sparsity](self)
+        # Registration order is the state-dict order, the optimizer's parameter order and the order
+        # in which the random init is drawn: the same as in SAEs saved before the parts existed.
+        self.encoder.build()
+        self.decoder.build()
+        self.sparsity.build()
+        self.decoder.build_bias()
+        self.register_buffer("mean", torch.zeros(cfg.d_k, cfg.d_v, dtype=cfg.torch_dtype))
+        self.register_buffer("steps_since_active", torch.zeros(cfg.n_features, dtype=torch.int64))
+        self.normalize_decoder()
         self.hook_sae_input = HookPoint()  # [..., d_k, d_v]
         self.hook_sae_acts_pre = HookPoint()  # [..., n_features]
         self.hook_sae_acts_post = HookPoint()  # [..., n_features]
@@ -404,59 +409,25 @@ class SAE(HookedRootModule):
 
     # ------------------------------------------------------------------ parameters
 
-    def _build_parameters(self) -> None:
-        cfg = self.cfg
-        n, r, d_k, d_v, d_in = cfg.n_features, cfg.rank, cfg.d_k, cfg.d_v, cfg.d_in
-        opts = {"dtype": cfg.torch_dtype}
-
-        def unit(*shape: int) -> nn.Parameter:
-            return nn.Parameter(F.normalize(torch.randn(*shape, **opts), dim=-1))
-
-        def linear_uniform(fan_in: int, *shape: int) -> nn.Parameter:
-            # PyTorch's nn.Linear default init, which the reference uses for its dense layers.
-            bound = 1.0 / math.sqrt(fan_in)
-            return nn.Parameter(torch.empty(*shape, **opts).uniform_(-bound, bound))
-
-        if cfg.encoder == "linear":
-            self.E_enc = linear_uniform(d_in, n, d_k, d_v)
-        elif not cfg.tied:
-            self.V_enc = unit(n, r, d_k)
-            self.W_enc = unit(n, r, d_v)
-        if cfg.decoder == "factored":
-            self.V_dec = unit(n, r, d_k)
-            self.W_dec = unit(n, r, d_v)
-        else:
-            self.D_dec = linear_uniform(n, n, d_k, d_v)
-        if cfg.sparsity == "gated":
-            self.b_gate = nn.Parameter(torch.zeros(n, **opts))
-            self.r_mag = nn.Parameter(torch.zeros(n, **opts))
-            self.b_mag = nn.Parameter(torch.zeros(n, **opts))
-        elif cfg.encoder == "linear":
-            self.b_enc = linear_uniform(d_in, n)
-        else:
-            self.b_enc = nn.Parameter(torch.zeros(n, **opts))
-        if cfg.sparsity == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((n,), math.log(cfg.jumprelu_init_threshold), **opts))
-        # The reference default-initialises the dense decoder's bias and zeroes the factored one.
-        self.b_dec = linear_uniform(n, d_k, d_v) if cfg.decoder == "flat" else nn.Parameter(torch.zeros(d_k, d_v, **opts))
-        self.register_buffer("mean", torch.zeros(d_k, d_v, **opts))
-        self.register_buffer("steps_since_active", torch.zeros(n, dtype=torch.int64))
-        self.normalize_decoder()
+    def _parts(self) -> tuple[Encoder, Decoder, sp.Sparsity]:
+        return self.encoder, self.decoder, self.sparsity
 
     @property
     def encoder_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(V, W)`` used by the bilinear encoder (the decoder's when tied)."""
-        if self.cfg.tied:
-            return self.V_dec, self.W_dec
-        return self.V_enc, self.W_enc
+        return self.encoder.factors
 
     def feature_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters whose first axis indexes features (what resampling touches)."""
-        names = ("E_enc", "V_enc", "W_enc", "V_dec", "W_dec", "D_dec", "b_enc", "log_threshold", "b_gate", "r_mag", "b_mag")
-        return {name: getattr(self, name) for name in names if hasattr(self, name)}
+        return {name: getattr(self, name) for part in self._parts() for name in part.feature_names}
 
-    def _chunk(self) -> int:
-        return max(1, self._chunk_elements // self.cfg.d_in)
+    def _chunk(self, device: torch.device) -> int:
+        """Features per chunk of the factored GEMM: as many as the bound allows, in chunks of equal
+        size (no small remainder, which BLAS would multiply with other kernels)."""
+        limit = min(self._chunk_elements, self._cpu_chunk_elements) if device.type == "cpu" else self._chunk_elements
+        n = self.cfg.n_features
+        n_chunks = -(-n // max(1, limit // self.cfg.d_in))
+        return -(-n // n_chunks)
 
     def encoder_atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
         """Every encoder row as a ``d_k x d_v`` matrix ``E_i`` with ``pre_i = <E_i, S - mean>_F + bias``
@@ -469,9 +440,7 @@ class SAE(HookedRootModule):
             >>> torch.equal(sae.encoder_atoms()[0], torch.outer(sae.V_enc[0, 0], sae.W_enc[0, 0]))
             True
         """
-        if self.cfg.encoder == "linear":
-            return self.E_enc
-        return _assemble(*self.encoder_factors).view(-1, self.cfg.d_k, self.cfg.d_v)
+        return self.encoder.atoms()
 
     def decoder_atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
         """Every decoder atom as a ``d_k x d_v`` matrix (allocates ``n_features * d_in``).
@@ -481,9 +450,7 @@ class SAE(HookedRootModule):
             >>> WriteSAE(4, 3, 8).decoder_atoms().shape
             torch.Size([8, 4, 3])
         """
-        if self.cfg.decoder == "factored":
-            return _assemble(self.V_dec, self.W_dec).view(-1, self.cfg.d_k, self.cfg.d_v)
-        return self.D_dec
+        return self.decoder.atoms()
 
     # ------------------------------------------------------------------ maths
 
@@ -494,82 +461,32 @@ class SAE(HookedRootModule):
                 f"{type(self).__name__}: {name} must have shape [..., d_k={d_k}, d_v={d_v}], got {tuple(S.shape)}"
             )
 
+    # The parts' maths under the names the tests of the fast paths use.
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """``<E_i, x>`` for every feature, no bias: ``[n, d_in] -> [n, n_features]``."""
-        if self.cfg.encoder == "linear":
-            return x @ self.E_enc.reshape(self.cfg.n_features, -1).T
-        V, W = self.encoder_factors
-        return _FactoredMatmul.apply(x, V, W, self._chunk(), True)
+        return self.encoder.project(x)
 
     def _dense_decode(self, a: torch.Tensor, detach: bool = False) -> torch.Tensor:
-        """``sum_i a_i A_i`` over all features: ``[n, n_features] -> [n, d_in]``."""
-        if self.cfg.decoder == "factored":
-            V, W = (self.V_dec.detach(), self.W_dec.detach()) if detach else (self.V_dec, self.W_dec)
-            return _FactoredMatmul.apply(a, V, W, self._chunk(), False)
-        D = self.D_dec.detach() if detach else self.D_dec
-        return a @ D.reshape(self.cfg.n_features, -1)
+        return self.decoder.decode_dense(a, detach)
 
     def _sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """``sum_j values[n,j] A_{indices[n,j]}`` touching only the selected atoms: ``-> [n, d_in]``."""
-        n, k = values.shape
-        if self.cfg.decoder == "factored":
-            r = self.cfg.rank
-            P = (self.V_dec[indices] * values[..., None, None]).reshape(n, k * r, self.cfg.d_k)
-            Q = self.W_dec[indices].reshape(n, k * r, self.cfg.d_v)
-            return torch.bmm(P.transpose(1, 2), Q).reshape(n, -1)
-        return F.embedding_bag(indices, self.D_dec.reshape(self.cfg.n_features, -1), per_sample_weights=values, mode="sum")
+        return self.decoder.decode_sparse(values, indices)
 
     def _segment_decode(self, values: torch.Tensor, indices: torch.Tensor, sample: torch.Tensor, n: int) -> torch.Tensor:
-        """Like :meth:`_sparse_decode` for a variable number of atoms per sample (BatchTopK)."""
-        if self.cfg.decoder == "factored":
-            P = self.V_dec[indices] * values[:, None, None]
-            atoms = torch.bmm(P.transpose(1, 2), self.W_dec[indices]).reshape(len(values), -1)
-            return atoms.new_zeros(n, self.cfg.d_in).index_add(0, sample, atoms)
-        counts = torch.bincount(sample, minlength=n)
-        offsets = torch.cumsum(counts, 0) - counts
-        return F.embedding_bag(indices, self.D_dec.reshape(self.cfg.n_features, -1), offsets, per_sample_weights=values, mode="sum")
+        return self.decoder.decode_segments(values, indices, sample, n)
 
-    def _activate(self, shared: torch.Tensor, lead: tuple[int, ...]) -> tuple[torch.Tensor, _Code]:
-        """Biases, the acts_pre hook and the sparsity rule. Returns ``(pre, code)``, both 2-D."""
-        cfg, n_f = self.cfg, self.cfg.n_features
-        if cfg.sparsity == "gated":
-            gate = shared + self.b_gate
-            pre = self.hook_sae_acts_pre((self.r_mag.exp() * shared + self.b_mag).view(*lead, n_f)).reshape(-1, n_f)
-            acts, g = sp.gated(gate, pre, cfg.gate_temperature, cfg.gate_mode)
-            return pre, _Code(acts, "dense", extra={"gate": g})
-        pre = self.hook_sae_acts_pre((shared + self.b_enc).view(*lead, n_f)).reshape(-1, n_f)
-        if cfg.sparsity == "topk":
-            values, indices = sp.topk(pre, cfg.k)
-            acts = pre.new_zeros(pre.shape).scatter(1, indices, values)
-            return pre, _Code(acts, "fixed", values, indices)
-        if cfg.sparsity == "batchtopk":
-            values, indices, sample = sp.batch_topk(pre, cfg.k)
-            acts = pre.new_zeros(pre.shape).index_put((sample, indices), values)
-            return pre, _Code(acts, "segments", values, indices, sample)
-        acts = sp.jumprelu(pre, self.log_threshold, cfg.jumprelu_bandwidth)
-        return pre, _Code(acts, "dense")
-
-    def _encode(self, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Code]:
+    def _encode(self, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Code]:
         """Returns ``(x_centred [n, d_in], pre [n, n_f], acts_post [..., n_f], code)``."""
         self._check_input(S)
         lead = tuple(S.shape[:-2])
         S = self.hook_sae_input(S.to(self.cfg.torch_dtype))
         x = (S - self.mean).reshape(-1, self.cfg.d_in)
-        pre, code = self._activate(self._project(x), lead)
+        pre, code = self.sparsity.activate(self.encoder.project(x), lead)
         acts_in = code.acts.view(*lead, self.cfg.n_features)
         acts = self.hook_sae_acts_post(acts_in)
         if acts is not acts_in:
             # A hook edited the codes, so the sparse (value, index) form no longer describes them.
-            code = _Code(acts.reshape(-1, self.cfg.n_features), "dense", extra=code.extra)
+            code = Code(acts.reshape(-1, self.cfg.n_features), extra=code.extra)
         return x, pre, acts, code
-
-    def _decode_code(self, code: _Code) -> torch.Tensor:
-        """Centred reconstruction without the bias: ``[n, d_in]``."""
-        if code.kind == "fixed":
-            return self._sparse_decode(code.values, code.indices)
-        if code.kind == "segments":
-            return self._segment_decode(code.values, code.indices, code.sample, code.acts.shape[0])
-        return self._dense_decode(code.acts)
 
     def encode(
         self, S: Float[torch.Tensor, "... d_k d_v"] | Float[torch.Tensor, "... d_in"]
@@ -615,14 +532,28 @@ class SAE(HookedRootModule):
                 f"got {tuple(acts.shape)}"
             )
         lead = tuple(acts.shape[:-1])
-        flat = self._dense_decode(acts.reshape(-1, self.cfg.n_features).to(self.cfg.torch_dtype))
-        return self.hook_sae_recons(self._finish(flat, lead))
+        flat = self.decoder.decode_dense(acts.reshape(-1, self.cfg.n_features).to(self.cfg.torch_dtype))
+        return self.hook_sae_recons(flat.view(*lead, self.cfg.d_k, self.cfg.d_v) + self.b_dec + self.mean)
 
-    def _finish(self, flat: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
-        return flat.view(*lead, self.cfg.d_k, self.cfg.d_v) + self.b_dec + self.mean
+    def autoencode(self, S: Float[torch.Tensor, "... d_k d_v"]) -> SAEPass:
+        """Encode and decode ``S`` through the fast sparse path; no loss, no bookkeeping.
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import WriteSAE
+            >>> p = WriteSAE(4, 3, 8, k=2).autoencode(torch.randn(2, 5, 4, 3))
+            >>> p.reconstruction.shape, p.acts.shape, p.x_hat.shape
+            (torch.Size([2, 5, 4, 3]), torch.Size([2, 5, 8]), torch.Size([10, 12]))
+        """
+        cfg = self.cfg
+        x, pre, acts, code = self._encode(S)
+        x_hat = code.decode(self.decoder) + self.b_dec.reshape(-1)
+        recons_in = x_hat.view(*S.shape[:-2], cfg.d_k, cfg.d_v) + self.mean
+        recons = self.hook_sae_recons(recons_in)
+        return SAEPass(x, pre, acts, code, x_hat, recons, recons_edited=recons is not recons_in)
 
     def reconstruct(self, S: Float[torch.Tensor, "... d_k d_v"]) -> Float[torch.Tensor, "... d_k d_v"]:
-        """``decode(encode(S))`` through the fast sparse path, without touching dead counters.
+        """``decode(encode(S))`` through the fast sparse path, in ``S``'s dtype.
 
         Example:
             >>> import torch
@@ -630,15 +561,33 @@ class SAE(HookedRootModule):
             >>> WriteSAE(4, 3, 8).reconstruct(torch.randn(4, 3)).shape
             torch.Size([4, 3])
         """
-        _, _, _, code = self._encode(S)
-        return self.hook_sae_recons(self._finish(self._decode_code(code), tuple(S.shape[:-2]))).to(S.dtype)
+        return self.autoencode(S).reconstruction.to(S.dtype)
 
-    def forward(self, S: Float[torch.Tensor, "... d_k d_v"]) -> SAEOutput:
-        """Encode, decode, losses and dead-feature bookkeeping for one batch.
+    def losses(self, p: SAEPass, dead: Bool[torch.Tensor, " n_features"] | None = None) -> SAEOutput:
+        """The training losses of the pass ``p`` for the dead-feature mask ``dead`` (default:
+        :meth:`dead_mask`, the counters as they are).
 
         ``loss = mse + aux_loss``. ``aux_loss`` is the dead-feature loss (TopK, BatchTopK; zero
-        while no feature is dead), the L0 penalty (JumpReLU) or the gate losses (Gated). Every
-        call updates ``steps_since_active``, in training and in eval.
+        while no feature is dead), the L0 penalty (JumpReLU) or the gate losses (Gated).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import WriteSAE
+            >>> sae = WriteSAE(4, 3, 8, k=2)
+            >>> out = sae.losses(sae.autoencode(torch.randn(10, 4, 3)))
+            >>> bool(out.loss == out.mse + out.aux_loss), int(out.n_dead)
+            (True, 0)
+        """
+        dead = self.dead_mask() if dead is None else dead
+        mse = (p.x_hat - p.x).pow(2).mean()
+        aux = self.sparsity.aux_loss(p, dead)
+        return SAEOutput(p.reconstruction, p.acts, mse + aux, mse, aux, dead.sum())
+
+    def forward(self, S: Float[torch.Tensor, "... d_k d_v"]) -> SAEOutput:
+        """Encode, decode and the training losses of one batch (:meth:`losses` of :meth:`autoencode`).
+
+        Pure: the dead-feature counters are read, never changed (training updates them, see
+        :class:`recurrent_lens.sae.training.Learner`).
 
         Example:
             >>> import torch
@@ -647,38 +596,46 @@ class SAE(HookedRootModule):
             >>> out.loss.shape, int(out.n_dead)
             (torch.Size([]), 0)
         """
-        cfg = self.cfg
-        lead = tuple(S.shape[:-2])
-        x, pre, acts, code = self._encode(S)
-        x_hat = self._decode_code(code) + self.b_dec.reshape(-1)
-        recon = self.hook_sae_recons(x_hat.view(*lead, cfg.d_k, cfg.d_v) + self.mean)
-        mse = (x_hat - x).pow(2).mean()
-        n_dead = self._update_dead(code.acts)
-        aux = self._aux_loss(x, x_hat, pre, code)
-        return SAEOutput(recon, acts, mse + aux, mse, aux, n_dead)
+        return self.losses(self.autoencode(S))
 
-    @torch.no_grad()
-    def _update_dead(self, acts: torch.Tensor) -> torch.Tensor:
-        fired = (acts > 0).any(0)
-        self.steps_since_active.add_(1).masked_fill_(fired, 0)
-        return (self.steps_since_active >= self.cfg.dead_threshold).sum()
+    def splice(
+        self, x: Float[torch.Tensor, "... d_k d_v"], use_error_term: bool = False
+    ) -> Float[torch.Tensor, "... d_k d_v"]:
+        """What an attached SAE puts in place of the states ``x`` (see :mod:`recurrent_lens.sae.attach`).
 
-    def _aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, code: _Code) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.sparsity in ("topk", "batchtopk"):
-            dead = self.steps_since_active >= cfg.dead_threshold
-            # Alive features are masked to -inf; any of them still picked by topk (fewer dead than
-            # k_aux) becomes 0 after the ReLU, so no host-side count of the dead is needed.
-            values, indices = sp.topk(pre.masked_fill(~dead, float("-inf")), cfg.k_aux)
-            aux_hat = self._sparse_decode(values, indices) + self.b_dec.reshape(-1)
-            aux = (aux_hat - (x - x_hat.detach())).pow(2).mean()
-            return cfg.aux_coef * aux * dead.any().to(aux.dtype)
-        if cfg.sparsity == "jumprelu":
-            l0 = sp.jumprelu_l0(pre, self.log_threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
-            return cfg.l0_coef * l0
-        g = code.extra["gate"]
-        gate_hat = self._dense_decode(g, detach=True) + self.b_dec.detach().reshape(-1)
-        return cfg.gated_sparsity_coef * g.sum(-1).mean() + cfg.gated_aux_coef * (gate_hat - x).pow(2).mean()
+        Without the error term: the reconstruction. With it: ``x + (recon - recon_clean)``, where
+        ``recon_clean`` is the reconstruction with the SAE's hooks off and without gradient, so that
+        with no hook edit the result is bitwise ``x``, and an edit of ``hook_sae_acts_post`` shifts it
+        by the decoded difference. A hook on ``hook_sae_error`` replaces the error term (the result
+        is then ``recon + error``).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import WriteSAE
+            >>> sae = WriteSAE(4, 3, 8, k=2)
+            >>> x = torch.randn(2, 5, 4, 3)
+            >>> torch.equal(sae.splice(x, use_error_term=True), x), torch.equal(sae.splice(x), sae.reconstruct(x))
+            (True, True)
+        """
+        p = self.autoencode(x)
+        recons = p.reconstruction.to(x.dtype)
+        if not use_error_term:
+            return recons
+        with torch.no_grad(), _hooks_off(self):
+            clean = self.autoencode(x)
+        error_in = x - clean.reconstruction.to(x.dtype)
+        error = self.hook_sae_error(error_in)
+        if error is not error_in:
+            return recons + error
+        if not p.recons_edited and not p.code.sparse and clean.code.sparse:
+            # Edited codes go through the dense decoder and the clean ones did not, so their difference
+            # would carry rounding noise into every slice. Decoding the (exactly zero where unedited)
+            # difference of the codes keeps unedited slices bitwise equal to x, which the model needs
+            # to tell replaced states from recomputed ones.
+            delta = self.decoder.decode_dense((p.acts - clean.acts).reshape(-1, self.cfg.n_features))
+            return x + delta.view_as(x).to(x.dtype)
+        # Same decoding path for both, so with no edit the difference is exactly zero.
+        return x + (p.reconstruction - clean.reconstruction).to(x.dtype)
 
     # ------------------------------------------------------------------ maintenance
 
@@ -693,12 +650,7 @@ class SAE(HookedRootModule):
             >>> bool(sae.V_dec.norm(dim=-1).sub(1).abs().max() < 1e-6)
             True
         """
-        if self.cfg.decoder == "factored":
-            self.V_dec.copy_(F.normalize(self.V_dec, dim=-1))
-            self.W_dec.copy_(F.normalize(self.W_dec, dim=-1))
-        else:
-            n = self.cfg.n_features
-            self.D_dec.copy_(F.normalize(self.D_dec.reshape(n, -1), dim=-1).view_as(self.D_dec))
+        self.decoder.normalize()
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
@@ -723,41 +675,15 @@ class SAE(HookedRootModule):
             >>> bool(sae.decoder_atoms().flatten(1).norm(dim=-1).sub(1).abs().max() < 1e-6)
             True
         """
-        cfg = self.cfg
-        if cfg.sparsity in ("topk", "batchtopk"):
-            raise NotImplementedError(
-                f"fold_W_dec_norm: not output-preserving for sparsity={cfg.sparsity!r} (scaling the "
-                "pre-activations changes which features are selected)"
-            )
-        if cfg.sparsity == "gated" and cfg.gate_mode != "hard":
-            raise NotImplementedError(
-                f"fold_W_dec_norm: not output-preserving for gate_mode={cfg.gate_mode!r} (the soft gate "
-                "sigmoid(gate / T) is not scale invariant); only gate_mode='hard' can be folded"
-            )
-        if cfg.tied:
-            raise NotImplementedError(
-                "fold_W_dec_norm: tied SAEs share encoder and decoder factors, so the norms cannot be folded"
-            )
-        norms = self.decoder_atoms().reshape(cfg.n_features, -1).norm(dim=-1).clamp(min=1e-8)
-        per_feature = norms[:, None, None]
-        if cfg.decoder == "factored":
-            self.V_dec.div_(per_feature)
-        else:
-            self.D_dec.div_(per_feature)
-        if cfg.encoder == "linear":
-            self.E_enc.mul_(per_feature)
-        else:
-            self.V_enc.mul_(per_feature)
-        if cfg.sparsity == "gated":
-            self.b_gate.mul_(norms)
-            self.b_mag.mul_(norms)
-        else:
-            self.b_enc.mul_(norms)
-        if cfg.sparsity == "jumprelu":
-            self.log_threshold.add_(norms.log())
+        for part in (self.sparsity, self.encoder, self.decoder):
+            part.check_fold()
+        norms = self.decoder_atoms().reshape(self.cfg.n_features, -1).norm(dim=-1).clamp(min=1e-8)
+        self.decoder.fold(norms[:, None, None])
+        self.encoder.fold(norms[:, None, None])
+        self.sparsity.fold(norms)
 
-    def dead_mask(self) -> torch.Tensor:
-        """Boolean ``[n_features]``: features that have not fired for ``dead_threshold`` forwards."""
+    def dead_mask(self) -> Bool[torch.Tensor, " n_features"]:
+        """Boolean ``[n_features]``: features that have not fired for ``dead_threshold`` training steps."""
         return self.steps_since_active >= self.cfg.dead_threshold
 
     @torch.no_grad()
@@ -766,11 +692,11 @@ class SAE(HookedRootModule):
     ) -> Int[torch.Tensor, " n_resampled"]:
         """Re-initialise dead features from badly reconstructed samples of ``batch``.
 
-        Follows specs/WRITESAE.md §1.2: samples drawn with replacement in proportion to their
-        squared error; factored atoms from the SVD of the (centred) sample, dense atoms from its
-        normalised vec; encoder weights in the same directions at 0.2x the mean alive norm; biases
-        zero (JumpReLU: mean alive threshold); counters reset. Returns the resampled indices; the
-        caller clears their optimizer state (see :class:`recurrent_lens.sae.SAETrainer`).
+        As the reference does: samples drawn with replacement in proportion to their squared error;
+        factored atoms from the SVD of the (centred) sample, dense atoms from its normalised vec;
+        encoder weights in the same directions at 0.2x the mean alive norm; biases zero (JumpReLU:
+        mean alive threshold); counters reset. Returns the resampled indices; the caller clears
+        their optimizer state (see :class:`recurrent_lens.sae.SAETrainer`).
 
         Example:
             >>> import torch
@@ -794,43 +720,9 @@ class SAE(HookedRootModule):
         if not torch.isfinite(total) or total <= 0:
             errors = torch.ones_like(errors)
         picks = torch.multinomial(errors, n, replacement=True, generator=generator)
-        X = batch[picks] - self.mean  # [n, d_k, d_v]
-        alive = ~dead
-
-        def scale(norms: torch.Tensor) -> torch.Tensor:
-            # 0.2x the mean norm of the alive features' encoder vectors (1 if none is alive).
-            return 0.2 * (norms.mean() if norms.numel() else torch.ones((), dtype=norms.dtype))
-
-        if cfg.decoder == "factored" or cfg.encoder == "bilinear":
-            U, sv, Vh = torch.linalg.svd(X, full_matrices=False)  # [n, d_k, m], [n, m], [n, m, d_v]
-            r, m = cfg.rank, sv.shape[-1]
-            tol = sv[:, :1] * max(cfg.d_k, cfg.d_v) * torch.finfo(sv.dtype).eps
-            keep = (sv > tol).to(X.dtype)  # [n, m]
-            left = X.new_zeros(n, r, cfg.d_k)
-            right = X.new_zeros(n, r, cfg.d_v)
-            j = min(r, m)
-            left[:, :j] = (U[:, :, :j] * keep[:, None, :j]).transpose(1, 2)
-            right[:, :j] = Vh[:, :j] * keep[:, :j, None]
-        flat_dir = F.normalize(X.reshape(n, -1), dim=-1).view(n, cfg.d_k, cfg.d_v)
-
-        if cfg.encoder == "linear":
-            self.E_enc[idx] = flat_dir * scale(self.E_enc[alive].flatten(1).norm(dim=-1))
-        elif not cfg.tied:
-            s = scale(self.V_enc[alive].norm(dim=-1))
-            self.V_enc[idx] = left * s
-            self.W_enc[idx] = right * s
-        if cfg.decoder == "factored":
-            self.V_dec[idx] = left
-            self.W_dec[idx] = right
-        else:
-            self.D_dec[idx] = flat_dir
-        if cfg.sparsity == "gated":
-            for name in ("b_gate", "r_mag", "b_mag"):
-                getattr(self, name)[idx] = 0.0
-        else:
-            self.b_enc[idx] = 0.0
-        if cfg.sparsity == "jumprelu":
-            self.log_threshold[idx] = self.log_threshold[alive].mean() if alive.any() else math.log(cfg.jumprelu_init_threshold)
+        directions = Directions(batch[picks] - self.mean, cfg.rank)
+        for part in self._parts():
+            part.resample(idx, ~dead, directions)
         self.steps_since_active[idx] = 0
         return idx
 
@@ -881,21 +773,18 @@ class SAE(HookedRootModule):
 
     def __repr__(self) -> str:
         cfg = self.cfg
-        dec = {"factored": f"rank-{cfg.rank}", "flat": "flat", "full": "full"}[cfg.decoder]
-        enc = cfg.encoder + (f"(rank {cfg.rank})" if cfg.encoder == "bilinear" and cfg.rank > 1 else "")
-        spars = f"{cfg.sparsity}(k={cfg.k})" if cfg.sparsity in ("topk", "batchtopk") else cfg.sparsity
-        parts = [
+        fields = [
             f"d_k={cfg.d_k}, d_v={cfg.d_v}, n_features={cfg.n_features}",
-            f"encoder={enc}{', tied' if cfg.tied else ''}",
-            f"decoder={dec}",
-            f"sparsity={spars}",
+            f"encoder={self.encoder.describe()}",
+            f"decoder={self.decoder.describe()}",
+            f"sparsity={self.sparsity.describe()}",
         ]
         if cfg.center:
-            parts.append("centred")
+            fields.append("centred")
         for key in ("hook_name", "head"):
             if key in cfg.metadata:
-                parts.append(f"{key}={cfg.metadata[key]!r}")
-        return f"{type(self).__name__}({', '.join(parts)})"
+                fields.append(f"{key}={cfg.metadata[key]!r}")
+        return f"{type(self).__name__}({', '.join(fields)})"
 
 
 register_sae_class(SAE.architecture, SAE)

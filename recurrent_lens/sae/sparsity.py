@@ -1,9 +1,15 @@
-"""Sparsity rules for the SAE family: TopK, BatchTopK, JumpReLU and Gated.
+"""Sparsity rules for the SAE family: TopK, BatchTopK, JumpReLU and Gated, as functions and as the
+SAE parts that use them (:class:`TopK`, :class:`BatchTopK`, :class:`JumpReLU`, :class:`Gated`).
 
 Every rule maps pre-activations ``[n, n_features]`` to non-negative codes. TopK and BatchTopK
 also return the active (value, index) pairs, so the decoder can touch only those atoms.
 
-Gradients follow the reference implementation (specs/WRITESAE.md §1.2-1.3):
+A sparsity part owns the encoder biases (``b_enc``; JumpReLU adds ``log_threshold``; Gated has
+``b_gate``, ``r_mag`` and ``b_mag`` instead), applies its rule, and defines the auxiliary loss that
+training adds to the MSE: the dead-feature loss (TopK, BatchTopK), the L0 penalty (JumpReLU) or
+the gate losses (Gated).
+
+Gradients follow the reference implementation:
 
 - TopK / BatchTopK: no straight-through estimator; only the selected pre-activations get
   gradient (ReLU after selection).
@@ -20,10 +26,17 @@ Example:
     ([[2.0, 0.5]], [[2, 0]])
 """
 
-import torch
-from jaxtyping import Float, Int
+import math
+from typing import Any
 
-__all__ = ["topk", "batch_topk", "jumprelu", "jumprelu_l0", "gated"]
+import torch
+from jaxtyping import Bool, Float, Int
+
+from recurrent_lens.sae import parts
+from recurrent_lens.sae.parts import Code, Directions, FixedCode, Part, SegmentCode
+
+__all__ = ["topk", "batch_topk", "jumprelu", "jumprelu_l0", "gated", "Sparsity", "TopK", "BatchTopK", "JumpReLU",
+           "Gated"]
 
 
 def topk(
@@ -181,3 +194,168 @@ def gated(
     else:
         raise ValueError(f"gate mode must be 'soft' or 'hard', got {mode!r}")
     return g * mag.relu(), g
+
+
+# ---------------------------------------------------------------------------------------- parts
+
+
+class Sparsity(Part):
+    """Biases, the ``hook_sae_acts_pre`` hook and a sparsity rule: ``shared = <E_i, x>`` -> codes."""
+
+    def activate(self, shared: Float[torch.Tensor, "n n_features"], lead: tuple[int, ...]) -> tuple[torch.Tensor, Code]:
+        """Returns ``(pre, code)``, both 2-D; ``pre`` is what ``hook_sae_acts_pre`` saw (reshaped to
+        ``lead``) and returned."""
+        raise NotImplementedError
+
+    def _hooked_pre(self, pre: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+        n_f = self.cfg.n_features
+        return self.sae.hook_sae_acts_pre(pre.view(*lead, n_f)).reshape(-1, n_f)
+
+    def aux_loss(self, p: Any, dead: Bool[torch.Tensor, " n_features"]) -> Float[torch.Tensor, ""]:
+        """The term training adds to the MSE for the pass ``p`` (a :class:`~recurrent_lens.sae.SAEPass`)
+        given the dead-feature mask."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fold(self, norms: torch.Tensor) -> None:
+        """Rescale the biases (and threshold) of feature ``i`` by ``norms[i]``."""
+        self.sae.b_enc.mul_(norms)
+
+
+class TopK(Sparsity):
+    """The ``k`` largest raw pre-activations per sample, ReLU'd; dead features learn from the auxiliary
+    loss (the residual reconstructed by the ``k_aux`` largest dead pre-activations)."""
+
+    kind = "topk"
+
+    feature_names: tuple[str, ...] = ("b_enc",)
+
+    def build(self) -> None:
+        self._new("b_enc", self.sae.encoder.bias_init())
+
+    def _select(self, pre: torch.Tensor) -> Code:
+        values, indices = topk(pre, self.cfg.k)
+        return FixedCode(pre.new_zeros(pre.shape).scatter(1, indices, values), values, indices)
+
+    def activate(self, shared: Float[torch.Tensor, "n n_features"], lead: tuple[int, ...]) -> tuple[torch.Tensor, Code]:
+        pre = self._hooked_pre(shared + self.sae.b_enc, lead)
+        return pre, self._select(pre)
+
+    def aux_loss(self, p: Any, dead: Bool[torch.Tensor, " n_features"]) -> Float[torch.Tensor, ""]:
+        cfg = self.cfg
+        k_aux = cfg.k_aux
+        if parts.on_host(dead):
+            # Counting the dead costs nothing here: no work while none is dead, and no more features
+            # selected than are dead (the reference's min(k_aux, n_dead)).
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                return p.x.new_zeros(())
+            k_aux = min(k_aux, n_dead)
+        # Elsewhere the count would wait for the device: alive features are masked to -inf, and any
+        # of them still picked (fewer dead than k_aux) becomes 0 after the ReLU.
+        values, indices = topk(p.pre.masked_fill(~dead, float("-inf")), k_aux)
+        aux_hat = self.sae.decoder.decode_sparse(values, indices) + self.sae.b_dec.reshape(-1)
+        aux = (aux_hat - (p.x - p.x_hat.detach())).pow(2).mean()
+        return cfg.aux_coef * aux * dead.any().to(aux.dtype)
+
+    def check_fold(self) -> None:
+        raise NotImplementedError(
+            f"fold_W_dec_norm: not output-preserving for sparsity={self.kind!r} (scaling the "
+            "pre-activations changes which features are selected)"
+        )
+
+    @torch.no_grad()
+    def resample(self, idx: torch.Tensor, alive: torch.Tensor, directions: Directions) -> None:
+        self.sae.b_enc[idx] = 0.0
+
+    def describe(self) -> str:
+        return f"{self.kind}(k={self.cfg.k})"
+
+
+class BatchTopK(TopK):
+    """The ``k * n`` largest ReLU'd pre-activations over the batch (the same rule at inference)."""
+
+    kind = "batchtopk"
+
+    def _select(self, pre: torch.Tensor) -> Code:
+        values, indices, sample = batch_topk(pre, self.cfg.k)
+        return SegmentCode(pre.new_zeros(pre.shape).index_put((sample, indices), values), values, indices, sample)
+
+
+class JumpReLU(Sparsity):
+    """``z * 1[z > exp(log_threshold)]`` with an L0 penalty; the threshold learns through the
+    rectangle-kernel straight-through estimator."""
+
+    kind = "jumprelu"
+
+    feature_names: tuple[str, ...] = ("b_enc", "log_threshold")
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self._new("b_enc", self.sae.encoder.bias_init())
+        self._new("log_threshold", torch.full((cfg.n_features,), math.log(cfg.jumprelu_init_threshold),
+                                              dtype=cfg.torch_dtype))
+
+    def activate(self, shared: Float[torch.Tensor, "n n_features"], lead: tuple[int, ...]) -> tuple[torch.Tensor, Code]:
+        pre = self._hooked_pre(shared + self.sae.b_enc, lead)
+        return pre, Code(jumprelu(pre, self.sae.log_threshold, self.cfg.jumprelu_bandwidth))
+
+    def aux_loss(self, p: Any, dead: Bool[torch.Tensor, " n_features"]) -> Float[torch.Tensor, ""]:
+        cfg = self.cfg
+        return cfg.l0_coef * jumprelu_l0(p.pre, self.sae.log_threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+
+    @torch.no_grad()
+    def fold(self, norms: torch.Tensor) -> None:
+        super().fold(norms)
+        self.sae.log_threshold.add_(norms.log())
+
+    @torch.no_grad()
+    def resample(self, idx: torch.Tensor, alive: torch.Tensor, directions: Directions) -> None:
+        sae = self.sae
+        sae.b_enc[idx] = 0.0
+        sae.log_threshold[idx] = (sae.log_threshold[alive].mean() if alive.any()
+                                  else math.log(self.cfg.jumprelu_init_threshold))
+
+
+class Gated(Sparsity):
+    """A gate path ``shared + b_gate`` and a magnitude path ``exp(r_mag) * shared + b_mag``;
+    ``hook_sae_acts_pre`` sees the magnitude path. The auxiliary loss is the gate's L1 plus the MSE of
+    decoding the gate with the decoder frozen."""
+
+    kind = "gated"
+
+    feature_names: tuple[str, ...] = ("b_gate", "r_mag", "b_mag")
+
+    def build(self) -> None:
+        for name in self.feature_names:
+            self._new(name, self._zeros(self.cfg.n_features))
+
+    def activate(self, shared: Float[torch.Tensor, "n n_features"], lead: tuple[int, ...]) -> tuple[torch.Tensor, Code]:
+        cfg, sae = self.cfg, self.sae
+        gate = shared + sae.b_gate
+        pre = self._hooked_pre(sae.r_mag.exp() * shared + sae.b_mag, lead)
+        acts, g = gated(gate, pre, cfg.gate_temperature, cfg.gate_mode)
+        return pre, Code(acts, extra={"gate": g})
+
+    def aux_loss(self, p: Any, dead: Bool[torch.Tensor, " n_features"]) -> Float[torch.Tensor, ""]:
+        cfg, sae = self.cfg, self.sae
+        g = p.code.extra["gate"]
+        gate_hat = sae.decoder.decode_dense(g, detach=True) + sae.b_dec.detach().reshape(-1)
+        return cfg.gated_sparsity_coef * g.sum(-1).mean() + cfg.gated_aux_coef * (gate_hat - p.x).pow(2).mean()
+
+    def check_fold(self) -> None:
+        if self.cfg.gate_mode != "hard":
+            raise NotImplementedError(
+                f"fold_W_dec_norm: not output-preserving for gate_mode={self.cfg.gate_mode!r} (the soft gate "
+                "sigmoid(gate / T) is not scale invariant); only gate_mode='hard' can be folded"
+            )
+
+    @torch.no_grad()
+    def fold(self, norms: torch.Tensor) -> None:
+        self.sae.b_gate.mul_(norms)
+        self.sae.b_mag.mul_(norms)
+
+    @torch.no_grad()
+    def resample(self, idx: torch.Tensor, alive: torch.Tensor, directions: Directions) -> None:
+        for name in self.feature_names:
+            getattr(self.sae, name)[idx] = 0.0

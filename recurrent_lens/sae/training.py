@@ -8,8 +8,10 @@ buffer, and the SAE trains on batches drawn from it. Many cells from one model p
 torchrun: :mod:`recurrent_lens.sae.multicell`.
 
 Recipe (the reference's): Adam (default betas); lr linear warm-up from 0 over
-``min(warmup_steps, n_steps // 4)`` steps, then cosine to ``lr_min``; per step: forward (updates
-dead counters), backward, set lr, Adam step, decoder normalisation when ``step % 100 == 0``,
+``min(warmup_steps, n_steps // 4)`` steps, then cosine to ``lr_min``; per step: encode and decode
+(:meth:`~recurrent_lens.sae.SAE.autoencode`), update the dead-feature counters from the codes
+(:func:`update_dead_counters`), the losses for the updated counters, backward, set lr, Adam step,
+decoder normalisation when ``step % 100 == 0``,
 dead-feature resampling with Adam-moment zeroing when ``step > 0`` and
 ``step % min(resample_every, n_steps // 4) == 0``. No value is copied to the host except at
 logging, validation and checkpoint steps.
@@ -32,10 +34,10 @@ from jaxtyping import Int
 from torch import nn
 from tqdm.auto import tqdm
 
-from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
+from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEPass
 from recurrent_lens.sae.io import atomic_write
 
-__all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate"]
+__all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate", "update_dead_counters"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -139,9 +141,30 @@ def remove_stale_temporaries(directory: str) -> None:
                 os.remove(os.path.join(directory, name))
 
 
+@torch.no_grad()
+def update_dead_counters(sae: SAE, p: SAEPass) -> None:
+    """Dead-feature bookkeeping for one training step: ``sae.steps_since_active`` restarts at 0 for every
+    feature that fired in the pass ``p`` and grows by 1 for every other.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens.sae import WriteSAE
+        >>> from recurrent_lens.sae.training import update_dead_counters
+        >>> sae = WriteSAE(4, 3, 8, k=1)
+        >>> p = sae.autoencode(torch.randn(2, 4, 3))
+        >>> update_dead_counters(sae, p)
+        >>> fired = (p.acts > 0).any(0)
+        >>> torch.equal(sae.steps_since_active, (~fired).long())
+        True
+    """
+    fired = (p.code.acts > 0).any(0)
+    sae.steps_since_active.add_(1).masked_fill_(fired, 0)
+
+
 class Learner:
-    """One SAE's optimisation: Adam, the learning-rate schedule, decoder normalisation, dead-feature
-    resampling and the running training log. Shared by :class:`SAETrainer` and the many-cell trainer.
+    """One SAE's optimisation: Adam, the learning-rate schedule, decoder normalisation, the dead-feature
+    counters and resampling, and the running training log. Shared by :class:`SAETrainer` and the
+    many-cell trainer.
 
     ``sync`` (optional) makes the update data-parallel: ``sync.gradients(params)`` averages gradients
     across processes after the backward pass, ``sync.counters(sae)`` makes the dead-feature counters
@@ -169,7 +192,10 @@ class Learner:
         """One optimizer step on the batch ``x``; returns the training-log row written at this step, if any
         (every ``log_every`` steps and at ``stop``)."""
         cfg, sae, step = self.cfg, self.sae, self.step
-        out = sae(x)
+        p = sae.autoencode(x)
+        # As in the reference, the auxiliary loss already sees the counters this batch updated.
+        update_dead_counters(sae, p)
+        out = sae.losses(p)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.sync is not None:
@@ -499,10 +525,8 @@ class SAETrainer:
 
     @torch.no_grad()
     def validate(self, states: torch.Tensor | None = None) -> dict[str, Any]:
-        """MSE, normalised MSE, explained variance, L0 and features never active on the states.
-
-        Dead-feature counters are left as they were.
-        """
+        """MSE, normalised MSE, explained variance, L0 and features never active on the states
+        (dead-feature counters are left alone)."""
         states = self._validation_states() if states is None else states
         return {"step": self.step, **evaluate(self.sae, states, self.cfg.batch_size)}
 
@@ -577,18 +601,16 @@ def _fingerprint(tokens: torch.Tensor) -> str:
 @torch.no_grad()
 def evaluate(sae: SAE, states: torch.Tensor, batch_size: int = 256) -> dict[str, Any]:
     """MSE, normalised MSE, explained variance (per-coordinate centred), L0 and never-active features of
-    ``sae`` on ``states``; its dead-feature counters are left as they were."""
-    saved = sae.steps_since_active.clone()
+    ``sae`` on ``states``."""
     sq_err = torch.zeros((), dtype=torch.float64)
     l0 = torch.zeros((), dtype=torch.float64)
     fired = torch.zeros(sae.cfg.n_features, dtype=torch.bool, device=states.device)
     for i in range(0, len(states), batch_size):
         x = states[i : i + batch_size]
-        out = sae(x)
-        sq_err += (out.reconstruction - x).double().pow(2).sum().cpu()
-        l0 += (out.acts > 0).sum().cpu()
-        fired |= (out.acts > 0).any(0)
-    sae.steps_since_active.copy_(saved)
+        p = sae.autoencode(x)
+        sq_err += (p.reconstruction - x).double().pow(2).sum().cpu()
+        l0 += (p.acts > 0).sum().cpu()
+        fired |= (p.acts > 0).any(0)
     x = states.double()
     mse = sq_err / x.numel()
     return {

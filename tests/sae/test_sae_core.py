@@ -5,7 +5,8 @@ import torch
 
 from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
 from recurrent_lens.sae import sparsity as sp
-from recurrent_lens.sae.base import _FactoredMatmul
+from recurrent_lens.sae.parts import FactoredMatmul as _FactoredMatmul
+from recurrent_lens.sae.training import update_dead_counters
 
 D_K, D_V, N_F = 3, 2, 4
 
@@ -281,6 +282,8 @@ def test_dead_tracking_and_aux_loss_formula():
     out = sae(S)
     assert float(out.aux_loss) == 0.0
     fired = (out.acts > 0).any(0)
+    assert sae.steps_since_active.tolist() == [0, 0, 0, 0]  # forward is pure: the trainer keeps the counters
+    update_dead_counters(sae, sae.autoencode(S))
     assert sae.steps_since_active.tolist() == [0 if f else 1 for f in fired.tolist()]
     sae.steps_since_active.copy_(torch.tensor([5, 0, 5, 5]))  # features 0, 2, 3 dead
     out = sae(S)
