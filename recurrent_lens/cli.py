@@ -61,7 +61,8 @@ _cosine = _number(float, "a number in [-1, 1]", lambda v: -1 <= v <= 1)
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from recurrent_lens.toy import names
 
-    p.add_argument("--arch", default="gdn", choices=names(), help="toy architecture (default: gdn)")
+    p.add_argument("--arch", default="gdn", type=_toy_name, metavar="{" + ",".join(names()) + "}",
+                   help="toy architecture, by toy name or registry name (gated_deltanet, delta_net; default: gdn)")
     p.add_argument("--hook", default=None,
                    help="state hook the SAE reads (default: the toy's probe site, the head whose writes its "
                         "recall needs most: blocks.1.mixer.hook_state; blocks.0 for mamba2 and gla)")
@@ -71,6 +72,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default: 1; the toys are tiny, so more threads do not speed them up, and "
                         "one thread makes the numbers independent of the machine's core count)")
+
+
+def _toy_name(text: str) -> str:
+    """An argparse ``type``: a toy name, or its architecture's registry name, as the toy name."""
+    from recurrent_lens.toy import spec
+
+    try:
+        return spec(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("name: ")) from None
 
 
 def _add_sae_args(p: argparse.ArgumentParser) -> None:
@@ -308,17 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol_options(shift, "logit_shift")
     _add_protocol_options(part, "partition")
     _add_reproduce_parser(sub)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
 def _check_site(parser: argparse.ArgumentParser, model, hook: str, head: int) -> None:
-    from recurrent_lens.analysis._common import parse_site
-
+    """Refuse, as parser errors, a ``--hook`` that is not a recurrent layer's ``hook_state`` and a ``--head``
+    out of range."""
     try:
-        parse_site(model, hook, head)
+        what = model.matrix_site(hook)[1]
     except ValueError as e:
-        arg = "--head" if str(e).startswith("head") else "--hook"
-        parser.error(f"argument {arg}: {e}")
+        parser.error(f"argument --hook: {e}")
+    if what != "state":
+        parser.error(f"argument --hook: expected a state hook 'blocks.{{layer}}.mixer.hook_state', got {hook!r}")
+    if not 0 <= head < model.cfg.n_heads:
+        parser.error(f"argument --head: expected an int in [0, {model.cfg.n_heads}), got {head}")
 
 
 def _train_sae(args, model, task, progress: bool):
@@ -1000,8 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recurrent-lens`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    sub = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}["command"]
-    command_parser = sub.choices[args.command]
+    command_parser = args.command_parser
     import torch
 
     from recurrent_lens.toy import TOY_SPECS

@@ -1,4 +1,4 @@
-"""Sparse autoencoders for matrix-valued recurrent states (DESIGN.md §4, specs/WRITESAE.md).
+"""Sparse autoencoders for matrix-valued recurrent states: WriteSAE and its Flat, Matrix and Bilinear variants.
 
 Importing this package does not import the model package: SAEs work on any ``[..., d_k, d_v]``
 tensor and attach to any transformer_lens ``HookedRootModule`` whose hook gives

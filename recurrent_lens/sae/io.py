@@ -8,8 +8,8 @@ Native format: a directory with ``cfg.json`` (``SAEConfig.to_dict()`` plus ``"ar
 never leaves a half-written file under the final name.
 
 Reference format: :func:`from_reference_checkpoint` imports the reference WriteSAE ``best.pt`` /
-``final.pt`` (a plain dict with ``model_state_dict`` and ``config``; specs/WRITESAE.md §1.3,
-§2.3) into the matching preset, with ``mean = 0``.
+``final.pt`` (a plain dict with ``model_state_dict`` and ``config``, the SAE's state dict and its
+constructor settings) into the matching preset, with ``mean = 0``.
 """
 
 import dataclasses
@@ -225,7 +225,7 @@ _REFERENCE_TYPES = ("flat", "rank1", "bilinear", "bilinear_tied", "bilinear_flat
 
 
 def _infer_sae_type(sd: dict[str, torch.Tensor]) -> str:
-    # The reference builder's key-based rules, in its order (specs/WRITESAE.md §1.3).
+    # The reference builder's rules for telling the SAE type from the state dict's keys, in its order.
     if "log_threshold" in sd:
         return "jumprelu"
     if "b_gate" in sd and "r_mag" in sd:

@@ -39,7 +39,7 @@ from recurrent_lens.toy.train import (
     PROBE_SAE, TOY_SPECS, ToySpec, TrainInfo, probe_sae_fingerprint, train_probe_sae, train_toy,
 )
 
-__all__ = ["load", "load_sae", "names", "Toy", "ToyTask", "accuracy", "cache_dir", "TOY_SPECS", "PROBE_SAE",
+__all__ = ["load", "load_sae", "names", "spec", "Toy", "ToyTask", "accuracy", "cache_dir", "TOY_SPECS", "PROBE_SAE",
            "train_toy", "train_probe_sae", "build_embedded", "build_embedded_sae", "embedded_info", "BOS", "SEP"]
 
 EMBEDDED_DIR = Path(__file__).parent / "weights"
@@ -68,9 +68,22 @@ def cache_dir() -> Path:
 
 
 def _spec(name: str) -> ToySpec:
-    if name not in TOY_SPECS:
-        raise ValueError(f"name: expected one of {names()}, got {name!r}")
-    return TOY_SPECS[name]
+    """The toy named ``name``: a toy name, or the registry name of its architecture (``gated_deltanet``)."""
+    for spec in TOY_SPECS.values():
+        if name in (spec.name, spec.model_config().architecture):
+            return spec
+    raise ValueError(f"name: expected one of {names()} (or their architectures' registry names "
+                     f"{[s.model_config().architecture for s in TOY_SPECS.values()]}), got {name!r}")
+
+
+def spec(name: str) -> ToySpec:
+    """The :class:`ToySpec` of a toy, by toy name or by its architecture's registry name.
+
+    Example:
+        >>> spec("gated_deltanet").name, spec("deltanet").probe
+        ('gdn', (1, 0))
+    """
+    return _spec(name)
 
 
 def _save(model: HookedRecurrentModel, info: TrainInfo, path: Path) -> None:
@@ -111,6 +124,7 @@ def load(name: str, *, retrain: bool = False, progress: bool = True) -> Toy:
         progress: show a progress bar while training.
     """
     spec = _spec(name)
+    name = spec.name
     if not retrain:
         for path in (EMBEDDED_DIR / f"{name}.safetensors", cache_dir() / f"{name}-{spec.fingerprint()}.safetensors"):
             model = _read(path, spec)
@@ -135,6 +149,7 @@ def _read_sae(path: Path, key: str):
 
 def _train_sae(name: str, progress: bool):
     spec = _spec(name)
+    name = spec.name
     model, task = load(name, progress=progress)
     sae, _ = train_probe_sae(model, task, spec.probe_hook, spec.probe[1], progress=progress, **PROBE_SAE)
     sae.cfg.metadata.update(toy=name, recipe=probe_sae_fingerprint(spec))
@@ -160,6 +175,7 @@ def load_sae(name: str, *, retrain: bool = False, progress: bool = True):
         (2048, 'blocks.1.mixer.hook_state', 0)
     """
     spec = _spec(name)
+    name = spec.name
     key = probe_sae_fingerprint(spec)
     cached = cache_dir() / f"{name}-sae-{key}"
     if not retrain:
