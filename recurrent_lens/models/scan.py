@@ -278,7 +278,8 @@ class DeltaRule(LinearRule):
         """One chunk's delta-rule terms over ``[..., C]`` leading axes: the cumulative log-decay ``G``, the
         causal ``Γ_t/Γ_s``, and ``U0``, ``Wk`` with the chunk's corrected values ``u = U0 − Wk S_0``.
 
-        ``u_t + β_t Σ_{s<t} (Γ_t/Γ_s)(k_t·k_s) u_s = β_t v_t − β_t Γ_t k_tᵀ S_0`` is a unit lower-triangular system.
+        ``u_t + β_t Σ_{s<t} (Γ_t/Γ_s)(k_t·k_s) u_s = β_t v_t − β_t Γ_t k_tᵀ S_0`` is a unit lower-triangular
+        system.
         """
         beta = torch.ones_like(k[..., 0]) if beta is None else beta  # [..., C]
         G = torch.zeros_like(beta) if g is None else g.cumsum(-1)

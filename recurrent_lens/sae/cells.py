@@ -17,9 +17,21 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["Cell", "parse_cells", "sample_positions", "harvest_cells"]
+__all__ = ["Cell", "parse_cells", "sample_positions", "harvest_cells", "seeded_generator"]
 
 _MIX = 0x9E3779B97F4A7C15  # an odd 64-bit constant: distinct (seed, index) pairs give distinct seeds
+
+
+def seeded_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator seeded by the pair ``(seed, index)`` (a sequence, an epoch, a cell's hash):
+    distinct pairs give distinct streams, and the same pair always the same one.
+
+    Example:
+        >>> a, b = (torch.rand(2, generator=seeded_generator(0, 5)) for _ in range(2))
+        >>> bool(torch.equal(a, b))
+        True
+    """
+    return torch.Generator().manual_seed((seed * _MIX + index) % 2**63)
 
 
 @dataclass(frozen=True, order=True)
@@ -103,8 +115,7 @@ def sample_positions(seq_index: Int[Tensor, " batch"] | Sequence[int], length: i
     n = min(n, usable)
     rows = []
     for index in torch.as_tensor(seq_index).tolist():
-        gen = torch.Generator().manual_seed((seed * _MIX + index) % 2**63)
-        rows.append(torch.randperm(usable, generator=gen)[:n].sort().values + skip)
+        rows.append(torch.randperm(usable, generator=seeded_generator(seed, index))[:n].sort().values + skip)
     return torch.stack(rows)
 
 

@@ -19,7 +19,8 @@ Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
   gradients are averaged with ``all_reduce``, dead-feature counters reduced with ``MIN`` (a feature is
   alive if it fired on any rank), dead features are resampled from the gathered global batch and rank 0's
   SAE is then broadcast, so every rank holds the same SAE — the one a single process would train on the
-  same global batches (exactly so with a state store, whose batches are rank slices of one global order). Rank 0 writes the SAEs, logs and checkpoints; each rank writes its own data position.
+  same global batches (exactly so with a state store, whose batches are rank slices of one global order).
+  Rank 0 writes the SAEs, logs and checkpoints; each rank writes its own data position.
 - ``distributed="cells"``: rank ``r`` trains cells ``r, r + world_size, …`` on all of the data, alone.
 
 Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
@@ -60,7 +61,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recurrent_lens.sae.base import SAE
-from recurrent_lens.sae.cells import _MIX, Cell, harvest_cells, parse_cells, sample_positions
+from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import atomic_write, save_sae
 from recurrent_lens.sae.training import (
     Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, check_writable, evaluate,
@@ -110,7 +111,7 @@ class DataParallelSync:
 def _cell_generator(seed: int, cell: Cell, role: str) -> torch.Generator:
     """A generator seeded by the run's seed and the cell's name, so a cell trains the same whichever
     other cells share its model passes."""
-    return torch.Generator().manual_seed((seed * _MIX + zlib.crc32(f"{role}:{cell.name}".encode())) % 2**63)
+    return seeded_generator(seed, zlib.crc32(f"{role}:{cell.name}".encode()))
 
 
 class _Sequences:
@@ -128,8 +129,8 @@ class _Sequences:
         self._iter: Any = None
 
     def _order(self) -> Tensor:
-        gen = torch.Generator().manual_seed((self.seed * _MIX + self.epoch) % 2**63)
-        return torch.randperm(len(self.data), generator=gen)[self.rank :: self.world]
+        order = torch.randperm(len(self.data), generator=seeded_generator(self.seed, self.epoch))
+        return order[self.rank :: self.world]
 
     def next(self) -> tuple[Tensor, Tensor]:
         """``(global indices [batch], tokens [batch, ctx])``."""
@@ -350,8 +351,11 @@ class MultiCellTrainer:
         given = None if saes is None else saes.get(cell, saes.get((cell.hook_name, cell.head)))
         d_k, d_v = self._shape()
         if given is not None and (given.cfg.d_k, given.cfg.d_v) != (d_k, d_v):
-            raise ValueError(f"saes[{cell.name}]: reads {given.cfg.d_k}x{given.cfg.d_v} states, the cell has {d_k}x{d_v}")
-        sae = given if given is not None else build_sae(self.cfg, d_k, d_v, seed=int(_cell_generator(self.cfg.seed, cell, "init").initial_seed()))
+            raise ValueError(f"saes[{cell.name}]: reads {given.cfg.d_k}x{given.cfg.d_v} states, the cell has "
+                             f"{d_k}x{d_v}")
+        sae = given
+        if sae is None:
+            sae = build_sae(self.cfg, d_k, d_v, seed=int(_cell_generator(self.cfg.seed, cell, "init").initial_seed()))
         sae.cfg.metadata.setdefault("hook_name", cell.hook_name)
         sae.cfg.metadata.setdefault("head", cell.head)
         return sae.to(self.device)
@@ -401,7 +405,8 @@ class MultiCellTrainer:
                 state = learner.state_dict()
                 atomic_write(self._cell_path(cell, step), lambda tmp, state=state: torch.save(state, tmp))
             previous = self._read_manifest() if os.path.exists(self._manifest_path()) else None
-            write_json(self._manifest_path(), {"step": step, "complete": complete, "cells": [c.name for c in self.cells],
+            write_json(self._manifest_path(), {"step": step, "complete": complete,
+                                               "cells": [c.name for c in self.cells],
                                                "world_size": self.world, "mode": self.mode,
                                                "train_config": asdict(self.cfg)})
             if previous is not None and previous["step"] != step:
@@ -434,7 +439,8 @@ class MultiCellTrainer:
                              f"{[c.name for c in self.cells]}; use another out_dir")
         if manifest.get("world_size", 1) != self.world or manifest.get("mode") != self.mode:
             raise ValueError(f"out_dir: the run in {self.out_dir!r} used {manifest.get('world_size')} process(es) "
-                             f"in mode {manifest.get('mode')!r}; resume it the same way (got {self.world}, {self.mode!r})")
+                             f"in mode {manifest.get('mode')!r}; resume it the same way "
+                             f"(got {self.world}, {self.mode!r})")
         if manifest.get("train_config") != asdict(self.cfg):
             changed = sorted(k for k, v in asdict(self.cfg).items() if manifest.get("train_config", {}).get(k) != v)
             raise ValueError(f"cfg: the run in {self.out_dir!r} used other settings ({', '.join(changed)} differ)")

@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions
+from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import atomic_write
 
 __all__ = ["StateStore", "harvest_to_store", "FORMAT_VERSION", "MANIFEST_NAME"]
@@ -79,7 +79,6 @@ _ST_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.floa
               "BF16": (np.uint16, torch.bfloat16), "I64": (np.int64, torch.int64)}
 _ST_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _SHARD_RE = re.compile(r"shard_\d{5}\.safetensors")
-_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct (seed, epoch) pairs give distinct generator seeds
 
 
 # ---------------------------------------------------------------------------------------------- harvesting
@@ -707,8 +706,7 @@ class StateStore:
             epoch, j = divmod(b, per_epoch)
             if epoch != order_epoch:
                 if shuffle:
-                    gen = torch.Generator().manual_seed((seed * _MIX + epoch) % 2**63)
-                    order = torch.randperm(n, generator=gen)
+                    order = torch.randperm(n, generator=seeded_generator(seed, epoch))
                 else:
                     order = torch.arange(n)
                 order_epoch = epoch

@@ -347,7 +347,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.architecture not in SAE_REGISTRY:
         raise ValueError(f"TrainConfig.architecture: expected one of {sorted(SAE_REGISTRY)}, got {cfg.architecture!r}")
     if cfg.buffer_size < cfg.batch_size:
-        raise ValueError(f"TrainConfig.buffer_size: expected at least batch_size={cfg.batch_size}, got {cfg.buffer_size}")
+        raise ValueError(f"TrainConfig.buffer_size: expected at least batch_size={cfg.batch_size}, "
+                         f"got {cfg.buffer_size}")
 
 
 def check_tokens(model: nn.Module, tokens: Any) -> torch.Tensor:
