@@ -192,15 +192,17 @@ class Learner:
         """One optimizer step on the batch ``x``; returns the training-log row written at this step, if any
         (every ``log_every`` steps and at ``stop``)."""
         cfg, sae, step = self.cfg, self.sae, self.step
-        p = sae.autoencode(x)
-        # As in the reference, the auxiliary loss already sees the counters this batch updated.
-        update_dead_counters(sae, p)
-        out = sae.losses(p)
+        passed = sae.autoencode(x)
+        # As in the reference, the auxiliary loss already sees the counters this batch updated; data-parallel,
+        # those are the whole global batch's, so every rank's auxiliary loss uses the same dead features.
+        update_dead_counters(sae, passed)
+        if self.sync is not None:
+            self.sync.counters(sae)
+        out = sae.losses(passed)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.sync is not None:
-            self.sync.gradients([p for p in sae.parameters() if p.grad is not None])
-            self.sync.counters(sae)
+            self.sync.gradients([param for param in sae.parameters() if param.grad is not None])
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         self.optimizer.step()
