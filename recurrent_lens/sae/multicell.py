@@ -114,6 +114,13 @@ def _cell_generator(seed: int, cell: Cell, role: str) -> torch.Generator:
     return seeded_generator(seed, zlib.crc32(f"{role}:{cell.name}".encode()))
 
 
+def _sampled_states(model: Any, cells: list[Cell], cfg: TrainConfig, index: Tensor,
+                    tokens: Tensor) -> dict[Cell, Tensor]:
+    """Every cell's states, in host memory, at the positions ``cfg`` samples for the sequences ``index``."""
+    pos = sample_positions(index, tokens.shape[1], cfg.positions_per_seq, skip=cfg.skip_positions, seed=cfg.seed)
+    return {c: s.cpu() for c, s in harvest_cells(model, tokens, pos, cells).items()}
+
+
 class _Sequences:
     """Token sequences with their global indices, ``batch`` at a time, for one rank of ``world``.
 
@@ -184,12 +191,9 @@ class _HarvestFeed:
         parts = {c: [self.buffers[c][: self.fill]] if c in self.buffers else [] for c in self.cells}
         have = self.fill
         while have < self.cfg.buffer_size:
-            index, tokens = self.sequences.next()
-            pos = sample_positions(index, tokens.shape[1], self.cfg.positions_per_seq,
-                                   skip=self.cfg.skip_positions, seed=self.cfg.seed)
-            states = harvest_cells(self.model, tokens, pos, self.cells)
+            states = _sampled_states(self.model, self.cells, self.cfg, *self.sequences.next())
             for c in self.cells:
-                parts[c].append(states[c].cpu())
+                parts[c].append(states[c])
             have += len(states[self.cells[0]])
         for c in self.cells:
             merged = torch.cat(parts[c])
@@ -372,10 +376,8 @@ class MultiCellTrainer:
         for i in range(0, len(tokens), step):
             chunk = tokens[i : i + step]
             index = torch.arange(i, i + len(chunk)) + 2**40  # a range no training sequence uses
-            pos = sample_positions(index, chunk.shape[1], self.cfg.positions_per_seq,
-                                   skip=self.cfg.skip_positions, seed=self.cfg.seed)
-            for c, s in harvest_cells(self.model, chunk, pos, self.cells).items():
-                out[c].append(s.cpu())
+            for c, s in _sampled_states(self.model, self.cells, self.cfg, index, chunk).items():
+                out[c].append(s)
         return {c: torch.cat(v) for c, v in out.items()}
 
     # ------------------------------------------------------------------ checkpoints
