@@ -330,15 +330,13 @@ class MatrixMixer(nn.Module):
             res = scan(self.rule, inputs, S0, chunk_size=chunk, writes=writes)
             return res.o, res.final_state
         heads = request.heads["state"]
+        pick = inputs.map(lambda t: t[:, :, heads])
+        picked_writes = None if writes is None else writes[:, :, heads]
         if request.last:
             # Nothing downstream reads this layer's output: scan the requested heads only.
-            inputs, S0 = inputs.map(lambda t: t[:, :, heads]), S0[:, heads]
-            writes = None if writes is None else writes[:, :, heads]
-            heads = list(range(len(heads)))
-        o, final, bounds = boundary_scan(self.rule, inputs, S0, chunk, writes=writes)
-        picked = inputs.map(lambda t: t[:, :, heads])
-        request.out["state"] = replay_at(self.rule, picked, bounds[:, :, heads], pos, chunk,
-                                         writes=None if writes is None else writes[:, :, heads])
-        if request.last:
+            _, _, bounds = boundary_scan(self.rule, pick, S0[:, heads], chunk, writes=picked_writes)
+            request.out["state"] = replay_at(self.rule, pick, bounds, pos, chunk, writes=picked_writes)
             raise HarvestDone
+        o, final, bounds = boundary_scan(self.rule, inputs, S0, chunk, writes=writes)
+        request.out["state"] = replay_at(self.rule, pick, bounds[:, :, heads], pos, chunk, writes=picked_writes)
         return o, final
