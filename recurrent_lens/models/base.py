@@ -788,19 +788,22 @@ class HookedRecurrentModel(HookedRootModule):
         cells = list(cells)
         if not cells:
             raise ValueError("cells: expected at least one (hook_name, head) pair, got none")
+        sites = {}
         for cell in cells:
             if not (isinstance(cell, tuple) and len(cell) == 2):
                 raise ValueError(f"cells: expected (hook_name, head) pairs, got {cell!r}")
             layer, what = self.matrix_site(cell[0])
             head = cell[1]
             if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < self.cfg.n_heads:
-                raise ValueError(f"cells: expected a head index in [0, {self.cfg.n_heads}) for {cell[0]}, got {head!r}")
+                raise ValueError(f"cells: expected a head index in [0, {self.cfg.n_heads}) for {cell[0]}, "
+                                 f"got {head!r}")
+            sites[cell] = layer, what
             heads = requests.setdefault(layer, {}).setdefault(what, [])
             if head not in heads:
                 heads.append(head)
         out = self._harvest(tokens, positions, requests)
         return {(name, head): out[layer][what][:, :, requests[layer][what].index(head)]
-                for name, head in cells for layer, what in [self.matrix_site(name)]}
+                for (name, head), (layer, what) in sites.items()}
 
     def states_at(self, tokens: TokensLike, layer: int, positions: Tensor | Sequence[Any],
                   heads: int | Sequence[int] | None = None,
