@@ -334,9 +334,10 @@ class MatrixMixer(nn.Module):
         picked_writes = None if writes is None else writes[:, :, heads]
         if request.last:
             # Nothing downstream reads this layer's output: scan the requested heads only.
-            _, _, bounds = boundary_scan(self.rule, pick, S0[:, heads], chunk, writes=picked_writes)
-            request.out["state"] = replay_at(self.rule, pick, bounds, pos, chunk, writes=picked_writes)
+            _, _, bounds, u = boundary_scan(self.rule, pick, S0[:, heads], chunk, writes=picked_writes, updates=True)
+            request.out["state"] = replay_at(self.rule, pick, bounds, pos, chunk, writes=picked_writes, updates=u)
             raise HarvestDone
-        o, final, bounds = boundary_scan(self.rule, inputs, S0, chunk, writes=writes)
-        request.out["state"] = replay_at(self.rule, pick, bounds[:, :, heads], pos, chunk, writes=picked_writes)
+        o, final, bounds, u = boundary_scan(self.rule, inputs, S0, chunk, writes=writes, updates=True)
+        request.out["state"] = replay_at(self.rule, pick, bounds[:, :, heads], pos, chunk, writes=picked_writes,
+                                         updates=None if u is None else u[:, :, heads])
         return o, final

@@ -147,6 +147,27 @@ class Rule:
         """
         return None
 
+    def chunked_updates(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
+            Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"],
+            Float[Tensor, "batch pos head d_v"] | None]:
+        """:meth:`chunked`, plus the update values ``u`` ``[batch, pos, head, d_v]`` where every step's
+        whole update is rank-1 along its key, ``S_t = diag(exp g_t) S_{t-1} + k_t u_tᵀ`` (``None`` where it
+        is not). With them a state inside a chunk follows from the chunk's boundary state by one masked
+        product (:func:`replay_at`), without redoing whatever the rule solved to get ``u``."""
+        return (*self.chunked(x, S0, chunk_size), None)
+
+
+def _rank1_states(k: Tensor, u: Tensor, decay: Tensor | None, S0: Tensor, offsets: Tensor) -> Tensor:
+    """``S_t = exp(G_t) ⊙ S_0 + Σ_{s≤t} exp(G_t − G_s) ⊙ k_s u_sᵀ`` inside one chunk per row, per head or per
+    key channel: ``k`` ``[rows, head, chunk, d_k]``, ``u`` ``[rows, head, chunk, d_v]``, ``decay`` the per-step
+    log-decay ``[rows, head, chunk(, d_k)]`` (``G`` its cumulative sum), ``S0`` ``[rows, head, d_k, d_v]``."""
+    if decay is None:
+        G = k.new_zeros(*k.shape[:3], 1)
+    else:
+        G = (decay if decay.dim() == 4 else decay[..., None]).cumsum(2)  # [R, H, C, 1|d_k]
+    Gt, w = _up_to(G, offsets)
+    return ((k * w).transpose(-1, -2) @ u).addcmul_(S0, Gt.exp().transpose(-1, -2))
+
 
 def _up_to(G: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     """For cumulative log-decays ``G`` ``[rows, head, chunk, c]``: ``G`` at each row's offset ``[rows, head, 1, c]``
@@ -183,15 +204,13 @@ class LinearRule(Rule):
         return self._chunked(x, S0, chunk_size)
 
     def chunk_states(self, x, S0, offsets):
-        # S_t = exp(G_t) ⊙ S_0 + Σ_{s≤t} exp(G_t − G_s) ⊙ β_s k_s v_sᵀ, per head or per key channel
+        x = x.map(lambda t: t.transpose(1, 2))  # [R, H, C, ...]
         k = x.k if x.beta is None else x.k * x.beta[..., None]
-        k, v = k.transpose(1, 2), x.v.transpose(1, 2)  # [R, H, C, d_k], [R, H, C, d_v]
-        if x.decay is None:
-            G = k.new_zeros(*k.shape[:3], 1)
-        else:
-            G = (x.decay if x.decay.dim() == 4 else x.decay[..., None]).transpose(1, 2).cumsum(2)  # [R, H, C, 1|d_k]
-        Gt, w = _up_to(G, offsets)
-        return Gt.exp().transpose(-1, -2) * S0 + (k * w).transpose(-1, -2) @ v
+        return _rank1_states(k, x.v, x.decay, S0, offsets)
+
+    def chunked_updates(self, x, S0, chunk_size):
+        u = x.v if x.beta is None else x.v * x.beta[..., None]
+        return (*self.chunked(x, S0, chunk_size), u)
 
     def _chunked(self, x: RecurrenceInputs, S0: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
         B, T, H, dk, dv = x.shape
@@ -248,6 +267,10 @@ class DeltaRule(LinearRule):
 
     def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
             Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
+        return self.chunked_updates(x, S0, chunk_size)[:3]
+
+    def chunked_updates(self, x, S0, chunk_size):
+        # write + erase = k_t u_tᵀ: the chunk's corrected values u are the rank-1 update values
         B, T, H, dk, dv = x.shape
         N, C = T // chunk_size, chunk_size
         chunks = x.chunks(C)  # [B, N, H, C, ...]
@@ -257,21 +280,20 @@ class DeltaRule(LinearRule):
         q_in = q * G.exp()[..., None]
         k_out = k * (G[..., -1:] - G).exp()[..., None]
         last = G[..., -1].exp()[..., None, None]  # [B, N, H, 1, 1]
-        S, outs, bounds = S0, [], []
+        S, outs, bounds, updates = S0, [], [], []
         for n in range(N):
             bounds.append(S)
             U = U0[:, n] - Wk[:, n] @ S
+            updates.append(U)
             outs.append(q_in[:, n] @ S + A[:, n] @ U)
             S = last[:, n] * S + k_out[:, n].transpose(-1, -2) @ U
-        return _unchunk(outs), S, torch.stack(bounds, 1)
+        return _unchunk(outs), S, torch.stack(bounds, 1), _unchunk(updates)
 
     def chunk_states(self, x, S0, offsets):
         # S_t = Γ_t S_0 + Σ_{s≤t} (Γ_t/Γ_s) k_s u_sᵀ with the chunk's corrected values u = U0 − Wk S_0
         x = x.map(lambda t: t.transpose(1, 2))  # [R, H, C, ...]
-        k = x.k
-        G, _, U0, Wk = self._solve(k, x.v, x.beta, x.decay)
-        Gt, w = _up_to(G[..., None], offsets)
-        return Gt.exp() * S0 + (k * w).transpose(-1, -2) @ (U0 - Wk @ S0)
+        _, _, U0, Wk = self._solve(x.k, x.v, x.beta, x.decay)
+        return _rank1_states(x.k, U0 - Wk @ S0, x.decay, S0, offsets)
 
     @staticmethod
     def _solve(k: Tensor, v: Tensor, beta: Tensor | None, g: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -404,12 +426,18 @@ def dplr_chunked(x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
     return _unchunk(outs), S, torch.stack(bounds, 1)
 
 
+def _pad_positions(t: Tensor, length: int) -> Tensor:
+    """Zero-pad axis 1 (positions) of a ``[batch, pos, ...]`` tensor to ``length``."""
+    if t.shape[1] == length:
+        return t
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]))
+
+
 def _pad_to(x: RecurrenceInputs, length: int) -> RecurrenceInputs:
     """Zero-pad the position axis: a zero key, zero write strength and zero log-decay leave the state unchanged."""
-    T = x.k.shape[1]
-    if length == T:
+    if length == x.k.shape[1]:
         return x
-    return x.map(lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, length - T)))
+    return x.map(lambda t: _pad_positions(t, length))
 
 
 def recurrent_scan(rule: Rule, x: RecurrenceInputs, S0: State, *, writes: States | None = None,
@@ -500,17 +528,25 @@ def scan(rule: Rule, x: RecurrenceInputs, S0: State, *, chunk_size: int = 64,
     return recurrent_scan(rule, x, S0)
 
 
-def boundary_scan(rule: Rule, x: RecurrenceInputs, S0: State, chunk_size: int, *, writes: States | None = None
-                  ) -> tuple[Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
+def boundary_scan(rule: Rule, x: RecurrenceInputs, S0: State, chunk_size: int, *, writes: States | None = None,
+                  updates: bool = False) -> tuple[
+        Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]] | tuple[
+        Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"],
+        Float[Tensor, "batch pos head d_v"] | None]:
     """Outputs, final state and the state before every chunk, without any other per-step state.
 
     The rule's chunked form where it has one; otherwise (or with explicit ``writes``, which the chunked
     forms do not take) the token-by-token loop, keeping only the states at chunk boundaries.
 
+    Args:
+        updates: also return the rank-1 update values of :meth:`Rule.chunked_updates` (``None`` from the
+            token-by-token loop, or for a rule without them), for :func:`replay_at`.
+
     Returns:
         ``(o [batch, pos, head, d_v], final_state [batch, head, d_k, d_v],
         bounds [batch, n_chunks, head, d_k, d_v])`` with ``bounds[:, c]`` the state before token
-        ``c · chunk_size`` and ``n_chunks = ceil(pos / chunk_size)``.
+        ``c · chunk_size`` and ``n_chunks = ceil(pos / chunk_size)``; with ``updates=True`` a fourth item,
+        ``[batch, pos, head, d_v]`` or ``None``.
 
     Example:
         >>> import torch
@@ -523,33 +559,39 @@ def boundary_scan(rule: Rule, x: RecurrenceInputs, S0: State, chunk_size: int, *
     T = x.k.shape[1]
     N = -(-T // chunk_size)
     if writes is None and rule.has_chunked:
-        o, final, bounds = rule.chunked(_pad_to(x, N * chunk_size), S0, chunk_size)
-        return o[:, :T], final, bounds
+        o, final, bounds, u = rule.chunked_updates(_pad_to(x, N * chunk_size), S0, chunk_size)
+        head = (o[:, :T], final, bounds)
+        return (*head, None if u is None else u[:, :T]) if updates else head
     S, outs, bounds = S0, [], []
     for t in range(T):
         if t % chunk_size == 0:
             bounds.append(S)
         S, _ = rule.step(S, x.at(t), None if writes is None else writes[:, t])
         outs.append(torch.einsum("bhkv,bhk->bhv", S, x.q[:, t]))
-    return torch.stack(outs, 1), S, torch.stack(bounds, 1)
+    head = (torch.stack(outs, 1), S, torch.stack(bounds, 1))
+    return (*head, None) if updates else head
 
 
 def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Float[Tensor, "batch n_chunks head d_k d_v"],
-              positions: Int[Tensor, "batch n"], chunk_size: int, *,
-              writes: States | None = None) -> Float[Tensor, "batch n head d_k d_v"]:
+              positions: Int[Tensor, "batch n"], chunk_size: int, *, writes: States | None = None,
+              updates: Float[Tensor, "batch pos head d_v"] | None = None) -> Float[Tensor, "batch n head d_k d_v"]:
     """The states ``S_t`` at chosen positions, each computed from the boundary state of its chunk.
 
-    Rules with a closed form inside a chunk (:meth:`Rule.chunk_states`: the linear and delta rules) get
-    each state with a few matrix products per position; otherwise (RWKV-7's rule, or edited writes) every
-    requested position replays at most one chunk (``positions % chunk_size + 1`` steps), all positions at
-    once: ``chunk_size`` Python steps at most, over ``batch · n`` rows. Nothing of size
-    ``[batch, pos, head, d_k, d_v]`` is formed.
+    With ``updates`` (the rank-1 update values from ``boundary_scan(..., updates=True)``, same heads)
+    each state is one masked product over its chunk: ``S_t = Γ_t S_0 + Σ_{s≤t} (Γ_t/Γ_s) k_s u_sᵀ``.
+    Without them, rules with a closed form inside a chunk (:meth:`Rule.chunk_states`: the linear and delta
+    rules) get each state with a few matrix products per position (the delta rule re-solves the chunk);
+    otherwise (RWKV-7's rule, or edited writes) every requested position replays at most one chunk
+    (``positions % chunk_size + 1`` steps), all positions at once: ``chunk_size`` Python steps at most,
+    over ``batch · n`` rows. Nothing of size ``[batch, pos, head, d_k, d_v]`` is formed.
 
     Args:
         x: inputs ``[batch, pos, head, ...]`` (the heads wanted; ``bounds`` must have the same heads).
         bounds: ``[batch, n_chunks, head, d_k, d_v]`` from :func:`boundary_scan` with the same ``chunk_size``.
         positions: ``[batch, n]`` positions in ``[0, pos)``.
         writes: explicit writes ``[batch, pos, head, d_k, d_v]`` overriding ``β k vᵀ`` (edited writes).
+        updates: ``[batch, pos, head, d_v]`` update values ``u`` with ``S_t = diag(exp g_t) S_{t-1} + k_t u_tᵀ``
+            (ignored with ``writes``).
 
     Returns:
         ``[batch, n, head, d_k, d_v]``.
@@ -560,19 +602,21 @@ def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Float[Tensor, "batch n_ch
     chunk = positions // chunk_size  # [B, n]
     offset = positions % chunk_size
     rows = torch.arange(B, device=positions.device)[:, None]
-    padded = _pad_to(x, N * chunk_size)
+    chunk_of = (rows * N + chunk).reshape(B * n)  # each requested position's chunk among the B·N
 
-    def chunk_inputs(t: Tensor) -> Tensor:
-        # [B, N·C, ...] -> the chunk of every requested position, [B·n, C, ...]
-        t = rearrange(t, "b (n c) ... -> b n c ...", c=chunk_size)[rows, chunk]
-        return rearrange(t, "b k c ... -> (b k) c ...")
+    def chunk_inputs(t: Tensor, head_major: bool = False) -> Tensor:
+        # [B, pos, H, ...] -> the chunk of every requested position, [B·n, C, H, ...] (or [B·n, H, C, ...])
+        t = _pad_positions(t, N * chunk_size).unflatten(1, (N, chunk_size))
+        return (t.movedim(3, 2) if head_major else t).flatten(0, 1).index_select(0, chunk_of)
 
-    flat = padded.map(chunk_inputs)
-    flat_writes = None
-    if writes is not None:
-        flat_writes = chunk_inputs(F.pad(writes, (0, 0, 0, 0, 0, 0, 0, N * chunk_size - T)))
-    S = rearrange(bounds[rows, chunk], "b k ... -> (b k) ...")
+    S = bounds.flatten(0, 1).index_select(0, chunk_of)
     offset = offset.reshape(B * n)
+    if writes is None and updates is not None:
+        decay = None if x.decay is None else chunk_inputs(x.decay, head_major=True)
+        closed = _rank1_states(chunk_inputs(x.k, True), chunk_inputs(updates, True), decay, S, offset)
+        return closed.reshape(B, n, *closed.shape[1:])
+    flat = x.map(chunk_inputs)
+    flat_writes = None if writes is None else chunk_inputs(writes)
     if flat_writes is None:
         closed = rule.chunk_states(flat, S, offset)
         if closed is not None:
