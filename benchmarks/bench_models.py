@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# the repository root, whatever the working directory: the reference builders are shared with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -42,7 +43,7 @@ def best_of(fn, repeats: int = 3) -> float:
 def qwen_like(d_model: int, n_heads: int, d_head: int, n_layers: int, vocab: int):
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-    from helpers import patch_transformers_qwen3_5
+    from tests.support.helpers import patch_transformers_qwen3_5
 
     patch_transformers_qwen3_5()
     layer_types = ["linear_attention"] * (n_layers - 1) + ["full_attention"]
@@ -77,7 +78,7 @@ def decode_time(model, context: int, steps: int = 20) -> float:
 
 
 def main() -> None:
-    from helpers import PEAK_RSS_SCRIPT
+    from tests.support.helpers import PEAK_RSS_SCRIPT
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")

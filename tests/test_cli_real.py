@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_qwen3_5, word_tokenizer
+from tests.support.helpers import tiny_qwen3_5, word_tokenizer
 from recurrent_lens.cli import main
 from recurrent_lens.sae import load
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import tiny_gdn
+from tests.support.helpers import tiny_gdn
 from recurrent_lens.sae import FlatSAE, WriteSAE, add_sae, reset_saes, saes
 from recurrent_lens.sae.attach import SAEHookPoint
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_gdn
+from tests.support.helpers import tiny_gdn
 from recurrent_lens.cli import main
 from recurrent_lens.sae import load
 from recurrent_lens.sae.store import harvest_to_store

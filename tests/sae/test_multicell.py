@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_gdn
+from tests.support.helpers import tiny_gdn
 from recurrent_lens.data import open_tokens
 from recurrent_lens.sae import TrainConfig, load
 from recurrent_lens.sae.cells import Cell

@@ -168,7 +168,7 @@ def test_register_sae_class_refuses_duplicates():
 
 def test_attachment_goes_through_the_public_splice():
     """A subclass that changes ``splice`` changes what the model sees: attach uses nothing else."""
-    from helpers import tiny_gdn
+    from tests.support.helpers import tiny_gdn
 
     from recurrent_lens.sae import saes
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import tiny_gdn
+from tests.support.helpers import tiny_gdn
 from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, add_sae, load, reset_saes, saes
 from recurrent_lens.sae.base import SAEConfig, SAEMetadata
 from recurrent_lens.sae.saelens import SAELENS_FORMAT_VERSION, load_saelens, to_saelens

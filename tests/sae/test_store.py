@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import recurrent_lens.sae.store as store_mod
-from helpers import tiny_gdn
+from tests.support.helpers import tiny_gdn
 from recurrent_lens.sae.cells import Cell, sample_positions
 from recurrent_lens.sae.store import StateStore, harvest_to_store
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import tiny_gdn
+from tests.support.helpers import tiny_gdn
 from recurrent_lens.sae import SAETrainer, TrainConfig, WriteSAE, load, train
 
 HOOK = "blocks.0.mixer.hook_state"
@@ -74,7 +74,7 @@ def test_resampling_clears_adam_moments(model, tokens):
 
 def test_training_runs_under_no_grad_and_centres_a_given_sae():
     """Notebooks disable gradients globally; a user-built SAE with ``center`` still gets the dataset mean."""
-    from helpers import tiny_gdn
+    from tests.support.helpers import tiny_gdn
 
     from recurrent_lens.sae import TrainConfig, WriteSAE, train
 

@@ -66,7 +66,7 @@ def tiny_gdn(seed: int = 0, n_layers: int = 2, **overrides) -> HookedRecurrentMo
 
 
 def _tiny_mamba2(seed: int) -> HookedRecurrentModel:
-    from tiny_arch_mamba2 import tiny_mamba2
+    from tests.support.tiny_arch_mamba2 import tiny_mamba2
 
     return slow_decay(tiny_mamba2(seed))
 
@@ -79,9 +79,15 @@ def slow_decay(model: HookedRecurrentModel, low: float = -4.0, high: float = -3.
     return model
 
 
+def _tiny_rwkv7(seed: int) -> HookedRecurrentModel:
+    from tests.support.tiny_arch_rwkv7 import tiny_rwkv7
+
+    return tiny_rwkv7(seed, n_layers=2)
+
+
 def _tiny_fla(name: str):
     def build(seed: int) -> HookedRecurrentModel:
-        import tiny_arch_fla
+        from tests.support import tiny_arch_fla
 
         return getattr(tiny_arch_fla, f"tiny_{name}")(seed)
 
@@ -93,7 +99,7 @@ ARCHS = {
     "mamba2": _tiny_mamba2,
     "delta_net": _tiny_fla("delta_net"),
     "gla": _tiny_fla("gla"),
-    "rwkv7": lambda seed: __import__("tiny_arch_rwkv7").tiny_rwkv7(seed, n_layers=2),
+    "rwkv7": _tiny_rwkv7,
     "qwen3_5_hybrid": lambda seed: tiny_gdn(seed, n_layers=2, norm="rms_one_plus", options={"layout": "qwen3_5"},
                                             layer_types=("recurrent", "attention"), n_attn_heads=4, n_kv_heads=2,
                                             d_head_attn=8, rotary_dim=4, attn_output_gate=True),

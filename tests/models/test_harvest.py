@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import ARCHS, tiny_model
+from tests.support.helpers import ARCHS, tiny_model
 
 T = 37  # not a multiple of any test chunk size: the last chunk is padded
 

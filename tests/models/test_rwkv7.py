@@ -5,10 +5,10 @@ from unittest import mock
 
 import pytest
 import torch
-from fla_cpu import patch_fla_for_cpu
-from helpers import perturb_
+from tests.support.fla_cpu import patch_fla_for_cpu
+from tests.support.helpers import perturb_
 from safetensors.torch import load_file, save_file
-from tiny_arch_rwkv7 import tiny_rwkv7
+from tests.support.tiny_arch_rwkv7 import tiny_rwkv7
 
 from recurrent_lens import HookedRecurrentModel
 from recurrent_lens.models.rwkv7 import config_from_fla, map_fla_weight

@@ -6,7 +6,7 @@ import copy
 import pandas as pd
 import pytest
 import torch
-from helpers import ARCHS, tiny_model
+from tests.support.helpers import ARCHS, tiny_model
 from transformer_lens import ActivationCache, patching
 from transformer_lens.utilities import test_prompt as tl_test_prompt
 

@@ -2,8 +2,8 @@
 generate run on CPU with the torch patch of fla_cpu."""
 
 import pytest
-from fla_cpu import patch_fla_for_cpu
-from tiny_arch_fla import (  # noqa: F401 (single_thread: autouse fixture)
+from tests.support.fla_cpu import patch_fla_for_cpu
+from tests.support.tiny_arch_fla import (  # noqa: F401 (single_thread: autouse fixture)
     assert_greedy_generate_matches, assert_logits_match, fla_gated_deltanet, reference_and_loaded, single_thread,
 )
 

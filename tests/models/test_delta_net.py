@@ -3,8 +3,8 @@ reference parameter count."""
 
 import pytest
 import torch
-from fla_cpu import patch_fla_for_cpu
-from tiny_arch_fla import (  # noqa: F401 (single_thread: autouse fixture)
+from tests.support.fla_cpu import patch_fla_for_cpu
+from tests.support.tiny_arch_fla import (  # noqa: F401 (single_thread: autouse fixture)
     VOCAB, assert_greedy_generate_matches, assert_logits_match,
     fla_delta_net, reference_and_loaded, single_thread, tiny_delta_net,
 )

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_gdn
-from tiny_arch_mamba2 import tiny_mamba2
+from tests.support.helpers import tiny_gdn
+from tests.support.tiny_arch_mamba2 import tiny_mamba2
 from torch import nn
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig, analysis, toy

@@ -6,7 +6,7 @@ quantity at its step and every later step is recomputed from it; an edited read 
 
 import pytest
 import torch
-from helpers import ARCHS, tiny_model
+from tests.support.helpers import ARCHS, tiny_model
 
 import recurrent_lens.models.mixer as mixer_module
 from recurrent_lens.models.scan import recurrent_scan

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import PEAK_RSS_SCRIPT, perturb_, tiny_qwen3_5
+from tests.support.helpers import PEAK_RSS_SCRIPT, perturb_, tiny_qwen3_5
 from safetensors.torch import load_file, save_file
 
 from recurrent_lens import HookedRecurrentModel
@@ -382,8 +382,8 @@ def test_overlapping_offsets_refused_before_any_garbage_weight(qwen_dir, tmp_pat
 @pytest.fixture(scope="module")
 def rwkv7_checkpoint(tmp_path_factory):
     """A tiny fla RWKV-7 saved whole, and its state dict and config for building shards."""
-    from fla_cpu import patch_fla_for_cpu
-    from test_rwkv7 import tiny_fla_rwkv7
+    from tests.support.fla_cpu import patch_fla_for_cpu
+    from tests.models.test_rwkv7 import tiny_fla_rwkv7
 
     with patch_fla_for_cpu():
         ref = tiny_fla_rwkv7()

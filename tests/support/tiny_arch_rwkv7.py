@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import perturb_
+from tests.support.helpers import perturb_
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig
 

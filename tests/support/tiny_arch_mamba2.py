@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import perturb_
+from tests.support.helpers import perturb_
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig
 

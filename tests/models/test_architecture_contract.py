@@ -18,7 +18,7 @@ from recurrent_lens.models.mixer import ForwardContext
 from recurrent_lens.models.registry import architectures, get_architecture
 from recurrent_lens.models.scan import RecurrenceInputs
 
-MODELS = Path(__file__).resolve().parent.parent / "recurrent_lens" / "models"
+MODELS = Path(__file__).resolve().parents[2] / "recurrent_lens" / "models"
 BUILTINS = ("gated_deltanet", "delta_net", "gla", "mamba2", "rwkv7")
 SIZES = dict(d_model=64, n_layers=1, d_vocab=10, n_heads=4, d_k=16, d_v=16)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_gdn, tiny_qwen3_5, word_tokenizer
+from tests.support.helpers import tiny_gdn, tiny_qwen3_5, word_tokenizer
 from transformer_lens import ActivationCache
 
 from recurrent_lens import HookedRecurrentModel

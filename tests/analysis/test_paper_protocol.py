@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_gdn
-from test_analysis import _hook_edit_logits, _linear_model, _sae, _tokens
+from tests.support.helpers import tiny_gdn
+from tests.analysis.test_analysis import _hook_edit_logits, _linear_model, _sae, _tokens
 
 from recurrent_lens import analysis, toy
 from recurrent_lens.analysis import PRESET, preset, preset_table
@@ -339,9 +339,9 @@ def test_reproduce_on_the_toy(protocol, tmp_path, capsys):
 
 
 def test_reproduce_on_a_tiny_checkpoint(tmp_path, capsys):
-    from helpers import tiny_qwen3_5
-    from helpers import word_tokenizer
-    from test_cli_real import WORDS
+    from tests.support.helpers import tiny_qwen3_5
+    from tests.support.helpers import word_tokenizer
+    from tests.test_cli_real import WORDS
 
     ckpt = tmp_path / "qwen"
     tiny_qwen3_5(seed=0).save_pretrained(ckpt)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import tiny_model
+from tests.support.helpers import tiny_model
 
 import recurrent_lens.models.mixer as mixer_module
 from recurrent_lens.models.scan import DeltaRule, DPLRRule, LinearRule, RecurrenceInputs, recurrent_scan, replay

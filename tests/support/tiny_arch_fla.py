@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturb_
+from tests.support.helpers import perturb_
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig
 
@@ -73,7 +73,7 @@ def fla_gated_deltanet(seed: int = 0, **overrides):
 def reference_and_loaded(build, tmp_path_factory, name: str, **kwargs):
     """Build an fla reference (under the CPU patch), save it, and load it back through ``from_pretrained``.
     A generator for module-scoped fixtures: the patch stays active while the tests use the reference."""
-    from fla_cpu import patch_fla_for_cpu
+    from tests.support.fla_cpu import patch_fla_for_cpu
 
     with patch_fla_for_cpu():
         ref = build(**kwargs)

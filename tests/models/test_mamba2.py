@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import perturb_
-from tiny_arch_mamba2 import tiny_mamba2
+from tests.support.helpers import perturb_
+from tests.support.tiny_arch_mamba2 import tiny_mamba2
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig
 from recurrent_lens.models.loading import CheckpointError, detect_architecture

@@ -11,9 +11,9 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_gdn, tiny_model
-from tiny_arch_fla import tiny_delta_net, tiny_gla
-from tiny_arch_mamba2 import tiny_mamba2
+from tests.support.helpers import tiny_gdn, tiny_model
+from tests.support.tiny_arch_fla import tiny_delta_net, tiny_gla
+from tests.support.tiny_arch_mamba2 import tiny_mamba2
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig
 from recurrent_lens.models.base import sample_next

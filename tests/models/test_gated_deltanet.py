@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_gdn, tiny_qwen3_5
+from tests.support.helpers import tiny_gdn, tiny_qwen3_5
 
 from recurrent_lens import HookedRecurrentModel
 
