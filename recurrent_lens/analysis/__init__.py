@@ -13,6 +13,9 @@ options override the preset (:mod:`~recurrent_lens.analysis.protocols`, :func:`p
 - :func:`erase_atom`, :func:`install`, :func:`install_during_generation`, :func:`target_direction`,
   :func:`targets_by_rank` (§4, App. I.4-I.6).
 - :func:`partition_atoms`: register/bundle partition with a 1-D GMM and ΔBIC (§3.1).
+
+What an analysis needs of its ``model`` and ``sae``: :class:`ModelLike` and :class:`SAELike`
+(:mod:`~recurrent_lens.analysis.types`).
 """
 
 from recurrent_lens.analysis._common import kl_divergence, wilcoxon_signed_rank, wilson_interval
@@ -29,6 +32,7 @@ from recurrent_lens.analysis.results import (
     InstallResult, InterventionResult, LogitShiftResult, PartitionResult, SubstitutionResult,
 )
 from recurrent_lens.analysis.substitution import find_firings, substitution_test
+from recurrent_lens.analysis.types import ModelConfigLike, ModelLike, SAEConfigLike, SAELike
 
 __all__ = [
     "substitution_test", "find_firings", "logit_shift_prediction", "output_jacobian", "erase_atom", "install",
@@ -36,5 +40,6 @@ __all__ = [
     "fit_gmm_1d", "kl_divergence", "wilson_interval", "wilcoxon_signed_rank", "SubstitutionResult",
     "LogitShiftResult", "InterventionResult", "InstallResult", "PartitionResult", "PRESET", "PROTOCOLS", "preset",
     "preset_table", "Settings", "SubstitutionSettings", "LogitShiftSettings", "InstallSettings",
-    "GenerationInstallSettings", "PartitionSettings", "EraseSettings",
+    "GenerationInstallSettings", "PartitionSettings", "EraseSettings", "ModelLike", "SAELike", "ModelConfigLike",
+    "SAEConfigLike",
 ]
