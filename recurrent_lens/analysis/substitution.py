@@ -315,7 +315,8 @@ def substitution_test(
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     features = _check_features(features, sae.cfg.n_features)
-    tokens, positions, last_position = _readout_window(model, tokens, positions, opts["readout"], opts["readout_offset"])
+    tokens, positions, last_position = _readout_window(model, tokens, positions, opts["readout"],
+                                                       opts["readout_offset"])
     start = time.perf_counter()
     native = native_run(model, tokens, site)
     codes, firings = _substitution_firings(
@@ -337,7 +338,8 @@ def _substitution_options(protocol: str, given: dict[str, Any]) -> tuple[dict[st
     """The options of ``protocol`` with the explicitly given ones winning, each checked; and the overrides."""
     check_protocol(protocol)
     if given["readout"] is PRESET and given["readout_offset"] is not PRESET and given["readout_offset"] is not None:
-        given = {**given, "readout": "offset"}  # an explicit offset asks for the offset readout, whatever the protocol's
+        # an explicit offset asks for the offset readout, whatever the protocol's
+        given = {**given, "readout": "offset"}
     opts, overrides = resolve("substitution", protocol, given)
     for name, allowed in (("replace", _REPLACE), ("scale", _SCALE), ("random", _RANDOM), ("kl", _KL), ("atom", _ATOM),
                           ("readout", _READOUT)):
