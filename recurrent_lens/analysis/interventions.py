@@ -18,8 +18,8 @@ over the tokens).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import SupportsIndex
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, SupportsIndex
 
 import pandas as pd
 import torch
@@ -27,13 +27,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    as_index, branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit,
+    Site, as_index, branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit,
 )
 from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
 from recurrent_lens.analysis.protocols import (
     PRESET, EraseSettings, GenerationInstallSettings, InstallSettings, check_protocol, resolve,
 )
 from recurrent_lens.analysis.results import InstallResult, InterventionResult
+from recurrent_lens.analysis.types import ModelLike
 
 _DIRECTIONS = ("out_proj", "jacobian")
 _MAGNITUDE_REFS = ("kv", "write", "update")
@@ -427,86 +428,138 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
     magnitude, ref, max_new_tokens = float(opts["magnitude"]), opts["magnitude_ref"], opts["max_new_tokens"]
     site = parse_site(model, hook_name, head)
     prompt = check_tokens(model, prompt, 1)
-    B = prompt.shape[0]
-    per_prompt = hasattr(target, "__len__") and not (isinstance(target, Tensor) and target.dim() == 0)
-    if per_prompt:
-        targets = _check_tokens_list(model, target, "target")
-        if len(targets) != B:
-            raise ValueError(f"target: expected one token id or one per prompt ({B}), got {len(targets)}")
-    else:
-        targets = [_check_token(model, target, "target")] * B
+    targets, per_prompt = _generation_targets(model, target, prompt.shape[0])
     if positions is None:
         raise ValueError("positions: expected the absolute positions to install at, got None")
-    distinct = sorted(set(targets))
-    if opts["direction"] == "given":
-        d = _resolve_direction(model, hook_name, head, prompt, direction, "given", targets)
-    else:
-        by_target = _resolve_direction(model, hook_name, head, prompt, direction, opts["direction"], distinct)
-        d = by_target[torch.tensor([distinct.index(x) for x in targets])]
-    d = d.to(prompt.device)
+    d = _prompt_directions(model, hook_name, head, prompt, direction, opts["direction"], targets).to(prompt.device)
     target_t = torch.tensor(targets, device=prompt.device)
-    wanted = sorted({int(p) for p in positions})
-    if not wanted or wanted[0] < 0:
-        raise ValueError(f"positions: expected non-negative absolute positions, got {list(positions)}")
-    P = prompt.shape[1]
-    # An edit of S_t is read by q_t in the same call, so the logits at t are the first to change;
-    # logits before P - 1 never choose a token.
-    first_read = max(wanted[0], P - 1)
-    if first_read > P + max_new_tokens - 2:
-        raise ValueError(f"positions: the installs must happen before the last generated token "
-                         f"(prompt length {P}, max_new_tokens {max_new_tokens}), got {wanted}")
-    seen: dict[str, Tensor] = {}
-    logged: list[Tensor] = []
-
-    def grab(name):
-        def hook(x, hook):
-            seen[name] = x
-            return x
-        return hook
-
-    def edit_state(x, hook):
-        pos = model.positions.tolist()
-        hit = [i for i, p in enumerate(pos) if p in wanted]
-        if not hit:
-            return x
-        x = x.clone()
-        for i in hit:
-            parts = {name: v[:, i, site.head] for name, v in seen.items()}
-            k_hat = unit(parts["k"].float())
-            scale = magnitude * _magnitude(parts, ref)
-            x[:, i, site.head] += (scale[:, None, None] * k_hat[:, :, None] * d[:, None, :]).to(x.dtype)
-        return x
-
-    def log_logits(x, hook):
-        pos = model.positions.tolist()
-        if first_read in pos:
-            logged.append(x[:, pos.index(first_read)].float())
-        return x
-
-    hooks = [(site.hook(f"hook_{n}"), grab(n)) for n in ("k", "v", "write", "erase")
-             if site.hook(f"hook_{n}") in model.hook_dict]
-    log_hook = ("ln_final.hook_normalized", log_logits)
-    results = {}
-    for name, extra in (("native", []), ("installed", [(site.hook("hook_state"), edit_state)])):
-        logged.clear()
-        with model.hooks(fwd_hooks=hooks + extra + [log_hook]):
-            out = model.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
-        resid = logged[0]
-        lp = (resid @ unembedding(model).T).log_softmax(-1)
-        own = lp.gather(-1, target_t[:, None])
-        results[name] = (out[:, P:], own[:, 0], (lp > own).sum(-1))
-    rows = pd.DataFrame({
-        "target": targets,
-        "native_included": (results["native"][0] == target_t[:, None]).any(-1).cpu().numpy(),
-        "installed_included": (results["installed"][0] == target_t[:, None]).any(-1).cpu().numpy(),
-        "native_first_logprob": results["native"][1].cpu().numpy(),
-        "installed_first_logprob": results["installed"][1].cpu().numpy(),
-        "native_rank": results["native"][2].cpu().numpy(),
-        "installed_rank": results["installed"][2].cpu().numpy(),
-        "native": results["native"][0].tolist(),
-        "installed": results["installed"][0].tolist(),
-    })
+    wanted, first_read = _install_schedule(positions, prompt.shape[1], max_new_tokens)
+    generation = _GenerationInstall(model, site, wanted, first_read, magnitude, ref, d)
+    native = generation.run(prompt, max_new_tokens, target_t, install=False)
+    installed = generation.run(prompt, max_new_tokens, target_t, install=True)
     settings = GenerationInstallSettings(protocol=protocol, hook_name=hook_name, head=head, positions=wanted,
                                          magnitude=magnitude, magnitude_ref=ref, direction=opts["direction"],
                                          max_new_tokens=max_new_tokens, overrides=overrides)
-    return InstallResult(rows, -1 if per_prompt else targets[0], settings)
+    return InstallResult(_generation_rows(targets, target_t, native, installed), -1 if per_prompt else targets[0],
+                         settings)
+
+
+def _generation_targets(model: ModelLike, target: SupportsIndex | Sequence[SupportsIndex] | Tensor,
+                        n_prompts: int) -> tuple[list[int], bool]:
+    """``(one target per prompt, whether they were given per prompt)``."""
+    per_prompt = hasattr(target, "__len__") and not (isinstance(target, Tensor) and target.dim() == 0)
+    if per_prompt:
+        targets = _check_tokens_list(model, target, "target")
+        if len(targets) != n_prompts:
+            raise ValueError(f"target: expected one token id or one per prompt ({n_prompts}), got {len(targets)}")
+    else:
+        targets = [_check_token(model, target, "target")] * n_prompts
+    return targets, per_prompt
+
+
+def _prompt_directions(model: ModelLike, hook_name: str, head: int, prompt: Tensor, direction: Tensor | str | Any,
+                       method: str, targets: list[int]) -> Tensor:
+    """One unit direction per prompt ``[batch, d_v]``: the given one(s), or ``method``'s for the prompt's target
+    (computed once per distinct target)."""
+    if method == "given":
+        return _resolve_direction(model, hook_name, head, prompt, direction, "given", targets)
+    distinct = sorted(set(targets))
+    by_target = _resolve_direction(model, hook_name, head, prompt, direction, method, distinct)
+    return by_target[torch.tensor([distinct.index(x) for x in targets])]
+
+
+def _install_schedule(positions: Sequence[int], prompt_len: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """``(the sorted distinct install positions, the position whose logits are the first to read an install)``."""
+    wanted = sorted({int(p) for p in positions})
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"positions: expected non-negative absolute positions, got {list(positions)}")
+    # An edit of S_t is read by q_t in the same call, so the logits at t are the first to change;
+    # logits before P - 1 never choose a token.
+    first_read = max(wanted[0], prompt_len - 1)
+    if first_read > prompt_len + max_new_tokens - 2:
+        raise ValueError(f"positions: the installs must happen before the last generated token "
+                         f"(prompt length {prompt_len}, max_new_tokens {max_new_tokens}), got {wanted}")
+    return wanted, first_read
+
+
+class _Generation(NamedTuple):
+    """One greedy run: the generated tokens ``[batch, max_new_tokens]``, and the target's log-probability and
+    rank at the first read of the install ``[batch]``."""
+
+    tokens: Tensor
+    first_logprob: Tensor
+    rank: Tensor
+
+
+class _GenerationInstall:
+    """The hooks of :func:`install_during_generation` and its two greedy runs (native, installed).
+
+    Every forward keeps the head's ``k``, ``v``, ``write`` (and ``erase``) of its tokens and logs the final
+    norm's output at ``first_read``; the installed run also adds ``magnitude · r_t · k̂_t dᵀ`` to the state at
+    each position of ``wanted`` (positions come from ``model.positions``, so they may lie in the prompt or in
+    the generated part).
+    """
+
+    def __init__(self, model: ModelLike, site: Site, wanted: list[int], first_read: int, magnitude: float, ref: str,
+                 d: Tensor) -> None:
+        self.model, self.site, self.wanted, self.first_read = model, site, wanted, first_read
+        self.magnitude, self.ref, self.d = magnitude, ref, d
+        self.seen: dict[str, Tensor] = {}
+        self.logged: list[Tensor] = []
+
+    def run(self, prompt: Tensor, max_new_tokens: int, target: Tensor, *, install: bool) -> _Generation:
+        """One greedy generation from ``prompt`` (with the installs if ``install``) and the target's score."""
+        self.logged.clear()
+        with self.model.hooks(fwd_hooks=self._hooks(install)):
+            out = self.model.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
+        lp = (self.logged[0] @ unembedding(self.model).T).log_softmax(-1)
+        own = lp.gather(-1, target[:, None])
+        return _Generation(out[:, prompt.shape[1]:], own[:, 0], (lp > own).sum(-1))
+
+    def _hooks(self, install: bool) -> list[tuple[str, Callable]]:
+        site = self.site
+        parts = [(site.hook(f"hook_{n}"), self._grab(n)) for n in ("k", "v", "write", "erase")
+                 if site.hook(f"hook_{n}") in self.model.hook_dict]
+        edit = [(site.hook("hook_state"), self._edit_state)] if install else []
+        return parts + edit + [("ln_final.hook_normalized", self._log_logits)]
+
+    def _grab(self, name: str) -> Callable:
+        def grab(x: Tensor, hook: Any) -> Tensor:
+            self.seen[name] = x
+            return x
+        return grab
+
+    def _edit_state(self, x: Tensor, hook: Any) -> Tensor:
+        pos = self.model.positions.tolist()
+        hit = [i for i, p in enumerate(pos) if p in self.wanted]
+        if not hit:
+            return x
+        x = x.clone()
+        h = self.site.head
+        for i in hit:
+            parts = {name: v[:, i, h] for name, v in self.seen.items()}
+            k_hat = unit(parts["k"].float())
+            scale = self.magnitude * _magnitude(parts, self.ref)
+            x[:, i, h] += (scale[:, None, None] * k_hat[:, :, None] * self.d[:, None, :]).to(x.dtype)
+        return x
+
+    def _log_logits(self, x: Tensor, hook: Any) -> Tensor:
+        pos = self.model.positions.tolist()
+        if self.first_read in pos:
+            self.logged.append(x[:, pos.index(self.first_read)].float())
+        return x
+
+
+def _generation_rows(targets: list[int], target: Tensor, native: _Generation, installed: _Generation) -> pd.DataFrame:
+    """One row per prompt: target inclusion, first-read log-probability and rank, and both continuations."""
+    return pd.DataFrame({
+        "target": targets,
+        "native_included": (native.tokens == target[:, None]).any(-1).cpu().numpy(),
+        "installed_included": (installed.tokens == target[:, None]).any(-1).cpu().numpy(),
+        "native_first_logprob": native.first_logprob.cpu().numpy(),
+        "installed_first_logprob": installed.first_logprob.cpu().numpy(),
+        "native_rank": native.rank.cpu().numpy(),
+        "installed_rank": installed.rank.cpu().numpy(),
+        "native": native.tokens.tolist(),
+        "installed": installed.tokens.tolist(),
+    })
