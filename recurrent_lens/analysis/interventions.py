@@ -34,13 +34,13 @@ from recurrent_lens.analysis.protocols import (
     PRESET, EraseSettings, GenerationInstallSettings, InstallSettings, check_protocol, resolve,
 )
 from recurrent_lens.analysis.results import InstallResult, InterventionResult
-from recurrent_lens.analysis.types import ModelLike
+from recurrent_lens.analysis.types import ModelLike, SAELike
 
 _DIRECTIONS = ("out_proj", "jacobian")
 _MAGNITUDE_REFS = ("kv", "write", "update")
 
 
-def out_proj_slice(model, hook_name: str, head: int) -> Float[Tensor, "d_model d_v"]:
+def out_proj_slice(model: ModelLike, hook_name: str, head: int) -> Float[Tensor, "d_model d_v"]:
     """``W_O[head]``: the head's ``d_v`` input columns of the mixer's output projection.
 
     The projection is the mixer's ``out_proj`` (or ``o_proj``) linear layer; Mamba-2's columns start
@@ -66,7 +66,7 @@ def out_proj_slice(model, hook_name: str, head: int) -> Float[Tensor, "d_model d
     return linear.weight.detach().float()[:, start : start + dv]
 
 
-def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"] | None,
+def target_direction(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"] | None,
                      target: SupportsIndex | Sequence[SupportsIndex] | Int[Tensor, " n"], *,
                      method: str = "jacobian") -> Float[Tensor, "*n d_v"]:
     """The unit value-side direction ``v*_T`` that raises token ``T``'s logit when read.
@@ -104,14 +104,14 @@ def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batc
     return d[0] if single else d
 
 
-def _check_tokens_list(model, tokens, name: str) -> list[int]:
+def _check_tokens_list(model: ModelLike, tokens, name: str) -> list[int]:
     values = list(torch.as_tensor(tokens).flatten().tolist()) if isinstance(tokens, Tensor) else list(tokens)
     if not values:
         raise ValueError(f"{name}: expected at least one token id, got none")
     return [_check_token(model, v, name) for v in values]
 
 
-def _check_token(model, tok: SupportsIndex, name: str) -> int:
+def _check_token(model: ModelLike, tok: SupportsIndex, name: str) -> int:
     """``tok`` as an ``int`` token id; refuses anything else naming ``name``."""
     index = as_index(tok, model.cfg.d_vocab)
     if index is None:
@@ -128,8 +128,8 @@ def _logprob_rows(logits: Tensor, target: int, conds: list[str], b: Tensor, t: T
     return pd.concat(frames, ignore_index=True)
 
 
-def erase_atom(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], atom: SupportsIndex, *,
-               max_positions: int = 150, control_multipliers: Sequence[float] = (1.0, 2.0, 4.0),
+def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
+               atom: SupportsIndex, *, max_positions: int = 150, control_multipliers: Sequence[float] = (1.0, 2.0, 4.0),
                target: SupportsIndex | None = None, readout_offset: int = 1, skip_positions: int = 0,
                seed: int = 0, progress: bool = False) -> InterventionResult:
     """Erase atom ``atom`` where it fires (``S_t −= a_t A``) and track one target token.
@@ -250,7 +250,7 @@ def _install_options(protocol: str, direction, magnitude, magnitude_ref, max_new
     return opts, overrides
 
 
-def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
+def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
             direction: Float[Tensor, " d_v"] | str = PRESET, positions: Sequence[int] | Tensor | None = None, *,
             protocol: str = "ours", magnitude: float = PRESET, magnitude_ref: str = PRESET,
             target: SupportsIndex, readout_offset: int = 1) -> InterventionResult:
@@ -312,7 +312,7 @@ def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
     return InterventionResult(_logprob_rows(logits, target, ["install"], b, t), target, settings)
 
 
-def _resolve_direction(model, hook_name: str, head: int, tokens: Tensor, given, method: str,
+def _resolve_direction(model: ModelLike, hook_name: str, head: int, tokens: Tensor, given, method: str,
                        targets: list[int]) -> Tensor:
     """One unit direction per target ``[n, d_v]``: the given tensor (``[d_v]`` shared or ``[n, d_v]``) or
     ``method``'s."""
@@ -329,7 +329,7 @@ def _resolve_direction(model, hook_name: str, head: int, tokens: Tensor, given, 
     return unit(d)
 
 
-def _check_direction(model, direction: Tensor) -> Tensor:
+def _check_direction(model: ModelLike, direction: Tensor) -> Tensor:
     direction = torch.as_tensor(direction).float()
     if tuple(direction.shape) != (model.cfg.d_v,):
         raise ValueError(f"direction: expected shape ({model.cfg.d_v},) (d_v), got {tuple(direction.shape)}")
@@ -338,7 +338,7 @@ def _check_direction(model, direction: Tensor) -> Tensor:
     return direction
 
 
-def targets_by_rank(model, tokens: Int[Tensor, "batch pos"], band: tuple[int, int] = (100, 1000), *,
+def targets_by_rank(model: ModelLike, tokens: Int[Tensor, "batch pos"], band: tuple[int, int] = (100, 1000), *,
                     n_per_prompt: int = 1, seed: int = 0) -> Int[Tensor, "batch n"]:
     """Targets stratified by native rank: per prompt, ``n_per_prompt`` random tokens whose rank in the
     model's next-token distribution at the prompt's last position (the first generated step) lies in
@@ -379,7 +379,7 @@ def targets_by_rank(model, tokens: Int[Tensor, "batch pos"], band: tuple[int, in
 
 
 @torch.no_grad()
-def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tensor, "batch pos"],
+def install_during_generation(model: ModelLike, hook_name: str, head: int, prompt: Int[Tensor, "batch pos"],
                               direction: Float[Tensor, "*batch d_v"] | str = PRESET,
                               positions: Sequence[int] | None = None, *, protocol: str = "ours",
                               magnitude: float = PRESET, magnitude_ref: str = PRESET,
@@ -457,7 +457,7 @@ def _generation_targets(model: ModelLike, target: SupportsIndex | Sequence[Suppo
     return targets, per_prompt
 
 
-def _prompt_directions(model: ModelLike, hook_name: str, head: int, prompt: Tensor, direction: Tensor | str | Any,
+def _prompt_directions(model: ModelLike, hook_name: str, head: int, prompt: Tensor, direction: Any,
                        method: str, targets: list[int]) -> Tensor:
     """One unit direction per prompt ``[batch, d_v]``: the given one(s), or ``method``'s for the prompt's target
     (computed once per distinct target)."""

@@ -51,12 +51,13 @@ from recurrent_lens.analysis.results import LogitShiftResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
 
 
-def unembedding(model) -> Tensor:
+def unembedding(model: ModelLike) -> Tensor:
     """``W_U`` ``[d_vocab, d_model]`` (the embedding when tied)."""
     return (model.embed.weight if model.unembed is None else model.unembed.weight).detach().float()
 
 
-def output_jacobian(model, tokens: Int[Tensor, "batch pos"], site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
+def output_jacobian(model: ModelLike, tokens: Int[Tensor, "batch pos"],
+                    site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
     """``W_O^{(h)}`` at every position: ∂ hook_out / ∂ hook_read[head], by forward-mode products
     (double backward), one per value channel."""
     captured: dict[str, Tensor] = {}
@@ -84,7 +85,8 @@ def output_jacobian(model, tokens: Int[Tensor, "batch pos"], site: Site) -> Floa
     return torch.stack(cols, -1)
 
 
-def final_norm_jvp(model, resid: Float[Tensor, "n d_model"], direction: Float[Tensor, "n d_model"]) -> Tensor:
+def final_norm_jvp(model: ModelLike, resid: Float[Tensor, "n d_model"],
+                   direction: Float[Tensor, "n d_model"]) -> Tensor:
     """``J_{ln_final}(resid) · direction`` row by row."""
     with torch.enable_grad():
         r = resid.detach().float().requires_grad_(True)
@@ -105,8 +107,8 @@ def _dominant_atoms(codes: Float[Tensor, "batch pos n_features"], n_atoms: int) 
 
 
 def logit_shift_prediction(
-    model,
-    sae,
+    model: ModelLike,
+    sae: SAELike,
     hook_name: str,
     head: int,
     tokens: Int[Tensor, "batch pos"],

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site, unit
 from recurrent_lens.analysis.protocols import PRESET, PartitionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import PartitionResult
-from recurrent_lens.analysis.types import SAELike
+from recurrent_lens.analysis.types import ModelLike, SAELike
 
 TOP_N = 50
 """Activations per atom of ``statistic="mean_abs_cos_top50"`` (the reference's ``top_n``)."""
@@ -84,7 +84,7 @@ def _leading_factors(x: Tensor) -> tuple[Tensor, Tensor]:
     return U[..., :, 0], Vh[..., 0, :]
 
 
-def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
+def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
                     protocol: str = "ours", statistic: str = PRESET, replace: str = PRESET,
                     max_firings_per_atom: int | None = PRESET, min_firings: int = 1, tau: float = PRESET,
                     skip_positions: int = 0, seed: int = 0, progress: bool = False) -> PartitionResult:

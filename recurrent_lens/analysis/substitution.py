@@ -199,8 +199,8 @@ def find_firings(codes: Tensor, *, max_firings_per_atom: int | None, last_positi
 
 
 def substitution_test(
-    model,
-    sae,
+    model: ModelLike,
+    sae: SAELike,
     hook_name: str,
     head: int,
     tokens: Int[Tensor, "batch pos"],
