@@ -14,6 +14,10 @@ The direction (``direction=``) is a given ``[d_v]`` vector, ``"out_proj"`` (the 
 ``v*_T = W_O[head]ᵀ W_U[T] / ‖·‖`` with ``W_O[head]`` the head's slice of the output projection) or
 ``"jacobian"`` (:func:`target_direction`: the output map's Jacobian, gated norm included, averaged
 over the tokens).
+
+Examples use ``toy_model, toy_task = toy.load("gdn")`` (the trained toy Gated DeltaNet and its task) and
+``tiny_model``, ``tiny_sae``, ``tiny_tokens`` (a random one-layer Gated DeltaNet, a random WriteSAE on
+its ``[8, 8]`` states and two random sequences; built as :mod:`recurrent_lens.analysis` shows).
 """
 
 from __future__ import annotations
@@ -47,10 +51,8 @@ def out_proj_slice(model: ModelLike, hook_name: str, head: int) -> Float[Tensor,
     after its gated-MLP slice. Refuses mixers without one.
 
     Example:
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import out_proj_slice
-        >>> model, _ = toy.load("gdn", progress=False)
-        >>> out_proj_slice(model, "blocks.1.mixer.hook_state", 1).shape
+        >>> out_proj_slice(toy_model, "blocks.1.mixer.hook_state", 1).shape
         torch.Size([64, 16])
     """
     site = parse_site(model, hook_name, head)
@@ -78,13 +80,11 @@ def target_direction(model: ModelLike, hook_name: str, head: int, tokens: Int[Te
     ``None``). ``target`` may be one id (returns ``[d_v]``) or several (returns ``[n, d_v]``).
 
     Example:
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import target_direction
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, task.make_batch(4)[0], 20)
+        >>> d = target_direction(toy_model, "blocks.1.mixer.hook_state", 0, toy_task.make_batch(4)[0], 20)
         >>> d.shape, round(float(d.norm()), 4)
         (torch.Size([16]), 1.0)
-        >>> target_direction(model, "blocks.1.mixer.hook_state", 0, None, [20, 21], method="out_proj").shape
+        >>> target_direction(toy_model, "blocks.1.mixer.hook_state", 0, None, [20, 21], method="out_proj").shape
         torch.Size([2, 16])
     """
     if method not in _DIRECTIONS:
@@ -160,16 +160,8 @@ def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens
             ``pos − 1 − readout_offset``) or fires at all of them, which leaves no control position.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import WriteSAE
-        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
-        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
-        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
-        >>> _ = torch.manual_seed(0)
-        >>> sae = WriteSAE(8, 8, 16, k=2)
-        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
-        >>> result = erase_atom(model, sae, "blocks.0.mixer.hook_state", 0, tokens, 3, max_positions=3,
+        >>> from recurrent_lens.analysis import erase_atom
+        >>> result = erase_atom(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens, 3, max_positions=3,
         ...                     control_multipliers=(1.0, 2.0))
         >>> result.to_pandas()["condition"].value_counts(sort=False).to_dict()  # atom 3 fires 4 times
         {'erase': 3, 'add_x1': 3, 'add_x2': 3}
@@ -275,15 +267,14 @@ def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "ba
         readout_offset: read at ``t + readout_offset``.
 
     Example:
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import install, target_direction
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> tokens, _ = task.make_batch(4, seed=1)
-        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, tokens, 20)
-        >>> res = install(model, "blocks.1.mixer.hook_state", 0, tokens, d, [18, 20], target=20)
+        >>> tokens, _ = toy_task.make_batch(4, seed=1)
+        >>> d = target_direction(toy_model, "blocks.1.mixer.hook_state", 0, tokens, 20)
+        >>> res = install(toy_model, "blocks.1.mixer.hook_state", 0, tokens, d, [18, 20], target=20)
         >>> len(res.to_pandas()), res.target
         (8, 20)
-        >>> paper = install(model, "blocks.1.mixer.hook_state", 0, tokens, positions=[18], target=20, protocol="paper")
+        >>> paper = install(toy_model, "blocks.1.mixer.hook_state", 0, tokens, positions=[18], target=20,
+        ...                 protocol="paper")
         >>> paper.settings.direction, paper.settings.magnitude_ref
         ('out_proj', 'kv')
     """
@@ -350,11 +341,9 @@ def targets_by_rank(model: ModelLike, tokens: Int[Tensor, "batch pos"], band: tu
     than 1,000 tokens.
 
     Example:
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import targets_by_rank
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> prompts = task.make_batch(3, seed=0)[0][:, :18]
-        >>> targets_by_rank(model, prompts, band=(17, 33)).shape
+        >>> prompts = toy_task.make_batch(3, seed=0)[0][:, :18]
+        >>> targets_by_rank(toy_model, prompts, band=(17, 33)).shape
         torch.Size([3, 1])
     """
     tokens = check_tokens(model, tokens, 1)
@@ -412,13 +401,11 @@ def install_during_generation(model: ModelLike, hook_name: str, head: int, promp
 
     Example: write "first key -> value 20" into the toy GDN's recall head while it answers the queries.
 
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import install_during_generation, target_direction
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> tokens, _ = task.make_batch(8, seed=5)
-        >>> prompt = tokens[:, : 2 + 2 * task.n_pairs]  # BOS, the pairs, SEP
-        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, prompt, 20)
-        >>> res = install_during_generation(model, "blocks.1.mixer.hook_state", 0, prompt, d, [1, 2, 3],
+        >>> tokens, _ = toy_task.make_batch(8, seed=5)
+        >>> prompt = tokens[:, : 2 + 2 * toy_task.n_pairs]  # BOS, the pairs, SEP
+        >>> d = target_direction(toy_model, "blocks.1.mixer.hook_state", 0, prompt, 20)
+        >>> res = install_during_generation(toy_model, "blocks.1.mixer.hook_state", 0, prompt, d, [1, 2, 3],
         ...                                 target=20, max_new_tokens=16)
         >>> s = res.summary()
         >>> s["installed_inclusion"] > s["native_inclusion"]

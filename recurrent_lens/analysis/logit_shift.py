@@ -30,6 +30,9 @@ How prediction and measurement are compared (``fit``):
 ``c = ⟨S_{t0}, A_i⟩_F / ‖A_i‖_F²`` (``v_iᵀ S_{t0} w_i`` for unit factors: ε times the atom's own
 component of the state) and the prediction ``ε c`` times the closed form; Table 9 pairs it with
 ε ∈ {0.25, 0.5, 0.75, 1.0}.
+
+Examples use ``tiny_model``, ``tiny_sae``, ``tiny_tokens`` (a random one-layer Gated DeltaNet, a random WriteSAE on
+its ``[8, 8]`` states and two random sequences; built as :mod:`recurrent_lens.analysis` shows).
 """
 
 from __future__ import annotations
@@ -180,21 +183,13 @@ def logit_shift_prediction(
         :class:`~recurrent_lens.analysis.protocols.LogitShiftSettings`) hold the atoms used.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import WriteSAE
-        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
-        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
-        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
-        >>> _ = torch.manual_seed(0)
-        >>> sae = WriteSAE(8, 8, 16, k=2)
-        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
-        >>> result = logit_shift_prediction(model, sae, "blocks.0.mixer.hook_state", 0, tokens, eps=(0.1, 1.0),
-        ...                                 n_atoms=2, positions_per_atom=3)
+        >>> from recurrent_lens.analysis import logit_shift_prediction
+        >>> result = logit_shift_prediction(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens,
+        ...                                 eps=(0.1, 1.0), n_atoms=2, positions_per_atom=3)
         >>> len(result.settings["atoms"]), len(result.to_pandas())  # 2 atoms x 2 eps x 3 positions
         (2, 12)
-        >>> paper = logit_shift_prediction(model, sae, "blocks.0.mixer.hook_state", 0, tokens, protocol="paper",
-        ...                                n_atoms=2, positions_per_atom=3)
+        >>> paper = logit_shift_prediction(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens,
+        ...                                protocol="paper", n_atoms=2, positions_per_atom=3)
         >>> paper.settings.fit, paper.settings.overrides
         ('context', ('n_atoms', 'positions_per_atom'))
     """

@@ -13,6 +13,9 @@ exactly ``v_i, w_i`` and ``k̂, δ`` up to sign, which ``|cos|`` ignores).
 1- and 2-component 1-D Gaussian mixtures are fitted to the alive atoms' scores (EM written here);
 ``ΔBIC = BIC₂ − BIC₁``. When two components are preferred (ΔBIC < 0), *registers* are the atoms assigned
 to the higher-mean component; otherwise the operational threshold ``tau`` (0.05) splits them.
+
+Examples use ``tiny_model``, ``tiny_sae``, ``tiny_tokens`` (a random one-layer Gated DeltaNet, a random WriteSAE on
+its ``[8, 8]`` states and two random sequences; built as :mod:`recurrent_lens.analysis` shows).
 """
 
 from __future__ import annotations
@@ -121,20 +124,13 @@ def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, t
         progress: show a progress bar over the alive atoms.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import WriteSAE
-        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
-        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
-        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
-        >>> _ = torch.manual_seed(0)
-        >>> sae = WriteSAE(8, 8, 16, k=2)
-        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
-        >>> result = partition_atoms(model, sae, "blocks.0.mixer.hook_state", 0, tokens)
+        >>> from recurrent_lens.analysis import partition_atoms
+        >>> result = partition_atoms(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens)
         >>> s = result.summary()
         >>> s["alive"] + s["dead"], s["registers"] + s["bundles"] == s["alive"]
         (16, True)
-        >>> partition_atoms(model, sae, "blocks.0.mixer.hook_state", 0, tokens, protocol="paper").settings.statistic
+        >>> partition_atoms(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens,
+        ...                 protocol="paper").settings.statistic
         'median_cos_gmm'
     """
     opts, overrides = _partition_options(protocol, dict(statistic=statistic, replace=replace,

@@ -5,13 +5,13 @@ The paper's numbers are Qwen3.5-0.8B's (arXiv 2605.12770; layer 9 head 4 unless 
 :func:`reproduce` runs every analysis with ``protocol=...`` and returns a :class:`Reproduction`;
 ``recurrent-lens reproduce`` prints it, writes its CSV and plots it.
 
+The example uses ``toy_model, toy_task = toy.load("gdn")`` and ``toy_sae = toy.load_sae("gdn")`` (the trained toy
+Gated DeltaNet, its task and its demo WriteSAE).
+
 Example:
-    >>> from recurrent_lens import toy
     >>> from recurrent_lens.analysis.reproduce import reproduce
-    >>> model, task = toy.load("gdn", progress=False)
-    >>> sae = toy.load_sae("gdn", progress=False)
-    >>> tokens = task.make_batch(8, seed=10_000)[0]
-    >>> rep = reproduce(model, sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], protocol="paper",
+    >>> tokens = toy_task.make_batch(8, seed=10_000)[0]
+    >>> rep = reproduce(toy_model, toy_sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], protocol="paper",
     ...                 band=(17, 33), magnitudes=(3.0,), logit_shift={"n_atoms": 2, "positions_per_atom": 20},
     ...                 population_atoms=4)
     >>> rep.table["claim"].tolist()[:2]

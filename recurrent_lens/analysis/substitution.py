@@ -47,6 +47,9 @@ Implementation: the prefix is run once through a :class:`RecurrentCache`, one to
 at each firing position the cache is branched for all firings there and all four conditions (native,
 atom, delete, random) in one batched call. The cost is one pass over the prefix plus one small batched
 call per distinct firing position.
+
+Examples use ``toy_model, toy_task = toy.load("gdn")`` (the trained toy Gated DeltaNet and its task)
+and ``toy_sae = toy.load_sae("gdn")`` (its demo WriteSAE).
 """
 
 from __future__ import annotations
@@ -296,16 +299,13 @@ def substitution_test(
 
     Example: the toy protocol on the toy GDN with the demo's WriteSAE, then the paper's protocol.
 
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import substitution_test
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> sae = toy.load_sae("gdn", progress=False)
-        >>> tokens, _ = task.make_batch(16, seed=10_000)
-        >>> result = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, atom="rising",
-        ...                            positions=task.value_positions, readout_offset=task.recall_offset)
+        >>> tokens, _ = toy_task.make_batch(16, seed=10_000)
+        >>> result = substitution_test(toy_model, toy_sae, "blocks.1.mixer.hook_state", 0, tokens, atom="rising",
+        ...                            positions=toy_task.value_positions, readout_offset=toy_task.recall_offset)
         >>> result.n, result.win_rate > 0.7, result.medians["atom"] < result.medians["delete"]
         (128, True, True)
-        >>> paper = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, protocol="paper")
+        >>> paper = substitution_test(toy_model, toy_sae, "blocks.1.mixer.hook_state", 0, tokens, protocol="paper")
         >>> paper.settings.replace, paper.settings.readout, paper.settings.overrides
         ('write', 'last', ())
     """
