@@ -13,6 +13,25 @@ options override the preset (:mod:`~recurrent_lens.analysis.protocols`, :func:`p
 - :func:`erase_atom`, :func:`install`, :func:`install_during_generation`, :func:`target_direction`,
   :func:`targets_by_rank` (§4, App. I.4-I.6).
 - :func:`partition_atoms`: register/bundle partition with a 1-D GMM and ΔBIC (§3.1).
+
+What an analysis needs of its ``model`` and ``sae``: :class:`ModelLike` and :class:`SAELike`
+(:mod:`~recurrent_lens.analysis.types`).
+
+The examples of the analyses share a few objects, which the doctests get from the repository's root
+``conftest.py``; to run an example by hand, build them first::
+
+    import torch
+    from recurrent_lens import HookedRecurrentModel, ModelConfig, toy
+    from recurrent_lens.sae import WriteSAE
+
+    toy_model, toy_task = toy.load("gdn")  # the trained toy Gated DeltaNet and its associative-recall task
+    toy_sae = toy.load_sae("gdn")  # the demo's WriteSAE of its blocks.1 head 0 states
+    tiny_cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=8,
+                           d_mlp=64)
+    tiny_model = HookedRecurrentModel.from_config(tiny_cfg, seed=0).eval()  # random weights
+    torch.manual_seed(0)
+    tiny_sae = WriteSAE(8, 8, 16, k=2)  # random, on the tiny model's [8, 8] states
+    tiny_tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 """
 
 from recurrent_lens.analysis._common import kl_divergence, wilcoxon_signed_rank, wilson_interval
@@ -29,6 +48,7 @@ from recurrent_lens.analysis.results import (
     InstallResult, InterventionResult, LogitShiftResult, PartitionResult, SubstitutionResult,
 )
 from recurrent_lens.analysis.substitution import find_firings, substitution_test
+from recurrent_lens.analysis.types import ModelConfigLike, ModelLike, SAEConfigLike, SAELike
 
 __all__ = [
     "substitution_test", "find_firings", "logit_shift_prediction", "output_jacobian", "erase_atom", "install",
@@ -36,5 +56,6 @@ __all__ = [
     "fit_gmm_1d", "kl_divergence", "wilson_interval", "wilcoxon_signed_rank", "SubstitutionResult",
     "LogitShiftResult", "InterventionResult", "InstallResult", "PartitionResult", "PRESET", "PROTOCOLS", "preset",
     "preset_table", "Settings", "SubstitutionSettings", "LogitShiftSettings", "InstallSettings",
-    "GenerationInstallSettings", "PartitionSettings", "EraseSettings",
+    "GenerationInstallSettings", "PartitionSettings", "EraseSettings", "ModelLike", "SAELike", "ModelConfigLike",
+    "SAEConfigLike",
 ]

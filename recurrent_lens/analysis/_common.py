@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from recurrent_lens.analysis.types import ModelLike, SAELike
 from recurrent_lens.models.cache import RecurrentCache
 
 _MATRIX_HOOK = re.compile(r"^blocks\.(\d+)\.mixer\.hook_state$")
@@ -31,7 +32,7 @@ class Site:
         return f"blocks.{self.layer}.mixer.{name}"
 
 
-def parse_site(model, hook_name: str, head: int) -> Site:
+def parse_site(model: ModelLike, hook_name: str, head: int) -> Site:
     """Check ``hook_name`` is a recurrent layer's ``hook_state`` and ``head`` is in range."""
     m = _MATRIX_HOOK.match(hook_name)
     if not m:
@@ -66,7 +67,7 @@ def as_index(value: object, n: int) -> int | None:
     return index if 0 <= index < n else None
 
 
-def check_tokens(model, tokens: Tensor, min_len: int = 2) -> Tensor:
+def check_tokens(model: ModelLike, tokens: Tensor, min_len: int = 2) -> Tensor:
     tokens = torch.as_tensor(tokens)
     if tokens.dim() == 1:
         tokens = tokens[None]
@@ -77,14 +78,14 @@ def check_tokens(model, tokens: Tensor, min_len: int = 2) -> Tensor:
     return tokens.long().to(model.embed.weight.device)
 
 
-def check_sae(sae, model) -> None:
+def check_sae(sae: SAELike, model: ModelLike) -> None:
     if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
         raise ValueError(f"sae: expects (d_k, d_v) = ({sae.cfg.d_k}, {sae.cfg.d_v}), the model's states are "
                          f"({model.cfg.d_k}, {model.cfg.d_v})")
 
 
 @torch.no_grad()
-def native_run(model, tokens: Tensor, site: Site) -> dict[str, Tensor]:
+def native_run(model: ModelLike, tokens: Tensor, site: Site) -> dict[str, Tensor]:
     """States, net updates (write + erase), writes, keys and queries of one head at every position.
 
     Returns tensors ``[batch, pos, ...]`` of that head: ``state``, ``write``, ``update`` (``write`` plus
@@ -119,7 +120,7 @@ def select_batch(cache: RecurrentCache, index: Tensor) -> RecurrentCache:
 
 
 @torch.no_grad()
-def branch_logits(model, tokens: Tensor, site: Site, rows: Tensor, positions: Tensor,
+def branch_logits(model: ModelLike, tokens: Tensor, site: Site, rows: Tensor, positions: Tensor,
                   edit: Callable[[Tensor, Tensor], Tensor], readout_offset: int | None,
                   progress: bool = False, desc: str = "branch") -> Tensor:
     """Logits after replacing the head's state at chosen positions, read ``readout_offset`` tokens later.

@@ -14,12 +14,16 @@ The direction (``direction=``) is a given ``[d_v]`` vector, ``"out_proj"`` (the 
 ``v*_T = W_O[head]ᵀ W_U[T] / ‖·‖`` with ``W_O[head]`` the head's slice of the output projection) or
 ``"jacobian"`` (:func:`target_direction`: the output map's Jacobian, gated norm included, averaged
 over the tokens).
+
+Examples use ``toy_model, toy_task = toy.load("gdn")`` (the trained toy Gated DeltaNet and its task) and
+``tiny_model``, ``tiny_sae``, ``tiny_tokens`` (a random one-layer Gated DeltaNet, a random WriteSAE on
+its ``[8, 8]`` states and two random sequences; built as :mod:`recurrent_lens.analysis` shows).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import SupportsIndex
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, SupportsIndex
 
 import pandas as pd
 import torch
@@ -27,29 +31,28 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    as_index, branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit,
+    Site, as_index, branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit,
 )
 from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
 from recurrent_lens.analysis.protocols import (
     PRESET, EraseSettings, GenerationInstallSettings, InstallSettings, check_protocol, resolve,
 )
 from recurrent_lens.analysis.results import InstallResult, InterventionResult
+from recurrent_lens.analysis.types import ModelLike, SAELike
 
 _DIRECTIONS = ("out_proj", "jacobian")
 _MAGNITUDE_REFS = ("kv", "write", "update")
 
 
-def out_proj_slice(model, hook_name: str, head: int) -> Float[Tensor, "d_model d_v"]:
+def out_proj_slice(model: ModelLike, hook_name: str, head: int) -> Float[Tensor, "d_model d_v"]:
     """``W_O[head]``: the head's ``d_v`` input columns of the mixer's output projection.
 
     The projection is the mixer's ``out_proj`` (or ``o_proj``) linear layer; Mamba-2's columns start
     after its gated-MLP slice. Refuses mixers without one.
 
     Example:
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import out_proj_slice
-        >>> model, _ = toy.load("gdn", progress=False)
-        >>> out_proj_slice(model, "blocks.1.mixer.hook_state", 1).shape
+        >>> out_proj_slice(toy_model, "blocks.1.mixer.hook_state", 1).shape
         torch.Size([64, 16])
     """
     site = parse_site(model, hook_name, head)
@@ -65,7 +68,7 @@ def out_proj_slice(model, hook_name: str, head: int) -> Float[Tensor, "d_model d
     return linear.weight.detach().float()[:, start : start + dv]
 
 
-def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"] | None,
+def target_direction(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"] | None,
                      target: SupportsIndex | Sequence[SupportsIndex] | Int[Tensor, " n"], *,
                      method: str = "jacobian") -> Float[Tensor, "*n d_v"]:
     """The unit value-side direction ``v*_T`` that raises token ``T``'s logit when read.
@@ -77,13 +80,11 @@ def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batc
     ``None``). ``target`` may be one id (returns ``[d_v]``) or several (returns ``[n, d_v]``).
 
     Example:
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import target_direction
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, task.make_batch(4)[0], 20)
+        >>> d = target_direction(toy_model, "blocks.1.mixer.hook_state", 0, toy_task.make_batch(4)[0], 20)
         >>> d.shape, round(float(d.norm()), 4)
         (torch.Size([16]), 1.0)
-        >>> target_direction(model, "blocks.1.mixer.hook_state", 0, None, [20, 21], method="out_proj").shape
+        >>> target_direction(toy_model, "blocks.1.mixer.hook_state", 0, None, [20, 21], method="out_proj").shape
         torch.Size([2, 16])
     """
     if method not in _DIRECTIONS:
@@ -103,14 +104,14 @@ def target_direction(model, hook_name: str, head: int, tokens: Int[Tensor, "batc
     return d[0] if single else d
 
 
-def _check_tokens_list(model, tokens, name: str) -> list[int]:
+def _check_tokens_list(model: ModelLike, tokens, name: str) -> list[int]:
     values = list(torch.as_tensor(tokens).flatten().tolist()) if isinstance(tokens, Tensor) else list(tokens)
     if not values:
         raise ValueError(f"{name}: expected at least one token id, got none")
     return [_check_token(model, v, name) for v in values]
 
 
-def _check_token(model, tok: SupportsIndex, name: str) -> int:
+def _check_token(model: ModelLike, tok: SupportsIndex, name: str) -> int:
     """``tok`` as an ``int`` token id; refuses anything else naming ``name``."""
     index = as_index(tok, model.cfg.d_vocab)
     if index is None:
@@ -127,8 +128,8 @@ def _logprob_rows(logits: Tensor, target: int, conds: list[str], b: Tensor, t: T
     return pd.concat(frames, ignore_index=True)
 
 
-def erase_atom(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], atom: SupportsIndex, *,
-               max_positions: int = 150, control_multipliers: Sequence[float] = (1.0, 2.0, 4.0),
+def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
+               atom: SupportsIndex, *, max_positions: int = 150, control_multipliers: Sequence[float] = (1.0, 2.0, 4.0),
                target: SupportsIndex | None = None, readout_offset: int = 1, skip_positions: int = 0,
                seed: int = 0, progress: bool = False) -> InterventionResult:
     """Erase atom ``atom`` where it fires (``S_t −= a_t A``) and track one target token.
@@ -159,16 +160,8 @@ def erase_atom(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch
             ``pos − 1 − readout_offset``) or fires at all of them, which leaves no control position.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import WriteSAE
-        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
-        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
-        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
-        >>> _ = torch.manual_seed(0)
-        >>> sae = WriteSAE(8, 8, 16, k=2)
-        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
-        >>> result = erase_atom(model, sae, "blocks.0.mixer.hook_state", 0, tokens, 3, max_positions=3,
+        >>> from recurrent_lens.analysis import erase_atom
+        >>> result = erase_atom(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens, 3, max_positions=3,
         ...                     control_multipliers=(1.0, 2.0))
         >>> result.to_pandas()["condition"].value_counts(sort=False).to_dict()  # atom 3 fires 4 times
         {'erase': 3, 'add_x1': 3, 'add_x2': 3}
@@ -249,7 +242,7 @@ def _install_options(protocol: str, direction, magnitude, magnitude_ref, max_new
     return opts, overrides
 
 
-def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
+def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
             direction: Float[Tensor, " d_v"] | str = PRESET, positions: Sequence[int] | Tensor | None = None, *,
             protocol: str = "ours", magnitude: float = PRESET, magnitude_ref: str = PRESET,
             target: SupportsIndex, readout_offset: int = 1) -> InterventionResult:
@@ -274,15 +267,14 @@ def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
         readout_offset: read at ``t + readout_offset``.
 
     Example:
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import install, target_direction
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> tokens, _ = task.make_batch(4, seed=1)
-        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, tokens, 20)
-        >>> res = install(model, "blocks.1.mixer.hook_state", 0, tokens, d, [18, 20], target=20)
+        >>> tokens, _ = toy_task.make_batch(4, seed=1)
+        >>> d = target_direction(toy_model, "blocks.1.mixer.hook_state", 0, tokens, 20)
+        >>> res = install(toy_model, "blocks.1.mixer.hook_state", 0, tokens, d, [18, 20], target=20)
         >>> len(res.to_pandas()), res.target
         (8, 20)
-        >>> paper = install(model, "blocks.1.mixer.hook_state", 0, tokens, positions=[18], target=20, protocol="paper")
+        >>> paper = install(toy_model, "blocks.1.mixer.hook_state", 0, tokens, positions=[18], target=20,
+        ...                 protocol="paper")
         >>> paper.settings.direction, paper.settings.magnitude_ref
         ('out_proj', 'kv')
     """
@@ -311,7 +303,7 @@ def install(model, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
     return InterventionResult(_logprob_rows(logits, target, ["install"], b, t), target, settings)
 
 
-def _resolve_direction(model, hook_name: str, head: int, tokens: Tensor, given, method: str,
+def _resolve_direction(model: ModelLike, hook_name: str, head: int, tokens: Tensor, given, method: str,
                        targets: list[int]) -> Tensor:
     """One unit direction per target ``[n, d_v]``: the given tensor (``[d_v]`` shared or ``[n, d_v]``) or
     ``method``'s."""
@@ -328,7 +320,7 @@ def _resolve_direction(model, hook_name: str, head: int, tokens: Tensor, given, 
     return unit(d)
 
 
-def _check_direction(model, direction: Tensor) -> Tensor:
+def _check_direction(model: ModelLike, direction: Tensor) -> Tensor:
     direction = torch.as_tensor(direction).float()
     if tuple(direction.shape) != (model.cfg.d_v,):
         raise ValueError(f"direction: expected shape ({model.cfg.d_v},) (d_v), got {tuple(direction.shape)}")
@@ -337,7 +329,7 @@ def _check_direction(model, direction: Tensor) -> Tensor:
     return direction
 
 
-def targets_by_rank(model, tokens: Int[Tensor, "batch pos"], band: tuple[int, int] = (100, 1000), *,
+def targets_by_rank(model: ModelLike, tokens: Int[Tensor, "batch pos"], band: tuple[int, int] = (100, 1000), *,
                     n_per_prompt: int = 1, seed: int = 0) -> Int[Tensor, "batch n"]:
     """Targets stratified by native rank: per prompt, ``n_per_prompt`` random tokens whose rank in the
     model's next-token distribution at the prompt's last position (the first generated step) lies in
@@ -349,11 +341,9 @@ def targets_by_rank(model, tokens: Int[Tensor, "batch pos"], band: tuple[int, in
     than 1,000 tokens.
 
     Example:
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import targets_by_rank
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> prompts = task.make_batch(3, seed=0)[0][:, :18]
-        >>> targets_by_rank(model, prompts, band=(17, 33)).shape
+        >>> prompts = toy_task.make_batch(3, seed=0)[0][:, :18]
+        >>> targets_by_rank(toy_model, prompts, band=(17, 33)).shape
         torch.Size([3, 1])
     """
     tokens = check_tokens(model, tokens, 1)
@@ -378,7 +368,7 @@ def targets_by_rank(model, tokens: Int[Tensor, "batch pos"], band: tuple[int, in
 
 
 @torch.no_grad()
-def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tensor, "batch pos"],
+def install_during_generation(model: ModelLike, hook_name: str, head: int, prompt: Int[Tensor, "batch pos"],
                               direction: Float[Tensor, "*batch d_v"] | str = PRESET,
                               positions: Sequence[int] | None = None, *, protocol: str = "ours",
                               magnitude: float = PRESET, magnitude_ref: str = PRESET,
@@ -411,13 +401,11 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
 
     Example: write "first key -> value 20" into the toy GDN's recall head while it answers the queries.
 
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import install_during_generation, target_direction
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> tokens, _ = task.make_batch(8, seed=5)
-        >>> prompt = tokens[:, : 2 + 2 * task.n_pairs]  # BOS, the pairs, SEP
-        >>> d = target_direction(model, "blocks.1.mixer.hook_state", 0, prompt, 20)
-        >>> res = install_during_generation(model, "blocks.1.mixer.hook_state", 0, prompt, d, [1, 2, 3],
+        >>> tokens, _ = toy_task.make_batch(8, seed=5)
+        >>> prompt = tokens[:, : 2 + 2 * toy_task.n_pairs]  # BOS, the pairs, SEP
+        >>> d = target_direction(toy_model, "blocks.1.mixer.hook_state", 0, prompt, 20)
+        >>> res = install_during_generation(toy_model, "blocks.1.mixer.hook_state", 0, prompt, d, [1, 2, 3],
         ...                                 target=20, max_new_tokens=16)
         >>> s = res.summary()
         >>> s["installed_inclusion"] > s["native_inclusion"]
@@ -427,86 +415,138 @@ def install_during_generation(model, hook_name: str, head: int, prompt: Int[Tens
     magnitude, ref, max_new_tokens = float(opts["magnitude"]), opts["magnitude_ref"], opts["max_new_tokens"]
     site = parse_site(model, hook_name, head)
     prompt = check_tokens(model, prompt, 1)
-    B = prompt.shape[0]
-    per_prompt = hasattr(target, "__len__") and not (isinstance(target, Tensor) and target.dim() == 0)
-    if per_prompt:
-        targets = _check_tokens_list(model, target, "target")
-        if len(targets) != B:
-            raise ValueError(f"target: expected one token id or one per prompt ({B}), got {len(targets)}")
-    else:
-        targets = [_check_token(model, target, "target")] * B
+    targets, per_prompt = _generation_targets(model, target, prompt.shape[0])
     if positions is None:
         raise ValueError("positions: expected the absolute positions to install at, got None")
-    distinct = sorted(set(targets))
-    if opts["direction"] == "given":
-        d = _resolve_direction(model, hook_name, head, prompt, direction, "given", targets)
-    else:
-        by_target = _resolve_direction(model, hook_name, head, prompt, direction, opts["direction"], distinct)
-        d = by_target[torch.tensor([distinct.index(x) for x in targets])]
-    d = d.to(prompt.device)
+    d = _prompt_directions(model, hook_name, head, prompt, direction, opts["direction"], targets).to(prompt.device)
     target_t = torch.tensor(targets, device=prompt.device)
-    wanted = sorted({int(p) for p in positions})
-    if not wanted or wanted[0] < 0:
-        raise ValueError(f"positions: expected non-negative absolute positions, got {list(positions)}")
-    P = prompt.shape[1]
-    # An edit of S_t is read by q_t in the same call, so the logits at t are the first to change;
-    # logits before P - 1 never choose a token.
-    first_read = max(wanted[0], P - 1)
-    if first_read > P + max_new_tokens - 2:
-        raise ValueError(f"positions: the installs must happen before the last generated token "
-                         f"(prompt length {P}, max_new_tokens {max_new_tokens}), got {wanted}")
-    seen: dict[str, Tensor] = {}
-    logged: list[Tensor] = []
-
-    def grab(name):
-        def hook(x, hook):
-            seen[name] = x
-            return x
-        return hook
-
-    def edit_state(x, hook):
-        pos = model.positions.tolist()
-        hit = [i for i, p in enumerate(pos) if p in wanted]
-        if not hit:
-            return x
-        x = x.clone()
-        for i in hit:
-            parts = {name: v[:, i, site.head] for name, v in seen.items()}
-            k_hat = unit(parts["k"].float())
-            scale = magnitude * _magnitude(parts, ref)
-            x[:, i, site.head] += (scale[:, None, None] * k_hat[:, :, None] * d[:, None, :]).to(x.dtype)
-        return x
-
-    def log_logits(x, hook):
-        pos = model.positions.tolist()
-        if first_read in pos:
-            logged.append(x[:, pos.index(first_read)].float())
-        return x
-
-    hooks = [(site.hook(f"hook_{n}"), grab(n)) for n in ("k", "v", "write", "erase")
-             if site.hook(f"hook_{n}") in model.hook_dict]
-    log_hook = ("ln_final.hook_normalized", log_logits)
-    results = {}
-    for name, extra in (("native", []), ("installed", [(site.hook("hook_state"), edit_state)])):
-        logged.clear()
-        with model.hooks(fwd_hooks=hooks + extra + [log_hook]):
-            out = model.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
-        resid = logged[0]
-        lp = (resid @ unembedding(model).T).log_softmax(-1)
-        own = lp.gather(-1, target_t[:, None])
-        results[name] = (out[:, P:], own[:, 0], (lp > own).sum(-1))
-    rows = pd.DataFrame({
-        "target": targets,
-        "native_included": (results["native"][0] == target_t[:, None]).any(-1).cpu().numpy(),
-        "installed_included": (results["installed"][0] == target_t[:, None]).any(-1).cpu().numpy(),
-        "native_first_logprob": results["native"][1].cpu().numpy(),
-        "installed_first_logprob": results["installed"][1].cpu().numpy(),
-        "native_rank": results["native"][2].cpu().numpy(),
-        "installed_rank": results["installed"][2].cpu().numpy(),
-        "native": results["native"][0].tolist(),
-        "installed": results["installed"][0].tolist(),
-    })
+    wanted, first_read = _install_schedule(positions, prompt.shape[1], max_new_tokens)
+    generation = _GenerationInstall(model, site, wanted, first_read, magnitude, ref, d)
+    native = generation.run(prompt, max_new_tokens, target_t, install=False)
+    installed = generation.run(prompt, max_new_tokens, target_t, install=True)
     settings = GenerationInstallSettings(protocol=protocol, hook_name=hook_name, head=head, positions=wanted,
                                          magnitude=magnitude, magnitude_ref=ref, direction=opts["direction"],
                                          max_new_tokens=max_new_tokens, overrides=overrides)
-    return InstallResult(rows, -1 if per_prompt else targets[0], settings)
+    return InstallResult(_generation_rows(targets, target_t, native, installed), -1 if per_prompt else targets[0],
+                         settings)
+
+
+def _generation_targets(model: ModelLike, target: SupportsIndex | Sequence[SupportsIndex] | Tensor,
+                        n_prompts: int) -> tuple[list[int], bool]:
+    """``(one target per prompt, whether they were given per prompt)``."""
+    per_prompt = hasattr(target, "__len__") and not (isinstance(target, Tensor) and target.dim() == 0)
+    if per_prompt:
+        targets = _check_tokens_list(model, target, "target")
+        if len(targets) != n_prompts:
+            raise ValueError(f"target: expected one token id or one per prompt ({n_prompts}), got {len(targets)}")
+    else:
+        targets = [_check_token(model, target, "target")] * n_prompts
+    return targets, per_prompt
+
+
+def _prompt_directions(model: ModelLike, hook_name: str, head: int, prompt: Tensor, direction: Any,
+                       method: str, targets: list[int]) -> Tensor:
+    """One unit direction per prompt ``[batch, d_v]``: the given one(s), or ``method``'s for the prompt's target
+    (computed once per distinct target)."""
+    if method == "given":
+        return _resolve_direction(model, hook_name, head, prompt, direction, "given", targets)
+    distinct = sorted(set(targets))
+    by_target = _resolve_direction(model, hook_name, head, prompt, direction, method, distinct)
+    return by_target[torch.tensor([distinct.index(x) for x in targets])]
+
+
+def _install_schedule(positions: Sequence[int], prompt_len: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """``(the sorted distinct install positions, the position whose logits are the first to read an install)``."""
+    wanted = sorted({int(p) for p in positions})
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"positions: expected non-negative absolute positions, got {list(positions)}")
+    # An edit of S_t is read by q_t in the same call, so the logits at t are the first to change;
+    # logits before P - 1 never choose a token.
+    first_read = max(wanted[0], prompt_len - 1)
+    if first_read > prompt_len + max_new_tokens - 2:
+        raise ValueError(f"positions: the installs must happen before the last generated token "
+                         f"(prompt length {prompt_len}, max_new_tokens {max_new_tokens}), got {wanted}")
+    return wanted, first_read
+
+
+class _Generation(NamedTuple):
+    """One greedy run: the generated tokens ``[batch, max_new_tokens]``, and the target's log-probability and
+    rank at the first read of the install ``[batch]``."""
+
+    tokens: Tensor
+    first_logprob: Tensor
+    rank: Tensor
+
+
+class _GenerationInstall:
+    """The hooks of :func:`install_during_generation` and its two greedy runs (native, installed).
+
+    Every forward keeps the head's ``k``, ``v``, ``write`` (and ``erase``) of its tokens and logs the final
+    norm's output at ``first_read``; the installed run also adds ``magnitude · r_t · k̂_t dᵀ`` to the state at
+    each position of ``wanted`` (positions come from ``model.positions``, so they may lie in the prompt or in
+    the generated part).
+    """
+
+    def __init__(self, model: ModelLike, site: Site, wanted: list[int], first_read: int, magnitude: float, ref: str,
+                 d: Tensor) -> None:
+        self.model, self.site, self.wanted, self.first_read = model, site, wanted, first_read
+        self.magnitude, self.ref, self.d = magnitude, ref, d
+        self.seen: dict[str, Tensor] = {}
+        self.logged: list[Tensor] = []
+
+    def run(self, prompt: Tensor, max_new_tokens: int, target: Tensor, *, install: bool) -> _Generation:
+        """One greedy generation from ``prompt`` (with the installs if ``install``) and the target's score."""
+        self.logged.clear()
+        with self.model.hooks(fwd_hooks=self._hooks(install)):
+            out = self.model.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
+        lp = (self.logged[0] @ unembedding(self.model).T).log_softmax(-1)
+        own = lp.gather(-1, target[:, None])
+        return _Generation(out[:, prompt.shape[1]:], own[:, 0], (lp > own).sum(-1))
+
+    def _hooks(self, install: bool) -> list[tuple[str, Callable]]:
+        site = self.site
+        parts = [(site.hook(f"hook_{n}"), self._grab(n)) for n in ("k", "v", "write", "erase")
+                 if site.hook(f"hook_{n}") in self.model.hook_dict]
+        edit = [(site.hook("hook_state"), self._edit_state)] if install else []
+        return parts + edit + [("ln_final.hook_normalized", self._log_logits)]
+
+    def _grab(self, name: str) -> Callable:
+        def grab(x: Tensor, hook: Any) -> Tensor:
+            self.seen[name] = x
+            return x
+        return grab
+
+    def _edit_state(self, x: Tensor, hook: Any) -> Tensor:
+        pos = self.model.positions.tolist()
+        hit = [i for i, p in enumerate(pos) if p in self.wanted]
+        if not hit:
+            return x
+        x = x.clone()
+        h = self.site.head
+        for i in hit:
+            parts = {name: v[:, i, h] for name, v in self.seen.items()}
+            k_hat = unit(parts["k"].float())
+            scale = self.magnitude * _magnitude(parts, self.ref)
+            x[:, i, h] += (scale[:, None, None] * k_hat[:, :, None] * self.d[:, None, :]).to(x.dtype)
+        return x
+
+    def _log_logits(self, x: Tensor, hook: Any) -> Tensor:
+        pos = self.model.positions.tolist()
+        if self.first_read in pos:
+            self.logged.append(x[:, pos.index(self.first_read)].float())
+        return x
+
+
+def _generation_rows(targets: list[int], target: Tensor, native: _Generation, installed: _Generation) -> pd.DataFrame:
+    """One row per prompt: target inclusion, first-read log-probability and rank, and both continuations."""
+    return pd.DataFrame({
+        "target": targets,
+        "native_included": (native.tokens == target[:, None]).any(-1).cpu().numpy(),
+        "installed_included": (installed.tokens == target[:, None]).any(-1).cpu().numpy(),
+        "native_first_logprob": native.first_logprob.cpu().numpy(),
+        "installed_first_logprob": installed.first_logprob.cpu().numpy(),
+        "native_rank": native.rank.cpu().numpy(),
+        "installed_rank": installed.rank.cpu().numpy(),
+        "native": native.tokens.tolist(),
+        "installed": installed.tokens.tolist(),
+    })

@@ -30,13 +30,16 @@ How prediction and measurement are compared (``fit``):
 ``c = ⟨S_{t0}, A_i⟩_F / ‖A_i‖_F²`` (``v_iᵀ S_{t0} w_i`` for unit factors: ε times the atom's own
 component of the state) and the prediction ``ε c`` times the closed form; Table 9 pairs it with
 ε ∈ {0.25, 0.5, 0.75, 1.0}.
+
+Examples use ``tiny_model``, ``tiny_sae``, ``tiny_tokens`` (a random one-layer Gated DeltaNet, a random WriteSAE on
+its ``[8, 8]`` states and two random sequences; built as :mod:`recurrent_lens.analysis` shows).
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import SupportsIndex
+from typing import Any, NamedTuple, SupportsIndex
 
 import pandas as pd
 import torch
@@ -48,14 +51,16 @@ from recurrent_lens.analysis._common import (
 )
 from recurrent_lens.analysis.protocols import PRESET, LogitShiftSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import LogitShiftResult
+from recurrent_lens.analysis.types import ModelLike, SAELike
 
 
-def unembedding(model) -> Tensor:
+def unembedding(model: ModelLike) -> Tensor:
     """``W_U`` ``[d_vocab, d_model]`` (the embedding when tied)."""
     return (model.embed.weight if model.unembed is None else model.unembed.weight).detach().float()
 
 
-def output_jacobian(model, tokens: Int[Tensor, "batch pos"], site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
+def output_jacobian(model: ModelLike, tokens: Int[Tensor, "batch pos"],
+                    site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
     """``W_O^{(h)}`` at every position: ∂ hook_out / ∂ hook_read[head], by forward-mode products
     (double backward), one per value channel."""
     captured: dict[str, Tensor] = {}
@@ -83,7 +88,8 @@ def output_jacobian(model, tokens: Int[Tensor, "batch pos"], site: Site) -> Floa
     return torch.stack(cols, -1)
 
 
-def final_norm_jvp(model, resid: Float[Tensor, "n d_model"], direction: Float[Tensor, "n d_model"]) -> Tensor:
+def final_norm_jvp(model: ModelLike, resid: Float[Tensor, "n d_model"],
+                   direction: Float[Tensor, "n d_model"]) -> Tensor:
     """``J_{ln_final}(resid) · direction`` row by row."""
     with torch.enable_grad():
         r = resid.detach().float().requires_grad_(True)
@@ -104,8 +110,8 @@ def _dominant_atoms(codes: Float[Tensor, "batch pos n_features"], n_atoms: int) 
 
 
 def logit_shift_prediction(
-    model,
-    sae,
+    model: ModelLike,
+    sae: SAELike,
     hook_name: str,
     head: int,
     tokens: Int[Tensor, "batch pos"],
@@ -177,30 +183,44 @@ def logit_shift_prediction(
         :class:`~recurrent_lens.analysis.protocols.LogitShiftSettings`) hold the atoms used.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import WriteSAE
-        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
-        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
-        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
-        >>> _ = torch.manual_seed(0)
-        >>> sae = WriteSAE(8, 8, 16, k=2)
-        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
-        >>> result = logit_shift_prediction(model, sae, "blocks.0.mixer.hook_state", 0, tokens, eps=(0.1, 1.0),
-        ...                                 n_atoms=2, positions_per_atom=3)
+        >>> from recurrent_lens.analysis import logit_shift_prediction
+        >>> result = logit_shift_prediction(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens,
+        ...                                 eps=(0.1, 1.0), n_atoms=2, positions_per_atom=3)
         >>> len(result.settings["atoms"]), len(result.to_pandas())  # 2 atoms x 2 eps x 3 positions
         (2, 12)
-        >>> paper = logit_shift_prediction(model, sae, "blocks.0.mixer.hook_state", 0, tokens, protocol="paper",
-        ...                                n_atoms=2, positions_per_atom=3)
+        >>> paper = logit_shift_prediction(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens,
+        ...                                protocol="paper", n_atoms=2, positions_per_atom=3)
         >>> paper.settings.fit, paper.settings.overrides
         ('context', ('n_atoms', 'positions_per_atom'))
     """
+    opts, overrides = _logit_shift_options(protocol, dict(
+        eps=eps, n_atoms=n_atoms, positions_per_atom=positions_per_atom, fit=fit, formula=formula, readout=readout,
+        readout_offset=readout_offset))
+    readout_offset = opts["readout_offset"]
+    site = parse_site(model, hook_name, head)
+    check_sae(sae, model)
+    tokens = check_tokens(model, tokens, readout_offset + 1)
+    per_seq = _contexts_per_sequence(tokens.shape[1], readout_offset, skip_positions)
+    atoms = _check_atoms(atoms, sae.cfg.n_features)
+    native = native_run(model, tokens, site)
+    atoms = _atoms_to_perturb(sae, native, atoms, opts["n_atoms"], skip_positions)
+    contexts = _draw_contexts(atoms, tokens.shape[0], per_seq, opts["positions_per_atom"], skip_positions, seed)
+    prediction = _closed_form(model, sae, tokens, site, native, atoms, contexts, formula=opts["formula"],
+                              readout=opts["readout"], readout_offset=readout_offset)
+    eps_list = [float(e) for e in opts["eps"]]
+    measured = _measured_shifts(model, tokens, site, contexts, prediction, eps_list, readout_offset, progress)
+    settings = LogitShiftSettings(
+        protocol=protocol, hook_name=hook_name, head=head, atoms=atoms, **{**opts, "eps": eps_list},
+        skip_positions=skip_positions, seed=seed, overrides=overrides)
+    return LogitShiftResult(_logit_shift_rows(contexts, prediction, eps_list, measured), settings)
+
+
+def _logit_shift_options(protocol: str, given: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The options of ``protocol`` with the explicitly given ones winning, each checked; and the overrides."""
     check_protocol(protocol)
-    opts, overrides = resolve("logit_shift", protocol, dict(
-        eps=eps, n_atoms=n_atoms, positions_per_atom=positions_per_atom, fit=fit, formula=formula,
-        readout=readout, readout_offset=readout_offset))
+    opts, overrides = resolve("logit_shift", protocol, given)
     eps, n_atoms, positions_per_atom = opts["eps"], opts["n_atoms"], opts["positions_per_atom"]
-    fit, formula, readout, readout_offset = opts["fit"], opts["formula"], opts["readout"], opts["readout_offset"]
+    fit, formula, readout = opts["fit"], opts["formula"], opts["readout"]
     if readout not in ("unembed", "final_norm"):
         raise ValueError(f"readout: expected 'unembed' or 'final_norm', got {readout!r}")
     if fit not in ("none", "cell", "context"):
@@ -216,80 +236,133 @@ def logit_shift_prediction(
         raise ValueError(f"n_atoms: expected a positive integer, got {n_atoms!r}")
     if isinstance(positions_per_atom, bool) or not isinstance(positions_per_atom, int) or positions_per_atom < 1:
         raise ValueError(f"positions_per_atom: expected a positive integer, got {positions_per_atom!r}")
-    site = parse_site(model, hook_name, head)
-    check_sae(sae, model)
-    tokens = check_tokens(model, tokens, readout_offset + 1)
-    B, T = tokens.shape
-    per_seq = T - readout_offset - skip_positions
+    return opts, overrides
+
+
+def _contexts_per_sequence(n_positions: int, readout_offset: int, skip_positions: int) -> int:
+    """How many perturbation positions ``t0`` each sequence offers (``skip_positions <= t0 < pos - readout_offset``)."""
+    per_seq = n_positions - readout_offset - skip_positions
     if per_seq < 1:
-        raise ValueError(f"tokens: no eligible position in {T} positions (readout_offset {readout_offset}, "
+        raise ValueError(f"tokens: no eligible position in {n_positions} positions (readout_offset {readout_offset}, "
                          f"skip_positions {skip_positions})")
+    return per_seq
+
+
+def _check_atoms(atoms: Sequence[SupportsIndex] | None, n_features: int) -> list[int] | None:
+    """``atoms`` as a list of ``int`` atom indices (``None`` stays ``None``)."""
+    if atoms is None:
+        return None
+    if len(atoms) == 0:
+        raise ValueError("atoms: expected at least one atom index (or None for the dominant atoms)")
+    bad = [a for a in atoms if as_index(a, n_features) is None]
+    if bad:
+        raise ValueError(f"atoms: expected integer indices in [0, {n_features}), got {bad}")
+    return [operator.index(a) for a in atoms]
+
+
+@torch.no_grad()
+def _atoms_to_perturb(sae: SAELike, native: dict[str, Tensor], atoms: list[int] | None, n_atoms: int,
+                      skip_positions: int) -> list[int]:
+    """The given atoms, or else the ``n_atoms`` most often dominant ones; refuses an SAE that never fires."""
     if atoms is not None:
-        if len(atoms) == 0:
-            raise ValueError("atoms: expected at least one atom index (or None for the dominant atoms)")
-        bad = [a for a in atoms if as_index(a, sae.cfg.n_features) is None]
-        if bad:
-            raise ValueError(f"atoms: expected integer indices in [0, {sae.cfg.n_features}), got {bad}")
-        atoms = [operator.index(a) for a in atoms]
-    native = native_run(model, tokens, site)
-    with torch.no_grad():
-        all_atoms = sae.decoder_atoms().detach().float()
-        if atoms is None:
-            atoms = _dominant_atoms(sae.encode(native["state"][:, skip_positions:]), n_atoms)
-            if not atoms:
-                raise ValueError(f"sae: no atom fires on tokens (positions >= skip_positions = {skip_positions}), "
-                                 f"so none is dominant; pass atoms explicitly")
-        g = torch.Generator().manual_seed(seed)
-        picks = [torch.randperm(B * per_seq, generator=g)[:positions_per_atom] for _ in atoms]
-        pick = torch.cat(picks)
-        b, t0 = pick // per_seq, pick % per_seq + skip_positions
-        slot = torch.arange(len(atoms)).repeat_interleave(len(picks[0]))  # row -> index into atoms
-        atom = torch.tensor(atoms)[slot]
-        t = t0 + readout_offset
-        A = all_atoms[atom]  # [n, d_k, d_v]
-        if formula == "table9":
-            S0 = native["state"][b, t0].float()
-            coef = (S0 * A).sum((-2, -1)) / (A * A).sum((-2, -1)).clamp_min(1e-12)
-        else:
-            coef = torch.ones(len(b))
-        decay = native["decay"]
-        if decay is None:
-            G = torch.ones(len(b), A.shape[1])
-        else:
-            cum = torch.cat([decay.new_zeros(B, 1, *decay.shape[2:]), decay.float().cumsum(1)], 1)
-            G = (cum[b, t + 1] - cum[b, t0 + 1]).exp()  # sum of g over t0+1..t
-            G = G[:, None].expand(-1, A.shape[1]) if G.dim() == 1 else G
-        q = native["q"][b, t].float()
-        d_read = torch.einsum("nk,nkv->nv", G * q, A)  # read change per unit ε
-        J = output_jacobian(model, tokens, site)[b, t]  # [n, d_model, d_v]
-        out_dir = torch.einsum("nmv,nv->nm", J, d_read)
-        # one SVD per atom, not per row; w₁ keeps the SVD's sign (flipping u₁ and w₁ leaves σ₁u₁w₁ᵀ as is)
-        w_lead = torch.linalg.svd(all_atoms[atoms]).Vh[:, 0][slot]
-        lead_dir = torch.einsum("nmv,nv->nm", J, w_lead)
-        W_U = unembedding(model)
-        if readout == "final_norm":
-            _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
-            resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][b, t]
-            out_dir = final_norm_jvp(model, resid, out_dir)
-            lead_dir = final_norm_jvp(model, resid, lead_dir)
-        tok = (lead_dir @ W_U.T).argmax(-1)
-        unit_pred = coef * (out_dir * W_U[tok]).sum(-1)
-        eps_list = [float(e) for e in eps]
-        step = coef[:, None, None] * A
+        return atoms
+    atoms = _dominant_atoms(sae.encode(native["state"][:, skip_positions:]), n_atoms)
+    if not atoms:
+        raise ValueError(f"sae: no atom fires on tokens (positions >= skip_positions = {skip_positions}), "
+                         f"so none is dominant; pass atoms explicitly")
+    return atoms
+
+
+class _Contexts(NamedTuple):
+    """The perturbed rows, each ``[n]``: sequence ``batch``, position ``t0``, ``slot`` (index into the atoms
+    list) and ``atom`` (the atom's index)."""
+
+    batch: Tensor
+    t0: Tensor
+    slot: Tensor
+    atom: Tensor
+
+
+def _draw_contexts(atoms: list[int], batch: int, per_seq: int, positions_per_atom: int, skip_positions: int,
+                   seed: int) -> _Contexts:
+    """Up to ``positions_per_atom`` distinct random ``(sequence, t0)`` pairs per atom, one seeded stream."""
+    g = torch.Generator().manual_seed(seed)
+    picks = [torch.randperm(batch * per_seq, generator=g)[:positions_per_atom] for _ in atoms]
+    pick = torch.cat(picks)
+    slot = torch.arange(len(atoms)).repeat_interleave(len(picks[0]))
+    return _Contexts(pick // per_seq, pick % per_seq + skip_positions, slot, torch.tensor(atoms)[slot])
+
+
+class _Prediction(NamedTuple):
+    """The closed form of every row: the read ``token``, its predicted logit shift per unit ε (``unit_shift``)
+    and the state perturbation per unit ε (``step``, ``[n, d_k, d_v]``)."""
+
+    token: Tensor
+    unit_shift: Tensor
+    step: Tensor
+
+
+@torch.no_grad()
+def _closed_form(model: ModelLike, sae: SAELike, tokens: Tensor, site: Site, native: dict[str, Tensor],
+                 atoms: list[int], contexts: _Contexts, *, formula: str, readout: str,
+                 readout_offset: int) -> _Prediction:
+    """Eq. 1 at every row (``formula="table9"``: scaled by the state's component on the atom)."""
+    all_atoms = sae.decoder_atoms().detach().float()
+    b, t0, slot = contexts.batch, contexts.t0, contexts.slot
+    t = t0 + readout_offset
+    A = all_atoms[contexts.atom]  # [n, d_k, d_v]
+    if formula == "table9":
+        S0 = native["state"][b, t0].float()
+        coef = (S0 * A).sum((-2, -1)) / (A * A).sum((-2, -1)).clamp_min(1e-12)
+    else:
+        coef = torch.ones(len(b))
+    G = _accumulated_decay(native["decay"], b, t0, t, A.shape[1])
+    q = native["q"][b, t].float()
+    d_read = torch.einsum("nk,nkv->nv", G * q, A)  # read change per unit ε
+    J = output_jacobian(model, tokens, site)[b, t]  # [n, d_model, d_v]
+    out_dir = torch.einsum("nmv,nv->nm", J, d_read)
+    # one SVD per atom, not per row; w₁ keeps the SVD's sign (flipping u₁ and w₁ leaves σ₁u₁w₁ᵀ as is)
+    w_lead = torch.linalg.svd(all_atoms[atoms]).Vh[:, 0][slot]
+    lead_dir = torch.einsum("nmv,nv->nm", J, w_lead)
+    W_U = unembedding(model)
+    if readout == "final_norm":
+        last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        _, cache = model.run_with_cache(tokens, names_filter=last)
+        resid = cache[last][b, t]
+        out_dir = final_norm_jvp(model, resid, out_dir)
+        lead_dir = final_norm_jvp(model, resid, lead_dir)
+    tok = (lead_dir @ W_U.T).argmax(-1)
+    return _Prediction(tok, coef * (out_dir * W_U[tok]).sum(-1), coef[:, None, None] * A)
+
+
+def _accumulated_decay(decay: Tensor | None, b: Tensor, t0: Tensor, t: Tensor, d_k: int) -> Tensor:
+    """``G = exp(Σ_{s=t0+1}^{t} g_s)`` of every row, ``[n, d_k]`` (ones without decay)."""
+    if decay is None:
+        return torch.ones(len(b), d_k)
+    cum = torch.cat([decay.new_zeros(decay.shape[0], 1, *decay.shape[2:]), decay.float().cumsum(1)], 1)
+    G = (cum[b, t + 1] - cum[b, t0 + 1]).exp()  # sum of g over t0+1..t
+    return G[:, None].expand(-1, d_k) if G.dim() == 1 else G
+
+
+def _measured_shifts(model: ModelLike, tokens: Tensor, site: Site, contexts: _Contexts, prediction: _Prediction,
+                     eps: list[float], readout_offset: int, progress: bool) -> Tensor:
+    """The measured logit shift of each row's token at every ε, ``[n_eps, n]``."""
+    step = prediction.step
 
     def edit(S: Tensor, idx: Tensor) -> Tensor:
-        return torch.stack([S] + [S + e * step[idx].to(S.dtype) for e in eps_list])
+        return torch.stack([S] + [S + e * step[idx].to(S.dtype) for e in eps])
 
-    logits = branch_logits(model, tokens, site, b, t0, edit, readout_offset, progress=progress, desc="logit shift")
-    sel = logits.gather(-1, tok[None, :, None].expand(len(eps_list) + 1, -1, 1))[..., 0]
-    measured = sel[1:] - sel[:1]  # [n_eps, n]
+    logits = branch_logits(model, tokens, site, contexts.batch, contexts.t0, edit, readout_offset, progress=progress,
+                           desc="logit shift")
+    sel = logits.gather(-1, prediction.token[None, :, None].expand(len(eps) + 1, -1, 1))[..., 0]
+    return sel[1:] - sel[:1]
+
+
+def _logit_shift_rows(contexts: _Contexts, prediction: _Prediction, eps: list[float], measured: Tensor) -> pd.DataFrame:
+    """One row per (ε, perturbed context), ε by ε."""
     frames = []
-    for i, e in enumerate(eps_list):
-        frames.append(pd.DataFrame({"atom": atom.numpy(), "eps": e, "batch": b.numpy(), "pos": t0.numpy(),
-                                    "token": tok.numpy(), "predicted": (e * unit_pred).numpy(),
-                                    "measured": measured[i].numpy()}))
-    settings = LogitShiftSettings(
-        protocol=protocol, hook_name=hook_name, head=head, atoms=atoms, eps=eps_list, n_atoms=n_atoms,
-        fit=fit, formula=formula, readout=readout, readout_offset=readout_offset,
-        positions_per_atom=positions_per_atom, skip_positions=skip_positions, seed=seed, overrides=overrides)
-    return LogitShiftResult(pd.concat(frames, ignore_index=True), settings)
+    for i, e in enumerate(eps):
+        frames.append(pd.DataFrame({"atom": contexts.atom.numpy(), "eps": e, "batch": contexts.batch.numpy(),
+                                    "pos": contexts.t0.numpy(), "token": prediction.token.numpy(),
+                                    "predicted": (e * prediction.unit_shift).numpy(), "measured": measured[i].numpy()}))
+    return pd.concat(frames, ignore_index=True)

@@ -13,11 +13,15 @@ exactly ``v_i, w_i`` and ``k̂, δ`` up to sign, which ``|cos|`` ignores).
 1- and 2-component 1-D Gaussian mixtures are fitted to the alive atoms' scores (EM written here);
 ``ΔBIC = BIC₂ − BIC₁``. When two components are preferred (ΔBIC < 0), *registers* are the atoms assigned
 to the higher-mean component; otherwise the operational threshold ``tau`` (0.05) splits them.
+
+Examples use ``tiny_model``, ``tiny_sae``, ``tiny_tokens`` (a random one-layer Gated DeltaNet, a random WriteSAE on
+its ``[8, 8]`` states and two random sequences; built as :mod:`recurrent_lens.analysis` shows).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 import torch
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site, unit
 from recurrent_lens.analysis.protocols import PRESET, PartitionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import PartitionResult
+from recurrent_lens.analysis.types import ModelLike, SAELike
 
 TOP_N = 50
 """Activations per atom of ``statistic="mean_abs_cos_top50"`` (the reference's ``top_n``)."""
@@ -82,7 +87,7 @@ def _leading_factors(x: Tensor) -> tuple[Tensor, Tensor]:
     return U[..., :, 0], Vh[..., 0, :]
 
 
-def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
+def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
                     protocol: str = "ours", statistic: str = PRESET, replace: str = PRESET,
                     max_firings_per_atom: int | None = PRESET, min_firings: int = 1, tau: float = PRESET,
                     skip_positions: int = 0, seed: int = 0, progress: bool = False) -> PartitionResult:
@@ -119,75 +124,104 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
         progress: show a progress bar over the alive atoms.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import WriteSAE
-        >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
-        ...                   n_heads=2, d_k=8, d_v=8, d_mlp=64)
-        >>> model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
-        >>> _ = torch.manual_seed(0)
-        >>> sae = WriteSAE(8, 8, 16, k=2)
-        >>> tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
-        >>> result = partition_atoms(model, sae, "blocks.0.mixer.hook_state", 0, tokens)
+        >>> from recurrent_lens.analysis import partition_atoms
+        >>> result = partition_atoms(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens)
         >>> s = result.summary()
         >>> s["alive"] + s["dead"], s["registers"] + s["bundles"] == s["alive"]
         (16, True)
-        >>> partition_atoms(model, sae, "blocks.0.mixer.hook_state", 0, tokens, protocol="paper").settings.statistic
+        >>> partition_atoms(tiny_model, tiny_sae, "blocks.0.mixer.hook_state", 0, tiny_tokens,
+        ...                 protocol="paper").settings.statistic
         'median_cos_gmm'
     """
+    opts, overrides = _partition_options(protocol, dict(statistic=statistic, replace=replace,
+                                                        max_firings_per_atom=max_firings_per_atom, tau=tau))
+    site = parse_site(model, hook_name, head)
+    check_sae(sae, model)
+    tokens = check_tokens(model, tokens, 1)
+    native = native_run(model, tokens, site)
+    codes = _firing_codes(sae, native["state"], skip_positions)
+    atoms = sae.decoder_atoms().detach().float()
+    table = _score_atoms(codes, atoms, native[opts["replace"]].float(),
+                         top50=opts["statistic"] == "mean_abs_cos_top50", cap=opts["max_firings_per_atom"],
+                         min_firings=min_firings, seed=seed, progress=progress)
+    labels, gmm, delta_bic = _split_registers(table["score"], opts["tau"])
+    table["label"] = labels
+    settings = PartitionSettings(protocol=protocol, hook_name=hook_name, head=head, **opts, min_firings=min_firings,
+                                 skip_positions=skip_positions, seed=seed, overrides=overrides)
+    return PartitionResult(table, gmm, delta_bic, atoms.shape[0] - len(table), settings)
+
+
+def _partition_options(protocol: str, given: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The options of ``protocol`` with the explicitly given ones winning, each checked; and the overrides."""
     check_protocol(protocol)
-    opts, overrides = resolve("partition", protocol, dict(statistic=statistic, replace=replace,
-                                                           max_firings_per_atom=max_firings_per_atom, tau=tau))
-    statistic, replace, cap, tau = opts["statistic"], opts["replace"], opts["max_firings_per_atom"], opts["tau"]
+    opts, overrides = resolve("partition", protocol, given)
+    statistic, replace, cap = opts["statistic"], opts["replace"], opts["max_firings_per_atom"]
     if statistic not in ("median_cos_gmm", "mean_abs_cos_top50"):
         raise ValueError(f"statistic: expected 'median_cos_gmm' or 'mean_abs_cos_top50', got {statistic!r}")
     if replace not in ("update", "write"):
         raise ValueError(f"replace: expected 'update' or 'write', got {replace!r}")
     if cap is not None and cap < 1:
         raise ValueError(f"max_firings_per_atom: expected >= 1 or None, got {cap}")
-    site = parse_site(model, hook_name, head)
-    check_sae(sae, model)
-    tokens = check_tokens(model, tokens, 1)
-    native = native_run(model, tokens, site)
-    top50 = statistic == "mean_abs_cos_top50"
-    with torch.no_grad():
-        codes = sae.encode(native["state"])
-        codes[:, :skip_positions] = 0
-        atoms = sae.decoder_atoms().detach().float()
-        upd = native[replace].float()
-        if top50:
-            atom_key, atom_value = _leading_factors(atoms)
-        g = torch.Generator().manual_seed(seed)
-        rows = []
-        fired = codes > 0
-        firing_atoms = fired.flatten(0, 1).any(0).nonzero().flatten().tolist()
-        for i in tqdm(firing_atoms, disable=not progress, desc="partition"):
-            b, t = fired[..., i].nonzero(as_tuple=True)
-            if len(b) < min_firings:
-                continue
-            row = {"atom": i, "n": len(b)}
-            if top50:
-                top = codes[b, t, i].argsort(descending=True, stable=True)[:TOP_N]
-                key, value = _leading_factors(upd[b[top], t[top]])
-                row["mean_abs_key_cos"] = float((unit(key) @ atom_key[i]).abs().mean())
-                row["mean_abs_value_cos"] = float((unit(value) @ atom_value[i]).abs().mean())
-            if cap is not None and len(b) > cap:
-                keep = torch.randperm(len(b), generator=g)[:cap]
-                b, t = b[keep], t[keep]
-            U = upd[b, t]
-            cos = (U * atoms[i]).flatten(-2).sum(-1) / (frob(U) * frob(atoms[i])).clamp_min(1e-12)
-            row["median_cos"] = float(cos.median())
-            row["score"] = (math.sqrt(row["mean_abs_key_cos"] * row["mean_abs_value_cos"]) if top50
-                            else row["median_cos"])
-            rows.append(row)
+    return opts, overrides
+
+
+@torch.no_grad()
+def _firing_codes(sae: SAELike, states: Tensor, skip_positions: int) -> Tensor:
+    """The SAE codes of ``states`` ``[batch, pos, n_features]``, zero at the first ``skip_positions``."""
+    codes = sae.encode(states)
+    codes[:, :skip_positions] = 0
+    return codes
+
+
+@torch.no_grad()
+def _score_atoms(codes: Tensor, atoms: Tensor, updates: Tensor, *, top50: bool, cap: int | None, min_firings: int,
+                 seed: int, progress: bool) -> pd.DataFrame:
+    """One row per atom that fires at least ``min_firings`` times: its firings ``n``, ``median_cos``, the
+    top-50 factor cosines (``top50``) and its ``score``; the per-atom subsamples share one seeded stream."""
+    atom_factors = _leading_factors(atoms) if top50 else None
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    fired = codes > 0
+    firing_atoms = fired.flatten(0, 1).any(0).nonzero().flatten().tolist()
+    for i in tqdm(firing_atoms, disable=not progress, desc="partition"):
+        b, t = fired[..., i].nonzero(as_tuple=True)
+        if len(b) < min_firings:
+            continue
+        factors = None if atom_factors is None else (atom_factors[0][i], atom_factors[1][i])
+        rows.append(_score_atom(i, b, t, codes[..., i], atoms[i], updates, factors, cap, g))
     columns = ["atom", "n", "median_cos"] + (["mean_abs_key_cos", "mean_abs_value_cos"] if top50 else []) + ["score"]
-    table = pd.DataFrame(rows, columns=columns)
-    n_dead = atoms.shape[0] - len(table)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _score_atom(i: int, b: Tensor, t: Tensor, acts: Tensor, atom: Tensor, updates: Tensor,
+                factors: tuple[Tensor, Tensor] | None, cap: int | None, g: torch.Generator) -> dict[str, Any]:
+    """The row of atom ``i`` firing at ``(b, t)`` with codes ``acts`` ``[batch, pos]``; ``factors``: the atom's
+    unit key and value factors (the top-50 statistic) or ``None``."""
+    row: dict[str, Any] = {"atom": i, "n": len(b)}
+    if factors is not None:
+        top = acts[b, t].argsort(descending=True, stable=True)[:TOP_N]
+        key, value = _leading_factors(updates[b[top], t[top]])
+        row["mean_abs_key_cos"] = float((unit(key) @ factors[0]).abs().mean())
+        row["mean_abs_value_cos"] = float((unit(value) @ factors[1]).abs().mean())
+    if cap is not None and len(b) > cap:
+        keep = torch.randperm(len(b), generator=g)[:cap]
+        b, t = b[keep], t[keep]
+    U = updates[b, t]
+    cos = (U * atom).flatten(-2).sum(-1) / (frob(U) * frob(atom)).clamp_min(1e-12)
+    row["median_cos"] = float(cos.median())
+    row["score"] = (math.sqrt(row["mean_abs_key_cos"] * row["mean_abs_value_cos"]) if factors is not None
+                    else row["median_cos"])
+    return row
+
+
+def _split_registers(scores: pd.Series, tau: float) -> tuple[list[str], dict, float]:
+    """``(labels, gmm, delta_bic)``: the two-component mixture's split where ΔBIC < 0 (four or more atoms),
+    else the threshold ``tau``; ``gmm`` and ``delta_bic`` stay empty and NaN under four atoms."""
     gmm: dict = {}
     delta_bic = float("nan")
-    labels = ["register" if c > tau else "bundle" for c in table["score"]]
-    if len(table) >= 4:
-        x = torch.tensor(table["score"].to_numpy())
+    labels = ["register" if c > tau else "bundle" for c in scores]
+    if len(scores) >= 4:
+        x = torch.tensor(scores.to_numpy())
         w1, m1, s1, ll1 = fit_gmm_1d(x, 1)
         w2, m2, s2, ll2 = fit_gmm_1d(x, 2)
         n = len(x)
@@ -198,8 +232,4 @@ def partition_atoms(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "
             logp = _normal_logpdf(x[:, None], m2, s2) + torch.log(w2)
             high = int(m2.argmax())
             labels = ["register" if int(c) == high else "bundle" for c in logp.argmax(1)]
-    table["label"] = labels
-    settings = PartitionSettings(protocol=protocol, hook_name=hook_name, head=head, statistic=statistic,
-                                 replace=replace, max_firings_per_atom=cap, min_firings=min_firings, tau=tau,
-                                 skip_positions=skip_positions, seed=seed, overrides=overrides)
-    return PartitionResult(table, gmm, delta_bic, n_dead, settings)
+    return labels, gmm, delta_bic

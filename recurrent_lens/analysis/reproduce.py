@@ -5,13 +5,13 @@ The paper's numbers are Qwen3.5-0.8B's (arXiv 2605.12770; layer 9 head 4 unless 
 :func:`reproduce` runs every analysis with ``protocol=...`` and returns a :class:`Reproduction`;
 ``recurrent-lens reproduce`` prints it, writes its CSV and plots it.
 
+The example uses ``toy_model, toy_task = toy.load("gdn")`` and ``toy_sae = toy.load_sae("gdn")`` (the trained toy
+Gated DeltaNet, its task and its demo WriteSAE).
+
 Example:
-    >>> from recurrent_lens import toy
     >>> from recurrent_lens.analysis.reproduce import reproduce
-    >>> model, task = toy.load("gdn", progress=False)
-    >>> sae = toy.load_sae("gdn", progress=False)
-    >>> tokens = task.make_batch(8, seed=10_000)[0]
-    >>> rep = reproduce(model, sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], protocol="paper",
+    >>> tokens = toy_task.make_batch(8, seed=10_000)[0]
+    >>> rep = reproduce(toy_model, toy_sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], protocol="paper",
     ...                 band=(17, 33), magnitudes=(3.0,), logit_shift={"n_atoms": 2, "positions_per_atom": 20},
     ...                 population_atoms=4)
     >>> rep.table["claim"].tolist()[:2]
@@ -36,6 +36,7 @@ from recurrent_lens.analysis.logit_shift import logit_shift_prediction
 from recurrent_lens.analysis.partition import partition_atoms
 from recurrent_lens.analysis.protocols import check_protocol
 from recurrent_lens.analysis.substitution import substitution_test
+from recurrent_lens.analysis.types import ModelLike, SAELike
 
 PAPER_BAND = (100, 1000)
 """The paper's headline install class: targets ranked 100–1000 by the unmodified model (§4, App. I.6)."""
@@ -161,8 +162,8 @@ _SUBSTITUTION = ["substitution: atom beats delete", "substitution: strict chain"
 _PARTITION = ["partition: registers", "partition: delta BIC", "partition: register median cos"]
 
 
-def _population_features(sae, tokens: Tensor, model, hook_name: str, head: int, skip_positions: int,
-                         n: int) -> list[int]:
+def _population_features(sae: SAELike, tokens: Tensor, model: ModelLike, hook_name: str, head: int,
+                         skip_positions: int, n: int) -> list[int]:
     """The ``n`` atoms that fire most often on ``tokens`` (ties: lower index first)."""
     from recurrent_lens.analysis._common import native_run, parse_site
 
@@ -173,7 +174,7 @@ def _population_features(sae, tokens: Tensor, model, hook_name: str, head: int, 
     return order[counts[order] > 0][:n].tolist()
 
 
-def reproduce(model, sae, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
+def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
               prompts: Int[Tensor, "prompts prompt_pos"], *, protocol: str = "paper",
               band: tuple[int, int] | None = None, magnitudes: Sequence[float] = (1.5, 3.0, 6.0),
               install_positions: Sequence[int] | None = None, substitution: dict[str, Any] | None = None,

@@ -47,13 +47,17 @@ Implementation: the prefix is run once through a :class:`RecurrentCache`, one to
 at each firing position the cache is branched for all firings there and all four conditions (native,
 atom, delete, random) in one batched call. The cost is one pass over the prefix plus one small batched
 call per distinct firing position.
+
+Examples use ``toy_model, toy_task = toy.load("gdn")`` (the trained toy Gated DeltaNet and its task)
+and ``toy_sae = toy.load_sae("gdn")`` (its demo WriteSAE).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import SupportsIndex
+from dataclasses import dataclass
+from typing import Any, NamedTuple, SupportsIndex
 
 import pandas as pd
 import torch
@@ -65,6 +69,7 @@ from recurrent_lens.analysis._common import (
 )
 from recurrent_lens.analysis.protocols import PRESET, SubstitutionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import SubstitutionResult
+from recurrent_lens.analysis.types import ModelLike, SAELike
 
 _REPLACE = ("update", "write")
 _SCALE = ("coefficient", "match_norm")
@@ -131,9 +136,19 @@ def _cap(group: Tensor, limit: int | None, seed: int) -> Tensor:
     return keep.nonzero().flatten()
 
 
+class _Firings(NamedTuple):
+    """The tested firings, each ``[n]``: where (``batch``, ``pos``), the substituted ``atom`` and its ``coef``, and
+    the firing ``feature``."""
+
+    batch: Tensor
+    pos: Tensor
+    atom: Tensor
+    coef: Tensor
+    feature: Tensor
+
+
 def _firings(scores: Tensor, *, atom: str, features: list[int] | None, max_firings_per_atom: int | None,
-             last_position: int, skip_positions: int, seed: int,
-             positions: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             last_position: int, skip_positions: int, seed: int, positions: Tensor | None) -> _Firings:
     """``(batch, pos, atom, coefficient, feature)`` of every firing (see the module docstring), sorted by
     position then batch."""
     B, T, F = scores.shape
@@ -154,7 +169,7 @@ def _firings(scores: Tensor, *, atom: str, features: list[int] | None, max_firin
     keep = _cap(feature, max_firings_per_atom, seed)
     b, t, chosen, coef, feature = b[keep], t[keep], chosen[keep], coef[keep], feature[keep]
     order = torch.argsort((t * B + b) * F + feature)
-    return b[order], t[order], chosen[order], coef[order], feature[order]
+    return _Firings(b[order], t[order], chosen[order], coef[order], feature[order])
 
 
 @torch.no_grad()
@@ -187,8 +202,8 @@ def find_firings(codes: Tensor, *, max_firings_per_atom: int | None, last_positi
 
 
 def substitution_test(
-    model,
-    sae,
+    model: ModelLike,
+    sae: SAELike,
     hook_name: str,
     head: int,
     tokens: Int[Tensor, "batch pos"],
@@ -284,33 +299,52 @@ def substitution_test(
 
     Example: the toy protocol on the toy GDN with the demo's WriteSAE, then the paper's protocol.
 
-        >>> from recurrent_lens import toy
         >>> from recurrent_lens.analysis import substitution_test
-        >>> model, task = toy.load("gdn", progress=False)
-        >>> sae = toy.load_sae("gdn", progress=False)
-        >>> tokens, _ = task.make_batch(16, seed=10_000)
-        >>> result = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, atom="rising",
-        ...                            positions=task.value_positions, readout_offset=task.recall_offset)
+        >>> tokens, _ = toy_task.make_batch(16, seed=10_000)
+        >>> result = substitution_test(toy_model, toy_sae, "blocks.1.mixer.hook_state", 0, tokens, atom="rising",
+        ...                            positions=toy_task.value_positions, readout_offset=toy_task.recall_offset)
         >>> result.n, result.win_rate > 0.7, result.medians["atom"] < result.medians["delete"]
         (128, True, True)
-        >>> paper = substitution_test(model, sae, "blocks.1.mixer.hook_state", 0, tokens, protocol="paper")
+        >>> paper = substitution_test(toy_model, toy_sae, "blocks.1.mixer.hook_state", 0, tokens, protocol="paper")
         >>> paper.settings.replace, paper.settings.readout, paper.settings.overrides
         ('write', 'last', ())
     """
-    check_protocol(protocol)
-    if readout is PRESET and readout_offset is not PRESET and readout_offset is not None:
-        readout = "offset"  # an explicit offset asks for the offset readout, whatever the protocol's
-    opts, overrides = resolve("substitution", protocol, dict(
+    opts, overrides = _substitution_options(protocol, dict(
         replace=replace, scale=scale, random=random, readout=readout, readout_offset=readout_offset, kl=kl,
         max_firings_per_atom=max_firings_per_atom, atom=atom))
-    replace, scale, random, readout = opts["replace"], opts["scale"], opts["random"], opts["readout"]
-    readout_offset, kl, cap, atom = opts["readout_offset"], opts["kl"], opts["max_firings_per_atom"], opts["atom"]
-    _choice("replace", replace, _REPLACE)
-    _choice("scale", scale, _SCALE)
-    _choice("random", random, _RANDOM)
-    _choice("kl", kl, _KL)
-    _choice("atom", atom, _ATOM)
-    _choice("readout", readout, _READOUT)
+    site = parse_site(model, hook_name, head)
+    check_sae(sae, model)
+    features = _check_features(features, sae.cfg.n_features)
+    tokens, positions, last_position = _readout_window(model, tokens, positions, opts["readout"],
+                                                       opts["readout_offset"])
+    start = time.perf_counter()
+    native = native_run(model, tokens, site)
+    codes, firings = _substitution_firings(
+        sae, native, replace=opts["replace"], atom=opts["atom"], features=features, cap=opts["max_firings_per_atom"],
+        last_position=last_position, skip_positions=skip_positions, seed=seed, positions=positions)
+    conditions = _substitution_conditions(sae, native[opts["replace"]], codes, firings, scale=opts["scale"],
+                                          random=opts["random"], rank1_atoms=rank1_atoms, seed=seed)
+    logits = branch_logits(model, tokens, site, firings.batch, firings.pos, conditions.edit, opts["readout_offset"],
+                           progress=progress, desc="substitution")
+    rows = _substitution_rows(firings, conditions, _condition_kls(logits, opts["kl"]))
+    settings = SubstitutionSettings(
+        protocol=protocol, hook_name=hook_name, head=head, **opts, skip_positions=skip_positions,
+        positions=None if positions is None else positions.tolist(), features=features, rank1_atoms=rank1_atoms,
+        seed=seed, overrides=overrides)
+    return SubstitutionResult(rows, settings, time.perf_counter() - start)
+
+
+def _substitution_options(protocol: str, given: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The options of ``protocol`` with the explicitly given ones winning, each checked; and the overrides."""
+    check_protocol(protocol)
+    if given["readout"] is PRESET and given["readout_offset"] is not PRESET and given["readout_offset"] is not None:
+        # an explicit offset asks for the offset readout, whatever the protocol's
+        given = {**given, "readout": "offset"}
+    opts, overrides = resolve("substitution", protocol, given)
+    for name, allowed in (("replace", _REPLACE), ("scale", _SCALE), ("random", _RANDOM), ("kl", _KL), ("atom", _ATOM),
+                          ("readout", _READOUT)):
+        _choice(name, opts[name], allowed)
+    readout, readout_offset, cap = opts["readout"], opts["readout_offset"], opts["max_firings_per_atom"]
     if readout == "last" and readout_offset is not None:
         raise ValueError(f"readout_offset: applies to readout='offset' only, got {readout_offset} with readout='last' "
                          f"(the protocol {protocol!r} reads at the last position unless readout='offset' is passed)")
@@ -318,15 +352,24 @@ def substitution_test(
         raise ValueError("readout_offset: expected an int >= 1 with readout='offset', got None")
     if cap is not None and cap < 1:
         raise ValueError(f"max_firings_per_atom: expected >= 1 or None, got {cap}")
-    site = parse_site(model, hook_name, head)
-    check_sae(sae, model)
-    n_features = sae.cfg.n_features
-    if features is not None:
-        bad = [f for f in features if as_index(f, n_features) is None]
-        if len(features) == 0 or bad:
-            raise ValueError(f"features: expected a non-empty list of atom indices in [0, {n_features}), got "
-                             f"{list(features) if not bad else bad}")
-        features = sorted({int(f) for f in features})
+    return opts, overrides
+
+
+def _check_features(features: Sequence[SupportsIndex] | None, n_features: int) -> list[int] | None:
+    """``features`` as sorted distinct atom indices (``None`` stays ``None``)."""
+    if features is None:
+        return None
+    bad = [f for f in features if as_index(f, n_features) is None]
+    if len(features) == 0 or bad:
+        raise ValueError(f"features: expected a non-empty list of atom indices in [0, {n_features}), got "
+                         f"{list(features) if not bad else bad}")
+    return sorted({int(f) for f in features})
+
+
+def _readout_window(model: ModelLike, tokens: Tensor, positions: Sequence[int] | Tensor | None, readout: str,
+                    readout_offset: int | None) -> tuple[Tensor, Tensor | None, int]:
+    """``(tokens, positions, last_position)``: the checked tokens, the checked write positions as a tensor, and
+    the last write position the readout still sees."""
     gap = 1 if readout == "last" else readout_offset
     tokens = check_tokens(model, tokens, gap + 1)
     last_position = tokens.shape[1] - 1 - gap
@@ -336,62 +379,91 @@ def substitution_test(
             where = f"readout_offset {readout_offset}" if readout == "offset" else "the last-position readout"
             raise ValueError(f"positions: expected a non-empty list of positions in [0, {last_position}] "
                              f"(sequence length {tokens.shape[1]}, {where}), got {positions.tolist()}")
-    start = time.perf_counter()
-    native = native_run(model, tokens, site)
-    delta_all = native[replace]
-    with torch.no_grad():
-        codes = sae.encode(native["state"])
-        scores = (codes - sae.encode(native["state"] - delta_all)).clamp_min(0) if atom == "rising" else codes
-        b, t, chosen, coef, feature = _firings(scores, atom=atom, features=features, max_firings_per_atom=cap,
-                                               last_position=last_position, skip_positions=skip_positions,
-                                               seed=seed, positions=positions)
-        if len(b) == 0:
-            which = "" if features is None else f" (features {features})"
-            raise ValueError(f"tokens: the SAE never fires{which} on these tokens at eligible positions")
-        atoms = sae.decoder_atoms().detach().float()
-        if rank1_atoms:
-            atoms = best_rank1(atoms)
-        dk, dv = atoms.shape[-2:]
-        delta = delta_all[b, t].float()  # [n, d_k, d_v]
-        A = atoms[chosen]
-        if scale == "coefficient":
-            X_atom = coef[:, None, None].float() * A
-        else:
-            X_atom = frob(delta)[:, None, None] * A / frob(A).clamp_min(1e-12)[:, None, None]
-        g = torch.Generator().manual_seed(seed + 1)
-        if random == "rank1":
-            u = unit(torch.randn(len(b), dk, generator=g))
-            w = unit(torch.randn(len(b), dv, generator=g))
-            R = u[:, :, None] * w[:, None, :]
-        elif random == "sae_atom":
-            active = codes[b, t] != 0
-            others = torch.rand(len(b), atoms.shape[0], generator=g).masked_fill(active, -1.0)
-            R = atoms[others.argmax(-1)]
-        else:
-            R = empirical_resample(delta, g)
-        X_random = frob(X_atom)[:, None, None] * R / frob(R).clamp_min(1e-12)[:, None, None]
+    return tokens, positions, last_position
 
-    def edit(S: Tensor, idx: Tensor) -> Tensor:
-        base = S - delta[idx].to(S.dtype)
-        return torch.stack([S, base + X_atom[idx], base, base + X_random[idx]])
 
-    logits = branch_logits(model, tokens, site, b, t, edit, readout_offset, progress=progress, desc="substitution")
+@torch.no_grad()
+def _substitution_firings(sae: SAELike, native: dict[str, Tensor], *, replace: str, atom: str,
+                          features: list[int] | None, cap: int | None, last_position: int, skip_positions: int,
+                          seed: int, positions: Tensor | None) -> tuple[Tensor, _Firings]:
+    """The SAE codes of the native states and the firings to test; refuses tokens without one."""
+    codes = sae.encode(native["state"])
+    scores = (codes - sae.encode(native["state"] - native[replace])).clamp_min(0) if atom == "rising" else codes
+    firings = _firings(scores, atom=atom, features=features, max_firings_per_atom=cap, last_position=last_position,
+                       skip_positions=skip_positions, seed=seed, positions=positions)
+    if len(firings.batch) == 0:
+        which = "" if features is None else f" (features {features})"
+        raise ValueError(f"tokens: the SAE never fires{which} on these tokens at eligible positions")
+    return codes, firings
+
+
+@dataclass(frozen=True)
+class _Conditions:
+    """The substituted matrices of every firing: ``S′ = S_t − delta + X`` for ``X`` = ``x_atom``, 0 (delete) or
+    ``x_random``; ``atom`` is the unscaled substituted atom (each ``[n, d_k, d_v]``)."""
+
+    delta: Tensor
+    atom: Tensor
+    x_atom: Tensor
+    x_random: Tensor
+
+    def edit(self, S: Tensor, idx: Tensor) -> Tensor:
+        """The four candidates (native, atom, delete, random) of the states ``S`` of firings ``idx``."""
+        base = S - self.delta[idx].to(S.dtype)
+        return torch.stack([S, base + self.x_atom[idx], base, base + self.x_random[idx]])
+
+
+@torch.no_grad()
+def _substitution_conditions(sae: SAELike, delta_all: Tensor, codes: Tensor, firings: _Firings, *, scale: str,
+                             random: str, rank1_atoms: bool, seed: int) -> _Conditions:
+    """The native update, the scaled atom and the random control at every firing."""
+    atoms = sae.decoder_atoms().detach().float()
+    if rank1_atoms:
+        atoms = best_rank1(atoms)
+    delta = delta_all[firings.batch, firings.pos].float()  # [n, d_k, d_v]
+    A = atoms[firings.atom]
+    if scale == "coefficient":
+        x_atom = firings.coef[:, None, None].float() * A
+    else:
+        x_atom = frob(delta)[:, None, None] * A / frob(A).clamp_min(1e-12)[:, None, None]
+    R = _random_matrices(random, atoms, codes[firings.batch, firings.pos] != 0, delta, seed)
+    x_random = frob(x_atom)[:, None, None] * R / frob(R).clamp_min(1e-12)[:, None, None]
+    return _Conditions(delta, A, x_atom, x_random)
+
+
+def _random_matrices(random: str, atoms: Tensor, active: Tensor, delta: Tensor, seed: int) -> Tensor:
+    """One random control matrix per firing (any norm): ``random``'s draw from a generator seeded ``seed + 1``;
+    ``active`` ``[n, n_features]`` marks the atoms firing there (never drawn by ``"sae_atom"``)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    n = len(delta)
+    dk, dv = atoms.shape[-2:]
+    if random == "rank1":
+        u = unit(torch.randn(n, dk, generator=g))
+        w = unit(torch.randn(n, dv, generator=g))
+        return u[:, :, None] * w[:, None, :]
+    if random == "sae_atom":
+        others = torch.rand(n, atoms.shape[0], generator=g).masked_fill(active, -1.0)
+        return atoms[others.argmax(-1)]
+    return empirical_resample(delta, g)
+
+
+def _condition_kls(logits: Tensor, kl: str) -> list[Tensor]:
+    """KL of the atom, delete and random conditions (``logits[1:]``) against the native readout (``logits[0]``)."""
     nat = logits[0]
     if kl == "native_to_condition":
-        kls = [kl_divergence(nat, logits[c]) for c in (1, 2, 3)]
-    else:
-        kls = [kl_divergence(logits[c], nat) for c in (1, 2, 3)]
+        return [kl_divergence(nat, logits[c]) for c in (1, 2, 3)]
+    return [kl_divergence(logits[c], nat) for c in (1, 2, 3)]
+
+
+def _substitution_rows(firings: _Firings, conditions: _Conditions, kls: list[Tensor]) -> pd.DataFrame:
+    """One row per firing: where, which atom, the update's size and cosine, the three KLs and the verdicts."""
+    A, delta = conditions.atom, conditions.delta
     rows = pd.DataFrame({
-        "batch": b.numpy(), "pos": t.numpy(), "feature": feature.numpy(), "atom": chosen.numpy(),
-        "coefficient": coef.float().numpy(), "update_norm": frob(delta).numpy(),
+        "batch": firings.batch.numpy(), "pos": firings.pos.numpy(), "feature": firings.feature.numpy(),
+        "atom": firings.atom.numpy(), "coefficient": firings.coef.float().numpy(), "update_norm": frob(delta).numpy(),
         "atom_cos": ((A * delta).sum((-2, -1)) / (frob(A) * frob(delta)).clamp_min(1e-12)).numpy(),
         "kl_atom": kls[0].numpy(), "kl_delete": kls[1].numpy(), "kl_random": kls[2].numpy(),
     })
     rows["win"] = rows["kl_atom"] < rows["kl_delete"]
     rows["chain"] = rows["win"] & (rows["kl_delete"] < rows["kl_random"])
-    settings = SubstitutionSettings(
-        protocol=protocol, hook_name=hook_name, head=head, replace=replace, scale=scale, random=random,
-        readout=readout, readout_offset=readout_offset, kl=kl, max_firings_per_atom=cap,
-        skip_positions=skip_positions, positions=None if positions is None else positions.tolist(), atom=atom,
-        features=features, rank1_atoms=rank1_atoms, seed=seed, overrides=overrides)
-    return SubstitutionResult(rows, settings, time.perf_counter() - start)
+    return rows
