@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import ARCHS, tiny_gdn
+from tests.support.helpers import ARCHS, tiny_gdn
 
 from recurrent_lens import analysis, toy
 from recurrent_lens.analysis import ModelLike, SAELike
