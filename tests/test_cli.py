@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import matplotlib
 import pandas as pd
 import pytest
 
@@ -56,6 +57,14 @@ def test_demo_quick(tmp_path, capsys):
     assert re.search(r"^with the dominant atom instead: atom beats delete \d+\.\d% \(n=\d+\)", text, re.M)
     assert (tmp_path / "substitution_kl.png").stat().st_size > 1000
     assert (tmp_path / "substitution.csv").exists() and (tmp_path / "sae" / "cfg.json").exists()
+
+
+def test_demo_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
+    """The plot draws on its own Figure: a session's backend (a notebook's, say) is not switched to Agg."""
+    monkeypatch.setitem(matplotlib.rcParams, "backend", "pdf")
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "substitution_kl.png").stat().st_size > 1000
+    assert matplotlib.rcParams["backend"] == "pdf"
 
 
 def test_train_sae_then_substitution(tmp_path, capsys):
