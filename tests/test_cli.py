@@ -35,6 +35,37 @@ def test_console_script_help():
         assert command in out.stdout
 
 
+_IMPORT_EACH_FIRST = """
+import importlib, pkgutil, sys
+import recurrent_lens
+names = [m.name for m in pkgutil.walk_packages(recurrent_lens.__path__, "recurrent_lens.")]
+failed = []
+for name in ["recurrent_lens"] + [n for n in names if not n.endswith(".__main__")]:
+    for loaded in [m for m in sys.modules if m == "recurrent_lens" or m.startswith("recurrent_lens.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+print("\\n".join(failed))
+"""
+
+
+@pytest.mark.slow
+def test_every_module_imports_first():
+    """No import cycle that only some entry point exposes: each module imports as the first of a fresh package.
+
+    One interpreter drops the package's modules from ``sys.modules`` before each import (torch and the
+    other dependencies stay loaded, so this takes seconds, not a fresh process per module). ``__main__``
+    modules are skipped: importing them runs their command (the toy's rebuilds the shipped weights).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST], capture_output=True, text=True, timeout=300,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as e:
