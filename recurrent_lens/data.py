@@ -49,9 +49,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from jaxtyping import Int
+from safetensors import safe_open
 from torch import Tensor
 
 __all__ = ["TokenSource", "TextSource", "PreTokenizedSource", "open_tokens", "batches"]
@@ -398,8 +400,6 @@ class SafetensorsSource(PreTokenizedSource):
     kind = "safetensors"
 
     def _inspect(self) -> tuple[int, int, str]:
-        from safetensors import safe_open
-
         with safe_open(self.path, framework="pt") as f:
             self.key = _pick_key(self.kind, self.path, list(f.keys()))
             part = f.get_slice(self.key)
@@ -408,8 +408,6 @@ class SafetensorsSource(PreTokenizedSource):
         return shape[0], shape[1], dtype
 
     def _read_rows(self, rows: range) -> Iterator[Tensor]:
-        from safetensors import safe_open
-
         with safe_open(self.path, framework="pt") as f:
             part = f.get_slice(self.key)
             for i in rows:
@@ -466,8 +464,6 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _open_saved_dataset(path: Path, split: str) -> tuple[Any, str]:
-    import datasets
-
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
@@ -478,8 +474,6 @@ def _open_saved_dataset(path: Path, split: str) -> tuple[Any, str]:
 
 def _open_hub_dataset(name: str, split: str) -> Any:
     try:
-        import datasets
-
         return datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:
         raise FileNotFoundError(f"source: {name!r} is neither a local file or directory nor a reachable hub dataset "

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import matplotlib
 import pandas as pd
 import pytest
 
@@ -34,6 +35,37 @@ def test_console_script_help():
         assert command in out.stdout
 
 
+_IMPORT_EACH_FIRST = """
+import importlib, pkgutil, sys
+import recurrent_lens
+names = [m.name for m in pkgutil.walk_packages(recurrent_lens.__path__, "recurrent_lens.")]
+failed = []
+for name in ["recurrent_lens"] + [n for n in names if not n.endswith(".__main__")]:
+    for loaded in [m for m in sys.modules if m == "recurrent_lens" or m.startswith("recurrent_lens.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+print("\\n".join(failed))
+"""
+
+
+@pytest.mark.slow
+def test_every_module_imports_first():
+    """No import cycle that only some entry point exposes: each module imports as the first of a fresh package.
+
+    One interpreter drops the package's modules from ``sys.modules`` before each import (torch and the
+    other dependencies stay loaded, so this takes seconds, not a fresh process per module). ``__main__``
+    modules are skipped: importing them runs their command (the toy's rebuilds the shipped weights).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST], capture_output=True, text=True, timeout=300,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as e:
@@ -56,6 +88,14 @@ def test_demo_quick(tmp_path, capsys):
     assert re.search(r"^with the dominant atom instead: atom beats delete \d+\.\d% \(n=\d+\)", text, re.M)
     assert (tmp_path / "substitution_kl.png").stat().st_size > 1000
     assert (tmp_path / "substitution.csv").exists() and (tmp_path / "sae" / "cfg.json").exists()
+
+
+def test_demo_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
+    """The plot draws on its own Figure: a session's backend (a notebook's, say) is not switched to Agg."""
+    monkeypatch.setitem(matplotlib.rcParams, "backend", "pdf")
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "substitution_kl.png").stat().st_size > 1000
+    assert matplotlib.rcParams["backend"] == "pdf"
 
 
 def test_train_sae_then_substitution(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import threading
@@ -17,13 +18,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import Slice, get_act_name
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.attention import Attention
 from recurrent_lens.models.cache import LayerCache, RecurrentCache
 from recurrent_lens.models.components import ShortConv, make_mlp, make_norm
+from recurrent_lens.models.loading import load_pretrained
 from recurrent_lens.models.mixer import ForwardContext, HarvestDone, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
+from recurrent_lens.sae import attach
 
 TokensLike = (str | list[str] | list[int] | list[list[int]]
               | Integer[Tensor, "batch pos"] | Integer[Tensor, " pos"])
@@ -209,8 +213,6 @@ class HookedRecurrentModel(HookedRootModule):
             dtype: weight dtype (default: the checkpoint's ``torch_dtype`` or fp32).
             device: where the weights go; they are streamed there shard by shard.
         """
-        from recurrent_lens.models.loading import load_pretrained
-
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
 
     def __repr__(self) -> str:
@@ -513,8 +515,6 @@ class HookedRecurrentModel(HookedRootModule):
         raise HookNameError(self._unknown_hook_message(name))
 
     def _unknown_hook_message(self, name: str) -> str:
-        import difflib
-
         parts = name.split(".")
         cfg = self.cfg
         if len(parts) >= 3 and parts[0] == "blocks" and parts[1].lstrip("-").isdigit():
@@ -692,8 +692,6 @@ class HookedRecurrentModel(HookedRootModule):
         """
         out, raw = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if pos_slice is not None:
-            from transformer_lens.utilities import Slice
-
             sl = Slice.unwrap(pos_slice)
             for name, t in raw.items():
                 dim = (2 if name.endswith("hook_pattern") else 1) - (1 if remove_batch_dim else 0)
@@ -864,22 +862,16 @@ class HookedRecurrentModel(HookedRootModule):
     # ------------------------------------------------------------------ SAEs
     def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool | None = None) -> None:
         """Splice an SAE's reconstruction into ``head`` of a matrix hook (see :mod:`recurrent_lens.sae.attach`)."""
-        from recurrent_lens.sae.attach import add_sae
-
-        add_sae(self, sae, hook_name, head, use_error_term=use_error_term)
+        attach.add_sae(self, sae, hook_name, head, use_error_term=use_error_term)
 
     def reset_saes(self) -> None:
         """Detach every SAE added with :meth:`add_sae`."""
-        from recurrent_lens.sae.attach import reset_saes
-
-        reset_saes(self)
+        attach.reset_saes(self)
 
     @contextmanager
     def saes(self, saes: Sequence[tuple[nn.Module, str, int]], *, use_error_term: bool | None = None) -> Iterator[HookedRecurrentModel]:
         """Attach ``(sae, hook_name, head)`` triples for the duration of a ``with`` block."""
-        from recurrent_lens.sae.attach import saes as attach_saes
-
-        with attach_saes(self, saes, use_error_term=use_error_term):
+        with attach.saes(self, saes, use_error_term=use_error_term):
             yield self
 
     # ------------------------------------------------------------------ generation
@@ -1005,8 +997,6 @@ class RecurrentActivationCache(ActivationCache):
     """
 
     def _key_name(self, key: Any) -> str:
-        from transformer_lens.utilities import get_act_name
-
         if isinstance(key, str):
             return get_act_name(key)
         if isinstance(key, tuple) and key:
@@ -1051,8 +1041,6 @@ class RecurrentActivationCache(ActivationCache):
         plain = ln_embed is None or isinstance(ln_embed, nn.Identity)
         if plain or not incl_embeds or "ln_embed.hook_normalized" not in self.cache_dict:
             return super().decompose_resid(layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
-        from transformer_lens.utilities import Slice
-
         n = self.model.cfg.n_layers
         layer = n if layer is None or layer == -1 else layer
         sl = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)

@@ -467,7 +467,7 @@ def recurrent_scan(rule: Rule, x: RecurrenceInputs, S0: State, *, writes: States
 
 def chunked_scan(rule: Rule, x: RecurrenceInputs, S0: State, chunk_size: int) -> ScanResult:
     """The fast path: the rule's exact chunked form (no per-step matrices); fla's kernels on CUDA."""
-    from recurrent_lens.models import kernels
+    from recurrent_lens.models import kernels  # kernels imports this module
 
     if kernels.kernels_enabled(x):
         out = kernels.fla_chunked(rule, x, S0)

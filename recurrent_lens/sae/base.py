@@ -744,7 +744,7 @@ class SAE(HookedRootModule):
             ...     type(load(d)).__name__
             'WriteSAE'
         """
-        from recurrent_lens.sae.io import save_sae
+        from recurrent_lens.sae.io import save_sae  # io imports this module
 
         save_sae(self, path, format=format)
 
@@ -760,7 +760,7 @@ class SAE(HookedRootModule):
             ...     type(SAE.from_pretrained(d)).__name__
             'FlatSAE'
         """
-        from recurrent_lens.sae.io import load
+        from recurrent_lens.sae.io import load  # io imports this module
 
         sae = load(path, device=device)
         if not isinstance(sae, cls):

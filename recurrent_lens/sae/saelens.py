@@ -198,7 +198,7 @@ def save_saelens(sae: SAE, path: str) -> None:
         >>> cfg["architecture"], cfg["metadata"]["hook_name"], cfg["metadata"]["hook_head_index"]
         ('jumprelu', 'h', 0)
     """
-    from recurrent_lens.sae.io import CFG_NAME, WEIGHTS_NAME, atomic_write
+    from recurrent_lens.sae.io import CFG_NAME, WEIGHTS_NAME, atomic_write  # io imports this module
 
     cfg_dict, weights = to_saelens(sae)
     os.makedirs(path, exist_ok=True)
@@ -273,7 +273,7 @@ def load_saelens(
         >>> bool((flat.decode(codes) - sae.decode(codes)).abs().max() < 1e-5)
         True
     """
-    from recurrent_lens.sae.io import CFG_NAME, WEIGHTS_NAME
+    from recurrent_lens.sae.io import CFG_NAME, WEIGHTS_NAME  # io imports this module
 
     cfg_path, weights_path = os.path.join(path, CFG_NAME), os.path.join(path, WEIGHTS_NAME)
     if cfg_dict is None:

@@ -551,7 +551,7 @@ class SAETrainer:
         stop = cfg.n_steps if until_step is None else min(until_step, cfg.n_steps)
         run = None
         if cfg.wandb:
-            import wandb
+            import wandb  # optional logging, and slow to import: only when asked for
 
             run = wandb.init(project=cfg.wandb_project, config={**asdict(cfg), **sae.config_dict()})
         if self.step == 0 and sae.cfg.center and not bool(sae.mean.any()):

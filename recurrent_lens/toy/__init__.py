@@ -30,10 +30,12 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from recurrent_lens.models.base import HookedRecurrentModel
 from recurrent_lens.sae.io import atomic_write
+from recurrent_lens.sae.io import load as load_sae_dir
 from recurrent_lens.toy.task import BOS, SEP, ToyTask, accuracy
 from recurrent_lens.toy.train import (
     PROBE_SAE, TOY_SPECS, ToySpec, TrainInfo, probe_sae_fingerprint, train_probe_sae, train_toy,
@@ -99,8 +101,6 @@ def _read(path: Path, spec: ToySpec) -> HookedRecurrentModel | None:
     """The model stored at ``path`` if it exists and was trained with ``spec``'s exact recipe."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -137,8 +137,6 @@ def load(name: str, *, retrain: bool = False, progress: bool = True) -> Toy:
 
 def _read_sae(path: Path, key: str):
     """The SAE saved in directory ``path`` if it exists and was trained with the recipe ``key``."""
-    from recurrent_lens.sae import load as load_sae_dir
-
     try:
         sae = load_sae_dir(str(path))
     except (OSError, ValueError):
@@ -211,8 +209,6 @@ def build_embedded(names_: list[str] | None = None, *, progress: bool = True) ->
 
 def embedded_info(name: str) -> dict[str, str]:
     """The training record (recall, seconds, steps, fingerprint) stored with the embedded weights."""
-    from safetensors import safe_open
-
     with safe_open(str(EMBEDDED_DIR / f"{_spec(name).name}.safetensors"), framework="pt") as f:
         return dict(f.metadata() or {})
 

@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.base import HookedRecurrentModel
+from recurrent_lens.sae import TrainConfig
+from recurrent_lens.sae import train as train_sae
 from recurrent_lens.toy.task import ToyTask, accuracy
 
 RECIPE_VERSION = 1
@@ -151,14 +153,12 @@ def train_probe_sae(model: HookedRecurrentModel, task: ToyTask, hook_name: str, 
         >>> sae.cfg.n_features, sae.cfg.metadata["hook_name"]
         (16, 'blocks.1.mixer.hook_state')
     """
-    from recurrent_lens.sae import TrainConfig, train
-
     tokens, _ = task.make_batch(train_sequences, seed=seed)
     cfg = TrainConfig(n_steps=n_steps, batch_size=min(256, train_sequences * 8), n_features=n_features, k=k, lr=lr,
                       lr_min=lr / 10, warmup_steps=20, architecture=architecture, buffer_size=4096,
                       positions_per_seq=16, model_batch_size=64, skip_positions=1, seed=seed, progress=progress,
                       log_every=max(1, n_steps // 5))
-    return train(model, hook_name, head, tokens, cfg)
+    return train_sae(model, hook_name, head, tokens, cfg)
 
 
 def evaluate(model: HookedRecurrentModel, task: ToyTask, n: int = 512, seed: int = 12345) -> float:
