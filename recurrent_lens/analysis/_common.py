@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from recurrent_lens.analysis.types import ModelLike, SAELike
 from recurrent_lens.models.cache import RecurrentCache
@@ -133,8 +134,6 @@ def branch_logits(model: ModelLike, tokens: Tensor, site: Site, rows: Tensor, po
     seen first by the token at ``t + 1``. ``readout_offset=None`` reads at the last position of the
     sequence instead (every later token is fed; positions must be ``< pos - 1``).
     """
-    from tqdm.auto import tqdm
-
     T = tokens.shape[1]
     if readout_offset is None:
         if len(positions) and int(positions.max()) >= T - 1:

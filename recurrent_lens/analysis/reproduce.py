@@ -25,12 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import bootstrap_ci, wilson_interval
+from recurrent_lens.analysis._common import bootstrap_ci, native_run, parse_site, wilson_interval
 from recurrent_lens.analysis.interventions import install_during_generation, targets_by_rank
 from recurrent_lens.analysis.logit_shift import logit_shift_prediction
 from recurrent_lens.analysis.partition import partition_atoms
@@ -165,8 +167,6 @@ _PARTITION = ["partition: registers", "partition: delta BIC", "partition: regist
 def _population_features(sae: SAELike, tokens: Tensor, model: ModelLike, hook_name: str, head: int,
                          skip_positions: int, n: int) -> list[int]:
     """The ``n`` atoms that fire most often on ``tokens`` (ties: lower index first)."""
-    from recurrent_lens.analysis._common import native_run, parse_site
-
     with torch.no_grad():
         codes = sae.encode(native_run(model, tokens, parse_site(model, hook_name, head))["state"])
         counts = (codes[:, skip_positions:] != 0).flatten(0, 1).sum(0)
@@ -216,8 +216,6 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
         seed: seeds every draw.
         progress: show a progress bar over the stages.
     """
-    from tqdm.auto import tqdm
-
     check_protocol(protocol)
     substitution = dict(substitution or {})
     logit_shift = dict(logit_shift or {})
@@ -331,13 +329,12 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
 
 def plot(rep: Reproduction, path: str) -> str:
     """Save a 2 x 2 figure of ``rep`` (substitution KLs, cell R², install dose-response, partition scores)."""
-    import matplotlib
+    # matplotlib costs every import of the package ~0.2 s and only this function draws; its own Figure,
+    # not pyplot, so the caller's backend (a notebook's) is left as it was
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig = Figure(figsize=(12, 8.5))
+    ax = fig.subplots(2, 2)
     res = rep.results.get("substitution")
     a = ax[0, 0]
     if hasattr(res, "rows"):
@@ -388,7 +385,6 @@ def plot(rep: Reproduction, path: str) -> str:
     fig.suptitle(f"protocol = {rep.protocol}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

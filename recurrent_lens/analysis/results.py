@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any
 
 import pandas as pd
+import torch
+
+from recurrent_lens.analysis._common import bootstrap_ci, wilcoxon_signed_rank, wilson_interval
 
 
 def _fmt(v: Any) -> str:
@@ -65,8 +68,6 @@ class SubstitutionResult(_Result):
 
     @property
     def win_ci(self) -> tuple[float, float]:
-        from recurrent_lens.analysis._common import wilson_interval
-
         return wilson_interval(int(self.rows["win"].sum()), self.n)
 
     @property
@@ -115,10 +116,6 @@ class SubstitutionResult(_Result):
     def atom_bootstrap_ci(self, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
         """95% interval of the win rate under a bootstrap that resamples whole features (the paper's
         "cluster-bootstrap by feature")."""
-        import torch
-
-        from recurrent_lens.analysis._common import bootstrap_ci
-
         groups = [torch.tensor(v.to_numpy(), dtype=torch.float64) for _, v in self.rows.groupby(self._unit)["win"]]
         return bootstrap_ci(groups, lambda x: float(x.mean()), n_boot, seed)
 
@@ -273,10 +270,6 @@ class InterventionResult(_Result):
     settings: Mapping[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        import torch
-
-        from recurrent_lens.analysis._common import wilcoxon_signed_rank
-
         out: dict[str, Any] = {"target": self.target}
         for cond, g in self.rows.groupby("condition", sort=False):
             d = torch.tensor(g["delta_logprob"].to_numpy())
@@ -307,8 +300,6 @@ class InstallResult(_Result):
 
     def inclusion_ci(self, column: str = "installed_included") -> tuple[float, float]:
         """Wilson 95% interval of an inclusion rate (``"installed_included"`` or ``"native_included"``)."""
-        from recurrent_lens.analysis._common import wilson_interval
-
         return wilson_interval(int(self.rows[column].sum()), len(self.rows))
 
     def summary(self) -> dict[str, Any]:
