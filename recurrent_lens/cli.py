@@ -554,6 +554,16 @@ def _train_real(args, parser) -> int:
         parser.error("argument --dataset: required with --model")
     _check_out(parser, args.out)
     rank, world = _init_distributed(args)
+    try:
+        return _train_cells(args, parser, rank, world)
+    finally:
+        # a rank that exits with its gloo/NCCL threads still connected can abort ("terminate called without
+        # an active exception") while the other rank is still shutting down
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_cells(args, parser, rank: int, world: int) -> int:
     mode = None if world == 1 else ("cells" if args.distribute_cells else "data")
     try:
         cfg = _train_config(args)
