@@ -756,10 +756,12 @@ class HookedRecurrentModel(HookedRootModule):
         """Per-step matrices of many ``(hook_name, head)`` cells at chosen positions, from one forward.
 
         The forward runs only up to the deepest layer named and never forms ``[batch, pos, head, d_k, d_v]``:
-        each layer's states at chunk boundaries come from its chunked scan, and each requested position
-        replays at most one chunk on the requested heads. Writes (``hook_write``) are gathered at the
-        positions without any scan. Memory beyond the forward itself is
-        ``O(batch · n_chunks · heads · d_k · d_v + batch · n · heads · d_k · d_v)`` per harvested layer.
+        each layer's states at chunk boundaries and its per-token update values come from its chunked scan,
+        and each requested state follows in closed form from its chunk's boundary state, on the requested
+        heads (RWKV-7's rule, and edited writes, replay at most one chunk instead). Writes (``hook_write``)
+        are gathered at the positions without any scan. Memory beyond the forward itself is
+        ``O(batch · n_chunks · heads · d_k · d_v + batch · n · heads · (d_k · d_v + chunk · (d_k + d_v)))``
+        per harvested layer.
         Hooks attached upstream (``hook_q/k/v/beta/decay/write`` of these layers, anything in earlier
         layers) apply as in a forward; hooks on a harvested layer's ``hook_state``/``hook_erase`` are refused.
 
