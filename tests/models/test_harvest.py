@@ -174,65 +174,67 @@ def test_bad_requests_are_refused():
     assert model.blocks[0].mixer.harvest_request is None  # cleared after the error
 
 
-@pytest.mark.parametrize("case", ["linear_scalar", "linear_channel", "linear_none", "delta", "delta_no_decay"])
-def test_closed_form_inside_a_chunk_equals_stepping_with_gradients(case):
-    """``replay_at``'s closed form (linear and delta rules) against the token-by-token replay, values and grads."""
-    from recurrent_lens.models.scan import DeltaRule, LinearRule, RecurrenceInputs, Rule, boundary_scan, replay_at
+RULE_CASES = ["linear_scalar", "linear_channel", "linear_none", "delta", "delta_no_decay"]
+C, POS = 8, torch.tensor([[0, 7, 8, 20, 13], [3, 15, 16, 9, 1]])  # chunk size; positions in every chunk
 
-    g = torch.Generator().manual_seed(0)
-    B, L, H, dk, dv, C = 2, 21, 3, 5, 4, 8
+
+def _rule_case(case: str, seed: int):
+    """``(generator, inputs [2, 21, 3, ...], the leaves states depend on, rule)`` for one rule case."""
+    from recurrent_lens.models.scan import DeltaRule, LinearRule, RecurrenceInputs
+
+    g = torch.Generator().manual_seed(seed)
+    B, L, H, dk, dv = 2, 21, 3, 5, 4
     k = torch.nn.functional.normalize(torch.randn(B, L, H, dk, generator=g), dim=-1)
     decay = {"linear_scalar": -torch.rand(B, L, H, generator=g), "linear_channel": -torch.rand(B, L, H, dk, generator=g),
              "delta": -torch.rand(B, L, H, generator=g)}.get(case)
     x = RecurrenceInputs(q=torch.randn(B, L, H, dk, generator=g), k=k, v=torch.randn(B, L, H, dv, generator=g),
                          beta=torch.rand(B, L, H, generator=g), decay=decay)
     leaves = [t.requires_grad_() for name, t in x.tensors().items() if name != "q"]  # states do not read q
-    rule = DeltaRule() if case.startswith("delta") else LinearRule()
-    pos = torch.tensor([[0, 7, 8, 20, 13], [3, 15, 16, 9, 1]])
+    return g, x, leaves, DeltaRule() if case.startswith("delta") else LinearRule()
+
+
+def _assert_same_with_gradients(fast, slow, leaves, g, grad_rtol: float) -> None:
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    direction = torch.randn(fast.shape, generator=g)
+    g_fast = torch.autograd.grad((fast * direction).sum(), leaves, retain_graph=True)
+    g_slow = torch.autograd.grad((slow * direction).sum(), leaves)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", RULE_CASES)
+def test_closed_form_inside_a_chunk_equals_stepping_with_gradients(case):
+    """``replay_at``'s closed form (linear and delta rules) against the token-by-token replay, values and grads."""
+    from recurrent_lens.models.scan import Rule, boundary_scan, replay_at
+
+    g, x, leaves, rule = _rule_case(case, 0)
+    B, _, H, dk, dv = x.shape
     _, _, bounds = boundary_scan(rule, x, torch.zeros(B, H, dk, dv), C)
 
     class Stepping(type(rule)):
         def chunk_states(self, *args):
             return Rule.chunk_states(self, *args)
 
-    fast = replay_at(rule, x, bounds, pos, C)
-    slow = replay_at(Stepping(), x, bounds, pos, C)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
-    direction = torch.randn(fast.shape, generator=g)
-    g_fast = torch.autograd.grad((fast * direction).sum(), leaves, retain_graph=True)
-    g_slow = torch.autograd.grad((slow * direction).sum(), leaves)
-    for a, b in zip(g_fast, g_slow):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    fast = replay_at(rule, x, bounds, POS, C)
+    slow = replay_at(Stepping(), x, bounds, POS, C)
+    _assert_same_with_gradients(fast, slow, leaves, g, grad_rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["linear_scalar", "linear_channel", "linear_none", "delta", "delta_no_decay"])
+@pytest.mark.parametrize("case", RULE_CASES)
 def test_states_from_the_scans_update_values_equal_the_token_by_token_scan_with_gradients(case):
     """``boundary_scan(updates=True)`` + ``replay_at(updates=...)`` (no re-solve inside a chunk) against every
     state of the token-by-token reference, values and gradients through the whole computation."""
-    from recurrent_lens.models.scan import DeltaRule, LinearRule, RecurrenceInputs, boundary_scan, recurrent_scan, replay_at
+    from recurrent_lens.models.scan import boundary_scan, recurrent_scan, replay_at
 
-    g = torch.Generator().manual_seed(1)
-    B, L, H, dk, dv, C = 2, 21, 3, 5, 4, 8
-    k = torch.nn.functional.normalize(torch.randn(B, L, H, dk, generator=g), dim=-1)
-    decay = {"linear_scalar": -torch.rand(B, L, H, generator=g), "linear_channel": -torch.rand(B, L, H, dk, generator=g),
-             "delta": -torch.rand(B, L, H, generator=g)}.get(case)
-    x = RecurrenceInputs(q=torch.randn(B, L, H, dk, generator=g), k=k, v=torch.randn(B, L, H, dv, generator=g),
-                         beta=torch.rand(B, L, H, generator=g), decay=decay)
-    leaves = [t.requires_grad_() for name, t in x.tensors().items() if name != "q"]
+    g, x, leaves, rule = _rule_case(case, 1)
+    B, L, H, dk, dv = x.shape
     S0 = torch.randn(B, H, dk, dv, generator=g)
-    rule = DeltaRule() if case.startswith("delta") else LinearRule()
-    pos = torch.tensor([[0, 7, 8, 20, 13], [3, 15, 16, 9, 1]])
     _, _, bounds, u = boundary_scan(rule, x, S0, C, updates=True)
     assert u.shape == (B, L, H, dv)
-    fast = replay_at(rule, x, bounds, pos, C, updates=u)
+    fast = replay_at(rule, x, bounds, POS, C, updates=u)
     states = recurrent_scan(rule, x, S0, keep_states=True).states
-    slow = states[torch.arange(B)[:, None], pos]
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
-    direction = torch.randn(fast.shape, generator=g)
-    g_fast = torch.autograd.grad((fast * direction).sum(), leaves, retain_graph=True)
-    g_slow = torch.autograd.grad((slow * direction).sum(), leaves)
-    for a, b in zip(g_fast, g_slow):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    slow = states[torch.arange(B)[:, None], POS]
+    _assert_same_with_gradients(fast, slow, leaves, g, grad_rtol=1e-5)
 
 
 def test_boundary_scan_reports_no_update_values_where_it_steps():
@@ -241,13 +243,13 @@ def test_boundary_scan_reports_no_update_values_where_it_steps():
     from recurrent_lens.models.scan import DeltaRule, RecurrenceInputs, boundary_scan, replay_at
 
     g = torch.Generator().manual_seed(2)
-    B, L, H, d, C = 1, 10, 2, 3, 4
+    B, L, H, d, chunk = 1, 10, 2, 3, 4
     x = RecurrenceInputs(q=torch.randn(B, L, H, d, generator=g), k=torch.randn(B, L, H, d, generator=g),
                          v=torch.randn(B, L, H, d, generator=g), beta=torch.rand(B, L, H, generator=g))
     writes = torch.randn(B, L, H, d, d, generator=g)
-    o, final, bounds, u = boundary_scan(DeltaRule(), x, torch.zeros(B, H, d, d), C, writes=writes, updates=True)
+    o, final, bounds, u = boundary_scan(DeltaRule(), x, torch.zeros(B, H, d, d), chunk, writes=writes, updates=True)
     assert u is None
     pos = torch.tensor([[2, 9]])
-    _, _, _, u_native = boundary_scan(DeltaRule(), x, torch.zeros(B, H, d, d), C, updates=True)
-    with_u = replay_at(DeltaRule(), x, bounds, pos, C, writes=writes, updates=u_native)
-    torch.testing.assert_close(with_u, replay_at(DeltaRule(), x, bounds, pos, C, writes=writes), rtol=0, atol=0)
+    _, _, _, u_native = boundary_scan(DeltaRule(), x, torch.zeros(B, H, d, d), chunk, updates=True)
+    with_u = replay_at(DeltaRule(), x, bounds, pos, chunk, writes=writes, updates=u_native)
+    torch.testing.assert_close(with_u, replay_at(DeltaRule(), x, bounds, pos, chunk, writes=writes), rtol=0, atol=0)
