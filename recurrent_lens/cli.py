@@ -111,7 +111,7 @@ def _add_sae_args(p: argparse.ArgumentParser) -> None:
                    help=f"toy sequences the SAE's states come from (default: {R['train_sequences']})")
 
 
-def _add_substitution_args(p: argparse.ArgumentParser) -> None:
+def _add_substitution_args(p: argparse.ArgumentParser, features: bool = False) -> None:
     p.add_argument("--eval-sequences", type=_positive_int, default=128,
                    help="held-out toy sequences for the test (default: 128)")
     p.add_argument("--replace", default="update", choices=["update", "write"],
@@ -128,10 +128,14 @@ def _add_substitution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readout-offset", type=_positive_int, default=None,
                    help="read at t + offset (default: task.recall_offset with --positions values, 1 with all)")
     p.add_argument("--max-firings-per-atom", type=_positive_int, default=30, help="cap per atom (default: 30)")
-    p.add_argument("--atom", default="rising", choices=["rising", "dominant"],
+    p.add_argument("--atom", default="rising", choices=["rising", "dominant"] + (["feature"] if features else []),
                    help="which atom stands in for the write at t: 'rising' (default) = the atom whose code the "
                         "write raised most, a(S_t) - a(S_t - update); 'dominant' = argmax a(S_t), the paper's choice "
-                        "on Qwen3.5 (on the toys' recall states it is usually another pair's atom)")
+                        "on Qwen3.5 (on the toys' recall states it is usually another pair's atom)"
+                        + ("; 'feature' = the firing feature's own atom" if features else ""))
+    if features:
+        p.add_argument("--features", type=int, nargs="+", default=None, metavar="I",
+                       help="test only the firings of these atoms (the paper pools 8 exemplar features)")
     p.add_argument("--rank1-atoms", action="store_true",
                    help="use each atom's best rank-1 approximation; with --sae-type flat_sae and --scale match_norm "
                         "this is the paper's flat-SVD baseline")
@@ -270,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Atom vs delete vs random substitution of the native update at every "
                                        "firing of a saved SAE on a toy model.")
     _add_model_args(subst)
-    _add_substitution_args(subst)
+    _add_substitution_args(subst, features=True)
     _add_saved_sae_args(subst, "per-firing")
-    _add_protocol_options(subst, "substitution", features=True)
+    _add_protocol_options(subst, "substitution")
 
     shift = _add_analysis_parser(
         sub, "logit-shift", summary="closed-form vs measured logit shift of adding an atom to the state",
@@ -821,26 +825,20 @@ def _show(value) -> str:
     return " ".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _add_protocol_options(p: argparse.ArgumentParser, kind: str, features: bool = False) -> None:
+def _add_protocol_options(p: argparse.ArgumentParser, kind: str) -> None:
     """``--protocol`` and the options only the protocols add, on a subcommand running the ``kind`` analysis.
 
-    The defaults of the protocol-dependent options become "unset" (their help text gains the paper's
-    value); :func:`_resolve_protocol_args` fills them in after parsing, so a value given on the command
+    The defaults of the protocol-dependent options become "unset" (the help's epilog lists the paper's
+    values); :func:`_resolve_protocol_args` fills them in after parsing, so a value given on the command
     line always wins, whatever the protocol.
     """
     p.add_argument("--protocol", default="ours", choices=["ours", "paper"],
-                   help="option presets: 'ours' (default, the defaults shown) or 'paper' (the paper's choices, shown "
-                        "as '--protocol paper: ...'); options given explicitly win")
+                   help="option presets: 'ours' (default, the defaults shown) or 'paper' (the paper's choices, "
+                        "listed below); options given explicitly win")
     if kind == "substitution":
         p.add_argument("--readout", default="offset", choices=["offset", "last"],
                        help="where the KL is read: 'offset' (default) at t + --readout-offset, 'last' at the last "
                             "position of each sequence (the paper's 'final output distribution')")
-        if features:
-            p.add_argument("--features", type=int, nargs="+", default=None, metavar="I",
-                           help="test only the firings of these atoms (the paper pools 8 exemplar features)")
-        atom = next(a for a in p._actions if a.dest == "atom")
-        atom.choices = list(atom.choices) + ["feature"]
-        atom.help += "; 'feature' = the firing feature's own atom"
     elif kind == "logit_shift":
         p.add_argument("--fit", default="none", choices=["none", "cell", "context"],
                        help="what the per-cell R^2 compares: 'none' (default) the closed form as is, 'cell' one slope "
@@ -855,13 +853,12 @@ def _add_protocol_options(p: argparse.ArgumentParser, kind: str, features: bool 
                             "firings; 'mean_abs_cos_top50' the reference code's mean |cos| per factor over the top-50 "
                             "activations (geometric mean)")
     paper = {**preset(kind, "paper"), "positions": "all"}
-    ours = {}
-    for action in p._actions:
-        if action.dest in _PROTOCOL_DESTS[kind]:
-            ours[action.dest] = action.default
-            action.default = _UNSET
-            action.help = f"{action.help}; --protocol paper: {_show(paper[action.dest])}"
-    p.set_defaults(_protocol_defaults={"ours": ours, "paper": {d: paper[d] for d in ours}})
+    dests = _PROTOCOL_DESTS[kind]
+    ours = {dest: p.get_default(dest) for dest in dests}
+    p.set_defaults(**dict.fromkeys(dests, _UNSET),
+                   _protocol_defaults={"ours": ours, "paper": {d: paper[d] for d in dests}})
+    p.epilog = "--protocol paper sets " + ", ".join(f"--{d.replace('_', '-')} {_show(paper[d])}" for d in dests) + \
+        "; options given explicitly win."
 
 
 def _resolve_protocol_args(args) -> None:
