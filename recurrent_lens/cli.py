@@ -16,7 +16,7 @@
 
 ``demo``, ``substitution``, ``logit-shift``, ``partition`` and ``reproduce`` take ``--protocol ours|paper``:
 every option not given on the command line takes that protocol's choice (``ours`` keeps the defaults
-listed in ``--help``; ``paper`` the paper's, shown there as ``--protocol paper: ...``).
+listed in ``--help``; ``paper`` the paper's, listed at the end of ``--help`` after ``--protocol paper sets``).
 
 The analysis commands (``substitution``, ``logit-shift``, ``erase``, ``partition``) run on held-out toy
 sequences (seed ``--seed + 10000``), so they all see the same data for one SAE, and take ``--csv`` for
