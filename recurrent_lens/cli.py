@@ -559,10 +559,13 @@ def _train_real(args, parser) -> int:
     _check_out(parser, args.out)
     rank, world = _init_distributed(args)
     try:
-        return _train_cells(args, parser, rank, world)
+        code = _train_cells(args, parser, rank, world)
+        if dist.is_initialized():
+            # every rank tears down together: a rank leaving while its peer still works (rank 0 writing and
+            # printing) aborted now and then at exit ("terminate called without an active exception")
+            dist.barrier()
+        return code
     finally:
-        # a rank that exits with its gloo/NCCL threads still connected can abort ("terminate called without
-        # an active exception") while the other rank is still shutting down
         if dist.is_initialized():
             dist.destroy_process_group()
 
