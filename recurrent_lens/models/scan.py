@@ -267,10 +267,14 @@ class DeltaRule(LinearRule):
 
     def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
             Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
-        return self.chunked_updates(x, S0, chunk_size)[:3]
+        return self._chunks(x, S0, chunk_size, keep_updates=False)[:3]
 
     def chunked_updates(self, x, S0, chunk_size):
         # write + erase = k_t u_tᵀ: the chunk's corrected values u are the rank-1 update values
+        return self._chunks(x, S0, chunk_size, keep_updates=True)
+
+    def _chunks(self, x: RecurrenceInputs, S0: Tensor, chunk_size: int, keep_updates: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         B, T, H, dk, dv = x.shape
         N, C = T // chunk_size, chunk_size
         chunks = x.chunks(C)  # [B, N, H, C, ...]
@@ -287,7 +291,7 @@ class DeltaRule(LinearRule):
             updates.append(U)
             outs.append(q_in[:, n] @ S + A[:, n] @ U)
             S = last[:, n] * S + k_out[:, n].transpose(-1, -2) @ U
-        return _unchunk(outs), S, torch.stack(bounds, 1), _unchunk(updates)
+        return _unchunk(outs), S, torch.stack(bounds, 1), _unchunk(updates) if keep_updates else None
 
     def chunk_states(self, x, S0, offsets):
         # S_t = Γ_t S_0 + Σ_{s≤t} (Γ_t/Γ_s) k_s u_sᵀ with the chunk's corrected values u = U0 − Wk S_0
@@ -596,13 +600,11 @@ def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Float[Tensor, "batch n_ch
     Returns:
         ``[batch, n, head, d_k, d_v]``.
     """
-    B, T = x.k.shape[:2]
-    n = positions.shape[1]
+    B, n = positions.shape
     N = bounds.shape[1]
-    chunk = positions // chunk_size  # [B, n]
-    offset = positions % chunk_size
     rows = torch.arange(B, device=positions.device)[:, None]
-    chunk_of = (rows * N + chunk).reshape(B * n)  # each requested position's chunk among the B·N
+    chunk_of = (rows * N + positions // chunk_size).reshape(B * n)  # each position's chunk among the B·N
+    offset = (positions % chunk_size).reshape(B * n)  # its place inside that chunk
 
     def chunk_inputs(t: Tensor, head_major: bool = False) -> Tensor:
         # [B, pos, H, ...] -> the chunk of every requested position, [B·n, C, H, ...] (or [B·n, H, C, ...])
@@ -610,10 +612,10 @@ def replay_at(rule: Rule, x: RecurrenceInputs, bounds: Float[Tensor, "batch n_ch
         return (t.movedim(3, 2) if head_major else t).flatten(0, 1).index_select(0, chunk_of)
 
     S = bounds.flatten(0, 1).index_select(0, chunk_of)
-    offset = offset.reshape(B * n)
     if writes is None and updates is not None:
         decay = None if x.decay is None else chunk_inputs(x.decay, head_major=True)
-        closed = _rank1_states(chunk_inputs(x.k, True), chunk_inputs(updates, True), decay, S, offset)
+        k, u = chunk_inputs(x.k, head_major=True), chunk_inputs(updates, head_major=True)
+        closed = _rank1_states(k, u, decay, S, offset)
         return closed.reshape(B, n, *closed.shape[1:])
     flat = x.map(chunk_inputs)
     flat_writes = None if writes is None else chunk_inputs(writes)
