@@ -19,33 +19,24 @@ import re
 from typing import Any
 
 import pytest
+import torch
+
+from recurrent_lens import HookedRecurrentModel, ModelConfig, toy
+from recurrent_lens.sae import WriteSAE
 
 
 def _build_toy() -> dict[str, Any]:
-    import torch
-
-    from recurrent_lens import toy
-
     with torch.random.fork_rng(devices=[]):
         toy_model, toy_task = toy.load("gdn", progress=False)
     return {"toy_model": toy_model, "toy_task": toy_task}
 
 
 def _build_toy_sae() -> dict[str, Any]:
-    import torch
-
-    from recurrent_lens import toy
-
     with torch.random.fork_rng(devices=[]):
         return {"toy_sae": toy.load_sae("gdn", progress=False)}
 
 
 def _build_tiny() -> dict[str, Any]:
-    import torch
-
-    from recurrent_lens import HookedRecurrentModel, ModelConfig
-    from recurrent_lens.sae import WriteSAE
-
     with torch.random.fork_rng(devices=[]):
         cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=8,
                           d_mlp=64)
