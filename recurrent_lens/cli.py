@@ -46,7 +46,7 @@ from recurrent_lens.sae import load as load_sae
 from recurrent_lens.sae.cells import parse_cells
 from recurrent_lens.sae.multicell import MultiCellTrainer
 from recurrent_lens.sae.store import StateStore, harvest_to_store
-from recurrent_lens.sae.training import check_writable
+from recurrent_lens.states.files import check_writable
 
 # The analyses skip the BOS position, as SAE training and the substitution test do.
 SKIP_POSITIONS = 1

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from recurrent_lens.config import ModelConfig, resolve_dtype
 from recurrent_lens.models.registry import Architecture, architectures
+from recurrent_lens.states.files import SafetensorsFormatError, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -234,138 +235,22 @@ def weight_files(path: Path) -> tuple[list[Path], dict[str, Path] | None]:
     raise CheckpointError(f"no weights in {path}: expected one of {list(_WEIGHT_INDEXES + _WEIGHT_FILES)}")
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
-
-
-class SafetensorsEntry(NamedTuple):
-    """One tensor of a safetensors header: its dtype, shape and byte range in the data section."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def _is_count(value: Any) -> bool:
-    return type(value) is int and value >= 0
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"key {key!r} appears twice")
-        obj[key] = value
-    return obj
-
-
-def read_safetensors_header(path: Path) -> tuple[int, dict[str, SafetensorsEntry]]:
-    """Validate the header of safetensors file ``path`` against the format and the file's size; return
-    where the data section starts and every tensor's entry.
-
-    Refused, each with a :class:`CheckpointError` naming the file and the tensor or field: a header length
-    that does not fit in the file, a header that is not a JSON object (or repeats a key), an entry lacking
-    ``dtype``/``shape``/``data_offsets`` or holding values of the wrong type, an unsupported dtype, a byte
-    range whose length is not ``dtype`` x ``shape``, and byte ranges that overlap, leave gaps, or do not
-    end exactly at the end of the file.
-
-    Example:
-        >>> import tempfile
-        >>> from safetensors.torch import save_file
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     save_file({"w": torch.zeros(2, 3), "b": torch.ones(3)}, f"{d}/w.safetensors")
-        ...     data_start, entries = read_safetensors_header(Path(d) / "w.safetensors")
-        >>> entries["w"]
-        SafetensorsEntry(dtype=torch.float32, shape=(2, 3), begin=12, end=36)
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"weights file {path} is corrupt or truncated: {size} bytes, fewer than the "
-                                  "8 of the header length")
-        n = int.from_bytes(prefix, "little")
-        if n == 0 or 8 + n > size:
-            raise CheckpointError(f"weights file {path} is corrupt or truncated: header length {n} does not fit "
-                                  f"in a file of {size} bytes")
-        if n > _MAX_HEADER_BYTES:
-            raise CheckpointError(f"weights file {path} is corrupt: header length {n} exceeds the format's limit "
-                                  f"of {_MAX_HEADER_BYTES} bytes")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"weights file {path} is corrupt: its header is not valid JSON with unique keys "
-                                  f"({e})") from e
-    where = f"weights file {path}"
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{where}: header: expected a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise CheckpointError(f"{where}: header field '__metadata__': expected an object of strings, got {metadata!r}")
-    data_size = size - 8 - n
-    entries = {}
-    for key, e in header.items():
-        if not isinstance(e, dict):
-            raise CheckpointError(f"{where}: tensor {key!r}: expected an object with dtype, shape and data_offsets, "
-                                  f"got {e!r}")
-        for field in ("dtype", "shape", "data_offsets"):
-            if field not in e:
-                raise CheckpointError(f"{where}: tensor {key!r} lacks the field {field!r}")
-        if not isinstance(e["dtype"], str) or e["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{where}: tensor {key!r} has unsupported dtype {e['dtype']!r}; "
-                                  f"supported: {sorted(_SAFETENSORS_DTYPES)}")
-        dtype = _SAFETENSORS_DTYPES[e["dtype"]]
-        shape = e["shape"]
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise CheckpointError(f"{where}: tensor {key!r} field 'shape': expected a list of non-negative ints, "
-                                  f"got {shape!r}")
-        offsets = e["data_offsets"]
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
-                and offsets[0] <= offsets[1]):
-            raise CheckpointError(f"{where}: tensor {key!r} field 'data_offsets': expected [begin, end] with "
-                                  f"0 <= begin <= end, got {offsets!r}")
-        begin, end = offsets
-        if end > data_size:
-            raise CheckpointError(f"{where} is truncated: tensor {key!r} ends at byte {8 + n + end}, the file has "
-                                  f"{size}")
-        need = math.prod(shape) * dtype.itemsize
-        if end - begin != need:
-            raise CheckpointError(f"{where}: tensor {key!r} holds {end - begin} bytes (data_offsets {offsets}), "
-                                  f"its shape {shape} and dtype {e['dtype']} need {need}")
-        entries[key] = SafetensorsEntry(dtype, tuple(shape), begin, end)
-    # the tensors must tile the data section exactly, as the format requires: a gap or an overlap means
-    # the offsets do not describe the bytes that were written
-    pos, prev = 0, None
-    for key, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
-        if e.begin != pos:
-            what = "overlaps" if e.begin < pos else f"leaves {e.begin - pos} unused bytes after"
-            raise CheckpointError(f"{where}: tensor {key!r} (data_offsets [{e.begin}, {e.end}]) {what} "
-                                  + (f"tensor {prev!r}" if prev is not None else "the start of the data"))
-        pos, prev = e.end, key
-    if pos != data_size:
-        raise CheckpointError(f"{where}: {data_size - pos} bytes after the last tensor belong to no tensor "
-                              "(a corrupt header or a file with trailing data)")
-    return 8 + n, entries
-
-
 class SafetensorsFile:
     """A safetensors file read with plain ``readinto`` calls, tensor by tensor.
 
     Reading without a memory map keeps the file's pages out of the process (a mapped file counts
     towards resident memory while its pages are touched), and lets a tensor whose dtype and layout match
     its parameter be read straight into that parameter's storage. The whole header is validated on
-    opening (see :func:`read_safetensors_header`), so a corrupt or truncated file is refused before
-    anything is loaded.
+    opening (see :func:`recurrent_lens.states.files.read_safetensors_header`), so a corrupt or truncated
+    file is refused before anything is loaded.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data_start, self.entries = read_safetensors_header(path)
+        try:
+            self.data_start, self.entries = read_safetensors_header(path)
+        except SafetensorsFormatError as e:
+            raise CheckpointError(f"weights file {e}") from e
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key].shape

@@ -16,40 +16,22 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
 from recurrent_lens.sae.saelens import is_saelens_config, load_saelens, save_saelens
+from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors
 
 __all__ = ["save_sae", "load", "check_cfg_dict", "from_reference_checkpoint", "CFG_NAME", "WEIGHTS_NAME"]
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
-
-
-def atomic_write(path: str, write: Any) -> None:
-    """Create ``path`` by calling ``write(tmp)`` on a temporary file beside it and renaming it into place,
-    so that a crash never leaves a partial file (the temporary file is removed on any error)."""
-    directory = os.path.dirname(path) or "."
-    # The temporary file keeps the target's extension: torch.save names its archive after the file's stem.
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved weights are meant to be shared like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_sae(sae: SAE, path: str, format: str = "native") -> None:
@@ -142,8 +124,8 @@ def load(path: str, device: str | torch.device = "cpu", *, d_k: int | None = Non
     except (ValueError, TypeError) as e:  # values SAEConfig or the preset refuses (encoder name, preset rank...)
         raise ValueError(f"{cfg_path}: {e}") from e
     try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = read_safetensors(weights_path)
+    except (SafetensorsFormatError, OSError) as e:
         raise ValueError(f"cannot read {weights_path} (truncated or corrupt?): {e}") from e
     return _load_into(sae, tensors, weights_path).to(device)
 

@@ -62,11 +62,12 @@ from tqdm.auto import tqdm
 
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
-from recurrent_lens.sae.io import atomic_write, save_sae
+from recurrent_lens.sae.io import save_sae
 from recurrent_lens.sae.training import (
-    Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, check_writable, evaluate,
-    remove_stale_temporaries, sae_from_payload, write_json,
+    Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, evaluate, sae_from_payload,
+    write_json,
 )
+from recurrent_lens.states.files import atomic_write, check_writable, remove_stale_temporaries
 
 __all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync"]
 

@@ -70,11 +70,11 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.presets import FlatSAE
+from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors, require_finite
 
 __all__ = ["SAELENS_FORMAT_VERSION", "to_saelens", "save_saelens", "load_saelens", "is_saelens_config"]
 
@@ -198,7 +198,7 @@ def save_saelens(sae: SAE, path: str) -> None:
         >>> cfg["architecture"], cfg["metadata"]["hook_name"], cfg["metadata"]["hook_head_index"]
         ('jumprelu', 'h', 0)
     """
-    from recurrent_lens.sae.io import CFG_NAME, WEIGHTS_NAME, atomic_write  # io imports this module
+    from recurrent_lens.sae.io import CFG_NAME, WEIGHTS_NAME  # io imports this module
 
     cfg_dict, weights = to_saelens(sae)
     os.makedirs(path, exist_ok=True)
@@ -320,9 +320,10 @@ def load_saelens(
         )
 
     try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = read_safetensors(weights_path)
+    except (SafetensorsFormatError, OSError) as e:
         raise ValueError(f"cannot read {weights_path} (truncated or corrupt?): {e}") from e
+    require_finite(tensors, weights_path)
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not torch.all(scaling == 1):
         raise ValueError(f"{weights_path}: a scaling_factor other than 1 (legacy finetuning scaling) is not supported")

@@ -66,7 +66,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
-from recurrent_lens.sae.io import atomic_write
+from recurrent_lens.states.files import (
+    SAFETENSORS_DTYPES, SafetensorsFormatError, atomic_write, read_safetensors_header,
+)
 
 __all__ = ["StateStore", "harvest_to_store", "FORMAT_VERSION", "MANIFEST_NAME"]
 
@@ -376,47 +378,37 @@ class _Shard:
         return np.memmap(self.path, dtype=dt, mode="r", offset=offset, shape=shape)
 
 
-def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and where its data starts, checked against the file size."""
+def _open_safetensors_shard(path: str, count: int, dtype: str, d_k: int, d_v: int) -> _Shard:
+    """A shard whose header is valid (see :func:`read_safetensors_header`) and holds exactly the three
+    arrays the manifest implies."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError("header length beyond the end of the file")
-            header = json.loads(f.read(n))
+        start, entries = read_safetensors_header(path)
     except FileNotFoundError as e:
         raise ValueError(f"{path}: shard file named in the manifest is missing") from e
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    return header, 8 + n
-
-
-def _open_safetensors_shard(path: str, count: int, dtype: str, d_k: int, d_v: int) -> _Shard:
-    header, start = _read_safetensors_header(path)
-    size = os.path.getsize(path)
+    except (OSError, SafetensorsFormatError) as e:
+        raise ValueError(f"{e}; the shard is truncated or corrupt") from e
     expected = {"states": (_ST_CODE[dtype], [count, d_k, d_v]), "seq_index": ("I64", [count]),
                 "position": ("I64", [count])}
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        raise ValueError(f"{path}: expected the tensors {sorted(expected)}, it also holds {extra}")
     arrays = {}
     for name, (code, shape) in expected.items():
-        info = header.get(name)
-        if not isinstance(info, dict):
-            raise ValueError(f"{path}: no tensor {name!r} (holds {sorted(k for k in header if k != '__metadata__')})")
-        got_shape = info.get("shape")
-        if isinstance(got_shape, list) and got_shape and got_shape[0] != count:
-            raise ValueError(f"{path}: {name} holds {got_shape[0]} states, the manifest says {count}")
-        if info.get("dtype") != code or info.get("shape") != shape:
+        e = entries.get(name)
+        if e is None:
+            raise ValueError(f"{path}: no tensor {name!r} (holds {sorted(entries)})")
+        np_dtype, torch_dtype = _ST_DTYPES[code]
+        if e.shape and e.shape[0] != count:
+            raise ValueError(f"{path}: {name} holds {e.shape[0]} states, the manifest says {count}")
+        if e.dtype != torch_dtype or list(e.shape) != shape:
             raise ValueError(f"{path}: {name}: expected dtype {code} and shape {shape}, "
-                             f"got {info.get('dtype')} and {info.get('shape')}")
-        np_dtype, _ = _ST_DTYPES[code]
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {name}: malformed data_offsets in the header") from e
-        if end - begin != math.prod(shape) * np.dtype(np_dtype).itemsize or start + end > size:
-            raise ValueError(f"{path}: {name}: data runs past the end of the file (truncated?)")
-        arrays[name] = (np_dtype, start + begin, tuple(shape))
+                             f"got {_code_of(e.dtype)} and {list(e.shape)}")
+        arrays[name] = (np_dtype, start + e.begin, tuple(shape))
     return _Shard(path, count, arrays)
+
+
+def _code_of(dtype: torch.dtype) -> str:
+    return next(code for code, t in SAFETENSORS_DTYPES.items() if t == dtype)
 
 
 class StateStore:

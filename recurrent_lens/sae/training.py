@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEPass
-from recurrent_lens.sae.io import atomic_write
+from recurrent_lens.states.files import atomic_write, check_writable, remove_stale_temporaries
 
 __all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate", "update_dead_counters"]
 
@@ -116,29 +115,6 @@ class TrainLog:
     train: list[dict[str, Any]] = field(default_factory=list)
     val: list[dict[str, Any]] = field(default_factory=list)
     resampled: list[dict[str, Any]] = field(default_factory=list)
-
-
-def check_writable(directory: str, what: str) -> None:
-    """Create ``directory`` if needed and prove it writable now, before any work starts.
-
-    Raises a ``ValueError`` naming ``what`` (the argument or option) when it cannot be written.
-    """
-    try:
-        os.makedirs(directory, exist_ok=True)
-        # not ".tmp-": another process clearing stale temporaries in the same directory must not take it
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{what}: cannot write to {directory!r} ({type(e).__name__}: {e})") from e
-
-
-def remove_stale_temporaries(directory: str) -> None:
-    """Delete ``.tmp-*`` files that a killed writer (see :func:`atomic_write`) left behind in ``directory``."""
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(directory, name))
 
 
 @torch.no_grad()

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from recurrent_lens.models.base import HookedRecurrentModel
-from recurrent_lens.sae.io import atomic_write
+from recurrent_lens.states.files import atomic_write, read_safetensors
 from recurrent_lens.sae.io import load as load_sae_dir
 from recurrent_lens.toy.task import BOS, SEP, ToyTask, accuracy
 from recurrent_lens.toy.train import (
@@ -106,7 +106,7 @@ def _read(path: Path, spec: ToySpec) -> HookedRecurrentModel | None:
             meta = f.metadata() or {}
         if meta.get("fingerprint") != spec.fingerprint():
             return None
-        state = load_file(str(path))
+        state = read_safetensors(path)
     except Exception:
         # A corrupt or foreign file is retrained over rather than trusted.
         return None

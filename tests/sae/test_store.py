@@ -3,6 +3,7 @@ corruption, the reference layout, and deterministic rank-sliced batches."""
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -263,7 +264,8 @@ def test_corrupt_stores_are_named(clean, tmp_path):
     with pytest.raises(ValueError, match=r"shard_00000\.safetensors: states holds 3 states, the manifest says 12"):
         StateStore(path)
     shard0.write_bytes(data[:-100])
-    with pytest.raises(ValueError, match=r"shard_00000\.safetensors: states: data runs past the end"):
+    with pytest.raises(ValueError, match=r"shard_00000\.safetensors is truncated: tensor '\w+' ends at byte \d+, "
+                                         r"the file has \d+"):
         StateStore(path)
     shard0.unlink()
     with pytest.raises(ValueError, match=r"shard_00000\.safetensors: shard file named in the manifest is missing"):
@@ -272,6 +274,48 @@ def test_corrupt_stores_are_named(clean, tmp_path):
         StateStore(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="holds neither manifest.json nor reference"):
         StateStore(tmp_path / "s" / CELLS[0].name)
+
+
+def _rewrite_header(path, edit):
+    """Rewrite the JSON header of safetensors file ``path`` through ``edit(header)``, keeping its data bytes."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _shift(name, delta):
+    def edit(header):
+        header[name]["data_offsets"] = [o + delta for o in header[name]["data_offsets"]]
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    # position (the first array) moved 8 bytes earlier: it would read header bytes as positions
+    (_shift("position", -8), r"tensor 'position' field 'data_offsets': expected \[begin, end\] with "
+                             r"0 <= begin <= end, got \[-8, 88\]"),
+    # seq_index starting inside position: both would be read from the same bytes
+    (lambda h: h["seq_index"].update(data_offsets=[48, 144]), r"tensor 'seq_index' \(data_offsets \[48, 144\]\) "
+                                                               r"overlaps tensor 'position'"),
+    (_shift("position", 8), "tensor 'position' .* leaves 8 unused bytes after the start of the data"),
+    (lambda h: h["states"].update(shape=[12, 8, 4]), r"tensor 'states' holds \d+ bytes .* need \d+"),
+    (lambda h: h["seq_index"].update(dtype="F64"), r"seq_index: expected dtype I64 and shape \[12\], got F64"),
+    (lambda h: h["states"].update(data_offsets=["0", 3072]), "field 'data_offsets': expected"),
+    (lambda h: h.update(extra={"dtype": "I64", "shape": [0], "data_offsets": [0, 0]}),
+     r"expected the tensors \['position', 'seq_index', 'states'\], it also holds \['extra'\]"),
+])
+def test_shard_headers_are_validated(clean, tmp_path, edit, message):
+    """A shard whose header does not describe its bytes is refused on opening, naming the file and tensor,
+    never read as states or provenance."""
+    path = tmp_path / "s"
+    shutil.copytree(clean.path, path)
+    shard = path / CELLS[0].name / "shard_00000.safetensors"
+    _rewrite_header(shard, edit)
+    with pytest.raises(ValueError, match=re.escape(str(shard)) + ".*(" + message + ")"):
+        StateStore(path)
 
 
 def test_reference_layout(tmp_path):
