@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from recurrent_lens.sae import load as load_sae
 from recurrent_lens.sae.cells import parse_cells
 from recurrent_lens.sae.multicell import MultiCellTrainer
 from recurrent_lens.sae.store import StateStore, harvest_to_store
-from recurrent_lens.states.files import check_writable
+from recurrent_lens.states.files import DirectoryLock, DirectoryLockedError, check_writable
 
 # The analyses skip the BOS position, as SAE training and the substitution test do.
 SKIP_POSITIONS = 1
@@ -587,8 +588,8 @@ def _train_cells(args, parser, rank: int, world: int) -> int:
         if not cells:
             parser.error(f"arguments --hook/--layers/--heads: select none of the store's cells "
                          f"{[c.name for c in store.cells]}")
-        trainer = MultiCellTrainer(None, cells, store, cfg, out_dir=args.out, distributed=mode,
-                                   device=args.device or "cpu")
+        trainer = _locked(parser, lambda: MultiCellTrainer(None, cells, store, cfg, out_dir=args.out,
+                                                           distributed=mode, device=args.device or "cpu"))
     else:
         model = _load_checkpoint(args, parser)
         cells = _cells(args, parser, model)
@@ -599,7 +600,8 @@ def _train_cells(args, parser, rank: int, world: int) -> int:
             val = torch.stack(list(held_out))
             share["skip"] = -(-args.val_sequences // share.get("world_size", 1))
         source = _token_source(args, parser, model, **share)
-        trainer = MultiCellTrainer(model, cells, source, cfg, out_dir=args.out, val_tokens=val, distributed=mode)
+        trainer = _locked(parser, lambda: MultiCellTrainer(model, cells, source, cfg, out_dir=args.out,
+                                                           val_tokens=val, distributed=mode))
     if trainer.step:
         print(f"resuming {args.out} at step {trainer.step}")
     saes = trainer.train()
@@ -617,20 +619,33 @@ def _harvest_cmd(args, parser) -> int:
     model = _load_checkpoint(args, parser)
     cells = _cells(args, parser, model)
     source = _token_source(args, parser, model)
-    store = harvest_to_store(model, cells, source, args.out, positions_per_seq=args.positions_per_seq,
-                             skip_positions=args.skip_positions, batch_size=args.model_batch_size,
-                             shard_size=args.shard_size, dtype=args.store_dtype, seed=args.seed,
-                             max_sequences=args.sequences, progress=not args.no_progress, model_name=args.model)
+    store = _locked(parser, lambda: harvest_to_store(
+        model, cells, source, args.out, positions_per_seq=args.positions_per_seq, skip_positions=args.skip_positions,
+        batch_size=args.model_batch_size, shard_size=args.shard_size, dtype=args.store_dtype, seed=args.seed,
+        max_sequences=args.sequences, progress=not args.no_progress, model_name=args.model))
     print(store)
     for cell in store.cells:
         print(f"  {cell.name}: {store.count(cell)} states")
     return 0
 
 
+def _locked(parser: argparse.ArgumentParser, work: Callable[[], Any]) -> Any:
+    """``work()``, with another run's lock on ``--out`` (raised before any work) reported as a parser error."""
+    try:
+        return work()
+    except DirectoryLockedError as e:
+        parser.error(f"argument --out: {str(e).partition(': ')[2]}")  # the message names the library's argument
+
+
 def _train_cmd(args, parser) -> int:
     if args.model is not None or args.states is not None:
         return _train_real(args, parser)
     _check_out(parser, args.out)
+    with _locked(parser, DirectoryLock(args.out, "--out").acquire):
+        return _train_toy(args, parser)
+
+
+def _train_toy(args, parser) -> int:
     progress = not args.no_progress
     model, task = toy.load(args.arch, progress=progress)
     _check_site(parser, model, args.hook, args.head)

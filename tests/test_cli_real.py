@@ -1,6 +1,8 @@
 """The CLI on a real checkpoint format: train-sae and harvest on a tiny saved Qwen3.5 with a tokenizer."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import torch
 from tests.support.helpers import tiny_qwen3_5, word_tokenizer
 from recurrent_lens.cli import main
 from recurrent_lens.sae import load
+from recurrent_lens.states.files import DirectoryLock
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
 
@@ -109,6 +112,40 @@ def test_harvest_then_train_from_the_store(checkpoint, tmp_path, capsys):
     assert run("train-sae", "--states", store, "--out", out, "--steps", 4, "--batch-size", 16, "--n-features", 8,
                "--k", 2, "--buffer-size", 16, "--no-progress") == 0
     assert load(str(out / "blocks.1.mixer.hook_state.h2")).cfg.metadata["train_steps"] == 4
+
+
+def test_store_commands_refuse_locked_corrupt_and_warn_on_incomplete_stores(checkpoint, tmp_path, capsys):
+    store, out = tmp_path / "store", tmp_path / "out"
+    harvest = ["harvest", "--model", checkpoint, "--dataset", checkpoint / "docs.txt", "--context-length", 16,
+               "--layers", "1", "--heads", "2", "--positions-per-seq", 4, "--no-progress", "--out", store]
+    train = ["train-sae", "--states", store, "--out", out, "--steps", 2, "--batch-size", 16, "--n-features", 8,
+             "--k", 2, "--buffer-size", 16, "--no-progress"]
+    assert run(*harvest) == 0
+    for argv, locked in ((harvest, store), (train, out)):
+        with DirectoryLock(locked, "out_dir"), pytest.raises(SystemExit) as e:
+            run(*argv)
+        assert e.value.code == 2 and f"argument --out: {str(locked)!r} is in use by another run: pid {os.getpid()}" \
+            in capsys.readouterr().err
+    assert not [p for p in out.rglob("*") if p.is_file()]  # the refused run wrote nothing
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
+    n = manifest["sequences_done"]
+    with pytest.warns(RuntimeWarning, match=re.escape(f"is INCOMPLETE: its harvest stopped after {n} sequences "
+                                                      f"({4 * n} states per cell) and never finished")):
+        assert run(*train) == 0
+
+    shard = store / "blocks.1.mixer.hook_state.h2" / "shard_00000.safetensors"
+    data = shard.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["position"]["data_offsets"] = [o - 8 for o in header["position"]["data_offsets"]]  # into the header
+    raw = json.dumps(header).encode().ljust(size)
+    shard.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size:])
+    with pytest.raises(SystemExit) as e:
+        run(*[tmp_path / "again" if a == out else a for a in train])
+    assert e.value.code == 2
+    assert "argument --states: " in (err := capsys.readouterr().err) and "'position' field 'data_offsets'" in err
 
 
 def test_train_from_a_reference_layout_store(tmp_path):

@@ -29,7 +29,9 @@ Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a ru
 the step; a run started on an ``out_dir`` with a checkpoint continues from it bit for bit (a finished run
 keeps only the per-cell files, no data position or buffers). At the end each
 cell's SAE is saved in ``{out_dir}/{cell.name}/`` (loadable with :func:`recurrent_lens.sae.load`) with its
-``train_log.json``.
+``train_log.json``. One run at a time writes an ``out_dir``: rank 0 locks it
+(:class:`~recurrent_lens.states.files.DirectoryLock`) from construction until :meth:`MultiCellTrainer.train`
+returns, and a second run on it fails at construction, on every rank, naming the process that holds it.
 
 Example:
     >>> import torch, tempfile
@@ -50,6 +52,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import weakref
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -67,7 +71,9 @@ from recurrent_lens.sae.training import (
     Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, evaluate, sae_from_payload,
     write_json,
 )
-from recurrent_lens.states.files import atomic_write, check_writable, remove_stale_temporaries
+from recurrent_lens.states.files import (
+    DirectoryLock, DirectoryLockedError, atomic_write, check_writable, remove_stale_temporaries,
+)
 
 __all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync"]
 
@@ -291,6 +297,11 @@ class MultiCellTrainer:
             if missing or not all_cells:
                 raise ValueError(f"cells: expected cells of the state store {[c.name for c in store.cells]}, "
                                  f"got {missing or 'none'}")
+            if not store.complete:
+                warnings.warn(f"data: the state store {store.path!r} is INCOMPLETE: its harvest stopped after "
+                              f"{store.sequences_done} sequences ({store.count(all_cells[0])} states per cell) and "
+                              "never finished; training on what it holds. Run the same harvest again to complete "
+                              "it first", RuntimeWarning, stacklevel=2)
         else:
             if model is None:
                 raise ValueError("model: expected a model to harvest states from (data is not a state store)")
@@ -308,33 +319,44 @@ class MultiCellTrainer:
         if device is None:
             device = next(model.parameters()).device if model is not None else "cpu"
         self.device = torch.device(device)
+        self._lock = DirectoryLock(out_dir, "out_dir") if out_dir is not None and self.rank == 0 else None
+        self._locked = False
         if out_dir is not None:
             check_writable(out_dir, "out_dir")
             for cell in self.cells:
                 check_writable(os.path.join(out_dir, cell.name), "out_dir")
-            if self.writer:  # the process that writes a directory clears what a killed run left there
-                for cell in self.cells:
-                    remove_stale_temporaries(os.path.join(out_dir, cell.name))
-                if self.rank == 0:
-                    remove_stale_temporaries(out_dir)
-            if self.sync is not None:
-                dist.barrier()
-        rank, data_world = (self.rank, self.world) if split_data else (0, 1)
-        if store is not None:
-            self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)
-        else:
-            if isinstance(data, Tensor) or not isinstance(data, Iterable):
-                data = check_tokens(model, data)
-            self.feed = _HarvestFeed(model, self.cells, data, cfg, self.local_batch, rank, data_world)
-        self.val_states: dict[Cell, Tensor] | None = None
-        if val_tokens is not None:
-            if model is None:
-                raise ValueError("val_tokens: needs a model to harvest the held-out states from")
-            self.val_states = self._harvest_validation(check_tokens(model, val_tokens))
-        self.learners = {c: Learner(self._new_sae(c, saes), cfg, _cell_generator(cfg.seed, c, "learner"), self.sync)
-                         for c in self.cells}
-        if out_dir is not None and os.path.exists(self._manifest_path()):
-            self._resume()
+            self._lock_out_dir()
+        try:  # a refusal below must not leave the directory locked
+            if out_dir is not None:
+                if self.writer:  # the process that writes a directory clears what a killed run left there
+                    for cell in self.cells:
+                        remove_stale_temporaries(os.path.join(out_dir, cell.name))
+                    if self.rank == 0:
+                        remove_stale_temporaries(out_dir)
+                if self.sync is not None:
+                    dist.barrier()
+            rank, data_world = (self.rank, self.world) if split_data else (0, 1)
+            if store is not None:
+                self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)
+            else:
+                if isinstance(data, Tensor) or not isinstance(data, Iterable):
+                    data = check_tokens(model, data)
+                self.feed = _HarvestFeed(model, self.cells, data, cfg, self.local_batch, rank, data_world)
+            self.val_states: dict[Cell, Tensor] | None = None
+            if val_tokens is not None:
+                if model is None:
+                    raise ValueError("val_tokens: needs a model to harvest the held-out states from")
+                self.val_states = self._harvest_validation(check_tokens(model, val_tokens))
+            self.learners = {c: Learner(self._new_sae(c, saes), cfg, _cell_generator(cfg.seed, c, "learner"),
+                                        self.sync) for c in self.cells}
+            if out_dir is not None and os.path.exists(self._manifest_path()):
+                self._resume()
+        except BaseException:
+            if out_dir is not None:
+                self._unlock_out_dir()
+            raise
+        if self._lock is not None:
+            weakref.finalize(self, self._lock.release)
 
     def __repr__(self) -> str:
         return (f"MultiCellTrainer({len(self.cells)} cells, step {self.step}/{self.cfg.n_steps}, batch "
@@ -382,6 +404,29 @@ class MultiCellTrainer:
         return {c: torch.cat(v) for c, v in out.items()}
 
     # ------------------------------------------------------------------ checkpoints
+    def _lock_out_dir(self) -> None:
+        """Take ``out_dir``'s lock on rank 0; every rank of a distributed run fails if rank 0 could not (the
+        others would otherwise wait for it at the next collective)."""
+        error = None
+        if self._lock is not None:
+            try:
+                self._lock.acquire()
+            except ValueError as e:
+                error = e
+        if self.mode is not None:
+            message = [None if error is None else str(error)]
+            dist.broadcast_object_list(message, src=0)
+            if error is None and message[0] is not None:
+                error = DirectoryLockedError(f"{message[0]} (rank 0 could not lock it)")
+        if error is not None:
+            raise error
+        self._locked = True
+
+    def _unlock_out_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        self._locked = False
+
     def _manifest_path(self) -> str:
         suffix = f".rank{self.rank}" if self.mode == "cells" else ""
         return os.path.join(self.out_dir, MANIFEST.replace(".json", f"{suffix}.json"))
@@ -459,9 +504,19 @@ class MultiCellTrainer:
 
     # ------------------------------------------------------------------ training
     def train(self, until_step: int | None = None) -> dict[Cell, SAE]:
-        """Train every cell to ``cfg.n_steps`` (or stop at ``until_step``, writing a checkpoint)."""
-        with torch.enable_grad():
-            return self._train(until_step)
+        """Train every cell to ``cfg.n_steps`` (or stop at ``until_step``, writing a checkpoint).
+
+        ``out_dir``'s lock (taken when the trainer was built) is released when this returns or raises, and
+        taken again by a later call.
+        """
+        if self.out_dir is not None and not self._locked:
+            self._lock_out_dir()
+        try:
+            with torch.enable_grad():
+                return self._train(until_step)
+        finally:
+            if self.out_dir is not None:
+                self._unlock_out_dir()
 
     def _train(self, until_step: int | None) -> dict[Cell, SAE]:
         cfg = self.cfg

@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.states.files import (
-    SAFETENSORS_DTYPES, SafetensorsFormatError, atomic_write, read_safetensors_header,
+    LOCK_NAME, SAFETENSORS_DTYPES, DirectoryLock, SafetensorsFormatError, atomic_write, read_safetensors_header,
 )
 
 __all__ = ["StateStore", "harvest_to_store", "FORMAT_VERSION", "MANIFEST_NAME"]
@@ -160,47 +160,48 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
         "shard_size": shard_size,
     }
     out_dir = os.fspath(out_dir)
-    manifest = _prepare_out_dir(out_dir, settings, cells)
+    with DirectoryLock(out_dir, "out_dir"):  # one writer at a time; released on any exit
+        manifest = _prepare_out_dir(out_dir, settings, cells)
 
-    done = manifest["sequences_done"]
-    stop = math.inf if max_sequences is None else max_sequences
-    source = _skip(source, done)
-    store_dtype = _STORE_DTYPES[dtype]
-    pending: dict[Cell, list[Tensor]] = {c: [] for c in cells}
-    pending_seq: list[Tensor] = []
-    pending_pos: list[Tensor] = []
-    n_pending = 0
-    total = None if n_source is None else min(n_source, stop)
-    index = done
-    with torch.no_grad(), tqdm(total=total, initial=done, disable=not progress, desc="harvest", unit="seq") as bar:
-        while index < stop:
-            batch = list(itertools.islice(source, int(min(batch_size, stop - index))))
-            if not batch:
-                break
-            for j, seq in enumerate(batch):
-                _check_sequence(seq, index + j, ctx)
-            seq_index = torch.arange(index, index + len(batch))
-            positions = sample_positions(seq_index, ctx, positions_per_seq, skip=skip_positions, seed=seed)
-            got = harvest_cells(model, torch.stack([s.long() for s in batch]), positions, cells)
-            expected = (len(batch) * per_seq, cfg.d_k, cfg.d_v)
-            for c in cells:
-                if tuple(got[c].shape) != expected:
-                    raise RuntimeError(f"{c.name}: harvested states of shape {tuple(got[c].shape)}, "
-                                       f"expected {expected} from the model's d_k and d_v")
-                pending[c].append(got[c].to(dtype=store_dtype).cpu())
-            pending_seq.append(seq_index.repeat_interleave(per_seq))
-            pending_pos.append(positions.reshape(-1).cpu())
-            n_pending += len(batch) * per_seq
-            index += len(batch)
-            bar.update(len(batch))
-            if n_pending >= shard_size:
+        done = manifest["sequences_done"]
+        stop = math.inf if max_sequences is None else max_sequences
+        source = _skip(source, done)
+        store_dtype = _STORE_DTYPES[dtype]
+        pending: dict[Cell, list[Tensor]] = {c: [] for c in cells}
+        pending_seq: list[Tensor] = []
+        pending_pos: list[Tensor] = []
+        n_pending = 0
+        total = None if n_source is None else min(n_source, stop)
+        index = done
+        with torch.no_grad(), tqdm(total=total, initial=done, disable=not progress, desc="harvest", unit="seq") as bar:
+            while index < stop:
+                batch = list(itertools.islice(source, int(min(batch_size, stop - index))))
+                if not batch:
+                    break
+                for j, seq in enumerate(batch):
+                    _check_sequence(seq, index + j, ctx)
+                seq_index = torch.arange(index, index + len(batch))
+                positions = sample_positions(seq_index, ctx, positions_per_seq, skip=skip_positions, seed=seed)
+                got = harvest_cells(model, torch.stack([s.long() for s in batch]), positions, cells)
+                expected = (len(batch) * per_seq, cfg.d_k, cfg.d_v)
+                for c in cells:
+                    if tuple(got[c].shape) != expected:
+                        raise RuntimeError(f"{c.name}: harvested states of shape {tuple(got[c].shape)}, "
+                                           f"expected {expected} from the model's d_k and d_v")
+                    pending[c].append(got[c].to(dtype=store_dtype).cpu())
+                pending_seq.append(seq_index.repeat_interleave(per_seq))
+                pending_pos.append(positions.reshape(-1).cpu())
+                n_pending += len(batch) * per_seq
+                index += len(batch)
+                bar.update(len(batch))
+                if n_pending >= shard_size:
+                    manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index)
+                    n_pending = 0
+            if n_pending:
                 manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index)
-                n_pending = 0
-        if n_pending:
-            manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index)
-    manifest = dict(manifest, complete=True)
-    _write_manifest(out_dir, manifest)
-    return StateStore(out_dir)
+        manifest = dict(manifest, complete=True)
+        _write_manifest(out_dir, manifest)
+        return StateStore(out_dir)
 
 
 def _check_int(name: str, value: Any, low: int | None) -> None:
@@ -296,7 +297,7 @@ def _prepare_out_dir(out_dir: str, settings: dict[str, Any], cells: list[Cell]) 
         return manifest
     try:
         os.makedirs(out_dir, exist_ok=True)
-        leftovers = [f for f in os.listdir(out_dir) if not f.startswith(".tmp-")]
+        leftovers = [f for f in os.listdir(out_dir) if not f.startswith(".tmp-") and f != LOCK_NAME]
     except OSError as e:
         raise ValueError(f"out_dir: cannot create {out_dir!r} as a directory ({e})") from e
     if leftovers:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEPass
-from recurrent_lens.states.files import atomic_write, check_writable, remove_stale_temporaries
+from recurrent_lens.states.files import DirectoryLock, atomic_write, check_writable, remove_stale_temporaries
 
 __all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate", "update_dead_counters"]
 
@@ -391,7 +392,6 @@ class SAETrainer:
                              f"skip_positions={cfg.skip_positions}")
         if cfg.checkpoint_dir is not None:
             check_writable(cfg.checkpoint_dir, "TrainConfig.checkpoint_dir")
-            remove_stale_temporaries(cfg.checkpoint_dir)
         self.model, self.hook_name, self.head, self.cfg = model, hook_name, head, cfg
         self.gen = torch.Generator().manual_seed(cfg.seed)
         n_train = len(tokens) - cfg.val_sequences
@@ -407,6 +407,12 @@ class SAETrainer:
         sae.cfg.metadata.setdefault("hook_name", hook_name)
         sae.cfg.metadata.setdefault("head", head)
         self.learner = Learner(sae, cfg, self.gen)
+        self._lock = None
+        if cfg.checkpoint_dir is not None:
+            # held from here until train() returns: a second trainer on the directory fails before any work
+            self._lock = DirectoryLock(cfg.checkpoint_dir, "TrainConfig.checkpoint_dir").acquire()
+            weakref.finalize(self, self._lock.release)
+            remove_stale_temporaries(cfg.checkpoint_dir)
 
     @property
     def sae(self) -> SAE:
@@ -516,11 +522,19 @@ class SAETrainer:
 
         With ``checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every`` steps and always
         when the run stops (early or at the end), and the training log goes to ``train_log.json`` at the
-        end. Gradients are enabled for the duration even under ``torch.set_grad_enabled(False)`` (as
+        end. The directory's lock (:class:`~recurrent_lens.states.files.DirectoryLock`, taken when the
+        trainer was built) is released when this returns or raises, and taken again by a later call.
+        Gradients are enabled for the duration even under ``torch.set_grad_enabled(False)`` (as
         notebooks often set).
         """
-        with torch.enable_grad():
-            return self._train(until_step)
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            with torch.enable_grad():
+                return self._train(until_step)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def _train(self, until_step: int | None) -> tuple[SAE, TrainLog]:
         cfg, sae, learner = self.cfg, self.sae, self.learner

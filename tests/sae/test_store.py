@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import torch
 
 import recurrent_lens.sae.store as store_mod
 from tests.support.helpers import tiny_gdn
+from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae.cells import Cell, sample_positions
+from recurrent_lens.sae.multicell import MultiCellTrainer
 from recurrent_lens.sae.store import StateStore, harvest_to_store
 
 CELLS = [Cell("blocks.0.mixer.hook_state", 1), Cell("blocks.1.mixer.hook_write", 3)]
@@ -135,6 +138,19 @@ def test_resume_after_a_crash_stores_every_sequence_once(model, tokens, clean, t
     # running again on a finished store changes nothing
     again = harvest_to_store(model, CELLS, tokens, tmp_path, **KW)
     assert again.manifest == resumed.manifest
+
+
+def test_training_on_an_incomplete_store_warns(model, tokens, clean, tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        harvest_to_store(model, CELLS, crashing(tokens, 7), tmp_path, **KW)
+    partial = StateStore(tmp_path)
+    cfg = TrainConfig(n_steps=1, batch_size=4, n_features=8, k=2, buffer_size=8, progress=False)
+    with pytest.warns(RuntimeWarning, match=r"the state store .* is INCOMPLETE: its harvest stopped after 4 "
+                                            r"sequences \(12 states per cell\) and never finished"):
+        MultiCellTrainer(None, CELLS, partial, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultiCellTrainer(None, CELLS, clean, cfg)
 
 
 def test_manifest_write_failure_leaves_orphans_that_resume_deletes(model, tokens, clean, tmp_path, monkeypatch):
