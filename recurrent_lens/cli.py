@@ -440,7 +440,14 @@ def _plots(result, contrast, out: str, title: str) -> list[str]:
     return [path]
 
 
+def _check_k(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse ``--k`` above ``--n-features``: a top-k SAE would keep fewer features than its config says."""
+    if args.k > args.n_features:
+        parser.error(f"argument --k: expected at most --n-features={args.n_features}, got {args.k}")
+
+
 def _demo(args, parser) -> int:
+    _check_k(parser, args)
     progress = not args.no_progress
     if args.quick:
         args.train_sequences = min(args.train_sequences, 64)
@@ -638,6 +645,7 @@ def _locked(parser: argparse.ArgumentParser, work: Callable[[], Any]) -> Any:
 
 
 def _train_cmd(args, parser) -> int:
+    _check_k(parser, args)
     if args.model is not None or args.states is not None:
         return _train_real(args, parser)
     _check_out(parser, args.out)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
 from recurrent_lens.sae.saelens import is_saelens_config, load_saelens, save_saelens
-from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors
+from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors, require_finite
 
 __all__ = ["save_sae", "load", "check_cfg_dict", "from_reference_checkpoint", "CFG_NAME", "WEIGHTS_NAME"]
 
@@ -62,7 +62,8 @@ def save_sae(sae: SAE, path: str, format: str = "native") -> None:
 
 
 def _load_into(sae: SAE, tensors: dict[str, torch.Tensor], source: str) -> SAE:
-    """Copy ``tensors`` into ``sae`` after checking names and shapes; nothing is copied on error."""
+    """Copy ``tensors`` into ``sae`` after checking names, shapes and values (finite; a JumpReLU
+    ``log_threshold`` may be ``-inf``, a threshold of 0); nothing is copied on error."""
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -80,6 +81,7 @@ def _load_into(sae: SAE, tensors: dict[str, torch.Tensor], source: str) -> SAE:
         if wrong:
             problems.append("shape mismatch " + "; ".join(wrong))
         raise ValueError(f"{source} does not match {sae!r}: " + ", ".join(problems))
+    require_finite(tensors, source, minus_inf_ok=("log_threshold",))
     sae.load_state_dict({name: t.to(expected[name].dtype) for name, t in tensors.items()})
     return sae
 

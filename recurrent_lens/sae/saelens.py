@@ -94,13 +94,13 @@ _FORMAT_KEYS = ("sae_lens_version", "sae_lens_training_version", "recurrent_lens
 
 
 def is_saelens_config(cfg_dict: dict[str, Any]) -> bool:
-    """Whether a parsed ``cfg.json`` is SAELens's (``d_sae``) rather than ours (``n_features``).
+    """Whether a parsed ``cfg.json`` is SAELens's (``d_sae`` or ``d_in``) rather than ours (``n_features``).
 
     Example:
         >>> is_saelens_config({"architecture": "topk", "d_in": 12, "d_sae": 16}), is_saelens_config({"n_features": 16})
         (True, False)
     """
-    return "d_sae" in cfg_dict and "n_features" not in cfg_dict
+    return ("d_sae" in cfg_dict or "d_in" in cfg_dict) and "n_features" not in cfg_dict
 
 
 def _architecture(sae: SAE) -> str:
@@ -286,8 +286,17 @@ def load_saelens(
             raise ValueError(f"{cfg_path} is not valid JSON (truncated?): {e}") from e
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in SAE directory {path!r}")
+    if not isinstance(cfg_dict, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg_dict).__name__}")
+    if not isinstance(cfg_dict.get("metadata") or {}, dict):
+        raise ValueError(f"{cfg_path}: field 'metadata': expected an object, got {cfg_dict['metadata']!r} "
+                         f"({type(cfg_dict['metadata']).__name__})")
     if _major_version(cfg_dict) < 6:
         cfg_dict = _upgrade_pre_6(cfg_dict)
+    missing = [name for name in ("d_in", "d_sae") if name not in cfg_dict]
+    if missing:
+        raise ValueError(f"{cfg_path}: missing the required field{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))} of a SAELens config (input size d_in, dictionary size d_sae)")
     metadata = dict(cfg_dict.get("metadata") or {})
 
     architecture = cfg_dict.get("architecture", "standard")
@@ -312,6 +321,9 @@ def load_saelens(
         raise ValueError(f"{cfg_path}: dtype: expected one of {_FLOAT_DTYPES}, got {cfg_dict.get('dtype')!r}")
 
     ours = metadata.get("recurrent_lens") or {}
+    if not isinstance(ours, dict):
+        raise ValueError(f"{cfg_path}: field 'metadata.recurrent_lens': expected an object (with d_k and d_v), "
+                         f"got {ours!r} ({type(ours).__name__})")
     d_k = _dim("d_k", d_k, ours.get("d_k"), cfg_path)
     d_v = _dim("d_v", d_v, ours.get("d_v"), cfg_path)
     if d_k * d_v != d_in:
@@ -347,12 +359,18 @@ def load_saelens(
         k = cfg_dict.get("k")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"{cfg_path}: k: expected a positive int, got {k!r}")
+        if k > d_sae:
+            raise ValueError(f"{cfg_path}: k: expected at most d_sae={d_sae} (a TopK SAE keeps k of its d_sae "
+                             f"features), got {k}")
         kwargs.update(sparsity="topk", k=k)
         if cfg_dict.get("rescale_acts_by_decoder_norm"):
             # SAELens scales pre-activations by the decoder norms and divides the codes by them before
             # decoding; folding the norms into W_enc, b_enc and W_dec gives the same codes and output.
+            # A zero decoder row stays zero (SAELens would divide 0 by 0): its feature's pre-activation is
+            # 0, as SAELens ranks it, and it decodes to nothing.
             norms = t["W_dec"].norm(dim=-1)
-            t.update(W_enc=t["W_enc"] * norms, b_enc=t["b_enc"] * norms, W_dec=t["W_dec"] / norms[:, None])
+            divisor = torch.where(norms > 0, norms, torch.ones_like(norms))
+            t.update(W_enc=t["W_enc"] * norms, b_enc=t["b_enc"] * norms, W_dec=t["W_dec"] / divisor[:, None])
     elif architecture == "gated":
         kwargs.update(sparsity="gated", gate_mode="hard")
     else:

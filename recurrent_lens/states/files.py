@@ -30,7 +30,7 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
@@ -197,8 +197,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Shaped[Tensor, "..."]
     return tensors
 
 
-def require_finite(tensors: dict[str, Tensor], source: str) -> None:
-    """Refuse (``ValueError`` naming ``source`` and the tensor) floating-point tensors holding NaN or Inf.
+def require_finite(tensors: dict[str, Tensor], source: str, *, minus_inf_ok: Collection[str] = ()) -> None:
+    """Refuse (``ValueError`` naming ``source`` and the tensor) floating-point tensors holding NaN or Inf;
+    the tensors named in ``minus_inf_ok`` may hold ``-inf`` (a log-threshold of 0).
 
     Example:
         >>> require_finite({"W_dec": torch.tensor([1.0, float("nan")])}, "sae_weights.safetensors")
@@ -207,10 +208,15 @@ def require_finite(tensors: dict[str, Tensor], source: str) -> None:
         ValueError: sae_weights.safetensors: tensor 'W_dec': expected finite values, got 1 NaN and 0 Inf of 2
     """
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            nan = int(torch.isnan(t).sum())
-            raise ValueError(f"{source}: tensor {name!r}: expected finite values, got {nan} NaN and "
-                             f"{int(torch.isinf(t).sum())} Inf of {t.numel()}")
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if name in minus_inf_ok:
+            bad &= t != -math.inf
+        if bool(bad.any()):
+            nan, inf = int(torch.isnan(t).sum()), int((bad & torch.isinf(t)).sum())
+            what = "finite values or -inf" if name in minus_inf_ok else "finite values"
+            raise ValueError(f"{source}: tensor {name!r}: expected {what}, got {nan} NaN and {inf} Inf of {t.numel()}")
 
 
 # ---------------------------------------------------------------------------------------------- writing
