@@ -22,7 +22,11 @@ then rewrites the manifest; both are written to a temporary name and renamed. Th
 complete files and records ``sequences_done``, the number of leading source sequences stored. Calling
 :func:`harvest_to_store` again on the same ``out_dir`` checks that the settings match, deletes shard and
 temporary files that the manifest does not name, skips ``sequences_done`` sequences of the source and
-continues, so every sequence is stored exactly once. One process writes a store at a time.
+continues, so every sequence is stored exactly once. One process writes a store at a time: a harvest
+locks ``out_dir`` (:class:`~recurrent_lens.states.files.DirectoryLock`) and a second harvest on it is
+refused at once, naming the process that holds it. Every shard's safetensors header is validated when the
+store opens (byte ranges inside the file, neither overlapping nor leaving gaps, sized dtype x shape), so
+a corrupt shard is refused rather than read as states or provenance.
 
 :class:`StateStore` also opens the reference WriteSAE layout, ``layer_{L}/head_{H}.npy`` arrays of shape
 ``(N, d_k, d_v)`` (float16 or float32, no manifest). The reference stores recurrent states ``S_t`` (one
@@ -102,8 +106,9 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
     it and harvesting resumes after its ``sequences_done`` sequences (see the module docstring).
 
     Everything is checked before any model work: ``dtype``, the cells, the first sequence of the source
-    (none at all is an error), the position policy, ``out_dir`` (created if missing; it must be writable and
-    either empty or a store made with the same settings).
+    (none at all is an error), the position policy, ``out_dir`` (created if missing; it must be writable,
+    not locked by another live harvest, and either empty or a store made with the same settings). The lock
+    is released when this returns or raises.
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.
