@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from recurrent_lens.cli import main
 from recurrent_lens.sae import FlatSAE, TrainConfig, WriteSAE, load
@@ -72,8 +72,6 @@ def test_saelens_metadata_of_the_wrong_type_is_named(tmp_path, metadata, field):
 def test_non_finite_weights_are_refused_naming_tensor_and_file(tmp_path, fmt, value):
     WriteSAE(D_K, D_V, N_F, k=2).save_pretrained(str(tmp_path), format=fmt)
     path = tmp_path / "sae_weights.safetensors"
-    from safetensors.torch import load_file
-
     tensors = load_file(str(path))
     name = "W_dec" if fmt == "saelens" else "V_dec"
     tensors[name].view(-1)[3] = value
