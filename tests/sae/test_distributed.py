@@ -12,6 +12,7 @@ from tests.support.helpers import tiny_gdn
 from recurrent_lens.cli import main
 from recurrent_lens.sae import load
 from recurrent_lens.sae.store import harvest_to_store
+from recurrent_lens.states.files import DirectoryLock
 
 CELLS = [("blocks.0.mixer.hook_state", 1), ("blocks.1.mixer.hook_write", 3)]
 NAMES = [f"{h}.h{k}" for h, k in CELLS]
@@ -60,3 +61,17 @@ def test_data_parallel_and_distributed_cells_match_one_process(store, tmp_path):
     # each rank of the cells run trained only its own cell and wrote its own checkpoint manifest
     assert sorted(p.name for p in (tmp_path / "cells").glob("checkpoint*.json")) == [
         "checkpoint.rank0.json", "checkpoint.rank1.json"]
+
+
+def test_a_locked_out_stops_every_rank_at_once(store, tmp_path):
+    """Rank 0 alone takes the lock; when it cannot, every rank stops with the message (none waits for it)."""
+    out = tmp_path / "locked"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with DirectoryLock(out, "out_dir"):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "recurrent_lens", *train_args(store, out)], capture_output=True, text=True,
+                              timeout=120, env=env)
+    assert done.returncode != 0
+    assert done.stderr.count(f"is in use by another run: pid {os.getpid()}") == 2, done.stderr[-3000:]
+    assert "(rank 0 could not lock it)" in done.stderr
+    assert not [p for p in out.rglob("*") if p.is_file()]
