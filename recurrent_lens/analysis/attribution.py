@@ -115,8 +115,9 @@ def feature_attribution(model: Any, sae: Any, tokens: Any, positions: Tensor | S
     Example:
         >>> import torch
         >>> from recurrent_lens.analysis import feature_attribution
-        >>> tiny_sae.cfg.metadata.update(hook_name="blocks.0.mixer.hook_state", head=1)
-        >>> fa = feature_attribution(tiny_model, tiny_sae, tiny_tokens, [2, 7], features=[0, 5])
+        >>> from recurrent_lens.sae import FlatSAE
+        >>> sae = FlatSAE(8, 8, 16, k=2, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
+        >>> fa = feature_attribution(tiny_model, sae, tiny_tokens, [2, 7], features=[0, 5])
         >>> tuple(fa.writes.shape)
         (2, 2, 2, 8)
         >>> bool(torch.allclose(fa.total(), fa.pre_activation, atol=1e-5))
