@@ -167,7 +167,7 @@ def write_contributions(model: HookedRecurrentModel, tokens: Any, layer: int,
         (True, True)
     """
     layer = check_layer(model, layer)
-    heads = model._heads(heads, "heads")
+    heads = model._heads(heads, f"layer {layer}")
     with torch.no_grad():
         tokens = model._tokens(tokens)
         B, T = tokens.shape
@@ -223,7 +223,7 @@ def implicit_attention(model: HookedRecurrentModel, tokens: Any, layer: int,
         True
     """
     layer = check_layer(model, layer)
-    heads = model._heads(heads, "heads")
+    heads = model._heads(heads, f"layer {layer}")
     with torch.no_grad():
         tokens = model._tokens(tokens)
         T = tokens.shape[1]

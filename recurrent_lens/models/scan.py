@@ -140,7 +140,7 @@ class Rule:
         head, ...]`` slices, as in :meth:`step`) and never from the state. Carrying the keys of past writes
         through it gives their exact contribution to a later state (write attribution,
         :mod:`recurrent_lens.models.attribution`). Unannotated, like :meth:`step`: called once per token."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no transition, which write attribution needs")
 
     def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
             Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
