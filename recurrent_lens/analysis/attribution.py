@@ -53,7 +53,8 @@ class FeatureAttribution:
         """``writes.sum(-1) + initial + bias``: the pre-activation rebuilt from its terms."""
         return self.writes.sum(-1) + self.initial + self.bias
 
-    def top_writers(self, k: int = 5) -> tuple[Float[Tensor, "batch pos feature k"], Int[Tensor, "batch pos feature k"]]:
+    def top_writers(self, k: int = 5) -> tuple[Float[Tensor, "batch pos feature k"],
+                                               Int[Tensor, "batch pos feature k"]]:
         """The ``k`` writes with the largest terms, ``(values, write positions)``, largest first."""
         return self.writes.topk(min(k, self.writes.shape[-1]), dim=-1)
 

@@ -429,7 +429,8 @@ class SAE(HookedRootModule):
         n_chunks = -(-n // max(1, limit // self.cfg.d_in))
         return -(-n // n_chunks)
 
-    def encoder_atoms(self, features: Int[torch.Tensor, " n"] | None = None) -> Float[torch.Tensor, "n_features d_k d_v"]:
+    def encoder_atoms(self, features: Int[torch.Tensor, " n"] | None = None
+                      ) -> Float[torch.Tensor, "n_features d_k d_v"]:
         """Every encoder row as a ``d_k x d_v`` matrix ``E_i`` with ``pre_i = <E_i, S - mean>_F + bias``
         (bilinear: ``sum_r V_enc[i,r] W_enc[i,r]^T``; allocates ``n_features * d_in``), or only the rows
         ``features`` (allocating ``n * d_in``). Gated's magnitude path scales ``<E_i, S - mean>_F``: see
@@ -444,7 +445,8 @@ class SAE(HookedRootModule):
         """
         return self.encoder.atoms(features)
 
-    def pre_activation_affine(self) -> tuple[Float[torch.Tensor, " n_features"] | None, Float[torch.Tensor, " n_features"]]:
+    def pre_activation_affine(self) -> tuple[Float[torch.Tensor, " n_features"] | None,
+                                             Float[torch.Tensor, " n_features"]]:
         """``(scale, bias)`` with pre-activations (``hook_sae_acts_pre``) ``scale * <E_i, S - mean>_F + bias``;
         ``scale`` is ``None`` where it is 1 (every sparsity but Gated, whose magnitude path has ``exp(r_mag)``).
 
