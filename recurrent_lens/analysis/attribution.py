@@ -20,6 +20,10 @@ from torch import Tensor
 from recurrent_lens.models.attribution import capture, carried_writes, positions_by_step
 from recurrent_lens.models.scan import boundary_scan, replay_at
 
+FEATURE_CHUNK_ELEMENTS = 1 << 24
+"""Features are attributed in chunks whose ``E_i v_s`` terms (``[batch, feature, pos, d_k]``) stay under this many
+elements (64 MiB in fp32), so that all of a large SAE's features fit."""
+
 
 @dataclass
 class FeatureAttribution:
@@ -97,8 +101,9 @@ def feature_attribution(model: Any, sae: Any, tokens: Any, positions: Tensor | S
     ``hook_write`` the SAE reads the write at ``t`` alone: that write carries the whole state-dependent part and
     every other term is zero (kept, so the identity and the deletion check read the same for both hooks).
     Other hooks are refused. Runs under ``torch.no_grad``; the forward stops at the SAE's layer. Memory beyond
-    the forward: ``[batch, pos, d_k]`` carried keys, ``[batch, feature, pos, d_k]`` encoder rows applied to the
-    values, and the result.
+    the forward: ``[batch, n, pos, d_k]`` carried keys at the read positions, one chunk of features'
+    ``[batch, feature, pos, d_k]`` encoder rows applied to the values (:data:`FEATURE_CHUNK_ELEMENTS`), and the
+    result.
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.
@@ -133,35 +138,49 @@ def feature_attribution(model: Any, sae: Any, tokens: Any, positions: Tensor | S
         feats = _features(features, sae.cfg.n_features, device)
         got = capture(model, tokens, layer, initial_state)
         x = got.inputs.map(lambda t: t[:, :, [head]])
-        E = sae.encoder_atoms(feats).float()  # [F, d_k, d_v]
-        scale, bias = sae.pre_activation_affine()
-        if scale is not None:  # Gated's magnitude path: fold its scale into the rows
-            E = E * scale[feats].float()[:, None, None]
-        bias = bias[feats].float() - torch.einsum("fkv,kv->f", E, sae.mean.float())
         n, F = pos.shape[1], len(feats)
         rows = torch.arange(B, device=device)[:, None]
-        writes = E.new_zeros(B, n, F, T)
-        initial = E.new_zeros(B, n, F)
-        if what == "write":
-            key, v = x.write_key()[rows, pos, 0], x.v[rows, pos, 0]  # [B, n, d_k], [B, n, d_v]
-            here = torch.einsum("bnk,fkv,bnv->bnf", key, E, v)
-            writes.scatter_(-1, pos[:, :, None, None].expand(B, n, F, 1), here[..., None])
-            pre = here + bias
-        else:
+        if what == "state":
             rule, chunk = model.blocks[layer].mixer.rule, model.cfg.chunk_size
             S0 = got.initial_state[:, [head]]
-            # E_i v_s for every feature and write: the carried keys then give each term with one dot product
-            Ev = torch.einsum("fkv,bsv->bfsk", E, x.v[:, :, 0])
+            # Every read position's carried keys Φ_{s→t} k̃_s, then any number of features in chunks
+            keys_at = x.k.new_zeros(B, n, T, x.k.shape[-1])
+            initial_at = None if initial_state is None else x.k.new_zeros(B, n, x.v.shape[-1], x.k.shape[-1])
             hits = positions_by_step(pos)
             for t, keys, init in carried_writes(rule, x, None if initial_state is None else S0, list(hits), progress):
                 r, slots = hits[t]
-                writes[r, slots, :, : t + 1] = torch.einsum("rsk,rfsk->rfs", keys[r, 0], Ev[r, :, : t + 1])
+                keys_at[r, slots, : t + 1] = keys[r, 0]
                 if init is not None:
-                    initial[r, slots] = torch.einsum("rvk,fkv->rf", init[r, 0], E)
+                    initial_at[r, slots] = init[r, 0]
             # The reference: the states themselves, from the chunked scan the model runs, at the positions.
             _, _, bounds, u = boundary_scan(rule, x, S0, chunk, updates=True)
-            S = replay_at(rule, x, bounds, pos, chunk, updates=u)[:, :, 0]  # [B, n, d_k, d_v]
-            pre = torch.einsum("bnkv,fkv->bnf", S, E) + bias
+            states = replay_at(rule, x, bounds, pos, chunk, updates=u)[:, :, 0]  # [B, n, d_k, d_v]
+        else:
+            key, value = x.write_key()[rows, pos, 0], x.v[rows, pos, 0]  # [B, n, d_k], [B, n, d_v]
+        scale, bias = sae.pre_activation_affine()
+        writes = x.v.new_zeros(B, n, F, T)
+        initial = x.v.new_zeros(B, n, F)
+        bias = bias[feats].float()
+        pre = x.v.new_zeros(B, n, F)
+        step = max(1, FEATURE_CHUNK_ELEMENTS // max(1, B * T * x.k.shape[-1]))
+        for lo in range(0, F, step):
+            part = slice(lo, lo + step)
+            E = sae.encoder_atoms(feats[part]).float()  # [f, d_k, d_v]
+            if scale is not None:  # Gated's magnitude path: fold its scale into the rows
+                E = E * scale[feats[part]].float()[:, None, None]
+            bias[part] -= torch.einsum("fkv,kv->f", E, sae.mean.float())
+            if what == "write":
+                here = torch.einsum("bnk,fkv,bnv->bnf", key, E, value)
+                writes[:, :, part].scatter_(-1, pos[:, :, None, None].expand_as(here[..., None]), here[..., None])
+                pre[:, :, part] = here
+            else:
+                # E_i v_s for every write: with the carried keys, each term is one dot product
+                Ev = torch.einsum("fkv,bsv->bfsk", E, x.v[:, :, 0])
+                writes[:, :, part] = torch.einsum("bnsk,bfsk->bnfs", keys_at, Ev)
+                if initial_at is not None:
+                    initial[:, :, part] = torch.einsum("bnvk,fkv->bnf", initial_at, E)
+                pre[:, :, part] = torch.einsum("bnkv,fkv->bnf", states, E)
+        pre += bias
     return FeatureAttribution(writes, initial, bias.expand(B, n, F).clone(), pre, pos, feats, hook_name, head)
 
 

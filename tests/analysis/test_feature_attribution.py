@@ -166,3 +166,17 @@ def test_plots_show_the_terms():
     assert ax.figure.axes[-1].get_ylabel() == "share of the read α[t, s]"  # the colour bar
     with pytest.raises(ValueError, match=r"expected a square \[t, s\] pattern and one label per position"):
         plot_implicit_attention(alpha[:5], labels)
+
+
+@pytest.mark.parametrize("hook", ["hook_state", "hook_write"])
+def test_features_in_chunks_give_the_same_terms(monkeypatch, hook):
+    import recurrent_lens.analysis.attribution as attribution
+
+    model = tiny_model("delta_net")
+    tokens = tokens_for(model, seed=5)
+    sae = make_sae(model, "flat_gated", hook)
+    whole = feature_attribution(model, sae, tokens, POSITIONS, features=FEATURES)
+    monkeypatch.setattr(attribution, "FEATURE_CHUNK_ELEMENTS", 1)  # one feature per chunk
+    chunked = feature_attribution(model, sae, tokens, POSITIONS, features=FEATURES)
+    for name in ("writes", "initial", "bias", "pre_activation"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-6, atol=1e-7)
