@@ -13,6 +13,9 @@ options override the preset (:mod:`~recurrent_lens.analysis.protocols`, :func:`p
 - :func:`erase_atom`, :func:`install`, :func:`install_during_generation`, :func:`target_direction`,
   :func:`targets_by_rank` (§4, App. I.4-I.6).
 - :func:`partition_atoms`: register/bundle partition with a 1-D GMM and ΔBIC (§3.1).
+- :func:`feature_attribution`: a feature's pre-activation split exactly over the past writes that built its
+  state (with :meth:`~recurrent_lens.HookedRecurrentModel.write_contributions` and ``implicit_attention``);
+  :func:`plot_implicit_attention`, :func:`plot_top_writers` draw them.
 
 What an analysis needs of its ``model`` and ``sae``: :class:`ModelLike` and :class:`SAELike`
 (:mod:`~recurrent_lens.analysis.types`).
@@ -35,11 +38,13 @@ The examples of the analyses share a few objects, which the doctests get from th
 """
 
 from recurrent_lens.analysis._common import kl_divergence, wilcoxon_signed_rank, wilson_interval
+from recurrent_lens.analysis.attribution import FeatureAttribution, feature_attribution
 from recurrent_lens.analysis.interventions import (
     erase_atom, install, install_during_generation, out_proj_slice, target_direction, targets_by_rank,
 )
 from recurrent_lens.analysis.logit_shift import logit_shift_prediction, output_jacobian
 from recurrent_lens.analysis.partition import fit_gmm_1d, partition_atoms
+from recurrent_lens.analysis.plots import plot_implicit_attention, plot_top_writers, token_labels
 from recurrent_lens.analysis.protocols import (
     PRESET, PROTOCOLS, EraseSettings, GenerationInstallSettings, InstallSettings, LogitShiftSettings,
     PartitionSettings, Settings, SubstitutionSettings, preset, preset_table,
@@ -51,6 +56,7 @@ from recurrent_lens.analysis.substitution import find_firings, substitution_test
 from recurrent_lens.analysis.types import ModelConfigLike, ModelLike, SAEConfigLike, SAELike
 
 __all__ = [
+    "feature_attribution", "FeatureAttribution", "plot_implicit_attention", "plot_top_writers", "token_labels",
     "substitution_test", "find_firings", "logit_shift_prediction", "output_jacobian", "erase_atom", "install",
     "install_during_generation", "target_direction", "targets_by_rank", "out_proj_slice", "partition_atoms",
     "fit_gmm_1d", "kl_divergence", "wilson_interval", "wilcoxon_signed_rank", "SubstitutionResult",

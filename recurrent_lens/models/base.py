@@ -21,6 +21,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import Slice, get_act_name
 
 from recurrent_lens.config import ModelConfig
+from recurrent_lens.models import attribution
 from recurrent_lens.models.attention import Attention
 from recurrent_lens.models.cache import LayerCache, RecurrentCache
 from recurrent_lens.models.components import ShortConv, make_mlp, make_norm
@@ -860,6 +861,34 @@ class HookedRecurrentModel(HookedRootModule):
             for mixer in mixers.values():
                 mixer.harvest_request = None
         return found
+
+    # ------------------------------------------------------------------ write attribution
+    def write_contributions(self, tokens: TokensLike, layer: int,
+                            read_positions: Tensor | Sequence[Any] | None = None,
+                            heads: int | Sequence[int] | None = None, *,
+                            initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+                            progress: bool | None = None) -> attribution.WriteContributions:
+        """``blocks.{layer}.mixer.hook_read`` split exactly into one term per past write, an initial-state term
+        and the architecture's extra: see :func:`recurrent_lens.models.attribution.write_contributions`.
+
+        Example:
+            >>> c = tiny_model.write_contributions(tiny_tokens, 0, read_positions=[5])
+            >>> tuple(c.writes.shape), tuple(c.initial.shape)
+            ((2, 1, 2, 8, 8), (2, 1, 2, 8))
+        """
+        return attribution.write_contributions(self, tokens, layer, read_positions, heads,
+                                               initial_state=initial_state, progress=progress)
+
+    def implicit_attention(self, tokens: TokensLike, layer: int, heads: int | Sequence[int] | None = None, *,
+                           progress: bool | None = None) -> Float[Tensor, "batch head t s"]:
+        """The share of each read ``S_tᵀ q_t`` that each past write supplies, ``[batch, head, t, s]``, rows
+        summing to 1: see :func:`recurrent_lens.models.attribution.implicit_attention`.
+
+        Example:
+            >>> tuple(tiny_model.implicit_attention(tiny_tokens, 0).shape)
+            (2, 2, 8, 8)
+        """
+        return attribution.implicit_attention(self, tokens, layer, heads, progress=progress)
 
     # ------------------------------------------------------------------ SAEs
     def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool | None = None) -> None:

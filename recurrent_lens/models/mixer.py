@@ -74,6 +74,24 @@ class HarvestDone(Exception):
     """Raised by the deepest harvested mixer: nothing after it is needed."""
 
 
+@dataclass
+class CaptureRequest:
+    """Set on ``mixer.capture_request`` for one forward: the mixer records the inputs of its recurrence as the
+    hooks left them, its initial state and the architecture's extra read term, then stops the forward
+    (:class:`HarvestDone`) before its own scan. Used by write attribution
+    (:mod:`recurrent_lens.models.attribution`).
+
+    Attributes:
+        inputs: the recurrence inputs ``[batch, pos, head, ...]``.
+        initial_state: ``[batch, head, d_k, d_v]``, the state before the first token.
+        extra: ``[batch, pos, head, d_v]``, what :meth:`MatrixMixer.read_extra` adds to ``S_tᵀ q_t``.
+    """
+
+    inputs: RecurrenceInputs | None = None
+    initial_state: Tensor | None = None
+    extra: Tensor | None = None
+
+
 def hook_active(hp: HookPoint) -> bool:
     """Whether anything is attached to a hook point (a hook, a cache request, a spliced SAE)."""
     return bool(hp._forward_hooks or hp._backward_hooks or getattr(hp, "is_active", False))
@@ -186,6 +204,7 @@ class MatrixMixer(nn.Module):
     has_decay: bool = True
     context_type: type[ForwardContext] = ForwardContext
     harvest_request: HarvestRequest | None = None
+    capture_request: CaptureRequest | None = None
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -258,11 +277,26 @@ class MatrixMixer(nn.Module):
         )
         B, _, H, dk, dv = inputs.shape
         S0 = cache.state if cache is not None and cache.state is not None else inputs.q.new_zeros(B, H, dk, dv)
+        if self.capture_request is not None:
+            self._capture(self.capture_request, inputs, S0, aux)
         o, final = self._recur(inputs, S0)
         if cache is not None:
             cache.state = final
         read = fire(self.hook_read, self.read_extra(o, inputs, aux))
         return fire(self.hook_out, self.output_with_inputs(read, inputs, aux))
+
+    def _capture(self, request: CaptureRequest, inputs: RecurrenceInputs, S0: Tensor, aux: Any) -> None:
+        """Fill ``request`` and stop the forward. Per-step matrix hooks would change the writes or the
+        transitions that attribution holds fixed, so they are refused rather than silently ignored."""
+        watched = [name for name in ("hook_write", "hook_erase", "hook_state")
+                   if hasattr(self, name) and hook_active(getattr(self, name))]
+        if watched:
+            raise ValueError(f"write attribution: blocks.{self.layer}.mixer has hooks on {', '.join(watched)}, "
+                             "which attribution does not apply; remove them")
+        request.inputs, request.initial_state = inputs, S0
+        # read_extra adds its term to the state's read; given zeros it returns the term alone
+        request.extra = self.read_extra(torch.zeros_like(inputs.v), inputs, aux)
+        raise HarvestDone
 
     def _recur(self, inputs: RecurrenceInputs, S0: Tensor) -> tuple[Tensor, Tensor]:
         rule, chunk = self.rule, self.cfg.chunk_size

@@ -86,10 +86,13 @@ class RecurrenceInputs:
         chunk_size, ...]`` (the length must be a multiple of ``chunk_size``)."""
         return self.map(lambda t: rearrange(t, "b (n c) h ... -> b n h c ...", c=chunk_size))
 
+    def write_key(self) -> Tensor:
+        """``β_t k_t``, the key side of the rank-1 write ``W_t = (β_t k_t) v_tᵀ``: ``[batch, pos, head, d_k]``."""
+        return self.k if self.beta is None else self.k * self.beta[..., None]
+
     def write(self) -> Tensor:
         """``W_t = β_t k_t v_tᵀ`` for every token: ``[batch, pos, head, d_k, d_v]``."""
-        k = self.k if self.beta is None else self.k * self.beta[..., None]
-        return k[..., :, None] * self.v[..., None, :]
+        return self.write_key()[..., :, None] * self.v[..., None, :]
 
 
 @dataclass
@@ -130,6 +133,14 @@ class Rule:
         and this step's erase term (``None`` if the rule has none). The shapes are not annotated: the scans
         call this once per token."""
         raise NotImplementedError
+
+    def transition(self, p: Tensor, x: RecurrenceInputs) -> Tensor:
+        """``A_t p`` for key-side vectors ``p`` ``[batch, head, n, d_k]``, where the transition is
+        ``M_t(S) = A_t S`` with a ``d_k × d_k`` matrix ``A_t`` built from this token's inputs ``x`` (``[batch,
+        head, ...]`` slices, as in :meth:`step`) and never from the state. Carrying the keys of past writes
+        through it gives their exact contribution to a later state (write attribution,
+        :mod:`recurrent_lens.models.attribution`). Unannotated, like :meth:`step`: called once per token."""
+        raise NotImplementedError(f"{type(self).__name__} defines no transition, which write attribution needs")
 
     def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
             Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
@@ -194,6 +205,13 @@ class LinearRule(Rule):
             k = x.k if x.beta is None else x.k * x.beta[..., None]
             write = k[..., :, None] * x.v[..., None, :]
         return S + write, None
+
+    def transition(self, p, x):  # per token: unannotated, see Rule.transition
+        # A_t = diag(exp g_t): a scalar per head or one factor per key channel
+        if x.decay is None:
+            return p
+        g = x.decay.exp()
+        return p * (g[..., None, None] if g.dim() == 2 else g[..., None, :])
 
     def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
             Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
@@ -264,6 +282,12 @@ class DeltaRule(LinearRule):
         if write is None:
             write = (beta[..., None] * x.k)[..., :, None] * x.v[..., None, :]
         return S + erase + write, erase
+
+    def transition(self, p, x):  # per token: unannotated, see Rule.transition
+        # A_t = α_t (I − β_t k_t k_tᵀ): the erase reads the key side only, so it is part of A_t
+        beta = 1.0 if x.beta is None else x.beta[..., None, None]
+        p = p - (beta * (p @ x.k[..., :, None])) * x.k[..., None, :]
+        return super().transition(p, x)
 
     def chunked(self, x: RecurrenceInputs, S0: State, chunk_size: int) -> tuple[
             Float[Tensor, "batch pos head d_v"], State, Float[Tensor, "batch n_chunks head d_k d_v"]]:
@@ -341,6 +365,12 @@ class DPLRRule(Rule):
             k = x.k if x.beta is None else x.k * x.beta[..., None]
             write = k[..., :, None] * x.v[..., None, :]
         return S_new + write, erase
+
+    def transition(self, p, x):  # per token: unannotated, see Rule.transition
+        # A_t = diag(exp w_t) − (κ_t⊙a_t) κ_tᵀ: diagonal plus rank one, the erase reading the undecayed state
+        kappa = x.extra["erase_key"]
+        erased = (p @ kappa[..., :, None]) * (kappa * x.extra["a"])[..., None, :]
+        return p * x.decay.exp()[..., None, :] - erased
 
 
 MIN_CHUNK_LOG_DECAY = -80.0

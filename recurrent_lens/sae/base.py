@@ -429,9 +429,12 @@ class SAE(HookedRootModule):
         n_chunks = -(-n // max(1, limit // self.cfg.d_in))
         return -(-n // n_chunks)
 
-    def encoder_atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
+    def encoder_atoms(self, features: Int[torch.Tensor, " n"] | None = None
+                      ) -> Float[torch.Tensor, "n_features d_k d_v"]:
         """Every encoder row as a ``d_k x d_v`` matrix ``E_i`` with ``pre_i = <E_i, S - mean>_F + bias``
-        (bilinear: ``sum_r V_enc[i,r] W_enc[i,r]^T``; allocates ``n_features * d_in``).
+        (bilinear: ``sum_r V_enc[i,r] W_enc[i,r]^T``; allocates ``n_features * d_in``), or only the rows
+        ``features`` (allocating ``n * d_in``). Gated's magnitude path scales ``<E_i, S - mean>_F``: see
+        :meth:`pre_activation_affine`.
 
         Example:
             >>> import torch
@@ -440,7 +443,24 @@ class SAE(HookedRootModule):
             >>> torch.equal(sae.encoder_atoms()[0], torch.outer(sae.V_enc[0, 0], sae.W_enc[0, 0]))
             True
         """
-        return self.encoder.atoms()
+        return self.encoder.atoms(features)
+
+    def pre_activation_affine(self) -> tuple[Float[torch.Tensor, " n_features"] | None,
+                                             Float[torch.Tensor, " n_features"]]:
+        """``(scale, bias)`` with pre-activations (``hook_sae_acts_pre``) ``scale * <E_i, S - mean>_F + bias``;
+        ``scale`` is ``None`` where it is 1 (every sparsity but Gated, whose magnitude path has ``exp(r_mag)``).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import FlatSAE
+            >>> sae = FlatSAE(4, 3, 8, sparsity="gated")
+            >>> scale, bias = sae.pre_activation_affine()
+            >>> S = torch.randn(4, 3)
+            >>> pre = scale * (sae.encoder_atoms() * (S - sae.mean)).sum((-1, -2)) + bias
+            >>> bool(torch.allclose(pre, sae.autoencode(S[None]).pre[0], atol=1e-6))
+            True
+        """
+        return self.sparsity.pre_affine()
 
     def decoder_atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
         """Every decoder atom as a ``d_k x d_v`` matrix (allocates ``n_features * d_in``).

@@ -384,8 +384,8 @@ class Encoder(Part):
     def project(self, x: Float[torch.Tensor, "n d_in"]) -> Float[torch.Tensor, "n n_features"]:
         raise NotImplementedError
 
-    def atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
-        """Every encoder row as a ``d_k x d_v`` matrix ``E_i``."""
+    def atoms(self, features: torch.Tensor | None = None) -> Float[torch.Tensor, "n_features d_k d_v"]:
+        """Every encoder row as a ``d_k x d_v`` matrix ``E_i`` (only rows ``features`` when given)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -411,8 +411,8 @@ class LinearEncoder(Encoder):
     def project(self, x: Float[torch.Tensor, "n d_in"]) -> Float[torch.Tensor, "n n_features"]:
         return x @ self.sae.E_enc.reshape(self.cfg.n_features, -1).T
 
-    def atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
-        return self.sae.E_enc
+    def atoms(self, features: torch.Tensor | None = None) -> Float[torch.Tensor, "n_features d_k d_v"]:
+        return self.sae.E_enc if features is None else self.sae.E_enc[features]
 
     @torch.no_grad()
     def resample(self, idx: torch.Tensor, alive: torch.Tensor, directions: Directions) -> None:
@@ -454,8 +454,11 @@ class BilinearEncoder(Encoder):
         V, W = self.factors
         return FactoredMatmul.apply(x, V, W, self.sae._chunk(x.device), True)
 
-    def atoms(self) -> Float[torch.Tensor, "n_features d_k d_v"]:
-        return assemble(*self.factors).view(-1, self.cfg.d_k, self.cfg.d_v)
+    def atoms(self, features: torch.Tensor | None = None) -> Float[torch.Tensor, "n_features d_k d_v"]:
+        V, W = self.factors
+        if features is not None:
+            V, W = V[features], W[features]
+        return assemble(V, W).view(-1, self.cfg.d_k, self.cfg.d_v)
 
     @torch.no_grad()
     def resample(self, idx: torch.Tensor, alive: torch.Tensor, directions: Directions) -> None:

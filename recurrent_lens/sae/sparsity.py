@@ -207,6 +207,11 @@ class Sparsity(Part):
         ``lead``) and returned."""
         raise NotImplementedError
 
+    def pre_affine(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(scale, bias)`` with ``pre = scale * shared + bias`` (``scale`` ``None`` for 1), as :meth:`activate`
+        forms it before ``hook_sae_acts_pre``."""
+        return None, self.sae.b_enc
+
     def _hooked_pre(self, pre: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
         n_f = self.cfg.n_features
         return self.sae.hook_sae_acts_pre(pre.view(*lead, n_f)).reshape(-1, n_f)
@@ -333,9 +338,13 @@ class Gated(Sparsity):
     def activate(self, shared: Float[torch.Tensor, "n n_features"], lead: tuple[int, ...]) -> tuple[torch.Tensor, Code]:
         cfg, sae = self.cfg, self.sae
         gate = shared + sae.b_gate
-        pre = self._hooked_pre(sae.r_mag.exp() * shared + sae.b_mag, lead)
+        scale, bias = self.pre_affine()
+        pre = self._hooked_pre(scale * shared + bias, lead)
         acts, g = gated(gate, pre, cfg.gate_temperature, cfg.gate_mode)
         return pre, Code(acts, extra={"gate": g})
+
+    def pre_affine(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self.sae.r_mag.exp(), self.sae.b_mag
 
     def aux_loss(self, p: Any, dead: Bool[torch.Tensor, " n_features"]) -> Float[torch.Tensor, ""]:
         cfg, sae = self.cfg, self.sae
