@@ -478,7 +478,7 @@ class MultiCellTrainer:
                    disable=not (cfg.progress and self.rank == 0), desc=f"{len(self.all_cells)} SAEs")
         while self.step < stop:
             batches = self.feed.next()
-            rows = {c: learner.update(batches[c].to(self.device), stop) for c, learner in self.learners.items()}
+            rows = {c: learner.update(batches[c].to(self.device)) for c, learner in self.learners.items()}
             if rows[self.cells[0]] is not None:
                 first = rows[self.cells[0]]
                 bar.set_postfix(step=self.step, mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}")

@@ -188,9 +188,10 @@ class Learner:
                 state["exp_avg"][idx] = 0
                 state["exp_avg_sq"][idx] = 0
 
-    def update(self, x: torch.Tensor, stop: int) -> dict[str, Any] | None:
+    def update(self, x: torch.Tensor) -> dict[str, Any] | None:
         """One optimizer step on the batch ``x``; returns the training-log row written at this step, if any
-        (every ``log_every`` steps and at ``stop``)."""
+        (every ``log_every`` steps and at ``n_steps``; not where a run is merely paused, so that a resumed
+        run logs exactly the rows of an uninterrupted one)."""
         cfg, sae, step = self.cfg, self.sae, self.step
         passed = sae.autoencode(x)
         # As in the reference, the auxiliary loss already sees the counters this batch updated; data-parallel,
@@ -223,7 +224,7 @@ class Learner:
                 self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
         self._n_summed += 1
         self.step += 1
-        if not (self.step % cfg.log_every == 0 or self.step == stop):
+        if not (self.step % cfg.log_every == 0 or self.step == cfg.n_steps):
             return None
         row = {key: float(v) / self._n_summed for key, v in self._sums.items()}
         row["dead"] = int(out.n_dead)
@@ -237,13 +238,16 @@ class Learner:
     def state_dict(self) -> dict[str, Any]:
         return {"sae_config": self.sae.config_dict(), "sae_state": self.sae.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "generator": self.gen.get_state(),
-                "log": asdict(self.log)}
+                "log": asdict(self.log), "log_sums": dict(self._sums), "log_n_summed": self._n_summed}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step = payload["step"]
         self.gen.set_state(payload["generator"])
         self.log = TrainLog(**payload["log"])
+        device = self.sae.mean.device
+        self._sums = {k: v.to(device) for k, v in payload["log_sums"].items()}
+        self._n_summed = payload["log_n_summed"]
 
 
 def build_sae(cfg: TrainConfig, d_k: int, d_v: int, seed: int | None = None) -> SAE:
@@ -561,7 +565,7 @@ class SAETrainer:
         sae.train()
         bar = tqdm(total=stop, initial=self.step, disable=not cfg.progress, desc="SAE")
         while self.step < stop:
-            row = learner.update(self.stream.next_batch(), stop)
+            row = learner.update(self.stream.next_batch())
             if row is not None:
                 bar.set_postfix(mse=f"{row['mse']:.3g}", l0=f"{row['l0']:.1f}", dead=row["dead"])
                 if run is not None:

@@ -115,3 +115,15 @@ def test_a_finished_run_keeps_no_buffers_and_reruns_as_a_no_op(model, tokens, tm
     assert json.loads((tmp_path / "checkpoint.json").read_text())["complete"] is True
     again = MultiCellTrainer(model, [A], tokens, cfg(n_steps=3), out_dir=str(tmp_path))
     assert again.step == 3 and same(again.train()[A], first[A])
+
+
+def test_resumed_train_log_equals_an_uninterrupted_one(model, tokens, tmp_path):
+    # step 6 is mid log window (log_every=4): the running averages must survive the checkpoint
+    train_cells(model, [A, B], tokens, cfg(), out_dir=str(tmp_path / "full"), val_tokens=tokens[:4])
+    MultiCellTrainer(model, [A, B], tokens, cfg(), out_dir=str(tmp_path / "cut"), val_tokens=tokens[:4]).train(
+        until_step=6)
+    MultiCellTrainer(model, [A, B], tokens, cfg(), out_dir=str(tmp_path / "cut"), val_tokens=tokens[:4]).train()
+    for cell in (A, B):
+        full = (tmp_path / "full" / cell.name / "train_log.json").read_text()
+        assert (tmp_path / "cut" / cell.name / "train_log.json").read_text() == full
+        assert [row["step"] for row in json.loads(full)["train"]] == [4, 8, 12]

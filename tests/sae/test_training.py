@@ -1,5 +1,7 @@
 """Training on states streamed from a tiny Gated DeltaNet: loss falls, held-out quality, exact resume."""
 
+import json
+
 import pytest
 import torch
 
@@ -56,6 +58,17 @@ def test_resume_is_bit_identical(model, tokens, tmp_path):
     assert log.train[-1]["step"] == 40
     resumed.save_pretrained(str(tmp_path / "sae"))
     assert torch.equal(load(str(tmp_path / "sae")).V_dec, resumed.V_dec)
+
+
+def test_resumed_train_log_equals_an_uninterrupted_one(model, tokens, tmp_path):
+    # step 23 is mid log window (log_every=10): the running averages must survive the checkpoint
+    cfg = dict(val_sequences=8, val_every=15)
+    SAETrainer(model, HOOK, 2, tokens, small_cfg(checkpoint_dir=str(tmp_path / "full"), **cfg)).train()
+    SAETrainer(model, HOOK, 2, tokens, small_cfg(checkpoint_dir=str(tmp_path / "cut"), **cfg)).train(until_step=23)
+    SAETrainer.from_checkpoint(model, tokens, str(tmp_path / "cut")).train()
+    full = (tmp_path / "full" / "train_log.json").read_text()
+    assert (tmp_path / "cut" / "train_log.json").read_text() == full
+    assert [row["step"] for row in json.loads(full)["train"]] == [10, 20, 30, 40]
 
 
 def test_resampling_clears_adam_moments(model, tokens):
