@@ -60,6 +60,9 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.integrity import (
+    ResumeMismatchError, check_same, refuse_unchecked, sequence_chain, source_fingerprint, weights_fingerprint,
+)
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import atomic_write, save_sae
@@ -134,6 +137,8 @@ class _Sequences:
         self.is_tensor = isinstance(data, Tensor)
         self.epoch = self.cursor = self.consumed = 0
         self._iter: Any = None
+        self.chain = ""  # hash chain of this epoch's windows: a resumed run checks it re-reads the same ones
+        self._expected_chain: str | None = None
 
     def _order(self) -> Tensor:
         order = torch.randperm(len(self.data), generator=seeded_generator(self.seed, self.epoch))
@@ -153,26 +158,39 @@ class _Sequences:
         while len(windows) < self.batch:
             if self._iter is None:
                 self._iter = iter(self.data)
-                for _ in range(self.cursor):  # resuming: skip what this epoch already gave
-                    next(self._iter)
+                if self._expected_chain is not None:  # resuming: skip what this epoch already gave
+                    self._skip_read()
             try:
                 window = next(self._iter)
             except StopIteration:
                 if self.cursor == 0:
                     raise ValueError(f"data: the token source {self.data!r} yields no sequence") from None
-                self._iter, self.epoch, self.cursor = None, self.epoch + 1, 0
+                self._iter, self.epoch, self.cursor, self.chain = None, self.epoch + 1, 0, ""
                 continue
             windows.append(torch.as_tensor(window))
+            self.chain = sequence_chain(self.chain, windows[-1])
             self.cursor += 1
         index = torch.arange(self.consumed, self.consumed + len(windows)) * self.world + self.rank
         self.consumed += len(windows)
         return index, torch.stack(windows)
 
+    def _skip_read(self) -> None:
+        chain = ""
+        for _ in range(self.cursor):
+            chain = sequence_chain(chain, torch.as_tensor(next(self._iter)))
+        if chain != self._expected_chain:
+            raise ResumeMismatchError(
+                f"data: the token source does not yield the {self.cursor} windows already read this epoch by the "
+                f"interrupted run (their hash chain: recorded {self._expected_chain!r}, current {chain!r}); resume "
+                f"with the same source in the same order, or start afresh in another output directory (--out)")
+        self._expected_chain = None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "consumed": self.consumed}
+        return {"epoch": self.epoch, "cursor": self.cursor, "consumed": self.consumed, "chain": self.chain}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.epoch, self.cursor, self.consumed, self._iter = d["epoch"], d["cursor"], d["consumed"], None
+        self.chain = self._expected_chain = d["chain"]
 
 
 class _HarvestFeed:
@@ -319,11 +337,15 @@ class MultiCellTrainer:
             if self.sync is not None:
                 dist.barrier()
         rank, data_world = (self.rank, self.world) if split_data else (0, 1)
+        if store is None and (isinstance(data, Tensor) or not isinstance(data, Iterable)):
+            data = check_tokens(model, data)
+        if out_dir is not None:  # recorded with every checkpoint, compared on resume
+            self.identity = {"weights": weights_fingerprint(model) if store is None else None,
+                             "data": source_fingerprint(data),
+                             "val_data": None if val_tokens is None else source_fingerprint(torch.as_tensor(val_tokens))}
         if store is not None:
             self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)
         else:
-            if isinstance(data, Tensor) or not isinstance(data, Iterable):
-                data = check_tokens(model, data)
             self.feed = _HarvestFeed(model, self.cells, data, cfg, self.local_batch, rank, data_world)
         self.val_states: dict[Cell, Tensor] | None = None
         if val_tokens is not None:
@@ -410,7 +432,7 @@ class MultiCellTrainer:
             write_json(self._manifest_path(), {"step": step, "complete": complete,
                                                "cells": [c.name for c in self.cells],
                                                "world_size": self.world, "mode": self.mode,
-                                               "train_config": asdict(self.cfg)})
+                                               "train_config": asdict(self.cfg), **self.identity})
             if previous is not None and previous["step"] != step:
                 self._remove_step(previous["step"])
         if self.sync is not None:
@@ -443,6 +465,12 @@ class MultiCellTrainer:
             raise ValueError(f"out_dir: the run in {self.out_dir!r} used {manifest.get('world_size')} process(es) "
                              f"in mode {manifest.get('mode')!r}; resume it the same way "
                              f"(got {self.world}, {self.mode!r})")
+        if "weights" not in manifest or "data" not in manifest:
+            raise refuse_unchecked(self.out_dir, "a training run")
+        check_same("weights", manifest["weights"], self.identity["weights"], self.out_dir, "a training run")
+        check_same("data", manifest["data"], self.identity["data"], self.out_dir, "a training run")
+        check_same("validation data", manifest.get("val_data"), self.identity["val_data"], self.out_dir,
+                   "a training run")
         if manifest.get("train_config") != asdict(self.cfg):
             changed = sorted(k for k, v in asdict(self.cfg).items() if manifest.get("train_config", {}).get(k) != v)
             raise ValueError(f"cfg: the run in {self.out_dir!r} used other settings ({', '.join(changed)} differ)")

@@ -19,10 +19,15 @@ batching and wherever a run was interrupted.
 Crash safety: states of sequences harvested since the last flush live in memory; a flush (at a batch
 boundary, once ``shard_size`` states have accumulated, and at the end) writes every cell's shard file,
 then rewrites the manifest; both are written to a temporary name and renamed. The manifest only names
-complete files and records ``sequences_done``, the number of leading source sequences stored. Calling
-:func:`harvest_to_store` again on the same ``out_dir`` checks that the settings match, deletes shard and
+complete files and records ``sequences_done``, the number of leading source sequences stored, with
+``sequences_sha256``, a hash chain over those sequences' token ids. Calling :func:`harvest_to_store` again on
+the same ``out_dir`` checks that the weights, the data source and the settings match (see
+:mod:`recurrent_lens.integrity`; the manifest records all three) and that the source's first
+``sequences_done`` sequences hash to ``sequences_sha256``, deletes shard and
 temporary files that the manifest does not name, skips ``sequences_done`` sequences of the source and
-continues, so every sequence is stored exactly once. One process writes a store at a time.
+continues, so every sequence is stored exactly once. One process writes a store at a time. A store
+written before the weights and data were recorded cannot be checked: resuming it is refused (it still
+opens for reading).
 
 :class:`StateStore` also opens the reference WriteSAE layout, ``layer_{L}/head_{H}.npy`` arrays of shape
 ``(N, d_k, d_v)`` (float16 or float32, no manifest). The reference stores recurrent states ``S_t`` (one
@@ -65,6 +70,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.integrity import (
+    check_same, path_digest, refuse_unchecked, sequence_chain, source_fingerprint, weights_fingerprint,
+)
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import atomic_write
 
@@ -147,8 +155,9 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
     ctx = int(first.shape[0])
     per_seq = sample_positions([0], ctx, positions_per_seq, skip=skip_positions, seed=seed).shape[1]
     cfg = model.cfg
+    name = model_name if model_name is not None else cfg.source
     settings = {
-        "model": {"name": model_name if model_name is not None else cfg.source, "architecture": cfg.architecture,
+        "model": {"name": _resolved(name), "architecture": cfg.architecture,
                   "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_k": cfg.d_k, "d_v": cfg.d_v,
                   "dtype": str(cfg.dtype), "config_sha256": _config_hash(cfg)},
         "positions": {"positions_per_seq": positions_per_seq, "skip_positions": skip_positions, "seed": seed,
@@ -156,13 +165,16 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
         "context_length": ctx,
         "dtype": dtype,
         "shard_size": shard_size,
+        "weights": weights_fingerprint(model),
+        # an in-memory source is identified by the chain of its stored sequences alone (sequences_sha256)
+        "data": {"source": None if isinstance(tokens, Tensor) else source_fingerprint(tokens)},
     }
     out_dir = os.fspath(out_dir)
     manifest = _prepare_out_dir(out_dir, settings, cells)
 
     done = manifest["sequences_done"]
     stop = math.inf if max_sequences is None else max_sequences
-    source = _skip(source, done)
+    source, chain = _skip(source, done, manifest["sequences_sha256"], out_dir)
     store_dtype = _STORE_DTYPES[dtype]
     pending: dict[Cell, list[Tensor]] = {c: [] for c in cells}
     pending_seq: list[Tensor] = []
@@ -177,6 +189,7 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
                 break
             for j, seq in enumerate(batch):
                 _check_sequence(seq, index + j, ctx)
+                chain = sequence_chain(chain, seq)
             seq_index = torch.arange(index, index + len(batch))
             positions = sample_positions(seq_index, ctx, positions_per_seq, skip=skip_positions, seed=seed)
             got = harvest_cells(model, torch.stack([s.long() for s in batch]), positions, cells)
@@ -192,10 +205,10 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
             index += len(batch)
             bar.update(len(batch))
             if n_pending >= shard_size:
-                manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index)
+                manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index, chain)
                 n_pending = 0
         if n_pending:
-            manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index)
+            manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index, chain)
     manifest = dict(manifest, complete=True)
     _write_manifest(out_dir, manifest)
     return StateStore(out_dir)
@@ -205,6 +218,11 @@ def _check_int(name: str, value: Any, low: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         expected = "an int" if low is None else f"an int >= {low}"
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _resolved(name: str | None) -> str | None:
+    """A checkpoint path made absolute (``./ck`` and ``/abs/ck`` are one checkpoint); a hub id as is."""
+    return os.path.realpath(name) if name is not None and os.path.exists(name) else name
 
 
 def _config_hash(cfg: Any) -> str:
@@ -248,14 +266,18 @@ def _check_sequence(seq: Any, index: int, ctx: int | None) -> None:
         raise ValueError(f"tokens: sequence {index}: expected {want} 1-D integer tensor, got {got}")
 
 
-def _skip(source: Iterator[Tensor], n: int) -> Iterator[Tensor]:
-    if n == 0:
-        return source
-    skipped = sum(1 for _ in itertools.islice(source, n))
+def _skip(source: Iterator[Tensor], n: int, recorded: str, out_dir: str) -> tuple[Iterator[Tensor], str]:
+    """The source after the ``n`` sequences already stored, and their hash chain, checked against ``recorded``."""
+    chain, skipped = "", 0
+    for seq in itertools.islice(source, n):
+        chain = sequence_chain(chain, seq)
+        skipped += 1
     if skipped < n:
         raise ValueError(f"tokens: the store already holds the first {n} sequences, but the source yields "
                          f"only {skipped}; expected the same source as the interrupted run")
-    return source
+    check_same("data", {"sequences_sha256": recorded}, {"sequences_sha256": chain}, out_dir,
+               f"a state store whose first {n} sequences are not the source's first {n} (other data or order)")
+    return source, chain
 
 
 def _flat_settings(settings: dict[str, Any], cells: list[str]) -> dict[str, Any]:
@@ -274,7 +296,9 @@ def _fingerprint(settings: dict[str, Any], cells: list[str]) -> str:
 
 
 def _settings_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {key: manifest[key] for key in ("model", "positions", "context_length", "dtype", "shard_size")}
+    # stores written before weights and data were recorded have neither, and still open for reading
+    keys = ("model", "positions", "context_length", "dtype", "shard_size", "weights", "data")
+    return {key: manifest[key] for key in keys if key in manifest}
 
 
 def _prepare_out_dir(out_dir: str, settings: dict[str, Any], cells: list[Cell]) -> dict[str, Any]:
@@ -284,9 +308,15 @@ def _prepare_out_dir(out_dir: str, settings: dict[str, Any], cells: list[Cell]) 
     if os.path.isfile(manifest_path):
         existing = StateStore(out_dir)
         manifest = existing.manifest
+        if "weights" not in manifest or "data" not in manifest or "sequences_sha256" not in manifest:
+            raise refuse_unchecked(out_dir, "a state store")
+        check_same("weights", manifest["weights"], settings["weights"], out_dir, "a state store")
+        check_same("data", manifest["data"]["source"], settings["data"]["source"], out_dir, "a state store")
         old = _flat_settings(_settings_of(manifest), [c["name"] for c in manifest["cells"]])
         new = _flat_settings(settings, names)
-        diffs = [f"{k}: the store has {old.get(k)!r}, this call {new[k]!r}" for k in new if old.get(k) != new[k]]
+        # the name is a label: the weights, compared above, say whether it is the same checkpoint
+        diffs = [f"{k}: the store has {old.get(k)!r}, this call {new[k]!r}" for k in new
+                 if old.get(k) != new[k] and k != "model.name" and k.split(".")[0] not in ("weights", "data")]
         if diffs:
             raise ValueError(f"out_dir: {out_dir!r} holds a store made with other settings ("
                              + "; ".join(diffs) + "); resume with the same settings or use another out_dir")
@@ -303,7 +333,7 @@ def _prepare_out_dir(out_dir: str, settings: dict[str, Any], cells: list[Cell]) 
     manifest = dict(format=_FORMAT, version=FORMAT_VERSION, **settings,
                     cells=[{"name": c.name, "hook_name": c.hook_name, "head": c.head, "count": 0, "shards": []}
                            for c in cells],
-                    sequences_done=0, complete=False, fingerprint=_fingerprint(settings, names))
+                    sequences_done=0, sequences_sha256="", complete=False, fingerprint=_fingerprint(settings, names))
     try:
         _remove_orphans(out_dir, manifest)
         _write_manifest(out_dir, manifest)
@@ -338,7 +368,7 @@ def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
 
 
 def _flush(out_dir: str, manifest: dict[str, Any], pending: dict[Cell, list[Tensor]], pending_seq: list[Tensor],
-           pending_pos: list[Tensor], sequences_done: int) -> dict[str, Any]:
+           pending_pos: list[Tensor], sequences_done: int, chain: str) -> dict[str, Any]:
     """Write one shard per cell from the pending states, then the manifest naming them; empty the buffers."""
     seq_index = torch.cat(pending_seq).contiguous()
     position = torch.cat(pending_pos).contiguous()
@@ -351,7 +381,7 @@ def _flush(out_dir: str, manifest: dict[str, Any], pending: dict[Cell, list[Tens
         atomic_write(os.path.join(out_dir, cell.name, file),
                      lambda tmp, t=tensors, c=cell: save_file(t, tmp, metadata={"cell": c.name}))
         cells.append(dict(entry, count=entry["count"] + n, shards=[*entry["shards"], {"file": file, "count": n}]))
-    new = dict(manifest, cells=cells, sequences_done=sequences_done, complete=False)
+    new = dict(manifest, cells=cells, sequences_done=sequences_done, sequences_sha256=chain, complete=False)
     _write_manifest(out_dir, new)
     for states in pending.values():
         states.clear()
@@ -560,6 +590,25 @@ class StateStore:
         count = f"count={counts[0]}" if len(counts) == 1 else f"counts={counts[0]}..{counts[-1]}"
         return (f"StateStore({self.path!r}, layout={self.layout}, cells={len(self._shards)}, {count}, "
                 f"d_k={self.d_k}, d_v={self.d_v}, dtype={self.dtype})")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the stored states, for a training run on them to check when it resumes: a native
+        store's manifest (weights, data, settings, every shard and count; a store that grew since is
+        another store), or the bytes of a reference layout's files. The resolved path is shown, not compared.
+
+        Example:
+            >>> import os, tempfile, numpy as np
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     os.makedirs(os.path.join(d, "layer_0"))
+            ...     np.save(os.path.join(d, "layer_0", "head_0.npy"), np.zeros((4, 2, 2), dtype=np.float32))
+            ...     sorted(StateStore(d).fingerprint())
+            ['kind', 'path', 'sha256']
+        """
+        if self.manifest is None:
+            digest = path_digest(self.path)
+        else:
+            digest = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+        return {"kind": f"{self.layout} state store", "path": os.path.realpath(self.path), "sha256": digest}
 
     def _cell(self, cell: Any) -> Cell:
         if isinstance(cell, str):

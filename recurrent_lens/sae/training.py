@@ -34,6 +34,7 @@ from jaxtyping import Int
 from torch import nn
 from tqdm.auto import tqdm
 
+from recurrent_lens.integrity import check_same, refuse_unchecked, weights_fingerprint
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEPass
 from recurrent_lens.sae.io import atomic_write
 
@@ -435,6 +436,7 @@ class SAETrainer:
         sae.cfg.metadata.setdefault("hook_name", hook_name)
         sae.cfg.metadata.setdefault("head", head)
         self.learner = Learner(sae, cfg, self.gen)
+        self._weights: dict[str, Any] | None = None
 
     @property
     def sae(self) -> SAE:
@@ -464,10 +466,13 @@ class SAETrainer:
             raise ValueError("save_checkpoint: no path given and TrainConfig.checkpoint_dir is None")
         os.makedirs(directory, exist_ok=True)
         target = os.path.join(directory, CHECKPOINT_NAME)
+        if self._weights is None:
+            self._weights = weights_fingerprint(self.model)
         payload = {**self.learner.state_dict(), "torch_rng": torch.get_rng_state(),
-                   "stream": self.stream.state_dict(), "train_config": asdict(self.cfg),
+                   "stream": self.stream.state_dict(), "train_config": asdict(self.cfg), "weights": self._weights,
                    "data": {"shape": list(self.stream.tokens.shape), "val_shape": list(self.val_tokens.shape),
-                            "fingerprint": _fingerprint(self.stream.tokens)}}
+                            "fingerprint": _fingerprint(self.stream.tokens),
+                            "val_fingerprint": _fingerprint(self.val_tokens)}}
         atomic_write(target, lambda tmp: torch.save(payload, tmp))
         return target
 
@@ -501,17 +506,22 @@ class SAETrainer:
         cfg = cfg or TrainConfig(**payload["train_config"])
         sae = sae_from_payload(payload)
         tokens = check_tokens(model, tokens)
-        data = payload.get("data")
-        if data is not None:
-            n_train = len(tokens) - cfg.val_sequences
-            if list(tokens[:n_train].shape) != data["shape"] or _fingerprint(tokens[:n_train]) != data["fingerprint"]:
-                raise ValueError(f"tokens: the checkpoint {file} was trained on other tokens (shape {data['shape']}, "
-                                 f"got {list(tokens[:n_train].shape)} training sequences with other ids)")
+        if "weights" not in payload or "val_fingerprint" not in payload.get("data", {}):
+            raise refuse_unchecked(file, "a training checkpoint", "path")
+        data = payload["data"]
+        n_train = len(tokens) - cfg.val_sequences
+        if list(tokens[:n_train].shape) != data["shape"] or _fingerprint(tokens[:n_train]) != data["fingerprint"]:
+            raise ValueError(f"tokens: the checkpoint {file} was trained on other tokens (shape {data['shape']}, "
+                             f"got {list(tokens[:n_train].shape)} training sequences with other ids)")
+        if _fingerprint(tokens[n_train:]) != data["val_fingerprint"]:
+            raise ValueError(f"tokens: the checkpoint {file} was validated on other held-out tokens (the last "
+                             f"{cfg.val_sequences} sequences, shape {data['val_shape']}, hold other ids)")
         hook_name, head = sae.cfg.metadata.get("hook_name"), sae.cfg.metadata.get("head")
         check_cell(model, hook_name, head)
         if hasattr(model, "cfg") and (model.cfg.d_k, model.cfg.d_v) != (sae.cfg.d_k, sae.cfg.d_v):
             raise ValueError(f"model: the checkpoint's SAE reads {sae.cfg.d_k}x{sae.cfg.d_v} states, the model has "
                              f"{model.cfg.d_k}x{model.cfg.d_v}")
+        check_same("weights", payload["weights"], weights_fingerprint(model), file, "a training checkpoint", "path")
         trainer = cls(model, hook_name, head, tokens, cfg, sae=sae)
         trainer.learner.load_state_dict(payload)
         torch.set_rng_state(payload["torch_rng"])

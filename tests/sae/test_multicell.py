@@ -127,3 +127,54 @@ def test_resumed_train_log_equals_an_uninterrupted_one(model, tokens, tmp_path):
         full = (tmp_path / "full" / cell.name / "train_log.json").read_text()
         assert (tmp_path / "cut" / cell.name / "train_log.json").read_text() == full
         assert [row["step"] for row in json.loads(full)["train"]] == [4, 8, 12]
+
+
+def test_resume_checks_the_weights_and_the_data(model, tokens, tmp_path):
+    MultiCellTrainer(model, [A], tokens, cfg(), out_dir=str(tmp_path)).train(until_step=2)
+    changed = tiny_gdn(seed=0)
+    with torch.no_grad():
+        changed.embed.weight[3, 0] += 1e-3
+    with pytest.raises(ValueError, match=r"other weights: sha256: recorded '[0-9a-f]{64}', current '[0-9a-f]{64}'"
+                                         r".*use another output directory \(--out\) or delete"):
+        MultiCellTrainer(changed, [A], tokens, cfg(), out_dir=str(tmp_path))
+    other = tokens.clone()
+    other[0, 0] += 1
+    with pytest.raises(ValueError, match="other data: sha256: recorded"):
+        MultiCellTrainer(model, [A], other, cfg(), out_dir=str(tmp_path))
+    assert MultiCellTrainer(model, [A], tokens.clone(), cfg(), out_dir=str(tmp_path)).step == 2
+
+
+def test_resume_checks_a_file_source_and_its_order(model, tokens, tmp_path):
+    ids, out = tmp_path / "ids.npy", str(tmp_path / "out")
+    np.save(ids, tokens.numpy())
+    MultiCellTrainer(model, [A], open_tokens(str(ids)), cfg(), out_dir=out).train(until_step=3)
+    with pytest.raises(ValueError, match="other data .*skip: recorded 0, current 2"):
+        MultiCellTrainer(model, [A], open_tokens(str(ids), skip=2), cfg(), out_dir=out)
+    with pytest.raises(ValueError, match="other data: recorded"):
+        MultiCellTrainer(model, [A], iter(list(tokens)), cfg(), out_dir=out)
+    np.save(ids, tokens.flip(0).numpy())
+    with pytest.raises(ValueError, match="other data .*content: recorded"):
+        MultiCellTrainer(model, [A], open_tokens(str(ids)), cfg(), out_dir=out)
+
+
+def test_resume_checks_the_order_of_a_plain_iterable(model, tokens, tmp_path):
+    class Rows:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter(list(self.rows))
+
+    MultiCellTrainer(model, [A], Rows(tokens), cfg(), out_dir=str(tmp_path)).train(until_step=3)
+    trainer = MultiCellTrainer(model, [A], Rows(tokens.flip(0)), cfg(), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="windows already read this epoch"):
+        trainer.train()
+
+
+def test_a_run_without_recorded_weights_is_not_resumed(model, tokens, tmp_path):
+    MultiCellTrainer(model, [A], tokens, cfg(), out_dir=str(tmp_path)).train(until_step=2)
+    manifest = json.loads((tmp_path / "checkpoint.json").read_text())
+    del manifest["weights"], manifest["data"]
+    (tmp_path / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="older recurrent_lens that did not record the weights and data"):
+        MultiCellTrainer(model, [A], tokens, cfg(), out_dir=str(tmp_path))

@@ -167,3 +167,5 @@ def test_from_checkpoint_refuses_other_tokens_or_model(model, tokens, tmp_path):
         SAETrainer.from_checkpoint(model, tokens.flip(0), str(tmp_path))
     with pytest.raises(ValueError, match="states"):
         SAETrainer.from_checkpoint(tiny_gdn(seed=0, d_k=4), tokens, str(tmp_path))
+    with pytest.raises(ValueError, match="other weights: sha256: recorded"):
+        SAETrainer.from_checkpoint(tiny_gdn(seed=1), tokens, str(tmp_path))
