@@ -1002,6 +1002,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, command_parser)
     except ResumeMismatchError as e:
         command_parser.error(f"argument --out: {e}")
+    except NonFiniteError as e:  # a run that diverged: no traceback, a non-zero exit, the message
+        print(f"{command_parser.prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -166,3 +166,22 @@ def test_resume_checks_the_weights_and_the_data_not_how_the_path_is_spelled(chec
         with pytest.raises(SystemExit) as exit_:
             run(*argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_divergence_exits_non_zero_and_saves_no_sae(tmp_path, capsys):
+    import numpy as np
+
+    states = np.random.default_rng(0).standard_normal((2000, 3, 5)).astype(np.float32)
+    states[777, 0, 0] = np.nan
+    (tmp_path / "ref" / "layer_0").mkdir(parents=True)
+    np.save(tmp_path / "ref" / "layer_0" / "head_0.npy", states)
+    argv = ["train-sae", "--states", tmp_path / "ref", "--steps", 200, "--batch-size", 32, "--n-features", 32,
+            "--k", 4, "--buffer-size", 64, "--no-progress"]
+    assert run(*argv, "--out", tmp_path / "nan") == 1
+    err = capsys.readouterr().err
+    assert "blocks.0.mixer.hook_state.h0: training diverged: non-finite training states" in err
+    assert "store row 777" in err and not (tmp_path / "nan" / "blocks.0.mixer.hook_state.h0" / "cfg.json").exists()
+    states[777, 0, 0] = 0
+    np.save(tmp_path / "ref" / "layer_0" / "head_0.npy", states)
+    assert run(*argv, "--lr", "1e6", "--out", tmp_path / "lr") == 1
+    assert "training diverged" in capsys.readouterr().err

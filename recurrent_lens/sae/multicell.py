@@ -26,8 +26,14 @@ Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
 Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
 ``{out_dir}/{cell.name}/checkpoint-{step}.pt`` per cell, ``{out_dir}/data-{step}.rank{r}.pt`` per rank
 (generators, data position, buffers) and, written last and atomically, ``{out_dir}/checkpoint.json`` naming
-the step; a run started on an ``out_dir`` with a checkpoint continues from it bit for bit (a finished run
-keeps only the per-cell files, no data position or buffers). At the end each
+the step and the weights and data the run was made from (see :mod:`recurrent_lens.integrity`); a run started
+on an ``out_dir`` with a checkpoint checks that they and the settings are the same (else
+:class:`~recurrent_lens.integrity.ResumeMismatchError`; a checkpoint without them is refused) and continues
+from it bit for bit, ``train_log.json`` included (a finished run keeps only the per-cell files, no data
+position or buffers). A run that meets a NaN or an infinity in a cell's states, loss, gradients or weights
+stops with :class:`~recurrent_lens.integrity.NonFiniteError` naming the cell, the step and where the state
+came from (store row, or sequence and position), and writes nothing more (see
+:mod:`recurrent_lens.sae.training`): the last checkpoint stays. At the end each
 cell's SAE is saved in ``{out_dir}/{cell.name}/`` (loadable with :func:`recurrent_lens.sae.load`) with its
 ``train_log.json``.
 
@@ -61,7 +67,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recurrent_lens.integrity import (
-    ResumeMismatchError, check_same, refuse_unchecked, sequence_chain, source_fingerprint, weights_fingerprint,
+    NonFiniteError, ResumeMismatchError, check_same, first_nonfinite, refuse_unchecked, sequence_chain,
+    source_fingerprint, weights_fingerprint,
 )
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
@@ -118,10 +125,18 @@ def _cell_generator(seed: int, cell: Cell, role: str) -> torch.Generator:
 
 
 def _sampled_states(model: Any, cells: list[Cell], cfg: TrainConfig, index: Tensor,
-                    tokens: Tensor) -> dict[Cell, Tensor]:
-    """Every cell's states, in host memory, at the positions ``cfg`` samples for the sequences ``index``."""
+                    tokens: Tensor) -> tuple[dict[Cell, Tensor], dict[Cell, tuple[int, int]]]:
+    """Every cell's states, in host memory, at the positions ``cfg`` samples for the sequences ``index``, and
+    for each cell with a non-finite state the sequence index and position of the first."""
     pos = sample_positions(index, tokens.shape[1], cfg.positions_per_seq, skip=cfg.skip_positions, seed=cfg.seed)
-    return {c: s.cpu() for c, s in harvest_cells(model, tokens, pos, cells).items()}
+    states = {c: s.cpu() for c, s in harvest_cells(model, tokens, pos, cells).items()}
+    bad = {}
+    for c, s in states.items():
+        row = first_nonfinite(s)
+        if row is not None:
+            i, j = divmod(row, pos.shape[1])
+            bad[c] = (int(index[i]), int(pos[i, j]))
+    return states, bad
 
 
 class _Sequences:
@@ -203,13 +218,16 @@ class _HarvestFeed:
         self.gens = {c: _cell_generator(cfg.seed, c, "buffer") for c in cells}
         self.buffers: dict[Cell, Tensor] = {}
         self.fill = 0
+        self.nonfinite: dict[Cell, str] = {}  # per cell, where its first non-finite state came from
 
     @torch.no_grad()
     def _refill(self) -> None:
         parts = {c: [self.buffers[c][: self.fill]] if c in self.buffers else [] for c in self.cells}
         have = self.fill
         while have < self.cfg.buffer_size:
-            states = _sampled_states(self.model, self.cells, self.cfg, *self.sequences.next())
+            states, bad = _sampled_states(self.model, self.cells, self.cfg, *self.sequences.next())
+            self.nonfinite = {**{c: f"the first non-finite state harvested: sequence {i}, position {p}"
+                                 for c, (i, p) in bad.items()}, **self.nonfinite}
             for c in self.cells:
                 parts[c].append(states[c])
             have += len(states[self.cells[0]])
@@ -250,14 +268,29 @@ class _StoreFeed:
         self.store, self.cells, self.cfg, self.rank, self.world = store, cells, cfg, rank, world
         self.step = 0
         self._iters: dict[Cell, Any] = {}
+        self.nonfinite: dict[Cell, str] = {}  # per cell, where its first non-finite state lies
 
     def next(self) -> dict[Cell, Tensor]:
         if not self._iters:
-            self._iters = {c: iter(self.store.iter_batches(c, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
-                                                           rank=self.rank, world_size=self.world, start=self.step))
+            self._iters = {c: iter(self.store.batch_indices(c, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
+                                                            rank=self.rank, world_size=self.world, start=self.step))
                            for c in self.cells}
         self.step += 1
-        return {c: next(it) for c, it in self._iters.items()}
+        batches = {}
+        for c, it in self._iters.items():
+            index = next(it)
+            batches[c] = self.store.read(c, index)
+            row = first_nonfinite(batches[c]) if c not in self.nonfinite else None
+            if row is not None:
+                self.nonfinite[c] = (f"the first non-finite state read: store row {int(index[row])}"
+                                     + self._origin(c, index[row]))
+        return batches
+
+    def _origin(self, cell: Cell, row: Tensor) -> str:
+        if self.store.manifest is None:
+            return ""
+        seq, pos = self.store.provenance(cell, row.reshape(1))
+        return f" (sequence {int(seq[0])}, position {int(pos[0])})"
 
     def mean(self, cell: Cell) -> Tensor:
         n = min(self.store.count(cell), self.cfg.buffer_size)
@@ -340,9 +373,9 @@ class MultiCellTrainer:
         if store is None and (isinstance(data, Tensor) or not isinstance(data, Iterable)):
             data = check_tokens(model, data)
         if out_dir is not None:  # recorded with every checkpoint, compared on resume
+            val = None if val_tokens is None else source_fingerprint(torch.as_tensor(val_tokens))
             self.identity = {"weights": weights_fingerprint(model) if store is None else None,
-                             "data": source_fingerprint(data),
-                             "val_data": None if val_tokens is None else source_fingerprint(torch.as_tensor(val_tokens))}
+                             "data": source_fingerprint(data), "val_data": val}
         if store is not None:
             self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)
         else:
@@ -352,7 +385,8 @@ class MultiCellTrainer:
             if model is None:
                 raise ValueError("val_tokens: needs a model to harvest the held-out states from")
             self.val_states = self._harvest_validation(check_tokens(model, val_tokens))
-        self.learners = {c: Learner(self._new_sae(c, saes), cfg, _cell_generator(cfg.seed, c, "learner"), self.sync)
+        self.learners = {c: Learner(self._new_sae(c, saes), cfg, _cell_generator(cfg.seed, c, "learner"), self.sync,
+                                    label=c.name)
                          for c in self.cells}
         if out_dir is not None and os.path.exists(self._manifest_path()):
             self._resume()
@@ -398,7 +432,12 @@ class MultiCellTrainer:
         for i in range(0, len(tokens), step):
             chunk = tokens[i : i + step]
             index = torch.arange(i, i + len(chunk)) + 2**40  # a range no training sequence uses
-            for c, s in _sampled_states(self.model, self.cells, self.cfg, index, chunk).items():
+            states, bad = _sampled_states(self.model, self.cells, self.cfg, index, chunk)
+            if bad:
+                c, (seq, position) = next(iter(bad.items()))
+                raise NonFiniteError(f"held-out states of {c.name}: non-finite state at sequence {seq - 2**40} of "
+                                     f"val_tokens, position {position}")
+            for c, s in states.items():
                 out[c].append(s)
         return {c: torch.cat(v) for c, v in out.items()}
 
@@ -417,6 +456,8 @@ class MultiCellTrainer:
         """Write every cell's and every rank's state for this step, then the manifest naming the step."""
         if self.out_dir is None:
             raise ValueError("save_checkpoint: out_dir is None")
+        for learner in self.learners.values():  # a diverged run keeps its last good checkpoint
+            learner.check_finite()
         step = self.step
         complete = step >= self.cfg.n_steps
         if not complete:  # a finished run needs no data position or buffers to continue
@@ -506,6 +547,8 @@ class MultiCellTrainer:
                    disable=not (cfg.progress and self.rank == 0), desc=f"{len(self.all_cells)} SAEs")
         while self.step < stop:
             batches = self.feed.next()
+            for c, note in self.feed.nonfinite.items():
+                self.learners[c].states_note = note
             rows = {c: learner.update(batches[c].to(self.device)) for c, learner in self.learners.items()}
             if rows[self.cells[0]] is not None:
                 first = rows[self.cells[0]]
@@ -519,6 +562,7 @@ class MultiCellTrainer:
             bar.update(per_step)
         bar.close()
         for learner in self.learners.values():
+            learner.check_finite()
             learner.sae.eval()
             if self.step >= cfg.n_steps:
                 learner.sae.cfg.metadata.update(train_steps=self.step)

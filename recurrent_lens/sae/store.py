@@ -16,6 +16,10 @@ Every cell holds the same states' provenance: row ``j`` of every cell's shard ``
 ``sample_positions([i], context_length, positions_per_seq, skip=skip_positions, seed=seed)``, whatever the
 batching and wherever a run was interrupted.
 
+A batch whose states hold a NaN or an infinity (in the storage dtype: a float16 store refuses states that
+overflow it) is never stored: :class:`~recurrent_lens.integrity.NonFiniteError` names the layer, head,
+sequence and position of the first.
+
 Crash safety: states of sequences harvested since the last flush live in memory; a flush (at a batch
 boundary, once ``shard_size`` states have accumulated, and at the end) writes every cell's shard file,
 then rewrites the manifest; both are written to a temporary name and renamed. The manifest only names
@@ -71,7 +75,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recurrent_lens.integrity import (
-    check_same, path_digest, refuse_unchecked, sequence_chain, source_fingerprint, weights_fingerprint,
+    NonFiniteError, check_same, first_nonfinite, path_digest, refuse_unchecked, sequence_chain, source_fingerprint, weights_fingerprint,
 )
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import atomic_write
@@ -194,11 +198,15 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
             positions = sample_positions(seq_index, ctx, positions_per_seq, skip=skip_positions, seed=seed)
             got = harvest_cells(model, torch.stack([s.long() for s in batch]), positions, cells)
             expected = (len(batch) * per_seq, cfg.d_k, cfg.d_v)
+            stored = {}
             for c in cells:
                 if tuple(got[c].shape) != expected:
                     raise RuntimeError(f"{c.name}: harvested states of shape {tuple(got[c].shape)}, "
                                        f"expected {expected} from the model's d_k and d_v")
-                pending[c].append(got[c].to(dtype=store_dtype).cpu())
+                stored[c] = got[c].to(dtype=store_dtype).cpu()
+                _check_finite(c, stored[c], got[c], seq_index, positions, dtype)
+            for c in cells:
+                pending[c].append(stored[c])
             pending_seq.append(seq_index.repeat_interleave(per_seq))
             pending_pos.append(positions.reshape(-1).cpu())
             n_pending += len(batch) * per_seq
@@ -212,6 +220,22 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
     manifest = dict(manifest, complete=True)
     _write_manifest(out_dir, manifest)
     return StateStore(out_dir)
+
+
+def _check_finite(cell: Cell, stored: Tensor, harvested: Tensor, seq_index: Tensor, positions: Tensor,
+                  dtype: str) -> None:
+    """Refuse a batch holding a NaN or an infinity (in the storage dtype), naming the first one's origin."""
+    row = first_nonfinite(stored)
+    if row is None:
+        return
+    i, j = divmod(row, positions.shape[1])
+    layer = re.match(r"blocks\.(\d+)\.", cell.hook_name)
+    where = f"layer {layer.group(1)} ({cell.hook_name})" if layer else cell.hook_name
+    why = ("" if first_nonfinite(harvested[row : row + 1]) is not None else
+           f" (finite as harvested, max |value| {float(harvested[row].abs().max()):.3g}, but it overflows {dtype})")
+    raise NonFiniteError(f"{where}, head {cell.head}: non-finite state at sequence {int(seq_index[i])}, position "
+                         f"{int(positions[i, j])}{why}; nothing of its batch was stored (the store holds only the "
+                         f"sequences flushed before it)")
 
 
 def _check_int(name: str, value: Any, low: int | None) -> None:

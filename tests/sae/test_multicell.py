@@ -178,3 +178,54 @@ def test_a_run_without_recorded_weights_is_not_resumed(model, tokens, tmp_path):
     (tmp_path / "checkpoint.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="older recurrent_lens that did not record the weights and data"):
         MultiCellTrainer(model, [A], tokens, cfg(), out_dir=str(tmp_path))
+
+
+def reference_store(path, states):
+    from recurrent_lens.sae.store import StateStore
+
+    (path / "layer_0").mkdir(parents=True)
+    np.save(path / "layer_0" / "head_1.npy", states.numpy())
+    return StateStore(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, bad):
+    from recurrent_lens.integrity import NonFiniteError
+
+    states = torch.randn(2000, 4, 6, generator=torch.Generator().manual_seed(0))
+    cell = Cell("blocks.0.mixer.hook_state", 1)
+    row = int(next(reference_store(tmp_path / "good", states).batch_indices(cell, 32, seed=0, start=3))[5])
+    states[row, 1, 2] = bad  # one state among 2000, read in the batch of step 3
+    out = tmp_path / "out"
+    trainer = MultiCellTrainer(None, [cell], reference_store(tmp_path / "bad", states),
+                               cfg(checkpoint_every=2, log_every=100), out_dir=str(out))
+    message = ("non-finite loss at step 3" if bad == 1e30 else
+               rf"non-finite training states at step 3 \(row 5 of the batch\); the first non-finite state read: "
+               rf"store row {row}")
+    with pytest.raises(NonFiniteError, match=rf"blocks.0.mixer.hook_state.h1: training diverged: {message}"):
+        trainer.train()
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2
+    kept = torch.load(out / cell.name / "checkpoint-00000002.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in kept["sae_state"].values() if t.is_floating_point())
+    assert not (out / cell.name / "train_log.json").exists() and not (out / cell.name / "cfg.json").exists()
+
+
+def test_a_huge_learning_rate_is_caught(tmp_path):
+    from recurrent_lens.integrity import NonFiniteError
+
+    store = reference_store(tmp_path / "store", torch.randn(512, 4, 6, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(NonFiniteError, match="training diverged: non-finite"):
+        train_cells(None, [Cell("blocks.0.mixer.hook_state", 1)], store, cfg(lr=1e6, warmup_steps=0, n_steps=40))
+
+
+def test_a_nan_weight_in_the_model_is_caught(tokens):
+    from recurrent_lens.integrity import NonFiniteError
+
+    broken = tiny_gdn(seed=0)
+    with torch.no_grad():
+        broken.blocks[0].ln1.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"blocks.0.mixer.hook_state.h1: training diverged: non-finite "
+                                             r"(training states|weights) at step 0.*sequence \d+, position \d+"):
+        train_cells(broken, [A], tokens, cfg())
+    with pytest.raises(NonFiniteError, match="held-out states of blocks.0.mixer.hook_state.h1: .*sequence 0"):
+        MultiCellTrainer(broken, [A], tokens, cfg(), val_tokens=tokens[:2])

@@ -405,3 +405,32 @@ def test_a_store_without_recorded_weights_is_not_resumed(model, tokens, tmp_path
     assert StateStore(tmp_path).count(CELLS[0]) == 12  # still readable
     with pytest.raises(ValueError, match="older recurrent_lens that did not record the weights and data"):
         harvest_to_store(model, CELLS, tokens, tmp_path, **KW)
+
+
+def test_non_finite_states_are_never_stored(model, tokens, tmp_path, monkeypatch):
+    from recurrent_lens.integrity import NonFiniteError
+
+    broken = tiny_gdn(seed=0)
+    with torch.no_grad():
+        broken.blocks[1].ln1.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"layer 1 \(blocks.1.mixer.hook_write\), head 3: non-finite state at "
+                                             r"sequence 0, position \d+"):
+        harvest_to_store(broken, CELLS, tokens, tmp_path / "nan", **KW)
+    assert StateStore(tmp_path / "nan").sequences_done == 0
+
+    real = store_mod.harvest_cells
+
+    def one_huge_state(model, toks, positions, cells):
+        got = real(model, toks, positions, cells)
+        if toks.shape[0] == 2 and torch.equal(toks[1], tokens[5]):  # sequence 5, its second sampled position
+            got[CELLS[0]][KW["positions_per_seq"] + 1, 2, 3] = 1e30
+        return got
+
+    monkeypatch.setattr(store_mod, "harvest_cells", one_huge_state)
+    position = int(sample_positions([5], 20, 3, skip=1, seed=5)[0, 1])
+    store = harvest_to_store(model, CELLS, tokens, tmp_path / "fp32", **KW)  # finite: stored as it is
+    assert store.read(CELLS[0], torch.arange(27)).abs().max() == 1e30
+    with pytest.raises(NonFiniteError, match=rf"layer 0 \(blocks.0.mixer.hook_state\), head 1: non-finite state at "
+                                             rf"sequence 5, position {position} .*overflows float16"):
+        harvest_to_store(model, CELLS, tokens, tmp_path / "fp16", **dict(KW, dtype="float16"))
+    assert StateStore(tmp_path / "fp16").sequences_done == 4  # the flushed sequences before it, nothing after

@@ -169,3 +169,22 @@ def test_from_checkpoint_refuses_other_tokens_or_model(model, tokens, tmp_path):
         SAETrainer.from_checkpoint(tiny_gdn(seed=0, d_k=4), tokens, str(tmp_path))
     with pytest.raises(ValueError, match="other weights: sha256: recorded"):
         SAETrainer.from_checkpoint(tiny_gdn(seed=1), tokens, str(tmp_path))
+
+
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(model, tokens, tmp_path):
+    from recurrent_lens.integrity import NonFiniteError
+
+    cfg = small_cfg(lr=1e6, warmup_steps=0, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    trainer = SAETrainer(model, HOOK, 0, tokens, cfg)
+    with pytest.raises(NonFiniteError, match=rf"{HOOK}.h0: training diverged: non-finite \w+ at step \d+"):
+        trainer.train()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert kept["step"] < trainer.step
+    assert all(torch.isfinite(t).all() for t in kept["sae_state"].values() if t.is_floating_point())
+    assert not (tmp_path / "train_log.json").exists()
+    broken = tiny_gdn(seed=0)
+    with torch.no_grad():
+        broken.blocks[0].ln1.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"training diverged: non-finite (training states|weights) at step 0.*"
+                                             r"sequence \d+ of the training tokens, position \d+"):
+        train(broken, HOOK, 0, tokens, small_cfg())
