@@ -229,3 +229,15 @@ def test_a_nan_weight_in_the_model_is_caught(tokens):
         train_cells(broken, [A], tokens, cfg())
     with pytest.raises(NonFiniteError, match="held-out states of blocks.0.mixer.hook_state.h1: .*sequence 0"):
         MultiCellTrainer(broken, [A], tokens, cfg(), val_tokens=tokens[:2])
+
+
+def test_training_from_a_store_that_grew_is_not_resumed(model, tokens, tmp_path):
+    from recurrent_lens.sae.store import StateStore, harvest_to_store
+
+    kw = dict(positions_per_seq=6, progress=False)
+    harvest_to_store(model, [A], tokens, tmp_path / "store", max_sequences=12, **kw)
+    out = str(tmp_path / "out")
+    MultiCellTrainer(None, [A], StateStore(tmp_path / "store"), cfg(), out_dir=out).train(until_step=2)
+    harvest_to_store(model, [A], tokens, tmp_path / "store", **kw)
+    with pytest.raises(ValueError, match="other data .*sha256: recorded"):
+        MultiCellTrainer(None, [A], StateStore(tmp_path / "store"), cfg(), out_dir=out)
