@@ -75,7 +75,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recurrent_lens.integrity import (
-    NonFiniteError, check_same, first_nonfinite, path_digest, refuse_unchecked, sequence_chain, source_fingerprint, weights_fingerprint,
+    NonFiniteError, check_same, first_nonfinite, path_digest, refuse_unchecked, sequence_chain, source_fingerprint,
+    weights_fingerprint,
 )
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import atomic_write
@@ -128,10 +129,17 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
         seed: seeds the positions of every sequence.
         max_sequences: stop after this many source sequences (counted from the start of the source).
         progress: show a progress bar.
-        model_name: recorded in the manifest and checked on resume; defaults to ``model.cfg.source``.
+        model_name: recorded in the manifest (a path made absolute); defaults to ``model.cfg.source``. It is
+            a label: a resume compares the weights themselves.
 
     Returns:
         The finished store, opened as a :class:`StateStore`.
+
+    Raises:
+        NonFiniteError: a harvested state holds a NaN or an infinity, or overflows ``dtype`` (nothing of its
+            batch is stored; :class:`~recurrent_lens.integrity.NonFiniteError`).
+        ResumeMismatchError: ``out_dir`` holds a store of other weights, data or settings
+            (:class:`~recurrent_lens.integrity.ResumeMismatchError`, a ``ValueError``).
 
     Example:
         >>> import tempfile, torch
@@ -198,15 +206,13 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
             positions = sample_positions(seq_index, ctx, positions_per_seq, skip=skip_positions, seed=seed)
             got = harvest_cells(model, torch.stack([s.long() for s in batch]), positions, cells)
             expected = (len(batch) * per_seq, cfg.d_k, cfg.d_v)
-            stored = {}
             for c in cells:
                 if tuple(got[c].shape) != expected:
                     raise RuntimeError(f"{c.name}: harvested states of shape {tuple(got[c].shape)}, "
                                        f"expected {expected} from the model's d_k and d_v")
-                stored[c] = got[c].to(dtype=store_dtype).cpu()
-                _check_finite(c, stored[c], got[c], seq_index, positions, dtype)
-            for c in cells:
-                pending[c].append(stored[c])
+                stored = got[c].to(dtype=store_dtype).cpu()
+                _check_finite(c, stored, got[c], seq_index, positions, dtype)
+                pending[c].append(stored)
             pending_seq.append(seq_index.repeat_interleave(per_seq))
             pending_pos.append(positions.reshape(-1).cpu())
             n_pending += len(batch) * per_seq
