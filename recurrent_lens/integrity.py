@@ -4,8 +4,8 @@ Identity of a run's inputs, recorded when a store or a training run starts and c
 
 - the **weights** (:func:`weights_fingerprint`): for a model loaded from a checkpoint directory, a digest of
   its weight files in sorted name order (:func:`file_digest`: size, safetensors header and content — all of
-  it for a file up to 64 MiB, else the header plus 16 evenly spaced 1 MiB blocks, so that a 27B checkpoint
-  costs a few hundred MiB of reads, not a pass over every byte); for a model built in memory, a digest of
+  it for a file up to 64 MiB, else the header plus 16 evenly spaced 1 MiB blocks of the data, so that a 27B
+  checkpoint costs a few hundred MiB of reads, not a pass over every byte); for a model built in memory, a digest of
   every parameter's and buffer's bytes. Neither depends on where the checkpoint lies: ``./ck``, its
   absolute path and a copy elsewhere are the same weights.
 - the **data** (:func:`source_fingerprint`): for a file or directory source, a digest of its bytes (as
@@ -59,7 +59,7 @@ class ResumeMismatchError(ValueError):
 
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 over a file's size and content: all of it up to 64 MiB, else its safetensors header (if any)
-    and 16 evenly spaced 1 MiB blocks, the first and the last included.
+    and 16 evenly spaced 1 MiB blocks of what follows, the first and the last included.
 
     Example:
         >>> import tempfile, os
@@ -75,12 +75,11 @@ def file_digest(path: str | os.PathLike) -> str:
             while chunk := f.read(16 * 2**20):
                 h.update(chunk)
             return h.hexdigest()
-        spans = []
+        data = 0
         if os.fspath(path).endswith(".safetensors"):
-            header = int.from_bytes(f.read(8), "little")
-            spans.append((0, min(size, 8 + header)))
-        last = size - _BLOCK_BYTES
-        spans += [(last * i // (_N_BLOCKS - 1), _BLOCK_BYTES) for i in range(_N_BLOCKS)]
+            data = min(size - _BLOCK_BYTES, 8 + int.from_bytes(f.read(8), "little"))
+        span = size - _BLOCK_BYTES - data
+        spans = [(0, data)] + [(data + span * i // (_N_BLOCKS - 1), _BLOCK_BYTES) for i in range(_N_BLOCKS)]
         for offset, length in spans:
             f.seek(offset)
             h.update(f.read(length))
