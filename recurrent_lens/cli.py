@@ -41,6 +41,7 @@ from recurrent_lens import HookedRecurrentModel, toy
 from recurrent_lens.analysis import erase_atom, logit_shift_prediction, partition_atoms, preset, substitution_test
 from recurrent_lens.analysis.reproduce import default_band, plot, reproduce
 from recurrent_lens.data import open_tokens
+from recurrent_lens.integrity import NonFiniteError, ResumeMismatchError
 from recurrent_lens.models.loading import CheckpointError
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae import load as load_sae
@@ -1020,7 +1021,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"demo": _demo, "train-sae": _train_cmd, "harvest": _harvest_cmd, "substitution": _substitution_cmd,
                "reproduce": _reproduce_cmd,
                "logit-shift": _logit_shift_cmd, "erase": _erase_cmd, "partition": _partition_cmd}[args.command]
-    return handler(args, command_parser)
+    try:
+        return handler(args, command_parser)
+    except ResumeMismatchError as e:
+        command_parser.error(f"argument --out: {e}")
+    except NonFiniteError as e:  # a run that diverged: no traceback, a non-zero exit, the message
+        print(f"{command_parser.prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ A tiny corpus with a word-level tokenizer that has an EOS token and no BOS:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -55,6 +56,8 @@ import torch
 from jaxtyping import Int
 from safetensors import safe_open
 from torch import Tensor
+
+from recurrent_lens.integrity import path_digest
 
 __all__ = ["TokenSource", "TextSource", "PreTokenizedSource", "open_tokens", "batches"]
 
@@ -134,6 +137,33 @@ class TokenSource:
 
     def _extra_repr(self) -> str:
         return ""
+
+    def _settings(self) -> dict[str, Any]:
+        return {}
+
+    def _corpus(self) -> str | None:
+        """The file or directory the windows are read from (``None``: not on this disk)."""
+        return self.path if os.path.exists(self.path) else None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this stream's windows, for a resumed run to check: the corpus (its resolved path,
+        shown only, and a digest of its bytes, see :func:`recurrent_lens.integrity.path_digest`; a hub
+        dataset has only its id) and every setting that shapes or selects the windows. The shard's
+        ``rank`` is left out: the ranks of one run read one stream.
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "ids.npy"
+        >>> np.save(path, np.arange(12).reshape(4, 3))
+        >>> a = open_tokens(path).fingerprint()
+        >>> a == open_tokens(path, rank=0).fingerprint(), a == open_tokens(path, skip=1).fingerprint()
+        (True, False)
+        """
+        corpus = self._corpus()
+        return {"kind": self.kind, "path": self.path if corpus is None else os.path.realpath(corpus),
+                "content": None if corpus is None else path_digest(corpus), "context_length": self.context_length,
+                "world_size": self.world_size, "skip": self.skip, "max_sequences": self.max_sequences,
+                **self._settings()}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(kind={self.kind!r}, path={self.path!r}, "
@@ -245,6 +275,12 @@ class TextSource(TokenSource):
     def _extra_repr(self) -> str:
         return f", prepend_bos={self.prepend_bos}, separator_id={self.separator_id}"
 
+    def _settings(self) -> dict[str, Any]:
+        vocab = getattr(self.tokenizer, "get_vocab", None)
+        vocab = json.dumps(sorted(vocab().items())) if callable(vocab) else type(self.tokenizer).__name__
+        return {"prepend_bos": self.prepend_bos, "bos_id": self.bos_id, "separator_id": self.separator_id,
+                "tokenizer_vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
+
 
 class TxtSource(TextSource):
     """A UTF-8 text file, one document per line."""
@@ -283,6 +319,9 @@ class JsonlSource(TextSource):
     def _extra_repr(self) -> str:
         return f", text_field={self.text_field!r}" + super()._extra_repr()
 
+    def _settings(self) -> dict[str, Any]:
+        return {"text_field": self.text_field, **super()._settings()}
+
 
 def _text_field(record: dict[str, Any], field: str, where: str) -> str:
     """``record[field]``, which must exist and be a string; errors say ``where`` the record came from."""
@@ -297,9 +336,12 @@ def _text_field(record: dict[str, Any], field: str, where: str) -> str:
 class DatasetSource(TextSource):
     """A ``datasets`` dataset (saved to disk, or streamed from the hub), read row by row."""
 
-    def __init__(self, path: str, kind: str, dataset: Any, text_field: str, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, path: str, kind: str, dataset: Any, text_field: str, *args: Any, split: str | None = None,
+                 root: str | None = None, **kwargs: Any) -> None:
         self.kind = kind
         self.text_field = text_field
+        self.split = split
+        self.root = root
         names = getattr(dataset, "column_names", None)
         if names is not None and text_field not in names:
             raise ValueError(f"text_field: expected a column of {kind} dataset {path!r}, got {text_field!r} "
@@ -313,6 +355,12 @@ class DatasetSource(TextSource):
 
     def _extra_repr(self) -> str:
         return f", text_field={self.text_field!r}" + super()._extra_repr()
+
+    def _settings(self) -> dict[str, Any]:
+        return {"split": self.split, "text_field": self.text_field, **super()._settings()}
+
+    def _corpus(self) -> str | None:
+        return self.root
 
 
 # -------------------------------------------------------------------------------------- pre-tokenized
@@ -525,11 +573,12 @@ def open_tokens(source: str | os.PathLike, *, tokenizer: Any = None, context_len
         if not isinstance(source, str) or _looks_like_path(name):
             raise FileNotFoundError(f"source: no such file or directory: {name!r}")
         dataset = _open_hub_dataset(name, split)
-        return DatasetSource(name, "hub", dataset, text_field, *text_args, **shard)
+        return DatasetSource(name, "hub", dataset, text_field, *text_args, split=split, **shard)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             dataset, label = _open_saved_dataset(path, split)
-            return DatasetSource(label, "datasets", dataset, text_field, *text_args, **shard)
+            return DatasetSource(label, "datasets", dataset, text_field, *text_args, split=split,
+                                 root=str(path), **shard)
         raise ValueError(f"source: expected a directory written by datasets' save_to_disk (with state.json or "
                          f"dataset_dict.json), got {name!r}")
     suffix = path.suffix.lower()

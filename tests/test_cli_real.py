@@ -168,3 +168,56 @@ def test_torchrun_data_parallel_on_a_checkpoint(checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert load(str(out / "blocks.0.mixer.hook_state.h1")).cfg.metadata["train_steps"] == 6
     assert json.loads((out / "checkpoint.json").read_text())["world_size"] == 2
+
+
+def test_resume_checks_the_weights_and_the_data_not_how_the_path_is_spelled(checkpoint, tmp_path, monkeypatch,
+                                                                            capsys):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint, ck)
+    monkeypatch.chdir(tmp_path)
+    cells = ["--context-length", 16, "--layers", "1", "--heads", "2", "--positions-per-seq", 4, "--no-progress"]
+    harvest = ["harvest", "--dataset", ck / "docs.txt", *cells, "--out", tmp_path / "store"]
+    assert run(*harvest, "--model", "./ck", "--sequences", 3) == 0
+    assert run(*harvest, "--model", ck.resolve(), "--sequences", 5) == 0  # the same checkpoint, spelled otherwise
+    tiny_qwen3_5(seed=1).save_pretrained(ck)  # new weights in place, same shapes
+    (tmp_path / "other.txt").write_text((ck / "docs.txt").read_text().replace("cat", "dog"))
+    for argv, message in [(["--model", "./ck"], "other weights: sha256: recorded"),
+                          (["--model", checkpoint, "--dataset", tmp_path / "other.txt"], "other data .*content: ")]:
+        with pytest.raises(SystemExit) as exit_:
+            run(*harvest, *argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --out" in err and re.search(message, err) and "or delete" in err, err
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["sequences_done"] == 5
+    # the original checkpoint and corpus elsewhere hold the same bytes: the same weights and data
+    assert run(*harvest, "--model", checkpoint, "--dataset", checkpoint / "docs.txt", "--sequences", 6) == 0
+
+    out = tmp_path / "sae"
+    cell = ["--layers", "0", "--heads", "1", "--checkpoint-every", 2]
+    assert run(*small(checkpoint, out, *cell)) == 0
+    for argv, message in [(small(ck, out, *cell), "other weights"),
+                          (small(checkpoint, out, *cell, "--dataset", tmp_path / "other.txt"), "other data")]:
+        with pytest.raises(SystemExit) as exit_:
+            run(*argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_divergence_exits_non_zero_and_saves_no_sae(tmp_path, capsys):
+    import numpy as np
+
+    states = np.random.default_rng(0).standard_normal((2000, 3, 5)).astype(np.float32)
+    states[777, 0, 0] = np.nan
+    (tmp_path / "ref" / "layer_0").mkdir(parents=True)
+    np.save(tmp_path / "ref" / "layer_0" / "head_0.npy", states)
+    argv = ["train-sae", "--states", tmp_path / "ref", "--steps", 200, "--batch-size", 32, "--n-features", 32,
+            "--k", 4, "--buffer-size", 64, "--no-progress"]
+    assert run(*argv, "--out", tmp_path / "nan") == 1
+    err = capsys.readouterr().err
+    assert "blocks.0.mixer.hook_state.h0: training diverged: non-finite training states" in err
+    assert "store row 777" in err and not (tmp_path / "nan" / "blocks.0.mixer.hook_state.h0" / "cfg.json").exists()
+    states[777, 0, 0] = 0
+    np.save(tmp_path / "ref" / "layer_0" / "head_0.npy", states)
+    assert run(*argv, "--lr", "1e6", "--out", tmp_path / "lr") == 1
+    assert "training diverged" in capsys.readouterr().err

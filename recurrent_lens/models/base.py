@@ -156,6 +156,8 @@ class HookedRecurrentModel(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.checkpoint_files: list[str] | None = None
+        """Weight files the model was loaded from (``from_pretrained``); they identify its weights."""
         arch = get_architecture(cfg.architecture)
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]

@@ -422,4 +422,6 @@ def load_pretrained(cls: type, name_or_path: str | Path, *, dtype: str | torch.d
     model = model.to(dtype=torch_dtype).to_empty(device=cfg.device)
     load_weights(model, arch, cfg, files, progress=progress, index=index)
     model.tokenizer = load_tokenizer(path)
+    # what a resumed harvest or training run compares to be sure it continues on the same weights
+    model.checkpoint_files = [str(f.resolve()) for f in files]
     return model.eval()

@@ -26,8 +26,14 @@ Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
 Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
 ``{out_dir}/{cell.name}/checkpoint-{step}.pt`` per cell, ``{out_dir}/data-{step}.rank{r}.pt`` per rank
 (generators, data position, buffers) and, written last and atomically, ``{out_dir}/checkpoint.json`` naming
-the step; a run started on an ``out_dir`` with a checkpoint continues from it bit for bit (a finished run
-keeps only the per-cell files, no data position or buffers). At the end each
+the step and the weights and data the run was made from (see :mod:`recurrent_lens.integrity`); a run started
+on an ``out_dir`` with a checkpoint checks that they and the settings are the same (else
+:class:`~recurrent_lens.integrity.ResumeMismatchError`; a checkpoint without them is refused) and continues
+from it bit for bit, ``train_log.json`` included (a finished run keeps only the per-cell files, no data
+position or buffers). A run that meets a NaN or an infinity in a cell's states, loss, gradients or weights
+stops with :class:`~recurrent_lens.integrity.NonFiniteError` naming the cell, the step and where the state
+came from (store row, or sequence and position), and writes nothing more (see
+:mod:`recurrent_lens.sae.training`): the last checkpoint stays. At the end each
 cell's SAE is saved in ``{out_dir}/{cell.name}/`` (loadable with :func:`recurrent_lens.sae.load`) with its
 ``train_log.json``. One run at a time writes an ``out_dir``: rank 0 locks it
 (:class:`~recurrent_lens.states.files.DirectoryLock`) from construction until :meth:`MultiCellTrainer.train`
@@ -64,6 +70,10 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.integrity import (
+    NonFiniteError, ResumeMismatchError, check_same, first_nonfinite, refuse_unchecked, sequence_chain,
+    source_fingerprint, weights_fingerprint,
+)
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import save_sae
@@ -122,10 +132,18 @@ def _cell_generator(seed: int, cell: Cell, role: str) -> torch.Generator:
 
 
 def _sampled_states(model: Any, cells: list[Cell], cfg: TrainConfig, index: Tensor,
-                    tokens: Tensor) -> dict[Cell, Tensor]:
-    """Every cell's states, in host memory, at the positions ``cfg`` samples for the sequences ``index``."""
+                    tokens: Tensor) -> tuple[dict[Cell, Tensor], dict[Cell, tuple[int, int]]]:
+    """Every cell's states, in host memory, at the positions ``cfg`` samples for the sequences ``index``, and
+    for each cell with a non-finite state the sequence index and position of the first."""
     pos = sample_positions(index, tokens.shape[1], cfg.positions_per_seq, skip=cfg.skip_positions, seed=cfg.seed)
-    return {c: s.cpu() for c, s in harvest_cells(model, tokens, pos, cells).items()}
+    states = {c: s.cpu() for c, s in harvest_cells(model, tokens, pos, cells).items()}
+    bad = {}
+    for c, s in states.items():
+        row = first_nonfinite(s)
+        if row is not None:
+            i, j = divmod(row, pos.shape[1])
+            bad[c] = (int(index[i]), int(pos[i, j]))
+    return states, bad
 
 
 class _Sequences:
@@ -141,6 +159,8 @@ class _Sequences:
         self.is_tensor = isinstance(data, Tensor)
         self.epoch = self.cursor = self.consumed = 0
         self._iter: Any = None
+        self.chain = ""  # hash chain of this epoch's windows: a resumed run checks it re-reads the same ones
+        self._expected_chain: str | None = None
 
     def _order(self) -> Tensor:
         order = torch.randperm(len(self.data), generator=seeded_generator(self.seed, self.epoch))
@@ -160,26 +180,39 @@ class _Sequences:
         while len(windows) < self.batch:
             if self._iter is None:
                 self._iter = iter(self.data)
-                for _ in range(self.cursor):  # resuming: skip what this epoch already gave
-                    next(self._iter)
+                if self._expected_chain is not None:  # resuming: skip what this epoch already gave
+                    self._skip_read()
             try:
                 window = next(self._iter)
             except StopIteration:
                 if self.cursor == 0:
                     raise ValueError(f"data: the token source {self.data!r} yields no sequence") from None
-                self._iter, self.epoch, self.cursor = None, self.epoch + 1, 0
+                self._iter, self.epoch, self.cursor, self.chain = None, self.epoch + 1, 0, ""
                 continue
             windows.append(torch.as_tensor(window))
+            self.chain = sequence_chain(self.chain, windows[-1])
             self.cursor += 1
         index = torch.arange(self.consumed, self.consumed + len(windows)) * self.world + self.rank
         self.consumed += len(windows)
         return index, torch.stack(windows)
 
+    def _skip_read(self) -> None:
+        chain = ""
+        for _ in range(self.cursor):
+            chain = sequence_chain(chain, torch.as_tensor(next(self._iter)))
+        if chain != self._expected_chain:
+            raise ResumeMismatchError(
+                f"data: the token source does not yield the {self.cursor} windows already read this epoch by the "
+                f"interrupted run (their hash chain: recorded {self._expected_chain!r}, current {chain!r}); resume "
+                f"with the same source in the same order, or start afresh in another output directory (--out)")
+        self._expected_chain = None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "consumed": self.consumed}
+        return {"epoch": self.epoch, "cursor": self.cursor, "consumed": self.consumed, "chain": self.chain}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.epoch, self.cursor, self.consumed, self._iter = d["epoch"], d["cursor"], d["consumed"], None
+        self.chain = self._expected_chain = d["chain"]
 
 
 class _HarvestFeed:
@@ -192,13 +225,16 @@ class _HarvestFeed:
         self.gens = {c: _cell_generator(cfg.seed, c, "buffer") for c in cells}
         self.buffers: dict[Cell, Tensor] = {}
         self.fill = 0
+        self.nonfinite: dict[Cell, str] = {}  # per cell, where its first non-finite state came from
 
     @torch.no_grad()
     def _refill(self) -> None:
         parts = {c: [self.buffers[c][: self.fill]] if c in self.buffers else [] for c in self.cells}
         have = self.fill
         while have < self.cfg.buffer_size:
-            states = _sampled_states(self.model, self.cells, self.cfg, *self.sequences.next())
+            states, bad = _sampled_states(self.model, self.cells, self.cfg, *self.sequences.next())
+            self.nonfinite = {**{c: f"the first non-finite state harvested: sequence {i}, position {p}"
+                                 for c, (i, p) in bad.items()}, **self.nonfinite}
             for c in self.cells:
                 parts[c].append(states[c])
             have += len(states[self.cells[0]])
@@ -239,14 +275,29 @@ class _StoreFeed:
         self.store, self.cells, self.cfg, self.rank, self.world = store, cells, cfg, rank, world
         self.step = 0
         self._iters: dict[Cell, Any] = {}
+        self.nonfinite: dict[Cell, str] = {}  # per cell, where its first non-finite state lies
 
     def next(self) -> dict[Cell, Tensor]:
         if not self._iters:
-            self._iters = {c: iter(self.store.iter_batches(c, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
-                                                           rank=self.rank, world_size=self.world, start=self.step))
+            self._iters = {c: iter(self.store.batch_indices(c, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
+                                                            rank=self.rank, world_size=self.world, start=self.step))
                            for c in self.cells}
         self.step += 1
-        return {c: next(it) for c, it in self._iters.items()}
+        batches = {}
+        for c, it in self._iters.items():
+            index = next(it)
+            batches[c] = self.store.read(c, index)
+            row = first_nonfinite(batches[c]) if c not in self.nonfinite else None
+            if row is not None:
+                self.nonfinite[c] = (f"the first non-finite state read: store row {int(index[row])}"
+                                     + self._origin(c, index[row]))
+        return batches
+
+    def _origin(self, cell: Cell, row: Tensor) -> str:
+        if self.store.manifest is None:
+            return ""
+        seq, pos = self.store.provenance(cell, row.reshape(1))
+        return f" (sequence {int(seq[0])}, position {int(pos[0])})"
 
     def mean(self, cell: Cell) -> Tensor:
         n = min(self.store.count(cell), self.cfg.buffer_size)
@@ -336,11 +387,15 @@ class MultiCellTrainer:
                 if self.sync is not None:
                     dist.barrier()
             rank, data_world = (self.rank, self.world) if split_data else (0, 1)
+            if store is None and (isinstance(data, Tensor) or not isinstance(data, Iterable)):
+                data = check_tokens(model, data)
+            if out_dir is not None:  # recorded with every checkpoint, compared on resume
+                val = None if val_tokens is None else source_fingerprint(torch.as_tensor(val_tokens))
+                self.identity = {"weights": weights_fingerprint(model) if store is None else None,
+                                 "data": source_fingerprint(data), "val_data": val}
             if store is not None:
                 self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)
             else:
-                if isinstance(data, Tensor) or not isinstance(data, Iterable):
-                    data = check_tokens(model, data)
                 self.feed = _HarvestFeed(model, self.cells, data, cfg, self.local_batch, rank, data_world)
             self.val_states: dict[Cell, Tensor] | None = None
             if val_tokens is not None:
@@ -348,7 +403,8 @@ class MultiCellTrainer:
                     raise ValueError("val_tokens: needs a model to harvest the held-out states from")
                 self.val_states = self._harvest_validation(check_tokens(model, val_tokens))
             self.learners = {c: Learner(self._new_sae(c, saes), cfg, _cell_generator(cfg.seed, c, "learner"),
-                                        self.sync) for c in self.cells}
+                                        self.sync, label=c.name)
+                             for c in self.cells}
             if out_dir is not None and os.path.exists(self._manifest_path()):
                 self._resume()
         except BaseException:
@@ -399,7 +455,12 @@ class MultiCellTrainer:
         for i in range(0, len(tokens), step):
             chunk = tokens[i : i + step]
             index = torch.arange(i, i + len(chunk)) + 2**40  # a range no training sequence uses
-            for c, s in _sampled_states(self.model, self.cells, self.cfg, index, chunk).items():
+            states, bad = _sampled_states(self.model, self.cells, self.cfg, index, chunk)
+            if bad:
+                c, (seq, position) = next(iter(bad.items()))
+                raise NonFiniteError(f"held-out states of {c.name}: non-finite state at sequence {seq - 2**40} of "
+                                     f"val_tokens, position {position}")
+            for c, s in states.items():
                 out[c].append(s)
         return {c: torch.cat(v) for c, v in out.items()}
 
@@ -441,6 +502,8 @@ class MultiCellTrainer:
         """Write every cell's and every rank's state for this step, then the manifest naming the step."""
         if self.out_dir is None:
             raise ValueError("save_checkpoint: out_dir is None")
+        for learner in self.learners.values():  # a diverged run keeps its last good checkpoint
+            learner.check_finite()
         step = self.step
         complete = step >= self.cfg.n_steps
         if not complete:  # a finished run needs no data position or buffers to continue
@@ -456,7 +519,7 @@ class MultiCellTrainer:
             write_json(self._manifest_path(), {"step": step, "complete": complete,
                                                "cells": [c.name for c in self.cells],
                                                "world_size": self.world, "mode": self.mode,
-                                               "train_config": asdict(self.cfg)})
+                                               "train_config": asdict(self.cfg), **self.identity})
             if previous is not None and previous["step"] != step:
                 self._remove_step(previous["step"])
         if self.sync is not None:
@@ -489,6 +552,12 @@ class MultiCellTrainer:
             raise ValueError(f"out_dir: the run in {self.out_dir!r} used {manifest.get('world_size')} process(es) "
                              f"in mode {manifest.get('mode')!r}; resume it the same way "
                              f"(got {self.world}, {self.mode!r})")
+        if "weights" not in manifest or "data" not in manifest:
+            raise refuse_unchecked(self.out_dir, "a training run")
+        check_same("weights", manifest["weights"], self.identity["weights"], self.out_dir, "a training run")
+        check_same("data", manifest["data"], self.identity["data"], self.out_dir, "a training run")
+        check_same("validation data", manifest.get("val_data"), self.identity["val_data"], self.out_dir,
+                   "a training run")
         if manifest.get("train_config") != asdict(self.cfg):
             changed = sorted(k for k, v in asdict(self.cfg).items() if manifest.get("train_config", {}).get(k) != v)
             raise ValueError(f"cfg: the run in {self.out_dir!r} used other settings ({', '.join(changed)} differ)")
@@ -534,7 +603,9 @@ class MultiCellTrainer:
                    disable=not (cfg.progress and self.rank == 0), desc=f"{len(self.all_cells)} SAEs")
         while self.step < stop:
             batches = self.feed.next()
-            rows = {c: learner.update(batches[c].to(self.device), stop) for c, learner in self.learners.items()}
+            for c, note in self.feed.nonfinite.items():
+                self.learners[c].states_note = note
+            rows = {c: learner.update(batches[c].to(self.device)) for c, learner in self.learners.items()}
             if rows[self.cells[0]] is not None:
                 first = rows[self.cells[0]]
                 bar.set_postfix(step=self.step, mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}")
@@ -547,6 +618,7 @@ class MultiCellTrainer:
             bar.update(per_step)
         bar.close()
         for learner in self.learners.values():
+            learner.check_finite()
             learner.sae.eval()
             if self.step >= cfg.n_steps:
                 learner.sae.cfg.metadata.update(train_steps=self.step)

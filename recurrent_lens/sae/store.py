@@ -16,17 +16,25 @@ Every cell holds the same states' provenance: row ``j`` of every cell's shard ``
 ``sample_positions([i], context_length, positions_per_seq, skip=skip_positions, seed=seed)``, whatever the
 batching and wherever a run was interrupted.
 
+A batch whose states hold a NaN or an infinity (in the storage dtype: a float16 store refuses states that
+overflow it) is never stored: :class:`~recurrent_lens.integrity.NonFiniteError` names the layer, head,
+sequence and position of the first.
+
 Crash safety: states of sequences harvested since the last flush live in memory; a flush (at a batch
 boundary, once ``shard_size`` states have accumulated, and at the end) writes every cell's shard file,
 then rewrites the manifest; both are written to a temporary name and renamed. The manifest only names
-complete files and records ``sequences_done``, the number of leading source sequences stored. Calling
-:func:`harvest_to_store` again on the same ``out_dir`` checks that the settings match, deletes shard and
+complete files and records ``sequences_done``, the number of leading source sequences stored, with
+``sequences_sha256``, a hash chain over those sequences' token ids. Calling :func:`harvest_to_store` again on
+the same ``out_dir`` checks that the weights, the data source and the settings match (see
+:mod:`recurrent_lens.integrity`; the manifest records all three) and that the source's first
+``sequences_done`` sequences hash to ``sequences_sha256``, deletes shard and
 temporary files that the manifest does not name, skips ``sequences_done`` sequences of the source and
 continues, so every sequence is stored exactly once. One process writes a store at a time: a harvest
 locks ``out_dir`` (:class:`~recurrent_lens.states.files.DirectoryLock`) and a second harvest on it is
-refused at once, naming the process that holds it. Every shard's safetensors header is validated when the
-store opens (byte ranges inside the file, neither overlapping nor leaving gaps, sized dtype x shape), so
-a corrupt shard is refused rather than read as states or provenance.
+refused at once, naming the process that holds it. A store written before the weights and data were
+recorded cannot be checked: resuming it is refused (it still opens for reading). Every shard's safetensors
+header is validated when the store opens (byte ranges inside the file, neither overlapping nor leaving gaps,
+sized dtype x shape), so a corrupt shard is refused rather than read as states or provenance.
 
 :class:`StateStore` also opens the reference WriteSAE layout, ``layer_{L}/head_{H}.npy`` arrays of shape
 ``(N, d_k, d_v)`` (float16 or float32, no manifest). The reference stores recurrent states ``S_t`` (one
@@ -69,6 +77,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.integrity import (
+    NonFiniteError, check_same, first_nonfinite, path_digest, refuse_unchecked, sequence_chain, source_fingerprint,
+    weights_fingerprint,
+)
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.states.files import (
     LOCK_NAME, SAFETENSORS_DTYPES, DirectoryLock, SafetensorsFormatError, atomic_write, read_safetensors_header,
@@ -123,10 +135,17 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
         seed: seeds the positions of every sequence.
         max_sequences: stop after this many source sequences (counted from the start of the source).
         progress: show a progress bar.
-        model_name: recorded in the manifest and checked on resume; defaults to ``model.cfg.source``.
+        model_name: recorded in the manifest (a path made absolute); defaults to ``model.cfg.source``. It is
+            a label: a resume compares the weights themselves.
 
     Returns:
         The finished store, opened as a :class:`StateStore`.
+
+    Raises:
+        NonFiniteError: a harvested state holds a NaN or an infinity, or overflows ``dtype`` (nothing of its
+            batch is stored; :class:`~recurrent_lens.integrity.NonFiniteError`).
+        ResumeMismatchError: ``out_dir`` holds a store of other weights, data or settings
+            (:class:`~recurrent_lens.integrity.ResumeMismatchError`, a ``ValueError``).
 
     Example:
         >>> import tempfile, torch
@@ -154,8 +173,9 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
     ctx = int(first.shape[0])
     per_seq = sample_positions([0], ctx, positions_per_seq, skip=skip_positions, seed=seed).shape[1]
     cfg = model.cfg
+    name = model_name if model_name is not None else cfg.source
     settings = {
-        "model": {"name": model_name if model_name is not None else cfg.source, "architecture": cfg.architecture,
+        "model": {"name": _resolved(name), "architecture": cfg.architecture,
                   "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_k": cfg.d_k, "d_v": cfg.d_v,
                   "dtype": str(cfg.dtype), "config_sha256": _config_hash(cfg)},
         "positions": {"positions_per_seq": positions_per_seq, "skip_positions": skip_positions, "seed": seed,
@@ -163,6 +183,9 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
         "context_length": ctx,
         "dtype": dtype,
         "shard_size": shard_size,
+        "weights": weights_fingerprint(model),
+        # an in-memory source is identified by the chain of its stored sequences alone (sequences_sha256)
+        "data": {"source": None if isinstance(tokens, Tensor) else source_fingerprint(tokens)},
     }
     out_dir = os.fspath(out_dir)
     with DirectoryLock(out_dir, "out_dir"):  # one writer at a time; released on any exit
@@ -170,7 +193,7 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
 
         done = manifest["sequences_done"]
         stop = math.inf if max_sequences is None else max_sequences
-        source = _skip(source, done)
+        source, chain = _skip(source, done, manifest["sequences_sha256"], out_dir)
         store_dtype = _STORE_DTYPES[dtype]
         pending: dict[Cell, list[Tensor]] = {c: [] for c in cells}
         pending_seq: list[Tensor] = []
@@ -185,6 +208,7 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
                     break
                 for j, seq in enumerate(batch):
                     _check_sequence(seq, index + j, ctx)
+                    chain = sequence_chain(chain, seq)
                 seq_index = torch.arange(index, index + len(batch))
                 positions = sample_positions(seq_index, ctx, positions_per_seq, skip=skip_positions, seed=seed)
                 got = harvest_cells(model, torch.stack([s.long() for s in batch]), positions, cells)
@@ -193,26 +217,49 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
                     if tuple(got[c].shape) != expected:
                         raise RuntimeError(f"{c.name}: harvested states of shape {tuple(got[c].shape)}, "
                                            f"expected {expected} from the model's d_k and d_v")
-                    pending[c].append(got[c].to(dtype=store_dtype).cpu())
+                    stored = got[c].to(dtype=store_dtype).cpu()
+                    _check_finite(c, stored, got[c], seq_index, positions, dtype)
+                    pending[c].append(stored)
                 pending_seq.append(seq_index.repeat_interleave(per_seq))
                 pending_pos.append(positions.reshape(-1).cpu())
                 n_pending += len(batch) * per_seq
                 index += len(batch)
                 bar.update(len(batch))
                 if n_pending >= shard_size:
-                    manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index)
+                    manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index, chain)
                     n_pending = 0
             if n_pending:
-                manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index)
+                manifest = _flush(out_dir, manifest, pending, pending_seq, pending_pos, index, chain)
         manifest = dict(manifest, complete=True)
         _write_manifest(out_dir, manifest)
         return StateStore(out_dir)
+
+
+def _check_finite(cell: Cell, stored: Tensor, harvested: Tensor, seq_index: Tensor, positions: Tensor,
+                  dtype: str) -> None:
+    """Refuse a batch holding a NaN or an infinity (in the storage dtype), naming the first one's origin."""
+    row = first_nonfinite(stored)
+    if row is None:
+        return
+    i, j = divmod(row, positions.shape[1])
+    layer = re.match(r"blocks\.(\d+)\.", cell.hook_name)
+    where = f"layer {layer.group(1)} ({cell.hook_name})" if layer else cell.hook_name
+    why = ("" if first_nonfinite(harvested[row : row + 1]) is not None else
+           f" (finite as harvested, max |value| {float(harvested[row].abs().max()):.3g}, but it overflows {dtype})")
+    raise NonFiniteError(f"{where}, head {cell.head}: non-finite state at sequence {int(seq_index[i])}, position "
+                         f"{int(positions[i, j])}{why}; nothing of its batch was stored (the store holds only the "
+                         f"sequences flushed before it)")
 
 
 def _check_int(name: str, value: Any, low: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         expected = "an int" if low is None else f"an int >= {low}"
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _resolved(name: str | None) -> str | None:
+    """A checkpoint path made absolute (``./ck`` and ``/abs/ck`` are one checkpoint); a hub id as is."""
+    return os.path.realpath(name) if name is not None and os.path.exists(name) else name
 
 
 def _config_hash(cfg: Any) -> str:
@@ -256,14 +303,18 @@ def _check_sequence(seq: Any, index: int, ctx: int | None) -> None:
         raise ValueError(f"tokens: sequence {index}: expected {want} 1-D integer tensor, got {got}")
 
 
-def _skip(source: Iterator[Tensor], n: int) -> Iterator[Tensor]:
-    if n == 0:
-        return source
-    skipped = sum(1 for _ in itertools.islice(source, n))
+def _skip(source: Iterator[Tensor], n: int, recorded: str, out_dir: str) -> tuple[Iterator[Tensor], str]:
+    """The source after the ``n`` sequences already stored, and their hash chain, checked against ``recorded``."""
+    chain, skipped = "", 0
+    for seq in itertools.islice(source, n):
+        chain = sequence_chain(chain, seq)
+        skipped += 1
     if skipped < n:
         raise ValueError(f"tokens: the store already holds the first {n} sequences, but the source yields "
                          f"only {skipped}; expected the same source as the interrupted run")
-    return source
+    check_same("data", {"sequences_sha256": recorded}, {"sequences_sha256": chain}, out_dir,
+               f"a state store whose first {n} sequences are not the source's first {n} (other data or order)")
+    return source, chain
 
 
 def _flat_settings(settings: dict[str, Any], cells: list[str]) -> dict[str, Any]:
@@ -282,7 +333,9 @@ def _fingerprint(settings: dict[str, Any], cells: list[str]) -> str:
 
 
 def _settings_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {key: manifest[key] for key in ("model", "positions", "context_length", "dtype", "shard_size")}
+    # stores written before weights and data were recorded have neither, and still open for reading
+    keys = ("model", "positions", "context_length", "dtype", "shard_size", "weights", "data")
+    return {key: manifest[key] for key in keys if key in manifest}
 
 
 def _prepare_out_dir(out_dir: str, settings: dict[str, Any], cells: list[Cell]) -> dict[str, Any]:
@@ -292,9 +345,15 @@ def _prepare_out_dir(out_dir: str, settings: dict[str, Any], cells: list[Cell]) 
     if os.path.isfile(manifest_path):
         existing = StateStore(out_dir)
         manifest = existing.manifest
+        if "weights" not in manifest or "data" not in manifest or "sequences_sha256" not in manifest:
+            raise refuse_unchecked(out_dir, "a state store")
+        check_same("weights", manifest["weights"], settings["weights"], out_dir, "a state store")
+        check_same("data", manifest["data"]["source"], settings["data"]["source"], out_dir, "a state store")
         old = _flat_settings(_settings_of(manifest), [c["name"] for c in manifest["cells"]])
         new = _flat_settings(settings, names)
-        diffs = [f"{k}: the store has {old.get(k)!r}, this call {new[k]!r}" for k in new if old.get(k) != new[k]]
+        # the name is a label: the weights, compared above, say whether it is the same checkpoint
+        diffs = [f"{k}: the store has {old.get(k)!r}, this call {new[k]!r}" for k in new
+                 if old.get(k) != new[k] and k != "model.name" and k.split(".")[0] not in ("weights", "data")]
         if diffs:
             raise ValueError(f"out_dir: {out_dir!r} holds a store made with other settings ("
                              + "; ".join(diffs) + "); resume with the same settings or use another out_dir")
@@ -311,7 +370,7 @@ def _prepare_out_dir(out_dir: str, settings: dict[str, Any], cells: list[Cell]) 
     manifest = dict(format=_FORMAT, version=FORMAT_VERSION, **settings,
                     cells=[{"name": c.name, "hook_name": c.hook_name, "head": c.head, "count": 0, "shards": []}
                            for c in cells],
-                    sequences_done=0, complete=False, fingerprint=_fingerprint(settings, names))
+                    sequences_done=0, sequences_sha256="", complete=False, fingerprint=_fingerprint(settings, names))
     try:
         _remove_orphans(out_dir, manifest)
         _write_manifest(out_dir, manifest)
@@ -346,7 +405,7 @@ def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
 
 
 def _flush(out_dir: str, manifest: dict[str, Any], pending: dict[Cell, list[Tensor]], pending_seq: list[Tensor],
-           pending_pos: list[Tensor], sequences_done: int) -> dict[str, Any]:
+           pending_pos: list[Tensor], sequences_done: int, chain: str) -> dict[str, Any]:
     """Write one shard per cell from the pending states, then the manifest naming them; empty the buffers."""
     seq_index = torch.cat(pending_seq).contiguous()
     position = torch.cat(pending_pos).contiguous()
@@ -359,7 +418,7 @@ def _flush(out_dir: str, manifest: dict[str, Any], pending: dict[Cell, list[Tens
         atomic_write(os.path.join(out_dir, cell.name, file),
                      lambda tmp, t=tensors, c=cell: save_file(t, tmp, metadata={"cell": c.name}))
         cells.append(dict(entry, count=entry["count"] + n, shards=[*entry["shards"], {"file": file, "count": n}]))
-    new = dict(manifest, cells=cells, sequences_done=sequences_done, complete=False)
+    new = dict(manifest, cells=cells, sequences_done=sequences_done, sequences_sha256=chain, complete=False)
     _write_manifest(out_dir, new)
     for states in pending.values():
         states.clear()
@@ -558,6 +617,25 @@ class StateStore:
         count = f"count={counts[0]}" if len(counts) == 1 else f"counts={counts[0]}..{counts[-1]}"
         return (f"StateStore({self.path!r}, layout={self.layout}, cells={len(self._shards)}, {count}, "
                 f"d_k={self.d_k}, d_v={self.d_v}, dtype={self.dtype})")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the stored states, for a training run on them to check when it resumes: a native
+        store's manifest (weights, data, settings, every shard and count; a store that grew since is
+        another store), or the bytes of a reference layout's files. The resolved path is shown, not compared.
+
+        Example:
+            >>> import os, tempfile, numpy as np
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     os.makedirs(os.path.join(d, "layer_0"))
+            ...     np.save(os.path.join(d, "layer_0", "head_0.npy"), np.zeros((4, 2, 2), dtype=np.float32))
+            ...     sorted(StateStore(d).fingerprint())
+            ['kind', 'path', 'sha256']
+        """
+        if self.manifest is None:
+            digest = path_digest(self.path)
+        else:
+            digest = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+        return {"kind": f"{self.layout} state store", "path": os.path.realpath(self.path), "sha256": digest}
 
     def _cell(self, cell: Any) -> Cell:
         if isinstance(cell, str):

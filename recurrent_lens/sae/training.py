@@ -14,11 +14,20 @@ Recipe (the reference's): Adam (default betas); lr linear warm-up from 0 over
 decoder normalisation when ``step % 100 == 0``,
 dead-feature resampling with Adam-moment zeroing when ``step > 0`` and
 ``step % min(resample_every, n_steps // 4) == 0``. No value is copied to the host except at
-logging, validation and checkpoint steps.
+logging, validation and checkpoint steps and once per buffer refill (the finiteness of the new states).
+
+Divergence: every step records, on the device, whether the batch of states, the loss, the gradients and
+the weights were finite. At every log step, before every checkpoint and at the end, the first non-finite
+value seen raises :class:`~recurrent_lens.integrity.NonFiniteError` naming the step, the tensor and, for
+states, the batch row and the sequence and position it was harvested from. Nothing computed from it is
+written: the last checkpoint stays the one before it, and no SAE or ``train_log.json`` is saved. A finite
+but huge state (``1e30``) overflows the loss, and is caught as a non-finite loss.
 
 Checkpoints (``checkpoint_dir/checkpoint.pt``) hold the SAE, the optimizer, the step, every random
-generator, the data order and the shuffling buffer, so a resumed run continues bit for bit like an
-uninterrupted one.
+generator, the data order, the shuffling buffer and the running sums of the log row in progress, so a
+resumed run continues bit for bit like an uninterrupted one, ``train_log.json`` included. They also record
+the model's weights and the tokens (see :mod:`recurrent_lens.integrity`), which
+:meth:`SAETrainer.from_checkpoint` checks; a checkpoint without them is refused.
 """
 
 import hashlib
@@ -34,12 +43,16 @@ from jaxtyping import Int
 from torch import nn
 from tqdm.auto import tqdm
 
+from recurrent_lens.integrity import (
+    NonFiniteError, check_same, first_nonfinite, refuse_unchecked, weights_fingerprint,
+)
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEPass
 from recurrent_lens.states.files import DirectoryLock, atomic_write, check_writable, remove_stale_temporaries
 
 __all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate", "update_dead_counters"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+_WATCHED = ("training states", "loss", "gradients", "weights")
 
 
 @dataclass
@@ -149,13 +162,20 @@ class Learner:
     ``sync.parameters(sae)`` copies one process's SAE to all after resampling.
     """
 
-    def __init__(self, sae: SAE, cfg: TrainConfig, generator: torch.Generator, sync: Any = None) -> None:
-        self.sae, self.cfg, self.gen, self.sync = sae, cfg, generator, sync
+    def __init__(self, sae: SAE, cfg: TrainConfig, generator: torch.Generator, sync: Any = None,
+                 label: str = "") -> None:
+        self.sae, self.cfg, self.gen, self.sync, self.label = sae, cfg, generator, sync, label
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
         self.step = 0
         self.log = TrainLog()
         self._sums: dict[str, torch.Tensor] = {}
         self._n_summed = 0
+        self.states_note: str | None = None
+        """Where the first non-finite training state came from, if the data feed saw one (for the error)."""
+        # [step, which of _WATCHED, batch row] of the first non-finite value (-1: none yet), kept on the SAE's
+        # device so that watching every step costs no host synchronisation; read by check_finite
+        self._first_bad: torch.Tensor | None = None
+        self._device_step: torch.Tensor | None = None
 
     def clear_moments(self, idx: torch.Tensor) -> None:
         """Zero Adam's moments of the features ``idx`` (after they were resampled)."""
@@ -165,10 +185,12 @@ class Learner:
                 state["exp_avg"][idx] = 0
                 state["exp_avg_sq"][idx] = 0
 
-    def update(self, x: torch.Tensor, stop: int) -> dict[str, Any] | None:
+    def update(self, x: torch.Tensor) -> dict[str, Any] | None:
         """One optimizer step on the batch ``x``; returns the training-log row written at this step, if any
-        (every ``log_every`` steps and at ``stop``)."""
+        (every ``log_every`` steps and at ``n_steps``; not where a run is merely paused, so that a resumed
+        run logs exactly the rows of an uninterrupted one)."""
         cfg, sae, step = self.cfg, self.sae, self.step
+        bad_rows = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
         passed = sae.autoencode(x)
         # As in the reference, the auxiliary loss already sees the counters this batch updated; data-parallel,
         # those are the whole global batch's, so every rank's auxiliary loss uses the same dead features.
@@ -180,18 +202,29 @@ class Learner:
         out.loss.backward()
         if self.sync is not None:
             self.sync.gradients([param for param in sae.parameters() if param.grad is not None])
+        grads_ok = torch.stack([torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None]).all()
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         self.optimizer.step()
-        if step % cfg.normalize_every == 0:
-            sae.normalize_decoder()
-        resample_every = cfg.effective_resample_every
-        if resample_every and step > 0 and step % resample_every == 0:
-            idx = sae.resample_dead_features(x if self.sync is None else self.sync.gather(x), generator=self.gen)
-            if self.sync is not None:
-                self.sync.parameters(sae)
-            self.clear_moments(idx)
-            self.log.resampled.append({"step": step, "n": len(idx)})
+        try:
+            if step % cfg.normalize_every == 0:
+                sae.normalize_decoder()
+            resample_every = cfg.effective_resample_every
+            if resample_every and step > 0 and step % resample_every == 0:
+                idx = sae.resample_dead_features(x if self.sync is None else self.sync.gather(x), generator=self.gen)
+                if self.sync is not None:
+                    self.sync.parameters(sae)
+                self.clear_moments(idx)
+                self.log.resampled.append({"step": step, "n": len(idx)})
+        except Exception as e:  # resampling's SVD cannot take a NaN: it may be the first to notice one
+            self.check_finite()
+            bad = first_nonfinite(x.detach())
+            if bad is not None or not all(bool(torch.isfinite(t).all()) for t in self._float_tensors()):
+                raise NonFiniteError(f"{self._divergence(step, 3 if bad is None else 0, bad or 0)} "
+                                     f"({type(e).__name__})") from e
+            raise
+        weights_ok = torch.stack([torch.isfinite(t).all() for t in self._float_tensors()]).all()
+        self._watch(torch.stack([~bad_rows.any(), torch.isfinite(out.loss.detach()), grads_ok, weights_ok]), bad_rows)
         with torch.no_grad():
             metrics = {"loss": out.loss.detach(), "mse": out.mse.detach(), "aux_loss": out.aux_loss.detach(),
                        "l0": (out.acts > 0).sum(-1).float().mean(), "dead": out.n_dead,
@@ -200,8 +233,9 @@ class Learner:
                 self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
         self._n_summed += 1
         self.step += 1
-        if not (self.step % cfg.log_every == 0 or self.step == stop):
+        if not (self.step % cfg.log_every == 0 or self.step == cfg.n_steps):
             return None
+        self.check_finite()
         row = {key: float(v) / self._n_summed for key, v in self._sums.items()}
         row["dead"] = int(out.n_dead)
         row["nmse"] = row["mse"] / row.pop("mean_sq")
@@ -211,16 +245,48 @@ class Learner:
         self._sums, self._n_summed = {}, 0
         return row
 
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (*self.sae.parameters(), *self.sae.buffers()) if t.is_floating_point()]
+
+    @torch.no_grad()
+    def _watch(self, ok: torch.Tensor, bad_rows: torch.Tensor) -> None:
+        """Record the step, kind and batch row of the first non-finite value, without leaving the device."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((3,), -1, dtype=torch.long, device=ok.device)
+            self._device_step = torch.tensor(self.step, device=ok.device)
+        new = torch.stack([self._device_step, (~ok).long().argmax(), bad_rows.long().argmax()])
+        self._first_bad = torch.where((self._first_bad[0] < 0) & ~ok.all(), new, self._first_bad)
+        self._device_step += 1
+
+    def check_finite(self) -> None:
+        """Raise :class:`~recurrent_lens.integrity.NonFiniteError` if a batch of states, a loss, the gradients
+        or the weights held a NaN or an infinity at any step so far, naming the first (trainers call this
+        before writing anything, so no checkpoint, SAE or log is computed from one)."""
+        if self._first_bad is None:
+            return
+        step, kind, row = self._first_bad.tolist()
+        if step >= 0:
+            raise NonFiniteError(self._divergence(step, kind, row))
+
+    def _divergence(self, step: int, kind: int, row: int) -> str:
+        where = f" (row {row} of the batch)" if kind == 0 else ""
+        note = f"; {self.states_note}" if self.states_note else ""
+        return (f"{self.label + ': ' if self.label else ''}training diverged: non-finite {_WATCHED[kind]} at step "
+                f"{step}{where}{note}")
+
     def state_dict(self) -> dict[str, Any]:
         return {"sae_config": self.sae.config_dict(), "sae_state": self.sae.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "generator": self.gen.get_state(),
-                "log": asdict(self.log)}
+                "log": asdict(self.log), "log_sums": dict(self._sums), "log_n_summed": self._n_summed}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step = payload["step"]
         self.gen.set_state(payload["generator"])
         self.log = TrainLog(**payload["log"])
+        device = self.sae.mean.device
+        self._sums = {k: v.to(device) for k, v in payload["log_sums"].items()}
+        self._n_summed = payload["log_n_summed"]
 
 
 def build_sae(cfg: TrainConfig, d_k: int, d_v: int, seed: int | None = None) -> SAE:
@@ -251,6 +317,7 @@ class _StateStream:
         self.epoch = 0
         self.buffer: torch.Tensor | None = None
         self.fill = 0
+        self.nonfinite: str | None = None  # where the first non-finite state came from, once one was seen
 
     @torch.no_grad()
     def states_of(self, toks: torch.Tensor) -> torch.Tensor:
@@ -259,6 +326,10 @@ class _StateStream:
         A :class:`~recurrent_lens.HookedRecurrentModel` computes only those states (``harvest``); any
         other ``HookedRootModule`` is run with ``run_with_cache`` and sliced.
         """
+        return self._sample(toks)[0]
+
+    def _sample(self, toks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`states_of` and the positions ``[n_seq, positions_per_seq]`` they were taken at."""
         b, T = toks.shape
         usable = T - self.cfg.skip_positions
         if usable < 1:
@@ -270,7 +341,7 @@ class _StateStream:
         else:
             _, cache = self.model.run_with_cache(toks, names_filter=self.hook_name)
             S = cache[self.hook_name][:, :, self.head][torch.arange(b)[:, None], pos]
-        return S.reshape(-1, *S.shape[-2:]).float()
+        return S.reshape(-1, *S.shape[-2:]).float(), pos
 
     def _next_sequences(self) -> torch.Tensor:
         if self.cursor >= len(self.order):
@@ -278,13 +349,20 @@ class _StateStream:
             self.cursor, self.epoch = 0, self.epoch + 1
         idx = self.order[self.cursor : self.cursor + self.cfg.model_batch_size]
         self.cursor += len(idx)
-        return self.tokens[idx]
+        return idx
 
+    @torch.no_grad()
     def _refill(self) -> None:
         parts = [self.buffer[: self.fill]] if self.buffer is not None else []
         have = self.fill
         while have < self.cfg.buffer_size:
-            states = self.states_of(self._next_sequences())
+            idx = self._next_sequences()
+            states, pos = self._sample(self.tokens[idx])
+            row = first_nonfinite(states) if self.nonfinite is None else None
+            if row is not None:
+                per = pos.shape[1]
+                self.nonfinite = (f"the first non-finite state harvested: sequence {int(idx[row // per])} of the "
+                                  f"training tokens, position {int(pos[row // per, row % per])}")
             parts.append(states)
             have += len(states)
         merged = torch.cat(parts)
@@ -410,7 +488,8 @@ class SAETrainer:
             self.stream = _StateStream(model, hook_name, head, tokens[:n_train], cfg, self.gen)
         sae.cfg.metadata.setdefault("hook_name", hook_name)
         sae.cfg.metadata.setdefault("head", head)
-        self.learner = Learner(sae, cfg, self.gen)
+        self.learner = Learner(sae, cfg, self.gen, label=f"{hook_name}.h{head}")
+        self._weights: dict[str, Any] | None = None
         self._lock = None
         if cfg.checkpoint_dir is not None:
             # held from here until train() returns: a second trainer on the directory fails before any work
@@ -440,16 +519,22 @@ class SAETrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """Write everything needed to continue bit-identically; returns the file path."""
+        """Write everything needed to continue bit-identically; returns the file path. Raises
+        :class:`~recurrent_lens.integrity.NonFiniteError` instead if training diverged (the checkpoint
+        already there, from before, is kept)."""
         directory = path or self.cfg.checkpoint_dir
         if directory is None:
             raise ValueError("save_checkpoint: no path given and TrainConfig.checkpoint_dir is None")
+        self.learner.check_finite()
         os.makedirs(directory, exist_ok=True)
         target = os.path.join(directory, CHECKPOINT_NAME)
+        if self._weights is None:
+            self._weights = weights_fingerprint(self.model)
         payload = {**self.learner.state_dict(), "torch_rng": torch.get_rng_state(),
-                   "stream": self.stream.state_dict(), "train_config": asdict(self.cfg),
+                   "stream": self.stream.state_dict(), "train_config": asdict(self.cfg), "weights": self._weights,
                    "data": {"shape": list(self.stream.tokens.shape), "val_shape": list(self.val_tokens.shape),
-                            "fingerprint": _fingerprint(self.stream.tokens)}}
+                            "fingerprint": _fingerprint(self.stream.tokens),
+                            "val_fingerprint": _fingerprint(self.val_tokens)}}
         atomic_write(target, lambda tmp: torch.save(payload, tmp))
         return target
 
@@ -483,17 +568,22 @@ class SAETrainer:
         cfg = cfg or TrainConfig(**payload["train_config"])
         sae = sae_from_payload(payload)
         tokens = check_tokens(model, tokens)
-        data = payload.get("data")
-        if data is not None:
-            n_train = len(tokens) - cfg.val_sequences
-            if list(tokens[:n_train].shape) != data["shape"] or _fingerprint(tokens[:n_train]) != data["fingerprint"]:
-                raise ValueError(f"tokens: the checkpoint {file} was trained on other tokens (shape {data['shape']}, "
-                                 f"got {list(tokens[:n_train].shape)} training sequences with other ids)")
+        if "weights" not in payload or "val_fingerprint" not in payload.get("data", {}):
+            raise refuse_unchecked(file, "a training checkpoint", "path")
+        data = payload["data"]
+        n_train = len(tokens) - cfg.val_sequences
+        if list(tokens[:n_train].shape) != data["shape"] or _fingerprint(tokens[:n_train]) != data["fingerprint"]:
+            raise ValueError(f"tokens: the checkpoint {file} was trained on other tokens (shape {data['shape']}, "
+                             f"got {list(tokens[:n_train].shape)} training sequences with other ids)")
+        if _fingerprint(tokens[n_train:]) != data["val_fingerprint"]:
+            raise ValueError(f"tokens: the checkpoint {file} was validated on other held-out tokens (the last "
+                             f"{cfg.val_sequences} sequences, shape {data['val_shape']}, hold other ids)")
         hook_name, head = sae.cfg.metadata.get("hook_name"), sae.cfg.metadata.get("head")
         check_cell(model, hook_name, head)
         if hasattr(model, "cfg") and (model.cfg.d_k, model.cfg.d_v) != (sae.cfg.d_k, sae.cfg.d_v):
             raise ValueError(f"model: the checkpoint's SAE reads {sae.cfg.d_k}x{sae.cfg.d_v} states, the model has "
                              f"{model.cfg.d_k}x{model.cfg.d_v}")
+        check_same("weights", payload["weights"], weights_fingerprint(model), file, "a training checkpoint", "path")
         trainer = cls(model, hook_name, head, tokens, cfg, sae=sae)
         trainer.learner.load_state_dict(payload)
         torch.set_rng_state(payload["torch_rng"])
@@ -509,7 +599,13 @@ class SAETrainer:
                                       torch.Generator().manual_seed(self.cfg.seed + 1))
             chunks = [val_stream.states_of(self.val_tokens[i : i + self.cfg.model_batch_size])
                       for i in range(0, len(self.val_tokens), self.cfg.model_batch_size)]
-            self._val_states = torch.cat(chunks)
+            states = torch.cat(chunks)
+            row = first_nonfinite(states)
+            if row is not None:
+                raise NonFiniteError(f"held-out states of {self.learner.label}: non-finite state in held-out sequence "
+                                     f"{row // (len(states) // len(self.val_tokens))} (of the last "
+                                     f"{len(self.val_tokens)} of the tokens)")
+            self._val_states = states
         return self._val_states
 
     @torch.no_grad()
@@ -555,7 +651,9 @@ class SAETrainer:
         sae.train()
         bar = tqdm(total=stop, initial=self.step, disable=not cfg.progress, desc="SAE")
         while self.step < stop:
-            row = learner.update(self.stream.next_batch(), stop)
+            batch = self.stream.next_batch()
+            learner.states_note = self.stream.nonfinite
+            row = learner.update(batch)
             if row is not None:
                 bar.set_postfix(mse=f"{row['mse']:.3g}", l0=f"{row['l0']:.1f}", dead=row["dead"])
                 if run is not None:
@@ -569,6 +667,7 @@ class SAETrainer:
                 self.save_checkpoint()
             bar.update(1)
         bar.close()
+        learner.check_finite()
         if self.step >= cfg.n_steps:
             sae.cfg.metadata.update(train_steps=self.step)
         if cfg.checkpoint_dir:

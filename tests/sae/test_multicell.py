@@ -115,3 +115,129 @@ def test_a_finished_run_keeps_no_buffers_and_reruns_as_a_no_op(model, tokens, tm
     assert json.loads((tmp_path / "checkpoint.json").read_text())["complete"] is True
     again = MultiCellTrainer(model, [A], tokens, cfg(n_steps=3), out_dir=str(tmp_path))
     assert again.step == 3 and same(again.train()[A], first[A])
+
+
+def test_resumed_train_log_equals_an_uninterrupted_one(model, tokens, tmp_path):
+    # step 6 is mid log window (log_every=4): the running averages must survive the checkpoint
+    train_cells(model, [A, B], tokens, cfg(), out_dir=str(tmp_path / "full"), val_tokens=tokens[:4])
+    MultiCellTrainer(model, [A, B], tokens, cfg(), out_dir=str(tmp_path / "cut"), val_tokens=tokens[:4]).train(
+        until_step=6)
+    MultiCellTrainer(model, [A, B], tokens, cfg(), out_dir=str(tmp_path / "cut"), val_tokens=tokens[:4]).train()
+    for cell in (A, B):
+        full = (tmp_path / "full" / cell.name / "train_log.json").read_text()
+        assert (tmp_path / "cut" / cell.name / "train_log.json").read_text() == full
+        assert [row["step"] for row in json.loads(full)["train"]] == [4, 8, 12]
+
+
+def test_resume_checks_the_weights_and_the_data(model, tokens, tmp_path):
+    MultiCellTrainer(model, [A], tokens, cfg(), out_dir=str(tmp_path)).train(until_step=2)
+    changed = tiny_gdn(seed=0)
+    with torch.no_grad():
+        changed.embed.weight[3, 0] += 1e-3
+    with pytest.raises(ValueError, match=r"other weights: sha256: recorded '[0-9a-f]{64}', current '[0-9a-f]{64}'"
+                                         r".*use another output directory \(--out\) or delete"):
+        MultiCellTrainer(changed, [A], tokens, cfg(), out_dir=str(tmp_path))
+    other = tokens.clone()
+    other[0, 0] += 1
+    with pytest.raises(ValueError, match="other data: sha256: recorded"):
+        MultiCellTrainer(model, [A], other, cfg(), out_dir=str(tmp_path))
+    assert MultiCellTrainer(model, [A], tokens.clone(), cfg(), out_dir=str(tmp_path)).step == 2
+
+
+def test_resume_checks_a_file_source_and_its_order(model, tokens, tmp_path):
+    ids, out = tmp_path / "ids.npy", str(tmp_path / "out")
+    np.save(ids, tokens.numpy())
+    MultiCellTrainer(model, [A], open_tokens(str(ids)), cfg(), out_dir=out).train(until_step=3)
+    with pytest.raises(ValueError, match="other data .*skip: recorded 0, current 2"):
+        MultiCellTrainer(model, [A], open_tokens(str(ids), skip=2), cfg(), out_dir=out)
+    with pytest.raises(ValueError, match="other data: recorded"):
+        MultiCellTrainer(model, [A], iter(list(tokens)), cfg(), out_dir=out)
+    np.save(ids, tokens.flip(0).numpy())
+    with pytest.raises(ValueError, match="other data .*content: recorded"):
+        MultiCellTrainer(model, [A], open_tokens(str(ids)), cfg(), out_dir=out)
+
+
+def test_resume_checks_the_order_of_a_plain_iterable(model, tokens, tmp_path):
+    class Rows:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter(list(self.rows))
+
+    MultiCellTrainer(model, [A], Rows(tokens), cfg(), out_dir=str(tmp_path)).train(until_step=3)
+    trainer = MultiCellTrainer(model, [A], Rows(tokens.flip(0)), cfg(), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="windows already read this epoch"):
+        trainer.train()
+
+
+def test_a_run_without_recorded_weights_is_not_resumed(model, tokens, tmp_path):
+    MultiCellTrainer(model, [A], tokens, cfg(), out_dir=str(tmp_path)).train(until_step=2)
+    manifest = json.loads((tmp_path / "checkpoint.json").read_text())
+    del manifest["weights"], manifest["data"]
+    (tmp_path / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="older recurrent_lens that did not record the weights and data"):
+        MultiCellTrainer(model, [A], tokens, cfg(), out_dir=str(tmp_path))
+
+
+def reference_store(path, states):
+    from recurrent_lens.sae.store import StateStore
+
+    (path / "layer_0").mkdir(parents=True)
+    np.save(path / "layer_0" / "head_1.npy", states.numpy())
+    return StateStore(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, bad):
+    from recurrent_lens.integrity import NonFiniteError
+
+    states = torch.randn(2000, 4, 6, generator=torch.Generator().manual_seed(0))
+    cell = Cell("blocks.0.mixer.hook_state", 1)
+    row = int(next(reference_store(tmp_path / "good", states).batch_indices(cell, 32, seed=0, start=3))[5])
+    states[row, 1, 2] = bad  # one state among 2000, read in the batch of step 3
+    out = tmp_path / "out"
+    trainer = MultiCellTrainer(None, [cell], reference_store(tmp_path / "bad", states),
+                               cfg(checkpoint_every=2, log_every=100), out_dir=str(out))
+    message = ("non-finite loss at step 3" if bad == 1e30 else
+               rf"non-finite training states at step 3 \(row 5 of the batch\); the first non-finite state read: "
+               rf"store row {row}")
+    with pytest.raises(NonFiniteError, match=rf"blocks.0.mixer.hook_state.h1: training diverged: {message}"):
+        trainer.train()
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2
+    kept = torch.load(out / cell.name / "checkpoint-00000002.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in kept["sae_state"].values() if t.is_floating_point())
+    assert not (out / cell.name / "train_log.json").exists() and not (out / cell.name / "cfg.json").exists()
+
+
+def test_a_huge_learning_rate_is_caught(tmp_path):
+    from recurrent_lens.integrity import NonFiniteError
+
+    store = reference_store(tmp_path / "store", torch.randn(512, 4, 6, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(NonFiniteError, match="training diverged: non-finite"):
+        train_cells(None, [Cell("blocks.0.mixer.hook_state", 1)], store, cfg(lr=1e6, warmup_steps=0, n_steps=40))
+
+
+def test_a_nan_weight_in_the_model_is_caught(tokens):
+    from recurrent_lens.integrity import NonFiniteError
+
+    broken = tiny_gdn(seed=0)
+    with torch.no_grad():
+        broken.blocks[0].ln1.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"blocks.0.mixer.hook_state.h1: training diverged: non-finite "
+                                             r"(training states|weights) at step 0.*sequence \d+, position \d+"):
+        train_cells(broken, [A], tokens, cfg())
+    with pytest.raises(NonFiniteError, match="held-out states of blocks.0.mixer.hook_state.h1: .*sequence 0"):
+        MultiCellTrainer(broken, [A], tokens, cfg(), val_tokens=tokens[:2])
+
+
+def test_training_from_a_store_that_grew_is_not_resumed(model, tokens, tmp_path):
+    from recurrent_lens.sae.store import StateStore, harvest_to_store
+
+    kw = dict(positions_per_seq=6, progress=False)
+    harvest_to_store(model, [A], tokens, tmp_path / "store", max_sequences=12, **kw)
+    out = str(tmp_path / "out")
+    MultiCellTrainer(None, [A], StateStore(tmp_path / "store"), cfg(), out_dir=out).train(until_step=2)
+    harvest_to_store(model, [A], tokens, tmp_path / "store", **kw)
+    with pytest.raises(ValueError, match="other data .*sha256: recorded"):
+        MultiCellTrainer(None, [A], StateStore(tmp_path / "store"), cfg(), out_dir=out)

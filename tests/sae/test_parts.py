@@ -146,7 +146,7 @@ def test_learner_updates_counters_before_the_aux_loss():
     expected_dead = ~fired
     expected = sae.losses(sae.autoencode(S), dead=expected_dead)
     learner = Learner(sae, TrainConfig(n_steps=10, lr=0.0, log_every=1, progress=False), torch.Generator())
-    row = learner.update(S, stop=10)
+    row = learner.update(S)
     assert sae.steps_since_active.tolist() == [0 if f else 3 for f in fired.tolist()]
     assert row["dead"] == int(expected_dead.sum()) > 0
     assert row["aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-6) and row["aux_loss"] > 0

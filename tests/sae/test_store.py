@@ -182,7 +182,7 @@ def test_resume_refuses_other_settings_or_a_shorter_source(model, tokens, tmp_pa
     harvest_to_store(model, CELLS, tokens, tmp_path, **dict(KW, max_sequences=4))
     for change, pattern in [({"seed": 6}, "positions.seed: the store has 5, this call 6"),
                             ({"dtype": "bfloat16"}, "dtype: the store has 'float32', this call 'bfloat16'"),
-                            ({"model_name": "other"}, "model.name: the store has None, this call 'other'")]:
+                            ({"positions_per_seq": 4}, "positions.positions_per_seq: the store has 3, this call 4")]:
         with pytest.raises(ValueError, match=pattern):
             harvest_to_store(model, CELLS, tokens, tmp_path, **dict(KW, **change))
     with pytest.raises(ValueError, match="cells: the store has"):
@@ -418,3 +418,79 @@ def test_batch_argument_errors(ref_store):
         next(ref_store.iter_batches(cell, 23))
     with pytest.raises(ValueError, match="start: expected an int >= 0"):
         next(ref_store.iter_batches(cell, 4, start=-1))
+
+
+def test_resume_checks_the_weights_and_the_data_not_the_name(model, tokens, tmp_path):
+    harvest_to_store(model, CELLS, tokens, tmp_path, **dict(KW, max_sequences=4, model_name="./ck"))
+    changed = tiny_gdn(seed=0)
+    with torch.no_grad():
+        changed.blocks[0].mixer.in_proj_qkv.weight.mul_(1.001)  # the same shapes and config, other weights
+    with pytest.raises(ValueError, match=r"other weights: sha256: recorded '[0-9a-f]{64}', current '[0-9a-f]{64}'"
+                                         r".*use another output directory \(--out\) or delete"):
+        harvest_to_store(changed, CELLS, tokens, tmp_path, **KW)
+    other = tokens.clone()
+    other[2, 5] += 1
+    with pytest.raises(ValueError, match="first 4 sequences are not the source's first 4 .* other data"):
+        harvest_to_store(model, CELLS, other, tmp_path, **KW)
+    with pytest.raises(ValueError, match="first 4 sequences are not"):
+        harvest_to_store(model, CELLS, tokens[[1, 0, *range(2, 9)]], tmp_path, **KW)  # same rows, other order
+    assert StateStore(tmp_path).sequences_done == 4
+    # the checkpoint's name is a label: spelled otherwise, the same weights resume
+    store = harvest_to_store(model, CELLS, list(tokens), tmp_path, **dict(KW, model_name=os.path.abspath("ck")))
+    assert store.complete and store.sequences_done == 9
+
+
+def test_resume_checks_a_file_source(model, tokens, tmp_path):
+    from recurrent_lens.data import open_tokens
+
+    ids = tmp_path / "ids.npy"
+    np.save(ids, tokens.numpy())
+    out = tmp_path / "store"
+    harvest_to_store(model, CELLS, open_tokens(ids), out, **dict(KW, max_sequences=4))
+    with pytest.raises(ValueError, match="other data .*skip: recorded 0, current 1"):
+        harvest_to_store(model, CELLS, open_tokens(ids, skip=1), out, **KW)
+    np.save(ids, np.concatenate([tokens.numpy(), tokens.numpy()[:1]]))
+    with pytest.raises(ValueError, match="other data .*content: recorded"):
+        harvest_to_store(model, CELLS, open_tokens(ids), out, **KW)
+
+
+def test_a_store_without_recorded_weights_is_not_resumed(model, tokens, tmp_path):
+    harvest_to_store(model, CELLS, tokens, tmp_path, **dict(KW, max_sequences=4))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for key in ("weights", "data", "sequences_sha256"):
+        del manifest[key]
+    manifest["fingerprint"] = store_mod._fingerprint(store_mod._settings_of(manifest),
+                                                     [c["name"] for c in manifest["cells"]])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert StateStore(tmp_path).count(CELLS[0]) == 12  # still readable
+    with pytest.raises(ValueError, match="older recurrent_lens that did not record the weights and data"):
+        harvest_to_store(model, CELLS, tokens, tmp_path, **KW)
+
+
+def test_non_finite_states_are_never_stored(model, tokens, tmp_path, monkeypatch):
+    from recurrent_lens.integrity import NonFiniteError
+
+    broken = tiny_gdn(seed=0)
+    with torch.no_grad():
+        broken.blocks[1].ln1.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"layer 1 \(blocks.1.mixer.hook_write\), head 3: non-finite state at "
+                                             r"sequence 0, position \d+"):
+        harvest_to_store(broken, CELLS, tokens, tmp_path / "nan", **KW)
+    assert StateStore(tmp_path / "nan").sequences_done == 0
+
+    real = store_mod.harvest_cells
+
+    def one_huge_state(model, toks, positions, cells):
+        got = real(model, toks, positions, cells)
+        if toks.shape[0] == 2 and torch.equal(toks[1], tokens[5]):  # sequence 5, its second sampled position
+            got[CELLS[0]][KW["positions_per_seq"] + 1, 2, 3] = 1e30
+        return got
+
+    monkeypatch.setattr(store_mod, "harvest_cells", one_huge_state)
+    position = int(sample_positions([5], 20, 3, skip=1, seed=5)[0, 1])
+    store = harvest_to_store(model, CELLS, tokens, tmp_path / "fp32", **KW)  # finite: stored as it is
+    assert store.read(CELLS[0], torch.arange(27)).abs().max() == 1e30
+    with pytest.raises(NonFiniteError, match=rf"layer 0 \(blocks.0.mixer.hook_state\), head 1: non-finite state at "
+                                             rf"sequence 5, position {position} .*overflows float16"):
+        harvest_to_store(model, CELLS, tokens, tmp_path / "fp16", **dict(KW, dtype="float16"))
+    assert StateStore(tmp_path / "fp16").sequences_done == 4  # the flushed sequences before it, nothing after

@@ -1,5 +1,7 @@
 """Training on states streamed from a tiny Gated DeltaNet: loss falls, held-out quality, exact resume."""
 
+import json
+
 import pytest
 import torch
 
@@ -56,6 +58,17 @@ def test_resume_is_bit_identical(model, tokens, tmp_path):
     assert log.train[-1]["step"] == 40
     resumed.save_pretrained(str(tmp_path / "sae"))
     assert torch.equal(load(str(tmp_path / "sae")).V_dec, resumed.V_dec)
+
+
+def test_resumed_train_log_equals_an_uninterrupted_one(model, tokens, tmp_path):
+    # step 23 is mid log window (log_every=10): the running averages must survive the checkpoint
+    cfg = dict(val_sequences=8, val_every=15)
+    SAETrainer(model, HOOK, 2, tokens, small_cfg(checkpoint_dir=str(tmp_path / "full"), **cfg)).train()
+    SAETrainer(model, HOOK, 2, tokens, small_cfg(checkpoint_dir=str(tmp_path / "cut"), **cfg)).train(until_step=23)
+    SAETrainer.from_checkpoint(model, tokens, str(tmp_path / "cut")).train()
+    full = (tmp_path / "full" / "train_log.json").read_text()
+    assert (tmp_path / "cut" / "train_log.json").read_text() == full
+    assert [row["step"] for row in json.loads(full)["train"]] == [10, 20, 30, 40]
 
 
 def test_resampling_clears_adam_moments(model, tokens):
@@ -154,3 +167,24 @@ def test_from_checkpoint_refuses_other_tokens_or_model(model, tokens, tmp_path):
         SAETrainer.from_checkpoint(model, tokens.flip(0), str(tmp_path))
     with pytest.raises(ValueError, match="states"):
         SAETrainer.from_checkpoint(tiny_gdn(seed=0, d_k=4), tokens, str(tmp_path))
+    with pytest.raises(ValueError, match="other weights: sha256: recorded"):
+        SAETrainer.from_checkpoint(tiny_gdn(seed=1), tokens, str(tmp_path))
+
+
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(model, tokens, tmp_path):
+    from recurrent_lens.integrity import NonFiniteError
+
+    cfg = small_cfg(lr=1e6, warmup_steps=0, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    trainer = SAETrainer(model, HOOK, 0, tokens, cfg)
+    with pytest.raises(NonFiniteError, match=rf"{HOOK}.h0: training diverged: non-finite \w+ at step \d+"):
+        trainer.train()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert kept["step"] < trainer.step
+    assert all(torch.isfinite(t).all() for t in kept["sae_state"].values() if t.is_floating_point())
+    assert not (tmp_path / "train_log.json").exists()
+    broken = tiny_gdn(seed=0)
+    with torch.no_grad():
+        broken.blocks[0].ln1.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"training diverged: non-finite (training states|weights) at step 0.*"
+                                             r"sequence \d+ of the training tokens, position \d+"):
+        train(broken, HOOK, 0, tokens, small_cfg())
