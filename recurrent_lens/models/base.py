@@ -137,8 +137,9 @@ class HookedRecurrentModel(HookedRootModule):
     Threads: ``model.positions`` is per thread (each thread sees the positions of its own forward), but
     hooks, cache requests and spliced SAEs belong to the model, not to the thread that added them: a
     hook added in one thread fires in every thread's forwards, and ``run_with_hooks`` or
-    ``run_with_cache`` in two threads at once see and remove each other's hooks. Forwards without
-    hooks may run concurrently; with hooks, use one model per thread or hold a lock around each run.
+    ``run_with_cache`` in two threads at once see and remove each other's hooks. Forwards, ``states_at`` and
+    ``harvest`` without hooks may run concurrently (a harvest's request travels with its own forward, never
+    on the model); with hooks, use one model per thread or hold a lock around each run.
 
     Example:
         >>> import torch
@@ -393,6 +394,12 @@ class HookedRecurrentModel(HookedRootModule):
                 residual stream entering block ``stop_at_layer`` (negative values count from the end).
             loss_per_token: with a loss, return it per position ``[batch, pos - 1]``.
         """
+        return self._forward(input, return_type, cache=cache, initial_states=initial_states,
+                             stop_at_layer=stop_at_layer, loss_per_token=loss_per_token)
+
+    def _forward(self, input: TokensLike, return_type: str | None, *, cache: RecurrentCache | None = None,
+                 initial_states: dict[int, Tensor] | None = None, stop_at_layer: int | None = None,
+                 loss_per_token: bool = False, harvest: dict[int, HarvestRequest] | None = None) -> Any:
         tokens = self._tokens(input)
         B, T = tokens.shape
         if return_type not in ("logits", "loss", "both", None):
@@ -418,7 +425,8 @@ class HookedRecurrentModel(HookedRootModule):
             work = cache.fork(device=tokens.device)
         offset = cache.seq_len if cache is not None else 0
         self.positions = torch.arange(offset, offset + T, device=tokens.device)
-        ctx = get_architecture(self.cfg.architecture).mixer.context_type(positions=self.positions, tokens=tokens)
+        ctx = get_architecture(self.cfg.architecture).mixer.context_type(positions=self.positions, tokens=tokens,
+                                                                          harvest=harvest or {})
         x = fire(self.hook_embed, self.embed(tokens))
         if self.cfg.residual_in_fp32:
             x = x.float()
@@ -848,18 +856,13 @@ class HookedRecurrentModel(HookedRootModule):
         tokens = self._tokens(tokens)
         pos = self._positions(positions, *tokens.shape)
         deepest = max(requests)
-        mixers = {layer: self.blocks[layer].mixer for layer in requests}
-        for layer, heads in requests.items():
-            mixers[layer].harvest_request = HarvestRequest(pos, heads, last=layer == deepest)
+        # the requests ride in this forward's context: nothing is left on the (shared) mixers
+        harvest = {layer: HarvestRequest(pos, heads, last=layer == deepest) for layer, heads in requests.items()}
         try:
-            self.forward(tokens, return_type=None, stop_at_layer=deepest + 1)
+            self._forward(tokens, None, stop_at_layer=deepest + 1, harvest=harvest)
         except HarvestDone:
             pass
-        finally:
-            found = {layer: mixer.harvest_request.out for layer, mixer in mixers.items()}
-            for mixer in mixers.values():
-                mixer.harvest_request = None
-        return found
+        return {layer: request.out for layer, request in harvest.items()}
 
     # ------------------------------------------------------------------ SAEs
     def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool | None = None) -> None:

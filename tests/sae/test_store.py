@@ -74,6 +74,38 @@ def test_contents_equal_a_full_forward(model, tokens, clean):
     assert "cells=2, count=27, d_k=8, d_v=8, dtype=float32" in repr(store)
 
 
+def test_harvest_to_store_from_several_threads_on_one_model(model, tokens, clean, tmp_path):
+    """Four stores harvested at once from one model, with other cells and seeds between them, hold what a
+    harvest alone stores."""
+    import threading
+
+    kws = [dict(KW, seed=5 + t % 2, batch_size=1 + t % 3) for t in range(4)]
+    cells = [CELLS if t % 2 == 0 else CELLS[::-1] for t in range(4)]
+    alone = [harvest_to_store(model, cells[t], tokens, tmp_path / f"alone{t}", **kws[t]) for t in range(4)]
+    errors = []
+    start = threading.Barrier(4)
+
+    def worker(t):
+        start.wait()
+        try:
+            harvest_to_store(model, cells[t], tokens, tmp_path / f"threaded{t}", **kws[t])
+        except Exception as e:  # reported below: a thread's exception would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t in range(4):
+        got = StateStore(tmp_path / f"threaded{t}")
+        for cell in CELLS:
+            idx = torch.arange(alone[t].count(cell))
+            assert torch.equal(got.read(cell, idx), alone[t].read(cell, idx)), (t, cell)
+            assert all(torch.equal(a, b) for a, b in zip(got.provenance(cell, idx), alone[t].provenance(cell, idx)))
+
+
 def test_read_across_shards_any_order_and_bounded_cache(clean):
     cell = CELLS[0]
     all_states = clean.read(cell, torch.arange(27))
