@@ -26,6 +26,7 @@ the per-measurement table.
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import sys
@@ -44,7 +45,7 @@ from recurrent_lens.models.loading import CheckpointError
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae import load as load_sae
 from recurrent_lens.sae.cells import parse_cells
-from recurrent_lens.sae.multicell import MultiCellTrainer
+from recurrent_lens.sae.multicell import CollectiveError, MultiCellTrainer, collective
 from recurrent_lens.sae.store import StateStore, harvest_to_store
 from recurrent_lens.sae.training import check_writable
 
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distribute-cells", action="store_true",
                        help="under torchrun, each rank trains its own subset of the cells on all of the data "
                             "(default: data-parallel, every rank trains every cell on its share)")
+    train.add_argument("--timeout", type=_positive_float, default=600, metavar="SECONDS",
+                       help="under torchrun, how long a rank waits for its peers in the start-up rendezvous and in "
+                            "every collective before the run ends with an error (default: 600)")
 
     harvest = sub.add_parser(
         "harvest", help="write sampled states of many cells of a checkpoint to a state store",
@@ -497,7 +501,8 @@ def _init_distributed(args) -> tuple[int, int]:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             args.device = f"cuda:{local}"
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # without a timeout a stopped peer leaves every other rank waiting in its next collective
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -557,17 +562,30 @@ def _train_real(args, parser) -> int:
     if args.model is not None and args.dataset is None:
         parser.error("argument --dataset: required with --model")
     _check_out(parser, args.out)
-    rank, world = _init_distributed(args)
+    try:
+        rank, world = _init_distributed(args)
+    except (RuntimeError, ValueError) as e:  # the rendezvous: a peer never arrived, a bad address or port
+        return _distributed_failure(parser, args, f"joining the process group failed: {e}")
     try:
         code = _train_cells(args, parser, rank, world)
         if dist.is_initialized():
             # every rank tears down together: a rank leaving while its peer still works (rank 0 writing and
             # printing) aborted now and then at exit ("terminate called without an active exception")
-            dist.barrier()
+            with collective("barrier at the end of training"):
+                dist.barrier()
         return code
+    except CollectiveError as e:
+        return _distributed_failure(parser, args, str(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _distributed_failure(parser, args, message: str) -> int:
+    """Report a failed rendezvous or collective with the ``--timeout`` in force; exit status 1."""
+    print(f"{parser.prog}: error: {message}\n  (--timeout {args.timeout:g} s; the last checkpoint under {args.out}, "
+          f"if any, is intact: rerun the same command to resume from it)", file=sys.stderr)
+    return 1
 
 
 def _train_cells(args, parser, rank: int, world: int) -> int:

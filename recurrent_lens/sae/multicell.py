@@ -51,7 +51,8 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -68,9 +69,33 @@ from recurrent_lens.sae.training import (
     remove_stale_temporaries, sae_from_payload, write_json,
 )
 
-__all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync"]
+__all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync", "CollectiveError"]
 
 MANIFEST = "checkpoint.json"
+
+
+class CollectiveError(RuntimeError):
+    """A collective of a distributed run failed on this rank, typically because a peer rank stopped, died or
+    did not reach it within the process group's timeout (``init_process_group(timeout=...)``)."""
+
+
+@contextmanager
+def collective(op: str) -> Iterator[None]:
+    """Run the collective ``op`` (``"all_reduce of the SAE gradients"``, say), turning the backend's failure
+    into a :class:`CollectiveError` that names the operation and this rank.
+
+    Example:
+        >>> with collective("nothing"):
+        ...     pass
+    """
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:  # gloo and NCCL report a timed-out or vanished peer as a RuntimeError
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise CollectiveError(f"rank {rank}: {op} did not complete (a peer rank stopped, died or did not reach it "
+                              f"within the process group's timeout): {e}") from e
 
 
 class DataParallelSync:
@@ -82,7 +107,8 @@ class DataParallelSync:
 
     def gradients(self, params: Sequence[Tensor]) -> None:
         flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, group=self.group)
+        with collective("all_reduce of the SAE gradients"):
+            dist.all_reduce(flat, group=self.group)
         flat /= self.world
         offset = 0
         for p in params:
@@ -90,21 +116,25 @@ class DataParallelSync:
             offset += p.grad.numel()
 
     def counters(self, sae: SAE) -> None:
-        dist.all_reduce(sae.steps_since_active, op=dist.ReduceOp.MIN, group=self.group)
+        with collective("all_reduce of the dead-feature counters"):
+            dist.all_reduce(sae.steps_since_active, op=dist.ReduceOp.MIN, group=self.group)
 
     def gather(self, x: Tensor) -> Tensor:
         """The global batch: every rank's ``x`` concatenated in rank order."""
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        with collective("all_gather of the batch for resampling"):
+            dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts)
 
     def parameters(self, sae: SAE) -> None:
-        for t in [*sae.parameters(), *sae.buffers()]:
-            dist.broadcast(t.data, 0, group=self.group)
+        with collective("broadcast of rank 0's SAE"):
+            for t in [*sae.parameters(), *sae.buffers()]:
+                dist.broadcast(t.data, 0, group=self.group)
 
     def mean(self, x: Tensor) -> Tensor:
         x = x.clone()
-        dist.all_reduce(x, group=self.group)
+        with collective("all_reduce of the states' mean"):
+            dist.all_reduce(x, group=self.group)
         return x / self.world
 
 
@@ -317,7 +347,8 @@ class MultiCellTrainer:
                 if self.rank == 0:
                     remove_stale_temporaries(out_dir)
             if self.sync is not None:
-                dist.barrier()
+                with collective("barrier after clearing out_dir"):
+                    dist.barrier()
         rank, data_world = (self.rank, self.world) if split_data else (0, 1)
         if store is not None:
             self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)
@@ -401,7 +432,8 @@ class MultiCellTrainer:
             payload = {"feed": self.feed.state_dict(), "torch_rng": torch.get_rng_state()}
             atomic_write(self._data_path(step), lambda tmp: torch.save(payload, tmp))
         if self.sync is not None:
-            dist.barrier()
+            with collective(f"barrier before writing the step {step} checkpoint"):
+                dist.barrier()
         if self.writer:
             for cell, learner in self.learners.items():
                 state = learner.state_dict()
@@ -414,7 +446,8 @@ class MultiCellTrainer:
             if previous is not None and previous["step"] != step:
                 self._remove_step(previous["step"])
         if self.sync is not None:
-            dist.barrier()
+            with collective(f"barrier after writing the step {step} checkpoint"):
+                dist.barrier()
 
     def _remove_step(self, step: int) -> None:
         paths = [self._cell_path(c, step) for c in self.cells]
