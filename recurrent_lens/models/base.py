@@ -736,7 +736,16 @@ class HookedRecurrentModel(HookedRootModule):
         return layer, kinds[parts[3]]
 
     def _positions(self, positions: Any, batch: int, length: int) -> Tensor:
-        pos = torch.as_tensor(positions, device=self.embed.weight.device)
+        try:
+            pos = torch.as_tensor(positions, device=self.embed.weight.device)
+        except (TypeError, ValueError, RuntimeError):
+            rows = list(positions) if isinstance(positions, Sequence) else []
+            if rows and all(isinstance(r, Sequence) and not isinstance(r, str) for r in rows):
+                lengths = [len(r) for r in rows]
+                if len(set(lengths)) > 1:
+                    raise ValueError(f"positions: expected one list of positions per sequence, all of one length, "
+                                     f"got rows of lengths {lengths}") from None
+            raise TypeError(f"positions: expected integer positions, [batch, n] or [n], got {positions!r}") from None
         if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
             raise TypeError(f"positions: expected integer positions, got dtype {pos.dtype}")
         if pos.dim() == 1:
@@ -753,10 +762,12 @@ class HookedRecurrentModel(HookedRootModule):
         H = self.cfg.n_heads
         if heads is None:
             return list(range(H))
-        listed = [heads] if isinstance(heads, int) else list(heads)
+        one = isinstance(heads, int) and not isinstance(heads, bool)
+        listed = [heads] if one else list(heads) if isinstance(heads, Sequence) and not isinstance(heads, str) else []
         bad = [h for h in listed if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < H]
         if bad or not listed:
-            raise ValueError(f"heads ({what}): expected head indices in [0, {H}), got {heads!r}")
+            raise ValueError(f"heads ({what}): expected a head index or a list of head indices in [0, {H}), "
+                             f"got {heads!r}")
         return listed
 
     def harvest(self, tokens: TokensLike, positions: Tensor | Sequence[Any],

@@ -1,5 +1,7 @@
 """Sampled per-step matrices (``states_at``, ``harvest``) against the full ``run_with_cache`` tensors."""
 
+import re
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -301,3 +303,23 @@ def test_states_at_and_harvest_from_several_threads_on_one_model():
     wrong = [i for i in range(len(calls)) if got[i].keys() != alone[i].keys()
              or any(got[i][k].shape != alone[i][k].shape or not torch.equal(got[i][k], alone[i][k]) for k in alone[i])]
     assert not wrong, f"{len(wrong)} of {len(calls)} concurrent calls differ from the same call run alone"
+
+
+def test_ragged_positions_and_non_integer_heads_name_the_argument(monkeypatch):
+    import jaxtyping
+
+    # as a user calls it: the test run's type checker would refuse these arguments before the model's own checks
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+    model = tiny_model("gated_deltanet")
+    tokens = tokens_for(model, B=2)
+    cell = [("blocks.0.mixer.hook_state", 0)]
+    for call in (lambda: model.states_at(tokens, 0, [[1, 2], [3]]), lambda: model.harvest(tokens, [[1], [2, 3]], cell)):
+        with pytest.raises(ValueError, match=r"positions: expected one list of positions per sequence, all of one "
+                                             r"length, got rows of lengths \[\d, \d\]"):
+            call()
+    with pytest.raises(TypeError, match="positions: expected integer positions"):
+        model.states_at(tokens, 0, [["a"]])
+    for heads in ("two", 1.5, ["two"], [0, 1.0], True):
+        with pytest.raises(ValueError, match=re.escape(f"heads (state): expected a head index or a list of head "
+                                                       f"indices in [0, {model.cfg.n_heads}), got {heads!r}")):
+            model.states_at(tokens, 0, [1], heads=heads)
