@@ -89,6 +89,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "one thread makes the numbers independent of the machine's core count)")
 
 
+def _device(text: str) -> str:
+    """An argparse ``type``: a torch device string this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"CUDA is not available on this machine, got {text!r}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"expected a CUDA device index below {torch.cuda.device_count()} "
+                                             f"(the GPUs of this machine), got {text!r}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"MPS is not available on this machine, got {text!r}")
+    return text
+
+
 def _toy_name(text: str) -> str:
     """An argparse ``type``: a toy name, or its architecture's registry name, as the toy name."""
     try:
@@ -185,7 +202,7 @@ def _add_real_model_args(p: argparse.ArgumentParser, required: bool = False) -> 
                    help="heads to read in every hook (default: all heads)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model weight dtype (default: the checkpoint's)")
-    g.add_argument("--device", default=None, help="model and SAE device, e.g. cuda (default: cpu; under torchrun "
+    g.add_argument("--device", type=_device, default=None, help="model and SAE device, e.g. cuda (default: cpu; under torchrun "
                                                   "cuda means each rank's local GPU)")
     g.add_argument("--positions-per-seq", type=_positive_int, default=16,
                    help="positions sampled per sequence (default: 16)")
