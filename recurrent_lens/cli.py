@@ -551,15 +551,21 @@ def _cells(args, parser, model) -> list:
 
 
 def _token_source(args, parser, model, **shard):
-    """``--dataset`` opened with the model's tokenizer at ``--context-length``; errors are parser errors."""
+    """``--dataset`` opened with the model's tokenizer at ``--context-length``, this process's share read once
+    through (undecodable text, ids outside the vocabulary); errors are parser errors."""
     try:
         source = open_tokens(args.dataset, tokenizer=model.tokenizer, context_length=args.context_length,
                              text_field=args.text_field, split=args.split, **shard)
-        next(iter(source))  # a dataset shorter than one context fails here, not minutes later
+        ctx = len(next(iter(source)))  # a dataset shorter than one context fails here, not minutes later
+        source.check(d_vocab=model.cfg.d_vocab)
     except (OSError, ValueError, TypeError) as e:
         parser.error(f"argument --dataset: {e}")
     except StopIteration:
         parser.error(f"argument --dataset: {args.dataset!r} gives no sequence to this process ({shard})")
+    if args.skip_positions >= ctx:
+        where = "--context-length" if args.context_length is not None else "the rows of --dataset"
+        parser.error(f"argument --skip-positions: expected fewer than the {ctx} positions of a sequence ({where}), "
+                     f"got {args.skip_positions}")
     return source
 
 

@@ -131,3 +131,49 @@ def test_torchrun_data_parallel_on_a_checkpoint(checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert load(str(out / "blocks.0.mixer.hook_state.h1")).cfg.metadata["train_steps"] == 6
     assert json.loads((out / "checkpoint.json").read_text())["world_size"] == 2
+
+
+def test_dataset_defects_deep_in_the_file_are_parser_errors_before_training(checkpoint, tmp_path, capsys,
+                                                                              monkeypatch):
+    import numpy as np
+
+    from recurrent_lens.sae.multicell import MultiCellTrainer
+
+    monkeypatch.setattr(MultiCellTrainer, "train", lambda self: pytest.fail("training started"))
+    lines = (checkpoint / "docs.txt").read_bytes().split(b"\n")
+    bad_text = tmp_path / "bad.txt"
+    bad_text.write_bytes(b"\n".join(lines[:50] + [b"the \xfe cat"] + lines[50:]))
+    ids = np.random.default_rng(0).integers(0, 12, (40, 16))
+    ids[33, 7] = 500
+    np.save(tmp_path / "ids.npy", ids)
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+    cases = [(bad_text, r"bad.txt, line 51: expected UTF-8 text, got byte 0xfe at byte 5 of the line"),
+             (tmp_path / "ids.npy", r"ids.npy', row 33: expected token ids in [0, 97) (d_vocab), got 500"),
+             (tmp_path / "junk.npy", r"junk.npy': expected a .npy array of token ids")]
+    for dataset, message in cases:
+        for command in ("train-sae", "harvest"):
+            argv = small(checkpoint, tmp_path / command, "--layers", "0")
+            argv[argv.index("--dataset") + 1] = dataset
+            if dataset.suffix == ".npy":
+                at = argv.index("--context-length")
+                del argv[at:at + 2]
+            if command == "harvest":
+                argv = ["harvest", *argv[1:argv.index("--steps")], "--layers", "0", "--out", tmp_path / "store"]
+            with pytest.raises(SystemExit) as e:
+                run(*argv)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "argument --dataset: " in err and message in err, (command, err)
+
+
+@pytest.mark.parametrize("command", ["train-sae", "harvest"])
+def test_skip_positions_leaving_nothing_names_the_option(checkpoint, tmp_path, capsys, command):
+    argv = small(checkpoint, tmp_path / "o", "--layers", "0", "--skip-positions", "16")
+    if command == "harvest":
+        argv = ["harvest", *argv[1:argv.index("--steps")], "--layers", "0", "--skip-positions", "16",
+                "--out", tmp_path / "store"]
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert ("argument --skip-positions: expected fewer than the 16 positions of a sequence (--context-length), "
+            "got 16") in err, err
