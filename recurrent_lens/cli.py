@@ -617,6 +617,8 @@ def _train_cells(args, parser, rank: int, world: int) -> int:
         cfg = _train_config(args)
     except ValueError as e:
         parser.error(str(e))
+    if cfg.buffer_size < cfg.batch_size:
+        parser.error(f"argument --buffer-size: expected at least --batch-size {cfg.batch_size}, got {cfg.buffer_size}")
     if args.states is not None:
         try:
             store = StateStore(args.states)
@@ -628,6 +630,10 @@ def _train_cells(args, parser, rank: int, world: int) -> int:
         if not cells:
             parser.error(f"arguments --hook/--layers/--heads: select none of the store's cells "
                          f"{[c.name for c in store.cells]}")
+        for cell in cells:
+            if store.count(cell) < cfg.batch_size:
+                parser.error(f"argument --batch-size: expected at most the {store.count(cell)} states stored for "
+                             f"{cell.name} in --states {args.states}, got {cfg.batch_size}")
         trainer = MultiCellTrainer(None, cells, store, cfg, out_dir=args.out, distributed=mode,
                                    device=args.device or "cpu")
     else:

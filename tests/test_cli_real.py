@@ -177,3 +177,24 @@ def test_skip_positions_leaving_nothing_names_the_option(checkpoint, tmp_path, c
     assert e.value.code == 2
     assert ("argument --skip-positions: expected fewer than the 16 positions of a sequence (--context-length), "
             "got 16") in err, err
+
+
+def test_batch_larger_than_the_buffer_or_the_store_names_both_numbers(checkpoint, tmp_path, capsys):
+    import numpy as np
+
+    (tmp_path / "ref" / "layer_9").mkdir(parents=True)
+    np.save(tmp_path / "ref" / "layer_9" / "head_4.npy", np.random.rand(40, 3, 5).astype(np.float32))
+    store = ["train-sae", "--states", tmp_path / "ref", "--out", tmp_path / "s", "--steps", 3, "--n-features", 8,
+             "--k", 2, "--no-progress"]
+    cases = [(small(checkpoint, tmp_path / "o", "--layers", "0", "--batch-size", 128, "--buffer-size", 64),
+              "argument --buffer-size: expected at least --batch-size 128, got 64"),
+             ([*store, "--batch-size", 64, "--buffer-size", 16],
+              "argument --buffer-size: expected at least --batch-size 64, got 16"),
+             ([*store, "--batch-size", 64, "--buffer-size", 64],
+              f"argument --batch-size: expected at most the 40 states stored for blocks.9.mixer.hook_state.h4 in "
+              f"--states {tmp_path / 'ref'}, got 64")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            run(*argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err

@@ -320,6 +320,10 @@ class MultiCellTrainer:
             if missing or not all_cells:
                 raise ValueError(f"cells: expected cells of the state store {[c.name for c in store.cells]}, "
                                  f"got {missing or 'none'}")
+            for c in all_cells:
+                if store.count(c) < cfg.batch_size:
+                    raise ValueError(f"TrainConfig.batch_size: expected at most the {store.count(c)} states stored "
+                                     f"for {c.name} in {store.path}, got {cfg.batch_size}")
         else:
             if model is None:
                 raise ValueError("model: expected a model to harvest states from (data is not a state store)")
