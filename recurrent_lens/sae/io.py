@@ -37,7 +37,8 @@ WEIGHTS_NAME = "sae_weights.safetensors"
 
 def atomic_write(path: str, write: Any) -> None:
     """Create ``path`` by calling ``write(tmp)`` on a temporary file beside it and renaming it into place,
-    so that a crash never leaves a partial file (the temporary file is removed on any error)."""
+    so that a crash never leaves a partial file (the temporary file is removed on any error). An
+    ``OSError`` (a full disk, say) is raised again naming ``path``, with the same ``errno``."""
     directory = os.path.dirname(path) or "."
     # The temporary file keeps the target's extension: torch.save names its archive after the file's stem.
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
@@ -46,9 +47,13 @@ def atomic_write(path: str, write: Any) -> None:
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved weights are meant to be shared like any other file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            # the writer's own message names the temporary file at best, which is gone by now
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e} (its partial copy was removed and "
+                                   f"{path} left as it was)") from e
         raise
 
 

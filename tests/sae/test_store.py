@@ -3,6 +3,7 @@ corruption, the reference layout, and deterministic rank-sliced batches."""
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -166,6 +167,32 @@ def test_resume_after_a_crash_stores_every_sequence_once(model, tokens, clean, t
     # running again on a finished store changes nothing
     again = harvest_to_store(model, CELLS, tokens, tmp_path, **KW)
     assert again.manifest == resumed.manifest
+
+
+def test_disk_full_names_the_file_and_leaves_nothing_half_written(model, tokens, clean, tmp_path, monkeypatch):
+    import errno
+
+    real = store_mod.save_file
+    calls = []
+
+    def fill_the_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 4:  # the second shard of the second cell: part of it reaches the disk
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(store_mod, "save_file", fill_the_disk)
+    shard = os.path.join(str(tmp_path), CELLS[1].name, "shard_00001.safetensors")
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(shard)}: No space left on device") as e:
+        harvest_to_store(model, CELLS, tokens, tmp_path, **KW)
+    assert e.value.errno == errno.ENOSPC
+    assert not [f for f in stored_files(tmp_path) if ".tmp" in f]
+    partial = StateStore(tmp_path)  # the manifest still names the first, complete shards only
+    assert partial.sequences_done == 4 and partial.count(CELLS[0]) == 12
+    monkeypatch.setattr(store_mod, "save_file", real)
+    assert_same_as_clean(harvest_to_store(model, CELLS, tokens, tmp_path, **KW), clean, exact=True)
 
 
 def test_manifest_write_failure_leaves_orphans_that_resume_deletes(model, tokens, clean, tmp_path, monkeypatch):
