@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.data import TokenSource
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import atomic_write, save_sae
@@ -359,6 +360,8 @@ class MultiCellTrainer:
         else:
             if isinstance(data, Tensor) or not isinstance(data, Iterable):
                 data = check_tokens(model, data)
+            elif isinstance(data, TokenSource):
+                data.check(d_vocab=model.cfg.d_vocab)
             self.feed = _HarvestFeed(model, self.cells, data, cfg, self.local_batch, rank, data_world)
         self.val_states: dict[Cell, Tensor] | None = None
         if val_tokens is not None:

@@ -65,6 +65,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.data import TokenSource
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import atomic_write
 
@@ -143,6 +144,8 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
     if max_sequences is not None:
         _check_int("max_sequences", max_sequences, 1)
     cells = parse_cells(model, cells)
+    if isinstance(tokens, TokenSource):
+        tokens.check(d_vocab=model.cfg.d_vocab)
     first, source, n_source = _open_source(tokens)
     ctx = int(first.shape[0])
     per_seq = sample_positions([0], ctx, positions_per_seq, skip=skip_positions, seed=seed).shape[1]

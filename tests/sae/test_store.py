@@ -195,6 +195,22 @@ def test_disk_full_names_the_file_and_leaves_nothing_half_written(model, tokens,
     assert_same_as_clean(harvest_to_store(model, CELLS, tokens, tmp_path, **KW), clean, exact=True)
 
 
+def test_out_of_vocabulary_ids_deep_in_a_token_file_are_refused_before_any_work(model, tmp_path):
+    from recurrent_lens.data import open_tokens
+    from recurrent_lens.sae.multicell import MultiCellTrainer
+    from recurrent_lens.sae.training import TrainConfig
+
+    ids = np.random.default_rng(0).integers(0, 61, (300, 20))
+    ids[290, 3] = 61
+    np.save(tmp_path / "ids.npy", ids)
+    message = r"npy '.*ids.npy', row 290: expected token ids in \[0, 61\) \(d_vocab\), got 61"
+    with pytest.raises(ValueError, match=message):
+        harvest_to_store(model, CELLS, open_tokens(tmp_path / "ids.npy"), tmp_path / "store", **KW)
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(ValueError, match=message):
+        MultiCellTrainer(model, CELLS, open_tokens(tmp_path / "ids.npy"), TrainConfig(batch_size=8, buffer_size=8))
+
+
 def test_manifest_write_failure_leaves_orphans_that_resume_deletes(model, tokens, clean, tmp_path, monkeypatch):
     real, calls = store_mod._write_manifest, []
 
