@@ -202,8 +202,8 @@ def _add_real_model_args(p: argparse.ArgumentParser, required: bool = False) -> 
                    help="heads to read in every hook (default: all heads)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model weight dtype (default: the checkpoint's)")
-    g.add_argument("--device", type=_device, default=None, help="model and SAE device, e.g. cuda (default: cpu; under torchrun "
-                                                  "cuda means each rank's local GPU)")
+    g.add_argument("--device", type=_device, default=None,
+                   help="model and SAE device, e.g. cuda (default: cpu; under torchrun cuda means each rank's local GPU)")
     g.add_argument("--positions-per-seq", type=_positive_int, default=16,
                    help="positions sampled per sequence (default: 16)")
     g.add_argument("--skip-positions", type=_non_negative_int, default=1,

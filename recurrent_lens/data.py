@@ -117,6 +117,8 @@ class TokenSource:
         self.world_size = world_size
         self.skip = skip
         self.max_sequences = max_sequences
+        # the d_vocab values check() passed: a trainer checks again what the command line checked already
+        self._checked: set[int | None] = set()
 
     @property
     def n_sequences(self) -> int | None:
@@ -219,11 +221,11 @@ class TextSource(TokenSource):
         raise NotImplementedError
 
     def check(self, d_vocab: int | None = None) -> None:
-        if getattr(self, "_checked", False):
+        if self._checked:
             return
         for _ in self._documents():
             pass
-        self._checked = True  # the trainer checks again what the command line checked already
+        self._checked.add(d_vocab)
 
     def _token_lists(self) -> Iterator[list[int]]:
         pending: list[str] = []
@@ -399,8 +401,8 @@ class PreTokenizedSource(TokenSource):
     def check(self, d_vocab: int | None = None) -> None:
         if d_vocab is not None:
             _check_int("d_vocab", d_vocab, 1)
-        if d_vocab in getattr(self, "_checked", ()):
-            return  # the trainer checks again what the command line checked already
+        if d_vocab in self._checked:
+            return
         rows = self._range()
         for at in range(0, len(rows), _CHECK_ROWS):
             part = rows[at:at + _CHECK_ROWS]
@@ -411,7 +413,7 @@ class PreTokenizedSource(TokenSource):
                 got = int(block[i][bad[i]][0])
                 expected = ">= 0" if d_vocab is None else f"in [0, {d_vocab}) (d_vocab)"
                 raise ValueError(f"{self.kind} {self.path!r}, row {part[i]}: expected token ids {expected}, got {got}")
-        self._checked = {*getattr(self, "_checked", ()), d_vocab}
+        self._checked.add(d_vocab)
 
     def _check_shape_dtype(self, shape: tuple[int, ...], is_integer: bool, dtype: str, what: str = "") -> None:
         if len(shape) != 2:

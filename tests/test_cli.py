@@ -282,6 +282,7 @@ def test_sae_from_another_site_gets_a_warning(gdn_sae, capsys):
 def test_bad_device_is_a_parser_error(command, device, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as e:
-        main([command, "--model", "/nonexistent", "--dataset", "/nonexistent", "--out", str(tmp_path), "--device", device])
+        main([command, "--model", "/nonexistent", "--dataset", "/nonexistent", "--out", str(tmp_path),
+              "--device", device])
     assert e.value.code == 2
     assert f"argument --device: {message}" in capsys.readouterr().err

@@ -23,6 +23,10 @@ Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
   Rank 0 writes the SAEs, logs and checkpoints; each rank writes its own data position.
 - ``distributed="cells"``: rank ``r`` trains cells ``r, r + world_size, …`` on all of the data, alone.
 
+A collective that does not complete within the process group's timeout (a peer stopped or died) raises
+:class:`CollectiveError` naming the operation and the rank; the checkpoint last named in ``checkpoint.json``
+stays whole (each file is renamed into place, the manifest last).
+
 Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
 ``{out_dir}/{cell.name}/checkpoint-{step}.pt`` per cell, ``{out_dir}/data-{step}.rank{r}.pt`` per rank
 (generators, data position, buffers) and, written last and atomically, ``{out_dir}/checkpoint.json`` naming
@@ -70,7 +74,7 @@ from recurrent_lens.sae.training import (
     remove_stale_temporaries, sae_from_payload, write_json,
 )
 
-__all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync", "CollectiveError"]
+__all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync", "CollectiveError", "collective"]
 
 MANIFEST = "checkpoint.json"
 
