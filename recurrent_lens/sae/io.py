@@ -13,9 +13,11 @@ constructor settings) into the matching preset, with ``mean = 0``.
 """
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 import types
 import typing
@@ -38,7 +40,9 @@ WEIGHTS_NAME = "sae_weights.safetensors"
 def atomic_write(path: str, write: Any) -> None:
     """Create ``path`` by calling ``write(tmp)`` on a temporary file beside it and renaming it into place,
     so that a crash never leaves a partial file (the temporary file is removed on any error). An
-    ``OSError`` (a full disk, say) is raised again naming ``path``, with the same ``errno``."""
+    ``OSError`` is raised again naming ``path``, with the same ``errno``; so is any other failure of
+    ``write`` while the disk is full (``torch.save`` and safetensors report one in their own exceptions),
+    as an ``OSError`` with ``errno.ENOSPC``."""
     directory = os.path.dirname(path) or "."
     # The temporary file keeps the target's extension: torch.save names its archive after the file's stem.
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
@@ -48,13 +52,28 @@ def atomic_write(path: str, write: Any) -> None:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved weights are meant to be shared like any other file
         os.replace(tmp, path)
     except BaseException as e:
+        # looked at before the partial file goes, since removing it frees space
+        full = isinstance(e, Exception) and not isinstance(e, OSError) and _disk_full(directory, e)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) or full:
             # the writer's own message names the temporary file at best, which is gone by now
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e} (its partial copy was removed and "
-                                   f"{path} left as it was)") from e
+            code, reason = (e.errno, e.strerror or str(e)) if isinstance(e, OSError) else (
+                errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(e).__name__}: {e})")
+            raise OSError(code, f"cannot write {path}: {reason} (its partial copy was removed and {path} left as "
+                                f"it was)") from e
         raise
+
+
+def _disk_full(directory: str, error: Exception) -> bool:
+    """Whether ``error`` says the disk is full (safetensors does), or at most 1 MiB is left where ``directory``
+    lies (``torch.save`` only says that its write fell short)."""
+    if os.strerror(errno.ENOSPC) in str(error) or f"os error {errno.ENOSPC})" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(directory).free <= 1 << 20
+    except OSError:
+        return False
 
 
 def save_sae(sae: SAE, path: str, format: str = "native") -> None:
