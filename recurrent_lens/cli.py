@@ -599,6 +599,8 @@ def _train_real(args, parser) -> int:
         return code
     except CollectiveError as e:
         return _distributed_failure(parser, args, str(e))
+    except OSError as e:  # a full disk, say: checkpoints are whole files, and a rerun resumes from the last
+        return _run_failure(parser, str(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -606,8 +608,13 @@ def _train_real(args, parser) -> int:
 
 def _distributed_failure(parser, args, message: str) -> int:
     """Report a failed rendezvous or collective with the ``--timeout`` in force; exit status 1."""
-    print(f"{parser.prog}: error: {message}\n  (--timeout {args.timeout:g} s; the last checkpoint under {args.out}, "
-          f"if any, is intact: rerun the same command to resume from it)", file=sys.stderr)
+    return _run_failure(parser, f"{message}\n  (--timeout {args.timeout:g} s; the last checkpoint under {args.out}, "
+                                f"if any, is intact: rerun the same command to resume from it)")
+
+
+def _run_failure(parser, message: str) -> int:
+    """Report a failure after work started (not a usage error): the message on stderr, exit status 1."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 1
 
 
@@ -664,10 +671,13 @@ def _harvest_cmd(args, parser) -> int:
     model = _load_checkpoint(args, parser)
     cells = _cells(args, parser, model)
     source = _token_source(args, parser, model)
-    store = harvest_to_store(model, cells, source, args.out, positions_per_seq=args.positions_per_seq,
-                             skip_positions=args.skip_positions, batch_size=args.model_batch_size,
-                             shard_size=args.shard_size, dtype=args.store_dtype, seed=args.seed,
-                             max_sequences=args.sequences, progress=not args.no_progress, model_name=args.model)
+    try:
+        store = harvest_to_store(model, cells, source, args.out, positions_per_seq=args.positions_per_seq,
+                                 skip_positions=args.skip_positions, batch_size=args.model_batch_size,
+                                 shard_size=args.shard_size, dtype=args.store_dtype, seed=args.seed,
+                                 max_sequences=args.sequences, progress=not args.no_progress, model_name=args.model)
+    except OSError as e:  # a full disk, say: the store keeps what its manifest names, and a rerun resumes
+        return _run_failure(parser, str(e))
     print(store)
     for cell in store.cells:
         print(f"  {cell.name}: {store.count(cell)} states")

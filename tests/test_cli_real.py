@@ -198,3 +198,22 @@ def test_batch_larger_than_the_buffer_or_the_store_names_both_numbers(checkpoint
             run(*argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err, err
+
+
+def test_a_full_disk_mid_harvest_ends_with_the_file_named(checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import recurrent_lens.sae.store as store_mod
+
+    def no_space(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "save_file", no_space)
+    argv = small(checkpoint, tmp_path, "--layers", "0", "--heads", "1")
+    argv = ["harvest", *argv[1:argv.index("--steps")], "--layers", "0", "--heads", "1", "--out", tmp_path / "store",
+            "--no-progress"]
+    assert run(*argv) == 1
+    err = capsys.readouterr().err
+    shard = tmp_path / "store" / "blocks.0.mixer.hook_state.h1" / "shard_00000.safetensors"
+    assert f"recurrent-lens harvest: error: [Errno 28] cannot write {shard}: No space left on device" in err, err
+    assert not list((tmp_path / "store").rglob(".tmp-*"))
