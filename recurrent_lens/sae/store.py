@@ -148,6 +148,9 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
         tokens.check(d_vocab=model.cfg.d_vocab)
     first, source, n_source = _open_source(tokens)
     ctx = int(first.shape[0])
+    if skip_positions >= ctx:
+        raise ValueError(f"skip_positions: sequences of length {ctx} leave no position after "
+                         f"skip_positions={skip_positions}")
     per_seq = sample_positions([0], ctx, positions_per_seq, skip=skip_positions, seed=seed).shape[1]
     cfg = model.cfg
     settings = {

@@ -268,7 +268,7 @@ def test_refusals_before_any_model_work(model, tokens, tmp_path, monkeypatch):
         (dict(tokens=iter([])), "the source yields no sequence"),
         (dict(tokens=tokens.float()), "integer tensor"),
         (dict(tokens=[torch.zeros(2, 3, dtype=torch.long)]), "sequence 0: expected a non-empty 1-D integer"),
-        (dict(skip_positions=20), "leave no position after skip=20"),
+        (dict(skip_positions=20), "skip_positions: sequences of length 20 leave no position after skip_positions=20"),
         (dict(positions_per_seq=0), "positions_per_seq: expected an int >= 1, got 0"),
         (dict(batch_size=0), "batch_size: expected an int >= 1"),
         (dict(max_sequences=0), "max_sequences: expected an int >= 1"),
