@@ -160,7 +160,8 @@ def test_clear_errors():
         model.write_contributions(tokens, 1)
     with pytest.raises(ValueError, match=r"layer: expected a recurrent layer \[0\], got 5"):
         model.implicit_attention(tokens, 5)
-    with pytest.raises(ValueError, match=r"heads \(layer 0\): expected head indices in \[0, 4\), got \[4\]"):
+    with pytest.raises(ValueError, match=r"heads \(layer 0\): expected a head index or a list of head indices in "
+                                         r"\[0, 4\), got \[4\]"):
         model.write_contributions(tokens, 0, heads=[4])
     with pytest.raises(ValueError, match=r"positions: expected values in \[0, 37\)"):
         model.write_contributions(tokens, 0, read_positions=[37])
