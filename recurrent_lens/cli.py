@@ -1084,8 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ResumeMismatchError as e:
         command_parser.error(f"argument --out: {e}")
     except NonFiniteError as e:  # a run that diverged: no traceback, a non-zero exit, the message
-        print(f"{command_parser.prog}: error: {e}", file=sys.stderr)
-        return 1
+        return _run_failure(command_parser, str(e))
 
 
 if __name__ == "__main__":
