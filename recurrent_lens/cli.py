@@ -26,6 +26,7 @@ the per-measurement table.
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import sys
@@ -46,7 +47,7 @@ from recurrent_lens.models.loading import CheckpointError
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae import load as load_sae
 from recurrent_lens.sae.cells import parse_cells
-from recurrent_lens.sae.multicell import MultiCellTrainer
+from recurrent_lens.sae.multicell import CollectiveError, MultiCellTrainer, collective
 from recurrent_lens.sae.store import StateStore, harvest_to_store
 from recurrent_lens.states.files import DirectoryLock, DirectoryLockedError, check_writable
 
@@ -88,6 +89,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default: 1; the toys are tiny, so more threads do not speed them up, and "
                         "one thread makes the numbers independent of the machine's core count)")
+
+
+def _device(text: str) -> str:
+    """An argparse ``type``: a torch device string this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"CUDA is not available on this machine, got {text!r}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"expected a CUDA device index below {torch.cuda.device_count()} "
+                                             f"(the GPUs of this machine), got {text!r}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"MPS is not available on this machine, got {text!r}")
+    return text
 
 
 def _toy_name(text: str) -> str:
@@ -186,8 +204,8 @@ def _add_real_model_args(p: argparse.ArgumentParser, required: bool = False) -> 
                    help="heads to read in every hook (default: all heads)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model weight dtype (default: the checkpoint's)")
-    g.add_argument("--device", default=None, help="model and SAE device, e.g. cuda (default: cpu; under torchrun "
-                                                  "cuda means each rank's local GPU)")
+    g.add_argument("--device", type=_device, default=None,
+                   help="model and SAE device, e.g. cuda (default: cpu; under torchrun cuda means each rank's local GPU)")
     g.add_argument("--positions-per-seq", type=_positive_int, default=16,
                    help="positions sampled per sequence (default: 16)")
     g.add_argument("--skip-positions", type=_non_negative_int, default=1,
@@ -252,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distribute-cells", action="store_true",
                        help="under torchrun, each rank trains its own subset of the cells on all of the data "
                             "(default: data-parallel, every rank trains every cell on its share)")
+    train.add_argument("--timeout", type=_positive_float, default=600, metavar="SECONDS",
+                       help="under torchrun, how long a rank waits for its peers in the start-up rendezvous and in "
+                            "every collective before the run ends with an error (default: 600)")
 
     harvest = sub.add_parser(
         "harvest", help="write sampled states of many cells of a checkpoint to a state store",
@@ -506,7 +527,8 @@ def _init_distributed(args) -> tuple[int, int]:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             args.device = f"cuda:{local}"
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # without a timeout a stopped peer leaves every other rank waiting in its next collective
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -538,15 +560,21 @@ def _cells(args, parser, model) -> list:
 
 
 def _token_source(args, parser, model, **shard):
-    """``--dataset`` opened with the model's tokenizer at ``--context-length``; errors are parser errors."""
+    """``--dataset`` opened with the model's tokenizer at ``--context-length``, this process's share read once
+    through (undecodable text, ids outside the vocabulary); errors are parser errors."""
     try:
         source = open_tokens(args.dataset, tokenizer=model.tokenizer, context_length=args.context_length,
                              text_field=args.text_field, split=args.split, **shard)
-        next(iter(source))  # a dataset shorter than one context fails here, not minutes later
+        ctx = len(next(iter(source)))  # a dataset shorter than one context fails here, not minutes later
+        source.check(d_vocab=model.cfg.d_vocab)
     except (OSError, ValueError, TypeError) as e:
         parser.error(f"argument --dataset: {e}")
     except StopIteration:
         parser.error(f"argument --dataset: {args.dataset!r} gives no sequence to this process ({shard})")
+    if args.skip_positions >= ctx:
+        where = "--context-length" if args.context_length is not None else "the rows of --dataset"
+        parser.error(f"argument --skip-positions: expected fewer than the {ctx} positions of a sequence ({where}), "
+                     f"got {args.skip_positions}")
     return source
 
 
@@ -566,17 +594,37 @@ def _train_real(args, parser) -> int:
     if args.model is not None and args.dataset is None:
         parser.error("argument --dataset: required with --model")
     _check_out(parser, args.out)
-    rank, world = _init_distributed(args)
+    try:
+        rank, world = _init_distributed(args)
+    except (RuntimeError, ValueError) as e:  # the rendezvous: a peer never arrived, a bad address or port
+        return _distributed_failure(parser, args, f"joining the process group failed: {e}")
     try:
         code = _train_cells(args, parser, rank, world)
         if dist.is_initialized():
             # every rank tears down together: a rank leaving while its peer still works (rank 0 writing and
             # printing) aborted now and then at exit ("terminate called without an active exception")
-            dist.barrier()
+            with collective("barrier at the end of training"):
+                dist.barrier()
         return code
+    except CollectiveError as e:
+        return _distributed_failure(parser, args, str(e))
+    except OSError as e:  # a full disk, say: checkpoints are whole files, and a rerun resumes from the last
+        return _run_failure(parser, str(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _distributed_failure(parser, args, message: str) -> int:
+    """Report a failed rendezvous or collective with the ``--timeout`` in force; exit status 1."""
+    return _run_failure(parser, f"{message}\n  (--timeout {args.timeout:g} s; the last checkpoint under {args.out}, "
+                                f"if any, is intact: rerun the same command to resume from it)")
+
+
+def _run_failure(parser, message: str) -> int:
+    """Report a failure after work started (not a usage error): the message on stderr, exit status 1."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 1
 
 
 def _train_cells(args, parser, rank: int, world: int) -> int:
@@ -585,6 +633,8 @@ def _train_cells(args, parser, rank: int, world: int) -> int:
         cfg = _train_config(args)
     except ValueError as e:
         parser.error(str(e))
+    if cfg.buffer_size < cfg.batch_size:
+        parser.error(f"argument --buffer-size: expected at least --batch-size {cfg.batch_size}, got {cfg.buffer_size}")
     if args.states is not None:
         try:
             store = StateStore(args.states)
@@ -596,6 +646,10 @@ def _train_cells(args, parser, rank: int, world: int) -> int:
         if not cells:
             parser.error(f"arguments --hook/--layers/--heads: select none of the store's cells "
                          f"{[c.name for c in store.cells]}")
+        for cell in cells:
+            if store.count(cell) < cfg.batch_size:
+                parser.error(f"argument --batch-size: expected at most the {store.count(cell)} states stored for "
+                             f"{cell.name} in --states {args.states}, got {cfg.batch_size}")
         trainer = _locked(parser, lambda: MultiCellTrainer(None, cells, store, cfg, out_dir=args.out,
                                                            distributed=mode, device=args.device or "cpu"))
     else:
@@ -627,10 +681,14 @@ def _harvest_cmd(args, parser) -> int:
     model = _load_checkpoint(args, parser)
     cells = _cells(args, parser, model)
     source = _token_source(args, parser, model)
-    store = _locked(parser, lambda: harvest_to_store(
-        model, cells, source, args.out, positions_per_seq=args.positions_per_seq, skip_positions=args.skip_positions,
-        batch_size=args.model_batch_size, shard_size=args.shard_size, dtype=args.store_dtype, seed=args.seed,
-        max_sequences=args.sequences, progress=not args.no_progress, model_name=args.model))
+    try:
+        store = _locked(parser, lambda: harvest_to_store(
+            model, cells, source, args.out, positions_per_seq=args.positions_per_seq,
+            skip_positions=args.skip_positions, batch_size=args.model_batch_size, shard_size=args.shard_size,
+            dtype=args.store_dtype, seed=args.seed, max_sequences=args.sequences, progress=not args.no_progress,
+            model_name=args.model))
+    except OSError as e:  # a full disk, say: the store keeps what its manifest names, and a rerun resumes
+        return _run_failure(parser, str(e))
     print(store)
     for cell in store.cells:
         print(f"  {cell.name}: {store.count(cell)} states")
@@ -1026,8 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ResumeMismatchError as e:
         command_parser.error(f"argument --out: {e}")
     except NonFiniteError as e:  # a run that diverged: no traceback, a non-zero exit, the message
-        print(f"{command_parser.prog}: error: {e}", file=sys.stderr)
-        return 1
+        return _run_failure(command_parser, str(e))
 
 
 if __name__ == "__main__":

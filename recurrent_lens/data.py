@@ -68,6 +68,8 @@ _TOKEN_KEYS = ("input_ids", "tokens")
 # documents tokenized per call: the fast tokenizers work on a list in parallel, and 64 lines ahead
 # is still a negligible read-ahead for a streamed corpus
 _DOC_BATCH = 64
+_CHECK_ROWS = 4096
+"""Rows of a pre-tokenized file read at once by :meth:`PreTokenizedSource.check`."""
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -118,6 +120,8 @@ class TokenSource:
         self.world_size = world_size
         self.skip = skip
         self.max_sequences = max_sequences
+        # the d_vocab values check() passed: a trainer checks again what the command line checked already
+        self._checked: set[int | None] = set()
 
     @property
     def n_sequences(self) -> int | None:
@@ -134,6 +138,23 @@ class TokenSource:
 
     def __iter__(self) -> Iterator[Int[Tensor, " ctx"]]:
         return self._windows(*self._selection())
+
+    def check(self, d_vocab: int | None = None) -> None:
+        """Read this shard once, before any work, and raise the error that iterating would raise later.
+
+        Text files are decoded and parsed line by line (without tokenizing); pre-tokenized rows are checked
+        to hold ids in ``[0, d_vocab)`` (``>= 0`` without ``d_vocab``). ``datasets`` sources are not read.
+
+        Example:
+            >>> import tempfile
+            >>> from pathlib import Path
+            >>> path = Path(tempfile.mkdtemp()) / "ids.npy"
+            >>> np.save(path, np.array([[1, 2], [3, 70]]))
+            >>> open_tokens(path).check(d_vocab=50)
+            Traceback (most recent call last):
+            ...
+            ValueError: npy '...ids.npy', row 1: expected token ids in [0, 50) (d_vocab), got 70
+        """
 
     def _extra_repr(self) -> str:
         return ""
@@ -229,6 +250,13 @@ class TextSource(TokenSource):
     def _documents(self) -> Iterator[str]:
         raise NotImplementedError
 
+    def check(self, d_vocab: int | None = None) -> None:
+        if self._checked:
+            return
+        for _ in self._documents():
+            pass
+        self._checked.add(d_vocab)
+
     def _token_lists(self) -> Iterator[list[int]]:
         pending: list[str] = []
         for text in self._documents():
@@ -288,9 +316,8 @@ class TxtSource(TextSource):
     kind = "txt"
 
     def _documents(self) -> Iterator[str]:
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                yield line.rstrip("\n")
+        for _, line in _numbered_lines(self.path):
+            yield line.rstrip("\n")
 
 
 class JsonlSource(TextSource):
@@ -303,24 +330,45 @@ class JsonlSource(TextSource):
         super().__init__(path, *args, **kwargs)
 
     def _documents(self) -> Iterator[str]:
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}, line {lineno}: expected a JSON object, got invalid JSON "
-                                     f"({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{self.path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-                yield _text_field(record, self.text_field, f"{self.path}, line {lineno}")
+        for lineno, line in _numbered_lines(self.path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}, line {lineno}: expected a JSON object, got invalid JSON "
+                                 f"({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{self.path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+            yield _text_field(record, self.text_field, f"{self.path}, line {lineno}")
 
     def _extra_repr(self) -> str:
         return f", text_field={self.text_field!r}" + super()._extra_repr()
 
     def _settings(self) -> dict[str, Any]:
         return {"text_field": self.text_field, **super()._settings()}
+
+
+def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file, read lazily; bytes that are not UTF-8 raise a ValueError
+    naming the file, the line and the byte."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            yield from enumerate(f, start=1)
+        except UnicodeDecodeError:
+            # text mode decodes ahead in blocks, so the line being read is not the one at fault: find it
+            raise _utf8_error(path) from None
+
+
+def _utf8_error(path: str) -> ValueError:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(f"{path}, line {lineno}: expected UTF-8 text, got byte 0x{raw[e.start]:02x} at byte "
+                                  f"{e.start + 1} of the line")
+    return ValueError(f"{path}: expected UTF-8 text, got a sequence cut off at the end of the file")
 
 
 def _text_field(record: dict[str, Any], field: str, where: str) -> str:
@@ -348,6 +396,9 @@ class DatasetSource(TextSource):
                              f"(columns: {list(names)})")
         self.dataset = dataset if names is None else dataset.select_columns([text_field])
         super().__init__(path, *args, **kwargs)
+
+    def check(self, d_vocab: int | None = None) -> None:
+        pass  # a dataset may be streamed and without end: its rows are checked as they are read
 
     def _documents(self) -> Iterator[str]:
         for row_index, row in enumerate(self.dataset):
@@ -391,6 +442,27 @@ class PreTokenizedSource(TokenSource):
     def _read_rows(self, rows: range) -> Iterator[Tensor]:
         raise NotImplementedError
 
+    def _read_block(self, start: int, stop: int) -> Tensor:
+        """Rows ``start .. stop - 1`` as one ``[n, ctx]`` int64 tensor."""
+        raise NotImplementedError
+
+    def check(self, d_vocab: int | None = None) -> None:
+        if d_vocab is not None:
+            _check_int("d_vocab", d_vocab, 1)
+        if d_vocab in self._checked:
+            return
+        rows = self._range()
+        for at in range(0, len(rows), _CHECK_ROWS):
+            part = rows[at:at + _CHECK_ROWS]
+            block = self._read_block(part.start, part[-1] + 1)[::part.step]
+            bad = block < 0 if d_vocab is None else (block < 0) | (block >= d_vocab)
+            if bool(bad.any()):
+                i = int(bad.any(1).nonzero()[0])
+                got = int(block[i][bad[i]][0])
+                expected = ">= 0" if d_vocab is None else f"in [0, {d_vocab}) (d_vocab)"
+                raise ValueError(f"{self.kind} {self.path!r}, row {part[i]}: expected token ids {expected}, got {got}")
+        self._checked.add(d_vocab)
+
     def _check_shape_dtype(self, shape: tuple[int, ...], is_integer: bool, dtype: str, what: str = "") -> None:
         if len(shape) != 2:
             raise ValueError(f"{self.kind} {self.path!r}{what}: expected a 2-D [n_seq, ctx] array of token ids, "
@@ -429,7 +501,11 @@ class NpySource(PreTokenizedSource):
     kind = "npy"
 
     def _open(self) -> np.ndarray:
-        return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        try:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"npy {self.path!r}: expected a .npy array of token ids, got a file numpy cannot read "
+                             f"as one ({e})") from None
 
     def _inspect(self) -> tuple[int, int, str]:
         array = self._open()
@@ -440,6 +516,9 @@ class NpySource(PreTokenizedSource):
         array = self._open()
         for i in rows:
             yield torch.from_numpy(np.array(array[i], dtype=np.int64))
+
+    def _read_block(self, start: int, stop: int) -> Tensor:
+        return torch.from_numpy(np.array(self._open()[start:stop], dtype=np.int64))
 
 
 class SafetensorsSource(PreTokenizedSource):
@@ -460,6 +539,10 @@ class SafetensorsSource(PreTokenizedSource):
             part = f.get_slice(self.key)
             for i in rows:
                 yield part[i:i + 1][0]
+
+    def _read_block(self, start: int, stop: int) -> Tensor:
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_slice(self.key)[start:stop].to(torch.long)
 
 
 class TorchFileSource(PreTokenizedSource):
@@ -492,6 +575,9 @@ class TorchFileSource(PreTokenizedSource):
         tensor = self._open()
         for i in rows:
             yield tensor[i]
+
+    def _read_block(self, start: int, stop: int) -> Tensor:
+        return self._open()[start:stop].to(torch.long)
 
 
 def _pick_key(kind: str, path: str, keys: list[str]) -> str:

@@ -11,6 +11,7 @@ import sys
 import matplotlib
 import pandas as pd
 import pytest
+import torch
 
 from recurrent_lens.cli import main
 
@@ -270,3 +271,18 @@ def test_sae_from_another_site_gets_a_warning(gdn_sae, capsys):
     assert main(["partition", "--sae", gdn_sae, "--head", "1", "--eval-sequences", "2", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "warning: the SAE in" in err and "trained on head 0, this run uses 1" in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "expected a torch device such as cpu, cuda or cuda:1, got 'bogus'"),
+    ("cuda", "CUDA is not available on this machine, got 'cuda'"),
+    ("cuda:3", "CUDA is not available on this machine, got 'cuda:3'"),
+])
+@pytest.mark.parametrize("command", ["train-sae", "harvest"])
+def test_bad_device_is_a_parser_error(command, device, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        main([command, "--model", "/nonexistent", "--dataset", "/nonexistent", "--out", str(tmp_path),
+              "--device", device])
+    assert e.value.code == 2
+    assert f"argument --device: {message}" in capsys.readouterr().err

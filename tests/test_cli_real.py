@@ -221,3 +221,89 @@ def test_divergence_exits_non_zero_and_saves_no_sae(tmp_path, capsys):
     np.save(tmp_path / "ref" / "layer_0" / "head_0.npy", states)
     assert run(*argv, "--lr", "1e6", "--out", tmp_path / "lr") == 1
     assert "training diverged" in capsys.readouterr().err
+
+
+def test_dataset_defects_deep_in_the_file_are_parser_errors_before_training(checkpoint, tmp_path, capsys,
+                                                                              monkeypatch):
+    import numpy as np
+
+    from recurrent_lens.sae.multicell import MultiCellTrainer
+
+    monkeypatch.setattr(MultiCellTrainer, "train", lambda self: pytest.fail("training started"))
+    lines = (checkpoint / "docs.txt").read_bytes().split(b"\n")
+    bad_text = tmp_path / "bad.txt"
+    bad_text.write_bytes(b"\n".join(lines[:50] + [b"the \xfe cat"] + lines[50:]))
+    ids = np.random.default_rng(0).integers(0, 12, (40, 16))
+    ids[33, 7] = 500
+    np.save(tmp_path / "ids.npy", ids)
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+    cases = [(bad_text, r"bad.txt, line 51: expected UTF-8 text, got byte 0xfe at byte 5 of the line"),
+             (tmp_path / "ids.npy", r"ids.npy', row 33: expected token ids in [0, 97) (d_vocab), got 500"),
+             (tmp_path / "junk.npy", r"junk.npy': expected a .npy array of token ids")]
+    for dataset, message in cases:
+        for command in ("train-sae", "harvest"):
+            argv = small(checkpoint, tmp_path / command, "--layers", "0")
+            argv[argv.index("--dataset") + 1] = dataset
+            if dataset.suffix == ".npy":
+                at = argv.index("--context-length")
+                del argv[at:at + 2]
+            if command == "harvest":
+                argv = ["harvest", *argv[1:argv.index("--steps")], "--layers", "0", "--out", tmp_path / "store"]
+            with pytest.raises(SystemExit) as e:
+                run(*argv)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "argument --dataset: " in err and message in err, (command, err)
+
+
+@pytest.mark.parametrize("command", ["train-sae", "harvest"])
+def test_skip_positions_leaving_nothing_names_the_option(checkpoint, tmp_path, capsys, command):
+    argv = small(checkpoint, tmp_path / "o", "--layers", "0", "--skip-positions", "16")
+    if command == "harvest":
+        argv = ["harvest", *argv[1:argv.index("--steps")], "--layers", "0", "--skip-positions", "16",
+                "--out", tmp_path / "store"]
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert ("argument --skip-positions: expected fewer than the 16 positions of a sequence (--context-length), "
+            "got 16") in err, err
+
+
+def test_batch_larger_than_the_buffer_or_the_store_names_both_numbers(checkpoint, tmp_path, capsys):
+    import numpy as np
+
+    (tmp_path / "ref" / "layer_9").mkdir(parents=True)
+    np.save(tmp_path / "ref" / "layer_9" / "head_4.npy", np.random.rand(40, 3, 5).astype(np.float32))
+    store = ["train-sae", "--states", tmp_path / "ref", "--out", tmp_path / "s", "--steps", 3, "--n-features", 8,
+             "--k", 2, "--no-progress"]
+    cases = [(small(checkpoint, tmp_path / "o", "--layers", "0", "--batch-size", 128, "--buffer-size", 64),
+              "argument --buffer-size: expected at least --batch-size 128, got 64"),
+             ([*store, "--batch-size", 64, "--buffer-size", 16],
+              "argument --buffer-size: expected at least --batch-size 64, got 16"),
+             ([*store, "--batch-size", 64, "--buffer-size", 64],
+              f"argument --batch-size: expected at most the 40 states stored for blocks.9.mixer.hook_state.h4 in "
+              f"--states {tmp_path / 'ref'}, got 64")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            run(*argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
+
+
+def test_a_full_disk_mid_harvest_ends_with_the_file_named(checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import recurrent_lens.sae.store as store_mod
+
+    def no_space(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "save_file", no_space)
+    argv = small(checkpoint, tmp_path, "--layers", "0", "--heads", "1")
+    argv = ["harvest", *argv[1:argv.index("--steps")], "--layers", "0", "--heads", "1", "--out", tmp_path / "store",
+            "--no-progress"]
+    assert run(*argv) == 1
+    err = capsys.readouterr().err
+    shard = tmp_path / "store" / "blocks.0.mixer.hook_state.h1" / "shard_00000.safetensors"
+    assert f"recurrent-lens harvest: error: [Errno 28] cannot write {shard}: No space left on device" in err, err
+    assert not list((tmp_path / "store").rglob(".tmp-*"))

@@ -371,3 +371,55 @@ def test_repr(tmp_path, tok):
     np.save(tmp_path / "ids.npy", IDS)
     text = repr(open_tokens(tmp_path / "ids.npy"))
     assert "kind='npy'" in text and "n_rows=6" in text and "context_length=4" in text
+
+
+# ------------------------------------------------------------------------------- checks before work
+@pytest.mark.parametrize("suffix", ["txt", "jsonl"])
+def test_non_utf8_text_names_the_file_and_line(tmp_path, tok, suffix):
+    path = (write_txt if suffix == "txt" else write_jsonl)(tmp_path, ["a b c"] * 5000)
+    lines = path.read_bytes().split(b"\n")
+    lines[4000] = lines[4000].replace(b"b", b"\xff", 1)
+    path.write_bytes(b"\n".join(lines))
+    column = lines[4000].index(b"\xff") + 1
+    message = rf"docs.{suffix}, line 4001: expected UTF-8 text, got byte 0xff at byte {column} of the line"
+    source = open_tokens(path, tokenizer=tok, context_length=4)
+    assert lists(open_tokens(path, tokenizer=tok, context_length=4, max_sequences=3))  # lazy: the start reads fine
+    with pytest.raises(ValueError, match=message):
+        source.check()
+    with pytest.raises(ValueError, match=message):
+        lists(source)
+
+
+def test_check_finds_bad_ids_of_this_shard_before_reading(tmp_path):
+    from safetensors.torch import save_file
+
+    ids = np.tile(np.arange(4, dtype=np.int64), (3000, 1))
+    ids[2501, 2] = 500
+    np.save(tmp_path / "ids.npy", ids)
+    save_file({"input_ids": torch.from_numpy(ids)}, str(tmp_path / "ids.safetensors"))
+    torch.save(torch.from_numpy(ids), tmp_path / "ids.pt")
+    for suffix in ("npy", "safetensors", "pt"):
+        path = tmp_path / f"ids.{suffix}"
+        open_tokens(path).check()  # ids >= 0 and no vocabulary to compare with
+        open_tokens(path).check(d_vocab=501)
+        with pytest.raises(ValueError, match=rf"{suffix} '.*ids.{suffix}', row 2501: expected token ids in "
+                                             r"\[0, 100\) \(d_vocab\), got 500"):
+            open_tokens(path).check(d_vocab=100)
+        open_tokens(path, rank=0, world_size=2).check(d_vocab=100)  # row 2501 belongs to rank 1
+        open_tokens(path, max_sequences=2500).check(d_vocab=100)
+        with pytest.raises(ValueError, match="row 2501"):
+            open_tokens(path, rank=1, world_size=2, skip=1).check(d_vocab=100)
+    ids[7, 0] = -3
+    np.save(tmp_path / "neg.npy", ids)
+    with pytest.raises(ValueError, match="row 7: expected token ids in \\[0, 100\\) \\(d_vocab\\), got -3"):
+        open_tokens(tmp_path / "neg.npy").check(d_vocab=100)
+    with pytest.raises(ValueError, match="row 7: expected token ids >= 0, got -3"):
+        open_tokens(tmp_path / "neg.npy").check()
+
+
+def test_garbage_npy_names_the_file(tmp_path):
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for name in ("junk.npy", "objects.npy"):
+        with pytest.raises(ValueError, match=rf"npy '.*{name}': expected a \.npy array of token ids"):
+            open_tokens(tmp_path / name)

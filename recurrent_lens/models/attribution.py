@@ -76,15 +76,15 @@ def capture(model: HookedRecurrentModel, tokens: Tensor, layer: int,
             initial_state: Float[Tensor, "batch head d_k d_v"] | None = None) -> CaptureRequest:
     """Run ``model`` up to ``layer``'s recurrence and return that layer's inputs, initial state and extra
     read term (:class:`~recurrent_lens.models.mixer.CaptureRequest`); the layer's scan is not run."""
-    mixer = model.blocks[layer].mixer
-    request = mixer.capture_request = CaptureRequest()
+    request = CaptureRequest()
+    # the request rides in this forward's context: nothing is left on the (shared) mixer, so concurrent
+    # calls on one model keep their own
     try:
-        model.forward(tokens, return_type=None, stop_at_layer=layer + 1,
-                      initial_states=None if initial_state is None else {layer: initial_state})
+        model._forward(tokens, None, stop_at_layer=layer + 1,
+                       initial_states=None if initial_state is None else {layer: initial_state},
+                       capture={layer: request})
     except HarvestDone:
         pass
-    finally:
-        mixer.capture_request = None
     return request
 
 

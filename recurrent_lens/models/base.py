@@ -26,7 +26,7 @@ from recurrent_lens.models.attention import Attention
 from recurrent_lens.models.cache import LayerCache, RecurrentCache
 from recurrent_lens.models.components import ShortConv, make_mlp, make_norm
 from recurrent_lens.models.loading import load_pretrained
-from recurrent_lens.models.mixer import ForwardContext, HarvestDone, HarvestRequest, fire
+from recurrent_lens.models.mixer import CaptureRequest, ForwardContext, HarvestDone, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
 from recurrent_lens.sae import attach
 
@@ -138,8 +138,10 @@ class HookedRecurrentModel(HookedRootModule):
     Threads: ``model.positions`` is per thread (each thread sees the positions of its own forward), but
     hooks, cache requests and spliced SAEs belong to the model, not to the thread that added them: a
     hook added in one thread fires in every thread's forwards, and ``run_with_hooks`` or
-    ``run_with_cache`` in two threads at once see and remove each other's hooks. Forwards without
-    hooks may run concurrently; with hooks, use one model per thread or hold a lock around each run.
+    ``run_with_cache`` in two threads at once see and remove each other's hooks. Forwards, ``states_at``,
+    ``harvest``, ``write_contributions`` and ``implicit_attention`` without hooks may run concurrently (a
+    harvest's or an attribution's request travels with its own forward, never on the model); with hooks,
+    use one model per thread or hold a lock around each run.
 
     Example:
         >>> import torch
@@ -396,6 +398,13 @@ class HookedRecurrentModel(HookedRootModule):
                 residual stream entering block ``stop_at_layer`` (negative values count from the end).
             loss_per_token: with a loss, return it per position ``[batch, pos - 1]``.
         """
+        return self._forward(input, return_type, cache=cache, initial_states=initial_states,
+                             stop_at_layer=stop_at_layer, loss_per_token=loss_per_token)
+
+    def _forward(self, input: TokensLike, return_type: str | None, *, cache: RecurrentCache | None = None,
+                 initial_states: dict[int, Tensor] | None = None, stop_at_layer: int | None = None,
+                 loss_per_token: bool = False, harvest: dict[int, HarvestRequest] | None = None,
+                 capture: dict[int, CaptureRequest] | None = None) -> Any:
         tokens = self._tokens(input)
         B, T = tokens.shape
         if return_type not in ("logits", "loss", "both", None):
@@ -421,7 +430,9 @@ class HookedRecurrentModel(HookedRootModule):
             work = cache.fork(device=tokens.device)
         offset = cache.seq_len if cache is not None else 0
         self.positions = torch.arange(offset, offset + T, device=tokens.device)
-        ctx = get_architecture(self.cfg.architecture).mixer.context_type(positions=self.positions, tokens=tokens)
+        ctx = get_architecture(self.cfg.architecture).mixer.context_type(positions=self.positions, tokens=tokens,
+                                                                          harvest=harvest or {},
+                                                                          capture=capture or {})
         x = fire(self.hook_embed, self.embed(tokens))
         if self.cfg.residual_in_fp32:
             x = x.float()
@@ -731,7 +742,16 @@ class HookedRecurrentModel(HookedRootModule):
         return layer, kinds[parts[3]]
 
     def _positions(self, positions: Any, batch: int, length: int) -> Tensor:
-        pos = torch.as_tensor(positions, device=self.embed.weight.device)
+        try:
+            pos = torch.as_tensor(positions, device=self.embed.weight.device)
+        except (TypeError, ValueError, RuntimeError):
+            rows = list(positions) if isinstance(positions, Sequence) else []
+            if rows and all(isinstance(r, Sequence) and not isinstance(r, str) for r in rows):
+                lengths = [len(r) for r in rows]
+                if len(set(lengths)) > 1:
+                    raise ValueError(f"positions: expected one list of positions per sequence, all of one length, "
+                                     f"got rows of lengths {lengths}") from None
+            raise TypeError(f"positions: expected integer positions, [batch, n] or [n], got {positions!r}") from None
         if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
             raise TypeError(f"positions: expected integer positions, got dtype {pos.dtype}")
         if pos.dim() == 1:
@@ -748,10 +768,12 @@ class HookedRecurrentModel(HookedRootModule):
         H = self.cfg.n_heads
         if heads is None:
             return list(range(H))
-        listed = [heads] if isinstance(heads, int) else list(heads)
+        one = isinstance(heads, int) and not isinstance(heads, bool)
+        listed = [heads] if one else list(heads) if isinstance(heads, Sequence) and not isinstance(heads, str) else []
         bad = [h for h in listed if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < H]
         if bad or not listed:
-            raise ValueError(f"heads ({what}): expected head indices in [0, {H}), got {heads!r}")
+            raise ValueError(f"heads ({what}): expected a head index or a list of head indices in [0, {H}), "
+                             f"got {heads!r}")
         return listed
 
     def harvest(self, tokens: TokensLike, positions: Tensor | Sequence[Any],
@@ -851,18 +873,13 @@ class HookedRecurrentModel(HookedRootModule):
         tokens = self._tokens(tokens)
         pos = self._positions(positions, *tokens.shape)
         deepest = max(requests)
-        mixers = {layer: self.blocks[layer].mixer for layer in requests}
-        for layer, heads in requests.items():
-            mixers[layer].harvest_request = HarvestRequest(pos, heads, last=layer == deepest)
+        # the requests ride in this forward's context: nothing is left on the (shared) mixers
+        harvest = {layer: HarvestRequest(pos, heads, last=layer == deepest) for layer, heads in requests.items()}
         try:
-            self.forward(tokens, return_type=None, stop_at_layer=deepest + 1)
+            self._forward(tokens, None, stop_at_layer=deepest + 1, harvest=harvest)
         except HarvestDone:
             pass
-        finally:
-            found = {layer: mixer.harvest_request.out for layer, mixer in mixers.items()}
-            for mixer in mixers.values():
-                mixer.harvest_request = None
-        return found
+        return {layer: request.out for layer, request in harvest.items()}
 
     # ------------------------------------------------------------------ write attribution
     def write_contributions(self, tokens: TokensLike, layer: int,

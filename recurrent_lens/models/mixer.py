@@ -43,18 +43,24 @@ class ForwardContext:
     Attributes:
         positions: ``[pos]`` absolute positions of the tokens (``None``: ``0 .. pos - 1``).
         tokens: ``[batch, pos]`` the token ids fed to the model.
+        harvest: ``{layer: HarvestRequest}`` of a harvesting forward (empty otherwise). The requests travel
+            with the forward, not on the mixers, so concurrent forwards of one model keep their own.
+        capture: ``{layer: CaptureRequest}`` of a write-attribution forward (empty otherwise); like
+            ``harvest``, it travels with the forward, never on the mixers.
     """
 
     positions: Int[Tensor, " pos"] | None = None
     tokens: Int[Tensor, "batch pos"] | None = None
+    harvest: Mapping[int, HarvestRequest] = field(default_factory=dict)
+    capture: Mapping[int, CaptureRequest] = field(default_factory=dict)
 
 
 @dataclass
 class HarvestRequest:
     """Per-step matrices one mixer hands out during a forward, at chosen positions and heads only.
 
-    Set by :meth:`~recurrent_lens.models.base.HookedRecurrentModel.harvest` on ``mixer.harvest_request``
-    for the duration of one forward; the mixer fills ``out``.
+    Made by :meth:`~recurrent_lens.models.base.HookedRecurrentModel.harvest` for one forward and handed to
+    the mixer in that forward's :attr:`ForwardContext.harvest`; the mixer fills ``out``.
 
     Attributes:
         positions: ``[batch, n]`` positions to read.
@@ -76,9 +82,9 @@ class HarvestDone(Exception):
 
 @dataclass
 class CaptureRequest:
-    """Set on ``mixer.capture_request`` for one forward: the mixer records the inputs of its recurrence as the
-    hooks left them, its initial state and the architecture's extra read term, then stops the forward
-    (:class:`HarvestDone`) before its own scan. Used by write attribution
+    """Handed to one mixer in a forward's :attr:`ForwardContext.capture`: the mixer records the inputs of
+    its recurrence as the hooks left them, its initial state and the architecture's extra read term, then
+    stops the forward (:class:`HarvestDone`) before its own scan. Used by write attribution
     (:mod:`recurrent_lens.models.attribution`).
 
     Attributes:
@@ -203,8 +209,6 @@ class MatrixMixer(nn.Module):
     has_beta: bool = True
     has_decay: bool = True
     context_type: type[ForwardContext] = ForwardContext
-    harvest_request: HarvestRequest | None = None
-    capture_request: CaptureRequest | None = None
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -266,7 +270,8 @@ class MatrixMixer(nn.Module):
         """The mixer output for ``x``; ``cache`` carries state between calls, ``ctx`` is the forward's
         :class:`ForwardContext` (or a dict of its fields)."""
         x = fire(self.hook_in, x)
-        inputs, aux = self.project(x, cache, self._as_context(ctx))
+        ctx = self._as_context(ctx)
+        inputs, aux = self.project(x, cache, ctx)
         inputs = RecurrenceInputs(
             q=fire(self.hook_q, inputs.q),
             k=fire(self.hook_k, inputs.k),
@@ -277,9 +282,10 @@ class MatrixMixer(nn.Module):
         )
         B, _, H, dk, dv = inputs.shape
         S0 = cache.state if cache is not None and cache.state is not None else inputs.q.new_zeros(B, H, dk, dv)
-        if self.capture_request is not None:
-            self._capture(self.capture_request, inputs, S0, aux)
-        o, final = self._recur(inputs, S0)
+        capture = ctx.capture.get(self.layer)
+        if capture is not None:
+            self._capture(capture, inputs, S0, aux)
+        o, final = self._recur(inputs, S0, ctx.harvest.get(self.layer))
         if cache is not None:
             cache.state = final
         read = fire(self.hook_read, self.read_extra(o, inputs, aux))
@@ -298,7 +304,8 @@ class MatrixMixer(nn.Module):
         request.extra = self.read_extra(torch.zeros_like(inputs.v), inputs, aux)
         raise HarvestDone
 
-    def _recur(self, inputs: RecurrenceInputs, S0: Tensor) -> tuple[Tensor, Tensor]:
+    def _recur(self, inputs: RecurrenceInputs, S0: Tensor,
+               request: HarvestRequest | None) -> tuple[Tensor, Tensor]:
         rule, chunk = self.rule, self.cfg.chunk_size
         # ``writes``: edited writes, used everywhere. ``grad_writes``: the hooked writes when their values
         # are unchanged but a gradient must reach them; the numbers then come from the unedited paths and
@@ -311,11 +318,11 @@ class MatrixMixer(nn.Module):
             elif edit is not None:
                 grad_writes = edit[1]
         watch_erase = self.rule.has_erase and hook_active(self.hook_erase)
-        if self.harvest_request is not None:
+        if request is not None:
             if watch_erase or hook_active(self.hook_state):
                 raise ValueError(f"harvest: blocks.{self.layer}.mixer has hooks on hook_state or hook_erase, which "
                                  "harvesting does not fire; remove them or use run_with_cache")
-            return self._harvest(self.harvest_request, inputs, S0, writes)
+            return self._harvest(request, inputs, S0, writes)
         if not (watch_erase or hook_active(self.hook_state)):
             res = scan(rule, inputs, S0, chunk_size=chunk, writes=writes)
             if grad_writes is None:

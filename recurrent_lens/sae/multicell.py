@@ -23,6 +23,10 @@ Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
   Rank 0 writes the SAEs, logs and checkpoints; each rank writes its own data position.
 - ``distributed="cells"``: rank ``r`` trains cells ``r, r + world_size, …`` on all of the data, alone.
 
+A collective that does not complete within the process group's timeout (a peer stopped or died) raises
+:class:`CollectiveError` naming the operation and the rank; the checkpoint last named in ``checkpoint.json``
+stays whole (each file is renamed into place, the manifest last).
+
 Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
 ``{out_dir}/{cell.name}/checkpoint-{step}.pt`` per cell, ``{out_dir}/data-{step}.rank{r}.pt`` per rank
 (generators, data position, buffers) and, written last and atomically, ``{out_dir}/checkpoint.json`` naming
@@ -61,7 +65,8 @@ import os
 import warnings
 import weakref
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -70,6 +75,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.data import TokenSource
 from recurrent_lens.integrity import (
     NonFiniteError, ResumeMismatchError, check_same, first_nonfinite, refuse_unchecked, sequence_chain,
     source_fingerprint, weights_fingerprint,
@@ -85,9 +91,33 @@ from recurrent_lens.states.files import (
     DirectoryLock, DirectoryLockedError, atomic_write, check_writable, remove_stale_temporaries,
 )
 
-__all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync"]
+__all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync", "CollectiveError", "collective"]
 
 MANIFEST = "checkpoint.json"
+
+
+class CollectiveError(RuntimeError):
+    """A collective of a distributed run failed on this rank, typically because a peer rank stopped, died or
+    did not reach it within the process group's timeout (``init_process_group(timeout=...)``)."""
+
+
+@contextmanager
+def collective(op: str) -> Iterator[None]:
+    """Run the collective ``op`` (``"all_reduce of the SAE gradients"``, say), turning the backend's failure
+    into a :class:`CollectiveError` that names the operation and this rank.
+
+    Example:
+        >>> with collective("nothing"):
+        ...     pass
+    """
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:  # gloo and NCCL report a timed-out or vanished peer as a RuntimeError
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise CollectiveError(f"rank {rank}: {op} did not complete (a peer rank stopped, died or did not reach it "
+                              f"within the process group's timeout): {e}") from e
 
 
 class DataParallelSync:
@@ -99,7 +129,8 @@ class DataParallelSync:
 
     def gradients(self, params: Sequence[Tensor]) -> None:
         flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, group=self.group)
+        with collective("all_reduce of the SAE gradients"):
+            dist.all_reduce(flat, group=self.group)
         flat /= self.world
         offset = 0
         for p in params:
@@ -107,21 +138,25 @@ class DataParallelSync:
             offset += p.grad.numel()
 
     def counters(self, sae: SAE) -> None:
-        dist.all_reduce(sae.steps_since_active, op=dist.ReduceOp.MIN, group=self.group)
+        with collective("all_reduce of the dead-feature counters"):
+            dist.all_reduce(sae.steps_since_active, op=dist.ReduceOp.MIN, group=self.group)
 
     def gather(self, x: Tensor) -> Tensor:
         """The global batch: every rank's ``x`` concatenated in rank order."""
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        with collective("all_gather of the batch for resampling"):
+            dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts)
 
     def parameters(self, sae: SAE) -> None:
-        for t in [*sae.parameters(), *sae.buffers()]:
-            dist.broadcast(t.data, 0, group=self.group)
+        with collective("broadcast of rank 0's SAE"):
+            for t in [*sae.parameters(), *sae.buffers()]:
+                dist.broadcast(t.data, 0, group=self.group)
 
     def mean(self, x: Tensor) -> Tensor:
         x = x.clone()
-        dist.all_reduce(x, group=self.group)
+        with collective("all_reduce of the states' mean"):
+            dist.all_reduce(x, group=self.group)
         return x / self.world
 
 
@@ -348,6 +383,10 @@ class MultiCellTrainer:
             if missing or not all_cells:
                 raise ValueError(f"cells: expected cells of the state store {[c.name for c in store.cells]}, "
                                  f"got {missing or 'none'}")
+            for c in all_cells:
+                if store.count(c) < cfg.batch_size:
+                    raise ValueError(f"TrainConfig.batch_size: expected at most the {store.count(c)} states stored "
+                                     f"for {c.name} in {store.path}, got {cfg.batch_size}")
             if not store.complete:
                 warnings.warn(f"data: the state store {store.path!r} is INCOMPLETE: its harvest stopped after "
                               f"{store.sequences_done} sequences ({store.count(all_cells[0])} states per cell) and "
@@ -385,10 +424,14 @@ class MultiCellTrainer:
                     if self.rank == 0:
                         remove_stale_temporaries(out_dir)
                 if self.sync is not None:
-                    dist.barrier()
+                    with collective("barrier after clearing out_dir"):
+                        dist.barrier()
             rank, data_world = (self.rank, self.world) if split_data else (0, 1)
-            if store is None and (isinstance(data, Tensor) or not isinstance(data, Iterable)):
-                data = check_tokens(model, data)
+            if store is None:
+                if isinstance(data, Tensor) or not isinstance(data, Iterable):
+                    data = check_tokens(model, data)
+                elif isinstance(data, TokenSource):
+                    data.check(d_vocab=model.cfg.d_vocab)
             if out_dir is not None:  # recorded with every checkpoint, compared on resume
                 val = None if val_tokens is None else source_fingerprint(torch.as_tensor(val_tokens))
                 self.identity = {"weights": weights_fingerprint(model) if store is None else None,
@@ -476,7 +519,8 @@ class MultiCellTrainer:
                 error = e
         if self.mode is not None:
             message = [None if error is None else str(error)]
-            dist.broadcast_object_list(message, src=0)
+            with collective("broadcast of rank 0's out_dir lock"):
+                dist.broadcast_object_list(message, src=0)
             if error is None and message[0] is not None:
                 error = DirectoryLockedError(f"{message[0]} (rank 0 could not lock it)")
         if error is not None:
@@ -510,7 +554,8 @@ class MultiCellTrainer:
             payload = {"feed": self.feed.state_dict(), "torch_rng": torch.get_rng_state()}
             atomic_write(self._data_path(step), lambda tmp: torch.save(payload, tmp))
         if self.sync is not None:
-            dist.barrier()
+            with collective(f"barrier before writing the step {step} checkpoint"):
+                dist.barrier()
         if self.writer:
             for cell, learner in self.learners.items():
                 state = learner.state_dict()
@@ -523,7 +568,8 @@ class MultiCellTrainer:
             if previous is not None and previous["step"] != step:
                 self._remove_step(previous["step"])
         if self.sync is not None:
-            dist.barrier()
+            with collective(f"barrier after writing the step {step} checkpoint"):
+                dist.barrier()
 
     def _remove_step(self, step: int) -> None:
         paths = [self._cell_path(c, step) for c in self.cells]

@@ -77,6 +77,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.data import TokenSource
 from recurrent_lens.integrity import (
     NonFiniteError, check_same, first_nonfinite, path_digest, refuse_unchecked, sequence_chain, source_fingerprint,
     weights_fingerprint,
@@ -169,8 +170,13 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
     if max_sequences is not None:
         _check_int("max_sequences", max_sequences, 1)
     cells = parse_cells(model, cells)
+    if isinstance(tokens, TokenSource):
+        tokens.check(d_vocab=model.cfg.d_vocab)
     first, source, n_source = _open_source(tokens)
     ctx = int(first.shape[0])
+    if skip_positions >= ctx:
+        raise ValueError(f"skip_positions: sequences of length {ctx} leave no position after "
+                         f"skip_positions={skip_positions}")
     per_seq = sample_positions([0], ctx, positions_per_seq, skip=skip_positions, seed=seed).shape[1]
     cfg = model.cfg
     name = model_name if model_name is not None else cfg.source

@@ -23,9 +23,11 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -222,7 +224,10 @@ def require_finite(tensors: dict[str, Tensor], source: str, *, minus_inf_ok: Col
 # ---------------------------------------------------------------------------------------------- writing
 def atomic_write(path: str, write: Callable[[str], Any]) -> None:
     """Create ``path`` by calling ``write(tmp)`` on a temporary file beside it and renaming it into place,
-    so that a crash never leaves a partial file (the temporary file is removed on any error).
+    so that a crash never leaves a partial file (the temporary file is removed on any error). An
+    ``OSError`` is raised again naming ``path``, with the same ``errno``; so is any other failure of
+    ``write`` while the disk is full (``torch.save`` and safetensors report one in their own exceptions),
+    as an ``OSError`` with ``errno.ENOSPC``.
 
     Example:
         >>> import os, tempfile
@@ -239,10 +244,29 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved weights are meant to be shared like any other file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        # looked at before the partial file goes, since removing it frees space
+        full = isinstance(e, Exception) and not isinstance(e, OSError) and _disk_full(directory, e)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) or full:
+            # the writer's own message names the temporary file at best, which is gone by now
+            code, reason = (e.errno, e.strerror or str(e)) if isinstance(e, OSError) else (
+                errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(e).__name__}: {e})")
+            raise OSError(code, f"cannot write {path}: {reason} (its partial copy was removed and {path} left as "
+                                f"it was)") from e
         raise
+
+
+def _disk_full(directory: str, error: Exception) -> bool:
+    """Whether ``error`` says the disk is full (safetensors does), or at most 1 MiB is left where ``directory``
+    lies (``torch.save`` only says that its write fell short)."""
+    if os.strerror(errno.ENOSPC) in str(error) or f"os error {errno.ENOSPC})" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(directory).free <= 1 << 20
+    except OSError:
+        return False
 
 
 def check_writable(directory: str, what: str) -> None:

@@ -130,8 +130,8 @@ def test_rwkv7_layers_share_one_typed_context_and_refuse_a_plain_one():
     x = torch.zeros(1, 3, 64)
     with pytest.raises(TypeError, match="ctx: RWKV7Mixer needs a RWKV7Context, got ForwardContext"):
         mixer(x, None, ForwardContext())
-    with pytest.raises(ValueError, match=r"ctx: expected fields of RWKV7Context \['positions', 'tokens', "
-                                         r"'v_first'\], got \['v_frist'\]"):
+    with pytest.raises(ValueError, match=r"ctx: expected fields of RWKV7Context \['capture', 'harvest', 'positions', "
+                                         r"'tokens', 'v_first'\], got \['v_frist'\]"):
         mixer(x, None, {"v_frist": ctx.v_first})
     torch.testing.assert_close(mixer(x, None, {"v_first": torch.zeros(1, 3, 4, 16)}),
                                mixer(x, None, rwkv7.RWKV7Context(v_first=torch.zeros(1, 3, 4, 16))))

@@ -5,6 +5,8 @@ execution mode (the chunked fast path; materialised states), and forwards with a
 ``hook_write`` (the token-by-token path) or through ``hook_v`` (the chunked path).
 """
 
+import threading
+
 import pytest
 import torch
 from tests.support.helpers import ARCHS, tiny_model
@@ -160,10 +162,48 @@ def test_clear_errors():
         model.write_contributions(tokens, 1)
     with pytest.raises(ValueError, match=r"layer: expected a recurrent layer \[0\], got 5"):
         model.implicit_attention(tokens, 5)
-    with pytest.raises(ValueError, match=r"heads \(layer 0\): expected head indices in \[0, 4\), got \[4\]"):
+    with pytest.raises(ValueError, match=r"heads \(layer 0\): expected a head index or a list of head indices in "
+                                         r"\[0, 4\), got \[4\]"):
         model.write_contributions(tokens, 0, heads=[4])
     with pytest.raises(ValueError, match=r"positions: expected values in \[0, 37\)"):
         model.write_contributions(tokens, 0, read_positions=[37])
     with pytest.raises(ValueError, match=r"hooks on hook_state"):
         with model.hooks(fwd_hooks=[("blocks.0.mixer.hook_state", lambda x, hook: x)]):
             model.implicit_attention(tokens, 0)
+
+
+def test_write_contributions_from_two_threads_on_one_model():
+    """The capture request travels in each call's own forward, never on the mixer: two threads on one model,
+    each with its own tokens and read positions, get bitwise what the same calls give alone."""
+    model = tiny_model("gated_deltanet")
+    model.cfg.chunk_size = 8
+    layer = model.cfg.recurrent_layers[-1]
+    calls = [(tokens_for(model, seed=1), torch.tensor([[5, 30], [0, 36]])),
+             (tokens_for(model, seed=2), torch.tensor([[12], [20]]))]
+    alone = [model.write_contributions(tokens, layer, read_positions=pos) for tokens, pos in calls]
+    got: dict[int, list] = {0: [], 1: []}
+    errors = []
+    start = threading.Barrier(2)
+
+    def worker(i):
+        tokens, pos = calls[i]
+        start.wait()
+        try:
+            for _ in range(20):
+                got[i].append(model.write_contributions(tokens, layer, read_positions=pos))
+        except Exception as e:  # reported below: a thread's exception would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for i, want in enumerate(alone):
+        assert len(got[i]) == 20
+        for c in got[i]:
+            assert c.heads == want.heads and torch.equal(c.read_positions, want.read_positions)
+            for name in ("writes", "initial", "extra"):
+                assert torch.equal(getattr(c, name), getattr(want, name)), (i, name)
+    assert not hasattr(model.blocks[layer].mixer, "capture_request")  # requests never live on the mixer

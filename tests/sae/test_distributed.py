@@ -75,3 +75,50 @@ def test_a_locked_out_stops_every_rank_at_once(store, tmp_path):
     assert done.stderr.count(f"is in use by another run: pid {os.getpid()}") == 2, done.stderr[-3000:]
     assert "(rank 0 could not lock it)" in done.stderr
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_a_frozen_rank_ends_every_rank_after_the_timeout(store, tmp_path):
+    """Rank 1 stopped (SIGSTOP) mid-run: rank 0 ends within a bounded time with an error naming the timeout,
+    the collective and its rank, a non-zero status, and the last checkpoint still loadable."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "frozen"
+    argv = [*train_args(store, out, "--checkpoint-every", "2", "--timeout", "5")]
+    argv[argv.index("--steps") + 1] = "100000"
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "recurrent_lens", *argv], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoint.json").exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, "no checkpoint was written"
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = procs[0].communicate(timeout=40)
+        took = time.monotonic() - stopped
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+        if procs[0].poll() is None:
+            procs[0].kill()
+    assert procs[0].returncode not in (0, None), err[-3000:]
+    assert "--timeout 5" in err and "rank 0" in err, err[-3000:]
+    assert any(op in err for op in ("all_reduce", "barrier", "broadcast", "all_gather")), err[-3000:]
+    assert took < 30
+    manifest = json.loads((out / "checkpoint.json").read_text())
+    step = manifest["step"]
+    assert step >= 2 and not manifest["complete"]
+    for name in NAMES:
+        assert (out / name / f"checkpoint-{step:08d}.pt").exists()
+        torch.load(out / name / f"checkpoint-{step:08d}.pt", weights_only=True)
+    for rank in range(2):
+        torch.load(out / f"data-{step:08d}.rank{rank}.pt", weights_only=True)

@@ -109,6 +109,17 @@ def test_bad_input_is_refused_before_any_work(model, tokens, tmp_path):
         MultiCellTrainer(model, [A], tokens, cfg(), distributed="data")
 
 
+def test_a_batch_larger_than_the_store_is_refused_before_any_work(tmp_path):
+    from recurrent_lens.sae.store import StateStore
+
+    (tmp_path / "layer_0").mkdir()
+    np.save(tmp_path / "layer_0" / "head_1.npy", np.random.rand(20, 3, 5).astype(np.float32))
+    store = StateStore(str(tmp_path))
+    with pytest.raises(ValueError, match=r"TrainConfig.batch_size: expected at most the 20 states stored for "
+                                         r"blocks.0.mixer.hook_state.h1 in .*, got 32"):
+        MultiCellTrainer(None, store.cells, store, cfg(batch_size=32, buffer_size=32))
+
+
 def test_a_finished_run_keeps_no_buffers_and_reruns_as_a_no_op(model, tokens, tmp_path):
     first = train_cells(model, [A], tokens, cfg(n_steps=3), out_dir=str(tmp_path))
     assert not list(tmp_path.glob("data-*.pt"))

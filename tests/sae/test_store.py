@@ -1,6 +1,7 @@
 """The on-disk state store: contents against a full forward, dtypes, crash and resume, refusals,
 corruption, the reference layout, and deterministic rank-sliced batches."""
 
+import errno
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import torch
 
 import recurrent_lens.sae.store as store_mod
 from tests.support.helpers import tiny_gdn
+from recurrent_lens.data import open_tokens
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae.cells import Cell, sample_positions
 from recurrent_lens.sae.multicell import MultiCellTrainer
@@ -76,6 +78,38 @@ def test_contents_equal_a_full_forward(model, tokens, clean):
     torch.testing.assert_close(store.read("blocks.1.mixer.hook_write.h3", torch.tensor([13]))[0], one,
                                rtol=1e-5, atol=1e-6)
     assert "cells=2, count=27, d_k=8, d_v=8, dtype=float32" in repr(store)
+
+
+def test_harvest_to_store_from_several_threads_on_one_model(model, tokens, clean, tmp_path):
+    """Four stores harvested at once from one model, with other cells and seeds between them, hold what a
+    harvest alone stores."""
+    import threading
+
+    kws = [dict(KW, seed=5 + t % 2, batch_size=1 + t % 3) for t in range(4)]
+    cells = [CELLS if t % 2 == 0 else CELLS[::-1] for t in range(4)]
+    alone = [harvest_to_store(model, cells[t], tokens, tmp_path / f"alone{t}", **kws[t]) for t in range(4)]
+    errors = []
+    start = threading.Barrier(4)
+
+    def worker(t):
+        start.wait()
+        try:
+            harvest_to_store(model, cells[t], tokens, tmp_path / f"threaded{t}", **kws[t])
+        except Exception as e:  # reported below: a thread's exception would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t in range(4):
+        got = StateStore(tmp_path / f"threaded{t}")
+        for cell in CELLS:
+            idx = torch.arange(alone[t].count(cell))
+            assert torch.equal(got.read(cell, idx), alone[t].read(cell, idx)), (t, cell)
+            assert all(torch.equal(a, b) for a, b in zip(got.provenance(cell, idx), alone[t].provenance(cell, idx)))
 
 
 def test_read_across_shards_any_order_and_bounded_cache(clean):
@@ -153,6 +187,42 @@ def test_training_on_an_incomplete_store_warns(model, tokens, clean, tmp_path):
         MultiCellTrainer(None, CELLS, clean, cfg)
 
 
+def test_disk_full_names_the_file_and_leaves_nothing_half_written(model, tokens, clean, tmp_path, monkeypatch):
+    real = store_mod.save_file
+    calls = []
+
+    def fill_the_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 4:  # the second shard of the second cell: part of it reaches the disk
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(store_mod, "save_file", fill_the_disk)
+    shard = os.path.join(str(tmp_path), CELLS[1].name, "shard_00001.safetensors")
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(shard)}: No space left on device") as e:
+        harvest_to_store(model, CELLS, tokens, tmp_path, **KW)
+    assert e.value.errno == errno.ENOSPC
+    assert not [f for f in stored_files(tmp_path) if ".tmp" in f]
+    partial = StateStore(tmp_path)  # the manifest still names the first, complete shards only
+    assert partial.sequences_done == 4 and partial.count(CELLS[0]) == 12
+    monkeypatch.setattr(store_mod, "save_file", real)
+    assert_same_as_clean(harvest_to_store(model, CELLS, tokens, tmp_path, **KW), clean, exact=True)
+
+
+def test_out_of_vocabulary_ids_deep_in_a_token_file_are_refused_before_any_work(model, tmp_path):
+    ids = np.random.default_rng(0).integers(0, 61, (300, 20))
+    ids[290, 3] = 61
+    np.save(tmp_path / "ids.npy", ids)
+    message = r"npy '.*ids.npy', row 290: expected token ids in \[0, 61\) \(d_vocab\), got 61"
+    with pytest.raises(ValueError, match=message):
+        harvest_to_store(model, CELLS, open_tokens(tmp_path / "ids.npy"), tmp_path / "store", **KW)
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(ValueError, match=message):
+        MultiCellTrainer(model, CELLS, open_tokens(tmp_path / "ids.npy"), TrainConfig(batch_size=8, buffer_size=8))
+
+
 def test_manifest_write_failure_leaves_orphans_that_resume_deletes(model, tokens, clean, tmp_path, monkeypatch):
     real, calls = store_mod._write_manifest, []
 
@@ -210,7 +280,7 @@ def test_refusals_before_any_model_work(model, tokens, tmp_path, monkeypatch):
         (dict(tokens=iter([])), "the source yields no sequence"),
         (dict(tokens=tokens.float()), "integer tensor"),
         (dict(tokens=[torch.zeros(2, 3, dtype=torch.long)]), "sequence 0: expected a non-empty 1-D integer"),
-        (dict(skip_positions=20), "leave no position after skip=20"),
+        (dict(skip_positions=20), "skip_positions: sequences of length 20 leave no position after skip_positions=20"),
         (dict(positions_per_seq=0), "positions_per_seq: expected an int >= 1, got 0"),
         (dict(batch_size=0), "batch_size: expected an int >= 1"),
         (dict(max_sequences=0), "max_sequences: expected an int >= 1"),
@@ -441,8 +511,6 @@ def test_resume_checks_the_weights_and_the_data_not_the_name(model, tokens, tmp_
 
 
 def test_resume_checks_a_file_source(model, tokens, tmp_path):
-    from recurrent_lens.data import open_tokens
-
     ids = tmp_path / "ids.npy"
     np.save(ids, tokens.numpy())
     out = tmp_path / "store"
