@@ -46,6 +46,13 @@ class Cell:
     hook_name: str
     head: int
 
+    def __post_init__(self) -> None:
+        # a cell is a directory name and a dict key: a head of 'two' or 1.0 would only fail far from here
+        if not isinstance(self.hook_name, str) or not self.hook_name:
+            raise ValueError(f"Cell hook_name: expected a non-empty str, got {self.hook_name!r}")
+        if isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0:
+            raise ValueError(f"Cell head: expected an int >= 0 for {self.hook_name}, got {self.head!r}")
+
     @property
     def name(self) -> str:
         """``{hook_name}.h{head}``: the cell's directory name in outputs and stores."""
@@ -78,15 +85,15 @@ def parse_cells(model, cells: Iterable[Cell | tuple[str, int]]) -> list[Cell]:
         ['blocks.1.mixer.hook_state.h1']
     """
     out: list[Cell] = []
+    n = model.cfg.n_heads
     for cell in cells:
-        if not isinstance(cell, Cell):
-            if not (isinstance(cell, (tuple, list)) and len(cell) == 2):
-                raise ValueError(f"cells: expected (hook_name, head) pairs, got {cell!r}")
-            cell = Cell(*cell)
-        model.matrix_site(cell.hook_name)
-        n = model.cfg.n_heads
-        if isinstance(cell.head, bool) or not isinstance(cell.head, int) or not 0 <= cell.head < n:
-            raise ValueError(f"head: expected an int in [0, {n}) for {cell.hook_name}, got {cell.head!r}")
+        if not isinstance(cell, Cell) and not (isinstance(cell, (tuple, list)) and len(cell) == 2):
+            raise ValueError(f"cells: expected (hook_name, head) pairs, got {cell!r}")
+        hook_name, head = (cell.hook_name, cell.head) if isinstance(cell, Cell) else cell
+        model.matrix_site(hook_name)
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n:
+            raise ValueError(f"head: expected an int in [0, {n}) for {hook_name}, got {head!r}")
+        cell = Cell(hook_name, head)
         if cell not in out:
             out.append(cell)
     if not out:
@@ -95,11 +102,12 @@ def parse_cells(model, cells: Iterable[Cell | tuple[str, int]]) -> list[Cell]:
 
 
 def sample_positions(seq_index: Int[Tensor, " batch"] | Sequence[int], length: int, n: int, *, skip: int = 0,
-                     seed: int = 0) -> Int[Tensor, "batch n"]:
+                     seed: int = 0, skip_name: str = "skip") -> Int[Tensor, "batch n"]:
     """``n`` distinct positions in ``[skip, length)`` per sequence, sorted, drawn from a generator seeded
     by ``(seed, seq_index)``: the same sequence always gets the same positions.
 
-    ``n`` larger than the ``length - skip`` usable positions takes them all.
+    ``n`` larger than the ``length - skip`` usable positions takes them all. ``skip_name`` is how an error
+    names ``skip`` to the caller's own user (a config field or a CLI option).
 
     Example:
         >>> sample_positions([0, 1], 10, 3, skip=1).shape
@@ -109,7 +117,7 @@ def sample_positions(seq_index: Int[Tensor, " batch"] | Sequence[int], length: i
     """
     usable = length - skip
     if skip < 0 or usable < 1:
-        raise ValueError(f"skip: sequences of length {length} leave no position after skip={skip}")
+        raise ValueError(f"{skip_name}: sequences of length {length} leave no position after {skip_name}={skip}")
     if n < 1:
         raise ValueError(f"n: expected a positive number of positions per sequence, got {n}")
     n = min(n, usable)

@@ -170,7 +170,8 @@ def _sampled_states(model: Any, cells: list[Cell], cfg: TrainConfig, index: Tens
                     tokens: Tensor) -> tuple[dict[Cell, Tensor], dict[Cell, tuple[int, int]]]:
     """Every cell's states, in host memory, at the positions ``cfg`` samples for the sequences ``index``, and
     for each cell with a non-finite state the sequence index and position of the first."""
-    pos = sample_positions(index, tokens.shape[1], cfg.positions_per_seq, skip=cfg.skip_positions, seed=cfg.seed)
+    pos = sample_positions(index, tokens.shape[1], cfg.positions_per_seq, skip=cfg.skip_positions, seed=cfg.seed,
+                           skip_name="TrainConfig.skip_positions")
     states = {c: s.cpu() for c, s in harvest_cells(model, tokens, pos, cells).items()}
     bad = {}
     for c, s in states.items():

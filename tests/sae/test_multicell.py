@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -252,3 +253,23 @@ def test_training_from_a_store_that_grew_is_not_resumed(model, tokens, tmp_path)
     harvest_to_store(model, [A], tokens, tmp_path / "store", **kw)
     with pytest.raises(ValueError, match="other data .*sha256: recorded"):
         MultiCellTrainer(None, [A], StateStore(tmp_path / "store"), cfg(), out_dir=out)
+
+
+def test_an_iterable_too_short_for_skip_positions_names_the_setting(model, tokens):
+    trainer = MultiCellTrainer(model, [A], iter(list(tokens)), cfg(skip_positions=20))
+    with pytest.raises(ValueError, match=r"^TrainConfig\.skip_positions: sequences of length 20 leave no position"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("head", [True, -1])
+def test_a_cell_refuses_a_head_that_is_not_an_int(head):
+    with pytest.raises(ValueError, match=rf"^Cell head: expected an int >= 0 for blocks\.0\.mixer\.hook_state, "
+                                         rf"got {re.escape(repr(head))}$"):
+        Cell("blocks.0.mixer.hook_state", head)
+
+
+@pytest.mark.parametrize("head", ["two", 1.0])
+def test_a_cell_refuses_a_head_of_another_type(head):
+    # under the test suite's runtime type checker the annotation refuses it first; without it, __post_init__ does
+    with pytest.raises((ValueError, TypeError), match="head"):
+        Cell("blocks.0.mixer.hook_state", head)
