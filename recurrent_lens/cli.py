@@ -571,8 +571,12 @@ def _token_source(args, parser, model, **shard):
         parser.error(f"argument --dataset: {e}")
     except StopIteration:
         parser.error(f"argument --dataset: {args.dataset!r} gives no sequence to this process ({shard})")
-    if args.skip_positions >= ctx:
-        where = "--context-length" if args.context_length is not None else "the rows of --dataset"
+    where = "--context-length" if args.context_length is not None else "the rows of --dataset"
+    if "skip_positions" not in args:  # reproduce: it always skips the first SKIP_POSITIONS positions
+        if SKIP_POSITIONS >= ctx:
+            parser.error(f"argument --dataset: expected sequences longer than the {SKIP_POSITIONS} position(s) the "
+                         f"analyses skip, got {ctx} ({where})")
+    elif args.skip_positions >= ctx:
         parser.error(f"argument --skip-positions: expected fewer than the {ctx} positions of a sequence ({where}), "
                      f"got {args.skip_positions}")
     return source
