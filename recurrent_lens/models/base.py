@@ -28,6 +28,7 @@ from recurrent_lens.models.components import ShortConv, make_mlp, make_norm
 from recurrent_lens.models.loading import load_pretrained
 from recurrent_lens.models.mixer import ForwardContext, HarvestDone, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
+from recurrent_lens.models.tl_compat import CacheStacking, TLWeights
 from recurrent_lens.sae import attach
 
 TokensLike = (str | list[str] | list[int] | list[list[int]]
@@ -117,11 +118,12 @@ class TiedUnembed(Unembed):
         return self._embed.weight
 
 
-class HookedRecurrentModel(HookedRootModule):
+class HookedRecurrentModel(TLWeights, HookedRootModule):
     """A recurrent language model with a named hook point for every per-token write and state.
 
     Build one with :meth:`from_pretrained` (a local directory or hub id in any supported reference format)
-    or :meth:`from_config`. ``run_with_hooks``, ``run_with_cache``, ``hooks()``, ``add_hook`` and
+    or :meth:`from_config`. TransformerLens' attention weights and per-head sweeps: see
+    :mod:`recurrent_lens.models.tl_compat`. ``run_with_hooks``, ``run_with_cache``, ``hooks()``, ``add_hook`` and
     ``reset_hooks`` work as in TransformerLens; ``run_with_cache`` returns an ``ActivationCache``
     and ``pos_slice`` always slices the position axis.
 
@@ -469,6 +471,8 @@ class HookedRecurrentModel(HookedRootModule):
           in an attention layer, for every hook ``X`` of that mixer except ``hook_in``/``hook_out``;
         - ``blocks.{l}.attn.hook_X`` → ``blocks.{l}.mixer.hook_X`` in a recurrent layer (TransformerLens names
           ``q``, ``k``, ``v`` as attention hooks: ``cache["k", l]`` looks up ``blocks.{l}.attn.hook_k``);
+        - ``blocks.{l}.attn.hook_z`` → ``blocks.{l}.mixer.hook_read`` in a recurrent layer: each head's read,
+          what TransformerLens' per-head patching calls a head's output (see :mod:`~recurrent_lens.models.tl_compat`);
         - ``blocks.{l}.hook_attn_out`` → ``blocks.{l}.hook_mixer_out`` in every layer.
 
         An alias is resolved once, to one hook point: a hook added under an alias fires once, and caches hold
@@ -487,6 +491,8 @@ class HookedRecurrentModel(HookedRootModule):
                 aliases[f"blocks.{layer}.{leaf}"] = name
         for layer in range(len(self.blocks)):
             aliases[f"blocks.{layer}.hook_attn_out"] = f"blocks.{layer}.hook_mixer_out"
+            if f"blocks.{layer}.mixer.hook_read" in self.hook_dict:
+                aliases[f"blocks.{layer}.attn.hook_z"] = f"blocks.{layer}.mixer.hook_read"
         self.hook_aliases = {alias: name for alias, name in aliases.items() if alias not in self.hook_dict}
         self._aliases_of: dict[str, list[str]] = {}
         for alias, name in self.hook_aliases.items():
@@ -592,10 +598,13 @@ class HookedRecurrentModel(HookedRootModule):
             >>> seen
             ['blocks.1.mixer.hook_state']
         """
-        fwd = [(self._hook_target(name), fn) for name, fn in fwd_hooks]
-        bwd = [(self._hook_target(name), fn) for name, fn in bwd_hooks]
+        fwd = [self._guarded(self._hook_target(name), fn) for name, fn in fwd_hooks]
+        bwd = [self._guarded(self._hook_target(name), fn) for name, fn in bwd_hooks]
         with super().hooks(fwd, bwd, reset_hooks_end, clear_contexts) as model:
             yield model
+
+    def _guarded(self, target: Any, fn: Any) -> tuple[Any, Any]:
+        return target, (self._head_count_guard(target, fn) if isinstance(target, str) else fn)
 
     def add_hook(self, name: Any, hook: Any, dir: Literal["fwd", "bwd"] = "fwd", is_permanent: bool = False,
                  level: int | None = None, prepend: bool = False) -> None:
@@ -993,7 +1002,7 @@ class HookNameError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class RecurrentActivationCache(ActivationCache):
+class RecurrentActivationCache(CacheStacking, ActivationCache):
     """The ``ActivationCache`` that :meth:`HookedRecurrentModel.run_with_cache` returns.
 
     TransformerLens' class, with three differences:
@@ -1006,9 +1015,11 @@ class RecurrentActivationCache(ActivationCache):
       model does not have raises a :class:`HookNameError` (a KeyError) saying why.
     - ``decompose_resid`` counts the embedding after the embedding norm (RWKV-7's ``ln_embed``) as the
       ``embed`` component, so that the components sum to the residual stream.
-    - Helpers that need per-head results of softmax attention (``stack_head_results``,
-      ``compute_head_results``, ``get_full_resid_decomposition``) or TransformerLens' SSM bridges
-      (``compute_ssm_state``, ``compute_ssm_effective_attention``, ``ssm_layers``) raise a
+    - ``stack_head_results`` stacks the softmax-attention layers' heads, and ``stack_activation`` of a
+      name only some layers have (``"state"`` on a hybrid) stacks those layers and can say which (see
+      :class:`~recurrent_lens.models.tl_compat.CacheStacking`). ``compute_head_results`` and
+      ``get_full_resid_decomposition`` (which need a per-head result in every layer) and TransformerLens'
+      SSM bridges (``compute_ssm_state``, ``compute_ssm_effective_attention``, ``ssm_layers``) raise a
       NotImplementedError that says what to use instead; neuron results raise a ValueError in models
       without MLPs.
 
@@ -1088,16 +1099,13 @@ class RecurrentActivationCache(ActivationCache):
 
     def _no_heads(self, what: str) -> NotImplementedError:
         cfg = self.model.cfg
-        where = (f"recurrent layers {cfg.recurrent_layers} have no softmax-attention heads, and the attention "
-                 "layers' per-head results (z @ W_O) are not computed" if cfg.has_attention
+        where = (f"recurrent layers {cfg.recurrent_layers} have none (their heads write through a shared output "
+                 "norm and gate); stack_head_results gives the attention layers' heads" if cfg.has_attention
                  else "this model's layers are all recurrent: there are no softmax-attention heads")
         return NotImplementedError(
-            f"{what} needs per-head attention results (attn.hook_result, from hook_z and W_O), but {where}. "
+            f"{what} needs per-head attention results (attn.hook_result) in every layer, but {where}. "
             "Use decompose_resid (per-layer mixer and MLP outputs), stack_activation('read') or the per-head "
             "states and writes (cache['state', l], cache['write', l]) instead")
-
-    def stack_head_results(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._no_heads("stack_head_results")
 
     def compute_head_results(self) -> None:
         raise self._no_heads("compute_head_results")
