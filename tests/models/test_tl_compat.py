@@ -149,3 +149,60 @@ def test_stack_activation_on_a_hybrid_stacks_the_layers_that_have_it():
         cache.stack_activation("state", layers=[1])
     with pytest.raises(HookNameError, match="no layer before 2 has 'pattern'"):
         tiny_model("gla").run_with_cache(torch.tensor([[1, 2, 3]]))[1].stack_activation("pattern")
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def talker():
+    from tests.support.helpers import word_tokenizer
+
+    model = tiny_gdn()
+    model.tokenizer = word_tokenizer(["<unk>", "<eos>"] + [f"w{i}" for i in range(59)])
+    return model
+
+
+def test_generate_answers_in_the_inputs_kind(talker):
+    text = talker.generate("w1 w2", max_new_tokens=3, stop_at_eos=False, do_sample=False)
+    assert isinstance(text, str) and text.startswith("w1 w2 w")
+    texts = talker.generate(["w1 w2"], max_new_tokens=3, stop_at_eos=False, do_sample=False)
+    assert texts == [text]
+    tokens = talker.generate(talker.to_tokens("w1 w2"), max_new_tokens=3, stop_at_eos=False, do_sample=False)
+    assert isinstance(tokens, torch.Tensor) and talker.to_string(tokens[0]) == text
+    assert talker.generate("w1 w2", 3, False, return_type="tokens", do_sample=False).shape == (1, 5)
+    assert talker.generate(tokens, 1, return_type="str", do_sample=False).startswith(text)
+    with pytest.raises(ValueError, match="return_type: expected 'input', 'str' or 'tokens', got 'list'"):
+        talker.generate("w1", return_type="list")
+
+
+def test_generate_samples_by_default_and_matches_a_manual_sampler(talker):
+    prompt = torch.tensor([[3, 4, 5]])
+    sampled = talker.generate(prompt, 4, stop_at_eos=False, seed=3)
+    assert torch.equal(sampled, talker.generate(prompt, 4, stop_at_eos=False, seed=3))
+    g = torch.Generator().manual_seed(3)
+    seq = prompt
+    for _ in range(4):
+        probs = talker(seq)[:, -1].softmax(-1)
+        seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], 1)
+    assert torch.equal(sampled, seq)
+    assert torch.equal(talker.generate(prompt, 4, temperature=0), talker.generate(prompt, 4, do_sample=False))
+    assert torch.equal(talker.generate(prompt, 4, stop_at_eos=False, seed=3, use_past_kv_cache=False), sampled)
+
+
+def test_generate_frequency_penalty_is_subtracted_per_occurrence(talker):
+    prompt = torch.tensor([[3, 3, 5]])
+    out = talker.generate(prompt, 1, top_k=1, freq_penalty=100.0, stop_at_eos=False)
+    logits = talker(prompt)[:, -1]
+    logits[0, 3] -= 200.0
+    logits[0, 5] -= 100.0
+    assert int(out[0, -1]) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(freq_penalty=1.0)])
+def test_greedy_refuses_sampling_options(talker, kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"do_sample=False decodes greedily, but {{'{name}'.*only apply when sampling"):
+        talker.generate(torch.tensor([[1, 2]]), 2, do_sample=False, **kwargs)
+    with pytest.raises(ValueError, match="continuing from a cache needs use_past_kv_cache=True"):
+        talker.generate(torch.tensor([[1, 2]]), 2, cache=talker.make_cache(), use_past_kv_cache=False)
