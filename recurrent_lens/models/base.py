@@ -379,6 +379,8 @@ class HookedRecurrentModel(TLWeights, HookedRootModule):
         initial_states: dict[int, Float[Tensor, "batch head d_k d_v"]] | None = None,
         stop_at_layer: int | None = None,
         loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
     ) -> Any:
         """Run the model.
 
@@ -396,8 +398,11 @@ class HookedRecurrentModel(TLWeights, HookedRootModule):
             stop_at_layer: as in TransformerLens: run blocks ``0 .. stop_at_layer - 1`` only and return the
                 residual stream entering block ``stop_at_layer`` (negative values count from the end).
             loss_per_token: with a loss, return it per position ``[batch, pos - 1]``.
+            prepend_bos, padding_side: how text is tokenized (see :meth:`to_tokens`); token ids are used as
+                given, as in TransformerLens (whose tools, SAELens' ``ActivationsStore`` among them, pass
+                ``prepend_bos=False`` with tokens).
         """
-        tokens = self._tokens(input)
+        tokens = self._tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         B, T = tokens.shape
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type: expected 'logits', 'loss', 'both' or None, got {return_type!r}")
