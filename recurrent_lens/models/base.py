@@ -29,7 +29,7 @@ from recurrent_lens.models.loading import load_pretrained
 from recurrent_lens.models.mixer import ForwardContext, HarvestDone, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
 from recurrent_lens.models.tl_compat import CacheStacking, TLWeights
-from recurrent_lens.sae import attach
+from recurrent_lens.sae import saes_on_model
 
 TokensLike = (str | list[str] | list[int] | list[list[int]]
               | Integer[Tensor, "batch pos"] | Integer[Tensor, " pos"])
@@ -906,19 +906,36 @@ class HookedRecurrentModel(TLWeights, HookedRootModule):
         return attribution.implicit_attention(self, tokens, layer, heads, progress=progress)
 
     # ------------------------------------------------------------------ SAEs
-    def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool | None = None) -> None:
-        """Splice an SAE's reconstruction into ``head`` of a matrix hook (see :mod:`recurrent_lens.sae.attach`)."""
-        attach.add_sae(self, sae, hook_name, head, use_error_term=use_error_term)
+    def add_sae(self, sae: nn.Module, hook_name: str | None = None, head: int | None = None, *,
+                use_error_term: bool | None = None) -> None:
+        """Attach one of our SAEs (to a head of a matrix hook) or a SAELens SAE (to a vector hook) until
+        :meth:`reset_saes`; the hook name defaults to ``sae.cfg.metadata.hook_name`` (see
+        :mod:`recurrent_lens.sae.saes_on_model`)."""
+        saes_on_model.add_sae(self, sae, hook_name, head, use_error_term=use_error_term)
 
-    def reset_saes(self) -> None:
-        """Detach every SAE added with :meth:`add_sae`."""
-        attach.reset_saes(self)
+    def reset_saes(self, act_names: str | Sequence[str] | None = None) -> None:
+        """Detach the SAEs at ``act_names`` (default: every SAE added with :meth:`add_sae`)."""
+        saes_on_model.reset_saes(self, act_names)
 
     @contextmanager
-    def saes(self, saes: Sequence[tuple[nn.Module, str, int]], *, use_error_term: bool | None = None) -> Iterator[HookedRecurrentModel]:
-        """Attach ``(sae, hook_name, head)`` triples for the duration of a ``with`` block."""
-        with attach.saes(self, saes, use_error_term=use_error_term):
+    def saes(self, saes: Sequence[Any] = (), reset_saes_end: bool = True, *,
+             use_error_term: bool | None = None) -> Iterator[HookedRecurrentModel]:
+        """Attach SAEs (objects, or ``(sae, hook_name[, head])`` tuples) for the duration of a ``with`` block."""
+        with saes_on_model.saes(self, saes, reset_saes_end, use_error_term):
             yield self
+
+    def run_with_saes(self, *model_args: Any, saes: Sequence[Any] = (), reset_saes_end: bool = True,
+                      use_error_term: bool | None = None, **model_kwargs: Any) -> Any:
+        """SAELens' ``run_with_saes``: the forward with ``saes`` attached (see :meth:`saes`)."""
+        return saes_on_model.run_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
+                                           use_error_term=use_error_term, **model_kwargs)
+
+    def run_with_cache_with_saes(self, *model_args: Any, saes: Sequence[Any] = (), reset_saes_end: bool = True,
+                                 use_error_term: bool | None = None,
+                                 **kwargs: Any) -> tuple[Any, RecurrentActivationCache]:
+        """SAELens' ``run_with_cache_with_saes``: :meth:`run_with_cache` with ``saes`` attached."""
+        return saes_on_model.run_with_cache_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
+                                                      use_error_term=use_error_term, **kwargs)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
