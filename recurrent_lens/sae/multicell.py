@@ -64,6 +64,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recurrent_lens.sae import wandb_log
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import save_sae
@@ -532,20 +533,28 @@ class MultiCellTrainer:
         per_step = self.local_batch * len(self.cells) * (self.world if self.mode else 1)
         bar = tqdm(total=stop * per_step, initial=self.step * per_step, unit="state", unit_scale=True,
                    disable=not (cfg.progress and self.rank == 0), desc=f"{len(self.all_cells)} SAEs")
+        # one run per process that writes cells: rank 0, or every rank when each trains its own cells
+        run = wandb_log.open_run(cfg, {**asdict(cfg), "cells": [c.name for c in self.cells]}) if self.writer else None
         while self.step < stop:
             batches = self.feed.next()
             rows = {c: learner.update(batches[c].to(self.device), stop) for c, learner in self.learners.items()}
             if rows[self.cells[0]] is not None:
                 first = rows[self.cells[0]]
                 bar.set_postfix(step=self.step, mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}")
+                for c, row in rows.items():
+                    if row is not None:
+                        wandb_log.log_row(run, row, self.step, prefix=c.name)
             if self.val_states is not None and (self.step % cfg.val_every == 0 or self.step == cfg.n_steps):
                 for c, learner in self.learners.items():
                     states = self.val_states[c].to(self.device)
                     learner.log.val.append({"step": self.step, **evaluate(learner.sae, states, cfg.batch_size)})
+                    wandb_log.log_row(run, learner.log.val[-1], self.step, prefix=c.name)
             if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             bar.update(per_step)
         bar.close()
+        if run is not None:
+            run.finish()
         for learner in self.learners.values():
             learner.sae.eval()
             if self.step >= cfg.n_steps:
