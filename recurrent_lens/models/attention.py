@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
@@ -126,6 +127,16 @@ class Attention(nn.Module):
     def b_O(self) -> Float[Tensor, " d_model"]:
         """Zeros: ``o_proj`` has no bias."""
         return self._zero_bias(self.cfg.d_model)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q @ W_K^T`` per head as TransformerLens' ``FactoredMatrix`` (before q/k norms and RoPE)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V @ W_O`` per head as TransformerLens' ``FactoredMatrix`` (without the output gate)."""
+        return FactoredMatrix(self.W_V, self.W_O)
 
     def head_results(self, z: Float[Tensor, "*lead head d_head"],
                      gate: Float[Tensor, "*lead head d_head"] | None) -> Float[Tensor, "*lead head d_model"]:

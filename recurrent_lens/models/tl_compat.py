@@ -20,7 +20,8 @@ layers' count). Where the attention layers have another count (Qwen3.5-0.8B: 8 a
 16 Gated DeltaNet value heads), pass ``index_df=model.head_index_df(...)``, which lists each layer's
 own heads: the result then has one entry per row of that frame, which says the layer, position and
 head of each entry. A default sweep that reaches past an attention layer's heads stops with an
-IndexError saying this.
+IndexError saying this; where an attention layer has more heads than ``cfg.n_heads``, a default sweep
+covers only the first ``cfg.n_heads`` of them, so use ``head_index_df`` there too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens import FactoredMatrix
 from transformer_lens.utilities import Slice, get_act_name
 
 _WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
@@ -70,12 +72,27 @@ class TLWeights:
         """The number of heads of each layer: ``n_attn_heads`` in attention layers, ``n_heads`` elsewhere."""
         return [self.cfg.n_attn_heads if t == "attention" else self.cfg.n_heads for t in self.cfg.layer_types]
 
-    def _stacked(self, name: str) -> Tensor:
+    def _attention_modules(self, name: str) -> list[Any]:
         if not self.attention_layers:
             raise NotImplementedError(
                 f"{name}: this model has no softmax-attention layer (layer_types={list(self.cfg.layer_types)}); "
                 "recurrent mixers' weights are their projections (model.blocks[l].mixer)")
-        return torch.stack([getattr(self.blocks[l].attn, name) for l in self.attention_layers])
+        return [self.blocks[l].attn for l in self.attention_layers]
+
+    def _stacked(self, name: str) -> Tensor:
+        return torch.stack([getattr(attn, name) for attn in self._attention_modules(name)])
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``blocks[l].attn.QK`` stacked over :attr:`attention_layers` (``[layer, head, d_model, d_model]``)."""
+        parts = [attn.QK for attn in self._attention_modules("QK")]
+        return FactoredMatrix(torch.stack([p.A for p in parts]), torch.stack([p.B for p in parts]))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``blocks[l].attn.OV`` stacked over :attr:`attention_layers` (``[layer, head, d_model, d_model]``)."""
+        parts = [attn.OV for attn in self._attention_modules("OV")]
+        return FactoredMatrix(torch.stack([p.A for p in parts]), torch.stack([p.B for p in parts]))
 
     def head_index_df(self, pos: int | None = None, layers: list[int] | None = None) -> pd.DataFrame:
         """Every ``(layer, head)`` (with ``pos``: every ``(layer, pos, head_index)``) of this model, each layer

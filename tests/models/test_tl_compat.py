@@ -68,11 +68,16 @@ def test_attention_weights_reproduce_the_layers_own_activations(hybrid):
     assert model.attention_layers == [1] and model.W_O.shape == (1, H, D, 32)
     ov = FactoredMatrix(model.W_V[0], model.W_O[0])
     assert ov.shape == (H, 32, 32)
+    torch.testing.assert_close(model.OV.AB[0], ov.AB)
+    torch.testing.assert_close(model.QK.AB[0], attn.W_Q @ attn.W_K.transpose(-2, -1))
 
 
 def test_model_without_attention_refuses_stacked_weights():
+    model = tiny_model("gla")
     with pytest.raises(NotImplementedError, match="W_Q: this model has no softmax-attention layer"):
-        tiny_model("gla").W_Q
+        model.W_Q
+    with pytest.raises(NotImplementedError, match="OV: this model has no softmax-attention layer"):
+        model.OV
 
 
 def test_tl_head_out_patching_matches_manual_patches_per_layer_kind(hybrid):
