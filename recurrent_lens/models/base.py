@@ -926,7 +926,17 @@ class HookedRecurrentModel(TLWeights, HookedRootModule):
 
     def run_with_saes(self, *model_args: Any, saes: Sequence[Any] = (), reset_saes_end: bool = True,
                       use_error_term: bool | None = None, **model_kwargs: Any) -> Any:
-        """SAELens' ``run_with_saes``: the forward with ``saes`` attached (see :meth:`saes`)."""
+        """SAELens' ``run_with_saes``: the forward with ``saes`` attached (see :meth:`saes`).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import WriteSAE
+            >>> sae = WriteSAE(8, 8, 16, k=4, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
+            >>> clean = tiny_model(tiny_tokens)
+            >>> spliced = tiny_model.run_with_saes(tiny_tokens, saes=[sae], use_error_term=True)
+            >>> bool(torch.allclose(spliced, clean, atol=1e-4)), "saes" in str(list(tiny_model.hook_dict))
+            (True, False)
+        """
         return saes_on_model.run_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
                                            use_error_term=use_error_term, **model_kwargs)
 

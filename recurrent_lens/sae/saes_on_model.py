@@ -238,9 +238,7 @@ def saes(model: nn.Module, saes: Sequence[Any] = (), reset_saes_end: bool = True
         for sae, hook_name, head in _entries(saes):
             hook_name, head = _target(sae, hook_name, head)
             add_sae(model, sae, hook_name, head, use_error_term=use_error_term)
-            name = model.resolve_hook_name(hook_name)
-            name = name if name in model.hook_dict else hook_name
-            added.append((name, head))
+            added.append((model.resolve_hook_name(hook_name), head))
         yield model
     finally:
         if reset_saes_end and added:
