@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from recurrent_lens.data import open_tokens
 from recurrent_lens.integrity import NonFiniteError, ResumeMismatchError
 from recurrent_lens.models.loading import CheckpointError
 from recurrent_lens.sae import TrainConfig
+from recurrent_lens.sae.training import write_json
 from recurrent_lens.sae import load as load_sae
 from recurrent_lens.sae.cells import parse_cells
 from recurrent_lens.sae.multicell import CollectiveError, MultiCellTrainer, collective
@@ -267,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences held out (the first ones of --dataset) for validation metrics (default: 0)")
     train.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                        help="write a resumable checkpoint every this many steps (default: 0, only at the end)")
+    train.add_argument("--wandb", default=None, metavar="PROJECT",
+                       help="log training (mse, l0, dead, explained variance, validation) to this Weights & Biases "
+                            "project (default: no logging)")
+    train.add_argument("--wandb-run-name", default=None, metavar="NAME",
+                       help="the Weights & Biases run's name (default: wandb picks one; needs --wandb)")
     train.add_argument("--distribute-cells", action="store_true",
                        help="under torchrun, each rank trains its own subset of the cells on all of the data "
                             "(default: data-parallel, every rank trains every cell on its share)")
@@ -378,7 +385,8 @@ def _check_site(parser: argparse.ArgumentParser, model, hook: str, head: int) ->
 def _train_sae(args, model, task, progress: bool):
     return toy.train_probe_sae(model, task, args.hook, args.head, architecture=args.sae_type,
                                n_features=args.n_features, k=args.k, n_steps=args.steps, lr=args.lr,
-                               train_sequences=args.train_sequences, seed=args.seed, progress=progress)
+                               train_sequences=args.train_sequences, seed=args.seed, progress=progress,
+                               **_wandb_config(args))
 
 
 def _substitution(args, model, task, sae, progress: bool, atom: str | None = None):
@@ -588,7 +596,15 @@ def _train_config(args, **overrides):
                        positions_per_seq=args.positions_per_seq, skip_positions=args.skip_positions,
                        model_batch_size=args.model_batch_size, buffer_size=args.buffer_size,
                        checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
-                       **overrides)
+                       **_wandb_config(args), **overrides)
+
+
+def _wandb_config(args) -> dict[str, Any]:
+    """``TrainConfig`` fields for ``--wandb PROJECT`` / ``--wandb-run-name`` (none for other commands)."""
+    project = getattr(args, "wandb", None)
+    if project is None:
+        return {}
+    return dict(wandb=True, wandb_project=project, wandb_run_name=args.wandb_run_name)
 
 
 def _train_real(args, parser) -> int:
@@ -709,6 +725,8 @@ def _locked(parser: argparse.ArgumentParser, work: Callable[[], Any]) -> Any:
 
 def _train_cmd(args, parser) -> int:
     _check_k(parser, args)
+    if args.wandb_run_name is not None and args.wandb is None:
+        parser.error("argument --wandb-run-name: names a Weights & Biases run, which needs --wandb PROJECT")
     if args.model is not None or args.states is not None:
         return _train_real(args, parser)
     _check_out(parser, args.out)
@@ -723,6 +741,7 @@ def _train_toy(args, parser) -> int:
     sae, log = _train_sae(args, model, task, progress)
     sae.cfg.metadata.update(toy=args.arch)
     sae.save_pretrained(args.out)
+    write_json(os.path.join(args.out, "train_log.json"), asdict(log))
     last = log.train[-1] if log.train else {}
     print(f"{sae}\n  explained variance {last.get('explained_variance', float('nan')):.3f}\nsaved {args.out}")
     return 0

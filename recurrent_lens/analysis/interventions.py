@@ -498,7 +498,8 @@ class _GenerationInstall:
         """One greedy generation from ``prompt`` (with the installs if ``install``) and the target's score."""
         self.logged.clear()
         with self.model.hooks(fwd_hooks=self._hooks(install)):
-            out = self.model.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
+            out = self.model.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False,
+                                          do_sample=False)
         lp = (self.logged[0] @ unembedding(self.model).T).log_softmax(-1)
         own = lp.gather(-1, target[:, None])
         return _Generation(out[:, prompt.shape[1]:], own[:, 0], (lp > own).sum(-1))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor, nn
+from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.config import ModelConfig
@@ -45,6 +47,16 @@ class Attention(nn.Module):
         hook_z        [batch, pos, head, d_head]      attention output per head, before the gate
         hook_gate     [batch, pos, head, d_head]      sigmoid(gate) (only with attn_output_gate)
         hook_out      [batch, pos, d_model]
+
+    TransformerLens' weights, in its layouts, computed from the projections on each access (read
+    them; edit ``q_proj``/``k_proj``/``v_proj``/``o_proj`` to change the layer): ``W_Q``, ``W_K``, ``W_V`` ``[head, d_model, d_head]``,
+    ``W_O`` ``[head, d_head, d_model]``, ``b_Q``, ``b_K``, ``b_V`` ``[head, d_head]``, ``b_O``
+    ``[d_model]`` (zeros: the projections have no bias). Keys and values are expanded from
+    ``n_kv_heads`` to ``n_heads`` as TransformerLens does for grouped-query attention (query head
+    ``h`` reads key/value head ``h // (n_heads / n_kv_heads)``). Two differences from a GPT-2 head:
+    ``W_Q`` and ``W_K`` act before ``q_norm``/``k_norm`` and RoPE, and ``W_O`` acts on
+    ``hook_z * hook_gate`` when the layer has an output gate, so a head's result is
+    ``(z * gate)[h] @ W_O[h]`` (what ``ActivationCache.stack_head_results`` stacks).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -67,6 +79,72 @@ class Attention(nn.Module):
         if cfg.attn_output_gate:
             self.hook_gate = HookPoint()  # [batch, pos, head, d_head]
         self.hook_out = HookPoint()  # [batch, pos, d_model]
+
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        """Query weights (the query half of ``q_proj``, without the output gate's half)."""
+        H, D = self.n_heads, self.d_head
+        return self.q_proj.weight.view(H, -1, self.cfg.d_model)[:, :D].transpose(1, 2)
+
+    def _expanded(self, proj: nn.Linear) -> Tensor:
+        per_kv = proj.weight.view(self.n_kv_heads, self.d_head, self.cfg.d_model).transpose(1, 2)
+        return per_kv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        """Key weights, expanded to one per query head."""
+        return self._expanded(self.k_proj)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        """Value weights, expanded to one per query head."""
+        return self._expanded(self.v_proj)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        """Output weights: ``o_proj`` split by the head whose (gated) ``z`` it reads."""
+        return self.o_proj.weight.T.reshape(self.n_heads, self.d_head, self.cfg.d_model)
+
+    def _zero_bias(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self.o_proj.weight.dtype, device=self.o_proj.weight.device)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "head d_head"]:
+        """Zeros: ``q_proj`` has no bias."""
+        return self._zero_bias(self.n_heads, self.d_head)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head d_head"]:
+        """Zeros: ``k_proj`` has no bias."""
+        return self._zero_bias(self.n_heads, self.d_head)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head d_head"]:
+        """Zeros: ``v_proj`` has no bias."""
+        return self._zero_bias(self.n_heads, self.d_head)
+
+    @property
+    def b_O(self) -> Float[Tensor, " d_model"]:
+        """Zeros: ``o_proj`` has no bias."""
+        return self._zero_bias(self.cfg.d_model)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q @ W_K^T`` per head as TransformerLens' ``FactoredMatrix`` (before q/k norms and RoPE)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V @ W_O`` per head as TransformerLens' ``FactoredMatrix`` (without the output gate)."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def head_results(self, z: Float[Tensor, "*lead head d_head"],
+                     gate: Float[Tensor, "*lead head d_head"] | None) -> Float[Tensor, "*lead head d_model"]:
+        """Each head's write to the residual stream from cached ``hook_z`` and ``hook_gate`` (``None``
+        without an output gate); summed over heads it is ``hook_out``."""
+        if gate is not None:
+            z = z * gate
+        return torch.einsum("...hd,hdm->...hm", z.to(self.o_proj.weight.dtype), self.W_O)
 
     def forward(self, x: Tensor, cache: LayerCache | None = None, ctx: ForwardContext | None = None) -> Tensor:
         B, T, _ = x.shape

@@ -28,7 +28,8 @@ from recurrent_lens.models.components import ShortConv, make_mlp, make_norm
 from recurrent_lens.models.loading import load_pretrained
 from recurrent_lens.models.mixer import CaptureRequest, ForwardContext, HarvestDone, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
-from recurrent_lens.sae import attach
+from recurrent_lens.models.tl_compat import CacheStacking, HookNameError, TLWeights
+from recurrent_lens.sae import saes_on_model
 
 TokensLike = (str | list[str] | list[int] | list[list[int]]
               | Integer[Tensor, "batch pos"] | Integer[Tensor, " pos"])
@@ -117,11 +118,12 @@ class TiedUnembed(Unembed):
         return self._embed.weight
 
 
-class HookedRecurrentModel(HookedRootModule):
+class HookedRecurrentModel(TLWeights, HookedRootModule):
     """A recurrent language model with a named hook point for every per-token write and state.
 
     Build one with :meth:`from_pretrained` (a local directory or hub id in any supported reference format)
-    or :meth:`from_config`. ``run_with_hooks``, ``run_with_cache``, ``hooks()``, ``add_hook`` and
+    or :meth:`from_config`. TransformerLens' attention weights and per-head sweeps: see
+    :mod:`recurrent_lens.models.tl_compat`. ``run_with_hooks``, ``run_with_cache``, ``hooks()``, ``add_hook`` and
     ``reset_hooks`` work as in TransformerLens; ``run_with_cache`` returns an ``ActivationCache``
     and ``pos_slice`` always slices the position axis.
 
@@ -339,10 +341,11 @@ class HookedRecurrentModel(HookedRootModule):
                              f"{ids.numel()} tokens {ids.tolist()}")
         return int(ids[0])
 
-    def _tokens(self, input: TokensLike) -> Int[Tensor, "batch pos"]:
+    def _tokens(self, input: TokensLike, prepend_bos: bool | None = None,
+                padding_side: str | None = None) -> Int[Tensor, "batch pos"]:
         text = _is_text(input)
         if text:
-            tokens = self.to_tokens(input)
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         elif isinstance(input, list):
             tokens = _ids_from_list(input)
         else:
@@ -380,6 +383,8 @@ class HookedRecurrentModel(HookedRootModule):
         initial_states: dict[int, Float[Tensor, "batch head d_k d_v"]] | None = None,
         stop_at_layer: int | None = None,
         loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
     ) -> Any:
         """Run the model.
 
@@ -397,15 +402,20 @@ class HookedRecurrentModel(HookedRootModule):
             stop_at_layer: as in TransformerLens: run blocks ``0 .. stop_at_layer - 1`` only and return the
                 residual stream entering block ``stop_at_layer`` (negative values count from the end).
             loss_per_token: with a loss, return it per position ``[batch, pos - 1]``.
+            prepend_bos, padding_side: how text is tokenized (see :meth:`to_tokens`); token ids are used as
+                given, as in TransformerLens (whose tools, SAELens' ``ActivationsStore`` among them, pass
+                ``prepend_bos=False`` with tokens).
         """
         return self._forward(input, return_type, cache=cache, initial_states=initial_states,
-                             stop_at_layer=stop_at_layer, loss_per_token=loss_per_token)
+                             stop_at_layer=stop_at_layer, loss_per_token=loss_per_token, prepend_bos=prepend_bos,
+                             padding_side=padding_side)
 
     def _forward(self, input: TokensLike, return_type: str | None, *, cache: RecurrentCache | None = None,
                  initial_states: dict[int, Tensor] | None = None, stop_at_layer: int | None = None,
                  loss_per_token: bool = False, harvest: dict[int, HarvestRequest] | None = None,
-                 capture: dict[int, CaptureRequest] | None = None) -> Any:
-        tokens = self._tokens(input)
+                 capture: dict[int, CaptureRequest] | None = None, prepend_bos: bool | None = None,
+                 padding_side: str | None = None) -> Any:
+        tokens = self._tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         B, T = tokens.shape
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type: expected 'logits', 'loss', 'both' or None, got {return_type!r}")
@@ -482,6 +492,8 @@ class HookedRecurrentModel(HookedRootModule):
           in an attention layer, for every hook ``X`` of that mixer except ``hook_in``/``hook_out``;
         - ``blocks.{l}.attn.hook_X`` → ``blocks.{l}.mixer.hook_X`` in a recurrent layer (TransformerLens names
           ``q``, ``k``, ``v`` as attention hooks: ``cache["k", l]`` looks up ``blocks.{l}.attn.hook_k``);
+        - ``blocks.{l}.attn.hook_z`` → ``blocks.{l}.mixer.hook_read`` in a recurrent layer: each head's read,
+          what TransformerLens' per-head patching calls a head's output (see :mod:`~recurrent_lens.models.tl_compat`);
         - ``blocks.{l}.hook_attn_out`` → ``blocks.{l}.hook_mixer_out`` in every layer.
 
         An alias is resolved once, to one hook point: a hook added under an alias fires once, and caches hold
@@ -500,6 +512,8 @@ class HookedRecurrentModel(HookedRootModule):
                 aliases[f"blocks.{layer}.{leaf}"] = name
         for layer in range(len(self.blocks)):
             aliases[f"blocks.{layer}.hook_attn_out"] = f"blocks.{layer}.hook_mixer_out"
+            if f"blocks.{layer}.mixer.hook_read" in self.hook_dict:
+                aliases[f"blocks.{layer}.attn.hook_z"] = f"blocks.{layer}.mixer.hook_read"
         self.hook_aliases = {alias: name for alias, name in aliases.items() if alias not in self.hook_dict}
         self._aliases_of: dict[str, list[str]] = {}
         for alias, name in self.hook_aliases.items():
@@ -605,10 +619,13 @@ class HookedRecurrentModel(HookedRootModule):
             >>> seen
             ['blocks.1.mixer.hook_state']
         """
-        fwd = [(self._hook_target(name), fn) for name, fn in fwd_hooks]
-        bwd = [(self._hook_target(name), fn) for name, fn in bwd_hooks]
+        fwd = [self._guarded(self._hook_target(name), fn) for name, fn in fwd_hooks]
+        bwd = [self._guarded(self._hook_target(name), fn) for name, fn in bwd_hooks]
         with super().hooks(fwd, bwd, reset_hooks_end, clear_contexts) as model:
             yield model
+
+    def _guarded(self, target: Any, fn: Any) -> tuple[Any, Any]:
+        return target, (self._head_count_guard(target, fn) if isinstance(target, str) else fn)
 
     def add_hook(self, name: Any, hook: Any, dir: Literal["fwd", "bwd"] = "fwd", is_permanent: bool = False,
                  level: int | None = None, prepend: bool = False) -> None:
@@ -910,19 +927,46 @@ class HookedRecurrentModel(HookedRootModule):
         return attribution.implicit_attention(self, tokens, layer, heads, progress=progress)
 
     # ------------------------------------------------------------------ SAEs
-    def add_sae(self, sae: nn.Module, hook_name: str, head: int, *, use_error_term: bool | None = None) -> None:
-        """Splice an SAE's reconstruction into ``head`` of a matrix hook (see :mod:`recurrent_lens.sae.attach`)."""
-        attach.add_sae(self, sae, hook_name, head, use_error_term=use_error_term)
+    def add_sae(self, sae: nn.Module, hook_name: str | None = None, head: int | None = None, *,
+                use_error_term: bool | None = None) -> None:
+        """Attach one of our SAEs (to a head of a matrix hook) or a SAELens SAE (to a vector hook) until
+        :meth:`reset_saes`; the hook name defaults to ``sae.cfg.metadata.hook_name`` (see
+        :mod:`recurrent_lens.sae.saes_on_model`)."""
+        saes_on_model.add_sae(self, sae, hook_name, head, use_error_term=use_error_term)
 
-    def reset_saes(self) -> None:
-        """Detach every SAE added with :meth:`add_sae`."""
-        attach.reset_saes(self)
+    def reset_saes(self, act_names: str | Sequence[str] | None = None) -> None:
+        """Detach the SAEs at ``act_names`` (default: every SAE added with :meth:`add_sae`)."""
+        saes_on_model.reset_saes(self, act_names)
 
     @contextmanager
-    def saes(self, saes: Sequence[tuple[nn.Module, str, int]], *, use_error_term: bool | None = None) -> Iterator[HookedRecurrentModel]:
-        """Attach ``(sae, hook_name, head)`` triples for the duration of a ``with`` block."""
-        with attach.saes(self, saes, use_error_term=use_error_term):
+    def saes(self, saes: Sequence[Any] = (), reset_saes_end: bool = True, *,
+             use_error_term: bool | None = None) -> Iterator[HookedRecurrentModel]:
+        """Attach SAEs (objects, or ``(sae, hook_name[, head])`` tuples) for the duration of a ``with`` block."""
+        with saes_on_model.saes(self, saes, reset_saes_end, use_error_term):
             yield self
+
+    def run_with_saes(self, *model_args: Any, saes: Sequence[Any] = (), reset_saes_end: bool = True,
+                      use_error_term: bool | None = None, **model_kwargs: Any) -> Any:
+        """SAELens' ``run_with_saes``: the forward with ``saes`` attached (see :meth:`saes`).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import WriteSAE
+            >>> sae = WriteSAE(8, 8, 16, k=4, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
+            >>> clean = tiny_model(tiny_tokens)
+            >>> spliced = tiny_model.run_with_saes(tiny_tokens, saes=[sae], use_error_term=True)
+            >>> bool(torch.allclose(spliced, clean, atol=1e-4)), "saes" in str(list(tiny_model.hook_dict))
+            (True, False)
+        """
+        return saes_on_model.run_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
+                                           use_error_term=use_error_term, **model_kwargs)
+
+    def run_with_cache_with_saes(self, *model_args: Any, saes: Sequence[Any] = (), reset_saes_end: bool = True,
+                                 use_error_term: bool | None = None,
+                                 **kwargs: Any) -> tuple[Any, RecurrentActivationCache]:
+        """SAELens' ``run_with_cache_with_saes``: :meth:`run_with_cache` with ``saes`` attached."""
+        return saes_on_model.run_with_cache_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
+                                                      use_error_term=use_error_term, **kwargs)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -930,35 +974,56 @@ class HookedRecurrentModel(HookedRootModule):
         self,
         input: TokensLike,
         max_new_tokens: int = 10,
-        *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        stop_at_eos: bool = True,
+        eos_token_id: int | None = None,
+        do_sample: bool = True,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | None = None,
-        stop_at_eos: bool = True,
+        temperature: float | int = 1.0,
+        freq_penalty: float | int = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        return_type: str = "input",
+        verbose: bool = False,
+        *,
         seed: int | None = None,
         cache: RecurrentCache | None = None,
-        return_type: Literal["tokens", "str"] | None = None,
-        verbose: bool = False,
-    ) -> Any:
-        """Decode with a per-layer recurrent cache: O(1) work per new token in recurrent layers.
+    ) -> Int[Tensor, "batch pos_plus_new"] | str | list[str]:
+        """Decode as TransformerLens' ``generate`` does, with a per-layer recurrent cache (O(1) work per new
+        token in recurrent layers).
 
-        Every hook fires on every step (the prompt in one call, then one call per new token);
-        ``model.positions`` tells hooks where they are. Editing a write or a state during a step
-        changes the cache and therefore every later token.
+        TransformerLens' signature and defaults: it samples (``do_sample=True``, ``temperature=1.0``) unless
+        told ``do_sample=False`` (greedy argmax) or ``temperature=0`` (also greedy), and ``return_type=
+        "input"`` answers in the input's kind: a string for a string, a list of strings for a list of strings,
+        token ids for token ids. Differences: ``verbose`` defaults to False, and ``seed`` and ``cache`` are
+        extras.
+
+        Every hook fires on every step (the prompt in one call, then one call per new token, or the whole
+        sequence again each step with ``use_past_kv_cache=False``); ``model.positions`` tells hooks where
+        they are. Editing a write or a state during a step changes the cache and therefore every later token.
 
         Args:
             input: prompt ids ``[batch, pos]`` (tensor or list of ints) or text; at least one token.
             max_new_tokens: tokens to add.
-            do_sample: sample instead of greedy argmax (with ``temperature`` > 0, ``top_k`` >= 1 and
-                ``top_p`` in (0, 1]).
-            eos_token_id: stop a sequence there (defaults to the tokenizer's) when ``stop_at_eos``.
+            stop_at_eos: stop a sequence at ``eos_token_id`` (later positions repeat it).
+            eos_token_id: defaults to the tokenizer's.
+            do_sample: sample after ``temperature``, ``freq_penalty``, ``top_k`` and ``top_p``; ``False``
+                decodes greedily and refuses any of those four set away from its default, which only
+                sampling would use.
+            top_k, top_p: keep the ``top_k`` likeliest tokens / the smallest set with probability ``top_p``.
+            temperature: divides the logits; ``0`` decodes greedily, as in TransformerLens.
+            freq_penalty: subtracted from a token's logit once per time it already occurs in the sequence.
+            use_past_kv_cache: ``False`` reruns the whole sequence at every step (same tokens, more work).
+            prepend_bos, padding_side: how text is tokenized (see :meth:`to_tokens`).
+            return_type: ``"input"`` (the input's kind), ``"str"`` (one string for one sequence, else a
+                list) or ``"tokens"`` (``[batch, pos + new]``).
+            verbose: a progress bar.
+            seed: seeds the sampling generator, for reproducible samples.
             cache: continue from this cache instead of an empty one. Like transformers, the last generated
                 token is returned but not fed through the model, so the cache ends one token before the
                 returned sequence. The cache is updated only when ``generate`` returns: if a step raises
                 (a hook, say), the exception propagates and the cache is exactly as it was passed in.
-            return_type: ``"tokens"`` or ``"str"``; default: strings for text input, tokens otherwise.
 
         Example:
             >>> import torch
@@ -966,26 +1031,50 @@ class HookedRecurrentModel(HookedRootModule):
             >>> cfg = ModelConfig(architecture="gated_deltanet", d_model=32, n_layers=1, d_vocab=50,
             ...                   n_heads=2, d_k=8, d_v=8)
             >>> model = HookedRecurrentModel.from_config(cfg, seed=0)
-            >>> model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4).shape
+            >>> model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape
             torch.Size([1, 7])
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if return_type not in ("input", "str", "tokens"):
+            raise ValueError(f"return_type: expected 'input', 'str' or 'tokens', got {return_type!r}")
+        if isinstance(freq_penalty, bool) or not isinstance(freq_penalty, numbers.Real) \
+                or not math.isfinite(freq_penalty):
+            raise ValueError(f"freq_penalty: expected a finite number, got {freq_penalty!r}")
+        if not do_sample:
+            given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "freq_penalty": freq_penalty}
+            defaults = {"temperature": 1.0, "top_k": None, "top_p": None, "freq_penalty": 0.0}
+            contradicting = {k: v for k, v in given.items() if v != defaults[k]}
+            if contradicting:
+                raise ValueError(f"do_sample=False decodes greedily, but {contradicting} only apply when sampling: "
+                                 "pass do_sample=True or leave them at their defaults")
         _check_sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        return_type = return_type or ("str" if _is_text(input) else "tokens")
-        tokens = self._tokens(input)
+        if cache is not None and not use_past_kv_cache:
+            raise ValueError("cache: continuing from a cache needs use_past_kv_cache=True")
+        text = _is_text(input)
+        if return_type == "input":
+            return_type = "str" if text else "tokens"
+        tokens = self._tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
         if cache is not None and not isinstance(cache, RecurrentCache):
             raise TypeError(f"cache: expected a RecurrentCache, got {type(cache).__name__}")
+        greedy = not do_sample or temperature == 0
         # the steps update a fork; the caller's cache takes it over only when every step succeeded
-        target, cache = cache, (self.make_cache() if cache is None else cache.fork())
+        target = cache
+        if use_past_kv_cache:
+            cache = self.make_cache() if cache is None else cache.fork()
         logits = self(tokens, cache=cache)[:, -1]
         out = [tokens]
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-            nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            if freq_penalty and not greedy:
+                seen = torch.cat(out, 1)
+                counts = torch.zeros_like(logits).scatter_add_(-1, seen, torch.ones(seen.shape, dtype=logits.dtype,
+                                                                                     device=logits.device))
+                logits = logits - freq_penalty * counts
+            nxt = sample_next(logits, do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                               generator=generator)
             if eos_token_id is not None and stop_at_eos:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
@@ -993,26 +1082,18 @@ class HookedRecurrentModel(HookedRootModule):
             out.append(nxt[:, None])
             if step == max_new_tokens - 1 or (stop_at_eos and eos_token_id is not None and bool(finished.all())):
                 break
-            logits = self(nxt[:, None], cache=cache)[:, -1]
+            logits = (self(nxt[:, None], cache=cache) if use_past_kv_cache else self(torch.cat(out, 1)))[:, -1]
         result = torch.cat(out, dim=1)
-        result = self.to_string(result) if return_type == "str" else result
         if target is not None:
             target.commit(cache)
-        return result
+        if return_type == "tokens":
+            return result
+        texts = [self.to_string(row) for row in result]
+        keep_list = isinstance(input, list) and text
+        return texts if keep_list or len(texts) > 1 else texts[0]
 
 
-class HookNameError(KeyError):
-    """A hook name (or alias, or TransformerLens short name) that names no hook point of this model.
-
-    A KeyError, so that code expecting a missing cache key keeps working; its message says why the name does
-    not exist (the layer's kind, a missing MLP, close matches).
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class RecurrentActivationCache(ActivationCache):
+class RecurrentActivationCache(CacheStacking, ActivationCache):
     """The ``ActivationCache`` that :meth:`HookedRecurrentModel.run_with_cache` returns.
 
     TransformerLens' class, with three differences:
@@ -1025,9 +1106,11 @@ class RecurrentActivationCache(ActivationCache):
       model does not have raises a :class:`HookNameError` (a KeyError) saying why.
     - ``decompose_resid`` counts the embedding after the embedding norm (RWKV-7's ``ln_embed``) as the
       ``embed`` component, so that the components sum to the residual stream.
-    - Helpers that need per-head results of softmax attention (``stack_head_results``,
-      ``compute_head_results``, ``get_full_resid_decomposition``) or TransformerLens' SSM bridges
-      (``compute_ssm_state``, ``compute_ssm_effective_attention``, ``ssm_layers``) raise a
+    - ``stack_head_results`` stacks the softmax-attention layers' heads, and ``stack_activation`` of a
+      name only some layers have (``"state"`` on a hybrid) stacks those layers and can say which (see
+      :class:`~recurrent_lens.models.tl_compat.CacheStacking`). ``compute_head_results`` and
+      ``get_full_resid_decomposition`` (which need a per-head result in every layer) and TransformerLens'
+      SSM bridges (``compute_ssm_state``, ``compute_ssm_effective_attention``, ``ssm_layers``) raise a
       NotImplementedError that says what to use instead; neuron results raise a ValueError in models
       without MLPs.
 
@@ -1107,16 +1190,13 @@ class RecurrentActivationCache(ActivationCache):
 
     def _no_heads(self, what: str) -> NotImplementedError:
         cfg = self.model.cfg
-        where = (f"recurrent layers {cfg.recurrent_layers} have no softmax-attention heads, and the attention "
-                 "layers' per-head results (z @ W_O) are not computed" if cfg.has_attention
+        where = (f"recurrent layers {cfg.recurrent_layers} have none (their heads write through a shared output "
+                 "norm and gate); stack_head_results gives the attention layers' heads" if cfg.has_attention
                  else "this model's layers are all recurrent: there are no softmax-attention heads")
         return NotImplementedError(
-            f"{what} needs per-head attention results (attn.hook_result, from hook_z and W_O), but {where}. "
+            f"{what} needs per-head attention results (attn.hook_result) in every layer, but {where}. "
             "Use decompose_resid (per-layer mixer and MLP outputs), stack_activation('read') or the per-head "
             "states and writes (cache['state', l], cache['write', l]) instead")
-
-    def stack_head_results(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._no_heads("stack_head_results")
 
     def compute_head_results(self) -> None:
         raise self._no_heads("compute_head_results")
@@ -1153,10 +1233,11 @@ class RecurrentActivationCache(ActivationCache):
         return super().stack_neuron_results(layer, *args, **kwargs)
 
 
-def sample_next(logits: Float[Tensor, "batch d_vocab"], *, do_sample: bool = False, temperature: float = 1.0,
+def sample_next(logits: Float[Tensor, "batch d_vocab"], *, do_sample: bool = False, temperature: float | int = 1.0,
                 top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> Int[Tensor, " batch"]:
-    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering.
+    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering; ``temperature=0``
+    is greedy even when sampling (TransformerLens' convention).
 
     Example:
         >>> import torch
@@ -1167,7 +1248,7 @@ def sample_next(logits: Float[Tensor, "batch d_vocab"], *, do_sample: bool = Fal
         tensor([1])
     """
     _check_sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    if not do_sample:
+    if not do_sample or temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
@@ -1181,11 +1262,11 @@ def sample_next(logits: Float[Tensor, "batch d_vocab"], *, do_sample: bool = Fal
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _check_sampling(*, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def _check_sampling(*, do_sample: bool, temperature: float | int, top_k: int | None, top_p: float | None) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
         raise ValueError(f"temperature: expected a finite number, got {temperature!r}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature: expected > 0 when sampling, got {temperature}")
+    if do_sample and temperature < 0:
+        raise ValueError(f"temperature: expected >= 0 when sampling (0: greedy), got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)

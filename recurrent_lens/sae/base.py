@@ -751,9 +751,9 @@ class SAE(HookedRootModule):
     def save_pretrained(self, path: str, format: str = "native") -> None:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` into directory ``path`` (atomically).
 
-        ``format="native"`` keeps this SAE exactly (our keys); ``format="saelens"`` writes a
-        directory that SAELens's ``SAE.load_from_disk`` reads, on ``d_in = d_k * d_v`` (see
-        :mod:`recurrent_lens.sae.saelens`).
+        ``format="native"`` keeps this SAE exactly (our keys under SAELens's file names: SAELens cannot
+        read it); ``format="saelens"`` writes a directory that SAELens's ``SAE.load_from_disk`` reads, on
+        ``d_in = d_k * d_v`` (see :mod:`recurrent_lens.sae.saelens`).
 
         Example:
             >>> import tempfile

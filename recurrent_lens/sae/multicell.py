@@ -80,12 +80,13 @@ from recurrent_lens.integrity import (
     NonFiniteError, ResumeMismatchError, check_same, first_nonfinite, refuse_unchecked, sequence_chain,
     source_fingerprint, weights_fingerprint,
 )
+from recurrent_lens.sae import wandb_log
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import save_sae
 from recurrent_lens.sae.training import (
-    Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, evaluate, sae_from_payload,
-    write_json,
+    REPORTING_FIELDS, Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, evaluate,
+    sae_from_payload, write_json,
 )
 from recurrent_lens.states.files import (
     DirectoryLock, DirectoryLockedError, atomic_write, check_writable, remove_stale_temporaries,
@@ -605,8 +606,10 @@ class MultiCellTrainer:
         check_same("data", manifest["data"], self.identity["data"], self.out_dir, "a training run")
         check_same("validation data", manifest.get("val_data"), self.identity["val_data"], self.out_dir,
                    "a training run")
-        if manifest.get("train_config") != asdict(self.cfg):
-            changed = sorted(k for k, v in asdict(self.cfg).items() if manifest.get("train_config", {}).get(k) != v)
+        recorded = manifest.get("train_config", {})
+        changed = sorted(k for k, v in asdict(self.cfg).items()
+                         if k not in REPORTING_FIELDS and (k not in recorded or recorded[k] != v))
+        if changed:
             raise ValueError(f"cfg: the run in {self.out_dir!r} used other settings ({', '.join(changed)} differ)")
         step = manifest["step"]
         for cell, learner in self.learners.items():
@@ -648,6 +651,8 @@ class MultiCellTrainer:
         per_step = self.local_batch * len(self.cells) * (self.world if self.mode else 1)
         bar = tqdm(total=stop * per_step, initial=self.step * per_step, unit="state", unit_scale=True,
                    disable=not (cfg.progress and self.rank == 0), desc=f"{len(self.all_cells)} SAEs")
+        # one run per process that writes cells: rank 0, or every rank when each trains its own cells
+        run = wandb_log.open_run(cfg, {**asdict(cfg), "cells": [c.name for c in self.cells]}) if self.writer else None
         while self.step < stop:
             batches = self.feed.next()
             for c, note in self.feed.nonfinite.items():
@@ -656,14 +661,20 @@ class MultiCellTrainer:
             if rows[self.cells[0]] is not None:
                 first = rows[self.cells[0]]
                 bar.set_postfix(step=self.step, mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}")
+                for c, row in rows.items():
+                    if row is not None:
+                        wandb_log.log_row(run, row, self.step, prefix=c.name)
             if self.val_states is not None and (self.step % cfg.val_every == 0 or self.step == cfg.n_steps):
                 for c, learner in self.learners.items():
                     states = self.val_states[c].to(self.device)
                     learner.log.val.append({"step": self.step, **evaluate(learner.sae, states, cfg.batch_size)})
+                    wandb_log.log_row(run, learner.log.val[-1], self.step, prefix=c.name)
             if self.out_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             bar.update(per_step)
         bar.close()
+        if run is not None:
+            run.finish()
         for learner in self.learners.values():
             learner.check_finite()
             learner.sae.eval()

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from recurrent_lens.integrity import (
     NonFiniteError, check_same, first_nonfinite, refuse_unchecked, weights_fingerprint,
 )
+from recurrent_lens.sae import wandb_log
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEPass
 from recurrent_lens.states.files import DirectoryLock, atomic_write, check_writable, remove_stale_temporaries
 
@@ -102,7 +103,10 @@ class TrainConfig:
     """Write ``checkpoint.pt`` every this many steps (0: only at the end / when stopped early)."""
     progress: bool = True
     wandb: bool = False
+    """Log to Weights & Biases (see :mod:`recurrent_lens.sae.wandb_log`)."""
     wandb_project: str = "recurrent_lens"
+    wandb_run_name: str | None = None
+    """The wandb run's name (``None``: wandb picks one)."""
 
     @property
     def effective_warmup(self) -> int:
@@ -386,6 +390,10 @@ class _StateStream:
         self.fill = 0 if self.buffer is None else len(self.buffer)
 
 
+# How a run reports itself, not what it computes: a resumed run may change them
+REPORTING_FIELDS = frozenset({"progress", "wandb", "wandb_project", "wandb_run_name"})
+
+
 def check_train_config(cfg: TrainConfig) -> None:
     """Refuse settings that would fail (or silently misbehave) minutes into a run."""
     for name in ("n_steps", "batch_size", "n_features", "k", "positions_per_seq", "model_batch_size",
@@ -639,11 +647,7 @@ class SAETrainer:
     def _train(self, until_step: int | None) -> tuple[SAE, TrainLog]:
         cfg, sae, learner = self.cfg, self.sae, self.learner
         stop = cfg.n_steps if until_step is None else min(until_step, cfg.n_steps)
-        run = None
-        if cfg.wandb:
-            import wandb  # optional logging, and slow to import: only when asked for
-
-            run = wandb.init(project=cfg.wandb_project, config={**asdict(cfg), **sae.config_dict()})
+        run = wandb_log.open_run(cfg, {**asdict(cfg), **sae.config_dict()})
         if self.step == 0 and sae.cfg.center and not bool(sae.mean.any()):
             with torch.no_grad():
                 self.stream._refill()
@@ -656,13 +660,11 @@ class SAETrainer:
             row = learner.update(batch)
             if row is not None:
                 bar.set_postfix(mse=f"{row['mse']:.3g}", l0=f"{row['l0']:.1f}", dead=row["dead"])
-                if run is not None:
-                    run.log(row, step=self.step)
+                wandb_log.log_row(run, row, self.step)
             if cfg.val_sequences and (self.step % cfg.val_every == 0 or self.step == cfg.n_steps):
                 row = self.validate()
                 self.log.val.append(row)
-                if run is not None:
-                    run.log(row, step=self.step)
+                wandb_log.log_row(run, row, self.step)
             if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             bar.update(1)

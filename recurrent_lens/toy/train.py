@@ -138,9 +138,10 @@ def probe_sae_fingerprint(spec: ToySpec) -> str:
 
 def train_probe_sae(model: HookedRecurrentModel, task: ToyTask, hook_name: str, head: int, *,
                     architecture: str, n_features: int, k: int, n_steps: int, lr: float, train_sequences: int,
-                    seed: int, progress: bool = True):
+                    seed: int, progress: bool = True, **train_config: Any):
     """Train an SAE on one head of a toy's state hook with the demo's schedule (see :data:`PROBE_SAE`).
 
+    ``train_config`` sets further :class:`~recurrent_lens.sae.TrainConfig` fields (``wandb=True``, ...).
     Returns ``(sae, log)`` as :func:`recurrent_lens.sae.train` does. States come from
     ``task.make_batch(train_sequences, seed=seed)``, 16 random positions per sequence after BOS.
 
@@ -157,7 +158,7 @@ def train_probe_sae(model: HookedRecurrentModel, task: ToyTask, hook_name: str, 
     cfg = TrainConfig(n_steps=n_steps, batch_size=min(256, train_sequences * 8), n_features=n_features, k=k, lr=lr,
                       lr_min=lr / 10, warmup_steps=20, architecture=architecture, buffer_size=4096,
                       positions_per_seq=16, model_batch_size=64, skip_positions=1, seed=seed, progress=progress,
-                      log_every=max(1, n_steps // 5))
+                      log_every=max(1, n_steps // 5), **train_config)
     return train_sae(model, hook_name, head, tokens, cfg)
 
 

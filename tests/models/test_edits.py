@@ -234,7 +234,7 @@ def test_hooks_fire_on_every_decode_step_with_absolute_positions(model):
         seen.append((tuple(w.shape), model.positions.tolist()))
 
     with model.hooks(fwd_hooks=[(L0 + "hook_write", record)]):
-        out = model.generate(prompt, max_new_tokens=6)
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 11)
     assert [p for _, p in seen] == [[0, 1, 2, 3, 4], [5], [6], [7], [8], [9]]
     assert seen[1][0][:2] == (1, 1)
@@ -242,7 +242,7 @@ def test_hooks_fire_on_every_decode_step_with_absolute_positions(model):
 
 def test_editing_a_write_during_decoding_changes_later_tokens(model):
     prompt = tokens_for(model, T=5, B=1)
-    base = model.generate(prompt, max_new_tokens=12)
+    base = model.generate(prompt, max_new_tokens=12, do_sample=False)
     logits_seen = []
 
     def big_write(w, hook):
@@ -252,10 +252,10 @@ def test_editing_a_write_during_decoding_changes_later_tokens(model):
 
     with model.hooks(fwd_hooks=[(L0 + "hook_write", big_write)]):
         cache = model.make_cache()
-        model.generate(prompt, max_new_tokens=12, cache=cache)
+        model.generate(prompt, max_new_tokens=12, do_sample=False, cache=cache)
         logits_seen.append(cache[0].state.clone())
     base_cache = model.make_cache()
-    model.generate(prompt, max_new_tokens=12, cache=base_cache)
+    model.generate(prompt, max_new_tokens=12, do_sample=False, cache=base_cache)
     assert (logits_seen[0] - base_cache[0].state).abs().max() > 1e-3
     assert base.shape == (1, 17)
 

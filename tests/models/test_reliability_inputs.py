@@ -90,11 +90,11 @@ def test_generate_that_raises_midway_leaves_passed_cache_as_it_was():
 
     with pytest.raises(RuntimeError, match="boom"):
         with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", fail_on_third_step)]):
-            model.generate(prompt[:, 3:], max_new_tokens=6, cache=cache)
+            model.generate(prompt[:, 3:], max_new_tokens=6, do_sample=False, cache=cache)
     assert calls == [2, 1, 1]
     assert_same(cache, snap)
-    out = model.generate(prompt[:, 3:], max_new_tokens=6, cache=cache)
-    assert torch.equal(out, model.generate(prompt[:, 3:], max_new_tokens=6, cache=reference))
+    out = model.generate(prompt[:, 3:], max_new_tokens=6, do_sample=False, cache=cache)
+    assert torch.equal(out, model.generate(prompt[:, 3:], max_new_tokens=6, do_sample=False, cache=reference))
     assert cache.seq_len == 3 + 2 + 5
     assert_same(cache, snapshot(reference))
 
@@ -217,7 +217,7 @@ def test_empty_inputs_are_refused_clearly():
         model("")
     with pytest.raises(ValueError, match="the text tokenized to no tokens"):
         model.generate("", max_new_tokens=2)
-    assert model.generate("w1 w2", max_new_tokens=2)[0].startswith("w1 w2 w")
+    assert model.generate("w1 w2", max_new_tokens=2).startswith("w1 w2 w")
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32,
@@ -226,7 +226,8 @@ def test_integer_dtypes_are_token_ids(dtype):
     model = tiny_gdn()
     tokens = torch.randint(0, 61, (2, 5))
     assert torch.equal(model(tokens.to(dtype)), model(tokens))
-    assert torch.equal(model.generate(tokens.to(dtype), max_new_tokens=2), model.generate(tokens, max_new_tokens=2))
+    assert torch.equal(model.generate(tokens.to(dtype), max_new_tokens=2, do_sample=False),
+                       model.generate(tokens, max_new_tokens=2, do_sample=False))
 
 
 def test_lists_of_ids_are_tokens_and_lists_of_str_are_text():
@@ -235,8 +236,9 @@ def test_lists_of_ids_are_tokens_and_lists_of_str_are_text():
     assert torch.equal(model([1, 2, 3]), model(torch.tensor([[1, 2, 3]])))
     assert torch.equal(model([[1, 2], [3, 4]]), model(torch.tensor([[1, 2], [3, 4]])))
     assert torch.equal(model(["w1 w2", "w3 w4"]), model(torch.tensor([[1, 2], [3, 4]])))
-    out = model.generate([[1, 2], [3, 4]], max_new_tokens=2)
-    assert isinstance(out, torch.Tensor) and torch.equal(out, model.generate(torch.tensor([[1, 2], [3, 4]]), 2))
+    out = model.generate([[1, 2], [3, 4]], max_new_tokens=2, do_sample=False)
+    assert isinstance(out, torch.Tensor)
+    assert torch.equal(out, model.generate(torch.tensor([[1, 2], [3, 4]]), 2, do_sample=False))
     assert isinstance(model.generate(["w1 w2"], max_new_tokens=2), list)
     with pytest.raises(ValueError, match=r"rows of equal length, got lengths \[2, 1\]"):
         model([[1, 2], [3]])
@@ -268,7 +270,7 @@ def test_non_integer_tensors_are_refused():
     (dict(top_p=-0.2), "top_p"),
     (dict(temperature=float("nan")), "temperature: expected a finite number, got nan"),
     (dict(temperature=float("inf")), "temperature: expected a finite number"),
-    (dict(temperature=0.0), "temperature: expected > 0 when sampling"),
+    (dict(temperature=-0.5), "temperature: expected >= 0 when sampling"),
 ])
 def test_bad_sampling_arguments_are_refused_before_anything_runs(kwargs, match):
     model = tiny_gdn()
@@ -323,7 +325,7 @@ def test_conv_kernel_zero_means_no_short_convolution(arch):
     steps = [model(tokens[:, :4], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(4, 9)]
     assert all(layer.conv is None for layer in cache.layers)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    out = model.generate(tokens[:, :4], max_new_tokens=5)
+    out = model.generate(tokens[:, :4], max_new_tokens=5, do_sample=False)
     assert torch.equal(model(out[:, :-1])[:, 3:].argmax(-1), out[:, 4:])
 
 

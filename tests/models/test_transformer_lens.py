@@ -328,9 +328,12 @@ def test_hook_scale_is_the_norms_divisor_and_apply_ln_to_stack_uses_it(arch):
 
 def test_softmax_only_helpers_raise_and_neuron_results_need_mlps(arch):
     _, model, _, _, _, cache = arch
-    for helper in (cache.stack_head_results, cache.get_full_resid_decomposition, cache.compute_head_results):
+    for helper in (cache.get_full_resid_decomposition, cache.compute_head_results):
         with pytest.raises(NotImplementedError, match="needs per-head attention results"):
             helper()
+    if not model.cfg.has_attention:
+        with pytest.raises(NotImplementedError, match="layers are all recurrent"):
+            cache.stack_head_results()
     with pytest.raises(NotImplementedError, match="read cache\\['state', layer\\]"):
         cache.compute_ssm_state()
     if model.cfg.attn_only:

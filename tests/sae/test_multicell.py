@@ -273,3 +273,12 @@ def test_a_cell_refuses_a_head_of_another_type(head):
     # under the test suite's runtime type checker the annotation refuses it first; without it, __post_init__ does
     with pytest.raises((ValueError, TypeError), match="head"):
         Cell("blocks.0.mixer.hook_state", head)
+
+
+def test_resume_may_change_how_the_run_reports_but_not_what_it_computes(model, tokens, tmp_path):
+    MultiCellTrainer(model, [A], tokens, cfg(), out_dir=str(tmp_path)).train(until_step=3)
+    resumed = MultiCellTrainer(model, [A], tokens, cfg(progress=True, wandb_run_name="again"), out_dir=str(tmp_path))
+    assert resumed.step == 3
+    resumed.train(until_step=4)  # releases out_dir
+    with pytest.raises(ValueError, match=r"other settings \(lr differ\)"):
+        MultiCellTrainer(model, [A], tokens, cfg(lr=1e-3), out_dir=str(tmp_path))

@@ -96,4 +96,4 @@ def assert_greedy_generate_matches(ref, model: HookedRecurrentModel, prompt_len:
     with torch.no_grad():
         expected = ref.generate(prompt, max_new_tokens=new, do_sample=False)
     assert expected.shape == (2, prompt_len + new)
-    assert torch.equal(model.generate(prompt, max_new_tokens=new), expected)
+    assert torch.equal(model.generate(prompt, max_new_tokens=new, do_sample=False), expected)
