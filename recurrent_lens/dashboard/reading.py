@@ -1,0 +1,85 @@
+"""Reading a feature's atom: which keys write it, which queries read it, which tokens its value side promotes.
+
+A decoder atom ``A_i`` ``[d_k, d_v]`` is read through its leading singular pair ``σ v wᵀ`` (for a rank-1
+WriteSAE atom, exactly ``v_i w_iᵀ``): ``v`` lives in key space, ``w`` in value space. A write ``β k uᵀ`` adds
+``β (k·v)(u·w)`` to the atom's component, and a query ``q`` reads ``(q·v) w`` out of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from recurrent_lens.analysis._common import Site
+from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
+
+_FEATURE_CHUNK = 1024
+
+
+@torch.no_grad()
+def atom_directions(sae, features: Int[Tensor, " n"]) -> tuple[Float[Tensor, "n d_k"], Float[Tensor, "n d_v"],
+                                                             Float[Tensor, " n"]]:
+    """Unit key-side ``v``, value-side ``w`` and the share ``σ₁² / ‖A‖_F²`` of each atom held by that pair.
+
+    The pair's signs are those of the decoder's factors for a rank-1 factored SAE; otherwise of the SVD
+    (a joint sign flip of ``v`` and ``w`` leaves the atom unchanged, and both readings below flip together).
+    """
+    cfg = sae.cfg
+    if cfg.decoder == "factored" and cfg.rank == 1:
+        v, w = sae.V_dec[features, 0].float(), sae.W_dec[features, 0].float()
+        share = torch.ones(len(features))
+    else:
+        all_atoms = sae.decoder_atoms()
+        vs, ws, shares = [], [], []
+        for chunk in features.split(_FEATURE_CHUNK):
+            U, S, Vh = torch.linalg.svd(all_atoms[chunk.to(all_atoms.device)].float())
+            vs.append(U[:, :, 0])
+            ws.append(Vh[:, 0, :])
+            shares.append(S[:, 0] ** 2 / S.pow(2).sum(1).clamp(min=1e-30))
+        v, w, share = torch.cat(vs), torch.cat(ws), torch.cat(shares)
+    unit = lambda x: x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)  # noqa: E731
+    return unit(v).cpu(), unit(w).cpu(), share.cpu()
+
+
+def top_aligned(directions: Float[Tensor, "n d"], means: Float[Tensor, "n_ids d"], ids: Int[Tensor, " n_ids"],
+                n_top: int) -> tuple[Int[Tensor, "n k"], Float[Tensor, "n k"]]:
+    """For each direction, the ``n_top`` token ids whose (unit) mean vector has the largest cosine with it."""
+    k = min(n_top, len(ids))
+    out_ids, out_cos = [], []
+    for chunk in directions.split(_FEATURE_CHUNK):
+        cos, idx = (chunk @ means.T).topk(k, dim=1)
+        out_ids.append(ids[idx])
+        out_cos.append(cos)
+    return torch.cat(out_ids), torch.cat(out_cos)
+
+
+@torch.no_grad()
+def value_readout(model, site: Site, sample: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_vocab d_v"]:
+    """``W_U · E_t[∂ hook_out_t / ∂ hook_read_t[head]]``: value space to direct logits, the output path
+    (gated output norm, projection) linearised by its Jacobian averaged over the positions of ``sample``.
+
+    The Jacobian of a gated RMSNorm at position ``t`` is ``diag(act(g_t) ⊙ γ) (I − r̂_t r̂_tᵀ) / rms_t`` (up to the norm's ε, ``r̂_t`` the unit read); averaging it
+    keeps each position's gate and scale instead of replacing them by one mean value. The final norm is left
+    out, as in the closed-form logit shift's ``readout="unembed"``: it rescales every logit of a position by
+    the same positive factor, so the ranking of tokens does not depend on it.
+    """
+    J = output_jacobian(model, sample, site).mean((0, 1))
+    return unembedding(model).to(J.device) @ J
+
+
+def logit_extremes(readout: Float[Tensor, "d_vocab d_v"], w: Float[Tensor, "n d_v"],
+                   n_top: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Token ids and logit effects of the ``n_top`` most promoted and most suppressed tokens per ``w``."""
+    k = min(n_top, readout.shape[0])
+    up_i, up_v, down_i, down_v = [], [], [], []
+    readout = readout.cpu()
+    for chunk in w.split(_FEATURE_CHUNK):
+        logits = chunk @ readout.T
+        top = logits.topk(k, dim=1)
+        bottom = logits.topk(k, dim=1, largest=False)
+        up_i.append(top.indices)
+        up_v.append(top.values)
+        down_i.append(bottom.indices)
+        down_v.append(bottom.values)
+    return torch.cat(up_i), torch.cat(up_v), torch.cat(down_i), torch.cat(down_v)
