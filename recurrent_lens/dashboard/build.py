@@ -242,18 +242,22 @@ class _Names:
 
 
 def _examples(buffer, j: int, names: _Names) -> list[Example]:
+    sequence, position = buffer.sequence[j].tolist(), buffer.position[j].tolist()
+    value, tokens, token_acts = buffer.value[j].tolist(), buffer.tokens[j].tolist(), buffer.token_acts[j].tolist()
+    middle = buffer.tokens.shape[2] // 2
     out = []
-    for slot in buffer.entries(j):
-        ids = buffer.tokens[j, slot].tolist()
-        inside = [t >= 0 for t in ids]
-        first = inside.index(True)
-        last = len(inside) - inside[::-1].index(True)
-        acts = buffer.token_acts[j, slot, first:last].tolist()
+    for slot in range(buffer.size):
+        if sequence[slot] < 0:
+            continue
+        ids = tokens[slot]
+        # The window is clipped to the sequence: ids of -1 mark positions before its start or after its end.
+        first = next(k for k, t in enumerate(ids) if t >= 0)
+        last = len(ids) - next(k for k, t in enumerate(reversed(ids)) if t >= 0)
         out.append(Example(
-            sequence=int(buffer.sequence[j, slot]), position=int(buffer.position[j, slot]),
-            activation=float(buffer.value[j, slot]), tokens=[names(t) for t in ids[first:last]],
-            token_ids=ids[first:last], token_activations=[None if math.isnan(a) else a for a in acts],
-            fire_index=buffer.tokens.shape[2] // 2 - first,
+            sequence=sequence[slot], position=position[slot], activation=value[slot],
+            tokens=[names(t) for t in ids[first:last]], token_ids=ids[first:last],
+            token_activations=[None if math.isnan(a) else a for a in token_acts[slot][first:last]],
+            fire_index=middle - first,
         ))
     return out
 

@@ -88,10 +88,6 @@ class _Buffer:
             index = best if merged.dim() == 2 else best[:, :, None].expand(-1, -1, merged.shape[2])
             stored[rows] = merged.gather(1, index)
 
-    def entries(self, i: int) -> list[int]:
-        """Slots of feature ``i`` that hold a firing, in the stored order (score descending)."""
-        return [j for j in range(self.size) if self.sequence[i, j] >= 0]
-
 
 def _windows(tokens: Tensor, acts_full: Tensor, row: Tensor, position: Tensor, feature: Tensor,
              context: int) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ DOM hooks, stable for tests: every table row and feature view carries ``data-fea
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -29,6 +30,7 @@ from typing import Any
 _ASSETS = ("style.css", "index.js")
 
 
+@functools.cache
 def _asset(name: str) -> str:
     return resources.files("recurrent_lens.dashboard").joinpath("assets", name).read_text(encoding="utf-8")
 
