@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import itertools
 import math
 import os
@@ -133,28 +134,12 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     wins = _win_rates(substitution)
     names = _Names(model, token_strings)
 
-    out = []
-    for j, i in enumerate(feats.tolist()):
-        out.append(FeatureData(
-            feature=i,
-            density=int(stats.count[j]) / stats.n_positions,
-            n_firings=int(stats.count[j]),
-            max_activation=float(stats.max[j]),
-            mean_activation=float(stats.total[j] / stats.count[j]) if stats.count[j] else 0.0,
-            histogram=_histogram(stats.hist[j]),
-            top_examples=_examples(stats.top, j, names),
-            quantile_samples=_bands(_examples(stats.reservoir, j, names)),
-            key_tokens=names.pairs(key_ids[j], key_cos[j]),
-            query_tokens=names.pairs(query_ids[j], query_cos[j]),
-            promoted_tokens=names.pairs(up_i[j], up_v[j]),
-            suppressed_tokens=names.pairs(down_i[j], down_v[j]),
-            rank1_share=float(share[j]),
-            substitution=wins.get(i),
-        ))
+    records = _Records(feats.tolist(), stats, names, wins, keys=(key_ids, key_cos), queries=(query_ids, query_cos),
+                       promoted=(up_i, up_v), suppressed=(down_i, down_v), share=share)
     meta = {"model": _describe(model), "sae": repr(sae), "sae_kind": type(sae).__name__, "hook_name": hook_name,
             "head": head, "n_features": sae.cfg.n_features, "n_sequences": seq0, "context_length": ctx,
             "stride": stride, "n_positions": stats.n_positions, "n_examples": n_examples, "context": context}
-    dash = Dashboard(out, meta)
+    dash = Dashboard(records, meta)
     if out_dir is not None:
         dash.save(out_dir)
     return dash
@@ -241,14 +226,53 @@ class _Names:
         return [(self(i), float(x)) for i, x in zip(ids.tolist(), values.tolist())]
 
 
+class _Records(collections.abc.Sequence):
+    """The feature records, each built from the collected tensors when first asked for: turning every example
+    window into Python objects costs more than the pass itself, and a notebook usually looks at a few features."""
+
+    def __init__(self, features: list[int], stats: FeatureStats, names: _Names, wins: dict[int, dict[str, float]],
+                 *, keys, queries, promoted, suppressed, share: Tensor) -> None:
+        self.features = features
+        self.stats, self.names, self.wins = stats, names, wins
+        self.tables = {"key_tokens": keys, "query_tokens": queries, "promoted_tokens": promoted,
+                       "suppressed_tokens": suppressed}
+        self.share = share
+        self.built: dict[int, FeatureData] = {}
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        if j not in self.built:
+            self.built[j] = self._build(j)
+        return self.built[j]
+
+    def _build(self, j: int) -> FeatureData:
+        stats, names = self.stats, self.names
+        count = int(stats.count[j])
+        return FeatureData(
+            feature=self.features[j],
+            density=count / stats.n_positions,
+            n_firings=count,
+            max_activation=float(stats.max[j]),
+            mean_activation=float(stats.total[j] / count) if count else 0.0,
+            histogram=_histogram(stats.hist[j]),
+            top_examples=_examples(stats.top, j, names),
+            quantile_samples=_bands(_examples(stats.reservoir, j, names)),
+            rank1_share=float(self.share[j]),
+            substitution=self.wins.get(self.features[j]),
+            **{name: names.pairs(ids[j], values[j]) for name, (ids, values) in self.tables.items()},
+        )
+
+
 def _examples(buffer, j: int, names: _Names) -> list[Example]:
     sequence, position = buffer.sequence[j].tolist(), buffer.position[j].tolist()
     value, tokens, token_acts = buffer.value[j].tolist(), buffer.tokens[j].tolist(), buffer.token_acts[j].tolist()
     middle = buffer.tokens.shape[2] // 2
     out = []
-    for slot in range(buffer.size):
-        if sequence[slot] < 0:
-            continue
+    for slot in buffer.order(j):
         ids = tokens[slot]
         # The window is clipped to the sequence: ids of -1 mark positions before its start or after its end.
         first = next(k for k, t in enumerate(ids) if t >= 0)

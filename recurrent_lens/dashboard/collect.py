@@ -34,9 +34,10 @@ class Firings:
 class _Buffer:
     """For each feature, the ``size`` firings with the largest ``score`` seen so far, with their context windows.
 
-    Merging a batch sorts its firings by (feature, score), keeps each feature's best ``size`` and merges
-    them with the stored ones of the features that fired: the cost follows the number of firings, not
-    ``n_features × batch``.
+    Merging a batch sorts its firings by (feature, score) and keeps each feature's best ``size``; those that
+    beat a stored firing replace it in its slot. Slots are unordered (:meth:`order` sorts them), so a merge
+    touches only the scores of the features that fired and the windows of the firings that got in: its cost
+    follows the batch's firings, not ``n_features × size × window``.
     """
 
     def __init__(self, n_features: int, size: int, window: int) -> None:
@@ -59,34 +60,32 @@ class _Buffer:
         keep = order[rank < self.size]
         rank = rank[rank < self.size]
         rows, inverse = torch.unique(f.feature[keep], return_inverse=True)
-        n_rows = len(rows)
+        cand_score = torch.full((len(rows), self.size), -math.inf)
+        cand_score[inverse, rank] = score[keep]
+        cand_firing = torch.full((len(rows), self.size), -1, dtype=torch.long)
+        cand_firing[inverse, rank] = keep
+        best = torch.cat([self.score[rows], cand_score], 1).topk(self.size, dim=1).indices
+        chosen = torch.zeros(len(rows), 2 * self.size, dtype=torch.bool).scatter_(1, best, True)
+        # Per row, as many stored slots drop out as candidates get in: row-major order pairs them up.
+        evicted_row, evicted_slot = (~chosen[:, : self.size]).nonzero(as_tuple=True)
+        _, chosen_cand = chosen[:, self.size:].nonzero(as_tuple=True)
+        firing = cand_firing[evicted_row, chosen_cand]
+        # Empty stored slots and padding candidates tie at -inf: a pair that takes in padding changes nothing.
+        real = firing >= 0
+        feature, evicted_slot, firing = rows[evicted_row[real]], evicted_slot[real], firing[real]
+        self.score[feature, evicted_slot] = score[firing]
+        self.value[feature, evicted_slot] = f.value[firing]
+        self.sequence[feature, evicted_slot] = f.row[firing] + seq0
+        self.position[feature, evicted_slot] = f.position[firing]
+        win_tokens, win_acts = _windows(tokens, acts_full, f.row[firing], f.position[firing], f.feature[firing],
+                                        context)
+        self.tokens[feature, evicted_slot] = win_tokens
+        self.token_acts[feature, evicted_slot] = win_acts
 
-        def candidates(fill, dtype, extra=()):
-            return torch.full((n_rows, self.size, *extra), fill, dtype=dtype)
-
-        c_score = candidates(-math.inf, torch.float32)
-        c_score[inverse, rank] = score[keep]
-        c_value = candidates(0.0, torch.float32)
-        c_value[inverse, rank] = f.value[keep]
-        c_seq = candidates(-1, torch.long)
-        c_seq[inverse, rank] = f.row[keep] + seq0
-        c_pos = candidates(-1, torch.long)
-        c_pos[inverse, rank] = f.position[keep]
-        win_tokens, win_acts = _windows(tokens, acts_full, f.row[keep], f.position[keep], f.feature[keep], context)
-        c_tokens = candidates(-1, torch.int32, (win_tokens.shape[1],))
-        c_tokens[inverse, rank] = win_tokens
-        c_acts = candidates(math.nan, torch.float32, (win_tokens.shape[1],))
-        c_acts[inverse, rank] = win_acts
-
-        both = torch.cat([self.score[rows], c_score], 1)
-        best = both.topk(self.size, dim=1).indices
-        self.score[rows] = both.gather(1, best)
-        for name, cand in (("value", c_value), ("sequence", c_seq), ("position", c_pos), ("tokens", c_tokens),
-                           ("token_acts", c_acts)):
-            stored = getattr(self, name)
-            merged = torch.cat([stored[rows], cand], 1)
-            index = best if merged.dim() == 2 else best[:, :, None].expand(-1, -1, merged.shape[2])
-            stored[rows] = merged.gather(1, index)
+    def order(self, i: int) -> list[int]:
+        """The slots of feature ``i`` that hold a firing, by score descending."""
+        slots = self.score[i].argsort(descending=True, stable=True)
+        return [j for j in slots.tolist() if self.sequence[i, j] >= 0]
 
 
 def _windows(tokens: Tensor, acts_full: Tensor, row: Tensor, position: Tensor, feature: Tensor,

@@ -12,7 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import Site
-from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
+from recurrent_lens.analysis.logit_shift import unembedding
 
 _FEATURE_CHUNK = 1024
 
@@ -54,17 +54,57 @@ def top_aligned(directions: Float[Tensor, "n d"], means: Float[Tensor, "n_ids d"
     return torch.cat(out_ids), torch.cat(out_cos)
 
 
+class _Stop(Exception):
+    """Raised once the layer's output is known: nothing after it is needed."""
+
+
+def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_model d_v"]:
+    """``E_t[∂ hook_out_t / ∂ hook_read_t[head]]`` over every position of ``tokens``.
+
+    The output at ``t`` depends on the read at ``t`` alone, so the mean is one vector-Jacobian product per value
+    channel through the output path, summed over positions: the per-position Jacobians are never stored. The
+    forward stops at the layer's ``hook_out``.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def grab_read(x, hook):
+        captured["read"] = x.detach().requires_grad_(True)
+        return captured["read"]
+
+    def grab_out(x, hook):
+        captured["out"] = x
+        raise _Stop
+
+    with torch.enable_grad():
+        try:
+            model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(site.hook("hook_read"), grab_read),
+                                                                      (site.hook("hook_out"), grab_out)])
+        except _Stop:
+            pass
+        read, out = captured["read"], captured["out"].float()
+        dummy = torch.zeros_like(out, requires_grad=True)
+        (g,) = torch.autograd.grad(out, read, dummy, create_graph=True)
+        cols = []
+        for j in range(read.shape[-1]):
+            e = torch.zeros_like(read)
+            e[:, :, site.head, j] = 1.0
+            (col,) = torch.autograd.grad(g, dummy, e, retain_graph=True)
+            cols.append(col.detach().sum((0, 1)))
+    return torch.stack(cols, -1) / (tokens.shape[0] * tokens.shape[1])
+
+
 @torch.no_grad()
 def value_readout(model, site: Site, sample: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_vocab d_v"]:
     """``W_U · E_t[∂ hook_out_t / ∂ hook_read_t[head]]``: value space to direct logits, the output path
     (gated output norm, projection) linearised by its Jacobian averaged over the positions of ``sample``.
 
-    The Jacobian of a gated RMSNorm at position ``t`` is ``diag(act(g_t) ⊙ γ) (I − r̂_t r̂_tᵀ) / rms_t`` (up to the norm's ε, ``r̂_t`` the unit read); averaging it
-    keeps each position's gate and scale instead of replacing them by one mean value. The final norm is left
-    out, as in the closed-form logit shift's ``readout="unembed"``: it rescales every logit of a position by
-    the same positive factor, so the ranking of tokens does not depend on it.
+    The Jacobian of a gated RMSNorm at position ``t`` is ``diag(act(g_t) ⊙ γ) (I − r̂_t r̂_tᵀ) / rms_t`` (up to the
+    norm's ε, ``r̂_t`` the unit read); averaging it keeps each position's gate and scale instead of replacing
+    them by one mean value. The final norm is left out, as in the closed-form logit shift's
+    ``readout="unembed"``: it rescales every logit of a position by the same positive factor, so the ranking
+    of tokens does not depend on it.
     """
-    J = output_jacobian(model, sample, site).mean((0, 1))
+    J = mean_output_jacobian(model, site, sample)
     return unembedding(model).to(J.device) @ J
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,15 +99,17 @@ class Dashboard:
         KeyError: 'feature: expected one of the 2 collected features [3, 7], got 4'
     """
 
-    def __init__(self, features: list[FeatureData], meta: dict[str, Any]) -> None:
-        self.records = features
+    def __init__(self, records: Sequence[FeatureData], meta: dict[str, Any]) -> None:
+        self.records = records
         self.meta = meta
-        self._by_index = {f.feature: f for f in features}
+        # build_dashboard's records know their features without being built; a plain list is asked
+        self._features = list(getattr(records, "features", None) or [f.feature for f in records])
+        self._slot = {f: j for j, f in enumerate(self._features)}
 
     @property
     def features(self) -> list[int]:
         """The collected feature indices, in collection order."""
-        return [f.feature for f in self.records]
+        return list(self._features)
 
     @property
     def n_positions(self) -> int:
@@ -121,7 +124,7 @@ class Dashboard:
 
     def __getitem__(self, i: int) -> FeatureData:
         try:
-            return self._by_index[int(i)]
+            return self.records[self._slot[int(i)]]
         except (KeyError, TypeError, ValueError):
             shown = self.features if len(self) <= 10 else f"{self.features[:10]}..."
             raise KeyError(f"feature: expected one of the {len(self)} collected features {shown}, got {i!r}") from None

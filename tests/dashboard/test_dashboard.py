@@ -161,6 +161,7 @@ def test_promoted_tokens_follow_the_head_output_and_unembedding():
     tokens = torch.randint(0, 30, (3, 10), generator=torch.Generator().manual_seed(0))
     sae = FlatSAE(6, 4, 5, k=2, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
     d = build_dashboard(model, sae, tokens, progress=False)
+    assert not any(hp._forward_hooks for hp in model.hook_dict.values())  # the early stop leaves no hook behind
     J = output_jacobian(model, tokens, Site(0, 1)).mean((0, 1))
     atoms = sae.decoder_atoms().detach()
     for i in range(5):
