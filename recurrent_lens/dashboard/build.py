@@ -245,6 +245,8 @@ class _Records(collections.abc.Sequence):
     def __getitem__(self, j):
         if isinstance(j, slice):
             return [self[k] for k in range(*j.indices(len(self)))]
+        if not 0 <= j < len(self):
+            raise IndexError(f"record {j} of {len(self)}")
         if j not in self.built:
             self.built[j] = self._build(j)
         return self.built[j]

@@ -83,7 +83,7 @@
       th.setAttribute("aria-sort", descending ? "descending" : "ascending");
       rows.sort(function (a, b) {
         var x = value(a.feature, key), y = value(b.feature, key);
-        var c = typeof x === "string" ? x.localeCompare(y) : x - y;
+        var c = typeof x === "string" ? x.localeCompare(y) : (x < y ? -1 : x > y ? 1 : 0);
         if (c === 0) c = a.feature.feature - b.feature.feature;
         return descending ? -c : c;
       });
