@@ -144,9 +144,12 @@ def main() -> None:
 
     base, dash = measure(args, "harvest+encode"), measure(args, "dashboard")
     sae_bytes = sum(t.numel() * t.element_size() for t in _sae_shapes(args.mem_features, s["d_head"]))
+    from recurrent_lens.dashboard.collect import N_BINS
+
     window = 2 * CONTEXT + 1
-    # per feature and kept example: window tokens (int32) and activations (fp32), plus four scalars
-    buffers = args.mem_features * (N_EXAMPLES + N_SAMPLES) * (window * 8 + 4 * 8)
+    # per feature: for each kept example its window's tokens (int32) and activations (fp32) plus four scalars,
+    # the histogram (int64) and three counters
+    buffers = args.mem_features * ((N_EXAMPLES + N_SAMPLES) * (window * 8 + 4 * 8) + N_BINS * 8 + 3 * 8)
     extra = dash["peak"] - base["peak"]
     print(f"(b) {s['mem_seq']} sequences x {s['mem_T']} tokens, WriteSAE {args.mem_features} features: peak RSS "
           f"harvest+encode {base['peak'] / 2**20:.0f} MiB, dashboard {dash['peak'] / 2**20:.0f} MiB")

@@ -23,8 +23,8 @@ from recurrent_lens.data import batches, open_tokens
 N_TOP_TOKENS = 10
 N_QUANTILE_BANDS = 4
 # The output path's Jacobian is averaged over at most this many (sequence, position) pairs of the first
-# batch; each costs d_v Jacobian-vector products.
-_READOUT_POSITIONS = 256
+# batch: each costs d_v Jacobian-vector products through the layer's output projection.
+_READOUT_POSITIONS = 64
 
 
 def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLike | Iterable[Tensor],
@@ -50,7 +50,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     - the atom's reading (:mod:`recurrent_lens.dashboard.reading`): the tokens whose mean key (``hook_k``) and
       mean query (``hook_q``) at that head have the largest cosine with the key-side direction ``v``, and the
       tokens the value side ``w`` promotes and suppresses through the head's output path and ``W_U`` (the
-      output path linearised by its Jacobian averaged over up to 256 positions of the first batch, so the
+      output path linearised by its Jacobian averaged over up to 64 positions of the first batch, so the
       gated output norm enters with each sampled position's gate and scale; final norm left out);
     - with ``substitution`` (a :class:`~recurrent_lens.analysis.SubstitutionResult`), the feature's
       substitution win rate (atom beats delete) over its firings there.
@@ -106,7 +106,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     fwd_hooks = [(f"blocks.{layer}.mixer.hook_k", grab("k")), (f"blocks.{layer}.mixer.hook_q", grab("q"))]
     seq0, ctx, first = 0, None, None
     bar = tqdm(total=n_total, unit="seq", desc="dashboard", disable=not progress)
-    feat_index = feats.to(device)
+    # Indexing copies the codes: skipped when every feature is collected.
+    select = None if features is None else feats.to(sae.b_dec.device)
     with torch.no_grad():
         for tokens in batches(source, batch_size):
             if ctx is None:
@@ -115,7 +116,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
             positions = torch.arange(0, tokens.shape[1], stride)
             with model.hooks(fwd_hooks=fwd_hooks):
                 states = model.harvest(tokens.to(device), positions.to(device), [(hook_name, head)])[hook_name, head]
-            acts = sae.encode(states.to(sae.b_dec.device))[..., feat_index.to(sae.b_dec.device)].float().cpu()
+            acts = sae.encode(states.to(sae.b_dec.device))
+            acts = (acts if select is None else acts[..., select]).float().cpu()
             stats.update(acts, positions, tokens, seq0)
             keys.update(tokens, captured.pop("k"))
             queries.update(tokens, captured.pop("q"))

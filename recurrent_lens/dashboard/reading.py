@@ -61,9 +61,9 @@ class _Stop(Exception):
 def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_model d_v"]:
     """``E_t[∂ hook_out_t / ∂ hook_read_t[head]]`` over every position of ``tokens``.
 
-    The output at ``t`` depends on the read at ``t`` alone, so the mean is one vector-Jacobian product per value
-    channel through the output path, summed over positions: the per-position Jacobians are never stored. The
-    forward stops at the layer's ``hook_out``.
+    The output at ``t`` depends on the read at ``t`` alone, so the mean is one Jacobian-vector product per value
+    channel through the output path (all channels in one batched call), summed over positions: the per-position
+    Jacobians are never stored. The forward stops at the layer's ``hook_out``.
     """
     captured: dict[str, Tensor] = {}
 
@@ -84,13 +84,11 @@ def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) ->
         read, out = captured["read"], captured["out"].float()
         dummy = torch.zeros_like(out, requires_grad=True)
         (g,) = torch.autograd.grad(out, read, dummy, create_graph=True)
-        cols = []
-        for j in range(read.shape[-1]):
-            e = torch.zeros_like(read)
-            e[:, :, site.head, j] = 1.0
-            (col,) = torch.autograd.grad(g, dummy, e, retain_graph=True)
-            cols.append(col.detach().sum((0, 1)))
-    return torch.stack(cols, -1) / (tokens.shape[0] * tokens.shape[1])
+        d_v = read.shape[-1]
+        e = read.new_zeros(d_v, *read.shape)
+        e[torch.arange(d_v), :, :, site.head, torch.arange(d_v)] = 1.0
+        (cols,) = torch.autograd.grad(g, dummy, e, is_grads_batched=True)
+    return cols.sum((1, 2)).T / (tokens.shape[0] * tokens.shape[1])
 
 
 @torch.no_grad()
