@@ -55,7 +55,8 @@ def build(quick: bool, n_features: int):
     )
     model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
     torch.manual_seed(0)
-    sae = WriteSAE(s["d_head"], s["d_head"], n_features, k=32, metadata={"hook_name": HOOK, "head": HEAD % s["n_heads"]})
+    sae = WriteSAE(s["d_head"], s["d_head"], n_features, k=32,
+                   metadata={"hook_name": HOOK, "head": HEAD % s["n_heads"]})
     return model, sae, s
 
 
@@ -92,7 +93,11 @@ def child(args) -> None:
     model, sae, s = build(args.quick, args.mem_features)
     tokens = tokens_for(s, s["mem_seq"], s["mem_T"])
     fn = {"harvest+encode": harvest_and_encode, "dashboard": dashboard}[args.child]
-    fn(model, sae, tokens[:1, :16], 1)  # lazy initialisation is not the operation's memory
+    # Lazy initialisation is not the operation's memory. Both warm up the same way: a dashboard's own warm-up
+    # would allocate (and the allocator keep) a second set of its per-feature buffers.
+    import recurrent_lens.dashboard  # noqa: F401
+
+    harvest_and_encode(model, sae, tokens[:1, :16], 1)
     before = proc_status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS

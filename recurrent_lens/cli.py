@@ -998,7 +998,8 @@ def _add_dashboard_parser(sub) -> None:
     g = p.add_argument_group("model, SAE and data")
     g.add_argument("--model", required=True, metavar="NAME|DIR",
                    help="a toy name (" + ", ".join(toy.names()) + ") or a checkpoint for from_pretrained")
-    g.add_argument("--sae", required=True, metavar="DIR|NAME", help="an SAE directory, or a toy name for its shipped SAE")
+    g.add_argument("--sae", required=True, metavar="DIR|NAME",
+                   help="an SAE directory, or a toy name for its shipped SAE")
     g.add_argument("--dataset", default=None, metavar="PATH_OR_HUB_ID",
                    help="text or token dataset as for train-sae (default for a toy: its task's held-out sequences)")
     g.add_argument("--text-field", default="text", help="text field of .jsonl / datasets rows (default: text)")
@@ -1055,7 +1056,11 @@ def _dashboard_cmd(args, parser) -> int:
                                token_strings=strings, context_length=args.context_length,
                                max_sequences=args.max_sequences, seed=args.seed, progress=not args.no_progress)
     except ValueError as e:
-        parser.error(str(e))
+        # build_dashboard names its argument first; the command line has its own name for it
+        flags = {"out_dir": "--out", "features": "--features", "head": "--head", "hook_name": "--hook", "sae": "--sae",
+                 "data": "--dataset"}
+        arg, _, rest = str(e).partition(": ")
+        parser.error(f"argument {flags[arg]}: {rest}" if arg in flags else str(e))
     print(f"{dash}\nfeature dashboard: {os.path.join(os.path.abspath(args.out), 'index.html')}")
     return 0
 

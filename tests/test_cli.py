@@ -114,10 +114,14 @@ def test_dashboard_command(tmp_path, capsys, gdn_sae):
     (["--features", "0,16"], "--features"),
     (["--sae", "nowhere"], "--sae"),
     (["--model", "no_such_dir"], "--dataset"),
+    (["--out", "NOTES"], "--out"),
 ])
 def test_dashboard_command_errors(tmp_path, capsys, gdn_sae, argv, flag):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("not a dashboard")
     base = {"--model": "gdn", "--sae": gdn_sae, "--out": str(tmp_path / "site")}
     base.update(dict(zip(argv[::2], argv[1::2])))
+    base["--out"] = base["--out"].replace("NOTES", str(tmp_path / "notes"))
     with pytest.raises(SystemExit):
         main(["dashboard", *[x for kv in base.items() for x in kv], "--no-progress"])
     assert f"argument {flag}" in capsys.readouterr().err

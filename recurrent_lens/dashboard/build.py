@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from recurrent_lens.analysis._common import Site, as_index
 from recurrent_lens.dashboard.collect import BINS_PER_DECADE, LOG10_LOW, FeatureStats, TokenMeans
+from recurrent_lens.dashboard.render import check_site_dir
 from recurrent_lens.dashboard.reading import atom_directions, logit_extremes, top_aligned, value_readout
 from recurrent_lens.dashboard.view import Dashboard, Example, FeatureData
 from recurrent_lens.data import batches, open_tokens
@@ -92,6 +93,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
                              ("stride", stride, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    if out_dir is not None:
+        check_site_dir(out_dir)  # before the pass, not after it
     source, n_total = _source(model, data, context_length, max_sequences)
     device = model.embed.weight.device
     stats = FeatureStats(len(feats), n_examples, n_samples, context, seed)
@@ -175,7 +178,8 @@ def _features(features: Sequence[int] | None, n: int) -> Tensor:
     return torch.tensor([int(f) for f in listed])
 
 
-def _source(model, data: Any, context_length: int | None, max_sequences: int | None) -> tuple[Iterable[Tensor], int | None]:
+def _source(model, data: Any, context_length: int | None,
+            max_sequences: int | None) -> tuple[Iterable[Tensor], int | None]:
     if isinstance(data, Tensor):
         if data.dim() != 2 or data.dtype.is_floating_point or data.dtype == torch.bool or 0 in data.shape:
             raise ValueError(f"data: expected token ids [n_seq, ctx], got shape {tuple(data.shape)} and "
@@ -315,4 +319,5 @@ def _histogram(counts: Tensor) -> dict[str, list[float]]:
 
 def _describe(model) -> str:
     cfg = model.cfg
-    return f"{cfg.architecture}, {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads of {cfg.d_k}x{cfg.d_v}"
+    return (f"{cfg.architecture}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+            f"{cfg.n_heads} heads of {cfg.d_k}x{cfg.d_v}")

@@ -18,6 +18,7 @@ LOG10_LOW, LOG10_HIGH, BINS_PER_DECADE = -6.0, 4.0, 10
 """Fixed histogram bins of ``log10(activation)``: one pass cannot know the range first, so the bins span
 ten decades (values outside land in the end bins) and a view shows only the occupied ones."""
 N_BINS = int((LOG10_HIGH - LOG10_LOW) * BINS_PER_DECADE)
+_WINDOW_CHUNK = 1 << 14
 
 
 @dataclass
@@ -77,10 +78,12 @@ class _Buffer:
         self.value[feature, evicted_slot] = f.value[firing]
         self.sequence[feature, evicted_slot] = f.row[firing] + seq0
         self.position[feature, evicted_slot] = f.position[firing]
-        win_tokens, win_acts = _windows(tokens, acts_full, f.row[firing], f.position[firing], f.feature[firing],
-                                        context)
-        self.tokens[feature, evicted_slot] = win_tokens
-        self.token_acts[feature, evicted_slot] = win_acts
+        # In chunks: the windows' int64 index tensors would otherwise peak at several times the buffers' size.
+        for part in torch.arange(len(firing)).split(_WINDOW_CHUNK):
+            fi = firing[part]
+            win_tokens, win_acts = _windows(tokens, acts_full, f.row[fi], f.position[fi], f.feature[fi], context)
+            self.tokens[feature[part], evicted_slot[part]] = win_tokens
+            self.token_acts[feature[part], evicted_slot[part]] = win_acts
 
     def order(self, i: int) -> list[int]:
         """The slots of feature ``i`` that hold a firing, by score descending."""
@@ -117,8 +120,8 @@ class FeatureStats:
         self.reservoir = _Buffer(n_features, n_samples, window)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def update(self, acts: Float[Tensor, "batch n n_feat"], positions: Int[Tensor, " n"], tokens: Int[Tensor, "batch T"],
-               seq0: int) -> None:
+    def update(self, acts: Float[Tensor, "batch n n_feat"], positions: Int[Tensor, " n"],
+               tokens: Int[Tensor, "batch T"], seq0: int) -> None:
         """Add one batch: ``acts`` are the codes at ``positions`` of every row of ``tokens``, whose first row is
         sequence ``seq0`` of the dataset."""
         B, T = tokens.shape

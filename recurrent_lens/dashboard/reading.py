@@ -15,6 +15,7 @@ from recurrent_lens.analysis._common import Site
 from recurrent_lens.analysis.logit_shift import unembedding
 
 _FEATURE_CHUNK = 1024
+_CHANNEL_GROUP = 16
 
 
 @torch.no_grad()
@@ -62,7 +63,7 @@ def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) ->
     """``E_t[∂ hook_out_t / ∂ hook_read_t[head]]`` over every position of ``tokens``.
 
     The output at ``t`` depends on the read at ``t`` alone, so the mean is one Jacobian-vector product per value
-    channel through the output path (all channels in one batched call), summed over positions: the per-position
+    channel through the output path (batched calls of 16 channels), summed over positions: the per-position
     Jacobians are never stored. The forward stops at the layer's ``hook_out``.
     """
     captured: dict[str, Tensor] = {}
@@ -84,11 +85,14 @@ def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) ->
         read, out = captured["read"], captured["out"].float()
         dummy = torch.zeros_like(out, requires_grad=True)
         (g,) = torch.autograd.grad(out, read, dummy, create_graph=True)
-        d_v = read.shape[-1]
-        e = read.new_zeros(d_v, *read.shape)
-        e[torch.arange(d_v), :, :, site.head, torch.arange(d_v)] = 1.0
-        (cols,) = torch.autograd.grad(g, dummy, e, is_grads_batched=True)
-    return cols.sum((1, 2)).T / (tokens.shape[0] * tokens.shape[1])
+        cols = []
+        # Channels in groups: one batched call per group keeps the transient tensors at a few times the output's.
+        for group in torch.arange(read.shape[-1]).split(_CHANNEL_GROUP):
+            e = read.new_zeros(len(group), *read.shape)
+            e[torch.arange(len(group)), :, :, site.head, group] = 1.0
+            (col,) = torch.autograd.grad(g, dummy, e, is_grads_batched=True, retain_graph=True)
+            cols.append(col.sum((1, 2)))
+    return torch.cat(cols).T / (tokens.shape[0] * tokens.shape[1])
 
 
 @torch.no_grad()
@@ -96,8 +100,8 @@ def value_readout(model, site: Site, sample: Int[Tensor, "batch pos"]) -> Float[
     """``W_U · E_t[∂ hook_out_t / ∂ hook_read_t[head]]``: value space to direct logits, the output path
     (gated output norm, projection) linearised by its Jacobian averaged over the positions of ``sample``.
 
-    The Jacobian of a gated RMSNorm at position ``t`` is ``diag(act(g_t) ⊙ γ) (I − r̂_t r̂_tᵀ) / rms_t`` (up to the
-    norm's ε, ``r̂_t`` the unit read); averaging it keeps each position's gate and scale instead of replacing
+    The Jacobian of a gated RMSNorm at position ``t`` is ``diag(act(g_t) ⊙ γ) (I − r̂_t r̂_tᵀ) / rms_t`` (up to
+    the norm's ε, ``r̂_t`` the unit read); averaging it keeps each position's gate and scale instead of replacing
     them by one mean value. The final norm is left out, as in the closed-form logit shift's
     ``readout="unembed"``: it rescales every logit of a position by the same positive factor, so the ranking
     of tokens does not depend on it.

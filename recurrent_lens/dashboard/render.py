@@ -157,6 +157,18 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+def check_site_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` resolved, if a site may be written there: it does not exist, is empty, or holds a dashboard."""
+    out = Path(out_dir).resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"out_dir: expected a directory (new, empty or an earlier dashboard), got the file {out}")
+        if any(out.iterdir()) and not ((out / "index.html").is_file() and (out / "data" / "features.json").is_file()):
+            raise ValueError(f"out_dir: {out} is neither empty nor a dashboard written before (no index.html and "
+                             f"data/features.json); refusing to replace it")
+    return out
+
+
 def write_site(dash: Any, out_dir: str | os.PathLike) -> str:
     """Write the static site of ``dash`` to ``out_dir``; returns the path of ``index.html``.
 
@@ -173,13 +185,7 @@ def write_site(dash: Any, out_dir: str | os.PathLike) -> str:
         >>> Path(dash.save(out)).name, sorted(p.name for p in (out / "data").iterdir())
         ('index.html', ['feature_0.json', 'features.js', 'features.json'])
     """
-    out = Path(out_dir).resolve()
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"out_dir: expected a directory (new, empty or an earlier dashboard), got the file {out}")
-        if any(out.iterdir()) and not ((out / "index.html").is_file() and (out / "data" / "features.json").is_file()):
-            raise ValueError(f"out_dir: {out} is neither empty nor a dashboard written before (no index.html and "
-                             f"data/features.json); refusing to replace it")
+    out = check_site_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

@@ -64,7 +64,8 @@ def test_index_lists_sorts_and_searches(site, browser):
     page, errors = _open(browser, (site / "index.html").as_uri())
     rows = page.locator("#rl-table tbody tr")
     assert rows.count() == len(features)
-    assert [int(x) for x in rows.evaluate_all("rs => rs.map(r => r.dataset.feature)")] == [f["feature"] for f in features]
+    listed = [int(x) for x in rows.evaluate_all("rs => rs.map(r => r.dataset.feature)")]
+    assert listed == [f["feature"] for f in features]
     # the numbers shown are the JSON's
     by_feature = {f["feature"]: f for f in features}
     for row in rows.all()[:10]:
