@@ -40,9 +40,9 @@
     var density = cell("", "rl-density");
     var bar = document.createElement("span");
     bar.className = "rl-bar";
-    bar.style.width = Math.max(1, 60 * f.density / maxDensity) + "px";
+    bar.style.width = (f.density > 0 ? Math.max(1, 60 * f.density / maxDensity) : 0) + "px";
     density.appendChild(bar);
-    density.appendChild(document.createTextNode((100 * f.density).toPrecision(3) + "%"));
+    density.appendChild(document.createTextNode(f.density > 0 ? (100 * f.density).toPrecision(3) + "%" : "0%"));
     density.setAttribute("data-value", f.density);
     tr.appendChild(density);
     var max = cell(fmt(f.max_activation), "rl-max");
