@@ -259,3 +259,46 @@ def test_token_strings_are_escaped(toy_setup, dash):
     page = d.html(i)
     assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
     assert "say &quot;hi&quot;↵" in page
+
+
+@pytest.mark.parametrize("architecture", ["gated_deltanet", "mamba2", "rwkv7", "delta_net", "gla"])
+def test_every_architecture(architecture):
+    """Random two-layer models of each architecture, d_k != d_v: the pass, the readings and the counts hold."""
+    cfg = ModelConfig(architecture=architecture, d_model=32, n_layers=2, d_vocab=20, n_heads=2, d_k=8, d_v=4)
+    model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
+    tokens = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(1))
+    hook = "blocks.1.mixer.hook_state"
+    sae = WriteSAE(8, 4, 16, k=3, metadata={"hook_name": hook, "head": 1})
+    d = build_dashboard(model, sae, tokens, n_examples=3, context=2, batch_size=2, progress=False)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hook)
+        codes = sae.encode(cache[hook][:, :, 1])
+    for f in d:
+        assert f.n_firings == int((codes[:, :, f.feature] > 0).sum())
+        if f.top_examples:
+            e = f.top_examples[0]
+            assert e.activation == pytest.approx(float(codes[:, :, f.feature].max()), rel=1e-5)
+        assert len(f.key_tokens) == len(f.query_tokens) == 10 and len(f.promoted_tokens) == 10
+        assert all(math.isfinite(v) for _, v in f.key_tokens + f.query_tokens + f.promoted_tokens)
+
+
+def test_text_dataset_with_the_models_tokenizer(toy_setup, tmp_path, monkeypatch):
+    """A .txt corpus read through data.open_tokens; the examples' strings come from the model's tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model, sae, _ = toy_setup
+    words = ["<eos>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "home"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    monkeypatch.setattr(model, "tokenizer", PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>"))
+    path = tmp_path / "docs.txt"
+    path.write_text("the cat sat on a mat\nthe dog ran home\n" * 20)
+    d = build_dashboard(model, sae, str(path), context_length=12, features=list(range(64)), n_examples=2,
+                        context=3, progress=False)
+    # each pair of lines is 6 + 4 words and two separators: 20 windows of 12 tokens
+    assert d.meta["n_sequences"] == 20 and d.meta["context_length"] == 12
+    fired = [e for f in d for e in f.top_examples]
+    assert fired and all(set(e.tokens) <= set(words) for e in fired)
+    with pytest.raises(ValueError, match="context_length"):
+        build_dashboard(model, sae, str(path), features=[0], progress=False)
