@@ -121,7 +121,9 @@ def feature_fragment(f: Any, meta: dict[str, Any]) -> str:
 def _page(title: str, body: str, head: str = "") -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{html.escape(title)}</title>{head}</head><body>{body}</body></html>\n')
+            f'<title>{html.escape(title)}</title>'
+            f'<style>body {{ margin: 0; padding: 18px 26px; background: #f6f7f9; }}</style>{head}</head>'
+            f'<body>{body}</body></html>\n')
 
 
 def _feature_page(f: Any, meta: dict[str, Any], prev: int | None, next_: int | None) -> str:

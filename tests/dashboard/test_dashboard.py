@@ -224,6 +224,10 @@ def test_dashboard_api_and_site(dash, tmp_path):
     i = int(frame["density"].idxmax())
     shown = dash.show(i)
     assert f'data-feature="{i}"' in shown.data and 'class="tok fire"' in shown.data
+    # the inline view's styles touch only its own elements, not the notebook's
+    css = shown.data.split("<style>")[1].split("</style>")[0]
+    rules = [r.split("{")[0] for r in css.split("}") if "{" in r]
+    assert rules and all(".rl-" in r or "#rl-" in r for r in rules)
 
     sub = Dashboard([dash[i], dash[3]], dash.meta)
     index = sub.save(tmp_path / "site")
