@@ -106,7 +106,17 @@ def _windows(tokens: Tensor, acts_full: Tensor, row: Tensor, position: Tensor, f
 
 class FeatureStats:
     """Streaming per-feature statistics of SAE codes: firing count, sum, max, a log10 histogram, the top
-    ``n_examples`` firings and a uniform reservoir of ``n_samples`` firings (for the quantile samples)."""
+    ``n_examples`` firings and a uniform reservoir of ``n_samples`` firings (for the quantile samples).
+
+    Example:
+        >>> stats = FeatureStats(n_features=2, n_examples=2, n_samples=2, context=1)
+        >>> acts = torch.tensor([[[0.0, 1.0], [3.0, 0.0], [2.0, 0.5]]])  # one sequence, 3 positions, 2 features
+        >>> stats.update(acts, torch.arange(3), torch.tensor([[7, 8, 9]]), seq0=0)
+        >>> stats.count.tolist(), stats.max.tolist(), stats.top.value[0].tolist()
+        ([2, 2], [3.0, 1.0], [3.0, 2.0])
+        >>> stats.top.tokens[0, 0].tolist(), stats.top.token_acts[0, 0].tolist()  # window of the firing at 1
+        ([7, 8, 9], [0.0, 3.0, 2.0])
+    """
 
     def __init__(self, n_features: int, n_examples: int, n_samples: int, context: int, seed: int = 0) -> None:
         self.context = context
@@ -145,7 +155,14 @@ class FeatureStats:
 
 
 class TokenMeans:
-    """The mean of a per-token vector (a key, a query) for every token id seen, in ``O(distinct ids × d)``."""
+    """The mean of a per-token vector (a key, a query) for every token id seen, in ``O(distinct ids × d)``.
+
+    Example:
+        >>> means = TokenMeans(d_vocab=10, d=2)
+        >>> means.update(torch.tensor([[4, 2, 4]]), torch.tensor([[[1.0, 0.0], [0.0, 5.0], [3.0, 0.0]]]))
+        >>> means.ids.tolist(), means.counts.tolist(), means.unit_means().tolist()
+        ([2, 4], [1, 2], [[0.0, 1.0], [1.0, 0.0]])
+    """
 
     def __init__(self, d_vocab: int, d: int) -> None:
         self.slot = torch.full((d_vocab,), -1, dtype=torch.long)

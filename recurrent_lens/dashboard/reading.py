@@ -25,6 +25,13 @@ def atom_directions(sae, features: Int[Tensor, " n"]) -> tuple[Float[Tensor, "n 
 
     The pair's signs are those of the decoder's factors for a rank-1 factored SAE; otherwise of the SVD
     (a joint sign flip of ``v`` and ``w`` leaves the atom unchanged, and both readings below flip together).
+
+    Example:
+        >>> from recurrent_lens.sae import FlatSAE
+        >>> sae = FlatSAE(4, 3, 5)
+        >>> v, w, share = atom_directions(sae, torch.tensor([0, 2]))
+        >>> tuple(v.shape), tuple(w.shape), bool(((share > 0) & (share <= 1 + 1e-6)).all())
+        ((2, 4), (2, 3), True)
     """
     cfg = sae.cfg
     if cfg.decoder == "factored" and cfg.rank == 1:
@@ -45,7 +52,14 @@ def atom_directions(sae, features: Int[Tensor, " n"]) -> tuple[Float[Tensor, "n 
 
 def top_aligned(directions: Float[Tensor, "n d"], means: Float[Tensor, "n_ids d"], ids: Int[Tensor, " n_ids"],
                 n_top: int) -> tuple[Int[Tensor, "n k"], Float[Tensor, "n k"]]:
-    """For each direction, the ``n_top`` token ids whose (unit) mean vector has the largest cosine with it."""
+    """For each direction, the ``n_top`` token ids whose (unit) mean vector has the largest cosine with it.
+
+    Example:
+        >>> ids, cos = top_aligned(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.6, 0.8]]),
+        ...                        torch.tensor([5, 9]), n_top=1)
+        >>> ids.tolist(), [round(c, 3) for c in cos[0].tolist()]
+        ([[9]], [0.6])
+    """
     k = min(n_top, len(ids))
     out_ids, out_cos = [], []
     for chunk in directions.split(_FEATURE_CHUNK):
@@ -65,6 +79,13 @@ def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) ->
     The output at ``t`` depends on the read at ``t`` alone, so the mean is one Jacobian-vector product per value
     channel through the output path (batched calls of 16 channels), summed over positions: the per-position
     Jacobians are never stored. The forward stops at the layer's ``hook_out``.
+
+    Example:
+        >>> from recurrent_lens.analysis.logit_shift import output_jacobian
+        >>> J = mean_output_jacobian(tiny_model, Site(0, 1), tiny_tokens)
+        >>> tuple(J.shape), bool(torch.allclose(J, output_jacobian(tiny_model, tiny_tokens, Site(0, 1)).mean((0, 1)),
+        ...                                     atol=1e-6))
+        ((32, 8), True)
     """
     captured: dict[str, Tensor] = {}
 
@@ -105,6 +126,10 @@ def value_readout(model, site: Site, sample: Int[Tensor, "batch pos"]) -> Float[
     them by one mean value. The final norm is left out, as in the closed-form logit shift's
     ``readout="unembed"``: it rescales every logit of a position by the same positive factor, so the ranking
     of tokens does not depend on it.
+
+    Example:
+        >>> tuple(value_readout(tiny_model, Site(0, 0), tiny_tokens).shape)  # [d_vocab, d_v]
+        (50, 8)
     """
     J = mean_output_jacobian(model, site, sample)
     return unembedding(model).to(J.device) @ J
@@ -112,7 +137,13 @@ def value_readout(model, site: Site, sample: Int[Tensor, "batch pos"]) -> Float[
 
 def logit_extremes(readout: Float[Tensor, "d_vocab d_v"], w: Float[Tensor, "n d_v"],
                    n_top: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Token ids and logit effects of the ``n_top`` most promoted and most suppressed tokens per ``w``."""
+    """Token ids and logit effects of the ``n_top`` most promoted and most suppressed tokens per ``w``.
+
+    Example:
+        >>> up, up_v, down, down_v = logit_extremes(torch.eye(3), torch.tensor([[0.5, -1.0, 0.0]]), n_top=1)
+        >>> up.tolist(), down.tolist(), up_v.tolist(), down_v.tolist()
+        ([[0]], [[1]], [[0.5]], [[-1.0]])
+    """
     k = min(n_top, readout.shape[0])
     up_i, up_v, down_i, down_v = [], [], [], []
     readout = readout.cpu()

@@ -87,7 +87,14 @@ def _token_table(title: str, pairs: list[tuple[str, float]], note: str, cls: str
 
 def feature_fragment(f: Any, meta: dict[str, Any]) -> str:
     """The view of one feature (a :class:`~recurrent_lens.dashboard.FeatureData`) with its styles, as an HTML
-    fragment: what the site's feature page holds and what ``Dashboard.show`` displays."""
+    fragment: what the site's feature page holds and what ``Dashboard.show`` displays.
+
+    Example:
+        >>> from recurrent_lens.dashboard import build_dashboard
+        >>> dash = build_dashboard(toy_model, toy_sae, toy_task.make_batch(4, seed=1)[0], features=[0], progress=False)
+        >>> feature_fragment(dash[0], dash.meta).count('data-feature="0"')
+        1
+    """
     stats = [("density", f"{100 * f.density:.3g}%"), ("firings", str(f.n_firings)),
              ("max activation", _num(f.max_activation)), ("mean activation", _num(f.mean_activation)),
              ("rank-1 share of the atom", f"{100 * f.rank1_share:.3g}%")]
@@ -160,7 +167,19 @@ def _json(obj: Any) -> str:
 
 
 def check_site_dir(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` resolved, if a site may be written there: it does not exist, is empty, or holds a dashboard."""
+    """``out_dir`` resolved, if a site may be written there: it does not exist, is empty, or holds a dashboard.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "notes.txt").write_text("mine")
+        >>> check_site_dir(d / "site") == (d / "site").resolve()
+        True
+        >>> check_site_dir(d)
+        Traceback (most recent call last):
+        ...
+        ValueError: out_dir: ... is neither empty nor a dashboard written before (...); refusing to replace it
+    """
     out = Path(out_dir).resolve()
     if out.exists():
         if not out.is_dir():
