@@ -21,8 +21,9 @@ class Example:
     ``tokens``, ``token_ids`` and ``token_activations`` (the feature's code at each token; ``None`` where the
     pass did not compute it, with a ``stride``) cover ``position ± context`` clipped to the sequence, and
     ``tokens[fire_index]`` is the token at ``position``. ``sequence`` indexes the data in the order given.
-    :meth:`to_dict` writes every field, so a field added here (a ``writers`` column) reaches the JSON and
-    the views without other changes.
+    :meth:`to_dict` writes every field, so a field added here (a ``writers`` column from exact write
+    attribution) reaches ``feature_{i}.json`` without other changes; the HTML view shows it once
+    :func:`~recurrent_lens.dashboard.render.feature_fragment` renders it.
     """
 
     sequence: int
