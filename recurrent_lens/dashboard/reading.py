@@ -12,10 +12,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import Site
-from recurrent_lens.analysis.logit_shift import unembedding
 
 _FEATURE_CHUNK = 1024
 _CHANNEL_GROUP = 16
+_VOCAB_CHUNK = 1 << 15
 
 
 @torch.no_grad()
@@ -132,7 +132,9 @@ def value_readout(model, site: Site, sample: Int[Tensor, "batch pos"]) -> Float[
         (50, 8)
     """
     J = mean_output_jacobian(model, site, sample)
-    return unembedding(model).to(J.device) @ J
+    W_U = (model.embed.weight if model.unembed is None else model.unembed.weight).detach()
+    # By rows: an fp32 copy of a large vocabulary's whole W_U (1 GiB for Qwen3.5's) is never made.
+    return torch.cat([rows.float() @ J.to(rows.device) for rows in W_U.split(_VOCAB_CHUNK)])
 
 
 def logit_extremes(readout: Float[Tensor, "d_vocab d_v"], w: Float[Tensor, "n d_v"],
