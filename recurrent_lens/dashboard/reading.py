@@ -46,8 +46,10 @@ def atom_directions(sae, features: Int[Tensor, " n"]) -> tuple[Float[Tensor, "n 
             ws.append(Vh[:, 0, :])
             shares.append(S[:, 0] ** 2 / S.pow(2).sum(1).clamp(min=1e-30))
         v, w, share = torch.cat(vs), torch.cat(ws), torch.cat(shares)
-    unit = lambda x: x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)  # noqa: E731
-    return unit(v).cpu(), unit(w).cpu(), share.cpu()
+    # In place: indexing by ``features`` (or the SVD) made these copies, and a second pair would double them.
+    v.div_(v.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    w.div_(w.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    return v.cpu(), w.cpu(), share.cpu()
 
 
 def top_aligned(directions: Float[Tensor, "n d"], means: Float[Tensor, "n_ids d"], ids: Int[Tensor, " n_ids"],

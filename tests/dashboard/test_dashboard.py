@@ -273,7 +273,9 @@ def test_every_architecture(architecture):
     tokens = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(1))
     hook = "blocks.1.mixer.hook_state"
     sae = WriteSAE(8, 4, 16, k=3, metadata={"hook_name": hook, "head": 1})
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
     d = build_dashboard(model, sae, tokens, n_examples=3, context=2, batch_size=2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())  # the SAE is left as it was
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=hook)
         codes = sae.encode(cache[hook][:, :, 1])
