@@ -19,6 +19,7 @@ from recurrent_lens.dashboard.collect import BINS_PER_DECADE, LOG10_LOW, Feature
 from recurrent_lens.dashboard.render import check_site_dir
 from recurrent_lens.dashboard.reading import atom_directions, logit_extremes, top_aligned, value_readout
 from recurrent_lens.dashboard.view import Dashboard, Example, FeatureData
+from recurrent_lens.dashboard.writers import KeptRows, Writers, top_writers, unavailable
 from recurrent_lens.data import batches, open_tokens
 
 N_TOP_TOKENS = 10
@@ -34,7 +35,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
                     batch_size: int = 8, hook_name: str | None = None, head: int | None = None,
                     substitution: Any = None, token_strings: Sequence[str] | Callable[[int], str] | None = None,
                     context_length: int | None = None, max_sequences: int | None = None, seed: int = 0,
-                    progress: bool = True) -> Dashboard:
+                    n_writers: int = 5, progress: bool = True) -> Dashboard:
     """Feature dashboards of ``sae`` over ``data``, from one streaming pass (memory independent of its length).
 
     Per batch, the SAE's cell (its ``hook_name`` and ``head``, from ``sae.cfg.metadata`` unless given) is
@@ -54,7 +55,20 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
       output path linearised by its Jacobian averaged over up to 64 positions of the first batch, so the
       gated output norm enters with each sampled position's gate and scale; final norm left out);
     - with ``substitution`` (a :class:`~recurrent_lens.analysis.SubstitutionResult`), the feature's
-      substitution win rate (atom beats delete) over its firings there.
+      substitution win rate (atom beats delete) over its firings there;
+    - each top example's ``writers``: the feature's pre-activation at the firing split exactly over the
+      layer's past writes (:func:`~recurrent_lens.analysis.feature_attribution`), as the ``n_writers`` writes
+      of largest ``|contribution|`` (position, token, contribution) and the rest (``other_writes``,
+      ``initial``, ``bias``), which sum to ``pre_activation``. That is the SAE's pre-activation
+      (``hook_sae_acts_pre``), not the activation: top-k, JumpReLU or a ReLU apply after it. The pass keeps
+      the token rows of the sequences that hold a top example; once the top examples are final, one
+      attribution call per group of their sequences, on the features their examples belong to, computes the
+      terms, so the cost follows ``n_features × n_examples``, not the dataset. The field is left out
+      (``None``, absent from the JSON) with ``n_writers=0``, for the quantile samples, and where
+      attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the dashboard reads
+      (attribution takes the cell from the metadata, so ``hook_name=``/``head=`` given for an SAE whose
+      metadata names none or another cell leave it out), or when the SAE has no ``pre_activation_affine`` and
+      ``encoder_atoms`` (one from outside this library); ``meta["writers"]`` then says why.
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.
@@ -75,6 +89,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
         context_length: window length for text sources.
         max_sequences: stop after this many sequences.
         seed: seed of the uniform samples.
+        n_writers: top writers kept per top example (0: none, and no attribution).
         progress: show a progress bar.
 
     Example:
@@ -85,12 +100,16 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
         >>> f = dash[1]
         >>> len(f.top_examples) <= 5, f.density == f.n_firings / dash.n_positions
         (True, True)
+        >>> w = f.top_examples[0].writers  # the top example's pre-activation, split over its past writes
+        >>> total = sum(x["contribution"] for x in w["top"]) + w["other_writes"] + w["initial"] + w["bias"]
+        >>> len(w["top"]), abs(total - w["pre_activation"]) <= 1e-5 * abs(w["pre_activation"])
+        (5, True)
     """
     hook_name, head = _cell(model, sae, hook_name, head)
     layer, _ = model.matrix_site(hook_name)
     feats = _features(features, sae.cfg.n_features)
     for name, value, low in (("n_examples", n_examples, 1), ("context", context, 0), ("n_samples", n_samples, 1),
-                             ("stride", stride, 1), ("batch_size", batch_size, 1)):
+                             ("stride", stride, 1), ("batch_size", batch_size, 1), ("n_writers", n_writers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
     if out_dir is not None:
@@ -100,6 +119,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     stats = FeatureStats(len(feats), n_examples, n_samples, context, seed)
     keys, queries = TokenMeans(model.cfg.d_vocab, model.cfg.d_k), TokenMeans(model.cfg.d_vocab, model.cfg.d_k)
     captured: dict[str, Tensor] = {}
+    why_not = "n_writers=0" if n_writers == 0 else unavailable(sae, hook_name, head)
+    kept = KeptRows() if why_not is None else None
 
     def grab(name):
         def hook(x, hook):
@@ -122,6 +143,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
             acts = sae.encode(states.to(sae.b_dec.device))
             acts = (acts if select is None else acts[..., select]).float().cpu()
             stats.update(acts, positions, tokens, seq0)
+            if kept is not None:
+                kept.update(tokens, seq0, stats.top.sequence)
             keys.update(tokens, captured.pop("k"))
             queries.update(tokens, captured.pop("q"))
             seq0 += tokens.shape[0]
@@ -138,12 +161,15 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     up_i, up_v, down_i, down_v = logit_extremes(readout, w, N_TOP_TOKENS)
     wins = _win_rates(substitution)
     names = _Names(model, token_strings)
+    writers = None if kept is None else top_writers(model, sae, stats.top, feats, kept.rows, n_writers, batch_size,
+                                                    progress)
 
-    records = _Records(feats.tolist(), stats, names, wins, keys=(key_ids, key_cos), queries=(query_ids, query_cos),
+    records = _Records(feats.tolist(), stats, names, wins, writers, keys=(key_ids, key_cos), queries=(query_ids, query_cos),
                        promoted=(up_i, up_v), suppressed=(down_i, down_v), share=share)
     meta = {"model": _describe(model), "sae": repr(sae), "sae_kind": type(sae).__name__, "hook_name": hook_name,
             "head": head, "n_features": sae.cfg.n_features, "n_sequences": seq0, "context_length": ctx,
-            "stride": stride, "n_positions": stats.n_positions, "n_examples": n_examples, "context": context}
+            "stride": stride, "n_positions": stats.n_positions, "n_examples": n_examples, "context": context,
+            "writers": why_not or f"top {n_writers} by |contribution| per top example"}
     dash = Dashboard(records, meta)
     if out_dir is not None:
         dash.save(out_dir)
@@ -237,9 +263,9 @@ class _Records(collections.abc.Sequence):
     window into Python objects costs more than the pass itself, and a notebook usually looks at a few features."""
 
     def __init__(self, features: list[int], stats: FeatureStats, names: _Names, wins: dict[int, dict[str, float]],
-                 *, keys, queries, promoted, suppressed, share: Tensor) -> None:
+                 writers: Writers | None, *, keys, queries, promoted, suppressed, share: Tensor) -> None:
         self.features = features
-        self.stats, self.names, self.wins = stats, names, wins
+        self.stats, self.names, self.wins, self.writers = stats, names, wins, writers
         self.tables = {"key_tokens": keys, "query_tokens": queries, "promoted_tokens": promoted,
                        "suppressed_tokens": suppressed}
         self.share = share
@@ -267,7 +293,7 @@ class _Records(collections.abc.Sequence):
             max_activation=float(stats.max[j]),
             mean_activation=float(stats.total[j] / count) if count else 0.0,
             histogram=_histogram(stats.hist[j]),
-            top_examples=_examples(stats.top, j, names),
+            top_examples=_examples(stats.top, j, names, self.writers),
             quantile_samples=_bands(_examples(stats.reservoir, j, names)),
             rank1_share=float(self.share[j]),
             substitution=self.wins.get(self.features[j]),
@@ -275,7 +301,7 @@ class _Records(collections.abc.Sequence):
         )
 
 
-def _examples(buffer, j: int, names: _Names) -> list[Example]:
+def _examples(buffer, j: int, names: _Names, writers: Writers | None = None) -> list[Example]:
     sequence, position = buffer.sequence[j].tolist(), buffer.position[j].tolist()
     value, tokens, token_acts = buffer.value[j].tolist(), buffer.tokens[j].tolist(), buffer.token_acts[j].tolist()
     middle = buffer.tokens.shape[2] // 2
@@ -289,7 +315,7 @@ def _examples(buffer, j: int, names: _Names) -> list[Example]:
             sequence=sequence[slot], position=position[slot], activation=value[slot],
             tokens=[names(t) for t in ids[first:last]], token_ids=ids[first:last],
             token_activations=[None if math.isnan(a) else a for a in token_acts[slot][first:last]],
-            fire_index=middle - first,
+            fire_index=middle - first, writers=None if writers is None else writers.record(j, slot, names),
         ))
     return out
 

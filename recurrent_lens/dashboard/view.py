@@ -21,9 +21,10 @@ class Example:
     ``tokens``, ``token_ids`` and ``token_activations`` (the feature's code at each token; ``None`` where the
     pass did not compute it, with a ``stride``) cover ``position ± context`` clipped to the sequence, and
     ``tokens[fire_index]`` is the token at ``position``. ``sequence`` indexes the data in the order given.
-    :meth:`to_dict` writes every field, so a field added here (a ``writers`` column from exact write
-    attribution) reaches ``feature_{i}.json`` without other changes; the HTML view shows it once
-    :func:`~recurrent_lens.dashboard.render.feature_fragment` renders it.
+    ``writers`` (top examples only, where attribution applies; see
+    :func:`~recurrent_lens.dashboard.build_dashboard`): ``{"top": [{"position", "token", "contribution"}, ...],
+    "other_writes", "initial", "bias", "pre_activation"}``, ``top`` sorted by ``|contribution|``, the terms
+    summing to ``pre_activation``. :meth:`to_dict` writes every field but a ``writers`` of ``None``.
     """
 
     sequence: int
@@ -33,9 +34,13 @@ class Example:
     token_ids: list[int]
     token_activations: list[float | None]
     fire_index: int
+    writers: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if d["writers"] is None:
+            del d["writers"]
+        return d
 
 
 @dataclass
