@@ -11,7 +11,9 @@ Site layout (``write_site``)::
     assets/index.js, assets/style.css
 
 DOM hooks, stable for tests: every table row and feature view carries ``data-feature``, every example
-``data-activation`` (the exact value of the JSON), the firing token the class ``fire``.
+``data-activation`` (the exact value of the JSON), the firing token the class ``fire``; each of a top
+example's writers the class ``writer`` with ``data-position`` and ``data-contribution`` (the JSON's values),
+its list ``data-pre-activation``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,32 @@ def _token(text: str) -> str:
     return html.escape(text.replace("\n", "↵").replace("\t", "⇥"), quote=True) or "&#8203;"
 
 
+def _signed(x: float) -> str:
+    return f"{x:+.3g}".replace("-", "−")
+
+
+def _writers(w: dict[str, Any]) -> str:
+    """A top example's writers: one chip per write (its token, signed term, a bar of its size, coloured by
+    sign), then the remaining terms, all summing to the pre-activation shown first."""
+    top = w["top"]
+    biggest = max((abs(x["contribution"]) for x in top), default=0.0)
+    chips = []
+    for x in top:
+        c = x["contribution"]
+        width = 36 * abs(c) / biggest if biggest > 0 else 0.0
+        chips.append(f'<span class="writer {"rl-plus" if c >= 0 else "rl-minus"}" data-position="{x["position"]}" '
+                     f'data-contribution="{c!r}" title="write at position {x["position"]}: {html.escape(_num(c))}">'
+                     f'<span class="tok">{_token(x["token"])}</span><span class="rl-wpos">@{x["position"]}</span>'
+                     f'<span class="rl-wbar" style="width:{width:.1f}px"></span>{_signed(c)}</span>')
+    rest = [("other writes", w["other_writes"]), ("bias", w["bias"])]
+    if w["initial"] != 0:  # only with an initial state; a dashboard's runs start from zero
+        rest.insert(1, ("initial state", w["initial"]))
+    tail = " ".join(f'<span class="rl-wrest">{k} {_signed(v)}</span>' for k, v in rest)
+    return (f'<div class="rl-writers" data-pre-activation="{w["pre_activation"]!r}">'
+            f'<span class="rl-wlabel" title="the SAE pre-activation at the firing, before its sparsity; exact sum of '
+            f'the terms that follow">pre-activation {_num(w["pre_activation"])} =</span>{"".join(chips)}{tail}</div>')
+
+
 def _example(e: Any, scale: float) -> str:
     spans = []
     for j, (text, act) in enumerate(zip(e.tokens, e.token_activations)):
@@ -57,7 +85,8 @@ def _example(e: Any, scale: float) -> str:
     return (f'<div class="rl-example" data-activation="{e.activation!r}" data-sequence="{e.sequence}" '
             f'data-position="{e.position}"><span class="rl-act">{_num(e.activation)}</span>'
             f'<span class="rl-where">seq {e.sequence} · pos {e.position}</span>'
-            f'<span class="rl-context">{"".join(spans)}</span></div>')
+            f'<span class="rl-context">{"".join(spans)}</span>'
+            f'{"" if e.writers is None else _writers(e.writers)}</div>')
 
 
 def _histogram(hist: dict[str, list[float]]) -> str:

@@ -118,6 +118,18 @@ def test_feature_view_shows_top_context_with_the_firing_token(site, browser):
     # the colour scale runs from transparent to full orange at the feature's max activation (this example)
     assert fire.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(255, 122, 0)"
     assert best.get_attribute("data-sequence") == str(top[0]["sequence"])
+    # its top writers, as the JSON lists them: position, token, exact contribution, colour by sign
+    writers = top[0]["writers"]
+    shown = best.locator(".rl-writers .writer")
+    assert shown.count() == len(writers["top"]) > 0
+    assert float(best.locator(".rl-writers").get_attribute("data-pre-activation")) == writers["pre_activation"]
+    for chip, want in zip(shown.all(), writers["top"]):
+        assert int(chip.get_attribute("data-position")) == want["position"]
+        assert float(chip.get_attribute("data-contribution")) == want["contribution"]
+        assert chip.locator(".tok").inner_text() == want["token"]
+        assert chip.is_visible()
+        sign = "rl-plus" if want["contribution"] >= 0 else "rl-minus"
+        assert sign in chip.get_attribute("class").split()
     assert page.locator(".rl-hist rect").count() == len(record["histogram"]["counts"])
     assert errors == []
     if os.environ.get("RECURRENT_LENS_SCREENSHOT") == "1":
