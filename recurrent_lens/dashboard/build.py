@@ -164,8 +164,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     writers = None if kept is None else top_writers(model, sae, stats.top, feats, kept.rows, n_writers, batch_size,
                                                     progress)
 
-    records = _Records(feats.tolist(), stats, names, wins, writers, keys=(key_ids, key_cos), queries=(query_ids, query_cos),
-                       promoted=(up_i, up_v), suppressed=(down_i, down_v), share=share)
+    records = _Records(feats.tolist(), stats, names, wins, writers, keys=(key_ids, key_cos),
+                       queries=(query_ids, query_cos), promoted=(up_i, up_v), suppressed=(down_i, down_v), share=share)
     meta = {"model": _describe(model), "sae": repr(sae), "sae_kind": type(sae).__name__, "hook_name": hook_name,
             "head": head, "n_features": sae.cfg.n_features, "n_sequences": seq0, "context_length": ctx,
             "stride": stride, "n_positions": stats.n_positions, "n_examples": n_examples, "context": context,

@@ -132,8 +132,8 @@ def top_writers(model: Any, sae: Any, top: Any, feats: Tensor, rows: dict[int, T
     F, N = top.sequence.shape
     T = len(next(iter(rows.values()))) if rows else 1
     none = torch.full((F, N, k), -1, dtype=torch.int32)
-    out = Writers(position=none, token=none.clone(), contribution=torch.zeros(F, N, k), other=torch.zeros(F, N), initial=torch.zeros(F, N),
-                  bias=torch.zeros(F, N), pre_activation=torch.zeros(F, N))
+    out = Writers(position=none, token=none.clone(), contribution=torch.zeros(F, N, k), other=torch.zeros(F, N),
+                  initial=torch.zeros(F, N), bias=torch.zeros(F, N), pre_activation=torch.zeros(F, N))
     j, slot = (top.sequence >= 0).nonzero(as_tuple=True)
     if len(j) == 0:
         return out
