@@ -63,7 +63,11 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
       (``hook_sae_acts_pre``), not the activation: top-k, JumpReLU or a ReLU apply after it. The pass keeps
       the token rows of the sequences that hold a top example; once the top examples are final, one
       attribution call per group of their sequences, on the features their examples belong to, computes the
-      terms, so the cost follows ``n_features × n_examples``, not the dataset. The field is left out
+      terms. Each call reruns the forward up to the layer for its sequences, and each (sequence, feature) pair
+      costs what encoding that sequence's positions for the feature costs, with every (position, feature)
+      pair of a call computed: small beside the pass when the data has many more sequences than
+      ``n_examples``, several times the pass on a few short sequences and a large SAE (pass ``n_writers=0``
+      there). The field is left out
       (``None``, absent from the JSON) with ``n_writers=0``, for the quantile samples, and where
       attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the dashboard reads
       (attribution takes the cell from the metadata, so ``hook_name=``/``head=`` given for an SAE whose
