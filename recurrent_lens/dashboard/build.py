@@ -67,12 +67,12 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
       costs what encoding that sequence's positions for the feature costs, with every (position, feature)
       pair of a call computed: small beside the pass when the data has many more sequences than
       ``n_examples``, several times the pass on a few short sequences and a large SAE (pass ``n_writers=0``
-      there). The field is left out
-      (``None``, absent from the JSON) with ``n_writers=0``, for the quantile samples, and where
-      attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the dashboard reads
-      (attribution takes the cell from the metadata, so ``hook_name=``/``head=`` given for an SAE whose
-      metadata names none or another cell leave it out), or when the SAE has no ``pre_activation_affine`` and
-      ``encoder_atoms`` (one from outside this library); ``meta["writers"]`` then says why.
+      there). The field is left out (``None``, absent from the JSON) with ``n_writers=0``, for the quantile
+      samples, and where attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the
+      dashboard reads (attribution takes the cell from the metadata, so ``hook_name=``/``head=`` given for an
+      SAE whose metadata names none or another cell leave it out), or when the SAE has no
+      ``pre_activation_affine`` and ``encoder_atoms`` (one from outside this library); ``meta["writers"]``
+      then says why.
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.

@@ -2,8 +2,8 @@
 
 The pass keeps the token rows of the sequences that hold a top example (:class:`KeptRows`); once the top
 examples are final, :func:`top_writers` runs :func:`~recurrent_lens.analysis.feature_attribution` once per
-group of those sequences, on the features whose examples the group holds, so its cost follows
-``n_features × n_examples``, not the dataset's length.
+group of those sequences, on the features whose examples the group holds: only those sequences (at most
+``n_features × n_examples`` of them) are run again, never the whole dataset.
 """
 
 from __future__ import annotations
