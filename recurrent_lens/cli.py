@@ -13,6 +13,8 @@
     recurrent-lens erase --arch gdn --sae DIR --atom I [--target TOKEN] [--control-multipliers 1 2 4]
     recurrent-lens partition --arch gdn --sae DIR [--replace update] [--tau 0.05]
     recurrent-lens reproduce [--arch gdn | --model DIR --dataset PATH --sae DIR --hook H --head N] [--protocol paper]
+    recurrent-lens dashboard --model NAME|DIR --sae DIR|NAME [--dataset PATH] --out site/ [--features 0,5,9]
+                             [--n-examples 20] [--context 24]
 
 ``demo``, ``substitution``, ``logit-shift``, ``partition`` and ``reproduce`` take ``--protocol ours|paper``:
 every option not given on the command line takes that protocol's choice (``ours`` keeps the defaults
@@ -42,6 +44,7 @@ import torch.distributed as dist
 from recurrent_lens import HookedRecurrentModel, toy
 from recurrent_lens.analysis import erase_atom, logit_shift_prediction, partition_atoms, preset, substitution_test
 from recurrent_lens.analysis.reproduce import default_band, plot, reproduce
+from recurrent_lens.dashboard import build_dashboard
 from recurrent_lens.data import open_tokens
 from recurrent_lens.integrity import NonFiniteError, ResumeMismatchError
 from recurrent_lens.models.loading import CheckpointError
@@ -364,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol_options(shift, "logit_shift")
     _add_protocol_options(part, "partition")
     _add_reproduce_parser(sub)
+    _add_dashboard_parser(sub)
     for command_parser in sub.choices.values():
         command_parser.set_defaults(command_parser=command_parser)
     return parser
@@ -513,6 +517,11 @@ def _demo(args, parser) -> int:
     sae.save_pretrained(os.path.join(args.out, "sae"))
     for path in _plots(result, contrast, args.out, f"toy {args.arch}, {args.hook} head {args.head}"):
         print(f"saved {path}")
+    # The dashboard reads the held-out sequences the substitution test ran on, so each feature's win rate is
+    # measured on the data its examples come from.
+    build_dashboard(model, sae, _eval_tokens(args, task), out_dir=os.path.join(args.out, "dashboard"),
+                    substitution=result, token_strings=task.token_strings(), progress=progress)
+    print(f"feature dashboard: {os.path.join(os.path.abspath(args.out), 'dashboard', 'index.html')}")
     print(f"total {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -1085,6 +1094,82 @@ def _reproduce_cmd(args, parser) -> int:
     return 0
 
 
+def _add_dashboard_parser(sub) -> None:
+    p = sub.add_parser(
+        "dashboard", help="feature dashboards of a saved SAE: a static site to open in a browser",
+        description="Run a model over a dataset once and write, for every feature of an SAE (or --features), its "
+                    "density, activation histogram, top activating contexts, quantile samples and the reading of "
+                    "its atom, as a static site (OUT/index.html) that works from file:// without a network.")
+    g = p.add_argument_group("model, SAE and data")
+    g.add_argument("--model", required=True, metavar="NAME|DIR",
+                   help="a toy name (" + ", ".join(toy.names()) + ") or a checkpoint for from_pretrained")
+    g.add_argument("--sae", required=True, metavar="DIR|NAME",
+                   help="an SAE directory, or a toy name for its shipped SAE")
+    g.add_argument("--dataset", default=None, metavar="PATH_OR_HUB_ID",
+                   help="text or token dataset as for train-sae (default for a toy: its task's held-out sequences)")
+    g.add_argument("--text-field", default="text", help="text field of .jsonl / datasets rows (default: text)")
+    g.add_argument("--split", default="train", help="dataset split (default: train)")
+    g.add_argument("--context-length", type=_positive_int, default=None, help="tokens per sequence for text")
+    g.add_argument("--max-sequences", type=_positive_int, default=None,
+                   help="stop after this many sequences (default: the whole dataset; a toy: 256)")
+    g.add_argument("--hook", default=None, help="the SAE's hook, when its metadata does not name it")
+    g.add_argument("--head", type=_non_negative_int, default=None, help="the SAE's head, when its metadata does not")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model weight dtype")
+    g.add_argument("--device", default=None, help="model and SAE device, e.g. cuda (default: cpu)")
+    p.add_argument("--out", required=True, help="site directory (an earlier dashboard there is replaced)")
+    p.add_argument("--features", type=_int_list, default=None, metavar="I,J", help="features to show (default: all)")
+    p.add_argument("--n-examples", type=_positive_int, default=20, help="top contexts per feature (default: 20)")
+    p.add_argument("--context", type=_non_negative_int, default=24, help="tokens shown each side (default: 24)")
+    p.add_argument("--stride", type=_positive_int, default=1, help="read every STRIDE-th position (default: 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward (default: 8)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the toy data and the samples")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _dashboard_cmd(args, parser) -> int:
+    is_toy = args.model in toy.names() and not os.path.exists(args.model)
+    _check_out(parser, os.path.dirname(os.path.abspath(args.out)))
+    strings = None
+    if is_toy:
+        model, task = toy.load(args.model, progress=not args.no_progress)
+        strings = task.token_strings()
+        data = args.dataset
+        if data is None:
+            data, _ = task.make_batch(args.max_sequences or 256, seed=args.seed + 10_000)
+    else:
+        if args.dataset is None:
+            parser.error("argument --dataset: required with a checkpoint --model")
+        model = _load_checkpoint(args, parser)
+        data = _token_source(args, parser, model)
+    if os.path.isdir(args.sae):
+        try:
+            sae = load_sae(args.sae, device=args.device or "cpu")
+        except (OSError, ValueError) as e:
+            parser.error(f"argument --sae: cannot load an SAE from {args.sae!r} ({e})")
+    elif args.sae in toy.names():
+        sae = toy.load_sae(args.sae, progress=not args.no_progress)
+    else:
+        parser.error(f"argument --sae: expected an SAE directory or a toy name ({', '.join(toy.names())}), "
+                     f"got {args.sae!r}")
+    if args.features is not None:
+        _check_range(parser, "--features", args.features, sae.cfg.n_features, "feature indices")
+    try:
+        dash = build_dashboard(model, sae, data, out_dir=args.out, features=args.features,
+                               n_examples=args.n_examples, context=args.context, stride=args.stride,
+                               batch_size=args.batch_size, hook_name=args.hook, head=args.head,
+                               token_strings=strings, context_length=args.context_length,
+                               max_sequences=args.max_sequences, seed=args.seed, progress=not args.no_progress)
+    except ValueError as e:
+        # build_dashboard names its argument first; the command line has its own name for it
+        flags = {"out_dir": "--out", "features": "--features", "head": "--head", "hook_name": "--hook", "sae": "--sae",
+                 "data": "--dataset"}
+        arg, _, rest = str(e).partition(": ")
+        parser.error(f"argument {flags[arg]}: {rest}" if arg in flags else str(e))
+    print(f"{dash}\nfeature dashboard: {os.path.join(os.path.abspath(args.out), 'index.html')}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recurrent-lens`` script."""
     parser = build_parser()
@@ -1093,14 +1178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     real = args.command == "harvest" or (args.command == "train-sae" and (args.model or args.states))
-    real = real or (args.command == "reproduce" and args.model is not None)
+    real = real or (args.command == "reproduce" and args.model is not None) or args.command == "dashboard"
     if not real:  # the other subcommands work on a toy
         spec = toy.TOY_SPECS[args.arch]
         args.hook = spec.probe_hook if args.hook is None else args.hook
         args.head = spec.probe[1] if args.head is None else args.head
     _resolve_protocol_args(args)
     handler = {"demo": _demo, "train-sae": _train_cmd, "harvest": _harvest_cmd, "substitution": _substitution_cmd,
-               "reproduce": _reproduce_cmd,
+               "reproduce": _reproduce_cmd, "dashboard": _dashboard_cmd,
                "logit-shift": _logit_shift_cmd, "erase": _erase_cmd, "partition": _partition_cmd}[args.command]
     try:
         return handler(args, command_parser)

@@ -3,6 +3,7 @@ partition / erase, bad arguments."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from recurrent_lens import toy
 from recurrent_lens.cli import main
 
 QUICK_SAE = ["--steps", "5", "--n-features", "16", "--k", "2", "--train-sequences", "16", "--no-progress"]
@@ -89,6 +91,41 @@ def test_demo_quick(tmp_path, capsys):
     assert re.search(r"^with the dominant atom instead: atom beats delete \d+\.\d% \(n=\d+\)", text, re.M)
     assert (tmp_path / "substitution_kl.png").stat().st_size > 1000
     assert (tmp_path / "substitution.csv").exists() and (tmp_path / "sae" / "cfg.json").exists()
+    index = tmp_path / "dashboard" / "index.html"
+    assert f"feature dashboard: {index}" in text and index.is_file()
+    features = json.loads((tmp_path / "dashboard" / "data" / "features.json").read_text())
+    assert len(features) == 32 and any(f["win_rate"] is not None for f in features)
+
+
+def test_dashboard_command(tmp_path, capsys, gdn_sae):
+    out = tmp_path / "site"
+    assert main(["dashboard", "--model", "gdn", "--sae", gdn_sae, "--out", str(out), "--features", "0,5,9",
+                 "--n-examples", "4", "--context", "3", "--max-sequences", "16", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"feature dashboard: {out / 'index.html'}" in text
+    assert "Dashboard(3 features of WriteSAE at blocks.1.mixer.hook_state head 0, 16 sequences" in text
+    assert [f["feature"] for f in json.loads((out / "data" / "features.json").read_text())] == [0, 5, 9]
+    record = json.loads((out / "data" / "feature_5.json").read_text())
+    assert len(record["top_examples"]) <= 4 and all(len(e["tokens"]) <= 7 for e in record["top_examples"])
+    names = set(toy.load("gdn", progress=False).task.token_strings())
+    assert all(set(e["tokens"]) <= names for e in record["top_examples"])  # the toy's token names, not ids
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--features", "0,16"], "--features"),
+    (["--sae", "nowhere"], "--sae"),
+    (["--model", "no_such_dir"], "--dataset"),
+    (["--out", "NOTES"], "--out"),
+])
+def test_dashboard_command_errors(tmp_path, capsys, gdn_sae, argv, flag):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("not a dashboard")
+    base = {"--model": "gdn", "--sae": gdn_sae, "--out": str(tmp_path / "site")}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    base["--out"] = base["--out"].replace("NOTES", str(tmp_path / "notes"))
+    with pytest.raises(SystemExit):
+        main(["dashboard", *[x for kv in base.items() for x in kv], "--no-progress"])
+    assert f"argument {flag}" in capsys.readouterr().err
 
 
 def test_demo_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):

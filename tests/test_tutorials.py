@@ -25,7 +25,7 @@ CELL_TIMEOUT_S = 600
 # Calls whose ``progress`` defaults to True: a bar per call (thousands of stderr lines in an executed
 # notebook when ipywidgets is missing), so the tutorials switch it off.
 PROGRESS_CALLS = {"toy.load", "toy.load_sae", "toy.train_toy", "toy.train_probe_sae", "toy.build_embedded",
-                  "toy.build_embedded_sae", "TrainConfig", "harvest_to_store"}
+                  "toy.build_embedded_sae", "TrainConfig", "harvest_to_store", "build_dashboard"}
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 

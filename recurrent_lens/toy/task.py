@@ -112,6 +112,15 @@ class ToyTask:
     def value_ids(self) -> Int[Tensor, " n_values"]:
         return torch.arange(2 + self.n_keys, self.d_vocab)
 
+    def token_strings(self) -> list[str]:
+        """A readable name per token id (the toys have no tokenizer): ``<bos>``, ``<sep>``, ``k0``..., ``v0``....
+
+        Example:
+            >>> ToyTask(n_keys=2, n_values=2, n_pairs=1, n_queries=1).token_strings()
+            ['<bos>', '<sep>', 'k0', 'k1', 'v0', 'v1']
+        """
+        return ["<bos>", "<sep>"] + [f"k{i}" for i in range(self.n_keys)] + [f"v{i}" for i in range(self.n_values)]
+
     def make_batch(self, batch_size: int, *, seed: int | None = None,
                    generator: torch.Generator | None = None) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """A batch of MQAR sequences and their recall targets.

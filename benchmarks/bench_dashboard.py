@@ -1,0 +1,178 @@
+"""Feature dashboards: time against harvesting and encoding the same states, memory against a plain pass.
+
+    python benchmarks/bench_dashboard.py            # Qwen3.5-0.8B mixer sizes, 1 thread, fp32 (a few minutes)
+    python benchmarks/bench_dashboard.py --quick    # small sizes, seconds
+
+The model is a random ``gated_deltanet`` with Qwen3.5-0.8B's layer sizes (d_model 1024, 16 heads of 128 x 128,
+d_mlp 3584, 3 GDN layers then 1 attention layer, as in bench_harvest.py); the SAEs are random WriteSAEs (k=32) on
+``blocks.1.mixer.hook_state`` head 4. Prints, each measured in this run:
+
+  (a) ``build_dashboard`` (``n_writers=0``: the pass without the top writers, which come after it) of every
+      feature of a 2,048-feature SAE / the same batches harvested at every position
+      (``model.harvest`` of the SAE's cell) and encoded, in time                     (target <= 1.5)
+      best of ``--repeats`` after a warm-up, the two taking turns
+  (b) with 16,384 features: the peak RSS that ``build_dashboard`` adds above the peak of harvesting and encoding
+      the same batches / (SAE size + the per-feature buffers, O(n_features x n_examples))  (target <= 1)
+      every peak measured in its own fresh process (VmHWM reset after building the model and SAE)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HOOK, HEAD = "blocks.1.mixer.hook_state", 4
+N_EXAMPLES, N_SAMPLES, CONTEXT = 20, 12, 24
+
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        return dict(d_model=256, n_heads=8, d_head=32, d_mlp=896, n_attn_heads=4, n_kv_heads=2, d_head_attn=64,
+                    rotary_dim=16, T=128, n_seq=8, batch=4, mem_T=64, mem_seq=2)
+    return dict(d_model=1024, n_heads=16, d_head=128, d_mlp=3584, n_attn_heads=8, n_kv_heads=2, d_head_attn=256,
+                rotary_dim=64, T=256, n_seq=16, batch=8, mem_T=128, mem_seq=4)
+
+
+def build(quick: bool, n_features: int):
+    from recurrent_lens import HookedRecurrentModel, ModelConfig
+    from recurrent_lens.sae import WriteSAE
+
+    s = sizes(quick)
+    cfg = ModelConfig(
+        architecture="gated_deltanet", d_model=s["d_model"], n_layers=4, d_vocab=2048, n_heads=s["n_heads"],
+        n_key_heads=s["n_heads"], d_k=s["d_head"], d_v=s["d_head"], d_mlp=s["d_mlp"],
+        layer_types=("recurrent", "recurrent", "recurrent", "attention"), n_attn_heads=s["n_attn_heads"],
+        n_kv_heads=s["n_kv_heads"], d_head_attn=s["d_head_attn"], rotary_dim=s["rotary_dim"],
+        attn_output_gate=True, norm="rms_one_plus", options={"layout": "qwen3_5"},
+    )
+    model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
+    torch.manual_seed(0)
+    sae = WriteSAE(s["d_head"], s["d_head"], n_features, k=32,
+                   metadata={"hook_name": HOOK, "head": HEAD % s["n_heads"]})
+    return model, sae, s
+
+
+def tokens_for(s: dict, n_seq: int, T: int) -> torch.Tensor:
+    return torch.randint(0, 2048, (n_seq, T), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def harvest_and_encode(model, sae, tokens: torch.Tensor, batch: int) -> None:
+    head = sae.cfg.metadata["head"]
+    positions = torch.arange(tokens.shape[1])
+    for rows in tokens.split(batch):
+        states = model.harvest(rows, positions, [(HOOK, head)])[HOOK, head]
+        sae.encode(states)
+
+
+def dashboard(model, sae, tokens: torch.Tensor, batch: int):
+    from recurrent_lens.dashboard import build_dashboard
+
+    # The pass alone: the top writers come after it, at a cost that follows n_examples / n_sequences (the
+    # README gives it for these sizes).
+    return build_dashboard(model, sae, tokens, n_examples=N_EXAMPLES, n_samples=N_SAMPLES, context=CONTEXT,
+                           batch_size=batch, n_writers=0, progress=False)
+
+
+def proc_status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(args) -> None:
+    """In a fresh process: the peak RSS of one operation over the memory test's batches, printed as JSON."""
+    torch.set_num_threads(args.threads)
+    model, sae, s = build(args.quick, args.mem_features)
+    tokens = tokens_for(s, s["mem_seq"], s["mem_T"])
+    fn = {"harvest+encode": harvest_and_encode, "dashboard": dashboard}[args.child]
+    # Lazy initialisation is not the operation's memory. Both warm up the same way: a dashboard's own warm-up
+    # would allocate (and the allocator keep) a second set of its per-feature buffers.
+    import recurrent_lens.dashboard  # noqa: F401
+
+    harvest_and_encode(model, sae, tokens[:1, :16], 1)
+    before = proc_status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn(model, sae, tokens, s["batch"])
+    print(json.dumps({"before": before, "peak": proc_status("VmHWM:")}))
+
+
+def measure(args, what: str) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", what, "--threads", str(args.threads),
+            "--mem-features", str(args.mem_features)] + (["--quick"] if args.quick else [])
+    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode != 0:
+        raise RuntimeError(f"{what}: the measuring process failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--features", type=int, default=2048, help="SAE size of the timing (default 2048)")
+    parser.add_argument("--mem-features", type=int, default=16384, help="SAE size of the memory test (16384)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    torch.set_num_threads(args.threads)
+    model, sae, s = build(args.quick, args.features)
+    tokens = tokens_for(s, s["n_seq"], s["T"])
+    print(f"model: random gated_deltanet, d_model {s['d_model']}, {s['n_heads']} heads of {s['d_head']}x{s['d_head']}; "
+          f"{HOOK} head {sae.cfg.metadata['head']}; {args.threads} thread(s)")
+    print(f"(a) {tokens.shape[0]} sequences x {tokens.shape[1]} tokens, batch {s['batch']}, "
+          f"WriteSAE {args.features} features k=32, n_examples {N_EXAMPLES}, context {CONTEXT}")
+    ops = {"harvest+encode": lambda: harvest_and_encode(model, sae, tokens, s["batch"]),
+           "dashboard": lambda: dashboard(model, sae, tokens, s["batch"])}
+    for fn in ops.values():
+        fn()
+    best = dict.fromkeys(ops, float("inf"))
+    for _ in range(args.repeats):
+        for name, fn in ops.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    ratio = best["dashboard"] / best["harvest+encode"]
+    print(f"    harvest+encode {best['harvest+encode']:.2f}s, dashboard {best['dashboard']:.2f}s: "
+          f"ratio {ratio:.2f} (target <= 1.5)")
+
+    base, dash = measure(args, "harvest+encode"), measure(args, "dashboard")
+    sae_bytes = sum(t.numel() * t.element_size() for t in _sae_shapes(args.mem_features, s["d_head"]))
+    from recurrent_lens.dashboard.collect import N_BINS
+
+    window = 2 * CONTEXT + 1
+    # per feature: for each kept example its window's tokens (int32) and activations (fp32) plus four scalars,
+    # the histogram (int64) and three counters
+    buffers = args.mem_features * ((N_EXAMPLES + N_SAMPLES) * (window * 8 + 4 * 8) + N_BINS * 8 + 3 * 8)
+    extra = dash["peak"] - base["peak"]
+    print(f"(b) {s['mem_seq']} sequences x {s['mem_T']} tokens, WriteSAE {args.mem_features} features: peak RSS "
+          f"harvest+encode {base['peak'] / 2**20:.0f} MiB, dashboard {dash['peak'] / 2**20:.0f} MiB")
+    print(f"    dashboard - harvest+encode = {extra / 2**20:.0f} MiB; SAE {sae_bytes / 2**20:.0f} MiB + buffers "
+          f"{buffers / 2**20:.0f} MiB = {(sae_bytes + buffers) / 2**20:.0f} MiB: ratio "
+          f"{extra / (sae_bytes + buffers):.2f} (target <= 1)")
+
+
+def _sae_shapes(n_features: int, d: int):
+    """The parameters of a rank-1 WriteSAE without building one (meta tensors: no memory)."""
+    from recurrent_lens.sae import WriteSAE
+
+    with torch.device("meta"):
+        return list(WriteSAE(d, d, n_features, k=32).state_dict().values())
+
+
+if __name__ == "__main__":
+    main()
