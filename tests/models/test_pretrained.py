@@ -51,7 +51,8 @@ def test_loading_by_name_with_hf_hub_offline_in_a_fresh_process():
     script = ("from recurrent_lens import HookedRecurrentModel\n"
               f"for name in {NAMES!r}:\n"
               "    m = HookedRecurrentModel.from_pretrained(name, progress=False)\n"
-              "    print(m.cfg.architecture, m.to_string(m.to_tokens('Good night, sweet prince', prepend_bos=False)[0]))\n")
+              "    ids = m.to_tokens('Good night, sweet prince', prepend_bos=False)[0]\n"
+              "    print(m.cfg.architecture, m.to_string(ids))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
