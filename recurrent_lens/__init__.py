@@ -9,10 +9,11 @@ from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.base import HookedRecurrentModel
 from recurrent_lens.models.cache import RecurrentCache
 from recurrent_lens.models.registry import Architecture, register_architecture
+from recurrent_lens.pretrained import list_pretrained
 from recurrent_lens.sae import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
 
 __all__ = [
     "HookedRecurrentModel", "ModelConfig", "RecurrentCache", "Architecture", "register_architecture",
-    "WriteSAE", "FlatSAE", "MatrixSAE", "BilinearSAE",
+    "WriteSAE", "FlatSAE", "MatrixSAE", "BilinearSAE", "list_pretrained",
 ]
 __version__ = "0.1.0"

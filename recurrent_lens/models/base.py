@@ -216,8 +216,10 @@ class HookedRecurrentModel(TLWeights, HookedRootModule):
         """Load a checkpoint in any supported reference format (see :mod:`recurrent_lens.models.loading`).
 
         Args:
-            name_or_path: a local directory or a hub id (fetched with huggingface_hub).
-            dtype: weight dtype (default: the checkpoint's ``torch_dtype`` or fp32).
+            name_or_path: a local directory; else the name of a model that ships with the package
+                (:func:`~recurrent_lens.list_pretrained`, loaded offline); else a hub id (fetched with
+                huggingface_hub).
+            dtype: weight dtype (default: the checkpoint's ``torch_dtype`` or fp32; fp32 for shipped models).
             device: where the weights go; they are streamed there shard by shard.
         """
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)

@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from recurrent_lens.config import ModelConfig, resolve_dtype
 from recurrent_lens.models.registry import Architecture, architectures
+from recurrent_lens.pretrained import PRETRAINED_DIR, list_pretrained, pretrained_path
 from recurrent_lens.states.files import SafetensorsFormatError, read_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -43,17 +44,23 @@ class CheckpointError(ValueError):
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
-    """A local directory as is; otherwise a hub id downloaded with huggingface_hub."""
+    """A local directory as is; else the model of that name shipped with the package (see
+    :func:`~recurrent_lens.list_pretrained`), found without a network; else a hub id downloaded with
+    huggingface_hub."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"name_or_path: expected a directory or a hub id, got the file {path}")
+    shipped = pretrained_path(str(name_or_path))
+    if shipped is not None:
+        return shipped
     try:
         return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin",
                                                                          "*.model", "*.txt", "*.tiktoken"]))
     except Exception as e:
-        raise CheckpointError(f"name_or_path: {name_or_path!r} is neither a local directory nor a reachable "
+        raise CheckpointError(f"name_or_path: {name_or_path!r} is neither a local directory, nor a model that "
+                              f"ships with recurrent_lens ({', '.join(list_pretrained())}), nor a reachable "
                               f"hub id ({type(e).__name__}: {e})") from e
 
 
@@ -407,12 +414,15 @@ def load_pretrained(cls: type, name_or_path: str | Path, *, dtype: str | torch.d
     """Build ``cls`` for the checkpoint at ``name_or_path`` and stream its weights in.
 
     Without ``dtype`` the weights take the dtype ``config.json`` records (``dtype``, or ``torch_dtype``
-    in older transformers configs), else fp32.
+    in older transformers configs), else fp32; the models shipped with the package are stored in fp16 to
+    keep it small and load in fp32.
     """
     path = resolve_path(name_or_path)
     raw = read_config_json(path)
     arch, cfg = config_from_json(raw, path / "config.json")
-    torch_dtype = resolve_dtype(dtype) or checkpoint_dtype(raw, path / "config.json") or torch.float32
+    shipped = path.parent == PRETRAINED_DIR
+    recorded = None if shipped else checkpoint_dtype(raw, path / "config.json")
+    torch_dtype = resolve_dtype(dtype) or recorded or torch.float32
     cfg.dtype = str(torch_dtype).removeprefix("torch.")
     cfg.device = str(device or "cpu")
     cfg.source = str(name_or_path)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from recurrent_lens.pretrained import list_pretrained_saes, pretrained_sae_path
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
 from recurrent_lens.sae.saelens import is_saelens_config, load_saelens, save_saelens
@@ -89,6 +90,9 @@ def _load_into(sae: SAE, tensors: dict[str, torch.Tensor], source: str) -> SAE:
 def load(path: str, device: str | torch.device = "cpu", *, d_k: int | None = None, d_v: int | None = None) -> SAE:
     """Load an SAE directory written by ``save_pretrained``; the class comes from ``architecture``.
 
+    ``path`` may also name an SAE that ships with the package (see
+    :func:`~recurrent_lens.pretrained.list_pretrained_saes`), loaded offline when no such directory exists.
+
     A SAELens directory (its ``cfg.json`` has ``d_sae``) loads as a :class:`FlatSAE` on
     ``[d_k, d_v]`` states; ``d_k``/``d_v`` are needed when the directory does not record them
     (see :func:`recurrent_lens.sae.saelens.load_saelens`).
@@ -105,10 +109,14 @@ def load(path: str, device: str | torch.device = "cpu", *, d_k: int | None = Non
         ...     load(d)
         MatrixSAE(d_k=4, d_v=3, n_features=8, encoder=linear, decoder=rank-2, sparsity=topk(k=32))
     """
+    shipped = None if os.path.isdir(path) else pretrained_sae_path(str(path))
+    if shipped is not None:
+        path = str(shipped)
     cfg_path, weights_path = os.path.join(path, CFG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (cfg_path, weights_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"no {os.path.basename(p)} in SAE directory {path!r}")
+            names = "" if os.path.isdir(path) else f" (SAEs that ship with recurrent_lens: {list_pretrained_saes()})"
+            raise FileNotFoundError(f"no {os.path.basename(p)} in SAE directory {path!r}{names}")
     try:
         with open(cfg_path) as f:
             cfg_dict = json.load(f)
