@@ -121,8 +121,10 @@ class SAEConfig:
     """Bilinear encoder reuses the decoder factors (needs ``encoder="bilinear"``, factored)."""
     sparsity: str = "topk"
     """``"topk"``, ``"batchtopk"``, ``"jumprelu"`` or ``"gated"``."""
-    k: int = 32
-    """Active features per sample (TopK) or average per sample (BatchTopK)."""
+    k: int | None = None
+    """Active features per sample (TopK) or average per sample (BatchTopK); ``None``: 32, or every feature
+    of a dictionary smaller than that. A TopK or BatchTopK ``k`` above ``n_features`` is refused rather than
+    clamped, so the config never says more than the SAE does."""
     center: bool = False
     """Whether training fits the dataset mean M (stored in the ``mean`` buffer)."""
     dead_threshold: int = 100
@@ -171,9 +173,14 @@ class SAEConfig:
                 "tied=True needs encoder='bilinear' and a factored decoder, got "
                 f"encoder={self.encoder!r}, decoder={self.decoder!r}"
             )
+        if self.k is None:
+            self.k = min(32, self.n_features)
         for name in ("d_k", "d_v", "n_features", "k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sparsity in ("topk", "batchtopk") and self.k > self.n_features:
+            raise ValueError(f"k: expected at most n_features={self.n_features} active features for "
+                             f"sparsity={self.sparsity!r}, got {self.k}")
 
     @property
     def d_in(self) -> int:

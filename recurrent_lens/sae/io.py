@@ -107,7 +107,7 @@ def load(path: str, device: str | torch.device = "cpu", *, d_k: int | None = Non
         >>> with tempfile.TemporaryDirectory() as d:
         ...     MatrixSAE(4, 3, 8, rank=2).save_pretrained(d)
         ...     load(d)
-        MatrixSAE(d_k=4, d_v=3, n_features=8, encoder=linear, decoder=rank-2, sparsity=topk(k=32))
+        MatrixSAE(d_k=4, d_v=3, n_features=8, encoder=linear, decoder=rank-2, sparsity=topk(k=8))
     """
     shipped = None if os.path.isdir(path) else pretrained_sae_path(str(path))
     if shipped is not None:
@@ -167,7 +167,7 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     origin = typing.get_origin(annotation) or annotation
     return {bool: "true or false", int: "an int", float: "a finite number", str: "a string",
-            dict: "an object"}.get(origin, str(annotation))
+            dict: "an object", types.NoneType: "null"}.get(origin, str(annotation))
 
 
 def check_cfg_dict(cfg_dict: Any, source: str) -> None:
@@ -373,7 +373,7 @@ def _build_from_reference(sd: dict[str, torch.Tensor], config: dict[str, Any], c
             raise ValueError(f"{path}: config lacks n_features and the state dict has no 1-D b_enc, b_gate or "
                              "encoder.bias to read it from")
         n_features = sizes[0]
-    kwargs: dict[str, Any] = {"k": _config_int(config, "k", path, 32)}
+    kwargs: dict[str, Any] = {"k": _config_int(config, "k", path)}
     if config.get("use_batchtopk"):
         kwargs["sparsity"] = "batchtopk"
     if sae_type in ("gated", "jumprelu"):

@@ -188,8 +188,8 @@ def _saved_cfg(tmp_path, sae=None):
     "edit,message",
     [
         (lambda c: [c], r"cfg.json: expected a JSON object, got list"),
-        (lambda c: {**c, "k": "2"}, r"cfg.json: field 'k': expected an int, got '2' \(str\)"),
-        (lambda c: {**c, "k": True}, r"cfg.json: field 'k': expected an int, got True \(bool\)"),
+        (lambda c: {**c, "k": "2"}, r"cfg.json: field 'k': expected an int or null, got '2' \(str\)"),
+        (lambda c: {**c, "k": True}, r"cfg.json: field 'k': expected an int or null, got True \(bool\)"),
         (lambda c: {**c, "n_features": 4.0}, r"cfg.json: field 'n_features': expected an int, got 4.0"),
         (lambda c: {**c, "d_k": 0}, r"cfg.json: field 'd_k': expected a positive int, got 0"),
         (lambda c: {**c, "n_features": -4}, r"cfg.json: field 'n_features': expected a positive int, got -4"),

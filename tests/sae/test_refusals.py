@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from recurrent_lens.cli import main
 from recurrent_lens.sae import FlatSAE, TrainConfig, WriteSAE, load
+from recurrent_lens.sae.base import SAEConfig
 from recurrent_lens.sae.training import check_train_config
 
 D_K, D_V, N_F = 4, 3, 8
@@ -114,3 +115,12 @@ def test_zero_decoder_row_stays_finite_when_rescaled(tmp_path):
     assert all(bool(torch.isfinite(p).all()) for p in flat.state_dict().values() if p.is_floating_point()
                and p is not flat.log_threshold)
     assert not flat.D_dec[2].any()
+
+
+def test_sae_config_says_the_k_it_uses():
+    assert SAEConfig(d_k=4, d_v=4, n_features=16).k == 16
+    assert SAEConfig(d_k=4, d_v=4, n_features=64).k == 32
+    with pytest.raises(ValueError, match=r"^k: expected at most n_features=16 active features for "
+                                         r"sparsity='topk', got 64$"):
+        SAEConfig(d_k=4, d_v=4, n_features=16, k=64)
+    assert SAEConfig(d_k=4, d_v=4, n_features=16, k=64, sparsity="jumprelu").k == 64  # k unused there
