@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (  # noqa: E402
+    QUICK, QWEN3_5_0_8B, best_of, measure_in_child, proc_status, qwen3_5_gdn, reset_peak_rss)
 
 LAYER = 2
 N_POSITIONS = 16
@@ -37,24 +36,15 @@ N_FEATURES = 64
 
 def sizes(quick: bool) -> dict:
     if quick:
-        return dict(d_model=256, n_heads=4, d_head=64, d_mlp=896, n_attn_heads=4, n_kv_heads=2, d_head_attn=64,
-                    rotary_dim=16, T=128, head=1, sae_features=1024)
-    return dict(d_model=1024, n_heads=16, d_head=128, d_mlp=3584, n_attn_heads=8, n_kv_heads=2, d_head_attn=256,
-                rotary_dim=64, T=512, head=4, sae_features=16384)
+        return dict(QUICK, T=128, head=1, sae_features=1024)
+    return dict(QWEN3_5_0_8B, T=512, head=4, sae_features=16384)
 
 
 def build(quick: bool):
-    from recurrent_lens import HookedRecurrentModel, ModelConfig, WriteSAE
+    from recurrent_lens import WriteSAE
 
     s = sizes(quick)
-    cfg = ModelConfig(
-        architecture="gated_deltanet", d_model=s["d_model"], n_layers=4, d_vocab=2048, n_heads=s["n_heads"],
-        n_key_heads=s["n_heads"], d_k=s["d_head"], d_v=s["d_head"], d_mlp=s["d_mlp"],
-        layer_types=("recurrent", "recurrent", "recurrent", "attention"), n_attn_heads=s["n_attn_heads"],
-        n_kv_heads=s["n_kv_heads"], d_head_attn=s["d_head_attn"], rotary_dim=s["rotary_dim"],
-        attn_output_gate=True, norm="rms_one_plus", options={"layout": "qwen3_5"},
-    )
-    model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
+    model = qwen3_5_gdn(s)
     torch.manual_seed(0)
     sae = WriteSAE(s["d_head"], s["d_head"], s["sae_features"], k=32,
                    metadata={"hook_name": f"blocks.{LAYER}.mixer.hook_state", "head": s["head"]})
@@ -75,13 +65,6 @@ def operations(model, sae, tokens, positions, features, s) -> dict:
     }
 
 
-def proc_status(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(args) -> None:
     """Runs in a fresh process: one operation's peak resident memory, printed as JSON."""
     torch.set_num_threads(args.threads)
@@ -90,36 +73,13 @@ def child(args) -> None:
     ops = operations(model, sae, tokens[:, :64], positions.clamp(max=63), features, s)
     ops[args.child]()  # warm-up on a short prefix: torch's lazy initialisation is not the operation's memory
     fn = operations(model, sae, tokens, positions, features, s)[args.child]
-    before = proc_status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    if proc_status("VmHWM:") > before + 2**20:
-        raise RuntimeError("could not reset VmHWM through /proc/self/clear_refs")
+    before = reset_peak_rss()
     fn()
     print(json.dumps({"before": before, "peak": proc_status("VmHWM:")}))
 
 
-def measure_in_child(args, what: str) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", what, "--threads", str(args.threads)]
-    argv += ["--quick"] if args.quick else []
-    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if out.returncode != 0:
-        raise RuntimeError(f"{what}: the measuring process failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def best_of(fns: dict, repeats: int) -> dict[str, float]:
-    """Best time of each function, run round-robin so that a change in the machine's load (shared cores)
-    hits every function alike."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+def measure(args, what: str) -> dict:
+    return measure_in_child(__file__, what, ["--threads", str(args.threads)] + (["--quick"] if args.quick else []))
 
 
 def mib(n: float) -> str:
@@ -150,7 +110,7 @@ def main() -> None:
     print(f"(b) feature_attribution, {N_FEATURES} features x {N_POSITIONS} positions / forward = "
           f"{best['feature attribution'] * 1e3:.0f} ms / {fwd * 1e3:.0f} ms = {best['feature attribution'] / fwd:.2f}"
           "  (target <= 1)")
-    peaks = {name: measure_in_child(args, name) for name in ("forward", "implicit attention", "feature attribution")}
+    peaks = {name: measure(args, name) for name in ("forward", "implicit attention", "feature attribution")}
     base = peaks["forward"]["peak"]
     pattern = T * T * H * 4
     never = T * T * d * d * 4

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (  # noqa: E402
+    QUICK, QWEN3_5_0_8B, best_of, measure_in_child, proc_status, qwen3_5_gdn, reset_peak_rss)
 
 HOOK, HEAD = "blocks.1.mixer.hook_state", 4
 N_EXAMPLES, N_SAMPLES, CONTEXT = 20, 12, 24
@@ -36,25 +35,15 @@ N_EXAMPLES, N_SAMPLES, CONTEXT = 20, 12, 24
 
 def sizes(quick: bool) -> dict:
     if quick:
-        return dict(d_model=256, n_heads=8, d_head=32, d_mlp=896, n_attn_heads=4, n_kv_heads=2, d_head_attn=64,
-                    rotary_dim=16, T=128, n_seq=8, batch=4, mem_T=64, mem_seq=2)
-    return dict(d_model=1024, n_heads=16, d_head=128, d_mlp=3584, n_attn_heads=8, n_kv_heads=2, d_head_attn=256,
-                rotary_dim=64, T=256, n_seq=16, batch=8, mem_T=128, mem_seq=4)
+        return dict(QUICK, n_heads=8, d_head=32, T=128, n_seq=8, batch=4, mem_T=64, mem_seq=2)
+    return dict(QWEN3_5_0_8B, T=256, n_seq=16, batch=8, mem_T=128, mem_seq=4)
 
 
 def build(quick: bool, n_features: int):
-    from recurrent_lens import HookedRecurrentModel, ModelConfig
     from recurrent_lens.sae import WriteSAE
 
     s = sizes(quick)
-    cfg = ModelConfig(
-        architecture="gated_deltanet", d_model=s["d_model"], n_layers=4, d_vocab=2048, n_heads=s["n_heads"],
-        n_key_heads=s["n_heads"], d_k=s["d_head"], d_v=s["d_head"], d_mlp=s["d_mlp"],
-        layer_types=("recurrent", "recurrent", "recurrent", "attention"), n_attn_heads=s["n_attn_heads"],
-        n_kv_heads=s["n_kv_heads"], d_head_attn=s["d_head_attn"], rotary_dim=s["rotary_dim"],
-        attn_output_gate=True, norm="rms_one_plus", options={"layout": "qwen3_5"},
-    )
-    model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
+    model = qwen3_5_gdn(s)
     torch.manual_seed(0)
     sae = WriteSAE(s["d_head"], s["d_head"], n_features, k=32,
                    metadata={"hook_name": HOOK, "head": HEAD % s["n_heads"]})
@@ -83,13 +72,6 @@ def dashboard(model, sae, tokens: torch.Tensor, batch: int):
                            batch_size=batch, n_writers=0, progress=False)
 
 
-def proc_status(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(args) -> None:
     """In a fresh process: the peak RSS of one operation over the memory test's batches, printed as JSON."""
     torch.set_num_threads(args.threads)
@@ -101,20 +83,14 @@ def child(args) -> None:
     import recurrent_lens.dashboard  # noqa: F401
 
     harvest_and_encode(model, sae, tokens[:1, :16], 1)
-    before = proc_status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+    before = reset_peak_rss()
     fn(model, sae, tokens, s["batch"])
     print(json.dumps({"before": before, "peak": proc_status("VmHWM:")}))
 
 
 def measure(args, what: str) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", what, "--threads", str(args.threads),
-            "--mem-features", str(args.mem_features)] + (["--quick"] if args.quick else [])
-    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if out.returncode != 0:
-        raise RuntimeError(f"{what}: the measuring process failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return measure_in_child(__file__, what, ["--threads", str(args.threads), "--mem-features", str(args.mem_features)]
+                            + (["--quick"] if args.quick else []))
 
 
 def main() -> None:
@@ -138,14 +114,7 @@ def main() -> None:
           f"WriteSAE {args.features} features k=32, n_examples {N_EXAMPLES}, context {CONTEXT}")
     ops = {"harvest+encode": lambda: harvest_and_encode(model, sae, tokens, s["batch"]),
            "dashboard": lambda: dashboard(model, sae, tokens, s["batch"])}
-    for fn in ops.values():
-        fn()
-    best = dict.fromkeys(ops, float("inf"))
-    for _ in range(args.repeats):
-        for name, fn in ops.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    best = best_of(ops, args.repeats)
     ratio = best["dashboard"] / best["harvest+encode"]
     print(f"    harvest+encode {best['harvest+encode']:.2f}s, dashboard {best['dashboard']:.2f}s: "
           f"ratio {ratio:.2f} (target <= 1.5)")

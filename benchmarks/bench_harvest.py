@@ -34,7 +34,6 @@ import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (  # noqa: E402
+    QUICK, QWEN3_5_0_8B, best_of, measure_in_child, proc_status, qwen3_5_gdn, reset_peak_rss)
 
 N_POSITIONS = 16
 LAYER = 1
@@ -49,28 +50,17 @@ LAYER = 1
 
 def sizes(quick: bool) -> dict:
     if quick:
-        return dict(d_model=256, n_heads=4, d_head=64, d_mlp=896, n_attn_heads=4, n_kv_heads=2, d_head_attn=64,
-                    rotary_dim=16, T=128, batch=2, head=1)
-    return dict(d_model=1024, n_heads=16, d_head=128, d_mlp=3584, n_attn_heads=8, n_kv_heads=2, d_head_attn=256,
-                rotary_dim=64, T=512, batch=8, head=4)
+        return dict(QUICK, T=128, batch=2, head=1)
+    return dict(QWEN3_5_0_8B, T=512, batch=8, head=4)
 
 
 def build(args):
-    from recurrent_lens import HookedRecurrentModel, ModelConfig
     from recurrent_lens.sae.cells import sample_positions
 
     s = sizes(args.quick)
     if args.batch is not None:
         s["batch"] = args.batch
-    cfg = ModelConfig(
-        architecture="gated_deltanet", d_model=s["d_model"], n_layers=4, d_vocab=args.vocab, n_heads=s["n_heads"],
-        n_key_heads=s["n_heads"], d_k=s["d_head"], d_v=s["d_head"], d_mlp=s["d_mlp"],
-        layer_types=("recurrent", "recurrent", "recurrent", "attention"), n_attn_heads=s["n_attn_heads"],
-        n_kv_heads=s["n_kv_heads"], d_head_attn=s["d_head_attn"], rotary_dim=s["rotary_dim"],
-        attn_output_gate=True, norm="rms_one_plus", options={"layout": "qwen3_5"}, dtype=args.dtype,
-        device=args.device,
-    )
-    model = HookedRecurrentModel.from_config(cfg, seed=0).eval()
+    model = qwen3_5_gdn(s, args.vocab, dtype=args.dtype, device=args.device)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, args.vocab, (s["batch"], s["T"]), generator=gen).to(args.device)
     positions = sample_positions(range(s["batch"]), s["T"], N_POSITIONS).to(args.device)
@@ -101,13 +91,6 @@ def operations(model, s: dict) -> dict:
     }
 
 
-def proc_status(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(args) -> None:
     """Runs in a fresh process: one operation's peak resident memory, printed as JSON."""
     torch.set_num_threads(args.threads)
@@ -118,11 +101,7 @@ def child(args) -> None:
     # operation's memory, and a full-size warm-up would leave its own peak in VmHWM.
     short = min(2 * model.cfg.chunk_size, tokens.shape[1])
     fn(tokens[:1, :short], positions[:1].clamp(max=short - 1))
-    before = proc_status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    if proc_status("VmHWM:") > before + 2**20:
-        raise RuntimeError("could not reset VmHWM through /proc/self/clear_refs")
+    before = reset_peak_rss()
     t0 = time.perf_counter()
     fn(tokens, positions)
     seconds = time.perf_counter() - t0
@@ -130,31 +109,11 @@ def child(args) -> None:
     print(json.dumps({"before": before, "peak": proc_status("VmHWM:"), "weights": weights, "seconds": seconds}))
 
 
-def measure_in_child(args, what: str, batch: int | None = None) -> dict:
+def measure(args, what: str, batch: int | None = None) -> dict:
     batch = batch or args.batch
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", what, "--threads", str(args.threads),
-            "--vocab", str(args.vocab), "--dtype", args.dtype]
-    argv += (["--quick"] if args.quick else []) + (["--batch", str(batch)] if batch else [])
-    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if out.returncode != 0:
-        raise RuntimeError(f"{what}: the measuring process failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def best_of(fns: dict, repeats: int, sync) -> dict[str, float]:
-    """Best time of each function, run round-robin so that a change in the machine's load (shared
-    cores) hits every function alike instead of whichever happens to be timed then."""
-    for fn in fns.values():
-        fn()
-    sync()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+    flags = ["--threads", str(args.threads), "--vocab", str(args.vocab), "--dtype", args.dtype]
+    flags += (["--quick"] if args.quick else []) + (["--batch", str(batch)] if batch else [])
+    return measure_in_child(__file__, what, flags)
 
 
 def mib(n: float) -> str:
@@ -173,9 +132,9 @@ def mem_available() -> int:
 
 
 def cpu_memory(args, s: dict) -> None:
-    fwd = measure_in_child(args, "forward")
-    one = measure_in_child(args, "one head")
-    many = measure_in_child(args, "layers 1-2")
+    fwd = measure(args, "forward")
+    one = measure(args, "one head")
+    many = measure(args, "layers 1-2")
     print(f"    weights {mib(fwd['weights'])}; resident before each measured call (model, torch, warm-up): "
           f"{mib(fwd['before'])}")
     added = one["peak"] - fwd["peak"]
@@ -199,7 +158,7 @@ def cpu_memory(args, s: dict) -> None:
         print(f"    old way (run_with_cache of hook_state + slicing): skipped, the full state tensor is {mib(full)} "
               f"and it peaks near 5x that; MemAvailable {mib(mem_available())} < {mib(need)} even at batch 1")
         return
-    old = measure_in_child(args, "old way", batch)
+    old = measure(args, "old way", batch)
     note = "" if batch == s["batch"] else (
         f" at batch {batch}, not {s['batch']}: MemAvailable {mib(mem_available())} < 6x the {mib(full)} state tensor")
     print(f"    old way (run_with_cache of hook_state + slicing){note}: peak {mib(old['peak'])}, "

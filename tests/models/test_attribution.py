@@ -5,11 +5,10 @@ execution mode (the chunked fast path; materialised states), and forwards with a
 ``hook_write`` (the token-by-token path) or through ``hook_v`` (the chunked path).
 """
 
-import threading
-
 import pytest
 import torch
 from tests.support.helpers import ARCHS, tiny_model
+from tests.support.threads import run_in_threads
 
 from recurrent_lens.models.attribution import capture
 
@@ -182,23 +181,13 @@ def test_write_contributions_from_two_threads_on_one_model():
              (tokens_for(model, seed=2), torch.tensor([[12], [20]]))]
     alone = [model.write_contributions(tokens, layer, read_positions=pos) for tokens, pos in calls]
     got: dict[int, list] = {0: [], 1: []}
-    errors = []
-    start = threading.Barrier(2)
 
     def worker(i):
         tokens, pos = calls[i]
-        start.wait()
-        try:
-            for _ in range(20):
-                got[i].append(model.write_contributions(tokens, layer, read_positions=pos))
-        except Exception as e:  # reported below: a thread's exception would otherwise vanish
-            errors.append(e)
+        for _ in range(20):
+            got[i].append(model.write_contributions(tokens, layer, read_positions=pos))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = run_in_threads(2, worker)
     assert not errors, errors
     for i, want in enumerate(alone):
         assert len(got[i]) == 20

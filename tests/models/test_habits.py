@@ -7,13 +7,13 @@ the check is the error that says why. SAELens entries skip without ``sae_lens`` 
 ``RECURRENT_LENS_REQUIRE_SAELENS=1``).
 """
 
-import os
 import tempfile
 
 import pytest
 import torch
 from tests.models.test_tl_compat import uneven_hybrid
 from tests.support.helpers import tiny_model, word_tokenizer
+from tests.support.saelens import sae_lens, standard_sae
 from transformer_lens import FactoredMatrix, patching
 from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities import test_prompt as tl_test_prompt_fn
@@ -303,27 +303,8 @@ def test_transformer_lens_habit(ctx, habit):
 # ---------------------------------------------------------------------------------------------- SAELens
 
 
-def sae_lens():
-    if os.environ.get("RECURRENT_LENS_REQUIRE_SAELENS") == "1":
-        import sae_lens as module
-
-        return module
-    return pytest.importorskip("sae_lens")
-
-
-def standard(d_in, hook_name, seed=0):
-    sl = sae_lens()
-    torch.manual_seed(seed)
-    sae = sl.StandardSAE(sl.StandardSAEConfig(d_in=d_in, d_sae=2 * d_in))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    sae.cfg.metadata.hook_name = hook_name
-    return sae
-
-
 def sl_add_sae_resid(c):
-    model, sae = c["model"], standard(32, "blocks.1.hook_resid_post")
+    model, sae = c["model"], standard_sae(32, "blocks.1.hook_resid_post")
     model.add_sae(sae, use_error_term=True)
     try:
         torch.testing.assert_close(model(c["clean"]), c["logits"], rtol=1e-4, atol=1e-4)
@@ -332,35 +313,35 @@ def sl_add_sae_resid(c):
 
 
 def sl_run_with_saes(c):
-    sae = standard(32, "blocks.1.hook_resid_post")
+    sae = standard_sae(32, "blocks.1.hook_resid_post")
     out = c["model"].run_with_saes(c["clean"], saes=[sae])
     expected = c["model"].run_with_hooks(c["clean"], fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: sae(x))])
     torch.testing.assert_close(out, expected)
 
 
 def sl_run_with_cache_with_saes(c):
-    sae = standard(32, "blocks.0.hook_mixer_out")
+    sae = standard_sae(32, "blocks.0.hook_mixer_out")
     _, cache = c["model"].run_with_cache_with_saes(c["clean"], saes=[sae])
     torch.testing.assert_close(cache["blocks.0.hook_mixer_out.hook_sae_acts_post"],
                                sae.encode(cache["blocks.0.hook_mixer_out.hook_sae_input"]))
 
 
 def sl_reset_saes(c):
-    c["model"].add_sae(standard(32, "blocks.0.hook_resid_post"))
+    c["model"].add_sae(standard_sae(32, "blocks.0.hook_resid_post"))
     c["model"].reset_saes()
     assert not [n for n in c["model"].hook_dict if "sae" in n]
 
 
 def sl_per_head_read(c):
     cfg = c["model"].cfg
-    sae = standard(cfg.d_v, "blocks.0.mixer.hook_read")
+    sae = standard_sae(cfg.d_v, "blocks.0.mixer.hook_read")
     sae.cfg.metadata.hook_head_index = 1
     assert c["model"].run_with_saes(c["clean"], saes=[sae]).shape == c["logits"].shape
 
 
 def sl_flat_heads_read(c):
     cfg = c["model"].cfg
-    sae = standard(cfg.n_heads * cfg.d_v, "blocks.0.mixer.hook_read")
+    sae = standard_sae(cfg.n_heads * cfg.d_v, "blocks.0.mixer.hook_read")
     _, cache = c["model"].run_with_cache_with_saes(c["clean"], saes=[sae], use_error_term=True)
     torch.testing.assert_close(cache["blocks.0.mixer.hook_read.hook_sae_input"],
                                c["cache"]["read", 0].flatten(-2))
@@ -368,13 +349,13 @@ def sl_flat_heads_read(c):
 
 def sl_refuses_matrix_hook(c):
     with pytest.raises(ValueError, match="is a matrix hook"):
-        c["model"].add_sae(standard(32, "blocks.0.mixer.hook_state"))
+        c["model"].add_sae(standard_sae(32, "blocks.0.mixer.hook_state"))
 
 
 def sl_activations_store(c):
     sl = sae_lens()
     datasets = pytest.importorskip("datasets")
-    sae = standard(32, "blocks.1.hook_resid_post")
+    sae = standard_sae(32, "blocks.1.hook_resid_post")
     sae.cfg.metadata.context_size, sae.cfg.metadata.prepend_bos = 5, False
     rows = torch.randint(2, c["model"].cfg.d_vocab, (8, 5)).tolist()
     store = sl.ActivationsStore.from_sae(c["model"], sae, dataset=datasets.Dataset.from_dict({"tokens": rows}),
@@ -391,7 +372,7 @@ def sl_run_evals(c):
 
     if "store" not in c:
         sl_activations_store(c)
-    sae = standard(32, "blocks.1.hook_resid_post")
+    sae = standard_sae(32, "blocks.1.hook_resid_post")
     metrics, _ = run_evals(sae, c["store"], c["model"], ActivationScaler(),
                            EvalConfig(n_eval_reconstruction_batches=1, n_eval_sparsity_variance_batches=1,
                                       compute_kl=True, compute_ce_loss=True))

@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.support.helpers import ARCHS, tiny_model
+from tests.support.threads import run_in_threads
 
 T = 37  # not a multiple of any test chunk size: the last chunk is padded
 
@@ -259,8 +260,6 @@ def test_boundary_scan_reports_no_update_values_where_it_steps():
 
 def test_states_at_and_harvest_from_several_threads_on_one_model():
     """Concurrent calls without hooks each get their own positions and heads, bitwise as when run alone."""
-    import threading
-
     model = tiny_model("gated_deltanet")
     model.cfg.chunk_size = 8
     layers = model.cfg.recurrent_layers
@@ -283,22 +282,12 @@ def test_states_at_and_harvest_from_several_threads_on_one_model():
 
     alone = [run(c) for c in calls]
     got: dict[int, dict] = {}
-    errors = []
-    start = threading.Barrier(4)
 
     def worker(t):
-        start.wait()
-        try:
-            for i in range(t, len(calls), 4):
-                got[i] = run(calls[i])
-        except Exception as e:  # reported below: a thread's exception would otherwise vanish
-            errors.append(e)
+        for i in range(t, len(calls), 4):
+            got[i] = run(calls[i])
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = run_in_threads(4, worker)
     assert not errors, errors
     wrong = [i for i in range(len(calls)) if got[i].keys() != alone[i].keys()
              or any(got[i][k].shape != alone[i][k].shape or not torch.equal(got[i][k], alone[i][k]) for k in alone[i])]

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.support.helpers import tiny_gdn
+from tests.support.saelens import sae_lens
 from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, add_sae, load, reset_saes, saes
 from recurrent_lens.sae.base import SAEConfig, SAEMetadata
 from recurrent_lens.sae.saelens import SAELENS_FORMAT_VERSION, load_saelens, to_saelens
@@ -22,15 +23,6 @@ from recurrent_lens.sae.saelens import SAELENS_FORMAT_VERSION, load_saelens, to_
 D_K, D_V, N_F = 4, 3, 16
 D_IN = D_K * D_V
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def sae_lens():
-    """The ``sae_lens`` module; skip without it unless CI requires it."""
-    if os.environ.get("RECURRENT_LENS_REQUIRE_SAELENS") == "1":
-        import sae_lens as module
-
-        return module
-    return pytest.importorskip("sae_lens")
 
 
 def randomised(sae: SAE, seed: int = 0) -> SAE:

@@ -7,24 +7,12 @@ Tests that need ``sae_lens`` skip without it, except under ``RECURRENT_LENS_REQU
 import pytest
 import torch
 from tests.models.test_tl_compat import uneven_hybrid
-from tests.sae.test_saelens import sae_lens
 from tests.support.helpers import tiny_model, word_tokenizer
+from tests.support.saelens import sae_lens, standard_sae
 
 from recurrent_lens.sae import WriteSAE
 
 TOKENS = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
-
-
-def standard_sae(d_in, hook_name=None, head=None, seed=0):
-    sl = sae_lens()
-    torch.manual_seed(seed)
-    sae = sl.StandardSAE(sl.StandardSAEConfig(d_in=d_in, d_sae=2 * d_in))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    sae.cfg.metadata.hook_name = hook_name
-    sae.cfg.metadata.hook_head_index = head
-    return sae
 
 
 @pytest.fixture

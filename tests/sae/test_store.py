@@ -14,6 +14,7 @@ import torch
 
 import recurrent_lens.sae.store as store_mod
 from tests.support.helpers import tiny_gdn
+from tests.support.threads import run_in_threads
 from recurrent_lens.data import open_tokens
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae.cells import Cell, sample_positions
@@ -83,26 +84,10 @@ def test_contents_equal_a_full_forward(model, tokens, clean):
 def test_harvest_to_store_from_several_threads_on_one_model(model, tokens, clean, tmp_path):
     """Four stores harvested at once from one model, with other cells and seeds between them, hold what a
     harvest alone stores."""
-    import threading
-
     kws = [dict(KW, seed=5 + t % 2, batch_size=1 + t % 3) for t in range(4)]
     cells = [CELLS if t % 2 == 0 else CELLS[::-1] for t in range(4)]
     alone = [harvest_to_store(model, cells[t], tokens, tmp_path / f"alone{t}", **kws[t]) for t in range(4)]
-    errors = []
-    start = threading.Barrier(4)
-
-    def worker(t):
-        start.wait()
-        try:
-            harvest_to_store(model, cells[t], tokens, tmp_path / f"threaded{t}", **kws[t])
-        except Exception as e:  # reported below: a thread's exception would otherwise vanish
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = run_in_threads(4, lambda t: harvest_to_store(model, cells[t], tokens, tmp_path / f"threaded{t}", **kws[t]))
     assert not errors, errors
     for t in range(4):
         got = StateStore(tmp_path / f"threaded{t}")
