@@ -48,6 +48,7 @@ from recurrent_lens.dashboard import build_dashboard
 from recurrent_lens.data import open_tokens
 from recurrent_lens.integrity import NonFiniteError, ResumeMismatchError
 from recurrent_lens.models.loading import CheckpointError
+from recurrent_lens.pretrained import list_pretrained_saes
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae.training import write_json
 from recurrent_lens.sae import load as load_sae
@@ -1104,7 +1105,8 @@ def _add_dashboard_parser(sub) -> None:
     g.add_argument("--model", required=True, metavar="NAME|DIR",
                    help="a toy name (" + ", ".join(toy.names()) + ") or a checkpoint for from_pretrained")
     g.add_argument("--sae", required=True, metavar="DIR|NAME",
-                   help="an SAE directory, or a toy name for its shipped SAE")
+                   help="an SAE directory, a shipped SAE (" + ", ".join(list_pretrained_saes())
+                        + ") or a toy name for its shipped SAE")
     g.add_argument("--dataset", default=None, metavar="PATH_OR_HUB_ID",
                    help="text or token dataset as for train-sae (default for a toy: its task's held-out sequences)")
     g.add_argument("--text-field", default="text", help="text field of .jsonl / datasets rows (default: text)")
@@ -1142,7 +1144,8 @@ def _dashboard_cmd(args, parser) -> int:
             parser.error("argument --dataset: required with a checkpoint --model")
         model = _load_checkpoint(args, parser)
         data = _token_source(args, parser, model)
-    if os.path.isdir(args.sae):
+    shipped = list_pretrained_saes()
+    if os.path.isdir(args.sae) or args.sae in shipped:
         try:
             sae = load_sae(args.sae, device=args.device or "cpu")
         except (OSError, ValueError) as e:
@@ -1150,8 +1153,8 @@ def _dashboard_cmd(args, parser) -> int:
     elif args.sae in toy.names():
         sae = toy.load_sae(args.sae, progress=not args.no_progress)
     else:
-        parser.error(f"argument --sae: expected an SAE directory or a toy name ({', '.join(toy.names())}), "
-                     f"got {args.sae!r}")
+        parser.error(f"argument --sae: expected an SAE directory, a shipped SAE ({', '.join(shipped)}) or a toy "
+                     f"name ({', '.join(toy.names())}), got {args.sae!r}")
     if args.features is not None:
         _check_range(parser, "--features", args.features, sae.cfg.n_features, "feature indices")
     try:

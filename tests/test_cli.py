@@ -111,6 +111,20 @@ def test_dashboard_command(tmp_path, capsys, gdn_sae):
     assert all(set(e["tokens"]) <= names for e in record["top_examples"])  # the toy's token names, not ids
 
 
+def test_dashboard_command_shipped_sae_on_an_excerpt(tmp_path, capsys):
+    """The README's command: a shipped model and SAE by name, a shipped excerpt by its path."""
+    from recurrent_lens.pretrained import PRETRAINED_DIR
+
+    out = tmp_path / "site"
+    assert main(["dashboard", "--model", "shakespeare-gdn", "--sae", "shakespeare-gdn/blocks.1.mixer.hook_state.h0",
+                 "--dataset", str(PRETRAINED_DIR / "excerpts" / "macbeth.txt"), "--context-length", "64",
+                 "--max-sequences", "2", "--features", "0,1", "--out", str(out), "--no-progress"]) == 0
+    assert "Dashboard(2 features of WriteSAE at blocks.1.mixer.hook_state head 0, 2 sequences x 64 positions" in \
+        capsys.readouterr().out
+    record = json.loads((out / "data" / "feature_1.json").read_text())
+    assert all(isinstance(t, str) for e in record["top_examples"] for t in e["tokens"])
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--features", "0,16"], "--features"),
     (["--sae", "nowhere"], "--sae"),
