@@ -2,7 +2,7 @@
 
 ::
 
-    recurrent-lens demo [--arch gdn] [--out DIR] [--quick] [--positions values|all]
+    recurrent-lens demo [--model shakespeare-gdn [--dataset PATH] | --arch gdn] [--out DIR] [--quick]
     recurrent-lens train-sae --arch gdn --out DIR [--hook blocks.1.mixer.hook_state --head 0 ...]
     recurrent-lens train-sae --model DIR_OR_HUB_ID --dataset PATH --layers 1,9,17 --heads 4 --context-length 512
                              --steps N --out OUT [--dtype bfloat16 --device cuda]   (also under torchrun)
@@ -60,6 +60,8 @@ from recurrent_lens.states.files import DirectoryLock, DirectoryLockedError, che
 
 # The analyses skip the BOS position, as SAE training and the substitution test do.
 SKIP_POSITIONS = 1
+DEMO_MODEL = "shakespeare-gdn"
+"""What ``demo`` runs on without ``--arch`` or ``--model`` (the README's "Main job" says why)."""
 DEMO_TEXT_STEPS = 600
 """``demo --model``'s default SAE steps (the toy demo's are ``toy.PROBE_SAE["n_steps"]``)."""
 DEMO_TEXT_EVAL = 16
@@ -91,9 +93,11 @@ _nonzero_float = _number(float, "a nonzero finite number", lambda v: v != 0 and 
 _cosine = _number(float, "a number in [-1, 1]", lambda v: -1 <= v <= 1)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="gdn", type=_toy_name, metavar="{" + ",".join(toy.names()) + "}",
-                   help="toy architecture, by toy name or registry name (gated_deltanet, delta_net; default: gdn)")
+def _add_model_args(p: argparse.ArgumentParser, arch_default: str | None = "gdn") -> None:
+    default = "gdn" if arch_default else f"none: the demo runs on --model {DEMO_MODEL}"
+    p.add_argument("--arch", default=arch_default, type=_toy_name, metavar="{" + ",".join(toy.names()) + "}",
+                   help=f"toy architecture, by toy name or registry name (gated_deltanet, delta_net; "
+                        f"default: {default})")
     p.add_argument("--hook", default=None,
                    help="state hook the SAE reads (default: the toy's probe site, the head whose writes its "
                         "recall needs most: blocks.1.mixer.hook_state; blocks.0 for mamba2 and gla)")
@@ -248,10 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    demo = sub.add_parser("demo", help="toy model -> WriteSAE -> substitution test, with a table and plots",
-                          description="Load (or train) a toy model, train a WriteSAE on one head's state from hooks, "
-                                      "run the single-write substitution test and save plots.")
-    _add_model_args(demo)
+    demo = sub.add_parser("demo", help="text model (or toy) -> WriteSAE -> substitution test, with a table, plots "
+                                       "and a dashboard",
+                          description=f"Load a model (default: --model {DEMO_MODEL} on its Macbeth excerpt; --arch for "
+                                      "a toy), train a WriteSAE on one head's state from hooks, run the single-write "
+                                      "substitution test and save plots and a feature dashboard.")
+    _add_model_args(demo, arch_default=None)
     _add_sae_args(demo)
     _add_substitution_args(demo)
     _add_protocol_options(demo, "substitution")
@@ -259,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny settings for a fast smoke run (seconds)")
     g = demo.add_argument_group("a text model instead of a toy")
     g.add_argument("--model", default=None, metavar="NAME_OR_DIR",
-                   help="a checkpoint for from_pretrained, e.g. shakespeare-gdn: the SAE trains on --dataset's windows "
-                        f"after the first --eval-sequences (default {DEMO_TEXT_EVAL}), which the test runs on")
+                   help=f"a checkpoint for from_pretrained (default: {DEMO_MODEL} unless --arch): the SAE trains on "
+                        f"--dataset's windows after the first --eval-sequences (default {DEMO_TEXT_EVAL}), which the "
+                        "test runs on")
     g.add_argument("--dataset", default=None, metavar="PATH",
                    help="text or token dataset as for train-sae (default for the shipped models: the Macbeth excerpt)")
     g.add_argument("--context-length", type=_positive_int, default=256,
@@ -517,7 +524,6 @@ def _demo(args, parser) -> int:
     if text:
         model, eval_tokens, train_tokens, strings = _demo_text_data(args, parser)
         where = f"{args.model}, {args.hook} head {args.head}"
-        run = lambda atom=None: _text_substitution(args, model, sae, eval_tokens, progress, atom)  # noqa: E731
         print(f"{args.model}: {model}\n  {len(train_tokens)} windows of {train_tokens.shape[1]} tokens train the SAE, "
               f"the first {len(eval_tokens)} of {args.dataset} are held out for the test "
               f"({time.perf_counter() - start:.1f}s)")
@@ -531,7 +537,6 @@ def _demo(args, parser) -> int:
         print(f"toy {args.arch}: {model}\n  recall accuracy {100 * recall:.1f}% ({time.perf_counter() - start:.1f}s)")
         eval_tokens, strings = _eval_tokens(args, task), task.token_strings()
         where = f"toy {args.arch}, {args.hook} head {args.head}"
-        run = lambda atom=None: _substitution(args, model, task, sae, progress if atom is None else False, atom)  # noqa: E731
     t = time.perf_counter()
     if text:
         sae, log = train_sae(model, args.hook, args.head, train_tokens, _demo_text_config(args, progress))
@@ -540,6 +545,12 @@ def _demo(args, parser) -> int:
     last = log.train[-1] if log.train else {}
     print(f"{sae}\n  explained variance {last.get('explained_variance', float('nan')):.3f}, "
           f"dead {last.get('dead', 0)} ({time.perf_counter() - t:.1f}s)")
+
+    def run(atom: str | None = None):  # None: args.atom, reported; else the silent contrast
+        if text:
+            return _text_substitution(args, model, sae, eval_tokens, progress, atom)
+        return _substitution(args, model, task, sae, progress if atom is None else False, atom)
+
     result = run()
     print(result.report())
     other = "dominant" if args.atom == "rising" else "rising"
@@ -1262,6 +1273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     real = args.command == "harvest" or (args.command == "train-sae" and (args.model or args.states))
     real = real or (args.command == "reproduce" and args.model is not None) or args.command == "dashboard"
+    if args.command == "demo" and args.arch is not None and args.model is not None:
+        command_parser.error("argument --arch: a toy or --model, not both")
+    if args.command == "demo" and args.arch is None and args.model is None:
+        args.model = DEMO_MODEL
     if args.command == "demo" and args.model is not None:  # the cell of shakespeare-gdn's shipped SAE
         args.hook = DEMO_TEXT_SITE[0] if args.hook is None else args.hook
         args.head = DEMO_TEXT_SITE[1] if args.head is None else args.head
