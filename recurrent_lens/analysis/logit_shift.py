@@ -47,7 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    Site, as_index, branch_logits, check_sae, check_tokens, native_run, parse_site,
+    Site, as_index, branch_logits, check_sae, check_tokens, native_run, parse_site, use_device,
 )
 from recurrent_lens.analysis.protocols import PRESET, LogitShiftSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import LogitShiftResult
@@ -128,6 +128,7 @@ def logit_shift_prediction(
     skip_positions: int = 0,
     seed: int = 2026,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> LogitShiftResult:
     """Closed-form vs measured logit shifts of ``S_{t0} += ε A_i``.
 
@@ -176,6 +177,9 @@ def logit_shift_prediction(
         seed: seeds the ``(sequence, t0)`` draws. The default, 2026, is the paper's audit seed (Table 9),
             unlike the other analyses' 0.
         progress: show a progress bar over perturbed positions.
+        device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
+            tensors stay there until the result table is built. An unknown or unavailable device raises
+            ``ValueError`` naming ``device``.
 
     Returns:
         A :class:`~recurrent_lens.analysis.results.LogitShiftResult` with zero- and one-parameter R² and
@@ -197,6 +201,7 @@ def logit_shift_prediction(
         eps=eps, n_atoms=n_atoms, positions_per_atom=positions_per_atom, fit=fit, formula=formula, readout=readout,
         readout_offset=readout_offset))
     readout_offset = opts["readout_offset"]
+    use_device(model, sae, device)
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)

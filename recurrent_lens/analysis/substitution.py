@@ -66,6 +66,7 @@ from torch import Tensor
 
 from recurrent_lens.analysis._common import (
     as_index, best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, parse_site, unit,
+    use_device,
 )
 from recurrent_lens.analysis.protocols import PRESET, SubstitutionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import SubstitutionResult
@@ -226,6 +227,7 @@ def substitution_test(
     rank1_atoms: bool = False,
     seed: int = 0,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> SubstitutionResult:
     """Atom vs delete vs random substitution of the native update at every firing.
 
@@ -295,6 +297,9 @@ def substitution_test(
         rank1_atoms: use each atom's best rank-1 approximation (the flat-SVD baseline with a flat SAE).
         seed: seeds the firing subsample and the random controls.
         progress: show a progress bar over positions.
+        device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
+            tensors stay there until the result table is built. An unknown or unavailable device raises
+            ``ValueError`` naming ``device``.
 
     Returns:
         A :class:`~recurrent_lens.analysis.results.SubstitutionResult`; its ``settings`` are a
@@ -315,6 +320,7 @@ def substitution_test(
     opts, overrides = _substitution_options(protocol, dict(
         replace=replace, scale=scale, random=random, readout=readout, readout_offset=readout_offset, kl=kl,
         max_firings_per_atom=max_firings_per_atom, atom=atom))
+    use_device(model, sae, device)
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     features = _check_features(features, sae.cfg.n_features)

@@ -405,3 +405,17 @@ def test_reproduce_refuses_a_bad_device_by_name(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["reproduce", "--quick", "--device", "gpu", "--out", str(tmp_path)])
     assert "argument --device: expected a torch device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["substitution_test", "logit_shift_prediction", "partition_atoms"])
+def test_each_analysis_takes_device(name):
+    model, task = toy.load("gdn", progress=False)
+    sae = toy.load_sae("gdn", progress=False)
+    tokens = task.make_batch(4, seed=10_000)[0]
+    run = getattr(analysis, name)
+    kwargs = {"n_atoms": 2, "positions_per_atom": 10} if name == "logit_shift_prediction" else {}
+    default = run(model, sae, "blocks.1.mixer.hook_state", 0, tokens, **kwargs)
+    on_cpu = run(model, sae, "blocks.1.mixer.hook_state", 0, tokens, device="cpu", **kwargs)
+    pd.testing.assert_frame_equal(default.rows, on_cpu.rows)
+    with pytest.raises(ValueError, match="^device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu'"):
+        run(model, sae, "blocks.1.mixer.hook_state", 0, tokens, device="gpu", **kwargs)
