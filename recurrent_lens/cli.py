@@ -134,7 +134,7 @@ def _toy_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e).removeprefix("name: ")) from None
 
 
-def _add_sae_args(p: argparse.ArgumentParser) -> None:
+def _add_sae_args(p: argparse.ArgumentParser, text: bool = False) -> None:
     R = toy.PROBE_SAE
     p.add_argument("--sae-type", default=R["architecture"],
                    choices=["write_sae", "flat_sae", "matrix_sae", "bilinear_sae"],
@@ -142,16 +142,18 @@ def _add_sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-features", type=_positive_int, default=R["n_features"],
                    help=f"dictionary size (default: {R['n_features']})")
     p.add_argument("--k", type=_positive_int, default=R["k"], help=f"active features per state (default: {R['k']})")
-    p.add_argument("--steps", type=_positive_int, default=R["n_steps"],
-                   help=f"SAE optimizer steps (default: {R['n_steps']})")
+    p.add_argument("--steps", type=_positive_int, default=None if text else R["n_steps"],
+                   help=f"SAE optimizer steps (default: {DEMO_TEXT_STEPS} with a --model, {R['n_steps']} on a toy)"
+                   if text else f"SAE optimizer steps (default: {R['n_steps']})")
     p.add_argument("--lr", type=_positive_float, default=R["lr"], help=f"SAE learning rate (default: {R['lr']:g})")
     p.add_argument("--train-sequences", type=_positive_int, default=R["train_sequences"],
                    help=f"toy sequences the SAE's states come from (default: {R['train_sequences']})")
 
 
-def _add_substitution_args(p: argparse.ArgumentParser, features: bool = False) -> None:
-    p.add_argument("--eval-sequences", type=_positive_int, default=128,
-                   help="held-out toy sequences for the test (default: 128)")
+def _add_substitution_args(p: argparse.ArgumentParser, features: bool = False, text: bool = False) -> None:
+    p.add_argument("--eval-sequences", type=_positive_int, default=None if text else 128,
+                   help=f"held-out sequences for the test (default: {DEMO_TEXT_EVAL} windows of a --model's dataset, "
+                        "128 toy sequences)" if text else "held-out toy sequences for the test (default: 128)")
     p.add_argument("--replace", default="update", choices=["update", "write"],
                    help="what is replaced (default: update)")
     p.add_argument("--scale", default="coefficient", choices=["coefficient", "match_norm"], help="atom scale")
@@ -258,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "a toy), train a WriteSAE on one head's state from hooks, run the single-write "
                                       "substitution test and save plots and a feature dashboard.")
     _add_model_args(demo, arch_default=None)
-    _add_sae_args(demo)
-    _add_substitution_args(demo)
+    _add_sae_args(demo, text=True)
+    _add_substitution_args(demo, text=True)
     _add_protocol_options(demo, "substitution")
     demo.add_argument("--out", default=".", help="directory for plots and tables (default: the working directory)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for a fast smoke run (seconds)")
@@ -272,7 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text or token dataset as for train-sae (default for the shipped models: the Macbeth excerpt)")
     g.add_argument("--context-length", type=_positive_int, default=256,
                    help="tokens per window of a text --dataset (default: 256)")
-    demo.set_defaults(steps=None, eval_sequences=None)
 
     train = sub.add_parser(
         "train-sae", help="train SAEs on a checkpoint's (or a toy's) state hooks and save them",
