@@ -2,7 +2,7 @@
 
 ::
 
-    recurrent-lens demo [--arch gdn] [--out DIR] [--quick] [--positions values|all]
+    recurrent-lens demo [--model shakespeare-gdn [--dataset PATH] | --arch gdn] [--out DIR] [--quick]
     recurrent-lens train-sae --arch gdn --out DIR [--hook blocks.1.mixer.hook_state --head 0 ...]
     recurrent-lens train-sae --model DIR_OR_HUB_ID --dataset PATH --layers 1,9,17 --heads 4 --context-length 512
                              --steps N --out OUT [--dtype bfloat16 --device cuda]   (also under torchrun)
@@ -48,8 +48,9 @@ from recurrent_lens.dashboard import build_dashboard
 from recurrent_lens.data import open_tokens
 from recurrent_lens.integrity import NonFiniteError, ResumeMismatchError
 from recurrent_lens.models.loading import CheckpointError
-from recurrent_lens.pretrained import list_pretrained_saes
+from recurrent_lens.pretrained import PRETRAINED_DIR, list_pretrained, list_pretrained_saes, pretrained_path
 from recurrent_lens.sae import TrainConfig
+from recurrent_lens.sae import train as train_sae
 from recurrent_lens.sae.training import write_json
 from recurrent_lens.sae import load as load_sae
 from recurrent_lens.sae.cells import parse_cells
@@ -59,6 +60,15 @@ from recurrent_lens.states.files import DirectoryLock, DirectoryLockedError, che
 
 # The analyses skip the BOS position, as SAE training and the substitution test do.
 SKIP_POSITIONS = 1
+DEMO_MODEL = "shakespeare-gdn"
+"""What ``demo`` runs on without ``--arch`` or ``--model`` (the README's "Main job" says why)."""
+DEMO_TEXT_STEPS = 600
+"""``demo --model``'s default SAE steps (the toy demo's are ``toy.PROBE_SAE["n_steps"]``)."""
+DEMO_TEXT_EVAL = 16
+"""``demo --model``'s default held-out windows (the toy demo's: 128 toy sequences)."""
+DEMO_TEXT_SITE = ("blocks.1.mixer.hook_state", 0)
+"""``demo --model``'s default cell: the one shakespeare-gdn's shipped SAE reads."""
+"""``demo --model``'s default held-out windows (the toy demo's: 128 toy sequences)."""
 
 
 def _number(kind: type, what: str, ok) -> Callable[[str], int | float]:
@@ -83,9 +93,11 @@ _nonzero_float = _number(float, "a nonzero finite number", lambda v: v != 0 and 
 _cosine = _number(float, "a number in [-1, 1]", lambda v: -1 <= v <= 1)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="gdn", type=_toy_name, metavar="{" + ",".join(toy.names()) + "}",
-                   help="toy architecture, by toy name or registry name (gated_deltanet, delta_net; default: gdn)")
+def _add_model_args(p: argparse.ArgumentParser, arch_default: str | None = "gdn") -> None:
+    default = "gdn" if arch_default else f"none: the demo runs on --model {DEMO_MODEL}"
+    p.add_argument("--arch", default=arch_default, type=_toy_name, metavar="{" + ",".join(toy.names()) + "}",
+                   help=f"toy architecture, by toy name or registry name (gated_deltanet, delta_net; "
+                        f"default: {default})")
     p.add_argument("--hook", default=None,
                    help="state hook the SAE reads (default: the toy's probe site, the head whose writes its "
                         "recall needs most: blocks.1.mixer.hook_state; blocks.0 for mamba2 and gla)")
@@ -122,7 +134,7 @@ def _toy_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e).removeprefix("name: ")) from None
 
 
-def _add_sae_args(p: argparse.ArgumentParser) -> None:
+def _add_sae_args(p: argparse.ArgumentParser, text: bool = False) -> None:
     R = toy.PROBE_SAE
     p.add_argument("--sae-type", default=R["architecture"],
                    choices=["write_sae", "flat_sae", "matrix_sae", "bilinear_sae"],
@@ -130,16 +142,18 @@ def _add_sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-features", type=_positive_int, default=R["n_features"],
                    help=f"dictionary size (default: {R['n_features']})")
     p.add_argument("--k", type=_positive_int, default=R["k"], help=f"active features per state (default: {R['k']})")
-    p.add_argument("--steps", type=_positive_int, default=R["n_steps"],
-                   help=f"SAE optimizer steps (default: {R['n_steps']})")
+    p.add_argument("--steps", type=_positive_int, default=None if text else R["n_steps"],
+                   help=f"SAE optimizer steps (default: {DEMO_TEXT_STEPS} with a --model, {R['n_steps']} on a toy)"
+                   if text else f"SAE optimizer steps (default: {R['n_steps']})")
     p.add_argument("--lr", type=_positive_float, default=R["lr"], help=f"SAE learning rate (default: {R['lr']:g})")
     p.add_argument("--train-sequences", type=_positive_int, default=R["train_sequences"],
                    help=f"toy sequences the SAE's states come from (default: {R['train_sequences']})")
 
 
-def _add_substitution_args(p: argparse.ArgumentParser, features: bool = False) -> None:
-    p.add_argument("--eval-sequences", type=_positive_int, default=128,
-                   help="held-out toy sequences for the test (default: 128)")
+def _add_substitution_args(p: argparse.ArgumentParser, features: bool = False, text: bool = False) -> None:
+    p.add_argument("--eval-sequences", type=_positive_int, default=None if text else 128,
+                   help=f"held-out sequences for the test (default: {DEMO_TEXT_EVAL} windows of a --model's dataset, "
+                        "128 toy sequences)" if text else "held-out toy sequences for the test (default: 128)")
     p.add_argument("--replace", default="update", choices=["update", "write"],
                    help="what is replaced (default: update)")
     p.add_argument("--scale", default="coefficient", choices=["coefficient", "match_norm"], help="atom scale")
@@ -240,15 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    demo = sub.add_parser("demo", help="toy model -> WriteSAE -> substitution test, with a table and plots",
-                          description="Load (or train) a toy model, train a WriteSAE on one head's state from hooks, "
-                                      "run the single-write substitution test and save plots.")
-    _add_model_args(demo)
-    _add_sae_args(demo)
-    _add_substitution_args(demo)
+    demo = sub.add_parser("demo", help="text model (or toy) -> WriteSAE -> substitution test, with a table, plots "
+                                       "and a dashboard",
+                          description=f"Load a model (default: --model {DEMO_MODEL} on its Macbeth excerpt; --arch for "
+                                      "a toy), train a WriteSAE on one head's state from hooks, run the single-write "
+                                      "substitution test and save plots and a feature dashboard.")
+    _add_model_args(demo, arch_default=None)
+    _add_sae_args(demo, text=True)
+    _add_substitution_args(demo, text=True)
     _add_protocol_options(demo, "substitution")
     demo.add_argument("--out", default=".", help="directory for plots and tables (default: the working directory)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for a fast smoke run (seconds)")
+    g = demo.add_argument_group("a text model instead of a toy")
+    g.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                   help=f"a checkpoint for from_pretrained (default: {DEMO_MODEL} unless --arch): the SAE trains on "
+                        f"--dataset's windows after the first --eval-sequences (default {DEMO_TEXT_EVAL}), which the "
+                        "test runs on")
+    g.add_argument("--dataset", default=None, metavar="PATH",
+                   help="text or token dataset as for train-sae (default for the shipped models: the Macbeth excerpt)")
+    g.add_argument("--context-length", type=_positive_int, default=256,
+                   help="tokens per window of a text --dataset (default: 256)")
 
     train = sub.add_parser(
         "train-sae", help="train SAEs on a checkpoint's (or a toy's) state hooks and save them",
@@ -484,30 +509,53 @@ def _check_k(parser: argparse.ArgumentParser, args) -> None:
 def _demo(args, parser) -> int:
     _check_k(parser, args)
     progress = not args.no_progress
+    text = args.model is not None
+    if args.steps is None:
+        args.steps = DEMO_TEXT_STEPS if text else toy.PROBE_SAE["n_steps"]
+    if args.eval_sequences is None:
+        args.eval_sequences = DEMO_TEXT_EVAL if text else 128
     if args.quick:
         args.train_sequences = min(args.train_sequences, 64)
         args.steps = min(args.steps, 40)
         args.n_features = min(args.n_features, 32)
         args.k = min(args.k, 4)
-        args.eval_sequences = min(args.eval_sequences, 16)
+        args.eval_sequences = min(args.eval_sequences, 4 if text else 16)
     _check_out(parser, args.out)
     start = time.perf_counter()
-    model, task = toy.load(args.arch, progress=progress)
-    _check_site(parser, model, args.hook, args.head)
-    _check_readout_offset(parser, _protocol(args, task)[1], task)
-    eval_tokens, eval_targets = task.make_batch(256, seed=args.seed + 20_000)
-    with torch.no_grad():
-        recall = toy.accuracy(model(eval_tokens), eval_targets)
-    print(f"toy {args.arch}: {model}\n  recall accuracy {100 * recall:.1f}% ({time.perf_counter() - start:.1f}s)")
+    if text:
+        model, eval_tokens, train_tokens, strings = _demo_text_data(args, parser)
+        where = f"{args.model}, {args.hook} head {args.head}"
+        print(f"{args.model}: {model}\n  {len(train_tokens)} windows of {train_tokens.shape[1]} tokens train the SAE, "
+              f"the first {len(eval_tokens)} of {args.dataset} are held out for the test "
+              f"({time.perf_counter() - start:.1f}s)")
+    else:
+        model, task = toy.load(args.arch, progress=progress)
+        _check_site(parser, model, args.hook, args.head)
+        _check_readout_offset(parser, _protocol(args, task)[1], task)
+        check_tokens, check_targets = task.make_batch(256, seed=args.seed + 20_000)
+        with torch.no_grad():
+            recall = toy.accuracy(model(check_tokens), check_targets)
+        print(f"toy {args.arch}: {model}\n  recall accuracy {100 * recall:.1f}% ({time.perf_counter() - start:.1f}s)")
+        eval_tokens, strings = _eval_tokens(args, task), task.token_strings()
+        where = f"toy {args.arch}, {args.hook} head {args.head}"
     t = time.perf_counter()
-    sae, log = _train_sae(args, model, task, progress)
+    if text:
+        sae, log = train_sae(model, args.hook, args.head, train_tokens, _demo_text_config(args, progress))
+    else:
+        sae, log = _train_sae(args, model, task, progress)
     last = log.train[-1] if log.train else {}
     print(f"{sae}\n  explained variance {last.get('explained_variance', float('nan')):.3f}, "
           f"dead {last.get('dead', 0)} ({time.perf_counter() - t:.1f}s)")
-    result = _substitution(args, model, task, sae, progress)
+
+    def run(atom: str | None = None):  # None: args.atom, reported; else the silent contrast
+        if text:
+            return _text_substitution(args, model, sae, eval_tokens, progress, atom)
+        return _substitution(args, model, task, sae, progress if atom is None else False, atom)
+
+    result = run()
     print(result.report())
     other = "dominant" if args.atom == "rising" else "rising"
-    contrast = _substitution(args, model, task, sae, False, atom=other)
+    contrast = run(other)
     print(f"with the {other} atom instead: atom beats delete {100 * contrast.win_rate:.1f}% (n={contrast.n}), "
           f"median KL atom {contrast.medians['atom']:.3g} / delete {contrast.medians['delete']:.3g} / "
           f"random {contrast.medians['random']:.3g}")
@@ -516,15 +564,60 @@ def _demo(args, parser) -> int:
              if args.quick else ""))
     result.to_pandas().to_csv(os.path.join(args.out, "substitution.csv"), index=False)
     sae.save_pretrained(os.path.join(args.out, "sae"))
-    for path in _plots(result, contrast, args.out, f"toy {args.arch}, {args.hook} head {args.head}"):
+    for path in _plots(result, contrast, args.out, where):
         print(f"saved {path}")
     # The dashboard reads the held-out sequences the substitution test ran on, so each feature's win rate is
     # measured on the data its examples come from.
-    build_dashboard(model, sae, _eval_tokens(args, task), out_dir=os.path.join(args.out, "dashboard"),
-                    substitution=result, token_strings=task.token_strings(), progress=progress)
+    build_dashboard(model, sae, eval_tokens, out_dir=os.path.join(args.out, "dashboard"),
+                    substitution=result, token_strings=strings, progress=progress)
     print(f"feature dashboard: {os.path.join(os.path.abspath(args.out), 'dashboard', 'index.html')}")
     print(f"total {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def _demo_text_data(args, parser):
+    """``demo --model``: the model and ``--dataset``'s windows split into ``(eval, train)`` token tensors, and the
+    token strings the dashboard shows (``None``: the model's tokenizer decodes them)."""
+    if args.dataset is None:
+        if pretrained_path(args.model) is None or os.path.exists(args.model):
+            parser.error(f"argument --dataset: required with a --model that does not ship with the package "
+                         f"({', '.join(list_pretrained())}), got --model {args.model!r}")
+        args.dataset = str(PRETRAINED_DIR / "excerpts" / "macbeth.txt")
+    args.text_field, args.split, args.dtype, args.device = "text", "train", None, None
+    model = _load_checkpoint(args, parser)
+    _check_site(parser, model, args.hook, args.head)
+    tokens = torch.stack(list(_token_source(args, parser, model)))
+    if len(tokens) <= args.eval_sequences:
+        parser.error(f"argument --eval-sequences: expected fewer than the {len(tokens)} windows of --dataset "
+                     f"{args.dataset!r} (the rest train the SAE), got {args.eval_sequences}")
+    return model, tokens[: args.eval_sequences], tokens[args.eval_sequences :], None
+
+
+def _demo_text_config(args, progress: bool) -> TrainConfig:
+    """The demo's SAE schedule on text: every window read at 64 positions, so a few dozen windows of a short
+    excerpt give enough distinct states for the step count."""
+    return TrainConfig(n_steps=args.steps, batch_size=256, n_features=args.n_features, k=args.k, lr=args.lr,
+                       lr_min=args.lr / 10, warmup_steps=min(50, args.steps // 10), architecture=args.sae_type,
+                       positions_per_seq=64, skip_positions=SKIP_POSITIONS, model_batch_size=8, seed=args.seed,
+                       progress=progress, log_every=max(1, args.steps // 5), **_wandb_config(args))
+
+
+def _text_substitution(args, model, sae, tokens, progress: bool, atom: str | None = None):
+    """The substitution test of ``demo --model`` on ``tokens``: every firing, read at ``t + --readout-offset``
+    (default 1: text has no recall position to read at) or at the last position (``--readout last``)."""
+    offset = None if args.readout == "last" else (args.readout_offset or 1)
+    t = time.perf_counter()
+    result = substitution_test(model, sae, args.hook, args.head, tokens, replace=args.replace, scale=args.scale,
+                               random=args.random, readout_offset=offset, kl=args.kl,
+                               max_firings_per_atom=args.max_firings_per_atom, skip_positions=SKIP_POSITIONS,
+                               atom=atom or args.atom, rank1_atoms=args.rank1_atoms, seed=args.seed,
+                               progress=progress and atom is None, protocol=args.protocol, readout=args.readout)
+    if atom is None:
+        read = "at the last position" if offset is None else f"at t + {offset}"
+        print(f"substitution test on {args.hook} head {args.head} ({time.perf_counter() - t:.1f}s, protocol "
+              f"{args.protocol}): firings at every position of {len(tokens)} held-out windows, read {read}, "
+              f"{args.atom} atom")
+    return result
 
 
 def _check_out(parser: argparse.ArgumentParser, path: str, flag: str = "--out") -> None:
@@ -1012,7 +1105,8 @@ def _add_reproduce_parser(sub) -> None:
     g.add_argument("--split", default="train", help="dataset split (default: train)")
     g.add_argument("--context-length", type=_positive_int, default=None, help="tokens per sequence for text")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model weight dtype")
-    p.set_defaults(device=None)  # the analyses build their tables on the CPU: the model stays there
+    g.add_argument("--device", type=_device, default=None,
+                   help="model and SAE device, e.g. cuda (default: cpu); the tables are built at the end")
     p.add_argument("--sequences", type=_positive_int, default=128,
                    help="evaluation sequences (default: 128; a toy's are held out, seed --seed + 10000; a "
                         "checkpoint's are the first of --dataset)")
@@ -1087,7 +1181,7 @@ def _reproduce_cmd(args, parser) -> int:
     rep = reproduce(model, sae, args.hook, args.head, tokens, prompts, protocol=args.protocol, band=band,
                     magnitudes=args.magnitudes, substitution=substitution, logit_shift=logit_shift,
                     population_atoms=args.population_atoms, skip_positions=SKIP_POSITIONS, seed=args.seed,
-                    progress=progress)
+                    progress=progress, device=args.device)
     print(rep.report())
     csv = os.path.join(args.out, f"reproduce_{args.protocol}.csv")
     rep.to_pandas().to_csv(csv, index=False)
@@ -1182,7 +1276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     real = args.command == "harvest" or (args.command == "train-sae" and (args.model or args.states))
     real = real or (args.command == "reproduce" and args.model is not None) or args.command == "dashboard"
-    if not real:  # the other subcommands work on a toy
+    if args.command == "demo" and args.arch is not None and args.model is not None:
+        command_parser.error("argument --arch: a toy or --model, not both")
+    if args.command == "demo" and args.arch is None and args.model is None:
+        args.model = DEMO_MODEL
+    if args.command == "demo" and args.model is not None:  # the cell of shakespeare-gdn's shipped SAE
+        args.hook = DEMO_TEXT_SITE[0] if args.hook is None else args.hook
+        args.head = DEMO_TEXT_SITE[1] if args.head is None else args.head
+    elif not real:  # the other subcommands work on a toy
         spec = toy.TOY_SPECS[args.arch]
         args.hook = spec.probe_hook if args.hook is None else args.hook
         args.head = spec.probe[1] if args.head is None else args.head

@@ -79,6 +79,36 @@ def check_tokens(model: ModelLike, tokens: Tensor, min_len: int = 2) -> Tensor:
     return tokens.long().to(model.embed.weight.device)
 
 
+def use_device(model: ModelLike, sae: SAELike, device: str | torch.device | None) -> torch.device:
+    """Move ``model`` and ``sae`` to ``device`` (``None``: the model's device, moving the SAE there) and return it;
+    an unknown or unavailable device is refused by name before anything moves.
+
+    Example (the toy GDN and its demo SAE):
+        >>> use_device(toy_model, toy_sae, "cpu")
+        device(type='cpu')
+        >>> use_device(toy_model, toy_sae, "gpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu'
+    """
+    if device is None:
+        device = model.embed.weight.device
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device: expected a device this machine has, got {str(device)!r} "
+                         f"({torch.cuda.device_count()} CUDA device(s))")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device: expected a cpu, cuda or mps device, got {str(device)!r}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: expected a device this machine has, got {str(device)!r} (MPS is not available)")
+    model.to(device)
+    sae.to(device)
+    return device
+
+
 def check_sae(sae: SAELike, model: ModelLike) -> None:
     if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
         raise ValueError(f"sae: expects (d_k, d_v) = ({sae.cfg.d_k}, {sae.cfg.d_v}), the model's states are "

@@ -122,8 +122,9 @@ def _check_token(model: ModelLike, tok: SupportsIndex, name: str) -> int:
 def _logprob_rows(logits: Tensor, target: int, conds: list[str], b: Tensor, t: Tensor) -> pd.DataFrame:
     lp = logits.log_softmax(-1)[..., target]
     lg = logits[..., target]
-    frames = [pd.DataFrame({"condition": c, "batch": b.numpy(), "pos": t.numpy(),
-                            "delta_logprob": (lp[i + 1] - lp[0]).numpy(), "delta_logit": (lg[i + 1] - lg[0]).numpy()})
+    frames = [pd.DataFrame({"condition": c, "batch": b.cpu().numpy(), "pos": t.cpu().numpy(),
+                            "delta_logprob": (lp[i + 1] - lp[0]).cpu().numpy(),
+                            "delta_logit": (lg[i + 1] - lg[0]).cpu().numpy()})
               for i, c in enumerate(conds)]
     return pd.concat(frames, ignore_index=True)
 

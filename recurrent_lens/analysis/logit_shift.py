@@ -47,7 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    Site, as_index, branch_logits, check_sae, check_tokens, native_run, parse_site,
+    Site, as_index, branch_logits, check_sae, check_tokens, native_run, parse_site, use_device,
 )
 from recurrent_lens.analysis.protocols import PRESET, LogitShiftSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import LogitShiftResult
@@ -128,6 +128,7 @@ def logit_shift_prediction(
     skip_positions: int = 0,
     seed: int = 2026,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> LogitShiftResult:
     """Closed-form vs measured logit shifts of ``S_{t0} += ε A_i``.
 
@@ -176,6 +177,9 @@ def logit_shift_prediction(
         seed: seeds the ``(sequence, t0)`` draws. The default, 2026, is the paper's audit seed (Table 9),
             unlike the other analyses' 0.
         progress: show a progress bar over perturbed positions.
+        device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
+            tensors stay there until the result table is built. An unknown or unavailable device raises
+            ``ValueError`` naming ``device``.
 
     Returns:
         A :class:`~recurrent_lens.analysis.results.LogitShiftResult` with zero- and one-parameter R² and
@@ -197,6 +201,7 @@ def logit_shift_prediction(
         eps=eps, n_atoms=n_atoms, positions_per_atom=positions_per_atom, fit=fit, formula=formula, readout=readout,
         readout_offset=readout_offset))
     readout_offset = opts["readout_offset"]
+    use_device(model, sae, device)
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)
@@ -204,7 +209,8 @@ def logit_shift_prediction(
     atoms = _check_atoms(atoms, sae.cfg.n_features)
     native = native_run(model, tokens, site)
     atoms = _atoms_to_perturb(sae, native, atoms, opts["n_atoms"], skip_positions)
-    contexts = _draw_contexts(atoms, tokens.shape[0], per_seq, opts["positions_per_atom"], skip_positions, seed)
+    contexts = _draw_contexts(atoms, tokens.shape[0], per_seq, opts["positions_per_atom"], skip_positions, seed,
+                              tokens.device)
     prediction = _closed_form(model, sae, tokens, site, native, atoms, contexts, formula=opts["formula"],
                               readout=opts["readout"], readout_offset=readout_offset)
     eps_list = [float(e) for e in opts["eps"]]
@@ -284,13 +290,15 @@ class _Contexts(NamedTuple):
 
 
 def _draw_contexts(atoms: list[int], batch: int, per_seq: int, positions_per_atom: int, skip_positions: int,
-                   seed: int) -> _Contexts:
-    """Up to ``positions_per_atom`` distinct random ``(sequence, t0)`` pairs per atom, one seeded stream."""
+                   seed: int, device: torch.device) -> _Contexts:
+    """Up to ``positions_per_atom`` distinct random ``(sequence, t0)`` pairs per atom, one seeded stream (drawn
+    on the CPU, so the same on every device), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     picks = [torch.randperm(batch * per_seq, generator=g)[:positions_per_atom] for _ in atoms]
     pick = torch.cat(picks)
     slot = torch.arange(len(atoms)).repeat_interleave(len(picks[0]))
-    return _Contexts(pick // per_seq, pick % per_seq + skip_positions, slot, torch.tensor(atoms)[slot])
+    contexts = _Contexts(pick // per_seq, pick % per_seq + skip_positions, slot, torch.tensor(atoms)[slot])
+    return _Contexts(*(c.to(device) for c in contexts))
 
 
 class _Prediction(NamedTuple):
@@ -315,7 +323,7 @@ def _closed_form(model: ModelLike, sae: SAELike, tokens: Tensor, site: Site, nat
         S0 = native["state"][b, t0].float()
         coef = (S0 * A).sum((-2, -1)) / (A * A).sum((-2, -1)).clamp_min(1e-12)
     else:
-        coef = torch.ones(len(b))
+        coef = torch.ones(len(b), device=b.device)
     G = _accumulated_decay(native["decay"], b, t0, t, A.shape[1])
     q = native["q"][b, t].float()
     d_read = torch.einsum("nk,nkv->nv", G * q, A)  # read change per unit ε
@@ -338,7 +346,7 @@ def _closed_form(model: ModelLike, sae: SAELike, tokens: Tensor, site: Site, nat
 def _accumulated_decay(decay: Tensor | None, b: Tensor, t0: Tensor, t: Tensor, d_k: int) -> Tensor:
     """``G = exp(Σ_{s=t0+1}^{t} g_s)`` of every row, ``[n, d_k]`` (ones without decay)."""
     if decay is None:
-        return torch.ones(len(b), d_k)
+        return torch.ones(len(b), d_k, device=b.device)
     cum = torch.cat([decay.new_zeros(decay.shape[0], 1, *decay.shape[2:]), decay.float().cumsum(1)], 1)
     G = (cum[b, t + 1] - cum[b, t0 + 1]).exp()  # sum of g over t0+1..t
     return G[:, None].expand(-1, d_k) if G.dim() == 1 else G
@@ -360,9 +368,11 @@ def _measured_shifts(model: ModelLike, tokens: Tensor, site: Site, contexts: _Co
 
 def _logit_shift_rows(contexts: _Contexts, prediction: _Prediction, eps: list[float], measured: Tensor) -> pd.DataFrame:
     """One row per (ε, perturbed context), ε by ε."""
+    where = {"atom": contexts.atom.cpu().numpy(), "batch": contexts.batch.cpu().numpy(),
+             "pos": contexts.t0.cpu().numpy(), "token": prediction.token.cpu().numpy()}
     frames = []
     for i, e in enumerate(eps):
-        frames.append(pd.DataFrame({"atom": contexts.atom.numpy(), "eps": e, "batch": contexts.batch.numpy(),
-                                    "pos": contexts.t0.numpy(), "token": prediction.token.numpy(),
-                                    "predicted": (e * prediction.unit_shift).numpy(), "measured": measured[i].numpy()}))
+        frames.append(pd.DataFrame({"atom": where["atom"], "eps": e, "batch": where["batch"], "pos": where["pos"],
+                                    "token": where["token"], "predicted": (e * prediction.unit_shift).cpu().numpy(),
+                                    "measured": measured[i].cpu().numpy()}))
     return pd.concat(frames, ignore_index=True)

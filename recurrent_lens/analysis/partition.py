@@ -29,7 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site, unit
+from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site, unit, use_device
 from recurrent_lens.analysis.protocols import PRESET, PartitionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import PartitionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
@@ -90,7 +90,8 @@ def _leading_factors(x: Tensor) -> tuple[Tensor, Tensor]:
 def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
                     protocol: str = "ours", statistic: str = PRESET, replace: str = PRESET,
                     max_firings_per_atom: int | None = PRESET, min_firings: int = 1, tau: float = PRESET,
-                    skip_positions: int = 0, seed: int = 0, progress: bool = False) -> PartitionResult:
+                    skip_positions: int = 0, seed: int = 0, progress: bool = False,
+                    device: str | torch.device | None = None) -> PartitionResult:
     """Split alive atoms into registers (aligned with the native update where they fire) and bundles.
 
     Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
@@ -122,6 +123,9 @@ def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, t
         skip_positions: ignore firings at the first positions (e.g. BOS).
         seed: seeds the per-atom subsample of firings (the mixtures are deterministic).
         progress: show a progress bar over the alive atoms.
+        device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
+            tensors stay there until the result table is built. An unknown or unavailable device raises
+            ``ValueError`` naming ``device``.
 
     Example:
         >>> from recurrent_lens.analysis import partition_atoms
@@ -135,6 +139,7 @@ def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, t
     """
     opts, overrides = _partition_options(protocol, dict(statistic=statistic, replace=replace,
                                                         max_firings_per_atom=max_firings_per_atom, tau=tau))
+    use_device(model, sae, device)
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, 1)

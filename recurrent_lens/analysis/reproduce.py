@@ -32,7 +32,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import bootstrap_ci, native_run, parse_site, wilson_interval
+from recurrent_lens.analysis._common import bootstrap_ci, native_run, parse_site, use_device, wilson_interval
 from recurrent_lens.analysis.interventions import install_during_generation, targets_by_rank
 from recurrent_lens.analysis.logit_shift import logit_shift_prediction
 from recurrent_lens.analysis.partition import partition_atoms
@@ -179,7 +179,7 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
               band: tuple[int, int] | None = None, magnitudes: Sequence[float] = (1.5, 3.0, 6.0),
               install_positions: Sequence[int] | None = None, substitution: dict[str, Any] | None = None,
               logit_shift: dict[str, Any] | None = None, population_atoms: int = 155, skip_positions: int = 1,
-              seed: int = 0, progress: bool = False) -> Reproduction:
+              seed: int = 0, progress: bool = False, device: str | torch.device | None = None) -> Reproduction:
     """Run the paper's table under ``protocol`` on ``tokens`` (and ``prompts`` for the installs).
 
     Stages (each with ``protocol=protocol``; explicit options in ``substitution`` / ``logit_shift`` win):
@@ -215,8 +215,12 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
         skip_positions: leading positions no analysis edits (e.g. BOS).
         seed: seeds every draw.
         progress: show a progress bar over the stages.
+        device: where every stage runs: ``model`` and ``sae`` are moved there (default: the model's device);
+            tensors stay there until each result's table is built. An unknown or unavailable device raises
+            ``ValueError`` naming ``device``.
     """
     check_protocol(protocol)
+    use_device(model, sae, device)
     substitution = dict(substitution or {})
     logit_shift = dict(logit_shift or {})
     band = default_band(model.cfg.d_vocab) if band is None else tuple(band)

@@ -66,6 +66,7 @@ from torch import Tensor
 
 from recurrent_lens.analysis._common import (
     as_index, best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, parse_site, unit,
+    use_device,
 )
 from recurrent_lens.analysis.protocols import PRESET, SubstitutionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import SubstitutionResult
@@ -105,18 +106,20 @@ def empirical_resample(updates: Float[Tensor, "n d_k d_v"], generator: torch.Gen
     sign = torch.where(keys.sum(-1, keepdim=True) < 0, -1.0, 1.0)
     keys, values = keys * sign, values * sign
     n = len(updates)
-    u = keys.gather(0, torch.randint(0, n, keys.shape, generator=generator))
-    w = values.gather(0, torch.randint(0, n, values.shape, generator=generator))
+    # drawn on the CPU generator, then moved: the same draws on every device
+    u = keys.gather(0, torch.randint(0, n, keys.shape, generator=generator).to(keys.device))
+    w = values.gather(0, torch.randint(0, n, values.shape, generator=generator).to(values.device))
     return u[:, :, None] * w[:, None, :]
 
 
-def _eligible(shape: tuple[int, int], last_position: int, skip_positions: int, positions: Tensor | None) -> Tensor:
+def _eligible(shape: tuple[int, int], last_position: int, skip_positions: int, positions: Tensor | None,
+              device: torch.device) -> Tensor:
     B, T = shape
-    ok = torch.ones(B, T, dtype=torch.bool)
+    ok = torch.ones(B, T, dtype=torch.bool, device=device)
     ok[:, :skip_positions] = False
     ok[:, last_position + 1 :] = False
     if positions is not None:
-        allowed = torch.zeros(T, dtype=torch.bool)
+        allowed = torch.zeros(T, dtype=torch.bool, device=device)
         allowed[positions] = True
         ok &= allowed
     return ok
@@ -152,13 +155,14 @@ def _firings(scores: Tensor, *, atom: str, features: list[int] | None, max_firin
     """``(batch, pos, atom, coefficient, feature)`` of every firing (see the module docstring), sorted by
     position then batch."""
     B, T, F = scores.shape
-    ok = _eligible((B, T), last_position, skip_positions, positions)
+    ok = _eligible((B, T), last_position, skip_positions, positions, scores.device)
     if features is None and atom != "feature":
         b, t = ((scores != 0).any(-1) & ok).nonzero(as_tuple=True)
         coef, chosen = scores[b, t].max(-1)
         feature = chosen
     else:
-        cols = torch.arange(F) if features is None else torch.tensor(features, dtype=torch.long)
+        cols = torch.arange(F, device=scores.device) if features is None else torch.tensor(features, dtype=torch.long,
+                                                                                           device=scores.device)
         sub = scores[..., cols]
         b, t, j = ((sub != 0) & ok[..., None]).nonzero(as_tuple=True)
         feature = cols[j]
@@ -223,6 +227,7 @@ def substitution_test(
     rank1_atoms: bool = False,
     seed: int = 0,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> SubstitutionResult:
     """Atom vs delete vs random substitution of the native update at every firing.
 
@@ -292,6 +297,9 @@ def substitution_test(
         rank1_atoms: use each atom's best rank-1 approximation (the flat-SVD baseline with a flat SAE).
         seed: seeds the firing subsample and the random controls.
         progress: show a progress bar over positions.
+        device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
+            tensors stay there until the result table is built. An unknown or unavailable device raises
+            ``ValueError`` naming ``device``.
 
     Returns:
         A :class:`~recurrent_lens.analysis.results.SubstitutionResult`; its ``settings`` are a
@@ -312,6 +320,7 @@ def substitution_test(
     opts, overrides = _substitution_options(protocol, dict(
         replace=replace, scale=scale, random=random, readout=readout, readout_offset=readout_offset, kl=kl,
         max_firings_per_atom=max_firings_per_atom, atom=atom))
+    use_device(model, sae, device)
     site = parse_site(model, hook_name, head)
     check_sae(sae, model)
     features = _check_features(features, sae.cfg.n_features)
@@ -438,11 +447,11 @@ def _random_matrices(random: str, atoms: Tensor, active: Tensor, delta: Tensor, 
     n = len(delta)
     dk, dv = atoms.shape[-2:]
     if random == "rank1":
-        u = unit(torch.randn(n, dk, generator=g))
-        w = unit(torch.randn(n, dv, generator=g))
+        u = unit(torch.randn(n, dk, generator=g).to(delta.device))
+        w = unit(torch.randn(n, dv, generator=g).to(delta.device))
         return u[:, :, None] * w[:, None, :]
     if random == "sae_atom":
-        others = torch.rand(n, atoms.shape[0], generator=g).masked_fill(active, -1.0)
+        others = torch.rand(n, atoms.shape[0], generator=g).to(active.device).masked_fill(active, -1.0)
         return atoms[others.argmax(-1)]
     return empirical_resample(delta, g)
 
@@ -458,12 +467,14 @@ def _condition_kls(logits: Tensor, kl: str) -> list[Tensor]:
 def _substitution_rows(firings: _Firings, conditions: _Conditions, kls: list[Tensor]) -> pd.DataFrame:
     """One row per firing: where, which atom, the update's size and cosine, the three KLs and the verdicts."""
     A, delta = conditions.atom, conditions.delta
-    rows = pd.DataFrame({
-        "batch": firings.batch.numpy(), "pos": firings.pos.numpy(), "feature": firings.feature.numpy(),
-        "atom": firings.atom.numpy(), "coefficient": firings.coef.float().numpy(), "update_norm": frob(delta).numpy(),
-        "atom_cos": ((A * delta).sum((-2, -1)) / (frob(A) * frob(delta)).clamp_min(1e-12)).numpy(),
-        "kl_atom": kls[0].numpy(), "kl_delete": kls[1].numpy(), "kl_random": kls[2].numpy(),
-    })
+    columns = {
+        "batch": firings.batch, "pos": firings.pos, "feature": firings.feature, "atom": firings.atom,
+        "coefficient": firings.coef.float(), "update_norm": frob(delta),
+        "atom_cos": (A * delta).sum((-2, -1)) / (frob(A) * frob(delta)).clamp_min(1e-12),
+        "kl_atom": kls[0], "kl_delete": kls[1], "kl_random": kls[2],
+    }
+    # the one move off the model's device: the table is built from the finished tensors
+    rows = pd.DataFrame({name: t.cpu().numpy() for name, t in columns.items()})
     rows["win"] = rows["kl_atom"] < rows["kl_delete"]
     rows["chain"] = rows["win"] & (rows["kl_delete"] < rows["kl_random"])
     return rows

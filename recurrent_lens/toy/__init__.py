@@ -1,7 +1,7 @@
 """Toy models: tiny recurrent LMs of every architecture trained on multi-query associative recall.
 
 ``load(name)`` returns a trained :class:`~recurrent_lens.HookedRecurrentModel` (eval mode) and its
-:class:`ToyTask`. ``load_sae(name)`` returns the WriteSAE that ``recurrent-lens demo`` trains on the toy's
+:class:`ToyTask`. ``load_sae(name)`` returns the WriteSAE that ``recurrent-lens demo --arch NAME`` trains on the toy's
 probe site (``TOY_SPECS[name].probe``, the head whose writes its recall needs). Names: ``"gdn"`` (Gated
 DeltaNet), ``"mamba2"``, ``"rwkv7"``, ``"deltanet"``, ``"gla"``.
 

@@ -125,7 +125,7 @@ class TrainInfo:
 
 PROBE_SAE: dict[str, Any] = dict(architecture="write_sae", n_features=2048, k=16, n_steps=3000, lr=3e-3,
                                  train_sequences=4096, seed=0)
-"""The recipe of the probe-site SAEs: the defaults of ``recurrent-lens demo`` / ``train-sae`` and what
+"""The recipe of the probe-site SAEs: the defaults of ``recurrent-lens demo --arch`` / ``train-sae`` and what
 :func:`recurrent_lens.toy.load_sae` returns. 2048 features leave room for one atom per association
 (16 keys × 16 values) and the other writes; with 128 features the substitution test fails."""
 

@@ -367,3 +367,55 @@ def test_reproduce_on_a_tiny_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(a) for a in argv[:argv.index("--hook")]] + ["--out", str(tmp_path / "out")])
     assert "--hook and --head: required" in capsys.readouterr().err
+
+
+def test_reproduce_device_changes_nothing_on_the_cpu_and_keeps_the_tensors_on_the_models_device(monkeypatch):
+    from recurrent_lens.analysis import _common, reproduce as rep_module
+
+    model, task = toy.load("gdn", progress=False)
+    sae = toy.load_sae("gdn", progress=False)
+    tokens = task.make_batch(8, seed=10_000)[0]
+    kwargs = dict(protocol="paper", band=(17, 33), magnitudes=(3.0,), population_atoms=4,
+                  logit_shift={"n_atoms": 2, "positions_per_atom": 20})
+    before = rep_module.reproduce(model, sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], **kwargs)
+    seen = []
+    branch = _common.branch_logits
+
+    def spy(model, tokens, site, rows, positions, edit, *args, **kw):
+        seen.append((tokens.device, rows.device, positions.device))
+        return branch(model, tokens, site, rows, positions, edit, *args, **kw)
+
+    for module in ("substitution", "logit_shift"):
+        monkeypatch.setattr(f"recurrent_lens.analysis.{module}.branch_logits", spy)
+    after = rep_module.reproduce(model, sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], device="cpu",
+                                 **kwargs)
+    pd.testing.assert_frame_equal(before.table, after.table)  # bit for bit: the same draws, the same arithmetic
+    for name in ("substitution", "population", "logit_shift", "partition"):
+        pd.testing.assert_frame_equal(before.results[name].rows, after.results[name].rows)
+    assert len(seen) == 3 and all(d == model.embed.weight.device for devices in seen for d in devices)
+    with pytest.raises(ValueError, match="^device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu'"):
+        rep_module.reproduce(model, sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], device="gpu", **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: expected a device this machine has, got 'cuda'"):
+            rep_module.reproduce(model, sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], device="cuda",
+                                 **kwargs)
+
+
+def test_reproduce_refuses_a_bad_device_by_name(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--quick", "--device", "gpu", "--out", str(tmp_path)])
+    assert "argument --device: expected a torch device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["substitution_test", "logit_shift_prediction", "partition_atoms"])
+def test_each_analysis_takes_device(name):
+    model, task = toy.load("gdn", progress=False)
+    sae = toy.load_sae("gdn", progress=False)
+    tokens = task.make_batch(4, seed=10_000)[0]
+    run = getattr(analysis, name)
+    kwargs = {"n_atoms": 2, "positions_per_atom": 10} if name == "logit_shift_prediction" else {}
+    default = run(model, sae, "blocks.1.mixer.hook_state", 0, tokens, **kwargs)
+    on_cpu = run(model, sae, "blocks.1.mixer.hook_state", 0, tokens, device="cpu", **kwargs)
+    pd.testing.assert_frame_equal(default.rows, on_cpu.rows)
+    with pytest.raises(ValueError, match="^device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu'"):
+        run(model, sae, "blocks.1.mixer.hook_state", 0, tokens, device="gpu", **kwargs)
