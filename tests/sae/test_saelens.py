@@ -54,7 +54,7 @@ CASES = {
     "MatrixSAE-full-gated": lambda: MatrixSAE(D_K, D_V, N_F, rank="full", sparsity="gated", gate_mode="hard"),
     "BilinearSAE-rank2-topk": lambda: BilinearSAE(D_K, D_V, N_F, k=3),
     "BilinearSAE-flat-jumprelu": lambda: BilinearSAE(D_K, D_V, N_F, decoder="flat", sparsity="jumprelu"),
-    "BilinearSAE-tied-topk-kcap": lambda: BilinearSAE(D_K, D_V, N_F, tied=True, k=40),
+    "BilinearSAE-tied-topk-kall": lambda: BilinearSAE(D_K, D_V, N_F, tied=True, k=N_F),
     "BilinearSAE-tied-gated": lambda: BilinearSAE(D_K, D_V, N_F, tied=True, sparsity="gated", gate_mode="hard"),
 }
 
