@@ -59,10 +59,25 @@ def unembedding(model: ModelLike) -> Tensor:
     return (model.embed.weight if model.unembed is None else model.unembed.weight).detach().float()
 
 
-def output_jacobian(model: ModelLike, tokens: Int[Tensor, "batch pos"],
-                    site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
-    """``W_O^{(h)}`` at every position: ∂ hook_out / ∂ hook_read[head], by forward-mode products
-    (double backward), one per value channel."""
+class _OutputKnown(Exception):
+    """Raised once the layer's output is captured: the rest of the forward is not needed."""
+
+
+def read_output_graph(model: ModelLike, tokens: Int[Tensor, "batch pos"],
+                      site: Site) -> tuple[Tensor, Tensor, Tensor]:
+    """``(read, g, dummy)`` for Jacobian-vector products of ``∂ hook_out / ∂ hook_read``: ``read`` is the
+    layer's read as a leaf and ``g = Jᵀ·dummy`` is built with ``create_graph``, so the gradient of ``g`` with
+    respect to ``dummy`` along ``e`` is ``J e`` (forward mode by double backward). The model runs only up to
+    the layer's ``hook_out``. Call it, and take the products, under ``torch.enable_grad()``.
+
+    Example:
+        >>> with torch.enable_grad():
+        ...     read, g, dummy = read_output_graph(tiny_model, tiny_tokens, Site(0, 1))
+        ...     e = torch.zeros_like(read); e[..., 1, 0] = 1.0
+        ...     (column,) = torch.autograd.grad(g, dummy, e)
+        >>> bool(torch.allclose(column, output_jacobian(tiny_model, tiny_tokens, Site(0, 1))[..., 0], atol=1e-6))
+        True
+    """
     captured: dict[str, Tensor] = {}
 
     def grab_read(x, hook):
@@ -71,14 +86,25 @@ def output_jacobian(model: ModelLike, tokens: Int[Tensor, "batch pos"],
 
     def grab_out(x, hook):
         captured["out"] = x
-        return x
+        raise _OutputKnown
 
-    with torch.enable_grad():
+    try:
         model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(site.hook("hook_read"), grab_read),
                                                                   (site.hook("hook_out"), grab_out)])
-        read, out = captured["read"], captured["out"].float()
-        dummy = torch.zeros_like(out, requires_grad=True)
-        (g,) = torch.autograd.grad(out, read, dummy, create_graph=True)
+    except _OutputKnown:
+        pass
+    read, out = captured["read"], captured["out"].float()
+    dummy = torch.zeros_like(out, requires_grad=True)
+    (g,) = torch.autograd.grad(out, read, dummy, create_graph=True)
+    return read, g, dummy
+
+
+def output_jacobian(model: ModelLike, tokens: Int[Tensor, "batch pos"],
+                    site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
+    """``W_O^{(h)}`` at every position: ∂ hook_out / ∂ hook_read[head], by forward-mode products
+    (double backward), one per value channel."""
+    with torch.enable_grad():
+        read, g, dummy = read_output_graph(model, tokens, site)
         cols = []
         for j in range(read.shape[-1]):
             e = torch.zeros_like(read)

@@ -12,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import Site
+from recurrent_lens.analysis.logit_shift import read_output_graph
 
 _FEATURE_CHUNK = 1024
 _CHANNEL_GROUP = 16
@@ -71,10 +72,6 @@ def top_aligned(directions: Float[Tensor, "n d"], means: Float[Tensor, "n_ids d"
     return torch.cat(out_ids), torch.cat(out_cos)
 
 
-class _Stop(Exception):
-    """Raised once the layer's output is known: nothing after it is needed."""
-
-
 def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_model d_v"]:
     """``E_t[∂ hook_out_t / ∂ hook_read_t[head]]`` over every position of ``tokens``.
 
@@ -89,25 +86,8 @@ def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) ->
         ...                                     atol=1e-6))
         ((32, 8), True)
     """
-    captured: dict[str, Tensor] = {}
-
-    def grab_read(x, hook):
-        captured["read"] = x.detach().requires_grad_(True)
-        return captured["read"]
-
-    def grab_out(x, hook):
-        captured["out"] = x
-        raise _Stop
-
     with torch.enable_grad():
-        try:
-            model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(site.hook("hook_read"), grab_read),
-                                                                      (site.hook("hook_out"), grab_out)])
-        except _Stop:
-            pass
-        read, out = captured["read"], captured["out"].float()
-        dummy = torch.zeros_like(out, requires_grad=True)
-        (g,) = torch.autograd.grad(out, read, dummy, create_graph=True)
+        read, g, dummy = read_output_graph(model, site=site, tokens=tokens)
         cols = []
         # Channels in groups: one batched call per group keeps the transient tensors at a few times the output's.
         for group in torch.arange(read.shape[-1]).split(_CHANNEL_GROUP):
