@@ -30,7 +30,6 @@ the model's weights and the tokens (see :mod:`recurrent_lens.integrity`), which
 :meth:`SAETrainer.from_checkpoint` checks; a checkpoint without them is refused.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recurrent_lens.integrity import (
-    NonFiniteError, check_same, first_nonfinite, refuse_unchecked, weights_fingerprint,
+    NonFiniteError, check_same, first_nonfinite, refuse_unchecked, tensor_digest, weights_fingerprint,
 )
 from recurrent_lens.sae import wandb_log
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEPass
@@ -693,7 +692,8 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def _fingerprint(tokens: torch.Tensor) -> str:
-    return hashlib.sha256(tokens.contiguous().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    # ids compared as int64 whatever dtype the caller hands over, so int32 and int64 tokens match
+    return tensor_digest(tokens.to(torch.int64))
 
 
 @torch.no_grad()
