@@ -6,6 +6,7 @@ sparse autoencoders shaped for those matrices attach to them as ordinary modules
 """
 
 from recurrent_lens.config import ModelConfig
+from recurrent_lens.models import delta_net, gated_deltanet, gla, mamba2, rwkv7  # noqa: F401  (registers them)
 from recurrent_lens.models.base import HookedRecurrentModel
 from recurrent_lens.models.cache import RecurrentCache
 from recurrent_lens.models.registry import Architecture, register_architecture

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from recurrent_lens.models.scan import DeltaRule, LinearRule, RecurrenceInputs, Rule
+if TYPE_CHECKING:
+    from recurrent_lens.models.scan import RecurrenceInputs, Rule
 
 
 @functools.cache
@@ -46,11 +47,11 @@ def fla_chunked(rule: Rule, x: RecurrenceInputs, S0: Tensor) -> tuple[Tensor, Te
         return None
     B, T, H, dk, dv = x.shape
     beta = x.beta if x.beta is not None else torch.ones_like(x.k[..., 0])
-    if isinstance(rule, DeltaRule):
+    if rule.fla_kernel == "gated_delta_rule":
         # DeltaNet (no decay) is the gated rule with g = 0; fla's own delta-rule kernel refuses fp32
         g = x.decay if x.decay is not None else torch.zeros_like(beta)
         return ops["gated_delta_rule"](x.q, x.k, x.v, g, beta, scale=1.0, initial_state=S0, output_final_state=True)
-    if type(rule) is LinearRule:
+    if rule.fla_kernel == "gla":
         k = x.k * beta[..., None]
         if x.decay is not None and x.decay.dim() == 4:
             return ops["gla"](x.q, k, x.v, x.decay, scale=1.0, initial_state=S0, output_final_state=True)

@@ -4,18 +4,21 @@ An :class:`Architecture` tells the shared code everything it needs about one fam
 to build, which options its configs take, how to read a reference ``config.json`` into a
 :class:`ModelConfig`, and how each checkpoint key maps onto our parameters. Nothing outside the
 architecture's own file branches on its name. Each architecture file registers itself when it is imported;
-importing ``recurrent_lens.models`` imports the built-in ones.
+importing ``recurrent_lens`` imports the built-in ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from recurrent_lens.config import ArchOptions, ModelConfig
+from recurrent_lens.models.options import ArchOptions
+
+if TYPE_CHECKING:
+    from recurrent_lens.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Architecture:
         detect: recognises checkpoints without a ``model_type`` (mamba_ssm's ``config.json``).
         embed_norm: builds a module applied to the embedding before the first block, the model's
             ``ln_embed`` (default: none).
-        options: the :class:`~recurrent_lens.config.ArchOptions` subclass that ``ModelConfig.options`` is
+        options: the :class:`~recurrent_lens.models.options.ArchOptions` subclass that ``ModelConfig.options`` is
             parsed into (default: no options).
         mlp: builds the block MLP for an MLP kind ``cfg.mlp`` other than ``"swiglu"``, which the
             architecture defines itself (default: none; SwiGLU is shared).

@@ -37,11 +37,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from recurrent_lens.config import ArchOptions, ModelConfig
+from recurrent_lens.config import ModelConfig
 from recurrent_lens.models.cache import LayerCache
 from recurrent_lens.models.components import LayerNorm, l2_normalize
 from recurrent_lens.models.fla_format import fla_block_weight, fla_mixer_key, refuse_hybrid
 from recurrent_lens.models.mixer import ForwardContext, MatrixMixer, fire
+from recurrent_lens.models.options import ArchOptions
 from recurrent_lens.models.registry import Architecture, WeightTarget, register_architecture
 from recurrent_lens.models.scan import DPLRRule, RecurrenceInputs
 

@@ -25,6 +25,8 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from recurrent_lens.models import kernels
+
 State = Float[Tensor, "batch head d_k d_v"]
 """One state per head, ``S`` of shape ``d_k × d_v``."""
 States = Float[Tensor, "batch pos head d_k d_v"]
@@ -126,6 +128,12 @@ class Rule:
     has_erase: bool = False
     has_chunked: bool = False
 
+    @property
+    def fla_kernel(self) -> str | None:
+        """The name of fla's chunked kernel that computes this rule (see :mod:`recurrent_lens.models.kernels`),
+        or ``None`` where fla has none."""
+        return None
+
     def step(self, S: Tensor, x: RecurrenceInputs, write: Tensor | None = None,
              erase: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """One token: ``S`` is ``[batch, head, d_k, d_v]``, ``x`` holds ``[batch, head, ...]`` slices;
@@ -196,6 +204,11 @@ class LinearRule(Rule):
     channel_chunk = 16
     """Chunk length used inside ``chunked`` for per-channel decay, whose intra-chunk term costs
     ``chunk² · d_k`` per chunk; boundary states are still reported every ``chunk_size`` tokens."""
+
+    @property
+    def fla_kernel(self) -> str | None:
+        # a subclass may change the update, which fla's GLA kernels would not follow
+        return "gla" if type(self) is LinearRule else None
 
     def step(self, S, x, write=None, erase=None):  # per token: unannotated, see Rule.step
         decay = _decay_factor(x.decay)
@@ -270,6 +283,10 @@ class DeltaRule(LinearRule):
     """
 
     has_erase = True
+
+    @property
+    def fla_kernel(self) -> str | None:
+        return "gated_delta_rule"
 
     def step(self, S, x, write=None, erase=None):  # per token: unannotated, see Rule.step
         decay = _decay_factor(x.decay)
@@ -501,8 +518,6 @@ def recurrent_scan(rule: Rule, x: RecurrenceInputs, S0: State, *, writes: States
 
 def chunked_scan(rule: Rule, x: RecurrenceInputs, S0: State, chunk_size: int) -> ScanResult:
     """The fast path: the rule's exact chunked form (no per-step matrices); fla's kernels on CUDA."""
-    from recurrent_lens.models import kernels  # kernels imports this module
-
     if kernels.kernels_enabled(x):
         out = kernels.fla_chunked(rule, x, S0)
         if out is not None:

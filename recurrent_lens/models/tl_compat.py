@@ -1,8 +1,8 @@
 """TransformerLens habits on hybrid and recurrent stacks: attention weights, per-head sweeps, stacking.
 
 :class:`TLWeights` gives :class:`~recurrent_lens.models.base.HookedRecurrentModel` TransformerLens'
-model-level attention weights and the per-layer head counts that a head sweep needs;
-:class:`CacheStacking` gives :class:`~recurrent_lens.models.base.RecurrentActivationCache`
+embedding, unembedding, model-level attention weights and the per-layer head counts that a head sweep needs;
+:class:`CacheStacking` gives :class:`~recurrent_lens.models.activation_cache.RecurrentActivationCache`
 ``stack_head_results`` and a ``stack_activation`` that works on hybrids.
 
 What a "head" is, per layer kind, for TransformerLens' per-head tools (``patching``'s
@@ -26,14 +26,17 @@ covers only the first ``cfg.n_heads`` of them, so use ``head_index_df`` there to
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Integer
 from torch import Tensor
 from transformer_lens import FactoredMatrix
 from transformer_lens.utilities import Slice, get_act_name
+
+from recurrent_lens.models.tokens import ID_DTYPES
 
 
 class HookNameError(KeyError):
@@ -54,7 +57,10 @@ PER_HEAD_LEAVES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_read", "hook_pa
 
 
 class TLWeights:
-    """TransformerLens' stacked attention weights and per-layer head counts, for the model class.
+    """TransformerLens' weights and per-layer head counts, for the model class.
+
+    ``W_E``, ``W_U``, ``b_U`` and :meth:`tokens_to_residual_directions` are TransformerLens' embedding and
+    unembedding.
 
     The model-level ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``b_Q``, ``b_K``, ``b_V``, ``b_O`` stack the
     attention layers' own (see :class:`~recurrent_lens.models.attention.Attention`) along a first axis
@@ -73,6 +79,63 @@ class TLWeights:
 
     cfg: Any
     blocks: Any
+    embed: Any
+    unembed: Any
+    ln_final: Any
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        """The embedding matrix ``[d_vocab, d_model]``."""
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding ``[d_model, d_vocab]`` as TransformerLens lays it out (a view of ``unembed.weight``,
+        which is ``embed.weight`` in tied models). The final norm's weight is not folded in: the logits are
+        ``ln_final(resid) @ W_U``."""
+        return self.unembed.weight.T
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        """The unembedding bias: zeros (no supported architecture has one)."""
+        return torch.zeros(self.cfg.d_vocab, dtype=self.unembed.weight.dtype, device=self.unembed.weight.device)
+
+    def tokens_to_residual_directions(self, tokens: str | int | Integer[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
+        """The residual direction whose dot product with the final-norm-scaled residual is each token's logit.
+
+        As TransformerLens defines it for models whose norms are folded: a token (a single-token string, an
+        int or a one-element tensor) gives ``[d_model]``, a tensor of ids ``[..., d_model]``. The final norm's
+        weight is folded in (``W_U[:, t] · w``, ``· (1 + w)`` for Qwen3.5's norm), because
+        ``ActivationCache.apply_ln_to_stack`` divides by the cached ``ln_final.hook_scale`` without applying
+        the weight; ``logit_attrs`` of a stack that sums to the final residual then sums to the logit
+        (LayerNorm models: minus the constant ``ln_final.bias @ W_U[:, t]``).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
+            ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
+            >>> to_dirs = model.tokens_to_residual_directions
+            >>> to_dirs(3).shape, to_dirs(torch.tensor([[1, 2]])).shape
+            (torch.Size([16]), torch.Size([1, 2, 16]))
+        """
+        if isinstance(tokens, str):
+            ids: Any = self.to_single_token(tokens)
+        elif isinstance(tokens, Tensor):
+            if tokens.dtype not in ID_DTYPES:
+                raise TypeError(f"tokens: expected integer token ids, got a tensor of dtype {tokens.dtype}")
+            ids = int(tokens.item()) if tokens.numel() == 1 else tokens.to(self.unembed.weight.device, torch.long)
+        elif isinstance(tokens, numbers.Integral) and not isinstance(tokens, bool):
+            ids = int(tokens)
+        else:
+            raise TypeError(f"tokens: expected a string, an int or a tensor of ids, got {type(tokens).__name__}")
+        bad = torch.as_tensor(ids)
+        if bad.numel() == 0 or bad.min() < 0 or bad.max() >= self.cfg.d_vocab:
+            raise ValueError(f"tokens: ids must lie in [0, {self.cfg.d_vocab}) (d_vocab), got {tokens!r}")
+        weight = self.unembed.weight  # [d_vocab, d_model]
+        w = self.ln_final.weight.float()
+        fold = (1.0 + w) if getattr(self.ln_final, "one_plus", False) else w
+        return weight[ids] * fold.to(weight.dtype)
 
     @property
     def attention_layers(self) -> list[int]:

@@ -26,13 +26,10 @@ from safetensors.torch import save_file
 from recurrent_lens.pretrained import list_pretrained_saes, pretrained_sae_path
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
-from recurrent_lens.sae.saelens import is_saelens_config, load_saelens, save_saelens
+from recurrent_lens.sae.saelens import CFG_NAME, WEIGHTS_NAME, is_saelens_config, load_saelens, save_saelens
 from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors, require_finite
 
-__all__ = ["save_sae", "load", "check_cfg_dict", "from_reference_checkpoint", "CFG_NAME", "WEIGHTS_NAME"]
-
-CFG_NAME = "cfg.json"
-WEIGHTS_NAME = "sae_weights.safetensors"
+__all__ = ["save_sae", "load", "check_cfg_dict", "from_reference_checkpoint"]
 
 
 def save_sae(sae: SAE, path: str, format: str = "native") -> None:

@@ -76,7 +76,12 @@ from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.presets import FlatSAE
 from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors, require_finite
 
-__all__ = ["SAELENS_FORMAT_VERSION", "to_saelens", "save_saelens", "load_saelens", "is_saelens_config"]
+__all__ = ["SAELENS_FORMAT_VERSION", "CFG_NAME", "WEIGHTS_NAME", "to_saelens", "save_saelens", "load_saelens",
+           "is_saelens_config"]
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae_weights.safetensors"
+"""SAELens's file names in an SAE directory, which our native format uses too (with our own contents)."""
 
 SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens release whose ``cfg.json`` format :func:`save_saelens` writes (``metadata.sae_lens_version``)."""
@@ -198,8 +203,6 @@ def save_saelens(sae: SAE, path: str) -> None:
         >>> cfg["architecture"], cfg["metadata"]["hook_name"], cfg["metadata"]["hook_head_index"]
         ('jumprelu', 'h', 0)
     """
-    from recurrent_lens.sae.io import CFG_NAME, WEIGHTS_NAME  # io imports this module
-
     cfg_dict, weights = to_saelens(sae)
     os.makedirs(path, exist_ok=True)
     atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(weights, tmp))
@@ -273,8 +276,6 @@ def load_saelens(
         >>> bool((flat.decode(codes) - sae.decode(codes)).abs().max() < 1e-5)
         True
     """
-    from recurrent_lens.sae.io import CFG_NAME, WEIGHTS_NAME  # io imports this module
-
     cfg_path, weights_path = os.path.join(path, CFG_NAME), os.path.join(path, WEIGHTS_NAME)
     if cfg_dict is None:
         if not os.path.isfile(cfg_path):

@@ -27,16 +27,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from jaxtyping import Float
 from torch import Tensor, nn
+from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.sae import attach
 from recurrent_lens.sae.base import SAE
 
-__all__ = ["SAELensHookPoint", "add_sae", "reset_saes", "saes", "run_with_saes", "run_with_cache_with_saes"]
+__all__ = ["HookedSAEMethods", "SAELensHookPoint", "add_sae", "reset_saes", "saes", "run_with_saes",
+           "run_with_cache_with_saes"]
 
 
 def _is_saelens_like(sae: Any) -> bool:
@@ -288,3 +290,51 @@ def run_with_cache_with_saes(model: nn.Module, *model_args: Any, saes: Sequence[
     """
     with _saes_context(model, saes, reset_saes_end, use_error_term):
         return model.run_with_cache(*model_args, **kwargs)
+
+
+_Model = TypeVar("_Model", bound="HookedSAEMethods")
+
+
+class HookedSAEMethods:
+    """SAELens' ``HookedSAETransformer`` methods for the model class, each one of the functions above."""
+
+    def add_sae(self, sae: nn.Module, hook_name: str | None = None, head: int | None = None, *,
+                use_error_term: bool | None = None) -> None:
+        """Attach one of our SAEs (to a head of a matrix hook) or a SAELens SAE (to a vector hook) until
+        :meth:`reset_saes`; the hook name defaults to ``sae.cfg.metadata.hook_name`` (see
+        :mod:`recurrent_lens.sae.saes_on_model`)."""
+        add_sae(self, sae, hook_name, head, use_error_term=use_error_term)
+
+    def reset_saes(self, act_names: str | Sequence[str] | None = None) -> None:
+        """Detach the SAEs at ``act_names`` (default: every SAE added with :meth:`add_sae`)."""
+        reset_saes(self, act_names)
+
+    @contextmanager
+    def saes(self: _Model, saes: Sequence[Any] = (), reset_saes_end: bool = True, *,
+             use_error_term: bool | None = None) -> Iterator[_Model]:
+        """Attach SAEs (objects, or ``(sae, hook_name[, head])`` tuples) for the duration of a ``with`` block."""
+        with _saes_context(self, saes, reset_saes_end, use_error_term):
+            yield self
+
+    def run_with_saes(self, *model_args: Any, saes: Sequence[Any] = (), reset_saes_end: bool = True,
+                      use_error_term: bool | None = None, **model_kwargs: Any) -> Any:
+        """SAELens' ``run_with_saes``: the forward with ``saes`` attached (see :meth:`saes`).
+
+        Example:
+            >>> import torch
+            >>> from recurrent_lens.sae import WriteSAE
+            >>> sae = WriteSAE(8, 8, 16, k=4, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
+            >>> clean = tiny_model(tiny_tokens)
+            >>> spliced = tiny_model.run_with_saes(tiny_tokens, saes=[sae], use_error_term=True)
+            >>> bool(torch.allclose(spliced, clean, atol=1e-4)), "saes" in str(list(tiny_model.hook_dict))
+            (True, False)
+        """
+        return run_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
+                             use_error_term=use_error_term, **model_kwargs)
+
+    def run_with_cache_with_saes(self, *model_args: Any, saes: Sequence[Any] = (), reset_saes_end: bool = True,
+                                 use_error_term: bool | None = None,
+                                 **kwargs: Any) -> tuple[Any, ActivationCache]:
+        """SAELens' ``run_with_cache_with_saes``: :meth:`run_with_cache` with ``saes`` attached."""
+        return run_with_cache_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
+                                        use_error_term=use_error_term, **kwargs)

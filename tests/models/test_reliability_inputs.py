@@ -16,7 +16,7 @@ from tests.support.tiny_arch_fla import tiny_delta_net, tiny_gla
 from tests.support.tiny_arch_mamba2 import tiny_mamba2
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig
-from recurrent_lens.models.base import sample_next
+from recurrent_lens.models.generation import sample_next
 from recurrent_lens.models.components import ShortConv
 
 ARCHS = ["gated_deltanet", "mamba2", "delta_net", "gla", "gla_conv", "rwkv7", "qwen3_5_hybrid"]

@@ -7,7 +7,7 @@ from tests.support.helpers import tiny_gdn, tiny_model
 from transformer_lens import FactoredMatrix, patching
 
 from recurrent_lens.models.attention import apply_rope
-from recurrent_lens.models.base import HookNameError
+from recurrent_lens.models.tl_compat import HookNameError
 
 
 def metric(logits):

@@ -10,7 +10,8 @@ from tests.support.helpers import ARCHS, tiny_model
 from transformer_lens import ActivationCache, patching
 from transformer_lens.utilities import test_prompt as tl_test_prompt
 
-from recurrent_lens.models.base import HookNameError, RecurrentActivationCache
+from recurrent_lens.models.activation_cache import RecurrentActivationCache
+from recurrent_lens.models.tl_compat import HookNameError
 
 TARGET = 5
 
