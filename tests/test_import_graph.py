@@ -19,12 +19,7 @@ import recurrent_lens
 
 PACKAGE = Path(recurrent_lens.__file__).parent
 
-KNOWN_CYCLES: list[set[str]] = [
-    # SAE.save_pretrained / SAE.from_pretrained (sae.base) call sae.io, which builds SAEs from sae.base's
-    # registry and config and, through sae.saelens, as presets. It goes once SAEConfig and the class registry
-    # sit in a module below sae.io and sae.saelens finds FlatSAE through that registry.
-    {"recurrent_lens.sae.base", "recurrent_lens.sae.io", "recurrent_lens.sae.presets", "recurrent_lens.sae.saelens"},
-]
+KNOWN_CYCLES: list[set[str]] = []
 """Cycles that are known and still to be removed; a new one fails, and so does one of these once it is gone."""
 
 

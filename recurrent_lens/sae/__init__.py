@@ -14,9 +14,11 @@ Example:
 """
 
 from recurrent_lens.sae.attach import add_sae, reset_saes, saes
-from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEOutput, register_sae_class
+from recurrent_lens.sae.base import SAE, SAEOutput
+from recurrent_lens.sae.config import SAEConfig
 from recurrent_lens.sae.io import from_reference_checkpoint, load
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
+from recurrent_lens.sae.registry import SAE_REGISTRY, register_sae_class
 from recurrent_lens.sae.sparsities import register_sparsity
 from recurrent_lens.sae.training import SAETrainer, TrainConfig, TrainLog, train
 

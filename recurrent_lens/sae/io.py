@@ -12,22 +12,27 @@ Reference format: :func:`from_reference_checkpoint` imports the reference WriteS
 constructor settings) into the matching preset, with ``mean = 0``.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import math
 import os
 import types
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 
 from recurrent_lens.pretrained import list_pretrained_saes, pretrained_sae_path
-from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig
-from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
+from recurrent_lens.sae.config import SAEConfig
+from recurrent_lens.sae.registry import BASE_ARCHITECTURE, SAE_REGISTRY
 from recurrent_lens.sae.saelens import CFG_NAME, WEIGHTS_NAME, is_saelens_config, load_saelens, save_saelens
 from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors, require_finite
+
+if TYPE_CHECKING:
+    from recurrent_lens.sae.base import SAE
 
 __all__ = ["save_sae", "load", "check_cfg_dict", "from_reference_checkpoint"]
 
@@ -125,7 +130,7 @@ def load(path: str, device: str | torch.device = "cpu", *, d_k: int | None = Non
         if given is not None and given != cfg_dict.get(name):
             raise ValueError(f"{name}: {cfg_path} has {name}={cfg_dict.get(name)!r}, got {name}={given!r}")
     check_cfg_dict(cfg_dict, cfg_path)
-    architecture = cfg_dict.get("architecture", SAE.architecture)
+    architecture = cfg_dict.get("architecture", BASE_ARCHITECTURE)
     try:
         sae = SAE_REGISTRY[architecture](cfg=SAEConfig.from_dict(cfg_dict))
     except (ValueError, TypeError) as e:  # values SAEConfig or the preset refuses (encoder name, preset rank...)
@@ -187,7 +192,7 @@ def check_cfg_dict(cfg_dict: Any, source: str) -> None:
     missing = [name for name in required if name not in cfg_dict]
     if missing:
         raise ValueError(f"{source}: missing required fields {missing}")
-    architecture = cfg_dict.get("architecture", SAE.architecture)
+    architecture = cfg_dict.get("architecture", BASE_ARCHITECTURE)
     if not isinstance(architecture, str) or architecture not in SAE_REGISTRY:
         raise ValueError(f"{source}: unknown architecture {architecture!r}; known: {sorted(SAE_REGISTRY)}")
     for name, value in cfg_dict.items():
@@ -382,21 +387,21 @@ def _build_from_reference(sd: dict[str, torch.Tensor], config: dict[str, Any], c
 
     ours: dict[str, torch.Tensor] = {}
     if sae_type == "flat":
-        sae: SAE = FlatSAE(*dims, **kwargs)
+        sae = SAE_REGISTRY["flat_sae"](*dims, **kwargs)
     elif sae_type == "rank1":
-        sae = MatrixSAE(*dims, rank=rank, **kwargs)
+        sae = SAE_REGISTRY["matrix_sae"](*dims, rank=rank, **kwargs)
         for ref_name, name in (("V", "V_dec"), ("W", "W_dec")):
             if ref_name not in sd:
                 raise ValueError(f"{path}: sae_type 'rank1' needs {ref_name!r}; the state dict has {sorted(sd)}")
             ours[name] = sd.pop(ref_name)
     elif sae_type == "bilinear_flat":
-        sae = BilinearSAE(*dims, decoder="flat", rank=rank, **kwargs)
+        sae = SAE_REGISTRY["bilinear_sae"](*dims, decoder="flat", rank=rank, **kwargs)
     elif sae_type == "bilinear_tied":
-        sae = BilinearSAE(*dims, rank=rank, tied=True, **kwargs)
+        sae = SAE_REGISTRY["bilinear_sae"](*dims, rank=rank, tied=True, **kwargs)
     elif rank == 1:
-        sae = WriteSAE(*dims, **kwargs)
+        sae = SAE_REGISTRY["write_sae"](*dims, **kwargs)
     else:
-        sae = BilinearSAE(*dims, rank=rank, **kwargs)
+        sae = SAE_REGISTRY["bilinear_sae"](*dims, rank=rank, **kwargs)
 
     if "encoder.weight" in sd:
         ours["E_enc"] = _take(sd, "encoder.weight", [(n_features, d_in)], path).reshape(n_features, *dims[:2])

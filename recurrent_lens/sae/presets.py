@@ -17,7 +17,8 @@ given a different value. Sparsity (``"topk"`` default, ``"batchtopk"``, ``"jumpr
 
 from typing import Any, ClassVar
 
-from recurrent_lens.sae.base import SAE, register_sae_class
+from recurrent_lens.sae.base import SAE
+from recurrent_lens.sae.registry import register_sae_class
 
 __all__ = ["WriteSAE", "FlatSAE", "MatrixSAE", "BilinearSAE"]
 

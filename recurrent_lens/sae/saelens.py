@@ -64,18 +64,23 @@ Example:
     True
 """
 
+from __future__ import annotations
+
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from safetensors.torch import save_file
 
-from recurrent_lens.sae.base import SAE
-from recurrent_lens.sae.presets import FlatSAE
+from recurrent_lens.sae.registry import SAE_REGISTRY
 from recurrent_lens.sae.sparsities.registry import saelens_readers, sparsities
 from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors, require_finite
+
+if TYPE_CHECKING:
+    from recurrent_lens.sae.base import SAE
+    from recurrent_lens.sae.presets import FlatSAE
 
 __all__ = ["SAELENS_FORMAT_VERSION", "CFG_NAME", "WEIGHTS_NAME", "to_saelens", "save_saelens", "load_saelens",
            "is_saelens_config"]
@@ -346,7 +351,7 @@ def load_saelens(
     if head is not None:
         metadata["head"] = head
     metadata["saelens_architecture"] = architecture
-    sae = FlatSAE(d_k, d_v, d_sae, metadata=metadata, dtype=dtype, **fields)
+    sae = SAE_REGISTRY["flat_sae"](d_k, d_v, d_sae, metadata=metadata, dtype=dtype, **fields)
     sae.load_state_dict(state)
     return sae.to(device)
 

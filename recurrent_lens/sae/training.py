@@ -46,7 +46,9 @@ from recurrent_lens.integrity import (
     NonFiniteError, check_same, first_nonfinite, refuse_unchecked, tensor_digest, weights_fingerprint,
 )
 from recurrent_lens.sae import wandb_log
-from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEPass
+from recurrent_lens.sae.base import SAE, SAEPass
+from recurrent_lens.sae.config import SAEConfig
+from recurrent_lens.sae.registry import SAE_REGISTRY
 from recurrent_lens.states.files import DirectoryLock, atomic_write, check_writable, remove_stale_temporaries
 
 __all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate", "update_dead_counters"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import recurrent_lens
-from recurrent_lens.sae import SAE, SAE_REGISTRY, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, load, register_sae_class
+from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, load
 from recurrent_lens.sae import parts, sparsities
 from recurrent_lens.sae.sparsities.topk import topk
 from recurrent_lens.sae.training import Learner, TrainConfig, evaluate
@@ -151,20 +151,6 @@ def test_learner_updates_counters_before_the_aux_loss():
     assert sae.steps_since_active.tolist() == [0 if f else 3 for f in fired.tolist()]
     assert row["dead"] == int(expected_dead.sum()) > 0
     assert row["aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-6) and row["aux_loss"] > 0
-
-
-def test_register_sae_class_refuses_duplicates():
-    class Custom(SAE):
-        architecture = "custom_test_sae"
-
-    register_sae_class("custom_test_sae", Custom)
-    try:
-        with pytest.raises(ValueError, match="'custom_test_sae' is already registered"):
-            register_sae_class("custom_test_sae", Custom)
-        register_sae_class("custom_test_sae", Custom, overwrite=True)
-        assert SAE_REGISTRY["custom_test_sae"] is Custom
-    finally:
-        del SAE_REGISTRY["custom_test_sae"]
 
 
 def test_attachment_goes_through_the_public_splice():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from recurrent_lens.cli import main
 from recurrent_lens.sae import FlatSAE, TrainConfig, WriteSAE, load
-from recurrent_lens.sae.base import SAEConfig
+from recurrent_lens.sae.config import SAEConfig
 from recurrent_lens.sae.training import check_train_config
 
 D_K, D_V, N_F = 4, 3, 8

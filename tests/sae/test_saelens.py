@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tests.support.helpers import tiny_gdn
 from tests.support.saelens import sae_lens
 from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, add_sae, load, reset_saes, saes
-from recurrent_lens.sae.base import SAEConfig, SAEMetadata
+from recurrent_lens.sae.config import SAEConfig, SAEMetadata
 from recurrent_lens.sae.saelens import SAELENS_FORMAT_VERSION, load_saelens, to_saelens
 
 D_K, D_V, N_F = 4, 3, 16
