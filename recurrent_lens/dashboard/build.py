@@ -57,21 +57,21 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     - with ``substitution`` (a :class:`~recurrent_lens.analysis.SubstitutionResult`), the feature's
       substitution win rate (atom beats delete) over its firings there;
     - each top example's ``writers``: the feature's pre-activation at the firing split exactly over the
-      layer's past writes (:func:`~recurrent_lens.analysis.feature_attribution`), as the ``n_writers`` writes
-      of largest ``|contribution|`` (position, token, contribution) and the rest (``other_writes``,
-      ``initial``, ``bias``), which sum to ``pre_activation``. That is the SAE's pre-activation
-      (``hook_sae_acts_pre``), not the activation: top-k, JumpReLU or a ReLU apply after it. The pass keeps
-      the token rows of the sequences that hold a top example; once the top examples are final, one
-      attribution call per group of their sequences, on the features their examples belong to, computes the
-      terms. Each call reruns the forward up to the layer for its sequences, and each (sequence, feature) pair
-      costs what encoding that sequence's positions for the feature costs, with every (position, feature)
-      pair of a call computed: small beside the pass when the data has many more sequences than
-      ``n_examples``, several times the pass on a few short sequences and a large SAE (pass ``n_writers=0``
-      there). The field is left out (``None``, absent from the JSON) with ``n_writers=0``, for the quantile
+      layer's past writes (the terms of :func:`~recurrent_lens.analysis.feature_attribution`), as the
+      ``n_writers`` writes of largest ``|contribution|`` (position, token, contribution) and the rest
+      (``other_writes``, ``initial``, ``bias``), which sum to ``pre_activation``. That is the SAE's
+      pre-activation (``hook_sae_acts_pre``; Gated: the magnitude path), not the activation: top-k, JumpReLU
+      or a ReLU apply after it. The pass keeps the token rows of the sequences that hold a top example; once
+      the top examples are final, the forward up to the layer reruns once per ``batch_size`` of those
+      sequences, and at each position holding examples every example's terms come at once from the encoder's
+      factors, the carried keys and the values (:mod:`recurrent_lens.dashboard.writers`): the examples' own
+      features only, ``O(n_examples × n_features × pos × d_k × rank)`` in all (a linear encoder's rank is
+      ``d_k``). The field is left out (``None``, absent from the JSON) with ``n_writers=0``, for the quantile
       samples, and where attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the
       dashboard reads (attribution takes the cell from the metadata, so ``hook_name=``/``head=`` given for an
       SAE whose metadata names none or another cell leave it out), or when the SAE has no
-      ``pre_activation_affine`` and ``encoder_atoms`` (one from outside this library); ``meta["writers"]``
+      ``pre_activation_affine``, ``encoder_atoms`` and ``autoencode`` (one from outside this library);
+      ``meta["writers"]`` then says why.
       then says why.
 
     Args:
