@@ -7,12 +7,13 @@ and the state at ``t`` is an exact sum of the carried writes ``(Φ_{s→t} k̃_s
 terms for chosen features at chosen positions). Gated SAEs split their magnitude path, the one
 ``hook_sae_acts_pre`` shows; the gate path is not attributed.
 
-Here every top example is computed in one batched sweep: the pass keeps the token rows of the sequences that
-hold a top example (:class:`KeptRows`); :func:`top_writers` reruns the forward up to the layer once per
-``batch_size`` of those sequences, carries the writes' keys position by position, and at each position that
-holds examples takes every example's terms there at once, as products of the encoder's factors with the
-carried keys and the values (``E_i = Σ_r a_ir b_irᵀ``: a bilinear encoder's factors, or a linear encoder's
-rows with ``a_ir`` the unit vectors), for the examples' own features only.
+The pass computes them as examples get in: the harvesting forward also records the layer's recurrence
+inputs (a :class:`~recurrent_lens.models.mixer.CaptureRequest` that does not stop it), and
+:meth:`TopWriters.update` carries the batch's write keys position by position; at each position where
+firings entered the top examples, every such firing's terms come at once as products of the encoder's factors
+with the carried keys and the values (``scale_i E_i = Σ_r a_ir b_irᵀ``: a bilinear encoder's factors, or a
+linear encoder's rows with ``a_ir`` the unit vectors), for those firings' own features only. No forward runs
+again, and a slot's writers are overwritten with its example.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F_
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from recurrent_lens.models.attribution import capture, carried_writes
+from recurrent_lens.models.attribution import carried_writes
+from recurrent_lens.models.mixer import CaptureRequest
 from recurrent_lens.models.scan import RecurrenceInputs
 from recurrent_lens.sae.parts import BilinearEncoder
 
@@ -57,33 +58,6 @@ def unavailable(sae: Any, hook_name: str, head: int) -> str | None:
         return f"{type(sae).__name__} has no pre_activation_affine/encoder_atoms/autoencode (its pre-activation " \
                f"as an affine function of the state)"
     return None
-
-
-class KeptRows:
-    """The token rows of the sequences that hold a top example, kept through the pass: at most
-    ``min(n_sequences, n_features × n_examples)`` rows, dropped as soon as their last example is displaced.
-
-    Example:
-        >>> kept = KeptRows()
-        >>> kept.update(torch.tensor([[1, 2], [3, 4]]), seq0=0, held=torch.tensor([[1, -1]]))
-        >>> kept.update(torch.tensor([[5, 6]]), seq0=2, held=torch.tensor([[2, 2]]))
-        >>> {s: r.tolist() for s, r in kept.rows.items()}
-        {2: [5, 6]}
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[int, Tensor] = {}
-
-    def update(self, tokens: Int[Tensor, "batch T"], seq0: int, held: Int[Tensor, "..."]) -> None:
-        """Add the rows of ``tokens`` (sequences ``seq0, seq0 + 1, ...``) that ``held`` names and drop those it
-        no longer names."""
-        held = held.reshape(-1)
-        ids = torch.tensor(list(self.rows) + list(range(seq0, seq0 + tokens.shape[0])), dtype=torch.long)
-        live = set(ids[torch.isin(ids, held)].tolist())
-        self.rows = {s: r for s, r in self.rows.items() if s in live}
-        for b in range(tokens.shape[0]):
-            if seq0 + b in live:
-                self.rows[seq0 + b] = tokens[b].to(torch.int32, copy=True)
 
 
 @dataclass
@@ -166,65 +140,64 @@ def _terms(keys: Float[Tensor, "B s d_k"], values: Float[Tensor, "B s d_v"], row
     return out
 
 
-def _carried_keys(model: Any, layer: int, what: str, x: RecurrenceInputs,
-                  stops: list[int]) -> Iterator[tuple[int, Float[Tensor, "B s d_k"]]]:
-    """``(t, keys)`` at each position of ``stops``: row ``s ≤ t`` of ``keys`` is the key side of the write at
-    ``s`` as the SAE's read at ``t`` sees it (one head in ``x``). On ``hook_write`` the SAE reads write ``t``
-    alone: every other row is zero."""
-    if what == "state":
-        for t, keys, _ in carried_writes(model.blocks[layer].mixer.rule, x, None, stops, progress=False):
-            yield t, keys[:, 0]
-        return
-    key = x.write_key()[:, :, 0]
-    for t in stops:
-        alone = torch.zeros_like(key[:, : t + 1])
-        alone[:, t] = key[:, t]
-        yield t, alone
+class TopWriters:
+    """The :class:`Writers` of the top buffer (``n_features × size`` slots, SAE features ``feats``), kept up
+    to date batch by batch (:meth:`update`); memory ``O(n_features × size × k)``."""
 
-
-def top_writers(model: Any, sae: Any, top: Any, feats: Tensor, rows: dict[int, Tensor], k: int, batch_size: int,
-                progress: bool) -> Writers:
-    """The ``k`` top writers of every example held in ``top`` (the dashboard's top buffer over features
-    ``feats``), on the sequences in ``rows``: one forward up to the layer per ``batch_size`` of them."""
-    F, N = top.sequence.shape
-    none = torch.full((F, N, k), -1, dtype=torch.int32)
-    out = Writers(position=none, token=none.clone(), contribution=torch.zeros(F, N, k), other=torch.zeros(F, N),
-                  initial=torch.zeros(F, N), bias=torch.zeros(F, N), pre_activation=torch.zeros(F, N))
-    j, slot = (top.sequence >= 0).nonzero(as_tuple=True)
-    if len(j) == 0:
-        return out
-    seq, pos, feature = top.sequence[j, slot], top.position[j, slot], feats[j]
-    hook_name, head = sae.cfg.metadata["hook_name"], sae.cfg.metadata["head"]
-    layer, what = model.matrix_site(hook_name)
-    device = model.embed.weight.device
-    factors = _EncoderFactors(sae, device)
-    with torch.no_grad():
-        zero = sae.autoencode(sae.mean.new_zeros(1, sae.cfg.d_k, sae.cfg.d_v)).pre[0].float().cpu()
-    out.bias[j, slot] = zero[feature]
-    sequences = torch.unique(seq)
-    groups = sequences.split(batch_size)
-    for group in tqdm(groups, desc="top writers", unit="call", disable=not progress or len(groups) < 2):
-        mine = torch.isin(seq, group).nonzero()[:, 0]
-        mine = mine[torch.argsort(pos[mine], stable=True)]
-        g_row, g_pos = torch.searchsorted(group, seq[mine]), pos[mine]
-        tokens = torch.stack([rows[s] for s in group.tolist()]).long()
+    def __init__(self, model: Any, sae: Any, feats: Int[Tensor, " n_feat"], size: int, k: int) -> None:
+        self.layer, self.what = model.matrix_site(sae.cfg.metadata["hook_name"])
+        self.head, self.k, self.feats = sae.cfg.metadata["head"], k, feats
+        self.rule = model.blocks[self.layer].mixer.rule
+        device = model.embed.weight.device
+        self.factors = _EncoderFactors(sae, device)
         with torch.no_grad():
-            x = capture(model, tokens.to(device), layer).inputs.map(lambda t: t[:, :, [head]])
-            values = x.v[:, :, 0]
-            stops, counts = torch.unique_consecutive(g_pos, return_counts=True)
-            bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-            for i, (t, keys) in enumerate(_carried_keys(model, layer, what, x, stops.tolist())):
+            zero = sae.autoencode(sae.mean.new_zeros(1, sae.cfg.d_k, sae.cfg.d_v)).pre[0].float().cpu()
+        F = len(feats)
+        none = torch.full((F, size, k), -1, dtype=torch.int32)
+        self.writers = Writers(position=none, token=none.clone(), contribution=torch.zeros(F, size, k),
+                               other=torch.zeros(F, size), initial=torch.zeros(F, size),
+                               bias=zero[feats][:, None].expand(F, size).contiguous(),
+                               pre_activation=torch.zeros(F, size))
+
+    def update(self, request: CaptureRequest, tokens: Int[Tensor, "batch T"], row: Int[Tensor, " m"],
+               position: Int[Tensor, " m"], j: Int[Tensor, " m"], slot: Int[Tensor, " m"]) -> None:
+        """The writers of the firings at ``(row, position)`` of the batch ``tokens`` that entered slot ``slot``
+        of feature index ``j``, from the batch's captured recurrence inputs ``request``."""
+        if len(row) == 0:
+            return
+        x = request.inputs.map(lambda t: t[:, :, [self.head]])
+        device = x.v.device
+        order = torch.argsort(position, stable=True)
+        row, position, j, slot = row[order], position[order], j[order], slot[order]
+        stops, counts = torch.unique_consecutive(position, return_counts=True)
+        bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+        values, feature, out, k = x.v[:, :, 0], self.feats[j], self.writers, self.k
+        with torch.no_grad():
+            for i, (t, keys) in enumerate(self._carried_keys(x, stops.tolist())):
                 at = slice(bounds[i], bounds[i + 1])
-                e, r = mine[at], g_row[at]
-                terms = _terms(keys, values[:, : t + 1], r.to(device), feature[e].to(device), factors).cpu()
+                r = row[at]
+                terms = _terms(keys, values[:, : t + 1], r.to(device), feature[at].to(device), self.factors).cpu()
                 ranked = terms.abs().argsort(dim=-1, descending=True, stable=True)[:, :k]
                 width = (0, k - ranked.shape[1])  # positions fewer than k: the missing writers are padding
-                dest = (j[e], slot[e])
+                dest = (j[at], slot[at])
                 out.position[dest] = F_.pad(ranked, width, value=-1).int()
                 out.token[dest] = F_.pad(tokens[r[:, None], ranked], width, value=-1).int()
                 out.contribution[dest] = F_.pad(terms.gather(1, ranked), width)
                 # In float64: the remaining writes can cancel, and their sum must close the identity to fp32
                 # rounding.
                 out.other[dest] = terms.scatter(1, ranked, 0.0).double().sum(-1).float()
-                out.pre_activation[dest] = (terms.double().sum(-1) + zero[feature[e]].double()).float()
-    return out
+                out.pre_activation[dest] = (terms.double().sum(-1) + out.bias[dest].double()).float()
+
+    def _carried_keys(self, x: RecurrenceInputs, stops: list[int]) -> Iterator[tuple[int, Float[Tensor, "B s d_k"]]]:
+        """``(t, keys)`` at each position of ``stops``: row ``s ≤ t`` of ``keys`` is the key side of the write at
+        ``s`` as the SAE's read at ``t`` sees it (one head in ``x``). On ``hook_write`` the SAE reads write
+        ``t`` alone: every other row is zero."""
+        if self.what == "state":
+            for t, keys, _ in carried_writes(self.rule, x, None, stops, progress=False):
+                yield t, keys[:, 0]
+            return
+        key = x.write_key()[:, :, 0]
+        for t in stops:
+            alone = torch.zeros_like(key[:, : t + 1])
+            alone[:, t] = key[:, t]
+            yield t, alone
