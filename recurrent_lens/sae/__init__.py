@@ -17,6 +17,7 @@ from recurrent_lens.sae.attach import add_sae, reset_saes, saes
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEOutput, register_sae_class
 from recurrent_lens.sae.io import from_reference_checkpoint, load
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
+from recurrent_lens.sae.sparsities import register_sparsity
 from recurrent_lens.sae.training import SAETrainer, TrainConfig, TrainLog, train
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "SAEOutput",
     "SAE_REGISTRY",
     "register_sae_class",
+    "register_sparsity",
     "WriteSAE",
     "FlatSAE",
     "MatrixSAE",

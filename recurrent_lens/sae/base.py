@@ -1,14 +1,15 @@
 """The SAE family for matrix-valued states.
 
 One class, :class:`SAE`, composed of three parts chosen by its config (see
-:mod:`recurrent_lens.sae.parts` and :mod:`recurrent_lens.sae.sparsity`):
+:mod:`recurrent_lens.sae.parts` and :mod:`recurrent_lens.sae.sparsities`):
 
 - ``encoder``: ``"linear"`` (one dense matrix ``E_i`` per feature, ``pre_i = <E_i, S>_F``) or
   ``"bilinear"`` (``pre_i = sum_r V_enc[i,r]^T S W_enc[i,r]``);
 - ``decoder``: ``"flat"`` (a dense ``d_k x d_v`` atom per feature, the reference FlatSAE),
   ``"factored"`` (atom ``sum_r V_dec[i,r] W_dec[i,r]^T`` of rank ``rank``) or ``"full"`` (the
   same dense atom as ``"flat"``, named after the paper's full-rank MatrixSAE);
-- ``sparsity``: ``"topk"``, ``"batchtopk"``, ``"jumprelu"`` or ``"gated"``.
+- ``sparsity``: a registered sparsity, ``"topk"``, ``"batchtopk"``, ``"jumprelu"`` or ``"gated"`` built in
+  (one module each, with the config fields it reads and its SAELens conversion).
 
 Orientation: ``V`` factors live on the key side (``d_k``), ``W`` factors on the value side
 (``d_v``), so an atom ``v w^T`` has the state's ``[d_k, d_v]`` layout.
@@ -30,7 +31,7 @@ training step copies a value to the host (those two CPU shortcuts need a count o
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -39,21 +40,19 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from recurrent_lens.sae import sparsity as sp
 from recurrent_lens.sae.parts import (
     BilinearEncoder, Code, Decoder, Directions, Encoder, FactoredDecoder, FlatDecoder, FullDecoder, LinearEncoder,
 )
+from recurrent_lens.sae.sparsities import Sparsity, get_sparsity
+from recurrent_lens.sae.sparsities.base import AT_LEAST_0, AT_LEAST_1
+from recurrent_lens.sae.sparsities.registry import option_classes, option_fields
 
 __all__ = ["SAEConfig", "SAEMetadata", "SAEOutput", "SAEPass", "SAE", "SAE_REGISTRY", "register_sae_class"]
 
 ENCODER_PARTS: dict[str, type[Encoder]] = {"linear": LinearEncoder, "bilinear": BilinearEncoder}
 DECODER_PARTS: dict[str, type[Decoder]] = {"flat": FlatDecoder, "factored": FactoredDecoder, "full": FullDecoder}
-SPARSITY_PARTS: dict[str, type[sp.Sparsity]] = {
-    "topk": sp.TopK, "batchtopk": sp.BatchTopK, "jumprelu": sp.JumpReLU, "gated": sp.Gated,
-}
 ENCODERS = tuple(ENCODER_PARTS)
 DECODERS = tuple(DECODER_PARTS)
-SPARSITIES = tuple(SPARSITY_PARTS)
 
 
 class SAEMetadata(dict):
@@ -96,20 +95,14 @@ class SAEMetadata(dict):
 
 
 @dataclass
-class SAEConfig:
-    """Configuration of one SAE.  ``to_dict()`` is what ``cfg.json`` holds.
+class _ConfigFields:
+    """The fields every SAE config has, whichever its sparsity (see :class:`SAEConfig`)."""
 
-    Example:
-        >>> cfg = SAEConfig(d_k=4, d_v=3, n_features=8, decoder=2)
-        >>> cfg.decoder, cfg.rank, cfg.d_in
-        ('factored', 2, 12)
-    """
-
-    d_k: int
+    d_k: int = field(metadata=AT_LEAST_1)
     """Key-side size of the state (rows)."""
-    d_v: int
+    d_v: int = field(metadata=AT_LEAST_1)
     """Value-side size of the state (columns)."""
-    n_features: int
+    n_features: int = field(metadata=AT_LEAST_1)
     """Dictionary size."""
     encoder: str = "bilinear"
     """``"linear"`` on vec(S) or ``"bilinear"`` (sum over rank of V_enc^T S W_enc)."""
@@ -120,42 +113,74 @@ class SAEConfig:
     tied: bool = False
     """Bilinear encoder reuses the decoder factors (needs ``encoder="bilinear"``, factored)."""
     sparsity: str = "topk"
-    """``"topk"``, ``"batchtopk"``, ``"jumprelu"`` or ``"gated"``."""
-    k: int | None = None
-    """Active features per sample (TopK) or average per sample (BatchTopK); ``None``: 32, or every feature
-    of a dictionary smaller than that. A TopK or BatchTopK ``k`` above ``n_features`` is refused rather than
-    clamped, so the config never says more than the SAE does."""
+    """A registered sparsity (:mod:`recurrent_lens.sae.sparsities`): ``"topk"``, ``"batchtopk"``,
+    ``"jumprelu"`` or ``"gated"`` built in."""
+    _: KW_ONLY
     center: bool = False
     """Whether training fits the dataset mean M (stored in the ``mean`` buffer)."""
-    dead_threshold: int = 100
+    dead_threshold: int = field(default=100, metadata=AT_LEAST_0)
     """A feature is dead after this many forwards without firing."""
-    k_aux: int = 256
-    """Features used by the dead-feature auxiliary loss (TopK variants)."""
-    aux_coef: float = 1.0
-    """Weight of the dead-feature auxiliary loss (the reference code uses 1.0)."""
-    jumprelu_init_threshold: float = 1e-3
-    jumprelu_bandwidth: float = 1e-3
-    l0_coef: float = 1e-3
-    """JumpReLU: weight of the L0 penalty."""
-    gate_temperature: float = 0.1
-    gate_mode: str = "soft"
-    """Gated: ``"soft"`` sigmoid gate as in the reference, ``"hard"`` Heaviside gate with STE."""
-    gated_sparsity_coef: float = 1e-3
-    gated_aux_coef: float = 1.0
+    sparsity_options: dict[str, Any] = field(default_factory=dict)
+    """The fields of every registered sparsity by name (``k``, ``jumprelu_bandwidth``, ...), each at its
+    default unless given; they are also keywords and attributes of the config itself."""
     dtype: str = "float32"
     metadata: dict[str, Any] = field(default_factory=SAEMetadata)
     """Free-form provenance: ``hook_name``, ``head``, ``model_name``, training info. Always an
     :class:`SAEMetadata` (a plain dict given here or assigned later is converted), so both
     ``metadata["hook_name"]`` and ``metadata.hook_name`` work."""
 
+
+class SAEConfig(_ConfigFields):
+    """Configuration of one SAE.  ``to_dict()`` is what ``cfg.json`` holds.
+
+    Besides the fields of every SAE (``d_k``, ``d_v``, ``n_features``, ``encoder``, ``decoder``, ``rank``,
+    ``tied``, ``sparsity``, ``center``, ``dead_threshold``, ``dtype``, ``metadata``), a config carries the
+    fields that the registered sparsities declare (their
+    :class:`~recurrent_lens.sae.sparsities.base.SparsityOptions`), as keywords and attributes: TopK's and
+    BatchTopK's ``k`` (``None``: 32, or every feature of a smaller dictionary; refused above
+    ``n_features``), ``k_aux`` and ``aux_coef``; JumpReLU's ``jumprelu_init_threshold``,
+    ``jumprelu_bandwidth`` and ``l0_coef``; Gated's ``gate_temperature``, ``gate_mode``,
+    ``gated_sparsity_coef`` and ``gated_aux_coef``. They are kept in :attr:`sparsity_options` and written
+    flat by :meth:`to_dict`.
+
+    Example:
+        >>> cfg = SAEConfig(d_k=4, d_v=3, n_features=8, decoder=2)
+        >>> cfg.decoder, cfg.rank, cfg.d_in, cfg.k
+        ('factored', 2, 12, 8)
+        >>> SAEConfig(d_k=4, d_v=3, n_features=8, sparsity="jumprelu", l0_coef=0.1).l0_coef
+        0.1
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        declared = option_fields()
+        given = {name: kwargs.pop(name) for name in list(kwargs) if name in declared}
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sparsity_options, dict):
+            raise TypeError(f"sparsity_options: expected a dict, got {type(self.sparsity_options).__name__}")
+        unknown = sorted(set(self.sparsity_options) - set(declared))
+        if unknown:
+            raise ValueError(f"sparsity_options: unknown fields {unknown}; the registered sparsities declare "
+                             f"{sorted(declared)}")
+        self.sparsity_options = {**self.sparsity_options, **given}
+        self._check()
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("sparsity_options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("sparsity_options", {}):
+            self.sparsity_options[name] = value
+            return
         if name == "metadata" and not isinstance(value, SAEMetadata):
             if not isinstance(value, dict):
                 raise TypeError(f"metadata: expected a dict, got {type(value).__name__}")
             value = SAEMetadata(value)
         super().__setattr__(name, value)
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if isinstance(self.decoder, int) and not isinstance(self.decoder, bool):
             self.rank, self.decoder = self.decoder, "factored"
         if self.rank == "full":
@@ -164,8 +189,7 @@ class SAEConfig:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS} or an int rank, got {self.decoder!r}")
-        if self.sparsity not in SPARSITIES:
-            raise ValueError(f"sparsity must be one of {SPARSITIES}, got {self.sparsity!r}")
+        sparsity = get_sparsity(self.sparsity)
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a positive int or 'full', got {self.rank!r}")
         if self.tied and not (self.encoder == "bilinear" and self.decoder == "factored"):
@@ -173,14 +197,37 @@ class SAEConfig:
                 "tied=True needs encoder='bilinear' and a factored decoder, got "
                 f"encoder={self.encoder!r}, decoder={self.decoder!r}"
             )
-        if self.k is None:
-            self.k = min(32, self.n_features)
-        for name in ("d_k", "d_v", "n_features", "k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sparsity in ("topk", "batchtopk") and self.k > self.n_features:
-            raise ValueError(f"k: expected at most n_features={self.n_features} active features for "
-                             f"sparsity={self.sparsity!r}, got {self.k}")
+        self._check_minimum(dataclasses.fields(_ConfigFields), self.__dict__)
+        options = self.sparsity_options
+        resolved: dict[str, Any] = {}
+        for cls in option_classes():
+            own = {f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options}
+            resolved.update(dataclasses.asdict(cls(**own).resolved(self.n_features)))
+        self._check_minimum(option_fields().values(), resolved)
+        self.sparsity_options = resolved
+        sparsity.Options(**{name: resolved[name] for name in sparsity.option_names()}).check(self)
+
+    @staticmethod
+    def _check_minimum(fields: Any, values: dict[str, Any]) -> None:
+        for f in fields:
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and values[f.name] is not None and values[f.name] < minimum:
+                raise ValueError(f"{f.name} must be >= {minimum}, got {values[f.name]}")
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, dataclasses.Field]:
+        """The fields :meth:`to_dict` writes, by name and in its order: those of every SAE, with the
+        registered sparsities' fields in place of ``sparsity_options``.
+
+        Example:
+            >>> fields = SAEConfig.flat_fields()
+            >>> "k" in fields and "sparsity_options" not in fields, fields["k"].type
+            (True, int | None)
+        """
+        flat: dict[str, dataclasses.Field] = {}
+        for f in dataclasses.fields(_ConfigFields):
+            flat.update(option_fields() if f.name == "sparsity_options" else {f.name: f})
+        return flat
 
     @property
     def d_in(self) -> int:
@@ -202,15 +249,16 @@ class SAEConfig:
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields (``metadata`` as a plain dict); the owning SAE adds ``architecture``."""
+        """All fields, the sparsities' flat (``metadata`` as a plain dict); the owning SAE adds ``architecture``."""
         d = dataclasses.asdict(self)
         d["metadata"] = dict(d["metadata"])
-        return d
+        return {name: d["sparsity_options"][name] if name in self.sparsity_options else d[name]
+                for name in self.flat_fields()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
         """Build from ``to_dict()`` output; unknown keys (``architecture``) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = cls.flat_fields()
         return cls(**{key: value for key, value in d.items() if key in names})
 
 
@@ -362,7 +410,7 @@ class SAE(HookedRootModule):
 
     encoder: Encoder
     decoder: Decoder
-    sparsity: sp.Sparsity
+    sparsity: Sparsity
 
     def __init__(
         self,
@@ -389,7 +437,7 @@ class SAE(HookedRootModule):
         self.cfg = cfg
         self.encoder = ENCODER_PARTS[cfg.encoder](self)
         self.decoder = DECODER_PARTS[cfg.decoder](self)
-        self.sparsity = SPARSITY_PARTS[cfg.sparsity](self)
+        self.sparsity = get_sparsity(cfg.sparsity)(self)
         # Registration order is the state-dict order, the optimizer's parameter order and the order
         # in which the random init is drawn: the same as in SAEs saved before the parts existed.
         self.encoder.build()
@@ -416,7 +464,7 @@ class SAE(HookedRootModule):
 
     # ------------------------------------------------------------------ parameters
 
-    def _parts(self) -> tuple[Encoder, Decoder, sp.Sparsity]:
+    def _parts(self) -> tuple[Encoder, Decoder, Sparsity]:
         return self.encoder, self.decoder, self.sparsity
 
     @property

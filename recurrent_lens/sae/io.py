@@ -143,10 +143,6 @@ def load(path: str, device: str | torch.device = "cpu", *, d_k: int | None = Non
 SAE_DTYPES = ("float32", "float64", "float16", "bfloat16")
 """The ``dtype`` values an SAE config may name."""
 
-# Sizes that must be at least 1, and counts that may be 0 (no auxiliary features; dead at once).
-_POSITIVE = ("d_k", "d_v", "n_features", "k")
-_NON_NEGATIVE = ("k_aux", "dead_threshold")
-
 
 def _accepts(annotation: Any, value: Any) -> bool:
     """Whether a JSON value has the type a :class:`SAEConfig` field is annotated with."""
@@ -185,7 +181,7 @@ def check_cfg_dict(cfg_dict: Any, source: str) -> None:
     """
     if not isinstance(cfg_dict, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(cfg_dict).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(SAEConfig)}
+    fields = SAEConfig.flat_fields()
     unknown = sorted(set(cfg_dict) - set(fields) - {"architecture"})
     if unknown:
         raise ValueError(f"{source}: unknown fields {unknown}; known: {sorted(fields) + ['architecture']}")
@@ -201,11 +197,11 @@ def check_cfg_dict(cfg_dict: Any, source: str) -> None:
         if name != "architecture" and not _accepts(fields[name].type, value):
             raise ValueError(f"{source}: field {name!r}: expected {_type_name(fields[name].type)}, "
                              f"got {value!r} ({type(value).__name__})")
-    for name in _POSITIVE + _NON_NEGATIVE:
-        low = 1 if name in _POSITIVE else 0
-        if name in cfg_dict and cfg_dict[name] < low:
+    for name, value in cfg_dict.items():
+        low = fields[name].metadata.get("minimum") if name != "architecture" else None
+        if low is not None and value is not None and value < low:
             raise ValueError(f"{source}: field {name!r}: expected {'a positive' if low else 'a non-negative'} int, "
-                             f"got {cfg_dict[name]}")
+                             f"got {value}")
     for name in ("rank", "decoder"):  # an int here is a rank
         if type(cfg_dict.get(name)) is int and cfg_dict[name] < 1:
             raise ValueError(f"{source}: field {name!r}: expected a rank >= 1, got {cfg_dict[name]}")

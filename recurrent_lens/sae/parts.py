@@ -1,5 +1,5 @@
 """The parts an SAE is composed of: encoders and decoders (here) and sparsities
-(:mod:`recurrent_lens.sae.sparsity`).
+(:mod:`recurrent_lens.sae.sparsities`).
 
 A part declares the parameters it owns, initialises them, keeps them normalised, re-initialises
 dead features, rescales them for :meth:`~recurrent_lens.sae.SAE.fold_W_dec_norm` and computes with

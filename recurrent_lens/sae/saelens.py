@@ -16,7 +16,8 @@ works on ``x = vec(S)``, the row-major flattening of the ``[d_k, d_v]`` state (`
   ``b_enc <- b_enc - vec(mean) @ W_enc`` (Gated: ``b_gate`` likewise and
   ``b_mag <- b_mag - exp(r_mag) * (vec(mean) @ W_enc)``) and ``b_dec <- vec(b_dec + mean)``.
 
-Sparsity maps to SAELens architectures as: ``topk`` -> ``"topk"`` (``k`` capped at ``d_sae``, as we
+Each sparsity's module converts its own part (its ``to_saelens`` / ``from_saelens``, see
+:mod:`recurrent_lens.sae.sparsities`); the built-in ones map as: ``topk`` -> ``"topk"`` (``k`` capped at ``d_sae``, as we
 cap it), ``jumprelu`` -> ``"jumprelu"`` (``threshold = exp(log_threshold)``), ``gated`` with
 ``gate_mode="hard"`` -> ``"gated"``. BatchTopK (codes depend on the whole batch; SAELens's inference
 SAEs have no such rule) and the soft Gated gate (SAELens's gate is a hard step) raise ``ValueError``.
@@ -64,7 +65,6 @@ Example:
 """
 
 import json
-import math
 import os
 from typing import Any
 
@@ -74,6 +74,7 @@ from safetensors.torch import save_file
 
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.presets import FlatSAE
+from recurrent_lens.sae.sparsities.registry import saelens_readers, sparsities
 from recurrent_lens.states.files import SafetensorsFormatError, atomic_write, read_safetensors, require_finite
 
 __all__ = ["SAELENS_FORMAT_VERSION", "to_saelens", "save_saelens", "load_saelens", "is_saelens_config"]
@@ -81,13 +82,6 @@ __all__ = ["SAELENS_FORMAT_VERSION", "to_saelens", "save_saelens", "load_saelens
 SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens release whose ``cfg.json`` format :func:`save_saelens` writes (``metadata.sae_lens_version``)."""
 
-_READABLE = ("standard", "topk", "jumprelu", "gated")
-_PARAMS = {
-    "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
-    "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
-    "jumprelu": ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"),
-    "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
-}
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Metadata that only describes the SAELens file itself, not the SAE.
 _FORMAT_KEYS = ("sae_lens_version", "sae_lens_training_version", "recurrent_lens", "hook_head_index")
@@ -101,27 +95,6 @@ def is_saelens_config(cfg_dict: dict[str, Any]) -> bool:
         (True, False)
     """
     return ("d_sae" in cfg_dict or "d_in" in cfg_dict) and "n_features" not in cfg_dict
-
-
-def _architecture(sae: SAE) -> str:
-    cfg = sae.cfg
-    if cfg.sparsity == "topk":
-        return "topk"
-    if cfg.sparsity == "jumprelu":
-        return "jumprelu"
-    if cfg.sparsity == "gated":
-        if cfg.gate_mode != "hard":
-            raise ValueError(
-                f"format='saelens': SAELens's gated SAE uses a hard gate 1[gate > 0]; this SAE has "
-                f"gate_mode={cfg.gate_mode!r} (sigmoid(gate / T)), which it cannot express. Only "
-                "gate_mode='hard' converts exactly"
-            )
-        return "gated"
-    raise ValueError(
-        f"format='saelens': SAELens has no inference SAE for sparsity={cfg.sparsity!r}: BatchTopK codes depend on the "
-        "whole batch (SAELens saves its BatchTopK SAEs as JumpReLU with a threshold learned in training, which this "
-        "SAE does not have). Convertible sparsities: 'topk', 'jumprelu', 'gated' (gate_mode='hard')"
-    )
 
 
 @torch.no_grad()
@@ -139,19 +112,19 @@ def to_saelens(sae: SAE) -> tuple[dict[str, Any], dict[str, Float[torch.Tensor, 
         >>> {name: tuple(t.shape) for name, t in weights.items()}
         {'W_enc': (12, 16), 'b_enc': (16,), 'W_dec': (16, 12), 'b_dec': (12,)}
     """
-    cfg = sae.cfg
-    architecture = _architecture(sae)
+    cfg, part = sae.cfg, sae.sparsity
+    architecture = part.saelens_architecture
+    if architecture is None:
+        convertible = [name for name, cls in sparsities().items() if cls.saelens_architecture is not None]
+        reason = f": {part.saelens_refusal}" if part.saelens_refusal else ""
+        raise ValueError(f"format='saelens': SAELens has no inference SAE for sparsity={cfg.sparsity!r}{reason}. "
+                         f"Convertible sparsities: {convertible}")
     n, dtype = cfg.n_features, cfg.torch_dtype
     E = sae.encoder_atoms().reshape(n, -1)
     # The centring shift is a sum over d_in products; float64 keeps it as close to ours as the dtype allows.
     shift = (E.double() @ sae.mean.reshape(-1).double()).to(dtype)
-    weights: dict[str, torch.Tensor] = {"W_enc": E.T}
-    if cfg.sparsity == "gated":
-        weights.update(b_gate=sae.b_gate - shift, r_mag=sae.r_mag, b_mag=sae.b_mag - sae.r_mag.exp() * shift)
-    else:
-        weights["b_enc"] = sae.b_enc - shift
-    if cfg.sparsity == "jumprelu":
-        weights["threshold"] = sae.log_threshold.exp()
+    fields, encoder_side = part.to_saelens(shift)
+    weights: dict[str, torch.Tensor] = {"W_enc": E.T, **encoder_side}
     weights["W_dec"] = sae.decoder_atoms().reshape(n, -1)
     weights["b_dec"] = (sae.b_dec + sae.mean).reshape(-1)
     weights = {name: t.detach().to("cpu", dtype).contiguous() for name, t in weights.items()}
@@ -179,8 +152,7 @@ def to_saelens(sae: SAE) -> tuple[dict[str, Any], dict[str, Float[torch.Tensor, 
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
-    if architecture == "topk":
-        cfg_dict.update(k=min(cfg.k, n), rescale_acts_by_decoder_norm=False)
+    cfg_dict.update(fields)
     cfg_dict["metadata"] = metadata
     return cfg_dict, weights
 
@@ -300,8 +272,10 @@ def load_saelens(
     metadata = dict(cfg_dict.get("metadata") or {})
 
     architecture = cfg_dict.get("architecture", "standard")
-    if architecture not in _READABLE:
-        raise ValueError(f"{cfg_path}: architecture: expected one of {_READABLE}, got {architecture!r}")
+    readers = saelens_readers()
+    if architecture not in readers:
+        raise ValueError(f"{cfg_path}: architecture: expected one of {tuple(readers)}, got {architecture!r}")
+    sparsity = readers[architecture]
     d_in, d_sae = cfg_dict.get("d_in"), cfg_dict.get("d_sae")
     for name, value in (("d_in", d_in), ("d_sae", d_sae)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -340,7 +314,8 @@ def load_saelens(
     if scaling is not None and not torch.all(scaling == 1):
         raise ValueError(f"{weights_path}: a scaling_factor other than 1 (legacy finetuning scaling) is not supported")
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    expected = {name: shapes.get(name, (d_sae,)) for name in _PARAMS[architecture]}
+    names = ("W_enc", *sparsity.saelens_tensors(architecture), "W_dec", "b_dec")
+    expected = {name: shapes.get(name, (d_sae,)) for name in names}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{name}: expected {shape}, got {tuple(tensors[name].shape)}"
@@ -354,54 +329,23 @@ def load_saelens(
 
     torch_dtype = getattr(torch, dtype)
     t = {name: tensor.to(torch_dtype) for name, tensor in tensors.items()}
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if architecture == "topk":
-        k = cfg_dict.get("k")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"{cfg_path}: k: expected a positive int, got {k!r}")
-        if k > d_sae:
-            raise ValueError(f"{cfg_path}: k: expected at most d_sae={d_sae} (a TopK SAE keeps k of its d_sae "
-                             f"features), got {k}")
-        kwargs.update(sparsity="topk", k=k)
-        if cfg_dict.get("rescale_acts_by_decoder_norm"):
-            # SAELens scales pre-activations by the decoder norms and divides the codes by them before
-            # decoding; folding the norms into W_enc, b_enc and W_dec gives the same codes and output.
-            # A zero decoder row stays zero (SAELens would divide 0 by 0): its feature's pre-activation is
-            # 0, as SAELens ranks it, and it decodes to nothing.
-            norms = t["W_dec"].norm(dim=-1)
-            divisor = torch.where(norms > 0, norms, torch.ones_like(norms))
-            t.update(W_enc=t["W_enc"] * norms, b_enc=t["b_enc"] * norms, W_dec=t["W_dec"] / divisor[:, None])
-    elif architecture == "gated":
-        kwargs.update(sparsity="gated", gate_mode="hard")
-    else:
-        kwargs["sparsity"] = "jumprelu"
-
-    state = {
+    fields, state = sparsity.from_saelens(architecture, cfg_dict, t, cfg_path)
+    state.update({
         "E_enc": t["W_enc"].T.reshape(d_sae, d_k, d_v),
         "D_dec": t["W_dec"].reshape(d_sae, d_k, d_v),
         "steps_since_active": torch.zeros(d_sae, dtype=torch.int64),
-    }
+    })
     b_dec = t["b_dec"].reshape(d_k, d_v)
     if cfg_dict.get("apply_b_dec_to_input", True):
         state.update(mean=b_dec, b_dec=torch.zeros_like(b_dec))
     else:
         state.update(mean=torch.zeros_like(b_dec), b_dec=b_dec)
-    if architecture == "gated":
-        state.update(b_gate=t["b_gate"], r_mag=t["r_mag"], b_mag=t["b_mag"])
-    else:
-        state["b_enc"] = t["b_enc"]
-    if architecture == "standard":
-        state["log_threshold"] = torch.full((d_sae,), -math.inf, dtype=torch_dtype)
-    elif architecture == "jumprelu":
-        # SAELens keeps relu(z) * 1[z > threshold], so a threshold below 0 acts as 0 (log 0 = -inf).
-        state["log_threshold"] = t["threshold"].clamp(min=0).log()
-
     head = metadata.get("hook_head_index")
     metadata = {key: value for key, value in metadata.items() if key not in _FORMAT_KEYS and value is not None}
     if head is not None:
         metadata["head"] = head
     metadata["saelens_architecture"] = architecture
-    sae = FlatSAE(d_k, d_v, d_sae, metadata=metadata, **kwargs)
+    sae = FlatSAE(d_k, d_v, d_sae, metadata=metadata, dtype=dtype, **fields)
     sae.load_state_dict(state)
     return sae.to(device)
 

@@ -410,10 +410,10 @@ def check_train_config(cfg: TrainConfig) -> None:
             raise ValueError(f"TrainConfig.{name}: expected a finite non-negative number, got {value!r}")
     if cfg.architecture not in SAE_REGISTRY:
         raise ValueError(f"TrainConfig.architecture: expected one of {sorted(SAE_REGISTRY)}, got {cfg.architecture!r}")
-    # the SAE would keep min(k, n_features) features while its config and the saved files say k
-    if cfg.sae_kwargs.get("sparsity", "topk") in ("topk", "batchtopk") and cfg.k > cfg.n_features:
-        raise ValueError(f"TrainConfig.k: expected at most n_features={cfg.n_features} (a top-k SAE keeps k of its "
-                         f"features per state), got {cfg.k}")
+    try:  # refused now rather than after the model has run: the SAE's config with these values
+        SAEConfig(d_k=1, d_v=1, n_features=cfg.n_features, k=cfg.k, center=cfg.center, **cfg.sae_kwargs)
+    except ValueError as e:
+        raise ValueError(f"TrainConfig.{e}") from e
     if cfg.buffer_size < cfg.batch_size:
         raise ValueError(f"TrainConfig.buffer_size: expected at least batch_size={cfg.batch_size}, "
                          f"got {cfg.buffer_size}")

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import recurrent_lens
 from recurrent_lens.sae import SAE, SAE_REGISTRY, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, load, register_sae_class
-from recurrent_lens.sae import parts, sparsity
+from recurrent_lens.sae import parts, sparsities
+from recurrent_lens.sae.sparsities.topk import topk
 from recurrent_lens.sae.training import Learner, TrainConfig, evaluate
 
 SHIPPED = Path(recurrent_lens.__file__).parent / "toy" / "weights" / "gdn_sae"
@@ -40,10 +41,10 @@ def test_state_dict_keys_and_order_unchanged(cls, kw):
 def test_parts_follow_the_config():
     sae = BilinearSAE(4, 3, 8, decoder="flat", sparsity="batchtopk")
     assert (type(sae.encoder), type(sae.decoder), type(sae.sparsity)) == (
-        parts.BilinearEncoder, parts.FlatDecoder, sparsity.BatchTopK)
+        parts.BilinearEncoder, parts.FlatDecoder, sparsities.BatchTopK)
     sae = MatrixSAE(4, 3, 8, rank="full", sparsity="gated")
     assert (type(sae.encoder), type(sae.decoder), type(sae.sparsity)) == (
-        parts.LinearEncoder, parts.FullDecoder, sparsity.Gated)
+        parts.LinearEncoder, parts.FullDecoder, sparsities.Gated)
     assert list(sae.feature_parameters()) == ["E_enc", "D_dec", "b_gate", "r_mag", "b_mag"]
     assert list(BilinearSAE(4, 3, 8, tied=True, rank=1).feature_parameters()) == ["V_dec", "W_dec", "b_enc"]
 
@@ -260,7 +261,7 @@ def test_aux_loss_skipped_without_dead_and_limited_to_the_dead():
     sae.steps_since_active[[2, 9]] = 3
     p = sae.autoencode(S)
     dead = sae.dead_mask()
-    values, indices = sparsity.topk(p.pre.masked_fill(~dead, float("-inf")), 6)
+    values, indices = topk(p.pre.masked_fill(~dead, float("-inf")), 6)
     aux_hat = torch.zeros(5, 16).scatter(1, indices, values) @ sae.decoder_atoms().reshape(16, -1) + sae.b_dec.reshape(-1)
     expected = (aux_hat - (p.x - p.x_hat)).pow(2).mean()
     torch.testing.assert_close(sae.losses(p).aux_loss, expected, rtol=1e-5, atol=1e-7)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
-from recurrent_lens.sae import sparsity as sp
 from recurrent_lens.sae.parts import FactoredMatmul as _FactoredMatmul
 from recurrent_lens.sae.training import update_dead_counters
 
@@ -101,67 +100,6 @@ def test_leading_dims_and_single_matrix(name):
     assert sae.reconstruct(S[0, 0]).shape == (D_K, D_V)
 
 
-def test_topk_keeps_k_and_relu_after_selection():
-    pre = torch.tensor([[3.0, -1.0, 2.0, -0.5, 1.0], [-3.0, -1.0, -2.0, -0.5, 0.25]])
-    values, indices = sp.topk(pre, 3)
-    acts = torch.zeros_like(pre).scatter(1, indices, values)
-    assert acts[0].tolist() == [3.0, 0.0, 2.0, 0.0, 1.0]
-    # Row 2: the winners are 0.25, -0.5, -1.0; ReLU after selection leaves one active feature.
-    assert acts[1].tolist() == [0.0, 0.0, 0.0, 0.0, 0.25]
-    assert sp.topk(pre, 99)[0].shape == (2, 5)
-    sae = WriteSAE(D_K, D_V, 64, k=5)
-    acts = sae.encode(torch.randn(50, D_K, D_V))
-    assert ((acts > 0).sum(-1) <= 5).all() and (acts >= 0).all()
-
-
-def test_topk_gradient_only_to_selected():
-    pre = torch.tensor([[3.0, -1.0, 2.0, 0.5]], requires_grad=True)
-    values, indices = sp.topk(pre, 2)
-    values.sum().backward()
-    assert pre.grad.tolist() == [[1.0, 0.0, 1.0, 0.0]]
-
-
-def test_batchtopk_keeps_k_times_batch():
-    pre = torch.randn(8, 32).abs() + 0.1
-    values, feat, sample = sp.batch_topk(pre, 3)
-    assert len(values) == 24
-    dense = torch.zeros_like(pre).index_put((sample, feat), values)
-    assert int((dense > 0).sum()) == 24
-    threshold = values.min()
-    assert int((pre >= threshold).sum()) == 24
-    torch.testing.assert_close(dense, torch.where(pre >= threshold, pre, torch.zeros_like(pre)))
-    one = torch.randn(1, 32)
-    v1, f1, _ = sp.batch_topk(one, 4)
-    v2, f2 = sp.topk(one, 4)
-    assert sorted(f1.tolist()) == sorted(f2[0].tolist())
-    sae = WriteSAE(D_K, D_V, 64, k=4, sparsity="batchtopk")
-    acts = sae.encode(torch.randn(16, D_K, D_V))
-    assert int((acts > 0).sum()) == 64
-
-
-def test_jumprelu_ste_gradients_by_hand():
-    h = 0.1
-    theta = torch.tensor([0.5, 1.0])
-    log_t = theta.log().clone().requires_grad_(True)
-    z = torch.tensor([[0.52, 0.2], [0.9, 1.04], [0.3, 2.0]], requires_grad=True)
-    g = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-    a = sp.jumprelu(z, log_t, h)
-    torch.testing.assert_close(a.detach(), torch.tensor([[0.52, 0.0], [0.9, 1.04], [0.0, 2.0]]))
-    (a * g).sum().backward()
-    assert z.grad.tolist() == [[1.0, 0.0], [3.0, 4.0], [0.0, 6.0]]  # g * 1[z > theta]
-    # Only (0.52 vs 0.5) and (1.04 vs 1.0) fall inside the kernel |z - theta| <= h/2.
-    expected = torch.tensor([-(0.5 / h) * 1.0 * 0.5, -(1.0 / h) * 4.0 * 1.0])
-    torch.testing.assert_close(log_t.grad, expected)
-
-    log_t.grad = None
-    z.grad = None
-    l0 = sp.jumprelu_l0(z, log_t, h)
-    assert l0.tolist() == [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
-    (l0 * g).sum().backward()
-    assert z.grad is None
-    torch.testing.assert_close(log_t.grad, torch.tensor([-(1 / h) * 1.0 * 0.5, -(1 / h) * 4.0 * 1.0]))
-
-
 def test_jumprelu_sae_loss_has_l0_term():
     sae = WriteSAE(D_K, D_V, N_F, sparsity="jumprelu", l0_coef=0.5)
     S = torch.randn(6, D_K, D_V)
@@ -170,20 +108,6 @@ def test_jumprelu_sae_loss_has_l0_term():
     l0 = (pre > sae.log_threshold.exp()).float().sum(-1).mean()
     torch.testing.assert_close(out.aux_loss, 0.5 * l0)
     torch.testing.assert_close(out.loss, out.mse + out.aux_loss)
-
-
-@pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_gated_gradients_by_hand(mode):
-    T = 0.1
-    gate = torch.tensor([[0.05, -0.2]], requires_grad=True)
-    mag = torch.tensor([[2.0, 3.0]], requires_grad=True)
-    acts, g = sp.gated(gate, mag, T, mode)
-    acts.sum().backward()
-    s = torch.sigmoid(gate.detach() / T)
-    expected_g = s if mode == "soft" else (gate.detach() > 0).float()
-    torch.testing.assert_close(acts.detach(), expected_g * mag.detach())
-    torch.testing.assert_close(gate.grad, s * (1 - s) / T * mag.detach())
-    torch.testing.assert_close(mag.grad, expected_g)
 
 
 def test_gated_sae_aux_by_formula():
