@@ -1216,6 +1216,8 @@ def _add_dashboard_parser(sub) -> None:
     p.add_argument("--features", type=_int_list, default=None, metavar="I,J", help="features to show (default: all)")
     p.add_argument("--n-examples", type=_positive_int, default=20, help="top contexts per feature (default: 20)")
     p.add_argument("--context", type=_non_negative_int, default=24, help="tokens shown each side (default: 24)")
+    p.add_argument("--n-writers", type=_non_negative_int, default=5,
+                   help="top writers shown per top context (default: 5; 0 leaves the column out)")
     p.add_argument("--stride", type=_positive_int, default=1, help="read every STRIDE-th position (default: 1)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward (default: 8)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the toy data and the samples")
@@ -1256,7 +1258,8 @@ def _dashboard_cmd(args, parser) -> int:
                                n_examples=args.n_examples, context=args.context, stride=args.stride,
                                batch_size=args.batch_size, hook_name=args.hook, head=args.head,
                                token_strings=strings, context_length=args.context_length,
-                               max_sequences=args.max_sequences, seed=args.seed, progress=not args.no_progress)
+                               max_sequences=args.max_sequences, seed=args.seed, n_writers=args.n_writers,
+                               progress=not args.no_progress)
     except ValueError as e:
         # build_dashboard names its argument first; the command line has its own name for it
         flags = {"out_dir": "--out", "features": "--features", "head": "--head", "hook_name": "--hook", "sae": "--sae",

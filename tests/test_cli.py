@@ -127,7 +127,8 @@ def test_demo_on_a_model_refuses(argv, message, tmp_path, capsys):
 def test_dashboard_command(tmp_path, capsys, gdn_sae):
     out = tmp_path / "site"
     assert main(["dashboard", "--model", "gdn", "--sae", gdn_sae, "--out", str(out), "--features", "0,5,9",
-                 "--n-examples", "4", "--context", "3", "--max-sequences", "16", "--no-progress"]) == 0
+                 "--n-examples", "4", "--context", "3", "--max-sequences", "16", "--n-writers", "2",
+                 "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert f"feature dashboard: {out / 'index.html'}" in text
     assert "Dashboard(3 features of WriteSAE at blocks.1.mixer.hook_state head 0, 16 sequences" in text
@@ -136,6 +137,15 @@ def test_dashboard_command(tmp_path, capsys, gdn_sae):
     assert len(record["top_examples"]) <= 4 and all(len(e["tokens"]) <= 7 for e in record["top_examples"])
     names = set(toy.load("gdn", progress=False).task.token_strings())
     assert all(set(e["tokens"]) <= names for e in record["top_examples"])  # the toy's token names, not ids
+    assert record["top_examples"] and all(len(e["writers"]["top"]) == 2 for e in record["top_examples"])
+
+
+def test_dashboard_command_without_writers(tmp_path, gdn_sae):
+    out = tmp_path / "site"
+    assert main(["dashboard", "--model", "gdn", "--sae", gdn_sae, "--out", str(out), "--features", "5",
+                 "--max-sequences", "8", "--n-writers", "0", "--no-progress"]) == 0
+    record = json.loads((out / "data" / "feature_5.json").read_text())
+    assert record["top_examples"] and all("writers" not in e for e in record["top_examples"])
 
 
 def test_dashboard_command_shipped_sae_on_an_excerpt(tmp_path, capsys):

@@ -19,8 +19,9 @@ from recurrent_lens.dashboard.collect import BINS_PER_DECADE, LOG10_LOW, Feature
 from recurrent_lens.dashboard.render import check_site_dir
 from recurrent_lens.dashboard.reading import atom_directions, logit_extremes, top_aligned, value_readout
 from recurrent_lens.dashboard.view import Dashboard, Example, FeatureData
-from recurrent_lens.dashboard.writers import KeptRows, Writers, top_writers, unavailable
+from recurrent_lens.dashboard.writers import TopWriters, Writers, unavailable
 from recurrent_lens.data import batches, open_tokens
+from recurrent_lens.models.mixer import CaptureRequest
 
 N_TOP_TOKENS = 10
 N_QUANTILE_BANDS = 4
@@ -57,22 +58,20 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     - with ``substitution`` (a :class:`~recurrent_lens.analysis.SubstitutionResult`), the feature's
       substitution win rate (atom beats delete) over its firings there;
     - each top example's ``writers``: the feature's pre-activation at the firing split exactly over the
-      layer's past writes (:func:`~recurrent_lens.analysis.feature_attribution`), as the ``n_writers`` writes
-      of largest ``|contribution|`` (position, token, contribution) and the rest (``other_writes``,
-      ``initial``, ``bias``), which sum to ``pre_activation``. That is the SAE's pre-activation
-      (``hook_sae_acts_pre``), not the activation: top-k, JumpReLU or a ReLU apply after it. The pass keeps
-      the token rows of the sequences that hold a top example; once the top examples are final, one
-      attribution call per group of their sequences, on the features their examples belong to, computes the
-      terms. Each call reruns the forward up to the layer for its sequences, and each (sequence, feature) pair
-      costs what encoding that sequence's positions for the feature costs, with every (position, feature)
-      pair of a call computed: small beside the pass when the data has many more sequences than
-      ``n_examples``, several times the pass on a few short sequences and a large SAE (pass ``n_writers=0``
-      there). The field is left out (``None``, absent from the JSON) with ``n_writers=0``, for the quantile
-      samples, and where attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the
+      layer's past writes (the terms of :func:`~recurrent_lens.analysis.feature_attribution`), as the
+      ``n_writers`` writes of largest ``|contribution|`` (position, token, contribution) and the rest
+      (``other_writes``, ``initial``, ``bias``), which sum to ``pre_activation``. That is the SAE's
+      pre-activation (``hook_sae_acts_pre``; Gated: the magnitude path), not the activation: top-k, JumpReLU
+      or a ReLU apply after it. The harvesting forward also records the layer's recurrence inputs, and as
+      firings enter the top examples their terms come at once from the encoder's factors, the batch's
+      carried keys and its values (:mod:`recurrent_lens.dashboard.writers`; no forward runs again): the
+      entering firings' own features only, ``O(pos × d_k × rank)`` per entering firing (a linear encoder's
+      rank is ``d_k``) and ``O(batch × pos² × d_k)`` per batch to carry the keys. The field is left out
+      (``None``, absent from the JSON) with ``n_writers=0``, for the quantile samples, and where attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the
       dashboard reads (attribution takes the cell from the metadata, so ``hook_name=``/``head=`` given for an
       SAE whose metadata names none or another cell leave it out), or when the SAE has no
-      ``pre_activation_affine`` and ``encoder_atoms`` (one from outside this library); ``meta["writers"]``
-      then says why.
+      ``pre_activation_affine``, ``encoder_atoms`` and ``autoencode`` (one from outside this library);
+      ``meta["writers"]`` then says why.
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.
@@ -124,7 +123,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     keys, queries = TokenMeans(model.cfg.d_vocab, model.cfg.d_k), TokenMeans(model.cfg.d_vocab, model.cfg.d_k)
     captured: dict[str, Tensor] = {}
     why_not = "n_writers=0" if n_writers == 0 else unavailable(sae, hook_name, head)
-    kept = KeptRows() if why_not is None else None
+    top_writers = TopWriters(model, sae, feats, n_examples, n_writers) if why_not is None else None
 
     def grab(name):
         def hook(x, hook):
@@ -142,13 +141,17 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
                 ctx, first = tokens.shape[1], tokens
             tokens = tokens.long()
             positions = torch.arange(0, tokens.shape[1], stride)
+            # With writers, the same forward records the layer's recurrence inputs: no forward runs again.
+            request = None if top_writers is None else CaptureRequest(stop=False)
             with model.hooks(fwd_hooks=fwd_hooks):
-                states = model.harvest(tokens.to(device), positions.to(device), [(hook_name, head)])[hook_name, head]
+                states = model.harvest(tokens.to(device), positions.to(device), [(hook_name, head)],
+                                       capture=None if request is None else {layer: request})[hook_name, head]
             acts = sae.encode(states.to(sae.b_dec.device))
             acts = (acts if select is None else acts[..., select]).float().cpu()
-            stats.update(acts, positions, tokens, seq0)
-            if kept is not None:
-                kept.update(tokens, seq0, stats.top.sequence)
+            entered = stats.update(acts, positions, tokens, seq0)
+            if top_writers is not None:
+                top_writers.update(request, tokens, *entered)
+            del states, request
             keys.update(tokens, captured.pop("k"))
             queries.update(tokens, captured.pop("q"))
             seq0 += tokens.shape[0]
@@ -165,8 +168,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     up_i, up_v, down_i, down_v = logit_extremes(readout, w, N_TOP_TOKENS)
     wins = _win_rates(substitution)
     names = _Names(model, token_strings)
-    writers = None if kept is None else top_writers(model, sae, stats.top, feats, kept.rows, n_writers, batch_size,
-                                                    progress)
+    writers = None if top_writers is None else top_writers.writers
 
     records = _Records(feats.tolist(), stats, names, wins, writers, keys=(key_ids, key_cos),
                        queries=(query_ids, query_cos), promoted=(up_i, up_v), suppressed=(down_i, down_v), share=share)

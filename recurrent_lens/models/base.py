@@ -358,7 +358,8 @@ class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, Hoo
         return listed
 
     def harvest(self, tokens: TokensLike, positions: Tensor | Sequence[Any],
-                cells: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Float[Tensor, "batch n d_k d_v"]]:
+                cells: Iterable[tuple[str, int]], *, capture: dict[int, CaptureRequest] | None = None
+                ) -> dict[tuple[str, int], Float[Tensor, "batch n d_k d_v"]]:
         """Per-step matrices of many ``(hook_name, head)`` cells at chosen positions, from one forward.
 
         The forward runs only up to the deepest layer named and never forms ``[batch, pos, head, d_k, d_v]``:
@@ -376,6 +377,9 @@ class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, Hoo
             positions: ``[batch, n]`` positions per sequence, or ``[n]`` for every sequence.
             cells: ``(hook_name, head)`` pairs, hook names ``blocks.{l}.mixer.hook_state`` (``S_t``) or
                 ``blocks.{l}.mixer.hook_write`` (``W_t``).
+            capture: ``{layer: CaptureRequest(stop=False)}``: the same forward also records those layers'
+                recurrence inputs (:class:`~recurrent_lens.models.mixer.CaptureRequest`; layers up to the
+                deepest harvested one).
 
         Returns:
             ``{(hook_name, head): [batch, n, d_k, d_v]}`` in fp32.
@@ -407,7 +411,7 @@ class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, Hoo
             heads = requests.setdefault(layer, {}).setdefault(what, [])
             if head not in heads:
                 heads.append(head)
-        out = self._harvest(tokens, positions, requests)
+        out = self._harvest(tokens, positions, requests, capture)
         return {(name, head): out[layer][what][:, :, requests[layer][what].index(head)]
                 for (name, head), (layer, what) in sites.items()}
 
@@ -449,15 +453,15 @@ class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, Hoo
             raise ValueError(f"layer: expected a recurrent layer {self.cfg.recurrent_layers}, got {layer!r}")
         return self._harvest(tokens, positions, {layer: {what: self._heads(heads, what)}})[layer][what]
 
-    def _harvest(self, tokens: TokensLike, positions: Any,
-                 requests: dict[int, dict[str, list[int]]]) -> dict[int, dict[str, Tensor]]:
+    def _harvest(self, tokens: TokensLike, positions: Any, requests: dict[int, dict[str, list[int]]],
+                 capture: dict[int, CaptureRequest] | None = None) -> dict[int, dict[str, Tensor]]:
         tokens = self._tokens(tokens)
         pos = self._positions(positions, *tokens.shape)
         deepest = max(requests)
         # the requests ride in this forward's context: nothing is left on the (shared) mixers
         harvest = {layer: HarvestRequest(pos, heads, last=layer == deepest) for layer, heads in requests.items()}
         try:
-            self._forward(tokens, None, stop_at_layer=deepest + 1, harvest=harvest)
+            self._forward(tokens, None, stop_at_layer=deepest + 1, harvest=harvest, capture=capture)
         except HarvestDone:
             pass
         return {layer: request.out for layer, request in harvest.items()}
