@@ -21,6 +21,7 @@ from recurrent_lens.analysis import PRESET, preset, preset_table
 from recurrent_lens.analysis._common import kl_divergence, native_run, parse_site
 from recurrent_lens.analysis.results import LogitShiftResult
 from recurrent_lens.cli import build_parser, main
+from recurrent_lens.cli.args import resolve_args
 
 HOOK = "blocks.1.mixer.hook_state"
 
@@ -306,8 +307,10 @@ def test_partition_top50_statistic_against_hand_computed_cosines():
 
 
 def test_cli_protocol_defaults_and_explicit_flags():
-    from recurrent_lens.cli import _resolve_protocol_args
+    from recurrent_lens.cli import logit_shift, partition, substitution
 
+    resolvers = {"substitution": substitution.resolve, "logit-shift": lambda a: resolve_args(a, "logit_shift"),
+                 "partition": lambda a: resolve_args(a, "partition")}
     parser = build_parser()
     for argv, expected in (
         (["substitution", "--sae", "x"], dict(replace="update", atom="rising", positions="values", readout="offset")),
@@ -323,7 +326,7 @@ def test_cli_protocol_defaults_and_explicit_flags():
         (["partition", "--sae", "x", "--protocol", "paper", "--tau", "0.1"], dict(tau=0.1)),
     ):
         args = parser.parse_args(argv)
-        _resolve_protocol_args(args)
+        resolvers[argv[0]](args)
         for k, v in expected.items():
             assert getattr(args, k) == v, (argv, k)
 

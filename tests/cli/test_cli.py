@@ -31,7 +31,7 @@ def gdn_sae(tmp_path_factory) -> str:
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "recurrent_lens.cli", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "recurrent_lens", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
     for command in COMMANDS:
@@ -62,7 +62,7 @@ def test_every_module_imports_first():
     other dependencies stay loaded, so this takes seconds, not a fresh process per module). ``__main__``
     modules are skipped: importing them runs their command (the toy's rebuilds the shipped weights).
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST], capture_output=True, text=True, timeout=300,
                          cwd=root)
     assert out.returncode == 0, out.stderr
