@@ -124,6 +124,24 @@ def test_explicit_options_win_over_the_preset():
     assert repr(PRESET) == "PRESET"
 
 
+def test_an_options_dataclass_replaces_the_preset_and_keywords_still_win():
+    model = tiny_gdn(0)
+    tokens = _tokens(model, B=3, T=10)
+    sae = _sae(model, n=8, k=2)
+    options = analysis.SubstitutionOptions(replace="write", max_firings_per_atom=5)
+    res = analysis.substitution_test(model, sae, HOOK, 0, tokens, options=options, scale="match_norm")
+    assert (res.settings.replace, res.settings.scale, res.settings.max_firings_per_atom) == ("write", "match_norm", 5)
+    assert res.settings.overrides == ("replace", "scale", "max_firings_per_atom")
+    same = analysis.substitution_test(model, sae, HOOK, 0, tokens, replace="write", scale="match_norm",
+                                      max_firings_per_atom=5)
+    pd.testing.assert_frame_equal(same.to_pandas(), res.to_pandas())
+    with pytest.raises((ValueError, TypeError), match="options"):  # TypeError: the type checker of the tests
+        analysis.substitution_test(model, sae, HOOK, 0, tokens, options=analysis.PartitionOptions())
+    with pytest.raises((ValueError, TypeError), match="replace"):
+        analysis.SubstitutionOptions(replace="erase")
+    assert analysis.presets("partition")["paper"].max_firings_per_atom is None
+
+
 def test_paper_substitution_against_hook_reference_at_the_last_position():
     """write removed, atom at ‖write‖_F, read at the last position: checked by editing S_t through the hook."""
     model = tiny_gdn(0)
@@ -344,7 +362,7 @@ def test_reproduce_on_the_toy(protocol, tmp_path, capsys):
 def test_reproduce_on_a_tiny_checkpoint(tmp_path, capsys):
     from tests.support.helpers import tiny_qwen3_5
     from tests.support.helpers import word_tokenizer
-    from tests.test_cli_real import WORDS
+    from tests.cli.test_cli_real import WORDS
 
     ckpt = tmp_path / "qwen"
     tiny_qwen3_5(seed=0).save_pretrained(ckpt)
