@@ -21,6 +21,7 @@ from recurrent_lens.analysis import PRESET, preset, preset_table
 from recurrent_lens.analysis._common import kl_divergence, native_run, parse_site
 from recurrent_lens.analysis.results import LogitShiftResult
 from recurrent_lens.cli import build_parser, main
+from recurrent_lens.cli.args import resolve_args
 
 HOOK = "blocks.1.mixer.hook_state"
 
@@ -121,6 +122,24 @@ def test_explicit_options_win_over_the_preset():
         with pytest.raises(ValueError, match="protocol"):
             fn(model, sae, HOOK, 0, tokens, protocol="Paper", **kw)
     assert repr(PRESET) == "PRESET"
+
+
+def test_an_options_dataclass_replaces_the_preset_and_keywords_still_win():
+    model = tiny_gdn(0)
+    tokens = _tokens(model, B=3, T=10)
+    sae = _sae(model, n=8, k=2)
+    options = analysis.SubstitutionOptions(replace="write", max_firings_per_atom=5)
+    res = analysis.substitution_test(model, sae, HOOK, 0, tokens, options=options, scale="match_norm")
+    assert (res.settings.replace, res.settings.scale, res.settings.max_firings_per_atom) == ("write", "match_norm", 5)
+    assert res.settings.overrides == ("replace", "scale", "max_firings_per_atom")
+    same = analysis.substitution_test(model, sae, HOOK, 0, tokens, replace="write", scale="match_norm",
+                                      max_firings_per_atom=5)
+    pd.testing.assert_frame_equal(same.to_pandas(), res.to_pandas())
+    with pytest.raises((ValueError, TypeError), match="options"):  # TypeError: the type checker of the tests
+        analysis.substitution_test(model, sae, HOOK, 0, tokens, options=analysis.PartitionOptions())
+    with pytest.raises((ValueError, TypeError), match="replace"):
+        analysis.SubstitutionOptions(replace="erase")
+    assert analysis.presets("partition")["paper"].max_firings_per_atom is None
 
 
 def test_paper_substitution_against_hook_reference_at_the_last_position():
@@ -306,8 +325,10 @@ def test_partition_top50_statistic_against_hand_computed_cosines():
 
 
 def test_cli_protocol_defaults_and_explicit_flags():
-    from recurrent_lens.cli import _resolve_protocol_args
+    from recurrent_lens.cli import logit_shift, partition, substitution
 
+    resolvers = {"substitution": substitution.resolve, "logit-shift": lambda a: resolve_args(a, "logit_shift"),
+                 "partition": lambda a: resolve_args(a, "partition")}
     parser = build_parser()
     for argv, expected in (
         (["substitution", "--sae", "x"], dict(replace="update", atom="rising", positions="values", readout="offset")),
@@ -323,7 +344,7 @@ def test_cli_protocol_defaults_and_explicit_flags():
         (["partition", "--sae", "x", "--protocol", "paper", "--tau", "0.1"], dict(tau=0.1)),
     ):
         args = parser.parse_args(argv)
-        _resolve_protocol_args(args)
+        resolvers[argv[0]](args)
         for k, v in expected.items():
             assert getattr(args, k) == v, (argv, k)
 
@@ -341,7 +362,7 @@ def test_reproduce_on_the_toy(protocol, tmp_path, capsys):
 def test_reproduce_on_a_tiny_checkpoint(tmp_path, capsys):
     from tests.support.helpers import tiny_qwen3_5
     from tests.support.helpers import word_tokenizer
-    from tests.test_cli_real import WORDS
+    from tests.cli.test_cli_real import WORDS
 
     ckpt = tmp_path / "qwen"
     tiny_qwen3_5(seed=0).save_pretrained(ckpt)
