@@ -14,6 +14,7 @@ import torch
 
 from recurrent_lens import toy
 from recurrent_lens.analysis.protocols import OPTIONS, PRESET, choices, preset, protocol_options, resolve
+from recurrent_lens.data import SampleBy
 
 DEMO_MODEL = "shakespeare-gdn"
 """What ``demo`` runs on without ``--arch`` or ``--model`` (the README's "Main job" says why)."""
@@ -141,6 +142,13 @@ def add_dataset_args(g, *, context_help: str = "tokens per sequence for text") -
     g.add_argument("--text-field", default="text", help="text field of .jsonl / datasets rows (default: text)")
     g.add_argument("--split", default="train", help="dataset split (default: train)")
     g.add_argument("--context-length", type=positive_int, default=None, help=context_help)
+    add_sample_by_arg(g)
+
+
+def add_sample_by_arg(g, default: str | None = "line", help: str = "") -> None:
+    g.add_argument("--sample-by", default=default, choices=get_args(SampleBy),
+                   help="what one document of a .txt --dataset is: a line, a paragraph (up to a blank line) or the "
+                        f"whole file; each is followed by the end-of-text token ({help or 'default: line'})")
 
 
 def add_dtype_arg(g, help: str = "model weight dtype") -> None:
@@ -153,7 +161,7 @@ def add_real_model_args(p: argparse.ArgumentParser, required: bool = False) -> N
     g.add_argument("--model", default=None, required=required, metavar="DIR_OR_HUB_ID",
                    help="checkpoint to load with HookedRecurrentModel.from_pretrained")
     g.add_argument("--dataset", default=None, required=required, metavar="PATH_OR_HUB_ID",
-                   help=".txt (a document per line), .jsonl, a saved datasets directory, a hub dataset id, or "
+                   help=".txt (a document per line, see --sample-by), .jsonl, a saved datasets directory, a hub dataset id, or "
                         "pre-tokenized ids (.npy/.safetensors/.pt, [n_seq, ctx])")
     add_dataset_args(g, context_help="tokens per sequence for text (pre-tokenized data keeps its own)")
     g.add_argument("--layers", type=int_list, default=None, metavar="L1,L2",

@@ -109,11 +109,11 @@ def token_source(args, parser, model, **shard):
     through (undecodable text, ids outside the vocabulary); errors are parser errors."""
     try:
         source = open_tokens(args.dataset, tokenizer=model.tokenizer, context_length=args.context_length,
-                             text_field=args.text_field, split=args.split, **shard)
+                             text_field=args.text_field, split=args.split, sample_by=args.sample_by, **shard)
         ctx = len(next(iter(source)))  # a dataset shorter than one context fails here, not minutes later
         source.check(d_vocab=model.cfg.d_vocab)
     except (OSError, ValueError, TypeError) as e:
-        parser.error(f"argument --dataset: {e}")
+        parser.error(f"argument {'--sample-by' if str(e).startswith('sample_by') else '--dataset'}: {e}")
     except StopIteration:
         parser.error(f"argument --dataset: {args.dataset!r} gives no sequence to this process ({shard})")
     where = "--context-length" if args.context_length is not None else "the rows of --dataset"

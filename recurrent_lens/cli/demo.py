@@ -14,7 +14,7 @@ from recurrent_lens import toy
 from recurrent_lens.analysis import substitution_test
 from recurrent_lens.cli import substitution
 from recurrent_lens.cli.args import (
-    DEMO_MODEL, DEMO_TEXT_EVAL, DEMO_TEXT_STEPS, add_model_args, add_sae_args, positive_int,
+    DEMO_MODEL, DEMO_TEXT_EVAL, DEMO_TEXT_STEPS, add_model_args, add_sae_args, add_sample_by_arg, positive_int,
 )
 from recurrent_lens.cli.common import (
     SKIP_POSITIONS, check_k, check_out, check_readout_offset, check_site, eval_tokens, load_checkpoint, token_source,
@@ -50,6 +50,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="text or token dataset as for train-sae (default for the shipped models: the Macbeth excerpt)")
     g.add_argument("--context-length", type=positive_int, default=256,
                    help="tokens per window of a text --dataset (default: 256)")
+    add_sample_by_arg(g, default=None, help="default: document for the shipped excerpt, line otherwise")
     return p
 
 
@@ -145,6 +146,9 @@ def _text_data(args, parser):
             parser.error(f"argument --dataset: required with a --model that does not ship with the package "
                          f"({', '.join(list_pretrained())}), got --model {args.model!r}")
         args.dataset = str(PRETRAINED_DIR / "excerpts" / "macbeth.txt")
+        # the excerpt is one play, read as the model was trained: verse lines run on, no end-of-text between
+        args.sample_by = args.sample_by or "document"
+    args.sample_by = args.sample_by or "line"
     args.text_field, args.split, args.dtype, args.device = "text", "train", None, None
     model = load_checkpoint(args, parser)
     check_site(parser, model, args.hook, args.head)

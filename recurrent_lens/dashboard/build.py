@@ -20,7 +20,7 @@ from recurrent_lens.dashboard.render import check_site_dir
 from recurrent_lens.dashboard.reading import atom_directions, logit_extremes, top_aligned, value_readout
 from recurrent_lens.dashboard.view import Dashboard, Example, FeatureData
 from recurrent_lens.dashboard.writers import TopWriters, Writers, unavailable
-from recurrent_lens.data import batches, open_tokens
+from recurrent_lens.data import SampleBy, batches, open_tokens
 from recurrent_lens.models.mixer import CaptureRequest
 
 N_TOP_TOKENS = 10
@@ -36,7 +36,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
                     batch_size: int = 8, hook_name: str | None = None, head: int | None = None,
                     substitution: Any = None, token_strings: Sequence[str] | Callable[[int], str] | None = None,
                     context_length: int | None = None, max_sequences: int | None = None, seed: int = 0,
-                    n_writers: int = 5, progress: bool = True) -> Dashboard:
+                    n_writers: int = 5, sample_by: SampleBy = "line", progress: bool = True) -> Dashboard:
     """Feature dashboards of ``sae`` over ``data``, from one streaming pass (memory independent of its length).
 
     Per batch, the SAE's cell (its ``hook_name`` and ``head``, from ``sae.cfg.metadata`` unless given) is
@@ -91,6 +91,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
             tokenizer, else the id in angle brackets.
         context_length: window length for text sources.
         max_sequences: stop after this many sequences.
+        sample_by: what one document of a ``.txt`` path is (``"line"``, ``"paragraph"`` or the whole file,
+            ``"document"``; see :func:`~recurrent_lens.data.open_tokens`).
         seed: seed of the uniform samples.
         n_writers: top writers kept per top example (0: none, and no attribution).
         progress: show a progress bar.
@@ -117,7 +119,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
     if out_dir is not None:
         check_site_dir(out_dir)  # before the pass, not after it
-    source, n_total = _source(model, data, context_length, max_sequences)
+    source, n_total = _source(model, data, context_length, max_sequences, sample_by)
     device = model.embed.weight.device
     stats = FeatureStats(len(feats), n_examples, n_samples, context, seed)
     keys, queries = TokenMeans(model.cfg.d_vocab, model.cfg.d_k), TokenMeans(model.cfg.d_vocab, model.cfg.d_k)
@@ -210,8 +212,8 @@ def _features(features: Sequence[int] | None, n: int) -> Tensor:
     return torch.tensor([int(f) for f in listed])
 
 
-def _source(model, data: Any, context_length: int | None,
-            max_sequences: int | None) -> tuple[Iterable[Tensor], int | None]:
+def _source(model, data: Any, context_length: int | None, max_sequences: int | None,
+            sample_by: SampleBy) -> tuple[Iterable[Tensor], int | None]:
     if isinstance(data, Tensor):
         if data.dim() != 2 or data.dtype.is_floating_point or data.dtype == torch.bool or 0 in data.shape:
             raise ValueError(f"data: expected token ids [n_seq, ctx], got shape {tuple(data.shape)} and "
@@ -220,7 +222,7 @@ def _source(model, data: Any, context_length: int | None,
         return data, data.shape[0]
     if isinstance(data, (str, os.PathLike)):
         data = open_tokens(data, tokenizer=model.tokenizer, context_length=context_length,
-                           max_sequences=max_sequences)
+                           max_sequences=max_sequences, sample_by=sample_by)
         return data, max_sequences
     if isinstance(data, Iterable):
         n = len(data) if hasattr(data, "__len__") else None

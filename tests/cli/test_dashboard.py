@@ -49,6 +49,34 @@ def test_dashboard_command_shipped_sae_on_an_excerpt(tmp_path, capsys):
     assert all(isinstance(t, str) for e in record["top_examples"] for t in e["tokens"])
 
 
+@pytest.mark.parametrize("sample_by, n_end_of_text", [("line", 6), ("document", 0)])
+def test_dashboard_command_sample_by(tmp_path, sample_by, n_end_of_text):
+    """A play read line by line gets an end-of-text token after every line; read as one document, none."""
+    from recurrent_lens.pretrained import PRETRAINED_DIR
+
+    out = tmp_path / "site"
+    assert main(["dashboard", "--model", "shakespeare-gdn", "--sae", "shakespeare-gdn/blocks.1.mixer.hook_state.h0",
+                 "--dataset", str(PRETRAINED_DIR / "excerpts" / "macbeth.txt"), "--context-length", "64",
+                 "--max-sequences", "1", "--out", str(out), "--sample-by", sample_by, "--n-writers", "0",
+                 "--context", "64", "--no-progress"]) == 0
+    windows = {}
+    for record in json.loads((out / "data" / "features.json").read_text()):
+        for e in json.loads((out / "data" / f"feature_{record['feature']}.json").read_text())["top_examples"]:
+            windows[e["position"]] = e["tokens"]  # with --context 64 each example shows the whole window
+    tokens = max(windows.values(), key=len)
+    assert len(tokens) == 64 and tokens[1:].count("<|endoftext|>") == n_end_of_text
+
+
+def test_sample_by_is_refused_by_name_outside_txt(tmp_path, capsys):
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "To be, or not to be"}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["dashboard", "--model", "shakespeare-gdn", "--sae", "shakespeare-gdn/blocks.1.mixer.hook_state.h0",
+              "--dataset", str(data), "--context-length", "4", "--sample-by", "document", "--out",
+              str(tmp_path / "site")])
+    assert "argument --sample-by: sample_by: applies to .txt files only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--features", "0,16"], "--features"),
     (["--sae", "nowhere"], "--sae"),
