@@ -65,12 +65,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    as_index, best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, parse_site, unit,
-    use_device,
+    best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, unit, use_device,
 )
 from recurrent_lens.analysis.protocols import PRESET, SubstitutionSettings, check_protocol, resolve
 from recurrent_lens.analysis.results import SubstitutionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import as_index, parse_cell
 
 _REPLACE = ("update", "write")
 _SCALE = ("coefficient", "match_norm")
@@ -321,7 +321,7 @@ def substitution_test(
         replace=replace, scale=scale, random=random, readout=readout, readout_offset=readout_offset, kl=kl,
         max_firings_per_atom=max_firings_per_atom, atom=atom))
     use_device(model, sae, device)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     features = _check_features(features, sae.cfg.n_features)
     tokens, positions, last_position = _readout_window(model, tokens, positions, opts["readout"],
