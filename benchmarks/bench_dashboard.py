@@ -67,7 +67,7 @@ def dashboard(model, sae, tokens: torch.Tensor, batch: int):
     from recurrent_lens.dashboard import build_dashboard
 
     # The pass alone: the top writers come after it, at a cost that follows n_examples / n_sequences (the
-    # README gives it for these sizes).
+    # docs/benchmarks.md gives it for these sizes).
     return build_dashboard(model, sae, tokens, n_examples=N_EXAMPLES, n_samples=N_SAMPLES, context=CONTEXT,
                            batch_size=batch, n_writers=0, progress=False)
 

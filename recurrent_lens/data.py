@@ -7,7 +7,8 @@ corpora larger than memory stream through. :func:`batches` stacks the windows in
 
 Sources, chosen from ``source``:
 
-- ``*.txt``: one document per line;
+- ``*.txt``: one document per line, per paragraph (blank-line separated) or the whole file, as
+  ``sample_by`` says (the names of ``datasets``' text loader);
 - ``*.jsonl``: one JSON object per line, the document in its ``text_field``;
 - a directory written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose
   ``split`` is read), documents in the column ``text_field``;
@@ -48,7 +49,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import datasets
 import numpy as np
@@ -62,6 +63,7 @@ from recurrent_lens.integrity import path_digest
 __all__ = ["TokenSource", "TextSource", "PreTokenizedSource", "open_tokens", "batches"]
 
 _TEXT_SUFFIXES = (".txt", ".jsonl")
+SampleBy = Literal["line", "paragraph", "document"]
 _TOKEN_SUFFIXES = (".npy", ".safetensors", ".pt")
 _SAFETENSORS_INTEGER_DTYPES = ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
 _TOKEN_KEYS = ("input_ids", "tokens")
@@ -311,13 +313,50 @@ class TextSource(TokenSource):
 
 
 class TxtSource(TextSource):
-    """A UTF-8 text file, one document per line."""
+    """A UTF-8 text file, cut into documents by ``sample_by``: every line, every paragraph (lines up to a blank
+    line, their newlines kept), or the whole file (read into memory; a corpus larger than memory belongs in a
+    ``.jsonl`` file or lines). Each document is followed by the separator, so a play read line by line puts
+    an end-of-text token after every verse line, which a model trained on whole plays never saw.
+
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers
+    >>> from transformers import PreTrainedTokenizerFast
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> core = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2}, unk_token="<eos>"))
+    >>> core.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    >>> path = Path(tempfile.mkdtemp()) / "poem.txt"
+    >>> _ = path.write_text("a b\\nb\\n\\na a\\n")
+    >>> [open_tokens(path, tokenizer=tok, context_length=6, sample_by=by).__iter__().__next__().tolist()
+    ...  for by in ("line", "paragraph", "document")]
+    [[1, 2, 0, 2, 0, 1], [1, 2, 2, 0, 1, 1], [1, 2, 2, 1, 1, 0]]
+    """
 
     kind = "txt"
 
+    def __init__(self, path: str, sample_by: SampleBy, *args: Any, **kwargs: Any) -> None:
+        self.sample_by = sample_by
+        super().__init__(path, *args, **kwargs)
+
     def _documents(self) -> Iterator[str]:
+        if self.sample_by == "line":
+            for _, line in _numbered_lines(self.path):
+                yield line.rstrip("\n")
+            return
+        paragraph: list[str] = []
         for _, line in _numbered_lines(self.path):
-            yield line.rstrip("\n")
+            if self.sample_by == "paragraph" and not line.strip():
+                yield "".join(paragraph)
+                paragraph = []
+            else:
+                paragraph.append(line)
+        yield "".join(paragraph)
+
+    def _extra_repr(self) -> str:
+        return f", sample_by={self.sample_by!r}{super()._extra_repr()}"
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "sample_by": self.sample_by}
 
 
 class JsonlSource(TextSource):
@@ -616,7 +655,8 @@ def _open_hub_dataset(name: str, split: str) -> Any:
 
 def open_tokens(source: str | os.PathLike, *, tokenizer: Any = None, context_length: int | None = None,
                 text_field: str = "text", prepend_bos: bool | None = None, split: str = "train", rank: int = 0,
-                world_size: int = 1, skip: int = 0, max_sequences: int | None = None) -> TokenSource:
+                world_size: int = 1, skip: int = 0, max_sequences: int | None = None,
+                sample_by: SampleBy = "line") -> TokenSource:
     """Open a corpus as a deterministic stream of ``context_length``-token windows.
 
     Args:
@@ -634,6 +674,9 @@ def open_tokens(source: str | os.PathLike, *, tokenizer: Any = None, context_len
         rank, world_size: this process's shard: windows ``rank, rank + world_size, ...`` of the stream.
         skip: windows of this shard to skip first (to resume after ``skip`` windows).
         max_sequences: stop after this many windows of this shard (``None``: the whole shard).
+        sample_by: what one document of a ``.txt`` file is: a ``"line"``, a ``"paragraph"`` (up to a blank
+            line) or the whole file (``"document"``); each is followed by the separator. Other sources
+            refuse any value but the default.
 
     Raises:
         FileNotFoundError: a missing local path, or a hub id that cannot be loaded.
@@ -655,6 +698,11 @@ def open_tokens(source: str | os.PathLike, *, tokenizer: Any = None, context_len
     if not isinstance(name, str):
         raise ValueError(f"source: expected a path or a hub dataset id, got {source!r}")
     path = Path(name).expanduser()
+    if sample_by not in get_args(SampleBy):
+        raise ValueError(f"sample_by: expected one of {get_args(SampleBy)}, got {sample_by!r}")
+    if sample_by != "line" and path.suffix.lower() != ".txt":
+        raise ValueError(f"sample_by: applies to .txt files only (a .jsonl row or dataset record is one "
+                         f"document), got sample_by={sample_by!r} for {name!r}")
     if not path.exists():
         if not isinstance(source, str) or _looks_like_path(name):
             raise FileNotFoundError(f"source: no such file or directory: {name!r}")
@@ -669,7 +717,8 @@ def open_tokens(source: str | os.PathLike, *, tokenizer: Any = None, context_len
                          f"dataset_dict.json), got {name!r}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return TxtSource(str(path), *text_args, **shard)
+        return TxtSource(str(path), sample_by, *text_args, **shard)
+
     if suffix == ".jsonl":
         return JsonlSource(str(path), text_field, *text_args, **shard)
     if suffix in _TOKEN_SUFFIXES:

@@ -139,7 +139,7 @@ def test_dashboard_command(tmp_path, capsys, gdn_sae):
 
 
 def test_dashboard_command_shipped_sae_on_an_excerpt(tmp_path, capsys):
-    """The README's command: a shipped model and SAE by name, a shipped excerpt by its path."""
+    """docs/dashboard.md's command: a shipped model and SAE by name, a shipped excerpt by its path."""
     from recurrent_lens.pretrained import PRETRAINED_DIR
 
     out = tmp_path / "site"

@@ -1,5 +1,6 @@
 """Token sources: exact windows against hand-computed streams, sharding, resuming, laziness, errors."""
 
+import inspect
 import json
 
 import numpy as np
@@ -218,6 +219,27 @@ def test_pretokenized_errors(tmp_path):
     with pytest.raises(ValueError, match="prepend_bos: applies to text sources only"):
         open_tokens(tmp_path / "ids.npy", prepend_bos=True)
 
+
+
+def test_txt_sample_by_paragraph_and_document(tmp_path, tok):
+    """A paragraph keeps its newlines and ends at a blank line; a document is the whole file. The word-level
+    tokenizer drops the newlines, so the streams differ only in where the separators (EOS, 2) go."""
+    path = tmp_path / "poem.txt"
+    path.write_text("a b\nc\n\nd\n\n\ne a\n", encoding="utf-8")
+    stream = {"line": [3, 4, 2, 5, 2, 6, 2, 7, 3, 2], "paragraph": [3, 4, 5, 2, 6, 2, 7, 3, 2],
+              "document": [3, 4, 5, 6, 7, 3, 2]}
+    for by, ids in stream.items():
+        source = open_tokens(path, tokenizer=tok, context_length=len(ids), prepend_bos=False, sample_by=by)
+        assert lists(source) == [ids] and f"sample_by={by!r}" in repr(source)
+    fingerprints = {by: open_tokens(path, tokenizer=tok, context_length=4, sample_by=by).fingerprint()
+                    for by in stream}
+    assert len({json.dumps(f, sort_keys=True) for f in fingerprints.values()}) == 3  # a resume can't mix them
+    # the test run type-checks Literal arguments; a user's run gets this error instead
+    with pytest.raises(ValueError, match=r"sample_by: expected one of \('line', 'paragraph', 'document'\), "
+                                         r"got 'lines'"):
+        inspect.unwrap(open_tokens)(path, tokenizer=tok, context_length=4, sample_by="lines")
+    with pytest.raises(ValueError, match="sample_by: applies to .txt files only.*got sample_by='document'"):
+        open_tokens(write_jsonl(tmp_path), tokenizer=tok, context_length=4, sample_by="document")
 
 # ------------------------------------------------------------------------------- sharding, resuming
 def test_sharding_partitions_the_stream(tmp_path, tok):

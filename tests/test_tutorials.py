@@ -1,15 +1,17 @@
-"""Every notebook in ``tutorials/`` runs end to end, with clean outputs.
+"""Every notebook in ``tutorials/`` is committed with its outputs, and they are not stale.
 
-Each notebook executes in a fresh ``python3`` kernel with a temporary working directory and
-``RECURRENT_LENS_CI=1`` (notebooks use it to shrink their work). A cell error fails the test with the
-cell's source and traceback; so does anything written to stderr (warnings, text progress bars) and any
-widget output. The notebooks assert the measurements their text relies on, so a retrained toy that
-changes a conclusion fails here too.
+The outputs come from ``scripts/run_tutorials.py``, which executes each notebook in place. Here, without
+running anything, the committed notebooks must have run top to bottom with clean outputs (no error, nothing on
+stderr, no widget) and agree with the numbers their markdown quotes (the ``<!--out-->`` convention documented
+in that script). The slow test executes each notebook again the same way, fails on a cell error or unclean
+output, and checks the committed notebook against the fresh run: a cell that shows something must have
+committed outputs, and every quoted number must still be printed. So a retrained model that changes a number
+the text relies on fails here until the notebooks are regenerated and the text updated; the notebooks also
+assert the measurements their conclusions rest on.
 """
 
 import ast
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -19,18 +21,21 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
-NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
-CELL_TIMEOUT_S = 600
+_spec = importlib.util.spec_from_file_location(
+    "run_tutorials", Path(__file__).resolve().parent.parent / "scripts" / "run_tutorials.py")
+run_tutorials = importlib.util.module_from_spec(_spec)
+sys.modules["run_tutorials"] = run_tutorials  # its dataclass looks its module up there
+_spec.loader.exec_module(run_tutorials)
+
+NOTEBOOKS = sorted(run_tutorials.TUTORIALS.glob("*.ipynb"))
 # Calls whose ``progress`` defaults to True: a bar per call (thousands of stderr lines in an executed
 # notebook when ipywidgets is missing), so the tutorials switch it off.
 PROGRESS_CALLS = {"toy.load", "toy.load_sae", "toy.train_toy", "toy.train_probe_sae", "toy.build_embedded",
                   "toy.build_embedded_sae", "TrainConfig", "harvest_to_store", "build_dashboard"}
-WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 def test_tutorials_found():
-    assert len(NOTEBOOKS) >= 5, f"expected the tutorial notebooks in {TUTORIALS}, found {[p.name for p in NOTEBOOKS]}"
+    assert len(NOTEBOOKS) >= 5, f"expected the tutorial notebooks in {run_tutorials.TUTORIALS}, found {[p.name for p in NOTEBOOKS]}"
 
 
 def _code(path):
@@ -67,35 +72,45 @@ def test_tutorial_progress_off(path):
     assert not problems, f"{path.name}: progress bars must be off in the tutorials:\n" + "\n".join(problems)
 
 
-def _noise(nb):
-    """stderr text and widget outputs of an executed notebook, as ``(cell index, excerpt)``."""
-    found = []
-    for i, cell in enumerate(nb.cells):
-        for out in cell.get("outputs", []):
-            if out.output_type == "stream" and out.name == "stderr":
-                found.append((i, out.text[:300]))
-            elif WIDGET in out.get("data", {}):
-                found.append((i, "a widget (a tqdm.auto progress bar?)"))
-    if importlib.util.find_spec("ipywidgets") is None:
-        # Without ipywidgets (the dev extra installs it) tqdm.auto warns once when imported in a kernel.
-        found = [(i, text) for i, text in found if "IProgress not found" not in text]
-    return found
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_committed_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    problems = run_tutorials.output_problems(nb) + run_tutorials.contradicted_quotes(nb)
+    assert not problems, (f"{path.name}: the committed outputs are not clean or contradict the text; rerun "
+                          "scripts/run_tutorials.py (and update the text):\n" + "\n".join(problems))
+
+
+def test_quote_check():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x", execution_count=1, outputs=[
+            nbformat.v4.new_output("stream", name="stdout", text="dead: 62 of 128, share 0.998\n")]),
+        nbformat.v4.new_markdown_cell("62<!--out--> dead, 1.00<!--out--> of it, 63<!--out--> no, 2.70 unmarked"),
+        nbformat.v4.new_markdown_cell("60<!--out ±2--> within the tolerance, 0.99<!--out--> not"),
+        nbformat.v4.new_code_cell("y", execution_count=2),
+        nbformat.v4.new_markdown_cell("62<!--out--> was printed above the previous code cell only"),
+    ])
+    problems = run_tutorials.contradicted_quotes(nb)
+    assert [p.split(" (")[0] for p in problems] == [
+        "markdown cell 1: 63", "markdown cell 2: 0.99", "markdown cell 4: 62"], problems
+    assert run_tutorials.output_problems(nb) == []
+    nb.cells[3].execution_count = None
+    assert run_tutorials.output_problems(nb) == [
+        "execution counts [1, None]: the notebook was not run top to bottom in one kernel"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_tutorial_runs(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("RECURRENT_LENS_CI", "1")
-    # Tiny models run fastest single-threaded (as in conftest.py); a kernel would otherwise use every core.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # The kernel spec launches "python": make that the interpreter running the tests.
-    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    for name, value in run_tutorials.kernel_env().items():
+        monkeypatch.setenv(name, value)
     try:
-        client.execute()
+        fresh = run_tutorials.execute(path, tmp_path)
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{path.name}: a cell failed\n{e}", pytrace=False)
-    noise = _noise(nb)
-    assert not noise, f"{path.name}: outputs must be clean, found:\n" + "\n".join(f"cell {i}: {t}" for i, t in noise)
+    problems = run_tutorials.output_problems(fresh)
+    assert not problems, f"{path.name}: outputs must be clean, found:\n" + "\n".join(problems)
+    # The fresh run has the committed markdown: its quotes are checked against the fresh outputs.
+    problems = run_tutorials.missing_outputs(nbformat.read(path, as_version=4), fresh)
+    problems += run_tutorials.contradicted_quotes(fresh)
+    assert not problems, (f"{path.name}: the committed notebook is stale; rerun scripts/run_tutorials.py "
+                          "(and update the text):\n" + "\n".join(problems))

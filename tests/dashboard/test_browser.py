@@ -138,8 +138,8 @@ def test_feature_view_shows_top_context_with_the_firing_token(site, browser):
 @pytest.mark.skipif(os.environ.get("RECURRENT_LENS_SCREENSHOT") != "1", reason="RECURRENT_LENS_SCREENSHOT=1 "
                     "refreshes docs/images/dashboard.png")
 def test_readme_screenshot(browser, tmp_path):
-    """The README's picture: feature 70 of the shipped SAE over the Macbeth excerpt, as the README's command
-    builds it (the features described there come from that dashboard)."""
+    """The README's picture: feature 70 of the shipped SAE over the Macbeth excerpt, as the command in
+    docs/dashboard.md builds it (the features described there come from that dashboard)."""
     from PIL import Image
 
     from recurrent_lens import HookedRecurrentModel

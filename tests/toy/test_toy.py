@@ -182,7 +182,7 @@ def test_probe_sae_recipe_change_is_not_reused(tiny_probe_sae, monkeypatch):
 
 
 def test_embedded_gdn_sae_reproduces_the_substitution_effect():
-    """The acceptance numbers of the toy protocol (README table) on the shipped demo SAE."""
+    """The acceptance numbers of the toy protocol (the table in docs/reproduction.md) on the shipped demo SAE."""
     from recurrent_lens.analysis import substitution_test
 
     model, task = toy.load("gdn", progress=False)
