@@ -30,9 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recurrent_lens.analysis._common import (
-    Site, as_index, branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit,
-)
+from recurrent_lens.analysis._common import branch_logits, check_sae, check_tokens, frob, native_run, unit
 from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
 from recurrent_lens.analysis.protocols import (
     PRESET, Direction, EraseOptions, EraseSettings, GenerationInstallSettings, InstallSettings, MagnitudeRef,
@@ -40,6 +38,7 @@ from recurrent_lens.analysis.protocols import (
 )
 from recurrent_lens.analysis.results import InstallResult, InterventionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import Cell, as_index, parse_cell
 
 _DIRECTIONS = tuple(d for d in choices(Direction) if d != "given")
 
@@ -55,7 +54,7 @@ def out_proj_slice(model: ModelLike, hook_name: str, head: int) -> Float[Tensor,
         >>> out_proj_slice(toy_model, "blocks.1.mixer.hook_state", 1).shape
         torch.Size([64, 16])
     """
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     mixer = model.blocks[site.layer].mixer
     linear = next((m for m in (getattr(mixer, "out_proj", None), getattr(mixer, "o_proj", None))
                    if isinstance(m, torch.nn.Linear)), None)
@@ -89,7 +88,7 @@ def target_direction(model: ModelLike, hook_name: str, head: int, tokens: Int[Te
     """
     if method not in _DIRECTIONS:
         raise ValueError(f"method: expected one of {_DIRECTIONS}, got {method!r}")
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     single = not hasattr(target, "__len__") or (isinstance(target, Tensor) and target.dim() == 0)
     targets = [_check_token(model, target, "target")] if single else _check_tokens_list(model, target, "target")
     W_U = unembedding(model)[targets]  # [n, d_model]
@@ -176,7 +175,7 @@ def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens
                       options)
     max_positions, readout_offset, skip_positions, seed = (opts.max_positions, opts.readout_offset,
                                                            opts.skip_positions, opts.seed)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)
     if max_positions < 1:
@@ -284,7 +283,7 @@ def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "ba
         ('out_proj', 'kv')
     """
     opts, overrides = _install_options(protocol, direction, magnitude, magnitude_ref)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     tokens = check_tokens(model, tokens, readout_offset + 1)
     target = _check_token(model, target, "target")
     if positions is None:
@@ -418,7 +417,7 @@ def install_during_generation(model: ModelLike, hook_name: str, head: int, promp
     """
     opts, overrides = _install_options(protocol, direction, magnitude, magnitude_ref, max_new_tokens)
     magnitude, ref, max_new_tokens = float(opts.magnitude), opts.magnitude_ref, opts.max_new_tokens
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     prompt = check_tokens(model, prompt, 1)
     targets, per_prompt = _generation_targets(model, target, prompt.shape[0])
     if positions is None:
@@ -492,7 +491,7 @@ class _GenerationInstall:
     the generated part).
     """
 
-    def __init__(self, model: ModelLike, site: Site, wanted: list[int], first_read: int, magnitude: float, ref: str,
+    def __init__(self, model: ModelLike, site: Cell, wanted: list[int], first_read: int, magnitude: float, ref: str,
                  d: Tensor) -> None:
         self.model, self.site, self.wanted, self.first_read = model, site, wanted, first_read
         self.magnitude, self.ref, self.d = magnitude, ref, d

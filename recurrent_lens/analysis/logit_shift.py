@@ -47,13 +47,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    Site, as_index, branch_logits, check_sae, check_tokens, native_run, parse_site, use_device,
+    branch_logits, check_sae, check_tokens, native_run, use_device,
 )
 from recurrent_lens.analysis.protocols import (
     PRESET, Fit, Formula, LogitShiftOptions, LogitShiftSettings, ShiftReadout, resolve,
 )
 from recurrent_lens.analysis.results import LogitShiftResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import Cell, as_index, parse_cell
 
 
 def unembedding(model: ModelLike) -> Tensor:
@@ -66,7 +67,7 @@ class _OutputKnown(Exception):
 
 
 def read_output_graph(model: ModelLike, tokens: Int[Tensor, "batch pos"],
-                      site: Site) -> tuple[Tensor, Tensor, Tensor]:
+                      site: Cell) -> tuple[Tensor, Tensor, Tensor]:
     """``(read, g, dummy)`` for Jacobian-vector products of ``∂ hook_out / ∂ hook_read``: ``read`` is the
     layer's read as a leaf and ``g = Jᵀ·dummy`` is built with ``create_graph``, so the gradient of ``g`` with
     respect to ``dummy`` along ``e`` is ``J e`` (forward mode by double backward). The model runs only up to
@@ -74,10 +75,10 @@ def read_output_graph(model: ModelLike, tokens: Int[Tensor, "batch pos"],
 
     Example:
         >>> with torch.enable_grad():
-        ...     read, g, dummy = read_output_graph(tiny_model, tiny_tokens, Site(0, 1))
+        ...     read, g, dummy = read_output_graph(tiny_model, tiny_tokens, Cell("blocks.0.mixer.hook_state", 1))
         ...     e = torch.zeros_like(read); e[..., 1, 0] = 1.0
         ...     (column,) = torch.autograd.grad(g, dummy, e)
-        >>> bool(torch.allclose(column, output_jacobian(tiny_model, tiny_tokens, Site(0, 1))[..., 0], atol=1e-6))
+        >>> bool(torch.allclose(column, output_jacobian(tiny_model, tiny_tokens, Cell("blocks.0.mixer.hook_state", 1))[..., 0], atol=1e-6))
         True
     """
     captured: dict[str, Tensor] = {}
@@ -102,7 +103,7 @@ def read_output_graph(model: ModelLike, tokens: Int[Tensor, "batch pos"],
 
 
 def output_jacobian(model: ModelLike, tokens: Int[Tensor, "batch pos"],
-                    site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
+                    site: Cell) -> Float[Tensor, "batch pos d_model d_v"]:
     """``W_O^{(h)}`` at every position: ∂ hook_out / ∂ hook_read[head], by forward-mode products
     (double backward), one per value channel."""
     with torch.enable_grad():
@@ -234,7 +235,7 @@ def logit_shift_prediction(
         readout_offset=readout_offset, skip_positions=skip_positions, seed=seed))
     readout_offset, skip_positions, seed = opts.readout_offset, opts.skip_positions, opts.seed
     use_device(model, sae, device)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)
     per_seq = _contexts_per_sequence(tokens.shape[1], readout_offset, skip_positions)
@@ -336,7 +337,7 @@ class _Prediction(NamedTuple):
 
 
 @torch.no_grad()
-def _closed_form(model: ModelLike, sae: SAELike, tokens: Tensor, site: Site, native: dict[str, Tensor],
+def _closed_form(model: ModelLike, sae: SAELike, tokens: Tensor, site: Cell, native: dict[str, Tensor],
                  atoms: list[int], contexts: _Contexts, *, formula: str, readout: str,
                  readout_offset: int) -> _Prediction:
     """Eq. 1 at every row (``formula="table9"``: scaled by the state's component on the atom)."""
@@ -377,7 +378,7 @@ def _accumulated_decay(decay: Tensor | None, b: Tensor, t0: Tensor, t: Tensor, d
     return G[:, None].expand(-1, d_k) if G.dim() == 1 else G
 
 
-def _measured_shifts(model: ModelLike, tokens: Tensor, site: Site, contexts: _Contexts, prediction: _Prediction,
+def _measured_shifts(model: ModelLike, tokens: Tensor, site: Cell, contexts: _Contexts, prediction: _Prediction,
                      eps: list[float], readout_offset: int, progress: bool) -> Tensor:
     """The measured logit shift of each row's token at every ε, ``[n_eps, n]``."""
     step = prediction.step

@@ -29,10 +29,11 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site, unit, use_device
+from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, unit, use_device
 from recurrent_lens.analysis.protocols import PRESET, PartitionOptions, PartitionSettings, Replace, Statistic, resolve
 from recurrent_lens.analysis.results import PartitionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import parse_cell
 
 TOP_N = 50
 """Activations per atom of ``statistic="mean_abs_cos_top50"`` (the reference's ``top_n``)."""
@@ -144,7 +145,7 @@ def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, t
         statistic=statistic, replace=replace, max_firings_per_atom=max_firings_per_atom, min_firings=min_firings,
         tau=tau, skip_positions=skip_positions, seed=seed))
     use_device(model, sae, device)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, 1)
     native = native_run(model, tokens, site)

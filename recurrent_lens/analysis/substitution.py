@@ -65,8 +65,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    as_index, best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, parse_site, unit,
-    use_device,
+    best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, unit, use_device,
 )
 from recurrent_lens.analysis.protocols import (
     PRESET, AtomChoice, KLDirection, RandomControl, Replace, Scale, SubstitutionOptions, SubstitutionReadout,
@@ -74,6 +73,7 @@ from recurrent_lens.analysis.protocols import (
 )
 from recurrent_lens.analysis.results import SubstitutionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import as_index, parse_cell
 
 def empirical_resample(updates: Float[Tensor, "n d_k d_v"], generator: torch.Generator) -> Float[Tensor, "n d_k d_v"]:
     """Random rank-1 matrices ``u wᵀ`` resampled coordinate by coordinate from ``updates``' own factors.
@@ -316,7 +316,7 @@ def substitution_test(
         max_firings_per_atom=max_firings_per_atom, skip_positions=skip_positions, atom=atom, rank1_atoms=rank1_atoms,
         seed=seed))
     use_device(model, sae, device)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     features = _check_features(features, sae.cfg.n_features)
     tokens, positions, last_position = _readout_window(model, tokens, positions, opts.readout, opts.readout_offset)

@@ -13,7 +13,7 @@ from recurrent_lens import HookedRecurrentModel, toy
 from recurrent_lens.data import open_tokens
 from recurrent_lens.models.loading import CheckpointError
 from recurrent_lens.sae import load as load_sae
-from recurrent_lens.sae.cells import parse_cells
+from recurrent_lens.states.cells import parse_cell, parse_cells
 from recurrent_lens.states.files import DirectoryLockedError, check_writable
 
 SKIP_POSITIONS = 1
@@ -31,13 +31,10 @@ def check_site(parser: argparse.ArgumentParser, model, hook: str, head: int) -> 
     """Refuse, as parser errors, a ``--hook`` that is not a recurrent layer's ``hook_state`` and a ``--head``
     out of range."""
     try:
-        what = model.matrix_site(hook)[1]
+        parse_cell(model, hook, head, kinds=("state",))
     except ValueError as e:
-        parser.error(f"argument --hook: {e}")
-    if what != "state":
-        parser.error(f"argument --hook: expected a state hook 'blocks.{{layer}}.mixer.hook_state', got {hook!r}")
-    if not 0 <= head < model.cfg.n_heads:
-        parser.error(f"argument --head: expected an int in [0, {model.cfg.n_heads}), got {head}")
+        name, _, why = str(e).partition(": ")
+        parser.error(f"argument --head: {why}" if name == "head" else f"argument --hook: {e}")
 
 
 def check_k(parser: argparse.ArgumentParser, args) -> None:

@@ -6,7 +6,7 @@ import argparse
 
 from recurrent_lens.cli.args import add_real_model_args, non_negative_int, positive_int
 from recurrent_lens.cli.common import check_out, load_checkpoint, locked, run_failure, selected_cells, token_source
-from recurrent_lens.sae.store import harvest_to_store
+from recurrent_lens.states.store import harvest_to_store
 
 NAME = "harvest"
 

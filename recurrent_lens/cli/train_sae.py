@@ -21,7 +21,7 @@ from recurrent_lens.cli.common import (
 )
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae.multicell import CollectiveError, MultiCellTrainer, collective
-from recurrent_lens.sae.store import StateStore
+from recurrent_lens.states.store import StateStore
 from recurrent_lens.sae.training import write_json
 from recurrent_lens.states.files import DirectoryLock
 

@@ -14,7 +14,6 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import Site, as_index
 from recurrent_lens.dashboard.collect import BINS_PER_DECADE, LOG10_LOW, FeatureStats, TokenMeans
 from recurrent_lens.dashboard.render import check_site_dir
 from recurrent_lens.dashboard.reading import atom_directions, logit_extremes, top_aligned, value_readout
@@ -22,6 +21,7 @@ from recurrent_lens.dashboard.view import Dashboard, Example, FeatureData
 from recurrent_lens.dashboard.writers import TopWriters, Writers, unavailable
 from recurrent_lens.data import SampleBy, batches, open_tokens
 from recurrent_lens.models.mixer import CaptureRequest
+from recurrent_lens.states.cells import Cell, as_index, parse_cell
 
 N_TOP_TOKENS = 10
 N_QUANTILE_BANDS = 4
@@ -110,8 +110,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
         >>> len(w["top"]), abs(total - w["pre_activation"]) <= 1e-5 * abs(w["pre_activation"])
         (5, True)
     """
-    hook_name, head = _cell(model, sae, hook_name, head)
-    layer, _ = model.matrix_site(hook_name)
+    cell = _cell(model, sae, hook_name, head)
+    hook_name, head, layer = cell.hook_name, cell.head, cell.layer
     feats = _features(features, sae.cfg.n_features)
     for name, value, low in (("n_examples", n_examples, 1), ("context", context, 0), ("n_samples", n_samples, 1),
                              ("stride", stride, 1), ("batch_size", batch_size, 1), ("n_writers", n_writers, 0)):
@@ -163,7 +163,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
         raise ValueError("data: expected at least one sequence, got none")
 
     n_per = max(1, _READOUT_POSITIONS // ctx)
-    readout = value_readout(model, Site(layer, head), first[:n_per, : min(ctx, _READOUT_POSITIONS)].to(device))
+    readout = value_readout(model, cell, first[:n_per, : min(ctx, _READOUT_POSITIONS)].to(device))
     v, w, share = atom_directions(sae, feats)
     key_ids, key_cos = top_aligned(v, keys.unit_means(), keys.ids, N_TOP_TOKENS)
     query_ids, query_cos = top_aligned(v, queries.unit_means(), queries.ids, N_TOP_TOKENS)
@@ -184,19 +184,17 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     return dash
 
 
-def _cell(model, sae, hook_name: str | None, head: int | None) -> tuple[str, int]:
+def _cell(model, sae, hook_name: str | None, head: int | None) -> Cell:
     meta = sae.cfg.metadata
     hook_name = meta.get("hook_name") if hook_name is None else hook_name
     head = meta.get("head") if head is None else head
     if hook_name is None or head is None:
         raise ValueError("sae: its metadata names no hook_name/head (the cell it reads); pass hook_name= and head=")
-    model.matrix_site(hook_name)
-    if as_index(head, model.cfg.n_heads) is None:
-        raise ValueError(f"head: expected an int in [0, {model.cfg.n_heads}) (the model's heads), got {head!r}")
+    cell = parse_cell(model, hook_name, head)
     if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
         raise ValueError(f"sae: reads [d_k, d_v] = [{sae.cfg.d_k}, {sae.cfg.d_v}] states, the model's cell "
                          f"{hook_name} head {head} holds [{model.cfg.d_k}, {model.cfg.d_v}]")
-    return hook_name, int(head)
+    return cell
 
 
 def _features(features: Sequence[int] | None, n: int) -> Tensor:

@@ -18,10 +18,11 @@ from tests.analysis.test_analysis import _hook_edit_logits, _linear_model, _sae,
 
 from recurrent_lens import analysis, toy
 from recurrent_lens.analysis import PRESET, preset, preset_table
-from recurrent_lens.analysis._common import kl_divergence, native_run, parse_site
+from recurrent_lens.analysis._common import kl_divergence, native_run
 from recurrent_lens.analysis.results import LogitShiftResult
 from recurrent_lens.cli import build_parser, main
 from recurrent_lens.cli.args import resolve_args
+from recurrent_lens.states.cells import parse_cell
 
 HOOK = "blocks.1.mixer.hook_state"
 
@@ -149,7 +150,7 @@ def test_paper_substitution_against_hook_reference_at_the_last_position():
     sae = _sae(model, n=8, k=2)
     res = analysis.substitution_test(model, sae, HOOK, 0, tokens, protocol="paper", max_firings_per_atom=None)
     rows = res.to_pandas()
-    site = parse_site(model, HOOK, 0)
+    site = parse_cell(model, HOOK, 0, kinds=("state",))
     native = native_run(model, tokens, site)
     codes = sae.encode(native["state"]).detach()
     atoms = sae.decoder_atoms().detach()
@@ -171,7 +172,7 @@ def test_features_and_the_feature_atom():
     model = tiny_gdn(0)
     tokens = _tokens(model, B=4, T=10)
     sae = _sae(model, n=8, k=3)
-    codes = sae.encode(native_run(model, tokens, parse_site(model, HOOK, 0))["state"]).detach()
+    codes = sae.encode(native_run(model, tokens, parse_cell(model, HOOK, 0, kinds=("state",)))["state"]).detach()
     feats = [int(i) for i in (codes[:, :-1] != 0).flatten(0, 1).sum(0).argsort(descending=True)[:2]]
     own = analysis.substitution_test(model, sae, HOOK, 0, tokens, atom="feature", features=feats,
                                      max_firings_per_atom=None).to_pandas()
@@ -308,7 +309,7 @@ def test_partition_top50_statistic_against_hand_computed_cosines():
     sae = _sae(model, n=8, k=3)
     res = analysis.partition_atoms(model, sae, HOOK, 0, tokens, statistic="mean_abs_cos_top50")
     table = res.to_pandas().set_index("atom")
-    native = native_run(model, tokens, parse_site(model, HOOK, 0))
+    native = native_run(model, tokens, parse_cell(model, HOOK, 0, kinds=("state",)))
     codes = sae.encode(native["state"]).detach()
     k_hat = native["k"] / native["k"].norm(dim=-1, keepdim=True)
     delta = torch.einsum("btkv,btk->btv", native["update"], k_hat)  # U = k̂ δᵀ for the delta rule
