@@ -32,7 +32,7 @@ def test_demo_on_shakespeare_gdn(tmp_path, capsys):
     argv = ["demo", "--quick", "--eval-sequences", "2", "--out", str(tmp_path), "--no-progress"]  # the default model
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert re.search(r"^  58 windows of 256 tokens train the SAE, the first 2 of .*macbeth\.txt are held out", text,
+    assert re.search(r"^  59 windows of 256 tokens train the SAE, the first 2 of .*macbeth\.txt are held out", text,
                      re.M)
     assert "hook_name='blocks.1.mixer.hook_state', head=0" in text
     assert "firings at every position of 2 held-out windows, read at t + 1, rising atom" in text
@@ -43,9 +43,10 @@ def test_demo_on_shakespeare_gdn(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "/no/such/model"], "argument --dataset: required with a --model that does not ship"),
-    (["--model", "shakespeare-gdn", "--eval-sequences", "60"],
-     "argument --eval-sequences: expected fewer than the 60 windows of --dataset"),
-    (["--model", "shakespeare-gdn", "--head", "4"], "argument --head: expected an int in [0, 4) for blocks.1.mixer.hook_state, got 4"),
+    (["--model", "shakespeare-gdn", "--eval-sequences", "61"],
+     "argument --eval-sequences: expected fewer than the 61 windows of --dataset"),
+    (["--model", "shakespeare-gdn", "--head", "4"],
+     "argument --head: expected an int in [0, 4) for blocks.1.mixer.hook_state, got 4"),
     (["--model", "shakespeare-gdn", "--arch", "gdn"], "argument --arch: a toy or --model, not both"),
 ])
 def test_demo_on_a_model_refuses(argv, message, tmp_path, capsys):
