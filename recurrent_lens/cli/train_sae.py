@@ -21,9 +21,9 @@ from recurrent_lens.cli.common import (
 )
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae.multicell import CollectiveError, MultiCellTrainer, collective
-from recurrent_lens.states.store import StateStore
 from recurrent_lens.sae.training import write_json
 from recurrent_lens.states.files import DirectoryLock
+from recurrent_lens.states.store import StateStore
 
 NAME = "train-sae"
 
@@ -149,12 +149,6 @@ def _distributed_failure(parser, args, message: str) -> int:
     """Report a failed rendezvous or collective with the ``--timeout`` in force; exit status 1."""
     return run_failure(parser, f"{message}\n  (--timeout {args.timeout:g} s; the last checkpoint under {args.out}, "
                                 f"if any, is intact: rerun the same command to resume from it)")
-
-
-def run_failure(parser, message: str) -> int:
-    """Report a failure after work started (not a usage error): the message on stderr, exit status 1."""
-    print(f"{parser.prog}: error: {message}", file=sys.stderr)
-    return 1
 
 
 def _train_cells(args, parser, rank: int, world: int) -> int:

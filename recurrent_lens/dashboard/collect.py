@@ -116,7 +116,7 @@ class FeatureStats:
     Example:
         >>> stats = FeatureStats(n_features=2, n_examples=2, n_samples=2, context=1)
         >>> acts = torch.tensor([[[0.0, 1.0], [3.0, 0.0], [2.0, 0.5]]])  # one sequence, 3 positions, 2 features
-        >>> stats.update(acts, torch.arange(3), torch.tensor([[7, 8, 9]]), seq0=0)
+        >>> _ = stats.update(acts, torch.arange(3), torch.tensor([[7, 8, 9]]), seq0=0)
         >>> stats.count.tolist(), stats.max.tolist(), stats.top.value[0].tolist()
         ([2, 2], [3.0, 1.0], [3.0, 2.0])
         >>> stats.top.tokens[0, 0].tolist(), stats.top.token_acts[0, 0].tolist()  # window of the firing at 1
