@@ -32,9 +32,9 @@ from recurrent_lens.models.mixer import CaptureRequest
 from recurrent_lens.models.scan import RecurrenceInputs
 from recurrent_lens.sae.parts import BilinearEncoder
 
-CALL_ELEMENTS = 1 << 22
+CALL_ELEMENTS = 1 << 20
 """One chunk of a position's examples holds ``[row, write_pos, feature × rank]`` terms of at most this many
-elements (16 MiB in fp32): features beyond it are taken in further chunks."""
+elements (4 MiB in fp32): features beyond it are taken in further chunks."""
 
 
 def unavailable(sae: Any, hook_name: str, head: int) -> str | None:
