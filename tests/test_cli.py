@@ -115,7 +115,8 @@ def test_demo_on_shakespeare_gdn(tmp_path, capsys):
     (["--model", "/no/such/model"], "argument --dataset: required with a --model that does not ship"),
     (["--model", "shakespeare-gdn", "--eval-sequences", "60"],
      "argument --eval-sequences: expected fewer than the 60 windows of --dataset"),
-    (["--model", "shakespeare-gdn", "--head", "4"], "argument --head: expected an int in [0, 4) for blocks.1.mixer.hook_state, got 4"),
+    (["--model", "shakespeare-gdn", "--head", "4"],
+     "argument --head: expected an int in [0, 4) for blocks.1.mixer.hook_state, got 4"),
     (["--model", "shakespeare-gdn", "--arch", "gdn"], "argument --arch: a toy or --model, not both"),
 ])
 def test_demo_on_a_model_refuses(argv, message, tmp_path, capsys):
