@@ -74,11 +74,12 @@ def read_output_graph(model: ModelLike, tokens: Int[Tensor, "batch pos"],
     the layer's ``hook_out``. Call it, and take the products, under ``torch.enable_grad()``.
 
     Example:
+        >>> cell = Cell("blocks.0.mixer.hook_state", 1)
         >>> with torch.enable_grad():
-        ...     read, g, dummy = read_output_graph(tiny_model, tiny_tokens, Cell("blocks.0.mixer.hook_state", 1))
+        ...     read, g, dummy = read_output_graph(tiny_model, tiny_tokens, cell)
         ...     e = torch.zeros_like(read); e[..., 1, 0] = 1.0
         ...     (column,) = torch.autograd.grad(g, dummy, e)
-        >>> bool(torch.allclose(column, output_jacobian(tiny_model, tiny_tokens, Cell("blocks.0.mixer.hook_state", 1))[..., 0], atol=1e-6))
+        >>> bool(torch.allclose(column, output_jacobian(tiny_model, tiny_tokens, cell)[..., 0], atol=1e-6))
         True
     """
     captured: dict[str, Tensor] = {}

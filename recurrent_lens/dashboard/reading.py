@@ -81,8 +81,9 @@ def mean_output_jacobian(model, site: Cell, tokens: Int[Tensor, "batch pos"]) ->
 
     Example:
         >>> from recurrent_lens.analysis.logit_shift import output_jacobian
-        >>> J = mean_output_jacobian(tiny_model, Cell("blocks.0.mixer.hook_state", 1), tiny_tokens)
-        >>> tuple(J.shape), bool(torch.allclose(J, output_jacobian(tiny_model, tiny_tokens, Cell("blocks.0.mixer.hook_state", 1)).mean((0, 1)),
+        >>> cell = Cell("blocks.0.mixer.hook_state", 1)
+        >>> J = mean_output_jacobian(tiny_model, cell, tiny_tokens)
+        >>> tuple(J.shape), bool(torch.allclose(J, output_jacobian(tiny_model, tiny_tokens, cell).mean((0, 1)),
         ...                                     atol=1e-6))
         ((32, 8), True)
     """

@@ -324,14 +324,9 @@ class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, Hoo
             ``{(hook_name, head): [batch, n, d_k, d_v]}`` in fp32.
 
         Example:
-            >>> import torch
-            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-            ...     n_layers=2, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-            >>> out = model.harvest(torch.randint(0, 50, (3, 20)), [2, 19],
-            ...                     [("blocks.0.mixer.hook_state", 1), ("blocks.1.mixer.hook_write", 0)])
-            >>> tuple(out["blocks.0.mixer.hook_state", 1].shape)
-            (3, 2, 8, 4)
+            >>> out = tiny_model.harvest(tiny_tokens, [2, 5], [("blocks.0.mixer.hook_write", 1)])
+            >>> tuple(out["blocks.0.mixer.hook_write", 1].shape)
+            (2, 2, 8, 8)
         """
         return harvesting.harvest(self, tokens, positions, cells, capture=capture)
 
@@ -342,12 +337,8 @@ class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, Hoo
         fp32, without the full tensor: see :func:`recurrent_lens.states.harvest.states_at`.
 
         Example:
-            >>> import torch
-            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-            ...     n_layers=2, d_vocab=50, n_heads=2, d_k=8, d_v=4, chunk_size=8), seed=0)
-            >>> tuple(model.states_at(torch.randint(0, 50, (2, 20)), 1, [3, 17], heads=[1]).shape)
-            (2, 2, 1, 8, 4)
+            >>> tuple(tiny_model.states_at(tiny_tokens, 0, [3, 7], heads=[1]).shape)
+            (2, 2, 1, 8, 8)
         """
         return harvesting.states_at(self, tokens, layer, positions, heads, what)
 

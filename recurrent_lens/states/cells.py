@@ -23,8 +23,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["Cell", "STATE_HOOKS", "as_index", "split_hook_name", "matrix_site", "check_head", "check_heads", "parse_cell",
-           "parse_cells", "sample_positions", "check_layer", "check_positions", "seeded_generator"]
+__all__ = ["Cell", "STATE_HOOKS", "as_index", "split_hook_name", "matrix_site", "check_head", "check_heads",
+           "check_layer", "check_positions", "parse_cell", "parse_cells", "sample_positions", "seeded_generator"]
 
 _MIX = 0x9E3779B97F4A7C15  # an odd 64-bit constant: distinct (seed, index) pairs give distinct seeds
 
