@@ -7,12 +7,13 @@ The model is a random ``gated_deltanet`` with Qwen3.5-0.8B's layer sizes (d_mode
 d_mlp 3584, 3 GDN layers then 1 attention layer, as in bench_harvest.py); the SAEs are random WriteSAEs (k=32) on
 ``blocks.1.mixer.hook_state`` head 4. Prints, each measured in this run:
 
-  (a) ``build_dashboard`` (``n_writers=0``: the pass without the top writers, which come after it) of every
-      feature of a 2,048-feature SAE / the same batches harvested at every position
-      (``model.harvest`` of the SAE's cell) and encoded, in time                     (target <= 1.5)
+  (a) ``build_dashboard`` (with the top writers of every top example, ``n_writers`` 5) of every feature of a
+      2,048-feature SAE / the same batches harvested at every position (``model.harvest`` of the SAE's cell)
+      and encoded, in time                                                           (target <= 1.5)
       best of ``--repeats`` after a warm-up, the two taking turns
   (b) with 16,384 features: the peak RSS that ``build_dashboard`` adds above the peak of harvesting and encoding
-      the same batches / (SAE size + the per-feature buffers, O(n_features x n_examples))  (target <= 1)
+      the same batches / (SAE size + the per-feature buffers and top writers, O(n_features x n_examples))
+      (target <= 1)
       every peak measured in its own fresh process (VmHWM reset after building the model and SAE)
 """
 
@@ -30,7 +31,7 @@ from benchmarks.common import (  # noqa: E402
     QUICK, QWEN3_5_0_8B, best_of, measure_in_child, proc_status, qwen3_5_gdn, reset_peak_rss)
 
 HOOK, HEAD = "blocks.1.mixer.hook_state", 4
-N_EXAMPLES, N_SAMPLES, CONTEXT = 20, 12, 24
+N_EXAMPLES, N_SAMPLES, CONTEXT, N_WRITERS = 20, 12, 24, 5
 
 
 def sizes(quick: bool) -> dict:
@@ -66,10 +67,8 @@ def harvest_and_encode(model, sae, tokens: torch.Tensor, batch: int) -> None:
 def dashboard(model, sae, tokens: torch.Tensor, batch: int):
     from recurrent_lens.dashboard import build_dashboard
 
-    # The pass alone: the top writers come after it, at a cost that follows n_examples / n_sequences (the
-    # docs/benchmarks.md gives it for these sizes).
     return build_dashboard(model, sae, tokens, n_examples=N_EXAMPLES, n_samples=N_SAMPLES, context=CONTEXT,
-                           batch_size=batch, n_writers=0, progress=False)
+                           batch_size=batch, n_writers=N_WRITERS, progress=False)
 
 
 def child(args) -> None:
@@ -111,7 +110,7 @@ def main() -> None:
     print(f"model: random gated_deltanet, d_model {s['d_model']}, {s['n_heads']} heads of {s['d_head']}x{s['d_head']}; "
           f"{HOOK} head {sae.cfg.metadata['head']}; {args.threads} thread(s)")
     print(f"(a) {tokens.shape[0]} sequences x {tokens.shape[1]} tokens, batch {s['batch']}, "
-          f"WriteSAE {args.features} features k=32, n_examples {N_EXAMPLES}, context {CONTEXT}")
+          f"WriteSAE {args.features} features k=32, n_examples {N_EXAMPLES}, context {CONTEXT}, n_writers {N_WRITERS}")
     ops = {"harvest+encode": lambda: harvest_and_encode(model, sae, tokens, s["batch"]),
            "dashboard": lambda: dashboard(model, sae, tokens, s["batch"])}
     best = best_of(ops, args.repeats)
@@ -125,8 +124,10 @@ def main() -> None:
 
     window = 2 * CONTEXT + 1
     # per feature: for each kept example its window's tokens (int32) and activations (fp32) plus four scalars,
-    # the histogram (int64) and three counters
-    buffers = args.mem_features * ((N_EXAMPLES + N_SAMPLES) * (window * 8 + 4 * 8) + N_BINS * 8 + 3 * 8)
+    # the histogram (int64) and three counters; for each top example its writers' positions, tokens (int32) and
+    # contributions (fp32) and four scalars (fp32)
+    buffers = args.mem_features * ((N_EXAMPLES + N_SAMPLES) * (window * 8 + 4 * 8) + N_BINS * 8 + 3 * 8
+                                   + N_EXAMPLES * (N_WRITERS * 12 + 4 * 4))
     extra = dash["peak"] - base["peak"]
     print(f"(b) {s['mem_seq']} sequences x {s['mem_T']} tokens, WriteSAE {args.mem_features} features: peak RSS "
           f"harvest+encode {base['peak'] / 2**20:.0f} MiB, dashboard {dash['peak'] / 2**20:.0f} MiB")

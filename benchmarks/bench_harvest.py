@@ -55,7 +55,7 @@ def sizes(quick: bool) -> dict:
 
 
 def build(args):
-    from recurrent_lens.sae.cells import sample_positions
+    from recurrent_lens.states.cells import sample_positions
 
     s = sizes(args.quick)
     if args.batch is not None:

@@ -6,8 +6,8 @@ import sys
 import types
 
 import pytest
-from tests.test_cli import QUICK_SAE
-from tests.test_cli_real import checkpoint, small  # noqa: F401  (checkpoint is a fixture)
+from tests.support.cli import QUICK_SAE
+from tests.cli.test_cli_real import checkpoint, small  # noqa: F401  (checkpoint is a fixture)
 
 from recurrent_lens.cli import main
 

@@ -6,7 +6,9 @@ tidy result (``.to_pandas()``, ``.summary()``, readable ``repr``) whose ``settin
 
 Every analysis takes ``protocol="ours"`` (the default) or ``protocol="paper"``, which sets each option
 to the choice of the paper (Young 2026, arXiv 2605.12770) or its reference repository; explicitly passed
-options override the preset (:mod:`~recurrent_lens.analysis.protocols`, :func:`preset_table`).
+options override the preset (:mod:`~recurrent_lens.analysis.protocols`, :func:`preset_table`). Each
+analysis's options are declared once, by its options dataclass (:class:`SubstitutionOptions`, ...), which
+its keyword arguments, the presets (:func:`presets`) and the ``recurrent-lens`` options follow.
 
 - :func:`substitution_test`: atom vs delete vs random substitution of the native write (§3.2, App. J).
 - :func:`logit_shift_prediction`: closed-form logit shift vs measurement, R² (Eq. 1, App. A).
@@ -46,8 +48,9 @@ from recurrent_lens.analysis.logit_shift import logit_shift_prediction, output_j
 from recurrent_lens.analysis.partition import fit_gmm_1d, partition_atoms
 from recurrent_lens.analysis.plots import plot_implicit_attention, plot_top_writers, token_labels
 from recurrent_lens.analysis.protocols import (
-    PRESET, PROTOCOLS, EraseSettings, GenerationInstallSettings, InstallSettings, LogitShiftSettings,
-    PartitionSettings, Settings, SubstitutionSettings, preset, preset_table,
+    OPTIONS, PRESET, PROTOCOLS, EraseOptions, EraseSettings, GenerationInstallOptions, GenerationInstallSettings,
+    InstallOptions, InstallSettings, LogitShiftOptions, LogitShiftSettings, Options, PartitionOptions,
+    PartitionSettings, Settings, SubstitutionOptions, SubstitutionSettings, preset, preset_table, presets,
 )
 from recurrent_lens.analysis.results import (
     InstallResult, InterventionResult, LogitShiftResult, PartitionResult, SubstitutionResult,
@@ -61,7 +64,8 @@ __all__ = [
     "install_during_generation", "target_direction", "targets_by_rank", "out_proj_slice", "partition_atoms",
     "fit_gmm_1d", "kl_divergence", "wilson_interval", "wilcoxon_signed_rank", "SubstitutionResult",
     "LogitShiftResult", "InterventionResult", "InstallResult", "PartitionResult", "PRESET", "PROTOCOLS", "preset",
-    "preset_table", "Settings", "SubstitutionSettings", "LogitShiftSettings", "InstallSettings",
+    "preset_table", "presets", "OPTIONS", "Options", "SubstitutionOptions", "LogitShiftOptions", "InstallOptions",
+    "GenerationInstallOptions", "PartitionOptions", "EraseOptions", "Settings", "SubstitutionSettings", "LogitShiftSettings", "InstallSettings",
     "GenerationInstallSettings", "PartitionSettings", "EraseSettings", "ModelLike", "SAELike", "ModelConfigLike",
     "SAEConfigLike",
 ]

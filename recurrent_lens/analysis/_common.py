@@ -1,4 +1,5 @@
-"""Shared machinery of the analyses: hook-name parsing, cache branching, statistics.
+"""Shared machinery of the analyses: cache branching, statistics (cells are parsed by
+:func:`recurrent_lens.states.cells.parse_cell`).
 
 Everything here works through the shared hook vocabulary (``blocks.{l}.mixer.hook_*``), ``model.cfg``
 and :class:`~recurrent_lens.models.cache.RecurrentCache`; nothing depends on the architecture.
@@ -7,10 +8,7 @@ and :class:`~recurrent_lens.models.cache.RecurrentCache`; nothing depends on the
 from __future__ import annotations
 
 import math
-import operator
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,55 +16,7 @@ from tqdm.auto import tqdm
 
 from recurrent_lens.analysis.types import ModelLike, SAELike
 from recurrent_lens.models.cache import RecurrentCache
-
-_MATRIX_HOOK = re.compile(r"^blocks\.(\d+)\.mixer\.hook_state$")
-
-
-@dataclass(frozen=True)
-class Site:
-    """One head of one recurrent layer: where states are read and edited."""
-
-    layer: int
-    head: int
-
-    def hook(self, name: str) -> str:
-        return f"blocks.{self.layer}.mixer.{name}"
-
-
-def parse_site(model: ModelLike, hook_name: str, head: int) -> Site:
-    """Check ``hook_name`` is a recurrent layer's ``hook_state`` and ``head`` is in range."""
-    m = _MATRIX_HOOK.match(hook_name)
-    if not m:
-        raise ValueError(f"hook_name: expected 'blocks.{{layer}}.mixer.hook_state', got {hook_name!r}")
-    layer = int(m.group(1))
-    if layer not in model.cfg.recurrent_layers:
-        raise ValueError(f"hook_name: layer {layer} is not a recurrent layer; recurrent layers: "
-                         f"{model.cfg.recurrent_layers}")
-    index = as_index(head, model.cfg.n_heads)
-    if index is None:
-        raise ValueError(f"head: expected an int in [0, {model.cfg.n_heads}), got {head!r}")
-    return Site(layer, index)
-
-
-def as_index(value: object, n: int) -> int | None:
-    """``value`` as an ``int`` if it is an integer in ``[0, n)``, else ``None``.
-
-    Integers are whatever :func:`operator.index` accepts (Python, NumPy and integer torch scalars),
-    except bools.
-
-    Example:
-        >>> import numpy as np
-        >>> as_index(np.int64(3), 5), as_index(True, 5), as_index(2.0, 5), as_index(5, 5)
-        (3, None, None, None)
-    """
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        index = operator.index(value)
-    except TypeError:
-        return None
-    return index if 0 <= index < n else None
-
+from recurrent_lens.states.cells import Cell
 
 def check_tokens(model: ModelLike, tokens: Tensor, min_len: int = 2) -> Tensor:
     tokens = torch.as_tensor(tokens)
@@ -116,7 +66,7 @@ def check_sae(sae: SAELike, model: ModelLike) -> None:
 
 
 @torch.no_grad()
-def native_run(model: ModelLike, tokens: Tensor, site: Site) -> dict[str, Tensor]:
+def native_run(model: ModelLike, tokens: Tensor, site: Cell) -> dict[str, Tensor]:
     """States, net updates (write + erase), writes, keys and queries of one head at every position.
 
     Returns tensors ``[batch, pos, ...]`` of that head: ``state``, ``write``, ``update`` (``write`` plus
@@ -151,7 +101,7 @@ def select_batch(cache: RecurrentCache, index: Tensor) -> RecurrentCache:
 
 
 @torch.no_grad()
-def branch_logits(model: ModelLike, tokens: Tensor, site: Site, rows: Tensor, positions: Tensor,
+def branch_logits(model: ModelLike, tokens: Tensor, site: Cell, rows: Tensor, positions: Tensor,
                   edit: Callable[[Tensor, Tensor], Tensor], readout_offset: int | None,
                   progress: bool = False, desc: str = "branch") -> Tensor:
     """Logits after replacing the head's state at chosen positions, read ``readout_offset`` tokens later.
@@ -282,6 +232,6 @@ def frob(x: Tensor) -> Tensor:
     return x.flatten(-2).norm(dim=-1)
 
 
-__all__ = ["Site", "parse_site", "native_run", "select_batch", "branch_logits", "kl_divergence",
+__all__ = ["native_run", "select_batch", "branch_logits", "kl_divergence",
            "wilson_interval", "wilcoxon_signed_rank", "bootstrap_ci", "unit", "frob", "best_rank1", "check_tokens",
-           "check_sae", "as_index"]
+           "check_sae"]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from recurrent_lens.models.attribution import capture, carried_writes, positions_by_step
 from recurrent_lens.models.scan import boundary_scan, replay_at
+from recurrent_lens.states.cells import Cell, check_positions, parse_cell
 
 FEATURE_CHUNK_ELEMENTS = 1 << 24
 """Features are attributed in chunks whose ``E_i v_s`` terms (``[batch, feature, pos, d_k]``) stay under this many
@@ -63,19 +64,17 @@ class FeatureAttribution:
         return self.writes.topk(min(k, self.writes.shape[-1]), dim=-1)
 
 
-def _cell(model: Any, sae: Any) -> tuple[str, int, int, str]:
+def _cell(model: Any, sae: Any) -> Cell:
     metadata = sae.cfg.metadata
     hook_name, head = metadata.get("hook_name"), metadata.get("head")
     if hook_name is None or head is None:
         raise ValueError(f"sae.cfg.metadata: expected 'hook_name' and 'head' (the cell the SAE reads), "
                          f"got hook_name={hook_name!r}, head={head!r}")
-    layer, what = model.matrix_site(hook_name)
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < model.cfg.n_heads:
-        raise ValueError(f"sae.cfg.metadata['head']: expected a head index in [0, {model.cfg.n_heads}), got {head!r}")
+    cell = parse_cell(model, hook_name, head, head_name="sae.cfg.metadata['head']")
     if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
         raise ValueError(f"sae: expected d_k={model.cfg.d_k}, d_v={model.cfg.d_v} (the model's state), "
                          f"got d_k={sae.cfg.d_k}, d_v={sae.cfg.d_v}")
-    return hook_name, head, layer, what
+    return cell
 
 
 def _features(features: Any, n_features: int, device: torch.device) -> Tensor:
@@ -129,11 +128,12 @@ def feature_attribution(model: Any, sae: Any, tokens: Any, positions: Tensor | S
         >>> bool(torch.allclose(fa.total(), fa.pre_activation, atol=1e-5))
         True
     """
-    hook_name, head, layer, what = _cell(model, sae)
+    cell = _cell(model, sae)
+    hook_name, head, layer, what = cell.hook_name, cell.head, cell.layer, cell.kind
     with torch.no_grad():
         tokens = model._tokens(tokens)
         B, T = tokens.shape
-        pos = model._positions(positions, B, T)
+        pos = check_positions(positions, B, T, model.embed.weight.device)
         device = pos.device
         feats = _features(features, sae.cfg.n_features, device)
         got = capture(model, tokens, layer, initial_state)

@@ -30,18 +30,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recurrent_lens.analysis._common import (
-    Site, as_index, branch_logits, check_sae, check_tokens, frob, native_run, parse_site, unit,
-)
+from recurrent_lens.analysis._common import branch_logits, check_sae, check_tokens, frob, native_run, unit
 from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
 from recurrent_lens.analysis.protocols import (
-    PRESET, EraseSettings, GenerationInstallSettings, InstallSettings, check_protocol, resolve,
+    PRESET, Direction, EraseOptions, EraseSettings, GenerationInstallSettings, InstallSettings, MagnitudeRef,
+    choices, resolve,
 )
 from recurrent_lens.analysis.results import InstallResult, InterventionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import Cell, as_index, parse_cell
 
-_DIRECTIONS = ("out_proj", "jacobian")
-_MAGNITUDE_REFS = ("kv", "write", "update")
+_DIRECTIONS = tuple(d for d in choices(Direction) if d != "given")
 
 
 def out_proj_slice(model: ModelLike, hook_name: str, head: int) -> Float[Tensor, "d_model d_v"]:
@@ -55,7 +54,7 @@ def out_proj_slice(model: ModelLike, hook_name: str, head: int) -> Float[Tensor,
         >>> out_proj_slice(toy_model, "blocks.1.mixer.hook_state", 1).shape
         torch.Size([64, 16])
     """
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     mixer = model.blocks[site.layer].mixer
     linear = next((m for m in (getattr(mixer, "out_proj", None), getattr(mixer, "o_proj", None))
                    if isinstance(m, torch.nn.Linear)), None)
@@ -89,7 +88,7 @@ def target_direction(model: ModelLike, hook_name: str, head: int, tokens: Int[Te
     """
     if method not in _DIRECTIONS:
         raise ValueError(f"method: expected one of {_DIRECTIONS}, got {method!r}")
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     single = not hasattr(target, "__len__") or (isinstance(target, Tensor) and target.dim() == 0)
     targets = [_check_token(model, target, "target")] if single else _check_tokens_list(model, target, "target")
     W_U = unembedding(model)[targets]  # [n, d_model]
@@ -130,9 +129,10 @@ def _logprob_rows(logits: Tensor, target: int, conds: list[str], b: Tensor, t: T
 
 
 def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
-               atom: SupportsIndex, *, max_positions: int = 150, control_multipliers: Sequence[float] = (1.0, 2.0, 4.0),
-               target: SupportsIndex | None = None, readout_offset: int = 1, skip_positions: int = 0,
-               seed: int = 0, progress: bool = False) -> InterventionResult:
+               atom: SupportsIndex, *, options: EraseOptions | None = None, max_positions: int = PRESET,
+               control_multipliers: Sequence[float] = PRESET, target: SupportsIndex | None = None,
+               readout_offset: int = PRESET, skip_positions: int = PRESET, seed: int = PRESET,
+               progress: bool = False) -> InterventionResult:
     """Erase atom ``atom`` where it fires (``S_t −= a_t A``) and track one target token.
 
     The target defaults to the token whose log-probability the erasure lowers most in total
@@ -142,7 +142,10 @@ def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens
 
     This is the paper's protocol as is (App. I.4: 150 natural firings, the preferred token chosen by the
     summed log-probability drop, controls at ``m ∈ {1, 2, 4}`` times the median natural activation
-    ``a*``), so it has no ``protocol`` switch.
+    ``a*``), so it has no ``protocol`` switch. The options are declared by
+    :class:`~recurrent_lens.analysis.EraseOptions` (defaults: ``max_positions=150``,
+    ``control_multipliers=(1.0, 2.0, 4.0)``, ``readout_offset=1``, ``skip_positions=0``, ``seed=0``);
+    ``options=`` passes them all at once, and keyword options win over it.
 
     Args:
         atom: the SAE atom's index: any integer :func:`operator.index` accepts (e.g. a NumPy or torch
@@ -167,7 +170,12 @@ def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens
         >>> result.to_pandas()["condition"].value_counts(sort=False).to_dict()  # atom 3 fires 4 times
         {'erase': 3, 'add_x1': 3, 'add_x2': 3}
     """
-    site = parse_site(model, hook_name, head)
+    opts, _ = resolve("erase", "ours", dict(max_positions=max_positions, control_multipliers=control_multipliers,
+                                            readout_offset=readout_offset, skip_positions=skip_positions, seed=seed),
+                      options)
+    max_positions, readout_offset, skip_positions, seed = (opts.max_positions, opts.readout_offset,
+                                                           opts.skip_positions, opts.seed)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)
     if max_positions < 1:
@@ -208,15 +216,14 @@ def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens
     if target is None:
         lp = erased.log_softmax(-1)
         target = int((lp[0] - lp[1]).sum(0).argmax())
-    mults = [float(m) for m in control_multipliers]
+    mults = [float(m) for m in opts.control_multipliers]
     control = branch_logits(model, tokens, site, nb, nt,
                             lambda S, idx: torch.stack([S] + [S + m * a_star * A for m in mults]), readout_offset,
                             progress=progress, desc="erase controls")
     rows = pd.concat([_logprob_rows(erased, target, ["erase"], fb, ft),
                       _logprob_rows(control, target, [f"add_x{m:g}" for m in mults], nb, nt)], ignore_index=True)
-    settings = EraseSettings(hook_name=hook_name, head=head, atom=atom, max_positions=max_positions,
-                             control_multipliers=mults, readout_offset=readout_offset, skip_positions=skip_positions,
-                             seed=seed, a_star=a_star)
+    settings = EraseSettings(hook_name=hook_name, head=head, atom=atom, **{**vars(opts), "control_multipliers": mults},
+                             a_star=a_star)
     return InterventionResult(rows, target, settings)
 
 
@@ -232,20 +239,16 @@ def _magnitude(parts: dict[str, Tensor], ref: str) -> Tensor:
 
 def _install_options(protocol: str, direction, magnitude, magnitude_ref, max_new_tokens=PRESET):
     """Resolve the install options; ``direction`` is a tensor (``"given"``), a method name or PRESET."""
-    check_protocol(protocol)
     given = direction if isinstance(direction, str) or direction is PRESET else "given"
-    opts, overrides = resolve("install", protocol, dict(direction=given, magnitude=magnitude,
-                                                        magnitude_ref=magnitude_ref, max_new_tokens=max_new_tokens))
-    if opts["direction"] not in _DIRECTIONS + ("given",):
-        raise ValueError(f"direction: expected a [d_v] tensor or one of {_DIRECTIONS}, got {opts['direction']!r}")
-    if opts["magnitude_ref"] not in _MAGNITUDE_REFS:
-        raise ValueError(f"magnitude_ref: expected one of {_MAGNITUDE_REFS}, got {opts['magnitude_ref']!r}")
-    return opts, overrides
+    if given is not PRESET and given not in choices(Direction):
+        raise ValueError(f"direction: expected a [d_v] tensor or one of {_DIRECTIONS}, got {given!r}")
+    return resolve("install", protocol, dict(direction=given, magnitude=magnitude, magnitude_ref=magnitude_ref,
+                                              max_new_tokens=max_new_tokens))
 
 
 def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
             direction: Float[Tensor, " d_v"] | str = PRESET, positions: Sequence[int] | Tensor | None = None, *,
-            protocol: str = "ours", magnitude: float = PRESET, magnitude_ref: str = PRESET,
+            protocol: str = "ours", magnitude: float = PRESET, magnitude_ref: MagnitudeRef = PRESET,
             target: SupportsIndex, readout_offset: int = 1) -> InterventionResult:
     """Add ``m · r_t · k̂_t dᵀ`` at each position of ``positions`` (every sequence, one at a time) and
     measure the target's log-probability and logit at ``t + readout_offset`` (the sign test, §4 and
@@ -280,12 +283,12 @@ def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "ba
         ('out_proj', 'kv')
     """
     opts, overrides = _install_options(protocol, direction, magnitude, magnitude_ref)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     tokens = check_tokens(model, tokens, readout_offset + 1)
     target = _check_token(model, target, "target")
     if positions is None:
         raise ValueError("positions: expected the positions to install at, got None")
-    d = _resolve_direction(model, hook_name, head, tokens, direction, opts["direction"], [target])[0]
+    d = _resolve_direction(model, hook_name, head, tokens, direction, opts.direction, [target])[0]
     pos = torch.as_tensor(positions).long().flatten()
     if len(pos) == 0 or int(pos.min()) < 0 or int(pos.max()) + readout_offset >= tokens.shape[1]:
         raise ValueError(f"positions: expected positions in [0, {tokens.shape[1] - readout_offset}), got {pos.tolist()}")
@@ -293,13 +296,13 @@ def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "ba
     B = tokens.shape[0]
     b = torch.arange(B).repeat_interleave(len(pos))
     t = pos.repeat(B)
-    scale = opts["magnitude"] * _magnitude({k: native[k][b, t] for k in ("k", "v", "write", "update")}
+    scale = opts.magnitude * _magnitude({k: native[k][b, t] for k in ("k", "v", "write", "update")}
                                            | {"erase": native["update"][b, t] - native["write"][b, t]},
-                                           opts["magnitude_ref"])
+                                           opts.magnitude_ref)
     X = scale[:, None, None] * unit(native["k"][b, t].float())[:, :, None] * d[None, None, :]
     logits = branch_logits(model, tokens, site, b, t, lambda S, idx: torch.stack([S, S + X[idx]]), readout_offset)
-    settings = InstallSettings(protocol=protocol, hook_name=hook_name, head=head, magnitude=float(opts["magnitude"]),
-                               magnitude_ref=opts["magnitude_ref"], direction=opts["direction"],
+    settings = InstallSettings(protocol=protocol, hook_name=hook_name, head=head, magnitude=float(opts.magnitude),
+                               magnitude_ref=opts.magnitude_ref, direction=opts.direction,
                                readout_offset=readout_offset, overrides=overrides)
     return InterventionResult(_logprob_rows(logits, target, ["install"], b, t), target, settings)
 
@@ -372,7 +375,7 @@ def targets_by_rank(model: ModelLike, tokens: Int[Tensor, "batch pos"], band: tu
 def install_during_generation(model: ModelLike, hook_name: str, head: int, prompt: Int[Tensor, "batch pos"],
                               direction: Float[Tensor, "*batch d_v"] | str = PRESET,
                               positions: Sequence[int] | None = None, *, protocol: str = "ours",
-                              magnitude: float = PRESET, magnitude_ref: str = PRESET,
+                              magnitude: float = PRESET, magnitude_ref: MagnitudeRef = PRESET,
                               target: SupportsIndex | Sequence[SupportsIndex] | Int[Tensor, " batch"],
                               max_new_tokens: int = PRESET) -> InstallResult:
     """Install ``m · r_t · k̂_t d̂ᵀ`` at absolute positions ``positions`` while ``model.generate`` runs.
@@ -413,20 +416,20 @@ def install_during_generation(model: ModelLike, hook_name: str, head: int, promp
         True
     """
     opts, overrides = _install_options(protocol, direction, magnitude, magnitude_ref, max_new_tokens)
-    magnitude, ref, max_new_tokens = float(opts["magnitude"]), opts["magnitude_ref"], opts["max_new_tokens"]
-    site = parse_site(model, hook_name, head)
+    magnitude, ref, max_new_tokens = float(opts.magnitude), opts.magnitude_ref, opts.max_new_tokens
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     prompt = check_tokens(model, prompt, 1)
     targets, per_prompt = _generation_targets(model, target, prompt.shape[0])
     if positions is None:
         raise ValueError("positions: expected the absolute positions to install at, got None")
-    d = _prompt_directions(model, hook_name, head, prompt, direction, opts["direction"], targets).to(prompt.device)
+    d = _prompt_directions(model, hook_name, head, prompt, direction, opts.direction, targets).to(prompt.device)
     target_t = torch.tensor(targets, device=prompt.device)
     wanted, first_read = _install_schedule(positions, prompt.shape[1], max_new_tokens)
     generation = _GenerationInstall(model, site, wanted, first_read, magnitude, ref, d)
     native = generation.run(prompt, max_new_tokens, target_t, install=False)
     installed = generation.run(prompt, max_new_tokens, target_t, install=True)
     settings = GenerationInstallSettings(protocol=protocol, hook_name=hook_name, head=head, positions=wanted,
-                                         magnitude=magnitude, magnitude_ref=ref, direction=opts["direction"],
+                                         magnitude=magnitude, magnitude_ref=ref, direction=opts.direction,
                                          max_new_tokens=max_new_tokens, overrides=overrides)
     return InstallResult(_generation_rows(targets, target_t, native, installed), -1 if per_prompt else targets[0],
                          settings)
@@ -488,7 +491,7 @@ class _GenerationInstall:
     the generated part).
     """
 
-    def __init__(self, model: ModelLike, site: Site, wanted: list[int], first_read: int, magnitude: float, ref: str,
+    def __init__(self, model: ModelLike, site: Cell, wanted: list[int], first_read: int, magnitude: float, ref: str,
                  d: Tensor) -> None:
         self.model, self.site, self.wanted, self.first_read = model, site, wanted, first_read
         self.magnitude, self.ref, self.d = magnitude, ref, d

@@ -47,11 +47,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    Site, as_index, branch_logits, check_sae, check_tokens, native_run, parse_site, use_device,
+    branch_logits, check_sae, check_tokens, native_run, use_device,
 )
-from recurrent_lens.analysis.protocols import PRESET, LogitShiftSettings, check_protocol, resolve
+from recurrent_lens.analysis.protocols import (
+    PRESET, Fit, Formula, LogitShiftOptions, LogitShiftSettings, ShiftReadout, resolve,
+)
 from recurrent_lens.analysis.results import LogitShiftResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import Cell, as_index, parse_cell
 
 
 def unembedding(model: ModelLike) -> Tensor:
@@ -64,18 +67,19 @@ class _OutputKnown(Exception):
 
 
 def read_output_graph(model: ModelLike, tokens: Int[Tensor, "batch pos"],
-                      site: Site) -> tuple[Tensor, Tensor, Tensor]:
+                      site: Cell) -> tuple[Tensor, Tensor, Tensor]:
     """``(read, g, dummy)`` for Jacobian-vector products of ``∂ hook_out / ∂ hook_read``: ``read`` is the
     layer's read as a leaf and ``g = Jᵀ·dummy`` is built with ``create_graph``, so the gradient of ``g`` with
     respect to ``dummy`` along ``e`` is ``J e`` (forward mode by double backward). The model runs only up to
     the layer's ``hook_out``. Call it, and take the products, under ``torch.enable_grad()``.
 
     Example:
+        >>> cell = Cell("blocks.0.mixer.hook_state", 1)
         >>> with torch.enable_grad():
-        ...     read, g, dummy = read_output_graph(tiny_model, tiny_tokens, Site(0, 1))
+        ...     read, g, dummy = read_output_graph(tiny_model, tiny_tokens, cell)
         ...     e = torch.zeros_like(read); e[..., 1, 0] = 1.0
         ...     (column,) = torch.autograd.grad(g, dummy, e)
-        >>> bool(torch.allclose(column, output_jacobian(tiny_model, tiny_tokens, Site(0, 1))[..., 0], atol=1e-6))
+        >>> bool(torch.allclose(column, output_jacobian(tiny_model, tiny_tokens, cell)[..., 0], atol=1e-6))
         True
     """
     captured: dict[str, Tensor] = {}
@@ -100,7 +104,7 @@ def read_output_graph(model: ModelLike, tokens: Int[Tensor, "batch pos"],
 
 
 def output_jacobian(model: ModelLike, tokens: Int[Tensor, "batch pos"],
-                    site: Site) -> Float[Tensor, "batch pos d_model d_v"]:
+                    site: Cell) -> Float[Tensor, "batch pos d_model d_v"]:
     """``W_O^{(h)}`` at every position: ∂ hook_out / ∂ hook_read[head], by forward-mode products
     (double backward), one per value channel."""
     with torch.enable_grad():
@@ -145,21 +149,23 @@ def logit_shift_prediction(
     eps: Sequence[float] = PRESET,
     *,
     protocol: str = "ours",
+    options: LogitShiftOptions | None = None,
     n_atoms: int = PRESET,
     positions_per_atom: int = PRESET,
-    fit: str = PRESET,
-    formula: str = PRESET,
+    fit: Fit = PRESET,
+    formula: Formula = PRESET,
     readout_offset: int = PRESET,
-    readout: str = PRESET,
-    skip_positions: int = 0,
-    seed: int = 2026,
+    readout: ShiftReadout = PRESET,
+    skip_positions: int = PRESET,
+    seed: int = PRESET,
     progress: bool = False,
     device: str | torch.device | None = None,
 ) -> LogitShiftResult:
     """Closed-form vs measured logit shifts of ``S_{t0} += ε A_i``.
 
     Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
-    wins over the preset (``result.settings.overrides`` lists those that differ from it).
+    wins over the preset (``result.settings.overrides`` lists those that differ from it). The options are
+    declared by :class:`~recurrent_lens.analysis.LogitShiftOptions`; ``options=`` passes them all at once.
 
     ``protocol="ours"`` (the default): ``eps=(0.1, 0.3, 1.0, 3.0)``, ``n_atoms=10``,
     ``positions_per_atom=50``, ``fit='none'``, ``formula='closed_form'``, ``readout='unembed'``,
@@ -187,6 +193,8 @@ def logit_shift_prediction(
         atoms: SAE atom indices to perturb (default: the ``n_atoms`` atoms most often dominant on ``tokens``).
         eps: *(protocol)* perturbation sizes ε.
         protocol: ``"ours"`` (default) or ``"paper"``: the preset of every *(protocol)* option.
+        options: a :class:`~recurrent_lens.analysis.LogitShiftOptions` used instead of the protocol's preset
+            (the keyword options still win over it).
         n_atoms: *(protocol)* with ``atoms=None``, how many atoms to take: the atoms that have the largest
             code at least once (positions ``>= skip_positions`` where some code fires), most often dominant
             first; fewer when fewer are ever dominant. Unused when ``atoms`` is given.
@@ -223,42 +231,35 @@ def logit_shift_prediction(
         >>> paper.settings.fit, paper.settings.overrides
         ('context', ('n_atoms', 'positions_per_atom'))
     """
-    opts, overrides = _logit_shift_options(protocol, dict(
+    opts, overrides = _logit_shift_options(protocol, options, dict(
         eps=eps, n_atoms=n_atoms, positions_per_atom=positions_per_atom, fit=fit, formula=formula, readout=readout,
-        readout_offset=readout_offset))
-    readout_offset = opts["readout_offset"]
+        readout_offset=readout_offset, skip_positions=skip_positions, seed=seed))
+    readout_offset, skip_positions, seed = opts.readout_offset, opts.skip_positions, opts.seed
     use_device(model, sae, device)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, readout_offset + 1)
     per_seq = _contexts_per_sequence(tokens.shape[1], readout_offset, skip_positions)
     atoms = _check_atoms(atoms, sae.cfg.n_features)
     native = native_run(model, tokens, site)
-    atoms = _atoms_to_perturb(sae, native, atoms, opts["n_atoms"], skip_positions)
-    contexts = _draw_contexts(atoms, tokens.shape[0], per_seq, opts["positions_per_atom"], skip_positions, seed,
+    atoms = _atoms_to_perturb(sae, native, atoms, opts.n_atoms, skip_positions)
+    contexts = _draw_contexts(atoms, tokens.shape[0], per_seq, opts.positions_per_atom, skip_positions, seed,
                               tokens.device)
-    prediction = _closed_form(model, sae, tokens, site, native, atoms, contexts, formula=opts["formula"],
-                              readout=opts["readout"], readout_offset=readout_offset)
-    eps_list = [float(e) for e in opts["eps"]]
+    prediction = _closed_form(model, sae, tokens, site, native, atoms, contexts, formula=opts.formula,
+                              readout=opts.readout, readout_offset=readout_offset)
+    eps_list = [float(e) for e in opts.eps]
     measured = _measured_shifts(model, tokens, site, contexts, prediction, eps_list, readout_offset, progress)
-    settings = LogitShiftSettings(
-        protocol=protocol, hook_name=hook_name, head=head, atoms=atoms, **{**opts, "eps": eps_list},
-        skip_positions=skip_positions, seed=seed, overrides=overrides)
+    settings = LogitShiftSettings(protocol=protocol, hook_name=hook_name, head=head, atoms=atoms,
+                                  **{**vars(opts), "eps": eps_list}, overrides=overrides)
     return LogitShiftResult(_logit_shift_rows(contexts, prediction, eps_list, measured), settings)
 
 
-def _logit_shift_options(protocol: str, given: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The options of ``protocol`` with the explicitly given ones winning, each checked; and the overrides."""
-    check_protocol(protocol)
-    opts, overrides = resolve("logit_shift", protocol, given)
-    eps, n_atoms, positions_per_atom = opts["eps"], opts["n_atoms"], opts["positions_per_atom"]
-    fit, formula, readout = opts["fit"], opts["formula"], opts["readout"]
-    if readout not in ("unembed", "final_norm"):
-        raise ValueError(f"readout: expected 'unembed' or 'final_norm', got {readout!r}")
-    if fit not in ("none", "cell", "context"):
-        raise ValueError(f"fit: expected 'none', 'cell' or 'context', got {fit!r}")
-    if formula not in ("closed_form", "table9"):
-        raise ValueError(f"formula: expected 'closed_form' or 'table9', got {formula!r}")
+def _logit_shift_options(protocol: str, options: LogitShiftOptions | None,
+                         given: dict[str, Any]) -> tuple[LogitShiftOptions, tuple[str, ...]]:
+    """The options of ``protocol`` (or ``options``) with the explicitly given ones winning, each checked; and the
+    overrides."""
+    opts, overrides = resolve("logit_shift", protocol, given, options)
+    eps, n_atoms, positions_per_atom, fit = opts.eps, opts.n_atoms, opts.positions_per_atom, opts.fit
     if not eps:
         raise ValueError("eps: expected at least one perturbation size")
     if fit == "context" and len(set(float(e) for e in eps)) < 2:
@@ -337,7 +338,7 @@ class _Prediction(NamedTuple):
 
 
 @torch.no_grad()
-def _closed_form(model: ModelLike, sae: SAELike, tokens: Tensor, site: Site, native: dict[str, Tensor],
+def _closed_form(model: ModelLike, sae: SAELike, tokens: Tensor, site: Cell, native: dict[str, Tensor],
                  atoms: list[int], contexts: _Contexts, *, formula: str, readout: str,
                  readout_offset: int) -> _Prediction:
     """Eq. 1 at every row (``formula="table9"``: scaled by the state's component on the atom)."""
@@ -378,7 +379,7 @@ def _accumulated_decay(decay: Tensor | None, b: Tensor, t0: Tensor, t: Tensor, d
     return G[:, None].expand(-1, d_k) if G.dim() == 1 else G
 
 
-def _measured_shifts(model: ModelLike, tokens: Tensor, site: Site, contexts: _Contexts, prediction: _Prediction,
+def _measured_shifts(model: ModelLike, tokens: Tensor, site: Cell, contexts: _Contexts, prediction: _Prediction,
                      eps: list[float], readout_offset: int, progress: bool) -> Tensor:
     """The measured logit shift of each row's token at every ε, ``[n_eps, n]``."""
     step = prediction.step

@@ -29,10 +29,11 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, parse_site, unit, use_device
-from recurrent_lens.analysis.protocols import PRESET, PartitionSettings, check_protocol, resolve
+from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, unit, use_device
+from recurrent_lens.analysis.protocols import PRESET, PartitionOptions, PartitionSettings, Replace, Statistic, resolve
 from recurrent_lens.analysis.results import PartitionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import parse_cell
 
 TOP_N = 50
 """Activations per atom of ``statistic="mean_abs_cos_top50"`` (the reference's ``top_n``)."""
@@ -88,14 +89,15 @@ def _leading_factors(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
-                    protocol: str = "ours", statistic: str = PRESET, replace: str = PRESET,
-                    max_firings_per_atom: int | None = PRESET, min_firings: int = 1, tau: float = PRESET,
-                    skip_positions: int = 0, seed: int = 0, progress: bool = False,
+                    protocol: str = "ours", options: PartitionOptions | None = None, statistic: Statistic = PRESET,
+                    replace: Replace = PRESET, max_firings_per_atom: int | None = PRESET, min_firings: int = PRESET,
+                    tau: float = PRESET, skip_positions: int = PRESET, seed: int = PRESET, progress: bool = False,
                     device: str | torch.device | None = None) -> PartitionResult:
     """Split alive atoms into registers (aligned with the native update where they fire) and bundles.
 
     Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
-    wins over the preset (``result.settings.overrides`` lists those that differ from it).
+    wins over the preset (``result.settings.overrides`` lists those that differ from it). The options are
+    declared by :class:`~recurrent_lens.analysis.PartitionOptions`; ``options=`` passes them all at once.
 
     ``protocol="ours"`` (the default): ``statistic='median_cos_gmm'``, ``replace='update'``,
     ``max_firings_per_atom=200``, ``tau=0.05``.
@@ -114,14 +116,16 @@ def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, t
 
     Args:
         protocol: ``"ours"`` (default) or ``"paper"``: the preset of every *(protocol)* option.
+        options: a :class:`~recurrent_lens.analysis.PartitionOptions` used instead of the protocol's preset (the
+            keyword options still win over it).
         statistic: *(protocol)* ``"median_cos_gmm"`` or ``"mean_abs_cos_top50"`` (module docstring).
         replace: *(protocol)* compare with the net update (``"update"``) or the write (``"write"``).
         max_firings_per_atom: *(protocol)* cosines per atom for ``median_cos`` (a seeded subsample;
             ``None``: all). The top-50 statistic always uses the 50 largest activations.
-        min_firings: atoms with fewer firings count as dead.
+        min_firings: atoms with fewer firings count as dead (default 1).
         tau: *(protocol)* threshold used when one Gaussian is preferred.
-        skip_positions: ignore firings at the first positions (e.g. BOS).
-        seed: seeds the per-atom subsample of firings (the mixtures are deterministic).
+        skip_positions: ignore firings at the first positions (e.g. BOS; default 0).
+        seed: seeds the per-atom subsample of firings (the mixtures are deterministic; default 0).
         progress: show a progress bar over the alive atoms.
         device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
             tensors stay there until the result table is built. An unknown or unavailable device raises
@@ -137,34 +141,31 @@ def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, t
         ...                 protocol="paper").settings.statistic
         'median_cos_gmm'
     """
-    opts, overrides = _partition_options(protocol, dict(statistic=statistic, replace=replace,
-                                                        max_firings_per_atom=max_firings_per_atom, tau=tau))
+    opts, overrides = _partition_options(protocol, options, dict(
+        statistic=statistic, replace=replace, max_firings_per_atom=max_firings_per_atom, min_firings=min_firings,
+        tau=tau, skip_positions=skip_positions, seed=seed))
     use_device(model, sae, device)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     tokens = check_tokens(model, tokens, 1)
     native = native_run(model, tokens, site)
-    codes = _firing_codes(sae, native["state"], skip_positions)
+    codes = _firing_codes(sae, native["state"], opts.skip_positions)
     atoms = sae.decoder_atoms().detach().float()
-    table = _score_atoms(codes, atoms, native[opts["replace"]].float(),
-                         top50=opts["statistic"] == "mean_abs_cos_top50", cap=opts["max_firings_per_atom"],
-                         min_firings=min_firings, seed=seed, progress=progress)
-    labels, gmm, delta_bic = _split_registers(table["score"], opts["tau"])
+    table = _score_atoms(codes, atoms, native[opts.replace].float(), top50=opts.statistic == "mean_abs_cos_top50",
+                         cap=opts.max_firings_per_atom, min_firings=opts.min_firings, seed=opts.seed,
+                         progress=progress)
+    labels, gmm, delta_bic = _split_registers(table["score"], opts.tau)
     table["label"] = labels
-    settings = PartitionSettings(protocol=protocol, hook_name=hook_name, head=head, **opts, min_firings=min_firings,
-                                 skip_positions=skip_positions, seed=seed, overrides=overrides)
+    settings = PartitionSettings(protocol=protocol, hook_name=hook_name, head=head, **vars(opts), overrides=overrides)
     return PartitionResult(table, gmm, delta_bic, atoms.shape[0] - len(table), settings)
 
 
-def _partition_options(protocol: str, given: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The options of ``protocol`` with the explicitly given ones winning, each checked; and the overrides."""
-    check_protocol(protocol)
-    opts, overrides = resolve("partition", protocol, given)
-    statistic, replace, cap = opts["statistic"], opts["replace"], opts["max_firings_per_atom"]
-    if statistic not in ("median_cos_gmm", "mean_abs_cos_top50"):
-        raise ValueError(f"statistic: expected 'median_cos_gmm' or 'mean_abs_cos_top50', got {statistic!r}")
-    if replace not in ("update", "write"):
-        raise ValueError(f"replace: expected 'update' or 'write', got {replace!r}")
+def _partition_options(protocol: str, options: PartitionOptions | None,
+                       given: dict[str, Any]) -> tuple[PartitionOptions, tuple[str, ...]]:
+    """The options of ``protocol`` (or ``options``) with the explicitly given ones winning, each checked; and the
+    overrides."""
+    opts, overrides = resolve("partition", protocol, given, options)
+    cap = opts.max_firings_per_atom
     if cap is not None and cap < 1:
         raise ValueError(f"max_firings_per_atom: expected >= 1 or None, got {cap}")
     return opts, overrides

@@ -1,32 +1,38 @@
-"""Protocol presets: every option of an analysis set to the paper's choice (``protocol="paper"``) or to
-this library's (``protocol="ours"``, the defaults), and the frozen settings record each result carries.
+"""Every analysis's options, declared once: an options dataclass per analysis whose fields carry the type
+(``Literal[...]`` for a choice), the default (the ``ours`` protocol's choice) and the help text. The
+analysis function's keyword arguments, the protocol presets below, the settings record each result
+carries and the ``recurrent-lens`` command's options are all built from it.
 
-Sources of the paper's choices: the paper (Young 2026, arXiv 2605.12770; sections and appendices as
-numbered there) and the files of its public reference repository. Where the two disagree, the preset
-follows one of them, says which, and the other stays an option. :func:`preset_table` lists every choice
-with its source; each analysis's docstring repeats it.
+Protocol presets: every protocol-dependent option set to the paper's choice (``protocol="paper"``) or
+to this library's (``protocol="ours"``, the defaults). Sources of the paper's choices: the paper (Young
+2026, arXiv 2605.12770; sections and appendices as numbered there) and the files of its public
+reference repository. Where the two disagree, the preset follows one of them, says which, and the other
+stays an option. :func:`preset_table` lists every choice with its source; each analysis's docstring
+repeats it.
 
 An option passed explicitly always wins over the preset; the settings record which ones did
-(``settings.overrides``).
+(``settings.overrides``). :func:`resolve` is the one place that applies a protocol.
 
 Example:
-    >>> from recurrent_lens.analysis import preset
+    >>> from recurrent_lens.analysis import SubstitutionOptions, preset, presets
     >>> preset("substitution", "paper")["replace"], preset("substitution", "ours")["replace"]
     ('write', 'update')
+    >>> SubstitutionOptions().replace, presets("substitution")["paper"].scale
+    ('update', 'match_norm')
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 PROTOCOLS = ("paper", "ours")
 """The protocol names every analysis accepts."""
 
 
 class _Preset:
-    """The default of every protocol-dependent option: "whatever the protocol chooses"."""
+    """The default of every option of an analysis function: "whatever the protocol (or ``options``) chooses"."""
 
     _instance: _Preset | None = None
 
@@ -43,14 +49,189 @@ class _Preset:
 
 
 PRESET: Any = _Preset()
-"""Default of the protocol-dependent options: the value the chosen ``protocol`` sets."""
+"""Default of the options of every analysis function: the value the chosen ``protocol`` sets."""
+
+Replace = Literal["update", "write"]
+Scale = Literal["coefficient", "match_norm"]
+RandomControl = Literal["rank1", "sae_atom", "empirical"]
+SubstitutionReadout = Literal["offset", "last"]
+KLDirection = Literal["native_to_condition", "condition_to_native"]
+AtomChoice = Literal["rising", "dominant", "feature"]
+Fit = Literal["none", "cell", "context"]
+Formula = Literal["closed_form", "table9"]
+ShiftReadout = Literal["unembed", "final_norm"]
+Statistic = Literal["median_cos_gmm", "mean_abs_cos_top50"]
+MagnitudeRef = Literal["kv", "write", "update"]
+Direction = Literal["out_proj", "jacobian", "given"]
+
+
+def option(default: Any, help: str, *, check: str | None = None, metavar: str | None = None) -> Any:
+    """A field of an options dataclass.
+
+    Args:
+        default: the value under ``protocol="ours"`` (the paper's, where it differs, is in the preset table).
+        help: what the option does, as ``--help`` shows it; ``{default}`` stands for the default.
+        check: what a number must be, checked where a command line parses it: ``"positive"``,
+            ``"non_negative"``, ``"nonzero"`` or ``"cosine"`` (in ``[-1, 1]``).
+        metavar: the value's name in ``--help``.
+    """
+    return field(default=default, metadata={"help": help, "check": check, "metavar": metavar})
+
+
+def choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` annotation (``None`` for any other type).
+
+    Example:
+        >>> choices(Replace), choices(int)
+        (('update', 'write'), None)
+    """
+    return get_args(annotation) if get_origin(annotation) is Literal else None
+
+
+@dataclass(frozen=True, eq=False)
+class Options:
+    """Base of the options dataclasses: refuses a value outside its ``Literal`` choices, naming the option."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            allowed = choices(hints[f.name])
+            value = getattr(self, f.name)
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"{f.name}: expected one of {allowed}, got {value!r}")
+
+    @classmethod
+    def implied(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """The explicitly given options, completed by what they imply (nothing, unless an analysis says so)."""
+        return given
+
+
+@dataclass(frozen=True, eq=False)
+class SubstitutionOptions(Options):
+    """Options of :func:`~recurrent_lens.analysis.substitution_test`."""
+
+    replace: Replace = option("update", "what is replaced (default: {default})")
+    scale: Scale = option("coefficient", "atom scale (default: {default})")
+    random: RandomControl = option(
+        "rank1", "random control: fresh rank-1 (default), a non-firing SAE atom, or an empirical resample of the "
+                 "native updates' factors (the paper's Mamba-2 control)")
+    readout: SubstitutionReadout = option(
+        "offset", "where the KL is read: 'offset' (default) at t + --readout-offset, 'last' at the last position "
+                  "of each sequence (the paper's 'final output distribution')")
+    readout_offset: int | None = option(1, "read at t + offset (default: {default})", check="positive")
+    kl: KLDirection = option("native_to_condition", "KL direction (default: {default})")
+    max_firings_per_atom: int | None = option(30, "cap per atom (default: {default})", check="positive")
+    skip_positions: int = option(0, "leading positions never tested, e.g. BOS (default: {default})",
+                                 check="non_negative")
+    atom: AtomChoice = option(
+        "dominant", "which atom stands in for the write at t (default: {default}): 'rising' = the atom whose code "
+                    "the write raised most, a(S_t) - a(S_t - update); 'dominant' = argmax a(S_t), the paper's choice "
+                    "on Qwen3.5 (on the toys' recall states it is usually another pair's atom); 'feature' = the "
+                    "firing feature's own atom")
+    rank1_atoms: bool = option(False, "use each atom's best rank-1 approximation; with --sae-type flat_sae and "
+                                      "--scale match_norm this is the paper's flat-SVD baseline")
+    seed: int = option(0, "seed of the firing subsample and the random controls (default: {default})",
+                       check="non_negative")
+
+    @classmethod
+    def implied(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """An explicit ``readout_offset`` asks for the offset readout, whatever the protocol's."""
+        if "readout" not in given and given.get("readout_offset") is not None:
+            return {**given, "readout": "offset"}
+        return given
+
+
+@dataclass(frozen=True, eq=False)
+class LogitShiftOptions(Options):
+    """Options of :func:`~recurrent_lens.analysis.logit_shift_prediction`."""
+
+    eps: Sequence[float] = option((0.1, 0.3, 1.0, 3.0), "perturbation sizes eps (default: {default})",
+                                    check="nonzero", metavar="EPS")
+    n_atoms: int = option(10, "without --atoms, perturb the N atoms most often dominant (largest code) on the "
+                              "sequences, or all that are ever dominant if fewer (default: {default})",
+                          check="positive", metavar="N")
+    fit: Fit = option("none", "what the per-cell R^2 compares: 'none' (default) the closed form as is, 'cell' one "
+                              "slope per (atom, eps) cell, 'context' one G per (sequence, t0, atom) across the eps "
+                              "values (the paper's App. A)")
+    formula: Formula = option("closed_form", "'closed_form' (default, Eq. 1) or 'table9' (the paper's Table 9 "
+                                             "variant: perturb by eps times the atom's own component of the state)")
+    readout: ShiftReadout = option("unembed", "'unembed' (default): W_U directly, the paper's form; 'final_norm': "
+                                              "also linearise the final norm at the native residual")
+    readout_offset: int = option(1, "read the logits at t + offset after the edit at t0 (default: {default}; the "
+                                    "toy's recall offset, 16, reads where a value written at t is recalled)",
+                                 check="positive", metavar="OFFSET")
+    positions_per_atom: int = option(50, "random (sequence, t0) pairs per atom (default: {default})", check="positive")
+    skip_positions: int = option(0, "leading positions never perturbed, e.g. BOS (default: {default})",
+                                 check="non_negative")
+    seed: int = option(2026, "seed of the (sequence, t0) draws (default: {default}, the paper's audit seed)",
+                       check="non_negative")
+
+
+@dataclass(frozen=True, eq=False)
+class InstallOptions(Options):
+    """Options of :func:`~recurrent_lens.analysis.install`."""
+
+    magnitude: float = option(3.0, "install magnitude m (default: {default})", check="positive")
+    magnitude_ref: MagnitudeRef = option("update", "the norm m scales: 'kv', 'write' or 'update' (default: {default})")
+    direction: Direction = option("jacobian", "the installed direction: 'out_proj', 'jacobian' (default) or "
+                                              "'given' (a direction passed as a tensor)")
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationInstallOptions(InstallOptions):
+    """Options of :func:`~recurrent_lens.analysis.install_during_generation`."""
+
+    max_new_tokens: int = option(20, "tokens generated greedily (default: {default})", check="positive")
+
+
+@dataclass(frozen=True, eq=False)
+class PartitionOptions(Options):
+    """Options of :func:`~recurrent_lens.analysis.partition_atoms`."""
+
+    statistic: Statistic = option(
+        "median_cos_gmm", "atom score: 'median_cos_gmm' (default) the median cosine with the update over the "
+                          "firings; 'mean_abs_cos_top50' the reference code's mean |cos| per factor over the top-50 "
+                          "activations (geometric mean)")
+    replace: Replace = option("update", "compare with the net update (default) or the write alone")
+    max_firings_per_atom: int | None = option(200, "cosines per atom, a seeded subsample (default: {default})",
+                                              check="positive")
+    min_firings: int = option(1, "atoms with fewer firings count as dead (default: {default})", check="positive")
+    tau: float = option(0.05, "cosine above which an atom is a register when one Gaussian is preferred "
+                              "(default: {default})", check="cosine")
+    skip_positions: int = option(0, "leading positions never read, e.g. BOS (default: {default})",
+                                 check="non_negative")
+    seed: int = option(0, "seed of the per-atom subsample of firings (default: {default})", check="non_negative")
+
+
+@dataclass(frozen=True, eq=False)
+class EraseOptions(Options):
+    """Options of :func:`~recurrent_lens.analysis.erase_atom` (which follows App. I.4 as is: no protocol switch)."""
+
+    max_positions: int = option(150, "erase at most this many firings, a seeded subsample (default: {default})",
+                                check="positive")
+    control_multipliers: Sequence[float] = option((1.0, 2.0, 4.0), "multipliers m of the additive controls "
+                                                                     "(default: {default})",
+                                                    check="positive", metavar="M")
+    readout_offset: int = option(1, "read the logits at t + offset after the erasure at t (default: {default}; the "
+                                    "toy's recall offset, 16, reads where a value written at t is recalled)",
+                                 check="positive", metavar="OFFSET")
+    skip_positions: int = option(0, "leading positions never edited, e.g. BOS (default: {default})",
+                                 check="non_negative")
+    seed: int = option(0, "seed of the subsamples of firing and control positions (default: {default})",
+                       check="non_negative")
+
 
 _OURS = "this library"
 _CLEAN = "reference repository, scripts/clean_amplified_kl.py (docstring of the substitution kernel)"
 _ALIGN = "reference repository, experiments/analysis/memory_alignment.py"
 
-# option -> (value, source); "paper" values cite where the paper (or its code) states them.
-_TABLE: dict[str, dict[str, dict[str, tuple[Any, str]]]] = {
+OPTIONS: dict[str, type[Options]] = {"substitution": SubstitutionOptions, "logit_shift": LogitShiftOptions,
+                                     "install": GenerationInstallOptions, "partition": PartitionOptions, "erase": EraseOptions}
+"""The options dataclass of each analysis, by the ``kind`` the presets use."""
+
+# The protocol-dependent options of each analysis: the paper's value and where it is stated, and why this
+# library's (the dataclass default) is what it is.
+_TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "substitution": {
         "paper": {
             "replace": ("write", "App. J pseudo-code (σ_t = ‖β_t k_t v_tᵀ‖_F) and " + _CLEAN
@@ -69,15 +250,15 @@ _TABLE: dict[str, dict[str, dict[str, tuple[Any, str]]]] = {
             "max_firings_per_atom": (30, "App. F.2: the population test caps firings at 30 per atom"),
         },
         "ours": {
-            "replace": ("update", _OURS + ": the net update (write + erase, k̂δᵀ for delta rules), so that delete "
-                        "leaves the decayed previous state"),
-            "scale": ("coefficient", "§2 'Replacement protocol': the atom at its firing coefficient a_{i*}"),
-            "random": ("rank1", "§3.2 'Single-write replacement': a fresh random atom"),
-            "readout": ("offset", _OURS + ": read at t + readout_offset in a cache continuation"),
-            "readout_offset": (1, _OURS + ": the first token that reads the edited state"),
-            "kl": ("native_to_condition", _CLEAN + ": KL(p_native ‖ p_cond)"),
-            "atom": ("dominant", "§2 and App. J: the dominant atom"),
-            "max_firings_per_atom": (30, "App. F.2: 30 firings per atom"),
+            "replace": _OURS + ": the net update (write + erase, k̂δᵀ for delta rules), so that delete leaves the "
+                       "decayed previous state",
+            "scale": "§2 'Replacement protocol': the atom at its firing coefficient a_{i*}",
+            "random": "§3.2 'Single-write replacement': a fresh random atom",
+            "readout": _OURS + ": read at t + readout_offset in a cache continuation",
+            "readout_offset": _OURS + ": the first token that reads the edited state",
+            "kl": _CLEAN + ": KL(p_native ‖ p_cond)",
+            "atom": "§2 and App. J: the dominant atom",
+            "max_firings_per_atom": "App. F.2: 30 firings per atom",
         },
     },
     "logit_shift": {
@@ -94,13 +275,13 @@ _TABLE: dict[str, dict[str, dict[str, tuple[Any, str]]]] = {
             "readout_offset": (1, "App. A leaves the horizon h open; the first read"),
         },
         "ours": {
-            "eps": ((0.1, 0.3, 1.0, 3.0), "App. A 'Population audit'"),
-            "n_atoms": (10, _OURS + ": the 10 most often dominant atoms"),
-            "positions_per_atom": (50, _OURS),
-            "fit": ("none", "§3.2: 'no fitted parameters' (zero-parameter R²)"),
-            "formula": ("closed_form", "Eq. 1"),
-            "readout": ("unembed", "Eq. 1"),
-            "readout_offset": (1, _OURS + ": the first read of the edited state"),
+            "eps": "App. A 'Population audit'",
+            "n_atoms": _OURS + ": the 10 most often dominant atoms",
+            "positions_per_atom": _OURS,
+            "fit": "§3.2: 'no fitted parameters' (zero-parameter R²)",
+            "formula": "Eq. 1",
+            "readout": "Eq. 1",
+            "readout_offset": _OURS + ": the first read of the edited state",
         },
     },
     "install": {
@@ -112,11 +293,11 @@ _TABLE: dict[str, dict[str, dict[str, tuple[Any, str]]]] = {
             "max_new_tokens": (20, "App. I.6: 20 tokens, greedy"),
         },
         "ours": {
-            "magnitude": (3.0, _OURS),
-            "magnitude_ref": ("update", _OURS + ": m · ‖net update at t‖_F"),
-            "direction": ("jacobian", _OURS + ": W_O^{(h)} is the output map's Jacobian (gated norm included), "
-                          "averaged over the tokens"),
-            "max_new_tokens": (20, "App. I.6"),
+            "magnitude": _OURS,
+            "magnitude_ref": _OURS + ": m · ‖net update at t‖_F",
+            "direction": _OURS + ": W_O^{(h)} is the output map's Jacobian (gated norm included), averaged over "
+                         "the tokens",
+            "max_new_tokens": "App. I.6",
         },
     },
     "partition": {
@@ -129,17 +310,47 @@ _TABLE: dict[str, dict[str, dict[str, tuple[Any, str]]]] = {
             "tau": (0.05, "Fig. 12 and App. F.2: the register threshold cos = 0.05"),
         },
         "ours": {
-            "statistic": ("median_cos_gmm", "§3.1"),
-            "replace": ("update", _OURS),
-            "max_firings_per_atom": (200, _OURS + ": a seeded subsample of 200 firings per atom"),
-            "tau": (0.05, "Fig. 12"),
+            "statistic": "§3.1",
+            "replace": _OURS,
+            "max_firings_per_atom": _OURS + ": a seeded subsample of 200 firings per atom",
+            "tau": "Fig. 12",
         },
     },
+    "erase": {"paper": {}, "ours": {}},  # App. I.4 as is: nothing depends on the protocol
 }
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in _TABLE:
+        raise ValueError(f"kind: expected one of {tuple(_TABLE)}, got {kind!r}")
+
+
+def presets(kind: str) -> dict[str, Options]:
+    """``{protocol: options}`` of one analysis: ``"ours"`` is its options dataclass's defaults, ``"paper"`` the
+    same with the paper's choices.
+
+    Example:
+        >>> presets("partition")["paper"].max_firings_per_atom, presets("partition")["ours"].max_firings_per_atom
+        (None, 200)
+    """
+    _check_kind(kind)
+    ours = OPTIONS[kind]()
+    return {"paper": replace(ours, **{k: v for k, (v, _) in _TABLE[kind]["paper"].items()}), "ours": ours}
+
+
+def protocol_options(kind: str) -> tuple[str, ...]:
+    """The options of ``kind`` whose default depends on the protocol, in the preset table's order.
+
+    Example:
+        >>> protocol_options("partition")
+        ('statistic', 'replace', 'max_firings_per_atom', 'tau')
+    """
+    _check_kind(kind)
+    return tuple(_TABLE[kind]["paper"])
+
+
 def preset_table(kind: str, protocol: str) -> dict[str, tuple[Any, str]]:
-    """``{option: (value, source)}`` of one analysis under one protocol.
+    """``{option: (value, source)}`` of one analysis's protocol-dependent options under one protocol.
 
     Args:
         kind: ``"substitution"``, ``"logit_shift"``, ``"install"`` or ``"partition"``.
@@ -150,10 +361,11 @@ def preset_table(kind: str, protocol: str) -> dict[str, tuple[Any, str]]:
         >>> value, source.split(":")[0]
         ('kv', "§4 'Generation edit' and App. I.6")
     """
-    if kind not in _TABLE:
-        raise ValueError(f"kind: expected one of {tuple(_TABLE)}, got {kind!r}")
+    _check_kind(kind)
     check_protocol(protocol)
-    return dict(_TABLE[kind][protocol])
+    values = presets(kind)[protocol]
+    sources = {k: s for k, (_, s) in _TABLE[kind]["paper"].items()} if protocol == "paper" else _TABLE[kind]["ours"]
+    return {k: (getattr(values, k), sources[k]) for k in protocol_options(kind)}
 
 
 def preset(kind: str, protocol: str) -> dict[str, Any]:
@@ -171,24 +383,33 @@ def check_protocol(protocol: str) -> None:
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
 
 
-def resolve(kind: str, protocol: str, given: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+def resolve(kind: str, protocol: str, given: dict[str, Any],
+            options: Options | None = None) -> tuple[Options, tuple[str, ...]]:
     """The options of ``kind`` under ``protocol``, with every explicitly given value winning.
 
-    ``given`` maps each protocol-dependent option to its argument (:data:`PRESET` where not passed).
-    Returns ``(values, overrides)``: ``overrides`` names the options whose explicit value differs from
-    the preset's.
+    Args:
+        kind: the analysis (a key of :data:`OPTIONS`).
+        protocol: ``"paper"`` or ``"ours"``.
+        given: option -> argument; :data:`PRESET` where not passed.
+        options: an options dataclass of ``kind`` that replaces the protocol's preset as the base.
+
+    Returns:
+        ``(options, overrides)``: ``overrides`` names the protocol-dependent options whose final value differs
+        from the protocol's preset.
+
+    Example:
+        >>> opts, overrides = resolve("partition", "paper", {"tau": 0.1, "replace": PRESET})
+        >>> opts.tau, opts.max_firings_per_atom, overrides
+        (0.1, None, ('tau',))
     """
-    table = preset(kind, protocol)
-    values, overrides = {}, []
-    for name, default in table.items():
-        value = given.get(name, PRESET)
-        if value is PRESET:
-            values[name] = default
-        else:
-            values[name] = value
-            if _norm(value) != _norm(default):
-                overrides.append(name)
-    return values, tuple(overrides)
+    check_protocol(protocol)
+    base = presets(kind)[protocol]
+    if options is not None and not isinstance(options, OPTIONS[kind]):
+        raise ValueError(f"options: expected a {OPTIONS[kind].__name__}, got {type(options).__name__}")
+    explicit = OPTIONS[kind].implied({k: v for k, v in given.items() if v is not PRESET})
+    values = replace(options if options is not None else base, **explicit)
+    overrides = tuple(k for k in protocol_options(kind) if _norm(getattr(values, k)) != _norm(getattr(base, k)))
+    return values, overrides
 
 
 def _norm(value: Any) -> Any:
@@ -220,110 +441,80 @@ class Settings(Mapping):
 
 
 @dataclass(frozen=True, eq=False)
-class SubstitutionSettings(Settings):
-    """Options of :func:`~recurrent_lens.analysis.substitution_test`."""
+class _Site(Settings):
+    """Where an analysis with a protocol ran: the protocol and the cell."""
 
     protocol: str
     hook_name: str
     head: int
-    replace: str
-    scale: str
-    random: str
-    readout: str
-    readout_offset: int | None
-    kl: str
-    max_firings_per_atom: int | None
-    skip_positions: int
-    positions: list[int] | None
-    atom: str
-    features: list[int] | None
-    rank1_atoms: bool
-    seed: int
+
+
+@dataclass(frozen=True, eq=False)
+class SubstitutionSettings(SubstitutionOptions, _Site):
+    """The record of a :func:`~recurrent_lens.analysis.substitution_test` run: its options and what it ran on."""
+
+    positions: list[int] | None = None
+    features: list[int] | None = None
     overrides: tuple[str, ...] = ()
     min_kl_delete: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
-class LogitShiftSettings(Settings):
-    """Options of :func:`~recurrent_lens.analysis.logit_shift_prediction`."""
-
-    protocol: str
-    hook_name: str
-    head: int
+class _ShiftSite(_Site):
     atoms: list[int]
-    eps: list[float]
-    n_atoms: int
-    fit: str
-    formula: str
-    readout: str
-    readout_offset: int
-    positions_per_atom: int
-    skip_positions: int
-    seed: int
+
+
+@dataclass(frozen=True, eq=False)
+class LogitShiftSettings(LogitShiftOptions, _ShiftSite):
+    """The record of a :func:`~recurrent_lens.analysis.logit_shift_prediction` run (``atoms``: those perturbed)."""
+
     overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
-class InstallSettings(Settings):
-    """Options of :func:`~recurrent_lens.analysis.install` (one position at a time, read later)."""
+class InstallSettings(InstallOptions, _Site):
+    """The record of an :func:`~recurrent_lens.analysis.install` run (one position at a time, read later)."""
 
-    protocol: str
-    hook_name: str
-    head: int
-    magnitude: float
-    magnitude_ref: str
-    direction: str
-    readout_offset: int
+    readout_offset: int = 1
     overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
-class GenerationInstallSettings(Settings):
-    """Options of :func:`~recurrent_lens.analysis.install_during_generation`."""
-
-    protocol: str
-    hook_name: str
-    head: int
+class _GenerationSite(_Site):
     positions: list[int]
-    magnitude: float
-    magnitude_ref: str
-    direction: str
-    max_new_tokens: int
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationInstallSettings(GenerationInstallOptions, _GenerationSite):
+    """The record of an :func:`~recurrent_lens.analysis.install_during_generation` run (``positions``: the
+    install positions)."""
+
     overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
-class PartitionSettings(Settings):
-    """Options of :func:`~recurrent_lens.analysis.partition_atoms`."""
+class PartitionSettings(PartitionOptions, _Site):
+    """The record of a :func:`~recurrent_lens.analysis.partition_atoms` run."""
 
-    protocol: str
-    hook_name: str
-    head: int
-    statistic: str
-    replace: str
-    max_firings_per_atom: int | None
-    min_firings: int
-    tau: float
-    skip_positions: int
-    seed: int
     overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
-class EraseSettings(Settings):
-    """Options of :func:`~recurrent_lens.analysis.erase_atom` (which follows App. I.4 as is: no protocol switch)."""
-
+class _EraseSite(Settings):
     hook_name: str
     head: int
     atom: int
-    max_positions: int
-    control_multipliers: list[float]
-    readout_offset: int
-    skip_positions: int
-    seed: int
+
+
+@dataclass(frozen=True, eq=False)
+class EraseSettings(EraseOptions, _EraseSite):
+    """The record of an :func:`~recurrent_lens.analysis.erase_atom` run: the cell, the erased atom, its options and
+    ``a_star``, the median firing coefficient."""
+
     a_star: float = float("nan")
 
 
-__all__ = ["PROTOCOLS", "PRESET", "preset", "preset_table", "resolve", "check_protocol", "Settings",
-           "SubstitutionSettings", "LogitShiftSettings", "InstallSettings", "GenerationInstallSettings",
-           "PartitionSettings", "EraseSettings"]
+__all__ = ["PROTOCOLS", "PRESET", "OPTIONS", "option", "choices", "preset", "preset_table", "presets",
+           "protocol_options", "resolve", "check_protocol", "Options", "SubstitutionOptions", "LogitShiftOptions",
+           "InstallOptions", "GenerationInstallOptions", "PartitionOptions", "EraseOptions", "Settings", "SubstitutionSettings",
+           "LogitShiftSettings", "InstallSettings", "GenerationInstallSettings", "PartitionSettings", "EraseSettings"]

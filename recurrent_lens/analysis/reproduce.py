@@ -32,13 +32,14 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import bootstrap_ci, native_run, parse_site, use_device, wilson_interval
+from recurrent_lens.analysis._common import bootstrap_ci, native_run, use_device, wilson_interval
 from recurrent_lens.analysis.interventions import install_during_generation, targets_by_rank
 from recurrent_lens.analysis.logit_shift import logit_shift_prediction
 from recurrent_lens.analysis.partition import partition_atoms
 from recurrent_lens.analysis.protocols import check_protocol
 from recurrent_lens.analysis.substitution import substitution_test
 from recurrent_lens.analysis.types import ModelLike, SAELike
+from recurrent_lens.states.cells import parse_cell
 
 PAPER_BAND = (100, 1000)
 """The paper's headline install class: targets ranked 100–1000 by the unmodified model (§4, App. I.6)."""
@@ -168,7 +169,7 @@ def _population_features(sae: SAELike, tokens: Tensor, model: ModelLike, hook_na
                          skip_positions: int, n: int) -> list[int]:
     """The ``n`` atoms that fire most often on ``tokens`` (ties: lower index first)."""
     with torch.no_grad():
-        codes = sae.encode(native_run(model, tokens, parse_site(model, hook_name, head))["state"])
+        codes = sae.encode(native_run(model, tokens, parse_cell(model, hook_name, head, kinds=("state",)))["state"])
         counts = (codes[:, skip_positions:] != 0).flatten(0, 1).sum(0)
     order = torch.sort(counts, descending=True, stable=True).indices
     return order[counts[order] > 0][:n].tolist()

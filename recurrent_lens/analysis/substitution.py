@@ -65,25 +65,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recurrent_lens.analysis._common import (
-    as_index, best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, parse_site, unit,
-    use_device,
+    best_rank1, branch_logits, check_sae, check_tokens, frob, kl_divergence, native_run, unit, use_device,
 )
-from recurrent_lens.analysis.protocols import PRESET, SubstitutionSettings, check_protocol, resolve
+from recurrent_lens.analysis.protocols import (
+    PRESET, AtomChoice, KLDirection, RandomControl, Replace, Scale, SubstitutionOptions, SubstitutionReadout,
+    SubstitutionSettings, resolve,
+)
 from recurrent_lens.analysis.results import SubstitutionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
-
-_REPLACE = ("update", "write")
-_SCALE = ("coefficient", "match_norm")
-_RANDOM = ("rank1", "sae_atom", "empirical")
-_KL = ("native_to_condition", "condition_to_native")
-_ATOM = ("dominant", "rising", "feature")
-_READOUT = ("offset", "last")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
-
+from recurrent_lens.states.cells import as_index, parse_cell
 
 def empirical_resample(updates: Float[Tensor, "n d_k d_v"], generator: torch.Generator) -> Float[Tensor, "n d_k d_v"]:
     """Random rank-1 matrices ``u wᵀ`` resampled coordinate by coordinate from ``updates``' own factors.
@@ -213,26 +203,28 @@ def substitution_test(
     tokens: Int[Tensor, "batch pos"],
     *,
     protocol: str = "ours",
-    replace: str = PRESET,
-    scale: str = PRESET,
-    random: str = PRESET,
-    readout: str = PRESET,
+    options: SubstitutionOptions | None = None,
+    replace: Replace = PRESET,
+    scale: Scale = PRESET,
+    random: RandomControl = PRESET,
+    readout: SubstitutionReadout = PRESET,
     readout_offset: int | None = PRESET,
-    kl: str = PRESET,
+    kl: KLDirection = PRESET,
     max_firings_per_atom: int | None = PRESET,
-    skip_positions: int = 0,
+    skip_positions: int = PRESET,
     positions: Sequence[int] | Int[Tensor, " n"] | None = None,
-    atom: str = PRESET,
+    atom: AtomChoice = PRESET,
     features: Sequence[SupportsIndex] | None = None,
-    rank1_atoms: bool = False,
-    seed: int = 0,
+    rank1_atoms: bool = PRESET,
+    seed: int = PRESET,
     progress: bool = False,
     device: str | torch.device | None = None,
 ) -> SubstitutionResult:
     """Atom vs delete vs random substitution of the native update at every firing.
 
     Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
-    wins over the preset (``result.settings.overrides`` lists those that differ from it).
+    wins over the preset (``result.settings.overrides`` lists those that differ from it). The options are
+    declared by :class:`~recurrent_lens.analysis.SubstitutionOptions`; ``options=`` passes them all at once.
 
     ``protocol="ours"`` (the default): ``replace='update'``, ``scale='coefficient'``, ``random='rank1'``,
     ``readout='offset'``, ``readout_offset=1``, ``kl='native_to_condition'``, ``atom='dominant'``,
@@ -270,6 +262,8 @@ def substitution_test(
         head: the head the SAE reads.
         tokens: ``[batch, pos]`` sequences.
         protocol: ``"ours"`` (default) or ``"paper"``: the preset of every *(protocol)* option.
+        options: a :class:`~recurrent_lens.analysis.SubstitutionOptions` used instead of the protocol's preset
+            (the keyword options below still win over it).
         replace: *(protocol)* ``"update"`` (write + erase) or ``"write"``: what ``Δ_nat`` removes.
         scale: *(protocol)* ``"coefficient"`` (``a A``) or ``"match_norm"`` (``‖Δ_nat‖_F`` times the unit atom).
         random: *(protocol)* ``"rank1"`` (fresh random ``u wᵀ``), ``"sae_atom"`` (a random SAE atom that
@@ -317,43 +311,37 @@ def substitution_test(
         >>> paper.settings.replace, paper.settings.readout, paper.settings.overrides
         ('write', 'last', ())
     """
-    opts, overrides = _substitution_options(protocol, dict(
+    opts, overrides = _substitution_options(protocol, options, dict(
         replace=replace, scale=scale, random=random, readout=readout, readout_offset=readout_offset, kl=kl,
-        max_firings_per_atom=max_firings_per_atom, atom=atom))
+        max_firings_per_atom=max_firings_per_atom, skip_positions=skip_positions, atom=atom, rank1_atoms=rank1_atoms,
+        seed=seed))
     use_device(model, sae, device)
-    site = parse_site(model, hook_name, head)
+    site = parse_cell(model, hook_name, head, kinds=("state",))
     check_sae(sae, model)
     features = _check_features(features, sae.cfg.n_features)
-    tokens, positions, last_position = _readout_window(model, tokens, positions, opts["readout"],
-                                                       opts["readout_offset"])
+    tokens, positions, last_position = _readout_window(model, tokens, positions, opts.readout, opts.readout_offset)
     start = time.perf_counter()
     native = native_run(model, tokens, site)
     codes, firings = _substitution_firings(
-        sae, native, replace=opts["replace"], atom=opts["atom"], features=features, cap=opts["max_firings_per_atom"],
-        last_position=last_position, skip_positions=skip_positions, seed=seed, positions=positions)
-    conditions = _substitution_conditions(sae, native[opts["replace"]], codes, firings, scale=opts["scale"],
-                                          random=opts["random"], rank1_atoms=rank1_atoms, seed=seed)
-    logits = branch_logits(model, tokens, site, firings.batch, firings.pos, conditions.edit, opts["readout_offset"],
+        sae, native, replace=opts.replace, atom=opts.atom, features=features, cap=opts.max_firings_per_atom,
+        last_position=last_position, skip_positions=opts.skip_positions, seed=opts.seed, positions=positions)
+    conditions = _substitution_conditions(sae, native[opts.replace], codes, firings, scale=opts.scale,
+                                          random=opts.random, rank1_atoms=opts.rank1_atoms, seed=opts.seed)
+    logits = branch_logits(model, tokens, site, firings.batch, firings.pos, conditions.edit, opts.readout_offset,
                            progress=progress, desc="substitution")
-    rows = _substitution_rows(firings, conditions, _condition_kls(logits, opts["kl"]))
+    rows = _substitution_rows(firings, conditions, _condition_kls(logits, opts.kl))
     settings = SubstitutionSettings(
-        protocol=protocol, hook_name=hook_name, head=head, **opts, skip_positions=skip_positions,
-        positions=None if positions is None else positions.tolist(), features=features, rank1_atoms=rank1_atoms,
-        seed=seed, overrides=overrides)
+        protocol=protocol, hook_name=hook_name, head=head, **vars(opts),
+        positions=None if positions is None else positions.tolist(), features=features, overrides=overrides)
     return SubstitutionResult(rows, settings, time.perf_counter() - start)
 
 
-def _substitution_options(protocol: str, given: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The options of ``protocol`` with the explicitly given ones winning, each checked; and the overrides."""
-    check_protocol(protocol)
-    if given["readout"] is PRESET and given["readout_offset"] is not PRESET and given["readout_offset"] is not None:
-        # an explicit offset asks for the offset readout, whatever the protocol's
-        given = {**given, "readout": "offset"}
-    opts, overrides = resolve("substitution", protocol, given)
-    for name, allowed in (("replace", _REPLACE), ("scale", _SCALE), ("random", _RANDOM), ("kl", _KL), ("atom", _ATOM),
-                          ("readout", _READOUT)):
-        _choice(name, opts[name], allowed)
-    readout, readout_offset, cap = opts["readout"], opts["readout_offset"], opts["max_firings_per_atom"]
+def _substitution_options(protocol: str, options: SubstitutionOptions | None,
+                          given: dict[str, Any]) -> tuple[SubstitutionOptions, tuple[str, ...]]:
+    """The options of ``protocol`` (or ``options``) with the explicitly given ones winning, each checked; and the
+    overrides."""
+    opts, overrides = resolve("substitution", protocol, given, options)
+    readout, readout_offset, cap = opts.readout, opts.readout_offset, opts.max_firings_per_atom
     if readout == "last" and readout_offset is not None:
         raise ValueError(f"readout_offset: applies to readout='offset' only, got {readout_offset} with readout='last' "
                          f"(the protocol {protocol!r} reads at the last position unless readout='offset' is passed)")

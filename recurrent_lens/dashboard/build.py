@@ -14,13 +14,14 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recurrent_lens.analysis._common import Site, as_index
 from recurrent_lens.dashboard.collect import BINS_PER_DECADE, LOG10_LOW, FeatureStats, TokenMeans
 from recurrent_lens.dashboard.render import check_site_dir
 from recurrent_lens.dashboard.reading import atom_directions, logit_extremes, top_aligned, value_readout
 from recurrent_lens.dashboard.view import Dashboard, Example, FeatureData
-from recurrent_lens.dashboard.writers import KeptRows, Writers, top_writers, unavailable
-from recurrent_lens.data import batches, open_tokens
+from recurrent_lens.dashboard.writers import TopWriters, Writers, unavailable
+from recurrent_lens.data import SampleBy, batches, open_tokens
+from recurrent_lens.models.mixer import CaptureRequest
+from recurrent_lens.states.cells import Cell, as_index, parse_cell
 
 N_TOP_TOKENS = 10
 N_QUANTILE_BANDS = 4
@@ -35,7 +36,7 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
                     batch_size: int = 8, hook_name: str | None = None, head: int | None = None,
                     substitution: Any = None, token_strings: Sequence[str] | Callable[[int], str] | None = None,
                     context_length: int | None = None, max_sequences: int | None = None, seed: int = 0,
-                    n_writers: int = 5, progress: bool = True) -> Dashboard:
+                    n_writers: int = 5, sample_by: SampleBy = "line", progress: bool = True) -> Dashboard:
     """Feature dashboards of ``sae`` over ``data``, from one streaming pass (memory independent of its length).
 
     Per batch, the SAE's cell (its ``hook_name`` and ``head``, from ``sae.cfg.metadata`` unless given) is
@@ -57,22 +58,20 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     - with ``substitution`` (a :class:`~recurrent_lens.analysis.SubstitutionResult`), the feature's
       substitution win rate (atom beats delete) over its firings there;
     - each top example's ``writers``: the feature's pre-activation at the firing split exactly over the
-      layer's past writes (:func:`~recurrent_lens.analysis.feature_attribution`), as the ``n_writers`` writes
-      of largest ``|contribution|`` (position, token, contribution) and the rest (``other_writes``,
-      ``initial``, ``bias``), which sum to ``pre_activation``. That is the SAE's pre-activation
-      (``hook_sae_acts_pre``), not the activation: top-k, JumpReLU or a ReLU apply after it. The pass keeps
-      the token rows of the sequences that hold a top example; once the top examples are final, one
-      attribution call per group of their sequences, on the features their examples belong to, computes the
-      terms. Each call reruns the forward up to the layer for its sequences, and each (sequence, feature) pair
-      costs what encoding that sequence's positions for the feature costs, with every (position, feature)
-      pair of a call computed: small beside the pass when the data has many more sequences than
-      ``n_examples``, several times the pass on a few short sequences and a large SAE (pass ``n_writers=0``
-      there). The field is left out (``None``, absent from the JSON) with ``n_writers=0``, for the quantile
-      samples, and where attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the
+      layer's past writes (the terms of :func:`~recurrent_lens.analysis.feature_attribution`), as the
+      ``n_writers`` writes of largest ``|contribution|`` (position, token, contribution) and the rest
+      (``other_writes``, ``initial``, ``bias``), which sum to ``pre_activation``. That is the SAE's
+      pre-activation (``hook_sae_acts_pre``; Gated: the magnitude path), not the activation: top-k, JumpReLU
+      or a ReLU apply after it. The harvesting forward also records the layer's recurrence inputs, and as
+      firings enter the top examples their terms come at once from the encoder's factors, the batch's
+      carried keys and its values (:mod:`recurrent_lens.dashboard.writers`; no forward runs again): the
+      entering firings' own features only, ``O(pos × d_k × rank)`` per entering firing (a linear encoder's
+      rank is ``d_k``) and ``O(batch × pos² × d_k)`` per batch to carry the keys. The field is left out
+      (``None``, absent from the JSON) with ``n_writers=0``, for the quantile samples, and where attribution does not apply: when ``sae.cfg.metadata`` does not name the cell the
       dashboard reads (attribution takes the cell from the metadata, so ``hook_name=``/``head=`` given for an
       SAE whose metadata names none or another cell leave it out), or when the SAE has no
-      ``pre_activation_affine`` and ``encoder_atoms`` (one from outside this library); ``meta["writers"]``
-      then says why.
+      ``pre_activation_affine``, ``encoder_atoms`` and ``autoencode`` (one from outside this library);
+      ``meta["writers"]`` then says why.
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.
@@ -92,6 +91,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
             tokenizer, else the id in angle brackets.
         context_length: window length for text sources.
         max_sequences: stop after this many sequences.
+        sample_by: what one document of a ``.txt`` path is (``"line"``, ``"paragraph"`` or the whole file,
+            ``"document"``; see :func:`~recurrent_lens.data.open_tokens`).
         seed: seed of the uniform samples.
         n_writers: top writers kept per top example (0: none, and no attribution).
         progress: show a progress bar.
@@ -109,8 +110,8 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
         >>> len(w["top"]), abs(total - w["pre_activation"]) <= 1e-5 * abs(w["pre_activation"])
         (5, True)
     """
-    hook_name, head = _cell(model, sae, hook_name, head)
-    layer, _ = model.matrix_site(hook_name)
+    cell = _cell(model, sae, hook_name, head)
+    hook_name, head, layer = cell.hook_name, cell.head, cell.layer
     feats = _features(features, sae.cfg.n_features)
     for name, value, low in (("n_examples", n_examples, 1), ("context", context, 0), ("n_samples", n_samples, 1),
                              ("stride", stride, 1), ("batch_size", batch_size, 1), ("n_writers", n_writers, 0)):
@@ -118,13 +119,13 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
     if out_dir is not None:
         check_site_dir(out_dir)  # before the pass, not after it
-    source, n_total = _source(model, data, context_length, max_sequences)
+    source, n_total = _source(model, data, context_length, max_sequences, sample_by)
     device = model.embed.weight.device
     stats = FeatureStats(len(feats), n_examples, n_samples, context, seed)
     keys, queries = TokenMeans(model.cfg.d_vocab, model.cfg.d_k), TokenMeans(model.cfg.d_vocab, model.cfg.d_k)
     captured: dict[str, Tensor] = {}
     why_not = "n_writers=0" if n_writers == 0 else unavailable(sae, hook_name, head)
-    kept = KeptRows() if why_not is None else None
+    top_writers = TopWriters(model, sae, feats, n_examples, n_writers) if why_not is None else None
 
     def grab(name):
         def hook(x, hook):
@@ -142,13 +143,17 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
                 ctx, first = tokens.shape[1], tokens
             tokens = tokens.long()
             positions = torch.arange(0, tokens.shape[1], stride)
+            # With writers, the same forward records the layer's recurrence inputs: no forward runs again.
+            request = None if top_writers is None else CaptureRequest(stop=False)
             with model.hooks(fwd_hooks=fwd_hooks):
-                states = model.harvest(tokens.to(device), positions.to(device), [(hook_name, head)])[hook_name, head]
+                states = model.harvest(tokens.to(device), positions.to(device), [(hook_name, head)],
+                                       capture=None if request is None else {layer: request})[hook_name, head]
             acts = sae.encode(states.to(sae.b_dec.device))
             acts = (acts if select is None else acts[..., select]).float().cpu()
-            stats.update(acts, positions, tokens, seq0)
-            if kept is not None:
-                kept.update(tokens, seq0, stats.top.sequence)
+            entered = stats.update(acts, positions, tokens, seq0)
+            if top_writers is not None:
+                top_writers.update(request, tokens, *entered)
+            del states, request
             keys.update(tokens, captured.pop("k"))
             queries.update(tokens, captured.pop("q"))
             seq0 += tokens.shape[0]
@@ -158,15 +163,14 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
         raise ValueError("data: expected at least one sequence, got none")
 
     n_per = max(1, _READOUT_POSITIONS // ctx)
-    readout = value_readout(model, Site(layer, head), first[:n_per, : min(ctx, _READOUT_POSITIONS)].to(device))
+    readout = value_readout(model, cell, first[:n_per, : min(ctx, _READOUT_POSITIONS)].to(device))
     v, w, share = atom_directions(sae, feats)
     key_ids, key_cos = top_aligned(v, keys.unit_means(), keys.ids, N_TOP_TOKENS)
     query_ids, query_cos = top_aligned(v, queries.unit_means(), queries.ids, N_TOP_TOKENS)
     up_i, up_v, down_i, down_v = logit_extremes(readout, w, N_TOP_TOKENS)
     wins = _win_rates(substitution)
     names = _Names(model, token_strings)
-    writers = None if kept is None else top_writers(model, sae, stats.top, feats, kept.rows, n_writers, batch_size,
-                                                    progress)
+    writers = None if top_writers is None else top_writers.writers
 
     records = _Records(feats.tolist(), stats, names, wins, writers, keys=(key_ids, key_cos),
                        queries=(query_ids, query_cos), promoted=(up_i, up_v), suppressed=(down_i, down_v), share=share)
@@ -180,19 +184,17 @@ def build_dashboard(model, sae, data: Int[Tensor, "n_seq ctx"] | str | os.PathLi
     return dash
 
 
-def _cell(model, sae, hook_name: str | None, head: int | None) -> tuple[str, int]:
+def _cell(model, sae, hook_name: str | None, head: int | None) -> Cell:
     meta = sae.cfg.metadata
     hook_name = meta.get("hook_name") if hook_name is None else hook_name
     head = meta.get("head") if head is None else head
     if hook_name is None or head is None:
         raise ValueError("sae: its metadata names no hook_name/head (the cell it reads); pass hook_name= and head=")
-    model.matrix_site(hook_name)
-    if as_index(head, model.cfg.n_heads) is None:
-        raise ValueError(f"head: expected an int in [0, {model.cfg.n_heads}) (the model's heads), got {head!r}")
+    cell = parse_cell(model, hook_name, head)
     if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_k, model.cfg.d_v):
         raise ValueError(f"sae: reads [d_k, d_v] = [{sae.cfg.d_k}, {sae.cfg.d_v}] states, the model's cell "
                          f"{hook_name} head {head} holds [{model.cfg.d_k}, {model.cfg.d_v}]")
-    return hook_name, int(head)
+    return cell
 
 
 def _features(features: Sequence[int] | None, n: int) -> Tensor:
@@ -208,8 +210,8 @@ def _features(features: Sequence[int] | None, n: int) -> Tensor:
     return torch.tensor([int(f) for f in listed])
 
 
-def _source(model, data: Any, context_length: int | None,
-            max_sequences: int | None) -> tuple[Iterable[Tensor], int | None]:
+def _source(model, data: Any, context_length: int | None, max_sequences: int | None,
+            sample_by: SampleBy) -> tuple[Iterable[Tensor], int | None]:
     if isinstance(data, Tensor):
         if data.dim() != 2 or data.dtype.is_floating_point or data.dtype == torch.bool or 0 in data.shape:
             raise ValueError(f"data: expected token ids [n_seq, ctx], got shape {tuple(data.shape)} and "
@@ -218,7 +220,7 @@ def _source(model, data: Any, context_length: int | None,
         return data, data.shape[0]
     if isinstance(data, (str, os.PathLike)):
         data = open_tokens(data, tokenizer=model.tokenizer, context_length=context_length,
-                           max_sequences=max_sequences)
+                           max_sequences=max_sequences, sample_by=sample_by)
         return data, max_sequences
     if isinstance(data, Iterable):
         n = len(data) if hasattr(data, "__len__") else None

@@ -50,9 +50,13 @@ class _Buffer:
         self.tokens = torch.full((n_features, size, window), -1, dtype=torch.int32)
         self.token_acts = torch.full((n_features, size, window), math.nan)
 
-    def merge(self, f: Firings, score: Tensor, seq0: int, tokens: Tensor, acts_full: Tensor, context: int) -> None:
+    def merge(self, f: Firings, score: Tensor, seq0: int, tokens: Tensor, acts_full: Tensor,
+              context: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Merge the batch's firings; returns ``(feature, slot, firing)`` of those that got in (indices into
+        the features, the slots and ``f``)."""
         if f.value.numel() == 0:
-            return
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty, empty
         order = torch.argsort(score, descending=True, stable=True)
         order = order[torch.argsort(f.feature[order], stable=True)]
         feat = f.feature[order]
@@ -84,6 +88,7 @@ class _Buffer:
             win_tokens, win_acts = _windows(tokens, acts_full, f.row[fi], f.position[fi], f.feature[fi], context)
             self.tokens[feature[part], evicted_slot[part]] = win_tokens
             self.token_acts[feature[part], evicted_slot[part]] = win_acts
+        return feature, evicted_slot, firing
 
     def order(self, i: int) -> list[int]:
         """The slots of feature ``i`` that hold a firing, by score descending."""
@@ -111,7 +116,7 @@ class FeatureStats:
     Example:
         >>> stats = FeatureStats(n_features=2, n_examples=2, n_samples=2, context=1)
         >>> acts = torch.tensor([[[0.0, 1.0], [3.0, 0.0], [2.0, 0.5]]])  # one sequence, 3 positions, 2 features
-        >>> stats.update(acts, torch.arange(3), torch.tensor([[7, 8, 9]]), seq0=0)
+        >>> _ = stats.update(acts, torch.arange(3), torch.tensor([[7, 8, 9]]), seq0=0)
         >>> stats.count.tolist(), stats.max.tolist(), stats.top.value[0].tolist()
         ([2, 2], [3.0, 1.0], [3.0, 2.0])
         >>> stats.top.tokens[0, 0].tolist(), stats.top.token_acts[0, 0].tolist()  # window of the firing at 1
@@ -131,9 +136,10 @@ class FeatureStats:
         self.generator = torch.Generator().manual_seed(seed)
 
     def update(self, acts: Float[Tensor, "batch n n_feat"], positions: Int[Tensor, " n"],
-               tokens: Int[Tensor, "batch T"], seq0: int) -> None:
+               tokens: Int[Tensor, "batch T"], seq0: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Add one batch: ``acts`` are the codes at ``positions`` of every row of ``tokens``, whose first row is
-        sequence ``seq0`` of the dataset."""
+        sequence ``seq0`` of the dataset. Returns ``(row, position, feature, slot)`` of the firings that got
+        into the top examples (``feature`` an index into the features)."""
         B, T = tokens.shape
         self.n_positions += B * acts.shape[1]
         if acts.shape[1] == T:
@@ -148,10 +154,11 @@ class FeatureStats:
         self.max.scatter_reduce_(0, feat, f.value, reduce="amax")
         bins = ((f.value.log10() - LOG10_LOW) * BINS_PER_DECADE).floor().long().clamp(0, N_BINS - 1)
         self.hist.view(-1).index_add_(0, feat * N_BINS + bins, torch.ones_like(bins))
-        self.top.merge(f, f.value, seq0, tokens, acts_full, self.context)
+        feature, slot, firing = self.top.merge(f, f.value, seq0, tokens, acts_full, self.context)
         # A uniform sample without replacement: the firings with the largest independent uniform keys.
         self.reservoir.merge(f, torch.rand(len(f.value), generator=self.generator), seq0, tokens, acts_full,
                              self.context)
+        return f.row[firing], f.position[firing], feature, slot
 
 
 class TokenMeans:

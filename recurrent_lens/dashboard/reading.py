@@ -11,8 +11,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recurrent_lens.analysis._common import Site
 from recurrent_lens.analysis.logit_shift import read_output_graph
+from recurrent_lens.states.cells import Cell
 
 _FEATURE_CHUNK = 1024
 _CHANNEL_GROUP = 16
@@ -72,7 +72,7 @@ def top_aligned(directions: Float[Tensor, "n d"], means: Float[Tensor, "n_ids d"
     return torch.cat(out_ids), torch.cat(out_cos)
 
 
-def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_model d_v"]:
+def mean_output_jacobian(model, site: Cell, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_model d_v"]:
     """``E_t[∂ hook_out_t / ∂ hook_read_t[head]]`` over every position of ``tokens``.
 
     The output at ``t`` depends on the read at ``t`` alone, so the mean is one Jacobian-vector product per value
@@ -81,8 +81,9 @@ def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) ->
 
     Example:
         >>> from recurrent_lens.analysis.logit_shift import output_jacobian
-        >>> J = mean_output_jacobian(tiny_model, Site(0, 1), tiny_tokens)
-        >>> tuple(J.shape), bool(torch.allclose(J, output_jacobian(tiny_model, tiny_tokens, Site(0, 1)).mean((0, 1)),
+        >>> cell = Cell("blocks.0.mixer.hook_state", 1)
+        >>> J = mean_output_jacobian(tiny_model, cell, tiny_tokens)
+        >>> tuple(J.shape), bool(torch.allclose(J, output_jacobian(tiny_model, tiny_tokens, cell).mean((0, 1)),
         ...                                     atol=1e-6))
         ((32, 8), True)
     """
@@ -99,7 +100,7 @@ def mean_output_jacobian(model, site: Site, tokens: Int[Tensor, "batch pos"]) ->
 
 
 @torch.no_grad()
-def value_readout(model, site: Site, sample: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_vocab d_v"]:
+def value_readout(model, site: Cell, sample: Int[Tensor, "batch pos"]) -> Float[Tensor, "d_vocab d_v"]:
     """``W_U · E_t[∂ hook_out_t / ∂ hook_read_t[head]]``: value space to direct logits, the output path
     (gated output norm, projection) linearised by its Jacobian averaged over the positions of ``sample``.
 
@@ -110,7 +111,7 @@ def value_readout(model, site: Site, sample: Int[Tensor, "batch pos"]) -> Float[
     of tokens does not depend on it.
 
     Example:
-        >>> tuple(value_readout(tiny_model, Site(0, 0), tiny_tokens).shape)  # [d_vocab, d_v]
+        >>> tuple(value_readout(tiny_model, Cell("blocks.0.mixer.hook_state", 0), tiny_tokens).shape)  # [d_vocab, d_v]
         (50, 8)
     """
     J = mean_output_jacobian(model, site, sample)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from recurrent_lens.models.mixer import CaptureRequest, HarvestDone
 from recurrent_lens.models.scan import RecurrenceInputs, Rule
+from recurrent_lens.states.cells import check_heads, check_layer, check_positions
 
 if TYPE_CHECKING:
     from recurrent_lens.models.base import HookedRecurrentModel
@@ -62,14 +63,6 @@ class WriteContributions:
     def total(self) -> Float[Tensor, "batch read head d_v"]:
         """``writes.sum(-2) + initial + extra``: the read itself."""
         return self.writes.sum(-2) + self.initial + self.extra
-
-
-def check_layer(model: HookedRecurrentModel, layer: Any) -> int:
-    """``layer`` if it is a recurrent layer of ``model``, else a ValueError naming the recurrent layers."""
-    recurrent = model.cfg.recurrent_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer not in recurrent:
-        raise ValueError(f"layer: expected a recurrent layer {list(recurrent)}, got {layer!r}")
-    return layer
 
 
 def capture(model: HookedRecurrentModel, tokens: Tensor, layer: int,
@@ -166,12 +159,13 @@ def write_contributions(model: HookedRecurrentModel, tokens: Any, layer: int,
         >>> bool(torch.allclose(c.total(), read, atol=1e-6)), bool(c.writes[:, 0, :, 4:].eq(0).all())
         (True, True)
     """
-    layer = check_layer(model, layer)
-    heads = model._heads(heads, f"layer {layer}")
+    layer = check_layer(model.cfg, layer)
+    heads = check_heads(heads, model.cfg.n_heads, f"layer {layer}")
     with torch.no_grad():
         tokens = model._tokens(tokens)
         B, T = tokens.shape
-        pos = model._positions(torch.arange(T) if read_positions is None else read_positions, B, T)
+        pos = check_positions(torch.arange(T) if read_positions is None else read_positions, B, T,
+                              model.embed.weight.device)
         got = capture(model, tokens, layer, initial_state)
         x = got.inputs.map(lambda t: t[:, :, heads])
         S0 = None if initial_state is None else got.initial_state[:, heads]
@@ -222,8 +216,8 @@ def implicit_attention(model: HookedRecurrentModel, tokens: Any, layer: int,
         >>> bool(a.triu(1).eq(0).all())
         True
     """
-    layer = check_layer(model, layer)
-    heads = model._heads(heads, f"layer {layer}")
+    layer = check_layer(model.cfg, layer)
+    heads = check_heads(heads, model.cfg.n_heads, f"layer {layer}")
     with torch.no_grad():
         tokens = model._tokens(tokens)
         T = tokens.shape[1]

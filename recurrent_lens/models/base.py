@@ -32,11 +32,13 @@ from recurrent_lens.models.components import ShortConv, make_norm
 from recurrent_lens.models.generation import Generation
 from recurrent_lens.models.hook_names import HookAliases
 from recurrent_lens.models.loading import load_pretrained
-from recurrent_lens.models.mixer import CaptureRequest, HarvestDone, HarvestRequest, fire
+from recurrent_lens.models.mixer import CaptureRequest, HarvestRequest, fire
 from recurrent_lens.models.registry import get_architecture
 from recurrent_lens.models.tl_compat import TLWeights
 from recurrent_lens.models.tokens import Tokenization, TokensLike
 from recurrent_lens.sae.saes_on_model import HookedSAEMethods
+from recurrent_lens.states import cells as cells_lib
+from recurrent_lens.states import harvest as harvesting
 
 
 class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, HookedSAEMethods,
@@ -300,7 +302,8 @@ class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, Hoo
 
     # ------------------------------------------------------------------ harvesting
     def matrix_site(self, hook_name: str) -> tuple[int, str]:
-        """``(layer, "state" | "write")`` of a per-step matrix hook ``blocks.{l}.mixer.hook_state|hook_write``.
+        """``(layer, "state" | "write")`` of a per-step matrix hook ``blocks.{l}.mixer.hook_state|hook_write``
+        (see :func:`recurrent_lens.states.cells.matrix_site`).
 
         Example:
             >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
@@ -309,158 +312,35 @@ class HookedRecurrentModel(Tokenization, HookAliases, TLWeights, Generation, Hoo
             >>> model.matrix_site("blocks.1.mixer.hook_write")
             (1, 'write')
         """
-        parts = hook_name.split(".") if isinstance(hook_name, str) else []
-        kinds = {"hook_state": "state", "hook_write": "write"}
-        ok = (len(parts) == 4 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] == "mixer"
-              and parts[3] in kinds)
-        if not ok:
-            raise ValueError(f"hook_name: expected 'blocks.{{layer}}.mixer.hook_state' or '...hook_write', "
-                             f"got {hook_name!r}")
-        layer = int(parts[1])
-        if layer not in self.cfg.recurrent_layers:
-            raise ValueError(f"hook_name: {hook_name!r} names layer {layer}, which is not a recurrent layer; "
-                             f"recurrent layers: {self.cfg.recurrent_layers}")
-        return layer, kinds[parts[3]]
-
-    def _positions(self, positions: Any, batch: int, length: int) -> Tensor:
-        try:
-            pos = torch.as_tensor(positions, device=self.embed.weight.device)
-        except (TypeError, ValueError, RuntimeError):
-            rows = list(positions) if isinstance(positions, Sequence) else []
-            if rows and all(isinstance(r, Sequence) and not isinstance(r, str) for r in rows):
-                lengths = [len(r) for r in rows]
-                if len(set(lengths)) > 1:
-                    raise ValueError(f"positions: expected one list of positions per sequence, all of one length, "
-                                     f"got rows of lengths {lengths}") from None
-            raise TypeError(f"positions: expected integer positions, [batch, n] or [n], got {positions!r}") from None
-        if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
-            raise TypeError(f"positions: expected integer positions, got dtype {pos.dtype}")
-        if pos.dim() == 1:
-            pos = pos[None].expand(batch, -1)
-        if pos.dim() != 2 or pos.shape[0] != batch:
-            raise ValueError(f"positions: expected shape [batch={batch}, n] (or [n] for every sequence), "
-                             f"got {tuple(pos.shape)}")
-        if pos.numel() and (pos.min() < 0 or pos.max() >= length):
-            raise ValueError(f"positions: expected values in [0, {length}) (the sequence length), "
-                             f"got min {int(pos.min())} and max {int(pos.max())}")
-        return pos.long()
-
-    def _heads(self, heads: int | Sequence[int] | None, what: str) -> list[int]:
-        H = self.cfg.n_heads
-        if heads is None:
-            return list(range(H))
-        one = isinstance(heads, int) and not isinstance(heads, bool)
-        listed = [heads] if one else list(heads) if isinstance(heads, Sequence) and not isinstance(heads, str) else []
-        bad = [h for h in listed if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < H]
-        if bad or not listed:
-            raise ValueError(f"heads ({what}): expected a head index or a list of head indices in [0, {H}), "
-                             f"got {heads!r}")
-        return listed
+        return cells_lib.matrix_site(self.cfg, hook_name)
 
     def harvest(self, tokens: TokensLike, positions: Tensor | Sequence[Any],
-                cells: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Float[Tensor, "batch n d_k d_v"]]:
-        """Per-step matrices of many ``(hook_name, head)`` cells at chosen positions, from one forward.
-
-        The forward runs only up to the deepest layer named and never forms ``[batch, pos, head, d_k, d_v]``:
-        each layer's states at chunk boundaries and its per-token update values come from its chunked scan,
-        and each requested state follows in closed form from its chunk's boundary state, on the requested
-        heads (RWKV-7's rule, and edited writes, replay at most one chunk instead). Writes (``hook_write``)
-        are gathered at the positions without any scan. Memory beyond the forward itself is
-        ``O(batch · n_chunks · heads · d_k · d_v + batch · n · heads · (d_k · d_v + chunk · (d_k + d_v)))``
-        per harvested layer.
-        Hooks attached upstream (``hook_q/k/v/beta/decay/write`` of these layers, anything in earlier
-        layers) apply as in a forward; hooks on a harvested layer's ``hook_state``/``hook_erase`` are refused.
-
-        Args:
-            tokens: ``[batch, pos]`` token ids.
-            positions: ``[batch, n]`` positions per sequence, or ``[n]`` for every sequence.
-            cells: ``(hook_name, head)`` pairs, hook names ``blocks.{l}.mixer.hook_state`` (``S_t``) or
-                ``blocks.{l}.mixer.hook_write`` (``W_t``).
+                cells: Iterable[tuple[str, int]], *, capture: dict[int, CaptureRequest] | None = None
+                ) -> dict[tuple[str, int], Float[Tensor, "batch n d_k d_v"]]:
+        """Per-step matrices of many ``(hook_name, head)`` cells at chosen positions, from one forward that
+        never forms ``[batch, pos, head, d_k, d_v]``: see :func:`recurrent_lens.states.harvest.harvest`.
 
         Returns:
             ``{(hook_name, head): [batch, n, d_k, d_v]}`` in fp32.
 
         Example:
-            >>> import torch
-            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-            ...     n_layers=2, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-            >>> out = model.harvest(torch.randint(0, 50, (3, 20)), [2, 19],
-            ...                     [("blocks.0.mixer.hook_state", 1), ("blocks.1.mixer.hook_write", 0)])
-            >>> tuple(out["blocks.0.mixer.hook_state", 1].shape)
-            (3, 2, 8, 4)
+            >>> out = tiny_model.harvest(tiny_tokens, [2, 5], [("blocks.0.mixer.hook_write", 1)])
+            >>> tuple(out["blocks.0.mixer.hook_write", 1].shape)
+            (2, 2, 8, 8)
         """
-        requests: dict[int, dict[str, list[int]]] = {}
-        cells = list(cells)
-        if not cells:
-            raise ValueError("cells: expected at least one (hook_name, head) pair, got none")
-        sites = {}
-        for cell in cells:
-            if not (isinstance(cell, tuple) and len(cell) == 2):
-                raise ValueError(f"cells: expected (hook_name, head) pairs, got {cell!r}")
-            layer, what = self.matrix_site(cell[0])
-            head = cell[1]
-            if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < self.cfg.n_heads:
-                raise ValueError(f"cells: expected a head index in [0, {self.cfg.n_heads}) for {cell[0]}, "
-                                 f"got {head!r}")
-            sites[cell] = layer, what
-            heads = requests.setdefault(layer, {}).setdefault(what, [])
-            if head not in heads:
-                heads.append(head)
-        out = self._harvest(tokens, positions, requests)
-        return {(name, head): out[layer][what][:, :, requests[layer][what].index(head)]
-                for (name, head), (layer, what) in sites.items()}
+        return harvesting.harvest(self, tokens, positions, cells, capture=capture)
 
     def states_at(self, tokens: TokensLike, layer: int, positions: Tensor | Sequence[Any],
                   heads: int | Sequence[int] | None = None,
                   what: str = "state") -> Float[Tensor, "batch n head d_k d_v"]:
-        """The per-step matrices of ``blocks.{layer}.mixer`` at ``positions``, without the full tensor.
-
-        Equals ``run_with_cache(tokens)[f"blocks.{layer}.mixer.hook_state"][rows, positions][:, :, heads]``
-        (``hook_write`` for ``what="write"``) within fp32 tolerance, at the memory cost given in
-        :meth:`harvest`: the states at chunk boundaries, plus at most one chunk replayed per requested
-        position on the requested heads. The forward stops after ``layer``.
-
-        Args:
-            tokens: ``[batch, pos]`` token ids.
-            layer: a recurrent layer.
-            positions: ``[batch, n]`` integer positions (one row per sequence), or ``[n]`` for every sequence.
-            heads: a head, a list of heads, or ``None`` for all.
-            what: ``"state"`` (``S_t``, after the update at ``t``) or ``"write"`` (``W_t``).
-
-        Returns:
-            ``[batch, n, head, d_k, d_v]`` fp32.
+        """The per-step matrices of ``blocks.{layer}.mixer`` at ``positions``, ``[batch, n, head, d_k, d_v]``
+        fp32, without the full tensor: see :func:`recurrent_lens.states.harvest.states_at`.
 
         Example:
-            >>> import torch
-            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-            ...     n_layers=2, d_vocab=50, n_heads=2, d_k=8, d_v=4, chunk_size=8), seed=0)
-            >>> tokens = torch.randint(0, 50, (2, 20))
-            >>> S = model.states_at(tokens, 1, torch.tensor([[3, 17], [0, 9]]), heads=[1])
-            >>> _, cache = model.run_with_cache(tokens, names_filter="blocks.1.mixer.hook_state")
-            >>> full = cache["blocks.1.mixer.hook_state"]
-            >>> bool(torch.allclose(S[1, 1, 0], full[1, 9, 1], atol=1e-6)), tuple(S.shape)
-            (True, (2, 2, 1, 8, 4))
+            >>> tuple(tiny_model.states_at(tiny_tokens, 0, [3, 7], heads=[1]).shape)
+            (2, 2, 1, 8, 8)
         """
-        if what not in ("state", "write"):
-            raise ValueError(f"what: expected 'state' or 'write', got {what!r}")
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer not in self.cfg.recurrent_layers:
-            raise ValueError(f"layer: expected a recurrent layer {self.cfg.recurrent_layers}, got {layer!r}")
-        return self._harvest(tokens, positions, {layer: {what: self._heads(heads, what)}})[layer][what]
-
-    def _harvest(self, tokens: TokensLike, positions: Any,
-                 requests: dict[int, dict[str, list[int]]]) -> dict[int, dict[str, Tensor]]:
-        tokens = self._tokens(tokens)
-        pos = self._positions(positions, *tokens.shape)
-        deepest = max(requests)
-        # the requests ride in this forward's context: nothing is left on the (shared) mixers
-        harvest = {layer: HarvestRequest(pos, heads, last=layer == deepest) for layer, heads in requests.items()}
-        try:
-            self._forward(tokens, None, stop_at_layer=deepest + 1, harvest=harvest)
-        except HarvestDone:
-            pass
-        return {layer: request.out for layer, request in harvest.items()}
+        return harvesting.states_at(self, tokens, layer, positions, heads, what)
 
     # ------------------------------------------------------------------ write attribution
     def write_contributions(self, tokens: TokensLike, layer: int,

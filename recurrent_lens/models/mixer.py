@@ -84,18 +84,20 @@ class HarvestDone(Exception):
 class CaptureRequest:
     """Handed to one mixer in a forward's :attr:`ForwardContext.capture`: the mixer records the inputs of
     its recurrence as the hooks left them, its initial state and the architecture's extra read term, then
-    stops the forward (:class:`HarvestDone`) before its own scan. Used by write attribution
-    (:mod:`recurrent_lens.models.attribution`).
+    stops the forward (:class:`HarvestDone`) before its own scan, or with ``stop=False`` goes on (a harvest
+    of the same forward, say). Used by write attribution (:mod:`recurrent_lens.models.attribution`).
 
     Attributes:
         inputs: the recurrence inputs ``[batch, pos, head, ...]``.
         initial_state: ``[batch, head, d_k, d_v]``, the state before the first token.
         extra: ``[batch, pos, head, d_v]``, what :meth:`MatrixMixer.read_extra` adds to ``S_tᵀ q_t``.
+        stop: whether the forward stops once the request is filled.
     """
 
     inputs: RecurrenceInputs | None = None
     initial_state: Tensor | None = None
     extra: Tensor | None = None
+    stop: bool = True
 
 
 def hook_active(hp: HookPoint) -> bool:
@@ -292,7 +294,7 @@ class MatrixMixer(nn.Module):
         return fire(self.hook_out, self.output_with_inputs(read, inputs, aux))
 
     def _capture(self, request: CaptureRequest, inputs: RecurrenceInputs, S0: Tensor, aux: Any) -> None:
-        """Fill ``request`` and stop the forward. Per-step matrix hooks would change the writes or the
+        """Fill ``request`` and stop the forward (unless ``request.stop`` is False). Per-step matrix hooks would change the writes or the
         transitions that attribution holds fixed, so they are refused rather than silently ignored."""
         watched = [name for name in ("hook_write", "hook_erase", "hook_state")
                    if hasattr(self, name) and hook_active(getattr(self, name))]
@@ -302,7 +304,8 @@ class MatrixMixer(nn.Module):
         request.inputs, request.initial_state = inputs, S0
         # read_extra adds its term to the state's read; given zeros it returns the term alone
         request.extra = self.read_extra(torch.zeros_like(inputs.v), inputs, aux)
-        raise HarvestDone
+        if request.stop:
+            raise HarvestDone
 
     def _recur(self, inputs: RecurrenceInputs, S0: Tensor,
                request: HarvestRequest | None) -> tuple[Tensor, Tensor]:

@@ -84,13 +84,14 @@ def pretrained_sae_path(name: str) -> Path | None:
 
 def excerpt(name: str) -> str:
     """A held-out text shipped for tests and the quick start: ``"plays"`` (the start of *Macbeth*, a play
-    no shipped model was trained on) or ``"milton"`` (the start of *Paradise Lost*, out of distribution).
+    no shipped model was trained on) or ``"milton"`` (the start of each of Milton's four works in the corpus,
+    out of distribution: no shipped model saw any Milton).
 
     Example:
         >>> excerpt("plays")[:7]
         'MACBETH'
     """
-    files = {"plays": "macbeth.txt", "milton": "paradise_lost.txt"}
+    files = {"plays": "macbeth.txt", "milton": "milton.txt"}
     if name not in files:
         raise ValueError(f"name: expected one of {sorted(files)}, got {name!r}")
     return (_EXCERPTS / files[name]).read_text(encoding="utf-8")

@@ -51,6 +51,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.sae.base import SAE
+from recurrent_lens.states.cells import check_head
 
 __all__ = ["SAEHookPoint", "add_sae", "reset_saes", "saes"]
 
@@ -141,8 +142,7 @@ def add_sae(model: nn.Module, sae: SAE, hook_name: str, head: int, use_error_ter
         raise TypeError(f"sae: expected a recurrent_lens.sae.SAE, got {type(sae).__name__}")
     hp = _matrix_hook(model, hook_name)
     n_heads, d_k, d_v = _mixer_dims(model, hook_name)
-    if not isinstance(head, int) or not 0 <= head < n_heads:
-        raise ValueError(f"head: expected an int in [0, {n_heads}) for {hook_name!r}, got {head!r}")
+    head = check_head(head, n_heads, where=hook_name)
     if (sae.cfg.d_k, sae.cfg.d_v) != (d_k, d_v):
         raise ValueError(
             f"sae: {hook_name!r} has per-head matrices of shape (d_k={d_k}, d_v={d_v}), "

@@ -9,8 +9,8 @@ buffer, generator, SAE, Adam optimizer, checkpoint and log, so memory is bounded
 
 Data: a ``[n_seq, ctx]`` token tensor (a new seeded order every epoch), any iterable of ``[ctx]`` token
 windows such as :func:`recurrent_lens.data.open_tokens` (read in order, restarted when exhausted), or a
-:class:`~recurrent_lens.sae.store.StateStore` of harvested states (no model needed). Positions come from
-:func:`~recurrent_lens.sae.cells.sample_positions`, seeded per sequence.
+:class:`~recurrent_lens.states.store.StateStore` of harvested states (no model needed). Positions come from
+:func:`~recurrent_lens.states.cells.sample_positions`, seeded per sequence.
 
 Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
 
@@ -82,15 +82,16 @@ from recurrent_lens.integrity import (
 )
 from recurrent_lens.sae import wandb_log
 from recurrent_lens.sae.base import SAE
-from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.sae.io import save_sae
 from recurrent_lens.sae.training import (
     REPORTING_FIELDS, Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, evaluate,
     sae_from_payload, write_json,
 )
+from recurrent_lens.states.cells import Cell, parse_cells, sample_positions, seeded_generator
 from recurrent_lens.states.files import (
     DirectoryLock, DirectoryLockedError, atomic_write, check_writable, remove_stale_temporaries,
 )
+from recurrent_lens.states.harvest import harvest_cells
 
 __all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync", "CollectiveError", "collective"]
 
@@ -352,9 +353,9 @@ class MultiCellTrainer:
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel` (``None`` when ``data`` is a state store).
-        cells: ``(hook_name, head)`` pairs or :class:`~recurrent_lens.sae.cells.Cell` s.
+        cells: ``(hook_name, head)`` pairs or :class:`~recurrent_lens.states.cells.Cell` s.
         data: a ``[n_seq, ctx]`` token tensor, an iterable of ``[ctx]`` token windows, or a
-            :class:`~recurrent_lens.sae.store.StateStore`.
+            :class:`~recurrent_lens.states.store.StateStore`.
         cfg: the settings shared by every cell (``batch_size`` is the global batch across ranks).
         out_dir: where SAEs, logs and checkpoints go; an existing checkpoint there is resumed.
         saes: ``{cell: SAE}`` to continue training instead of new ``cfg.architecture`` SAEs.

@@ -36,6 +36,7 @@ from transformer_lens.hook_points import HookPoint
 
 from recurrent_lens.sae import attach
 from recurrent_lens.sae.base import SAE
+from recurrent_lens.states.cells import as_index
 
 __all__ = ["HookedSAEMethods", "SAELensHookPoint", "add_sae", "reset_saes", "saes", "run_with_saes",
            "run_with_cache_with_saes"]
@@ -151,7 +152,7 @@ def add_sae(model: nn.Module, sae: nn.Module, hook_name: str | None = None, head
                          "vectors: use a residual, mixer_out or per-head vector hook (hook_read), or our SAEs here")
     if head is not None:
         heads = _head_count(model, name)
-        if heads is None or isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
+        if heads is None or as_index(head, heads) is None:
             raise ValueError(f"head: {name!r} has " + (f"heads [0, {heads})" if heads else "no head axis")
                              + f", got {head!r}")
     wrapper = SAELensHookPoint(hp, sae, head, sae.use_error_term if use_error_term is None else use_error_term)

@@ -49,6 +49,7 @@ from recurrent_lens.sae import wandb_log
 from recurrent_lens.sae.base import SAE, SAEPass
 from recurrent_lens.sae.config import SAEConfig
 from recurrent_lens.sae.registry import SAE_REGISTRY
+from recurrent_lens.states.cells import Cell, check_head, parse_cell
 from recurrent_lens.states.files import DirectoryLock, atomic_write, check_writable, remove_stale_temporaries
 
 __all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate", "update_dead_counters"]
@@ -435,17 +436,14 @@ def check_tokens(model: nn.Module, tokens: Any) -> torch.Tensor:
     return tokens
 
 
-def check_cell(model: nn.Module, hook_name: str, head: Any) -> None:
-    """Refuse a hook that holds no per-step matrices, or a head out of range, before any work starts."""
+def check_cell(model: nn.Module, hook_name: str, head: Any) -> Cell:
+    """The cell ``(hook_name, head)``, refusing a hook that holds no per-step matrices, or a head out of
+    range, before any work starts (a model without ``matrix_site`` only needs the hook to exist)."""
     if hasattr(model, "matrix_site"):
-        model.matrix_site(hook_name)
-        n_heads = model.cfg.n_heads
-    else:
-        if hook_name not in getattr(model, "hook_dict", {}):
-            raise ValueError(f"hook_name: {hook_name!r} is not a hook point of the model")
-        n_heads = None
-    if isinstance(head, bool) or not isinstance(head, int) or head < 0 or (n_heads is not None and head >= n_heads):
-        raise ValueError(f"head: expected an int in [0, {n_heads if n_heads is not None else 'n_heads'}), got {head!r}")
+        return parse_cell(model, hook_name, head)
+    if hook_name not in getattr(model, "hook_dict", {}):
+        raise ValueError(f"hook_name: {hook_name!r} is not a hook point of the model")
+    return Cell(hook_name, check_head(head, None))
 
 
 class SAETrainer:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 __all__ = [
     "SafetensorsFormatError", "SafetensorsEntry", "SAFETENSORS_DTYPES", "read_safetensors_header",
-    "read_safetensors", "require_finite", "atomic_write", "check_writable", "remove_stale_temporaries",
+    "read_safetensors_metadata", "read_safetensors", "require_finite", "atomic_write", "check_writable", "remove_stale_temporaries",
     "DirectoryLock", "DirectoryLockedError", "LOCK_NAME",
 ]
 
@@ -104,6 +104,26 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, Saf
         >>> entries["w"]
         SafetensorsEntry(dtype=torch.float32, shape=(2, 3), begin=12, end=36)
     """
+    start, entries, _ = _read_header(path)
+    return start, entries
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` strings of safetensors file ``path`` (``{}`` if it has none), read only after its
+    header has been validated as :func:`read_safetensors_header` does.
+
+    Example:
+        >>> import tempfile
+        >>> from safetensors.torch import save_file
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save_file({"w": torch.zeros(2)}, f"{d}/w.safetensors", metadata={"steps": "7"})
+        ...     read_safetensors_metadata(f"{d}/w.safetensors")
+        {'steps': '7'}
+    """
+    return _read_header(path)[2]
+
+
+def _read_header(path: str | os.PathLike) -> tuple[int, dict[str, SafetensorsEntry], dict[str, str]]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -124,10 +144,10 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, Saf
                                          f"({e})") from e
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{path}: header: expected a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+    strings = header.pop("__metadata__", None)
+    if strings is not None and not (isinstance(strings, dict) and all(isinstance(v, str) for v in strings.values())):
         raise SafetensorsFormatError(f"{path}: header field '__metadata__': expected an object of strings, "
-                                     f"got {metadata!r}")
+                                     f"got {strings!r}")
     data_size = size - 8 - n
     entries = {}
     for key, e in header.items():
@@ -171,7 +191,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, Saf
     if pos != data_size:
         raise SafetensorsFormatError(f"{path}: {data_size - pos} bytes after the last tensor belong to no tensor "
                                      "(a corrupt header or a file with trailing data)")
-    return 8 + n, entries
+    return 8 + n, entries, dict(strings or {})
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, Shaped[Tensor, "..."]]:

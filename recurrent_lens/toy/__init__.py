@@ -30,11 +30,10 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from recurrent_lens.models.base import HookedRecurrentModel
-from recurrent_lens.states.files import atomic_write, read_safetensors
+from recurrent_lens.states.files import atomic_write, read_safetensors, read_safetensors_metadata
 from recurrent_lens.sae.io import load as load_sae_dir
 from recurrent_lens.toy.task import BOS, SEP, ToyTask, accuracy
 from recurrent_lens.toy.train import (
@@ -102,8 +101,7 @@ def _read(path: Path, spec: ToySpec) -> HookedRecurrentModel | None:
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = read_safetensors_metadata(path)
         if meta.get("fingerprint") != spec.fingerprint():
             return None
         state = read_safetensors(path)
@@ -209,8 +207,7 @@ def build_embedded(names_: list[str] | None = None, *, progress: bool = True) ->
 
 def embedded_info(name: str) -> dict[str, str]:
     """The training record (recall, seconds, steps, fingerprint) stored with the embedded weights."""
-    with safe_open(str(EMBEDDED_DIR / f"{_spec(name).name}.safetensors"), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_safetensors_metadata(EMBEDDED_DIR / f"{_spec(name).name}.safetensors")
 
 
 def _main() -> None:

@@ -3,40 +3,20 @@ model's cached states, and against forwards with a write deleted through ``hook_
 
 import pytest
 import torch
-from tests.support.helpers import ARCHS, tiny_model
+from tests.support.helpers import ARCHS, SAE_KINDS, make_sae, tiny_model
 
 from recurrent_lens.analysis import feature_attribution
-from recurrent_lens.sae import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
+from recurrent_lens.sae import WriteSAE
 
 T = 29
 POSITIONS = torch.tensor([[0, 8, 17, T - 1], [12, 5, 5, 28]])
 FEATURES = [7, 0, 31, 12]
-
-KINDS = {  # every kind, with biases, a mean and Gated's scale away from their neutral init
-    "write": lambda d_k, d_v, meta: WriteSAE(d_k, d_v, 32, k=4, metadata=meta),
-    "flat_gated": lambda d_k, d_v, meta: FlatSAE(d_k, d_v, 32, sparsity="gated", metadata=meta),
-    "matrix_jumprelu": lambda d_k, d_v, meta: MatrixSAE(d_k, d_v, 32, sparsity="jumprelu", metadata=meta),
-    "bilinear": lambda d_k, d_v, meta: BilinearSAE(d_k, d_v, 32, k=4, metadata=meta),
-}
-
 
 @pytest.fixture(params=sorted(ARCHS), scope="module")
 def model(request):
     m = tiny_model(request.param)
     m.cfg.chunk_size = 8
     return m
-
-
-def make_sae(model, kind, hook="hook_state", head=1, seed=0):
-    layer = model.cfg.recurrent_layers[-1]
-    torch.manual_seed(seed)
-    sae = KINDS[kind](model.cfg.d_k, model.cfg.d_v, {"hook_name": f"blocks.{layer}.mixer.{hook}", "head": head})
-    with torch.no_grad():
-        sae.mean.normal_()
-        for name in ("b_enc", "b_mag", "r_mag"):
-            if hasattr(sae, name):
-                getattr(sae, name).normal_(0, 0.3)
-    return sae
 
 
 def tokens_for(model, seed=0):
@@ -63,7 +43,7 @@ def assert_rel(got, want, scale):
 
 
 @pytest.mark.parametrize("hook", ["hook_state", "hook_write"])
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(SAE_KINDS))
 def test_terms_sum_to_the_sae_pre_activation(model, kind, hook):
     tokens = tokens_for(model)
     sae = make_sae(model, kind, hook)
@@ -131,7 +111,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"hook_name: expected 'blocks.\{layer\}.mixer.hook_state'"):
         feature_attribution(model, sae, tokens, [3])
     sae.cfg.metadata.update(hook_name="blocks.1.mixer.hook_state", head=9)
-    with pytest.raises(ValueError, match=r"metadata\['head'\]: expected a head index in \[0, 4\), got 9"):
+    with pytest.raises(ValueError, match=r"metadata\['head'\]: expected an int in \[0, 4\) for .*hook_state, got 9"):
         feature_attribution(model, sae, tokens, [3])
     sae.cfg.metadata.update(head=0)
     with pytest.raises(ValueError, match=r"features: expected indices in \[0, 32\), got min 0 and max 32"):

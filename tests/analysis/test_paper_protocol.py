@@ -18,9 +18,11 @@ from tests.analysis.test_analysis import _hook_edit_logits, _linear_model, _sae,
 
 from recurrent_lens import analysis, toy
 from recurrent_lens.analysis import PRESET, preset, preset_table
-from recurrent_lens.analysis._common import kl_divergence, native_run, parse_site
+from recurrent_lens.analysis._common import kl_divergence, native_run
 from recurrent_lens.analysis.results import LogitShiftResult
 from recurrent_lens.cli import build_parser, main
+from recurrent_lens.cli.args import resolve_args
+from recurrent_lens.states.cells import parse_cell
 
 HOOK = "blocks.1.mixer.hook_state"
 
@@ -123,6 +125,24 @@ def test_explicit_options_win_over_the_preset():
     assert repr(PRESET) == "PRESET"
 
 
+def test_an_options_dataclass_replaces_the_preset_and_keywords_still_win():
+    model = tiny_gdn(0)
+    tokens = _tokens(model, B=3, T=10)
+    sae = _sae(model, n=8, k=2)
+    options = analysis.SubstitutionOptions(replace="write", max_firings_per_atom=5)
+    res = analysis.substitution_test(model, sae, HOOK, 0, tokens, options=options, scale="match_norm")
+    assert (res.settings.replace, res.settings.scale, res.settings.max_firings_per_atom) == ("write", "match_norm", 5)
+    assert res.settings.overrides == ("replace", "scale", "max_firings_per_atom")
+    same = analysis.substitution_test(model, sae, HOOK, 0, tokens, replace="write", scale="match_norm",
+                                      max_firings_per_atom=5)
+    pd.testing.assert_frame_equal(same.to_pandas(), res.to_pandas())
+    with pytest.raises((ValueError, TypeError), match="options"):  # TypeError: the type checker of the tests
+        analysis.substitution_test(model, sae, HOOK, 0, tokens, options=analysis.PartitionOptions())
+    with pytest.raises((ValueError, TypeError), match="replace"):
+        analysis.SubstitutionOptions(replace="erase")
+    assert analysis.presets("partition")["paper"].max_firings_per_atom is None
+
+
 def test_paper_substitution_against_hook_reference_at_the_last_position():
     """write removed, atom at ‖write‖_F, read at the last position: checked by editing S_t through the hook."""
     model = tiny_gdn(0)
@@ -130,7 +150,7 @@ def test_paper_substitution_against_hook_reference_at_the_last_position():
     sae = _sae(model, n=8, k=2)
     res = analysis.substitution_test(model, sae, HOOK, 0, tokens, protocol="paper", max_firings_per_atom=None)
     rows = res.to_pandas()
-    site = parse_site(model, HOOK, 0)
+    site = parse_cell(model, HOOK, 0, kinds=("state",))
     native = native_run(model, tokens, site)
     codes = sae.encode(native["state"]).detach()
     atoms = sae.decoder_atoms().detach()
@@ -152,7 +172,7 @@ def test_features_and_the_feature_atom():
     model = tiny_gdn(0)
     tokens = _tokens(model, B=4, T=10)
     sae = _sae(model, n=8, k=3)
-    codes = sae.encode(native_run(model, tokens, parse_site(model, HOOK, 0))["state"]).detach()
+    codes = sae.encode(native_run(model, tokens, parse_cell(model, HOOK, 0, kinds=("state",)))["state"]).detach()
     feats = [int(i) for i in (codes[:, :-1] != 0).flatten(0, 1).sum(0).argsort(descending=True)[:2]]
     own = analysis.substitution_test(model, sae, HOOK, 0, tokens, atom="feature", features=feats,
                                      max_firings_per_atom=None).to_pandas()
@@ -289,7 +309,7 @@ def test_partition_top50_statistic_against_hand_computed_cosines():
     sae = _sae(model, n=8, k=3)
     res = analysis.partition_atoms(model, sae, HOOK, 0, tokens, statistic="mean_abs_cos_top50")
     table = res.to_pandas().set_index("atom")
-    native = native_run(model, tokens, parse_site(model, HOOK, 0))
+    native = native_run(model, tokens, parse_cell(model, HOOK, 0, kinds=("state",)))
     codes = sae.encode(native["state"]).detach()
     k_hat = native["k"] / native["k"].norm(dim=-1, keepdim=True)
     delta = torch.einsum("btkv,btk->btv", native["update"], k_hat)  # U = k̂ δᵀ for the delta rule
@@ -306,8 +326,10 @@ def test_partition_top50_statistic_against_hand_computed_cosines():
 
 
 def test_cli_protocol_defaults_and_explicit_flags():
-    from recurrent_lens.cli import _resolve_protocol_args
+    from recurrent_lens.cli import logit_shift, partition, substitution
 
+    resolvers = {"substitution": substitution.resolve, "logit-shift": lambda a: resolve_args(a, "logit_shift"),
+                 "partition": lambda a: resolve_args(a, "partition")}
     parser = build_parser()
     for argv, expected in (
         (["substitution", "--sae", "x"], dict(replace="update", atom="rising", positions="values", readout="offset")),
@@ -323,7 +345,7 @@ def test_cli_protocol_defaults_and_explicit_flags():
         (["partition", "--sae", "x", "--protocol", "paper", "--tau", "0.1"], dict(tau=0.1)),
     ):
         args = parser.parse_args(argv)
-        _resolve_protocol_args(args)
+        resolvers[argv[0]](args)
         for k, v in expected.items():
             assert getattr(args, k) == v, (argv, k)
 
@@ -341,7 +363,7 @@ def test_reproduce_on_the_toy(protocol, tmp_path, capsys):
 def test_reproduce_on_a_tiny_checkpoint(tmp_path, capsys):
     from tests.support.helpers import tiny_qwen3_5
     from tests.support.helpers import word_tokenizer
-    from tests.test_cli_real import WORDS
+    from tests.cli.test_cli_real import WORDS
 
     ckpt = tmp_path / "qwen"
     tiny_qwen3_5(seed=0).save_pretrained(ckpt)

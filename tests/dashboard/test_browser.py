@@ -138,7 +138,7 @@ def test_feature_view_shows_top_context_with_the_firing_token(site, browser):
 @pytest.mark.skipif(os.environ.get("RECURRENT_LENS_SCREENSHOT") != "1", reason="RECURRENT_LENS_SCREENSHOT=1 "
                     "refreshes docs/images/dashboard.png")
 def test_readme_screenshot(browser, tmp_path):
-    """The README's picture: feature 70 of the shipped SAE over the Macbeth excerpt, as the command in
+    """The README's picture: feature 918 of the shipped SAE over the Macbeth excerpt, as the command in
     docs/dashboard.md builds it (the features described there come from that dashboard)."""
     from PIL import Image
 
@@ -149,10 +149,10 @@ def test_readme_screenshot(browser, tmp_path):
     model = HookedRecurrentModel.from_pretrained("shakespeare-gdn")
     sae = load("shakespeare-gdn/blocks.1.mixer.hook_state.h0")
     build_dashboard(model, sae, str(PRETRAINED_DIR / "excerpts" / "macbeth.txt"), out_dir=tmp_path / "site",
-                    features=[70], context_length=256, progress=False)
-    page, errors = _open(browser, (tmp_path / "site" / "features" / "feature_70.html").as_uri())
+                    features=[918], context_length=256, sample_by="document", progress=False)
+    page, errors = _open(browser, (tmp_path / "site" / "features" / "feature_918.html").as_uri())
     assert page.locator(".rl-example").count() > 0 and errors == []
-    page.set_viewport_size({"width": 1200, "height": 760})
+    page.set_viewport_size({"width": 1400, "height": 820})
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
     page.close()

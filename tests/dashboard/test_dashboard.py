@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig, toy
-from recurrent_lens.analysis._common import Site
 from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
 from recurrent_lens.analysis.results import SubstitutionResult
 from recurrent_lens.dashboard import Dashboard, build_dashboard
 from recurrent_lens.sae import FlatSAE, WriteSAE
+from recurrent_lens.states.cells import Cell
 
 HOOK, HEAD = "blocks.1.mixer.hook_state", 0
 
@@ -162,7 +162,7 @@ def test_promoted_tokens_follow_the_head_output_and_unembedding():
     sae = FlatSAE(6, 4, 5, k=2, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
     d = build_dashboard(model, sae, tokens, progress=False)
     assert not any(hp._forward_hooks for hp in model.hook_dict.values())  # the early stop leaves no hook behind
-    J = output_jacobian(model, tokens, Site(0, 1)).mean((0, 1))
+    J = output_jacobian(model, tokens, Cell("blocks.0.mixer.hook_state", 1)).mean((0, 1))
     atoms = sae.decoder_atoms().detach()
     for i in range(5):
         U, S, Vh = torch.linalg.svd(atoms[i])

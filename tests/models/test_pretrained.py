@@ -98,15 +98,13 @@ def test_tokenizer_round_trip_and_conventions(models, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_losses_on_the_shipped_excerpts(models, name):
-    """Held-out play: at most 0.75 x the excerpt's unigram entropy, the goal. Milton (never trained on): the
-    goal of 0.85 x is met on the whole Milton set (see the model cards: 0.81 and 0.84), not on the 16k-token
-    excerpt of *Paradise Lost* (0.85 and 0.89), whose own unigram entropy is lower than the whole set's
-    (6.08 vs 6.31 nats) because a short sample lacks most rare tokens; it is held to 0.9 x."""
+    """The goals, on the shipped excerpts: the held-out play at most 0.75 x its unigram entropy, Milton (never
+    trained on; the opening of each of his four works) at most 0.85 x."""
     plays = text_loss(models[name], excerpt("plays"))
     milton = text_loss(models[name], excerpt("milton"))
     assert plays.n_tokens > 10_000 and milton.n_tokens > 10_000
     assert plays.loss <= 0.75 * plays.unigram
-    assert milton.loss <= 0.9 * milton.unigram
+    assert milton.loss <= 0.85 * milton.unigram
 
 
 def test_logits_match_transformers_on_the_shipped_weights(models):
@@ -141,7 +139,7 @@ def test_shipped_sae_loads_by_name_and_reconstructs_held_out_states(models, no_h
     with torch.no_grad():
         recon = sae.autoencode(states).reconstruction
     explained = 1 - (states - recon).pow(2).sum() / (states - states.mean(0)).pow(2).sum()
-    assert explained > 0.4  # 0.43 on this excerpt of a play the model never saw; 0.47 on the CLI's held-out states
+    assert explained > 0.45  # 0.505 on this excerpt of a play the model never saw; 0.536 on the CLI's held-out states
 
 
 def test_unknown_sae_name_lists_the_shipped_ones():

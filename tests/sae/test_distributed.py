@@ -11,7 +11,7 @@ import torch
 from tests.support.helpers import tiny_gdn
 from recurrent_lens.cli import main
 from recurrent_lens.sae import load
-from recurrent_lens.sae.store import harvest_to_store
+from recurrent_lens.states.store import harvest_to_store
 from recurrent_lens.states.files import DirectoryLock
 
 CELLS = [("blocks.0.mixer.hook_state", 1), ("blocks.1.mixer.hook_write", 3)]

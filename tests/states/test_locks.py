@@ -17,7 +17,7 @@ from tests.support.helpers import tiny_gdn
 from recurrent_lens.cli import main
 from recurrent_lens.sae import SAETrainer, TrainConfig, load
 from recurrent_lens.sae.multicell import MultiCellTrainer
-from recurrent_lens.sae.store import StateStore, harvest_to_store
+from recurrent_lens.states.store import StateStore, harvest_to_store
 from recurrent_lens.states.files import LOCK_NAME, DirectoryLock, DirectoryLockedError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def test_second_harvest_on_one_out_dir_fails_fast_and_the_first_completes(tmp_pa
     out, flags = tmp_path / "store", tmp_path / "flags"
     flags.mkdir()
     first = start(PAUSING_SOURCE + """
-    from recurrent_lens.sae.store import harvest_to_store
+    from recurrent_lens.states.store import harvest_to_store
     harvest_to_store(tiny_gdn(seed=0), [("blocks.0.mixer.hook_state", 1)], windows(6), out, positions_per_seq=2,
                      batch_size=2, shard_size=4, progress=False)
     """, out, flags)

@@ -7,6 +7,7 @@ import textwrap
 import torch
 
 from recurrent_lens import HookedRecurrentModel, ModelConfig
+from recurrent_lens.sae import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
 
 
 def perturb_(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
@@ -109,6 +110,29 @@ ARCHS = {
 def tiny_model(arch: str, seed: int = 0) -> HookedRecurrentModel:
     """A tiny perturbed model of any registered test architecture (used by the parametrised edit tests)."""
     return ARCHS[arch](seed)
+
+
+SAE_KINDS = {  # every kind, with biases, a mean and Gated's scale away from their neutral init
+    "write": lambda d_k, d_v, meta: WriteSAE(d_k, d_v, 32, k=4, metadata=meta),
+    "flat_gated": lambda d_k, d_v, meta: FlatSAE(d_k, d_v, 32, sparsity="gated", metadata=meta),
+    "matrix_jumprelu": lambda d_k, d_v, meta: MatrixSAE(d_k, d_v, 32, sparsity="jumprelu", metadata=meta),
+    "bilinear": lambda d_k, d_v, meta: BilinearSAE(d_k, d_v, 32, k=4, metadata=meta),
+}
+
+
+def make_sae(model, kind, hook="hook_state", head=1, seed=0):
+    """A random SAE of ``kind`` on ``head`` of the last recurrent layer's ``hook``, its biases, mean and Gated's
+    scale away from their neutral init (so that every term of an attribution is exercised)."""
+    layer = model.cfg.recurrent_layers[-1]
+    torch.manual_seed(seed)
+    sae = SAE_KINDS[kind](model.cfg.d_k, model.cfg.d_v, {"hook_name": f"blocks.{layer}.mixer.{hook}", "head": head})
+    with torch.no_grad():
+        sae.mean.normal_()
+        for name in ("b_enc", "b_mag", "r_mag"):
+            if hasattr(sae, name):
+                getattr(sae, name).normal_(0, 0.3)
+    return sae
+
 
 
 # Run in a fresh process: prints the loaded weights' bytes and the peak resident memory added by from_pretrained.

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-import recurrent_lens.sae.store as store_mod
+import recurrent_lens.states.store as store_mod
 from tests.support.helpers import tiny_gdn
 from tests.support.threads import run_in_threads
 from recurrent_lens.data import open_tokens
 from recurrent_lens.sae import TrainConfig
-from recurrent_lens.sae.cells import Cell, sample_positions
+from recurrent_lens.states.cells import Cell, sample_positions
 from recurrent_lens.sae.multicell import MultiCellTrainer
-from recurrent_lens.sae.store import StateStore, harvest_to_store
+from recurrent_lens.states.store import StateStore, harvest_to_store
 
 CELLS = [Cell("blocks.0.mixer.hook_state", 1), Cell("blocks.1.mixer.hook_write", 3)]
 KW = dict(positions_per_seq=3, skip_positions=1, batch_size=2, shard_size=10, seed=5, progress=False)

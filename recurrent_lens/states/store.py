@@ -44,7 +44,7 @@ head ``H``; their provenance is unknown.
 Example:
     >>> import tempfile, torch
     >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-    >>> from recurrent_lens.sae.store import StateStore, harvest_to_store
+    >>> from recurrent_lens.states.store import StateStore, harvest_to_store
     >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=2,
     ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
     >>> tokens = torch.randint(0, 20, (6, 12))
@@ -82,7 +82,8 @@ from recurrent_lens.integrity import (
     NonFiniteError, check_same, first_nonfinite, path_digest, refuse_unchecked, sequence_chain, source_fingerprint,
     weights_fingerprint,
 )
-from recurrent_lens.sae.cells import Cell, harvest_cells, parse_cells, sample_positions, seeded_generator
+from recurrent_lens.states.cells import Cell, parse_cells, sample_positions, seeded_generator
+from recurrent_lens.states.harvest import harvest_cells
 from recurrent_lens.states.files import (
     LOCK_NAME, SAFETENSORS_DTYPES, DirectoryLock, SafetensorsFormatError, atomic_write, read_safetensors_header,
 )
@@ -109,7 +110,7 @@ def harvest_to_store(model, cells: Iterable[Cell | tuple[str, int]],
                      model_name: str | None = None) -> StateStore:
     """Harvest ``cells`` of ``model`` over ``tokens`` into a resumable store at ``out_dir``.
 
-    Batches of ``batch_size`` sequences go through one :func:`~recurrent_lens.sae.cells.harvest_cells` pass
+    Batches of ``batch_size`` sequences go through one :func:`~recurrent_lens.states.cells.harvest_cells` pass
     each (under ``torch.no_grad``); sequence ``i`` of the source contributes its states at
     ``sample_positions([i], ctx, positions_per_seq, skip=skip_positions, seed=seed)``. Once ``shard_size``
     states per cell have accumulated (checked at batch boundaries, so a shard holds between ``shard_size``
@@ -248,8 +249,7 @@ def _check_finite(cell: Cell, stored: Tensor, harvested: Tensor, seq_index: Tens
     if row is None:
         return
     i, j = divmod(row, positions.shape[1])
-    layer = re.match(r"blocks\.(\d+)\.", cell.hook_name)
-    where = f"layer {layer.group(1)} ({cell.hook_name})" if layer else cell.hook_name
+    where = f"layer {cell.layer} ({cell.hook_name})"
     why = ("" if first_nonfinite(harvested[row : row + 1]) is not None else
            f" (finite as harvested, max |value| {float(harvested[row].abs().max()):.3g}, but it overflows {dtype})")
     raise NonFiniteError(f"{where}, head {cell.head}: non-finite state at sequence {int(seq_index[i])}, position "
@@ -492,7 +492,7 @@ class StateStore:
 
     Example:
         >>> import os, tempfile, numpy as np, torch
-        >>> from recurrent_lens.sae.store import StateStore
+        >>> from recurrent_lens.states.store import StateStore
         >>> with tempfile.TemporaryDirectory() as d:
         ...     os.makedirs(os.path.join(d, "layer_3"))
         ...     np.save(os.path.join(d, "layer_3", "head_1.npy"), np.ones((5, 4, 2), dtype=np.float16))
@@ -575,7 +575,7 @@ class StateStore:
         self._shards = {}
         dims: tuple[int, int] | None = None
         dtypes = set()
-        for cell in sorted(found, key=lambda c: (int(c.hook_name.split(".")[1]), c.head)):
+        for cell in sorted(found, key=lambda c: (c.layer, c.head)):
             file = found[cell]
             try:
                 arr = np.load(file, mmap_mode="r")

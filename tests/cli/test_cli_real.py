@@ -293,7 +293,7 @@ def test_batch_larger_than_the_buffer_or_the_store_names_both_numbers(checkpoint
 def test_a_full_disk_mid_harvest_ends_with_the_file_named(checkpoint, tmp_path, capsys, monkeypatch):
     import errno
 
-    import recurrent_lens.sae.store as store_mod
+    import recurrent_lens.states.store as store_mod
 
     def no_space(tensors, path, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -166,7 +166,7 @@ def test_bad_requests_are_refused():
         model.harvest(tokens, [0], [("blocks.0.mixer.hook_read", 0)])
     with pytest.raises(ValueError, match="not a recurrent layer"):
         model.harvest(tokens, [0], [("blocks.1.mixer.hook_state", 0)])
-    with pytest.raises(ValueError, match="head index"):
+    with pytest.raises(ValueError, match=r"head: expected an int in \[0, 4\)"):
         model.harvest(tokens, [0], [("blocks.0.mixer.hook_state", True)])
     model.blocks[0].mixer.hook_state.add_hook(lambda x, hook: x)
     try:
