@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import recurrent_lens
-from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, load
+from recurrent_lens.sae import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, load
 from recurrent_lens.sae import parts, sparsities
 from recurrent_lens.sae.sparsities.topk import topk
 from recurrent_lens.sae.training import Learner, TrainConfig, evaluate
