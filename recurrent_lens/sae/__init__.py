@@ -17,7 +17,8 @@ from recurrent_lens.sae.attach import add_sae, reset_saes, saes
 from recurrent_lens.sae.base import SAE, SAE_REGISTRY, SAEConfig, SAEOutput, register_sae_class
 from recurrent_lens.sae.io import from_reference_checkpoint, load
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
-from recurrent_lens.sae.training import SAETrainer, TrainConfig, TrainLog, train
+from recurrent_lens.sae.multicell import SAETrainer, train
+from recurrent_lens.sae.training import TrainConfig, TrainLog
 
 __all__ = [
     "SAE",
