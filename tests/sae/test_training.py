@@ -77,8 +77,8 @@ def test_resampling_clears_adam_moments(model, tokens):
     sae = trainer.sae
     sae.steps_since_active.fill_(0)
     sae.steps_since_active[[3, 7]] = 100
-    idx = sae.resample_dead_features(trainer.stream.next_batch())
-    trainer._clear_moments(idx)
+    idx = sae.resample_dead_features(trainer.feed.next()[trainer.cell])
+    trainer.learner.clear_moments(idx)
     for p in sae.feature_parameters().values():
         state = trainer.optimizer.state[p]
         assert state["exp_avg"][[3, 7]].abs().max() == 0 and state["exp_avg_sq"][[3, 7]].abs().max() == 0
@@ -122,7 +122,10 @@ def test_checkpoint_dir_that_does_not_exist_yet_gets_the_final_checkpoint_and_lo
     (tmp_path / "new").mkdir()
     sae, log = train(model, HOOK, 0, tokens, small_cfg(n_steps=3, checkpoint_dir=str(target)))
     assert sae.cfg.metadata["train_steps"] == 3
-    assert sorted(p.name for p in target.iterdir()) == ["checkpoint.pt", "train_log.json"]
+    cell = f"{HOOK}.h0"
+    assert sorted(p.name for p in target.iterdir()) == [cell, "checkpoint.json"]
+    assert sorted(p.name for p in (target / cell).iterdir()) == ["cfg.json", "checkpoint-00000003.pt",
+                                                                  "sae_weights.safetensors", "train_log.json"]
     assert SAETrainer.from_checkpoint(model, tokens, str(target)).step == 3
 
 
@@ -163,7 +166,7 @@ def test_bad_tokens_refused_up_front(model, tokens):
 
 def test_from_checkpoint_refuses_other_tokens_or_model(model, tokens, tmp_path):
     SAETrainer(model, HOOK, 0, tokens, small_cfg(checkpoint_dir=str(tmp_path))).train(until_step=2)
-    with pytest.raises(ValueError, match="other tokens"):
+    with pytest.raises(ValueError, match="made from other data"):
         SAETrainer.from_checkpoint(model, tokens.flip(0), str(tmp_path))
     with pytest.raises(ValueError, match="states"):
         SAETrainer.from_checkpoint(tiny_gdn(seed=0, d_k=4), tokens, str(tmp_path))
@@ -178,7 +181,8 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(model, tok
     trainer = SAETrainer(model, HOOK, 0, tokens, cfg)
     with pytest.raises(NonFiniteError, match=rf"{HOOK}.h0: training diverged: non-finite \w+ at step \d+"):
         trainer.train()
-    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    step = json.loads((tmp_path / "checkpoint.json").read_text())["step"]
+    kept = torch.load(tmp_path / f"{HOOK}.h0" / f"checkpoint-{step:08d}.pt", weights_only=True)
     assert kept["step"] < trainer.step
     assert all(torch.isfinite(t).all() for t in kept["sae_state"].values() if t.is_floating_point())
     assert not (tmp_path / "train_log.json").exists()
@@ -186,5 +190,5 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(model, tok
     with torch.no_grad():
         broken.blocks[0].ln1.weight[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"training diverged: non-finite (training states|weights) at step 0.*"
-                                             r"sequence \d+ of the training tokens, position \d+"):
+                                             r"sequence \d+, position \d+"):
         train(broken, HOOK, 0, tokens, small_cfg())

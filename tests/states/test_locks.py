@@ -16,7 +16,7 @@ import torch
 from tests.support.helpers import tiny_gdn
 from recurrent_lens.cli import main
 from recurrent_lens.sae import SAETrainer, TrainConfig, load
-from recurrent_lens.sae.multicell import MultiCellTrainer
+from recurrent_lens.sae.trainer import MultiCellTrainer
 from recurrent_lens.states.store import StateStore, harvest_to_store
 from recurrent_lens.states.files import LOCK_NAME, DirectoryLock, DirectoryLockedError
 
@@ -91,7 +91,7 @@ def test_second_multicell_trainer_on_one_out_dir_fails_and_the_first_result_is_i
     flags.mkdir()
     first = start(PAUSING_SOURCE + """
     from recurrent_lens.sae import TrainConfig
-    from recurrent_lens.sae.multicell import train_cells
+    from recurrent_lens.sae.trainer import train_cells
     cfg = TrainConfig(n_steps=3, batch_size=8, n_features=16, k=2, buffer_size=8, model_batch_size=2,
                       positions_per_seq=2, progress=False)
     train_cells(tiny_gdn(seed=0), [("blocks.0.mixer.hook_state", 1)], windows(10**6), cfg, out_dir=out)

@@ -11,7 +11,7 @@ from tests.support.helpers import tiny_gdn
 from recurrent_lens.data import open_tokens
 from recurrent_lens.sae import TrainConfig, load
 from recurrent_lens.states.cells import Cell
-from recurrent_lens.sae.multicell import MultiCellTrainer, train_cells
+from recurrent_lens.sae.trainer import MultiCellTrainer, train_cells
 
 A, B = Cell("blocks.0.mixer.hook_state", 1), Cell("blocks.1.mixer.hook_write", 2)
 
