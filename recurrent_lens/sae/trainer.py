@@ -166,9 +166,9 @@ class MultiCellTrainer:
         self._lock = DirectoryLock(out_dir, "out_dir") if out_dir is not None and self.rank == 0 else None
         self._locked = False
         if out_dir is not None:
-            check_writable(out_dir)
+            check_writable(out_dir, "out_dir")
             for cell in self.cells:
-                check_writable(os.path.join(out_dir, cell.name))
+                check_writable(os.path.join(out_dir, cell.name), "out_dir")
             self._lock_out_dir()
         try:  # a refusal below must not leave the directory locked
             if out_dir is not None:
@@ -184,6 +184,9 @@ class MultiCellTrainer:
             if store is None:
                 if isinstance(data, Tensor) or not isinstance(data, Iterable):
                     data = check_tokens(model, data)
+                    if data.shape[1] - cfg.skip_positions < 1:
+                        raise ValueError(f"TrainConfig.skip_positions: sequences of length {data.shape[1]} leave no "
+                                         f"position after skip_positions={cfg.skip_positions}")
                 elif isinstance(data, TokenSource):
                     data.check(d_vocab=model.cfg.d_vocab)
             if cfg.val_sequences:

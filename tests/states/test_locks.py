@@ -115,14 +115,14 @@ def test_second_multicell_trainer_on_one_out_dir_fails_and_the_first_result_is_i
 
 def test_trainers_hold_the_lock_until_train_returns(tmp_path):
     model, tokens = tiny_gdn(seed=0), torch.randint(0, 61, (8, 10))
-    cfg = TrainConfig(n_steps=2, batch_size=8, n_features=16, k=2, buffer_size=16, progress=False,
-                      checkpoint_dir=str(tmp_path / "one"))
-    trainer = SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg)
-    with pytest.raises(DirectoryLockedError, match=f"TrainConfig.checkpoint_dir: .* pid {os.getpid()}"):
-        SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg)
+    cfg = TrainConfig(n_steps=2, batch_size=8, n_features=16, k=2, buffer_size=16, progress=False)
+    one = str(tmp_path / "one")
+    trainer = SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg, out_dir=one)
+    with pytest.raises(DirectoryLockedError, match=f"out_dir: .* pid {os.getpid()}"):
+        SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg, out_dir=one)
     trainer.train()
     assert not (tmp_path / "one" / LOCK_NAME).exists()
-    SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg).train()  # free again
+    SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg, out_dir=one).train()  # free again
 
     multi = MultiCellTrainer(model, CELLS, tokens, cfg, out_dir=str(tmp_path / "many"))
     with pytest.raises(DirectoryLockedError, match="out_dir: .* is in use by another run"):
