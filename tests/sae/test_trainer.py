@@ -110,6 +110,28 @@ def test_bad_input_is_refused_before_any_work(model, tokens, tmp_path):
         MultiCellTrainer(model, [A], tokens, cfg(), distributed="data")
 
 
+def test_how_to_draw_and_what_to_hold_out_are_checked_before_any_work(model, tokens):
+    windows = list(tokens)
+    with pytest.raises(ValueError, match="draw: 'generator' reads a token tensor in one process"):
+        MultiCellTrainer(model, [A], windows, cfg(), draw="generator")
+    with pytest.raises(ValueError, match="draw: expected 'per_sequence' or 'generator', got 'random'"):
+        MultiCellTrainer(model, [A], tokens, cfg(), draw="random")
+    with pytest.raises(ValueError, match="TrainConfig.val_sequences: holds out the last sequences of a token tensor"):
+        MultiCellTrainer(model, [A], windows, cfg(val_sequences=2))
+    with pytest.raises(ValueError, match="val_tokens: given together with TrainConfig.val_sequences=2"):
+        MultiCellTrainer(model, [A], tokens, cfg(val_sequences=2), val_tokens=tokens[:2])
+    with pytest.raises(ValueError, match="TrainConfig.val_sequences: expected fewer than the 24 sequences"):
+        MultiCellTrainer(model, [A], tokens, cfg(val_sequences=24))
+    with pytest.raises(ValueError, match="TrainConfig.skip_positions: sequences of length 20 leave no position"):
+        MultiCellTrainer(model, [A], tokens, cfg(skip_positions=20))
+
+
+def test_val_sequences_hold_out_the_last_sequences_as_val_tokens_does(model, tokens):
+    held = MultiCellTrainer(model, [A], tokens, cfg(val_sequences=4)).train()
+    given = MultiCellTrainer(model, [A], tokens[:20], cfg(), val_tokens=tokens[20:]).train()
+    assert same(held[A], given[A])
+
+
 def test_a_batch_larger_than_the_store_is_refused_before_any_work(tmp_path):
     from recurrent_lens.states.store import StateStore
 
@@ -419,6 +441,7 @@ def test_bad_tokens_refused_up_front(model, long_tokens):
 
 def test_from_checkpoint_refuses_other_tokens_or_model(model, long_tokens, tmp_path):
     SAETrainer(model, ONE_HOOK, 0, long_tokens, small_cfg(), out_dir=str(tmp_path)).train(until_step=2)
+    assert SAETrainer.from_checkpoint(model, long_tokens.int(), str(tmp_path)).step == 2  # the same ids as int32
     with pytest.raises(ValueError, match="made from other data"):
         SAETrainer.from_checkpoint(model, long_tokens.flip(0), str(tmp_path))
     with pytest.raises(ValueError, match="states"):
