@@ -474,9 +474,9 @@ def options_doc(kind: str, cls: type[Options] | None = None) -> str:
     else:
         intro = (f"Keyword arguments, declared by {name}; ``options=`` passes them all at once, and a keyword "
                  f"passed explicitly wins over it.")
-    lines = ["Options:", *textwrap.wrap(intro, 112, initial_indent=" " * 4, subsequent_indent=" " * 4)]
+    lines = ["Options:", *_wrap(intro, 4)]
     if cls.implied.__func__ is not Options.implied.__func__:
-        lines += textwrap.wrap(cls.implied.__doc__, 112, initial_indent=" " * 4, subsequent_indent=" " * 4)
+        lines += _wrap(cls.implied.__doc__, 4)
     paper, ours = preset_table(kind, "paper"), preset_table(kind, "ours")
     for f in fields(cls):
         allowed = choices(hints[f.name])
@@ -484,13 +484,21 @@ def options_doc(kind: str, cls: type[Options] | None = None) -> str:
         check = _CHECKS.get(f.metadata["check"])
         entry = f"{f.name} ({kind_of}{', ' + check if check else ''}): "
         if f.name in by_protocol:
-            entry += (f"*(protocol)* {_doc_help(f.metadata['help'], f.default)}. Ours ``{f.default!r}`` "
-                      f"({ours[f.name][1]}); paper ``{paper[f.name][0]!r}`` ({paper[f.name][1]}).")
+            entry += (f"*(protocol)* {_doc_help(f.metadata['help'], f.default)}. Ours ``{f.name}={f.default!r}`` "
+                      f"({ours[f.name][1]}); paper ``{f.name}={paper[f.name][0]!r}`` ({paper[f.name][1]}).")
         else:
-            entry += f"{_doc_help(f.metadata['help'], f.default)}. Default ``{f.default!r}``."
-        lines += textwrap.wrap(entry, 112, initial_indent=" " * 4, subsequent_indent=" " * 8,
-                               break_long_words=False, break_on_hyphens=False)
+            entry += f"{_doc_help(f.metadata['help'], f.default)}. Default ``{f.name}={f.default!r}``."
+        lines += _wrap(entry, 8)
     return "\n".join(lines)
+
+
+def _wrap(text: str, hanging: int) -> list[str]:
+    """``text`` in lines of at most 112 characters, indented by 4 and then by ``hanging``, never breaking inside
+    an inline literal (so that it can be searched for as written)."""
+    kept = re.sub(r"``.*?``", lambda m: m[0].replace(" ", "\0"), text)
+    lines = textwrap.wrap(kept, 112, initial_indent=" " * 4, subsequent_indent=" " * hanging,
+                          break_long_words=False, break_on_hyphens=False)
+    return [line.replace("\0", " ") for line in lines]
 
 
 def documented(kind: str, cls: type[Options] | None = None) -> Callable[[_Function], _Function]:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from recurrent_lens import analysis
-from recurrent_lens.analysis.protocols import _doc_help, options_doc, resolve
+from recurrent_lens.sae import WriteSAE
+from recurrent_lens.analysis.protocols import _doc_help, check_options, options_doc, resolve
 from tests.support.helpers import tiny_gdn
 
 DOCUMENTED = [(analysis.substitution_test, "substitution", analysis.SubstitutionOptions),
@@ -44,9 +45,9 @@ def test_the_options_section_is_generated_and_not_repeated_by_hand(function, kin
 def test_the_section_gives_each_protocol_option_its_values_and_sources():
     doc = _flat(options_doc("partition"))
     assert ("max_firings_per_atom (int | None, > 0): *(protocol)* cosines per atom for 'median_cos_gmm', a seeded "
-            "subsample. Ours ``200`` (this library: a seeded subsample of 200 firings per atom); paper ``None`` "
-            "(§3.1: the median over the atom's firings (no cap stated)).") in doc
-    assert "min_firings (int, > 0): atoms with fewer firings count as dead. Default ``1``." in doc
+            "subsample. Ours ``max_firings_per_atom=200`` (this library: a seeded subsample of 200 firings per atom); "
+            "paper ``max_firings_per_atom=None`` (§3.1: the median over the atom's firings (no cap stated)).") in doc
+    assert "min_firings (int, > 0): atoms with fewer firings count as dead. Default ``min_firings=1``." in doc
     substitution = _flat(options_doc("substitution"))
     assert "An explicit ``readout_offset`` asks for the offset readout" in substitution
     assert "with ``sae_type`` flat_sae and ``scale`` match_norm" in substitution  # the CLI's flags as keywords
@@ -96,3 +97,14 @@ def test_install_options_errors_name_the_argument(site):
     with pytest.raises(ValueError, match="^direction: expected a tensor with options.direction='given', got PRESET$"):
         analysis.install(model, HOOK, 0, tokens, positions=[3], target=5,
                          options=analysis.InstallOptions(direction="given"))
+
+
+def test_reproduce_takes_options_dataclasses_and_refuses_a_dict(site):
+    from recurrent_lens.analysis.reproduce import reproduce
+
+    model, tokens = site
+    # under the tests, beartype checks the annotation first; without it, check_options names the argument
+    with pytest.raises(TypeError, match=r"parameter 'logit_shift'(.|\n)*LogitShiftOptions"):
+        reproduce(model, WriteSAE(8, 8, 16, k=2), HOOK, 0, tokens, tokens[:, :5], logit_shift={"n_atoms": 2})
+    with pytest.raises(ValueError, match="^substitution: expected a SubstitutionOptions or None, got dict$"):
+        check_options("substitution", {"atom": "rising"}, analysis.SubstitutionOptions)
