@@ -102,12 +102,6 @@ def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, t
     deterministic.
 
     Args:
-        model: a :class:`~recurrent_lens.HookedRecurrentModel`.
-        sae: an SAE on ``[d_k, d_v]`` states of ``hook_name``/``head`` (only its encoder and decoder
-            atoms are used).
-        hook_name: ``blocks.{l}.mixer.hook_state``.
-        head: the head the SAE reads.
-        tokens: ``[batch, pos]`` sequences.
         progress: show a progress bar over the alive atoms.
         device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
             tensors stay there until the result table is built. An unknown or unavailable device raises

@@ -72,7 +72,9 @@ def option(default: Any, help: str, *, check: str | None = None, metavar: str | 
 
     Args:
         default: the value under ``protocol="ours"`` (the paper's, where it differs, is in the preset table).
-        help: what the option does, as ``--help`` shows it; ``{default}`` stands for the default.
+        help: what the option does, as ``--help`` shows it; ``{default}`` stands for the default. The
+            analysis's docstring shows it too (:func:`options_doc`), without ``(default: {default})`` and with
+            each ``--flag-name`` as the keyword ``flag_name``.
         check: what a number must be, checked where a command line parses it: ``"positive"``,
             ``"non_negative"``, ``"nonzero"`` or ``"cosine"`` (in ``[-1, 1]``).
         metavar: the value's name in ``--help``.
