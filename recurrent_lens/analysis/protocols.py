@@ -632,6 +632,7 @@ class EraseSettings(EraseOptions, _EraseSite):
 
 
 __all__ = ["PROTOCOLS", "PRESET", "OPTIONS", "option", "choices", "preset", "preset_table", "presets",
-           "protocol_options", "resolve", "check_protocol", "check_options", "options_doc", "documented", "Options", "SubstitutionOptions", "LogitShiftOptions",
-           "InstallOptions", "GenerationInstallOptions", "PartitionOptions", "EraseOptions", "Settings", "SubstitutionSettings",
-           "LogitShiftSettings", "InstallSettings", "GenerationInstallSettings", "PartitionSettings", "EraseSettings"]
+           "protocol_options", "resolve", "check_protocol", "check_options", "options_doc", "documented", "Options",
+           "SubstitutionOptions", "LogitShiftOptions", "InstallOptions", "GenerationInstallOptions",
+           "PartitionOptions", "EraseOptions", "Settings", "SubstitutionSettings", "LogitShiftSettings",
+           "InstallSettings", "GenerationInstallSettings", "PartitionSettings", "EraseSettings"]

@@ -110,7 +110,8 @@ def run(args, parser) -> int:
     prompts = tokens[: args.install_prompts, :length]
     substitution = (SubstitutionOptions(**{k: v for k, v in toy_protocol.items() if k != "positions"})
                     if toy_protocol else None)
-    logit_shift = replace(presets("logit_shift")[args.protocol], n_atoms=4, positions_per_atom=20) if args.quick else None
+    logit_shift = (replace(presets("logit_shift")[args.protocol], n_atoms=4, positions_per_atom=20) if args.quick
+                   else None)
     print(f"reproduce, protocol {args.protocol}: {where}, {args.hook} head {args.head}, SAE {sae_name}\n"
           f"  {len(tokens)} sequences of {tokens.shape[1]} tokens; install prompts {len(prompts)} x {length} tokens, "
           f"targets ranked {band[0]}-{band[1]}{why}"
