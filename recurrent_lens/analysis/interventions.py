@@ -33,8 +33,8 @@ from torch import Tensor
 from recurrent_lens.analysis._common import branch_logits, check_sae, check_tokens, frob, native_run, unit
 from recurrent_lens.analysis.logit_shift import output_jacobian, unembedding
 from recurrent_lens.analysis.protocols import (
-    PRESET, Direction, EraseOptions, EraseSettings, GenerationInstallSettings, InstallSettings, MagnitudeRef,
-    choices, resolve,
+    PRESET, Direction, EraseOptions, EraseSettings, GenerationInstallOptions, GenerationInstallSettings,
+    InstallOptions, InstallSettings, MagnitudeRef, choices, documented, resolve,
 )
 from recurrent_lens.analysis.results import InstallResult, InterventionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
@@ -128,6 +128,7 @@ def _logprob_rows(logits: Tensor, target: int, conds: list[str], b: Tensor, t: T
     return pd.concat(frames, ignore_index=True)
 
 
+@documented("erase")
 def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
                atom: SupportsIndex, *, options: EraseOptions | None = None, max_positions: int = PRESET,
                control_multipliers: Sequence[float] = PRESET, target: SupportsIndex | None = None,
@@ -142,21 +143,12 @@ def erase_atom(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens
 
     This is the paper's protocol as is (App. I.4: 150 natural firings, the preferred token chosen by the
     summed log-probability drop, controls at ``m ∈ {1, 2, 4}`` times the median natural activation
-    ``a*``), so it has no ``protocol`` switch. The options are declared by
-    :class:`~recurrent_lens.analysis.EraseOptions` (defaults: ``max_positions=150``,
-    ``control_multipliers=(1.0, 2.0, 4.0)``, ``readout_offset=1``, ``skip_positions=0``, ``seed=0``);
-    ``options=`` passes them all at once, and keyword options win over it.
+    ``a*``), so it has no ``protocol`` switch.
 
     Args:
         atom: the SAE atom's index: any integer :func:`operator.index` accepts (e.g. a NumPy or torch
             integer scalar), not a bool.
-        max_positions: erase at most this many firings (a seeded subsample); the controls use as many
-            non-firing positions.
-        control_multipliers: the multipliers ``m`` of the additive controls.
         target: the token id to track (default: the token the erasure hurts most, see above).
-        readout_offset: read at ``t + readout_offset`` (>= 1).
-        skip_positions: neither erase nor add at the first positions (e.g. BOS).
-        seed: seeds the subsamples of firing and control positions.
         progress: show progress bars over the edited positions.
 
     Raises:
@@ -237,36 +229,33 @@ def _magnitude(parts: dict[str, Tensor], ref: str) -> Tensor:
     return frob(update.float())
 
 
-def _install_options(protocol: str, direction, magnitude, magnitude_ref, max_new_tokens=PRESET):
+def _install_options(protocol: str, options: InstallOptions | None, cls: type[InstallOptions], direction: Any,
+                     **given: Any) -> tuple[InstallOptions, tuple[str, ...]]:
     """Resolve the install options; ``direction`` is a tensor (``"given"``), a method name or PRESET."""
-    given = direction if isinstance(direction, str) or direction is PRESET else "given"
-    if given is not PRESET and given not in choices(Direction):
-        raise ValueError(f"direction: expected a [d_v] tensor or one of {_DIRECTIONS}, got {given!r}")
-    return resolve("install", protocol, dict(direction=given, magnitude=magnitude, magnitude_ref=magnitude_ref,
-                                              max_new_tokens=max_new_tokens))
+    method = direction if isinstance(direction, str) or direction is PRESET else "given"
+    if method is not PRESET and method not in choices(Direction):
+        raise ValueError(f"direction: expected a [d_v] tensor or one of {_DIRECTIONS}, got {method!r}")
+    opts, overrides = resolve("install", protocol, dict(direction=method, **given), options, cls)
+    if opts.direction == "given" and method != "given":
+        raise ValueError(f"direction: expected a tensor with options.direction='given', got {direction!r}")
+    return opts, overrides
 
 
+@documented("install", InstallOptions)
 def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
-            direction: Float[Tensor, " d_v"] | str = PRESET, positions: Sequence[int] | Tensor | None = None, *,
-            protocol: str = "ours", magnitude: float = PRESET, magnitude_ref: MagnitudeRef = PRESET,
-            target: SupportsIndex, readout_offset: int = 1) -> InterventionResult:
+            direction: Float[Tensor, " d_v"] | str = PRESET, positions: Sequence[int] | Tensor | None = None,
+            *, protocol: str = "ours", options: InstallOptions | None = None, magnitude: float = PRESET,
+            magnitude_ref: MagnitudeRef = PRESET, target: SupportsIndex, readout_offset: int = 1) -> InterventionResult:
     """Add ``m · r_t · k̂_t dᵀ`` at each position of ``positions`` (every sequence, one at a time) and
     measure the target's log-probability and logit at ``t + readout_offset`` (the sign test, §4 and
     App. I.5).
 
-    Options marked *(protocol)* default to ``protocol``'s choice; explicit values win.
-    ``protocol="ours"`` (default): ``direction='jacobian'``, ``magnitude=3.0``,
-    ``magnitude_ref='update'``. ``protocol="paper"``: ``direction='out_proj'`` (§4 and App. I.5:
-    ``v*_T = W_O[head]ᵀ W_U[T] / ‖·‖``), ``magnitude=3.0`` and ``magnitude_ref='kv'`` (§4 and App. I.6:
-    ``m · ‖k_t v_tᵀ‖``; App. I.5 does not state the sign test's magnitude).
+    ``direction`` given as a tensor is a ``[d_v]`` direction; ``"out_proj"`` and ``"jacobian"`` are computed
+    for ``target`` (``"jacobian"`` averaged over ``tokens``). App. I.5 does not state the sign test's
+    magnitude; the paper's preset takes App. I.6's.
 
     Args:
-        direction: *(protocol)* a unit ``[d_v]`` direction, ``"out_proj"`` or ``"jacobian"`` (the latter two
-            computed for ``target``; ``"jacobian"`` averages over ``tokens``).
         positions: the positions to install at (required).
-        protocol: ``"ours"`` (default) or ``"paper"``.
-        magnitude: *(protocol)* ``m``.
-        magnitude_ref: *(protocol)* ``"kv"``, ``"write"`` or ``"update"`` (module docstring).
         target: the token whose logit is tracked.
         readout_offset: read at ``t + readout_offset``.
 
@@ -281,8 +270,14 @@ def install(model: ModelLike, hook_name: str, head: int, tokens: Int[Tensor, "ba
         ...                 protocol="paper")
         >>> paper.settings.direction, paper.settings.magnitude_ref
         ('out_proj', 'kv')
+        >>> from recurrent_lens.analysis import InstallOptions
+        >>> half = install(toy_model, "blocks.1.mixer.hook_state", 0, tokens, positions=[18], target=20,
+        ...                options=InstallOptions(magnitude=1.5))
+        >>> half.settings.magnitude, half.settings.overrides
+        (1.5, ('magnitude',))
     """
-    opts, overrides = _install_options(protocol, direction, magnitude, magnitude_ref)
+    opts, overrides = _install_options(protocol, options, InstallOptions, direction, magnitude=magnitude,
+                                       magnitude_ref=magnitude_ref)
     site = parse_cell(model, hook_name, head, kinds=("state",))
     tokens = check_tokens(model, tokens, readout_offset + 1)
     target = _check_token(model, target, "target")
@@ -371,11 +366,13 @@ def targets_by_rank(model: ModelLike, tokens: Int[Tensor, "batch pos"], band: tu
     return noise.topk(n_per_prompt, dim=-1).indices.to(tokens.device)
 
 
+@documented("install")
 @torch.no_grad()
 def install_during_generation(model: ModelLike, hook_name: str, head: int, prompt: Int[Tensor, "batch pos"],
                               direction: Float[Tensor, "*batch d_v"] | str = PRESET,
                               positions: Sequence[int] | None = None, *, protocol: str = "ours",
-                              magnitude: float = PRESET, magnitude_ref: MagnitudeRef = PRESET,
+                              options: GenerationInstallOptions | None = None, magnitude: float = PRESET,
+                              magnitude_ref: MagnitudeRef = PRESET,
                               target: SupportsIndex | Sequence[SupportsIndex] | Int[Tensor, " batch"],
                               max_new_tokens: int = PRESET) -> InstallResult:
     """Install ``m · r_t · k̂_t d̂ᵀ`` at absolute positions ``positions`` while ``model.generate`` runs.
@@ -385,23 +382,14 @@ def install_during_generation(model: ModelLike, hook_name: str, head: int, promp
     continuations with the target-inclusion metric, the target's log-probability and rank at the first
     step that follows the first install, per prompt.
 
-    Options marked *(protocol)* default to ``protocol``'s choice; explicit values win.
-    ``protocol="ours"`` (default): ``direction='jacobian'`` (averaged over the prompts),
-    ``magnitude=3.0``, ``magnitude_ref='update'``, ``max_new_tokens=20``. ``protocol="paper"`` (§4
-    "Generation edit", App. I.6): ``direction='out_proj'`` (``v*_T = W_O[head]ᵀ W_U[T] / ‖·‖``),
-    ``magnitude=3.0``, ``magnitude_ref='kv'`` (``m · ‖k_t v_tᵀ‖_F``), ``max_new_tokens=20`` (greedy).
-    The paper installs at three consecutive positions (pass them) and reports its headline on targets
-    ranked 100–1000 by the unmodified model (:func:`targets_by_rank`), with ``m ∈ {1.5, 3, 6}``.
+    ``direction`` given as a tensor is ``[d_v]``, or ``[batch, d_v]`` one per prompt; ``"out_proj"`` and
+    ``"jacobian"`` (averaged over the prompts) are computed per target. The paper installs at three
+    consecutive positions (pass them) and reports its headline on targets ranked 100–1000 by the unmodified
+    model (:func:`targets_by_rank`), with ``m ∈ {1.5, 3, 6}``.
 
     Args:
-        direction: *(protocol)* a unit direction (``[d_v]``, or ``[batch, d_v]`` one per prompt),
-            ``"out_proj"`` or ``"jacobian"`` (computed per target).
         positions: absolute positions to install at (required).
-        protocol: ``"ours"`` (default) or ``"paper"``.
-        magnitude: *(protocol)* ``m``.
-        magnitude_ref: *(protocol)* ``"kv"``, ``"write"`` or ``"update"`` (module docstring).
         target: one token id for every prompt, or one per prompt (``[batch]``).
-        max_new_tokens: *(protocol)* tokens generated greedily.
 
     Example: write "first key -> value 20" into the toy GDN's recall head while it answers the queries.
 
@@ -415,7 +403,8 @@ def install_during_generation(model: ModelLike, hook_name: str, head: int, promp
         >>> s["installed_inclusion"] > s["native_inclusion"]
         True
     """
-    opts, overrides = _install_options(protocol, direction, magnitude, magnitude_ref, max_new_tokens)
+    opts, overrides = _install_options(protocol, options, GenerationInstallOptions, direction, magnitude=magnitude,
+                                       magnitude_ref=magnitude_ref, max_new_tokens=max_new_tokens)
     magnitude, ref, max_new_tokens = float(opts.magnitude), opts.magnitude_ref, opts.max_new_tokens
     site = parse_cell(model, hook_name, head, kinds=("state",))
     prompt = check_tokens(model, prompt, 1)

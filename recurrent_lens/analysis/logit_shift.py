@@ -50,7 +50,7 @@ from recurrent_lens.analysis._common import (
     branch_logits, check_sae, check_tokens, native_run, use_device,
 )
 from recurrent_lens.analysis.protocols import (
-    PRESET, Fit, Formula, LogitShiftOptions, LogitShiftSettings, ShiftReadout, resolve,
+    PRESET, Fit, Formula, LogitShiftOptions, LogitShiftSettings, ShiftReadout, documented, resolve,
 )
 from recurrent_lens.analysis.results import LogitShiftResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
@@ -139,6 +139,7 @@ def _dominant_atoms(codes: Float[Tensor, "batch pos n_features"], n_atoms: int) 
     return order[counts[order] > 0][:n_atoms].tolist()
 
 
+@documented("logit_shift")
 def logit_shift_prediction(
     model: ModelLike,
     sae: SAELike,
@@ -163,26 +164,6 @@ def logit_shift_prediction(
 ) -> LogitShiftResult:
     """Closed-form vs measured logit shifts of ``S_{t0} += ε A_i``.
 
-    Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
-    wins over the preset (``result.settings.overrides`` lists those that differ from it). The options are
-    declared by :class:`~recurrent_lens.analysis.LogitShiftOptions`; ``options=`` passes them all at once.
-
-    ``protocol="ours"`` (the default): ``eps=(0.1, 0.3, 1.0, 3.0)``, ``n_atoms=10``,
-    ``positions_per_atom=50``, ``fit='none'``, ``formula='closed_form'``, ``readout='unembed'``,
-    ``readout_offset=1``: Eq. 1 with no fitted parameter, as §3.2 describes it.
-
-    ``protocol="paper"`` (arXiv 2605.12770):
-
-    - ``fit='context'``: App. A ("Empirical G") fits G "numerically: one scalar per (prompt, feature,
-      eval-token) triple, recovered by least squares", which contradicts §3.2's "no fitted parameters"
-      (``fit='none'``); the reported median R² = 0.983 is the fitted one.
-    - ``eps=(0.1, 0.3, 1.0, 3.0)``, ``n_atoms=50``, ``positions_per_atom=500``: App. A's population audit,
-      50 × 4 (atom, ε) cells with 500 prompts each.
-    - ``formula='closed_form'`` (Eq. 1). Table 9 (Experiment C) states a variant,
-      ``v_iᵀ S_t w_i · W_out vec(v_i w_iᵀ)`` with ε ∈ {0.25, 0.5, 0.75, 1.0}: ``formula='table9'``.
-    - ``readout='unembed'`` (Eq. 1's ``W_U[tok]``), ``readout_offset=1`` (App. A leaves the horizon open).
-    - the seed 2026 is Table 9's (also this function's default under both protocols).
-
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.
         sae: an SAE on ``[d_k, d_v]`` states of ``hook_name``/``head`` (only its encoder and decoder
@@ -190,26 +171,8 @@ def logit_shift_prediction(
         hook_name: ``blocks.{l}.mixer.hook_state``.
         head: the head the SAE reads.
         tokens: ``[batch, pos]`` sequences.
-        atoms: SAE atom indices to perturb (default: the ``n_atoms`` atoms most often dominant on ``tokens``).
-        eps: *(protocol)* perturbation sizes ε.
-        protocol: ``"ours"`` (default) or ``"paper"``: the preset of every *(protocol)* option.
-        options: a :class:`~recurrent_lens.analysis.LogitShiftOptions` used instead of the protocol's preset
-            (the keyword options still win over it).
-        n_atoms: *(protocol)* with ``atoms=None``, how many atoms to take: the atoms that have the largest
-            code at least once (positions ``>= skip_positions`` where some code fires), most often dominant
-            first; fewer when fewer are ever dominant. Unused when ``atoms`` is given.
-        positions_per_atom: *(protocol)* random ``(sequence, t0)`` pairs per atom (seeded).
-        fit: *(protocol)* ``"none"``, ``"cell"`` or ``"context"`` (see the module docstring): what
-            ``result.per_cell()`` and the summary's ``median_cell_r2`` use. ``"context"`` needs two or
-            more ε. Every fit stays available on the result.
-        formula: *(protocol)* ``"closed_form"`` (perturb by ``ε A_i``) or ``"table9"`` (perturb by
-            ``ε c A_i``, ``c`` the state's projection on the atom; see the module docstring).
-        readout_offset: *(protocol)* read at ``t0 + readout_offset`` (>= 1).
-        readout: *(protocol)* ``"unembed"`` (W_U, the paper's form) or ``"final_norm"`` (W_U after the
-            final norm's Jacobian).
-        skip_positions: neither perturb at nor count dominance on the first positions (e.g. BOS).
-        seed: seeds the ``(sequence, t0)`` draws. The default, 2026, is the paper's audit seed (Table 9),
-            unlike the other analyses' 0.
+        atoms: SAE atom indices to perturb (default: the ``n_atoms`` atoms most often dominant on ``tokens``,
+            counted at positions ``>= skip_positions`` where some code fires).
         progress: show a progress bar over perturbed positions.
         device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
             tensors stay there until the result table is built. An unknown or unavailable device raises

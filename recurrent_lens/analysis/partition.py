@@ -30,7 +30,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recurrent_lens.analysis._common import check_sae, check_tokens, frob, native_run, unit, use_device
-from recurrent_lens.analysis.protocols import PRESET, PartitionOptions, PartitionSettings, Replace, Statistic, resolve
+from recurrent_lens.analysis.protocols import (
+    PRESET, PartitionOptions, PartitionSettings, Replace, Statistic, documented, resolve,
+)
 from recurrent_lens.analysis.results import PartitionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
 from recurrent_lens.states.cells import parse_cell
@@ -88,6 +90,7 @@ def _leading_factors(x: Tensor) -> tuple[Tensor, Tensor]:
     return U[..., :, 0], Vh[..., 0, :]
 
 
+@documented("partition")
 def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"], *,
                     protocol: str = "ours", options: PartitionOptions | None = None, statistic: Statistic = PRESET,
                     replace: Replace = PRESET, max_firings_per_atom: int | None = PRESET, min_firings: int = PRESET,
@@ -95,37 +98,10 @@ def partition_atoms(model: ModelLike, sae: SAELike, hook_name: str, head: int, t
                     device: str | torch.device | None = None) -> PartitionResult:
     """Split alive atoms into registers (aligned with the native update where they fire) and bundles.
 
-    Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
-    wins over the preset (``result.settings.overrides`` lists those that differ from it). The options are
-    declared by :class:`~recurrent_lens.analysis.PartitionOptions`; ``options=`` passes them all at once.
-
-    ``protocol="ours"`` (the default): ``statistic='median_cos_gmm'``, ``replace='update'``,
-    ``max_firings_per_atom=200``, ``tau=0.05``.
-
-    ``protocol="paper"`` (arXiv 2605.12770):
-
-    - ``statistic='median_cos_gmm'``: §3.1 and Fig. 2a fit a two-component Gaussian mixture on each atom's
-      median cosine to the native write. The reference repository's only alignment code
-      (experiments/analysis/memory_alignment.py) scores the mean ``|cos|`` per factor over each
-      feature's top-50 activations instead: ``statistic='mean_abs_cos_top50'``.
-    - ``replace='update'``: that code compares with the write actually stored, ``k̂_t δ_tᵀ`` with
-      ``δ_t = β_t (v_t − S_{t−1}ᵀ k̂_t)``; the text's "native write" could also be read as ``β k vᵀ``
-      (``replace='write'``).
-    - ``max_firings_per_atom=None``: the median over all of an atom's firings (no cap is stated).
-    - ``tau=0.05``: the register threshold of Fig. 12 and App. F.2.
+    The top-50 statistic always uses each atom's 50 largest activations; the Gaussian mixtures are
+    deterministic.
 
     Args:
-        protocol: ``"ours"`` (default) or ``"paper"``: the preset of every *(protocol)* option.
-        options: a :class:`~recurrent_lens.analysis.PartitionOptions` used instead of the protocol's preset (the
-            keyword options still win over it).
-        statistic: *(protocol)* ``"median_cos_gmm"`` or ``"mean_abs_cos_top50"`` (module docstring).
-        replace: *(protocol)* compare with the net update (``"update"``) or the write (``"write"``).
-        max_firings_per_atom: *(protocol)* cosines per atom for ``median_cos`` (a seeded subsample;
-            ``None``: all). The top-50 statistic always uses the 50 largest activations.
-        min_firings: atoms with fewer firings count as dead (default 1).
-        tau: *(protocol)* threshold used when one Gaussian is preferred.
-        skip_positions: ignore firings at the first positions (e.g. BOS; default 0).
-        seed: seeds the per-atom subsample of firings (the mixtures are deterministic; default 0).
         progress: show a progress bar over the alive atoms.
         device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
             tensors stay there until the result table is built. An unknown or unavailable device raises

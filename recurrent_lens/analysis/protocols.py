@@ -8,7 +8,7 @@ to this library's (``protocol="ours"``, the defaults). Sources of the paper's ch
 2026, arXiv 2605.12770; sections and appendices as numbered there) and the files of its public
 reference repository. Where the two disagree, the preset follows one of them, says which, and the other
 stays an option. :func:`preset_table` lists every choice with its source; each analysis's docstring
-repeats it.
+shows it, in the options section :func:`documented` generates from the options dataclass and this table.
 
 An option passed explicitly always wins over the preset; the settings record which ones did
 (``settings.overrides``). :func:`resolve` is the one place that applies a protocol.
@@ -23,9 +23,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import re
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 PROTOCOLS = ("paper", "ours")
 """The protocol names every analysis accepts."""
@@ -70,7 +72,9 @@ def option(default: Any, help: str, *, check: str | None = None, metavar: str | 
 
     Args:
         default: the value under ``protocol="ours"`` (the paper's, where it differs, is in the preset table).
-        help: what the option does, as ``--help`` shows it; ``{default}`` stands for the default.
+        help: what the option does, as ``--help`` shows it; ``{default}`` stands for the default. The
+            analysis's docstring shows it too (:func:`options_doc`), without ``(default: {default})`` and with
+            each ``--flag-name`` as the keyword ``flag_name``.
         check: what a number must be, checked where a command line parses it: ``"positive"``,
             ``"non_negative"``, ``"nonzero"`` or ``"cosine"`` (in ``[-1, 1]``).
         metavar: the value's name in ``--help``.
@@ -120,7 +124,8 @@ class SubstitutionOptions(Options):
                   "of each sequence (the paper's 'final output distribution')")
     readout_offset: int | None = option(1, "read at t + offset (default: {default})", check="positive")
     kl: KLDirection = option("native_to_condition", "KL direction (default: {default})")
-    max_firings_per_atom: int | None = option(30, "cap per atom (default: {default})", check="positive")
+    max_firings_per_atom: int | None = option(30, "cap per substituted atom, or per feature with --features or "
+                                                  "--atom feature (default: {default})", check="positive")
     skip_positions: int = option(0, "leading positions never tested, e.g. BOS (default: {default})",
                                  check="non_negative")
     atom: AtomChoice = option(
@@ -152,7 +157,8 @@ class LogitShiftOptions(Options):
                           check="positive", metavar="N")
     fit: Fit = option("none", "what the per-cell R^2 compares: 'none' (default) the closed form as is, 'cell' one "
                               "slope per (atom, eps) cell, 'context' one G per (sequence, t0, atom) across the eps "
-                              "values (the paper's App. A)")
+                              "values (the paper's App. A; needs two or more eps); every fit stays available on "
+                              "the result")
     formula: Formula = option("closed_form", "'closed_form' (default, Eq. 1) or 'table9' (the paper's Table 9 "
                                              "variant: perturb by eps times the atom's own component of the state)")
     readout: ShiftReadout = option("unembed", "'unembed' (default): W_U directly, the paper's form; 'final_norm': "
@@ -193,8 +199,8 @@ class PartitionOptions(Options):
                           "firings; 'mean_abs_cos_top50' the reference code's mean |cos| per factor over the top-50 "
                           "activations (geometric mean)")
     replace: Replace = option("update", "compare with the net update (default) or the write alone")
-    max_firings_per_atom: int | None = option(200, "cosines per atom, a seeded subsample (default: {default})",
-                                              check="positive")
+    max_firings_per_atom: int | None = option(200, "cosines per atom for 'median_cos_gmm', a seeded subsample "
+                                                   "(default: {default})", check="positive")
     min_firings: int = option(1, "atoms with fewer firings count as dead (default: {default})", check="positive")
     tau: float = option(0.05, "cosine above which an atom is a register when one Gaussian is preferred "
                               "(default: {default})", check="cosine")
@@ -207,8 +213,8 @@ class PartitionOptions(Options):
 class EraseOptions(Options):
     """Options of :func:`~recurrent_lens.analysis.erase_atom` (which follows App. I.4 as is: no protocol switch)."""
 
-    max_positions: int = option(150, "erase at most this many firings, a seeded subsample (default: {default})",
-                                check="positive")
+    max_positions: int = option(150, "erase at most this many firings, a seeded subsample; the controls use as "
+                                     "many non-firing positions (default: {default})", check="positive")
     control_multipliers: Sequence[float] = option((1.0, 2.0, 4.0), "multipliers m of the additive controls "
                                                                      "(default: {default})",
                                                     check="positive", metavar="M")
@@ -247,7 +253,8 @@ _TABLE: dict[str, dict[str, dict[str, Any]]] = {
                    "KL(p_patched ‖ p_baseline) instead (kl='condition_to_native')"),
             "atom": ("dominant", "App. J 'Per-firing atom selection' and §2: i* = argmax_i a_i(S_t); " + _CLEAN
                      + " substitutes the firing feature's own atom v_i w_iᵀ instead (atom='feature')"),
-            "max_firings_per_atom": (30, "App. F.2: the population test caps firings at 30 per atom"),
+            "max_firings_per_atom": (30, "App. F.2: the population test caps firings at 30 per atom (the reference "
+                                     "script has no cap; App. F.1 uses 200 per feature)"),
         },
         "ours": {
             "replace": _OURS + ": the net update (write + erase, k̂δᵀ for delta rules), so that delete leaves the "
@@ -268,7 +275,8 @@ _TABLE: dict[str, dict[str, dict[str, Any]]] = {
             "n_atoms": (50, "App. A 'Population audit': 50 × 4 (atom, ε) cells"),
             "positions_per_atom": (500, "App. A 'Population audit': 500 prompts per cell"),
             "fit": ("context", "App. A 'Empirical G': one G per (prompt, feature, eval-token) triple, recovered by "
-                    "least squares; §3.2 says 'no fitted parameters' (fit='none')"),
+                    "least squares; §3.2 says 'no fitted parameters' (fit='none'); the reported median R² = 0.983 "
+                    "is the fitted one"),
             "formula": ("closed_form", "Eq. 1 and App. A; Table 9 (Experiment C) states the variant "
                         "v_iᵀ S_t w_i · W_out vec(v_i w_iᵀ) (formula='table9')"),
             "readout": ("unembed", "Eq. 1: the logit through W_U[tok]"),
@@ -305,7 +313,9 @@ _TABLE: dict[str, dict[str, dict[str, Any]]] = {
             "statistic": ("median_cos_gmm", "§3.1 and Fig. 2a: a two-component Gaussian mixture on each atom's "
                           "median cosine to the native write; " + _ALIGN + " computes the mean |cos| per factor "
                           "over each feature's top-50 activations instead (statistic='mean_abs_cos_top50')"),
-            "replace": ("update", _ALIGN + ": cosines against the write actually stored, k̂_t δ_tᵀ"),
+            "replace": ("update", _ALIGN + ": cosines against the write actually stored, k̂_t δ_tᵀ with "
+                        "δ_t = β_t (v_t − S_{t−1}ᵀ k̂_t); the text's 'native write' could also be read as β k vᵀ "
+                        "(replace='write')"),
             "max_firings_per_atom": (None, "§3.1: the median over the atom's firings (no cap stated)"),
             "tau": (0.05, "Fig. 12 and App. F.2: the register threshold cos = 0.05"),
         },
@@ -383,15 +393,30 @@ def check_protocol(protocol: str) -> None:
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
 
 
-def resolve(kind: str, protocol: str, given: dict[str, Any],
-            options: Options | None = None) -> tuple[Options, tuple[str, ...]]:
+def check_options(name: str, value: Any, cls: type[Options]) -> None:
+    """Refuses ``value`` unless it is ``None`` or a ``cls``, with an error naming the argument ``name``.
+
+    Example:
+        >>> check_options("options", {"tau": 0.1}, PartitionOptions)
+        Traceback (most recent call last):
+        ...
+        ValueError: options: expected a PartitionOptions or None, got dict
+    """
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name}: expected a {cls.__name__} or None, got {type(value).__name__}")
+
+
+def resolve(kind: str, protocol: str, given: dict[str, Any], options: Options | None = None,
+            cls: type[Options] | None = None) -> tuple[Options, tuple[str, ...]]:
     """The options of ``kind`` under ``protocol``, with every explicitly given value winning.
 
     Args:
         kind: the analysis (a key of :data:`OPTIONS`).
         protocol: ``"paper"`` or ``"ours"``.
         given: option -> argument; :data:`PRESET` where not passed.
-        options: an options dataclass of ``kind`` that replaces the protocol's preset as the base.
+        options: an instance of ``cls`` that replaces the protocol's preset as the base.
+        cls: the options the function takes (default: ``OPTIONS[kind]``); a base class of it for a function
+            that takes fewer (:func:`~recurrent_lens.analysis.install` takes :class:`InstallOptions`).
 
     Returns:
         ``(options, overrides)``: ``overrides`` names the protocol-dependent options whose final value differs
@@ -403,13 +428,105 @@ def resolve(kind: str, protocol: str, given: dict[str, Any],
         (0.1, None, ('tau',))
     """
     check_protocol(protocol)
-    base = presets(kind)[protocol]
-    if options is not None and not isinstance(options, OPTIONS[kind]):
-        raise ValueError(f"options: expected a {OPTIONS[kind].__name__}, got {type(options).__name__}")
-    explicit = OPTIONS[kind].implied({k: v for k, v in given.items() if v is not PRESET})
+    cls = OPTIONS[kind] if cls is None else cls
+    names = [f.name for f in fields(cls)]
+    preset_values = presets(kind)[protocol]
+    base = cls(**{name: getattr(preset_values, name) for name in names})
+    check_options("options", options, cls)
+    explicit = cls.implied({k: v for k, v in given.items() if v is not PRESET})
     values = replace(options if options is not None else base, **explicit)
-    overrides = tuple(k for k in protocol_options(kind) if _norm(getattr(values, k)) != _norm(getattr(base, k)))
+    overrides = tuple(k for k in protocol_options(kind)
+                      if k in names and _norm(getattr(values, k)) != _norm(getattr(base, k)))
     return values, overrides
+
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+_CHECKS = {"positive": "> 0", "non_negative": ">= 0", "nonzero": "each nonzero", "cosine": "in [-1, 1]"}
+_SECTION = re.compile(r"^( +)(Returns|Raises|Example)\b", re.MULTILINE)
+
+
+def _doc_help(help: str, default: Any) -> str:
+    """A field's help as a docstring shows it: without the ``(default: ...)`` that the entry shows anyway, and
+    with the command line's ``--flag-name`` as the keyword ``flag_name``."""
+    text = re.sub(r"default: \{default\}[;,] ", "", re.sub(r" \(default: \{default\}\)", "", help))
+    text = text.format(default=default)
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: f"``{m[1].replace('-', '_')}``", text)
+
+
+def options_doc(kind: str, cls: type[Options] | None = None) -> str:
+    """The options section of an analysis's docstring, generated from its options dataclass ``cls`` (default:
+    ``OPTIONS[kind]``) and the preset table: each field's type (a ``Literal``'s choices), default, value
+    under ``protocol="paper"`` with its source, and help.
+
+    Example:
+        >>> entries = [line for line in options_doc("partition").splitlines() if line.startswith("    tau")]
+        >>> print(entries[0][:82])
+            tau (float, in [-1, 1]): *(protocol)* cosine above which an atom is a register
+    """
+    _check_kind(kind)
+    cls = OPTIONS[kind] if cls is None else cls
+    hints = get_type_hints(cls)
+    by_protocol = [k for k in protocol_options(kind) if k in {f.name for f in fields(cls)}]
+    name = f":class:`~recurrent_lens.analysis.{cls.__name__}`"
+    if by_protocol:
+        intro = (f"Keyword arguments, declared by {name}; ``options=`` passes them all at once and replaces "
+                 f"the protocol's preset. A keyword passed explicitly wins over both. An option marked "
+                 f"*(protocol)* defaults to the choice of ``protocol`` (``\"ours\"``, the default, or "
+                 f"``\"paper\"``); ``result.settings.overrides`` lists those whose value differs from the preset.")
+    else:
+        intro = (f"Keyword arguments, declared by {name}; ``options=`` passes them all at once, and a keyword "
+                 f"passed explicitly wins over it.")
+    lines = ["Options:", *_wrap(intro, 4)]
+    if cls.implied.__func__ is not Options.implied.__func__:
+        lines += _wrap(cls.implied.__doc__, 4)
+    paper, ours = preset_table(kind, "paper"), preset_table(kind, "ours")
+    for f in fields(cls):
+        allowed = choices(hints[f.name])
+        kind_of = " | ".join(map(repr, allowed)) if allowed is not None else f.type
+        check = _CHECKS.get(f.metadata["check"])
+        entry = f"{f.name} ({kind_of}{', ' + check if check else ''}): "
+        if f.name in by_protocol:
+            entry += (f"*(protocol)* {_doc_help(f.metadata['help'], f.default)}. Ours ``{f.name}={f.default!r}`` "
+                      f"({ours[f.name][1]}); paper ``{f.name}={paper[f.name][0]!r}`` ({paper[f.name][1]}).")
+        else:
+            entry += f"{_doc_help(f.metadata['help'], f.default)}. Default ``{f.name}={f.default!r}``."
+        lines += _wrap(entry, 8)
+    return "\n".join(lines)
+
+
+def _wrap(text: str, hanging: int) -> list[str]:
+    """``text`` in lines of at most 112 characters, indented by 4 and then by ``hanging``, never breaking inside
+    an inline literal (so that it can be searched for as written)."""
+    kept = re.sub(r"``.*?``", lambda m: m[0].replace(" ", "\0"), text)
+    lines = textwrap.wrap(kept, 112, initial_indent=" " * 4, subsequent_indent=" " * hanging,
+                          break_long_words=False, break_on_hyphens=False)
+    return [line.replace("\0", " ") for line in lines]
+
+
+def documented(kind: str, cls: type[Options] | None = None) -> Callable[[_Function], _Function]:
+    """Decorator: puts :func:`options_doc` into the function's docstring, before its Returns, Raises or Example
+    section (at its end if it has none), so that an analysis documents its options where they are declared.
+
+    Example:
+        >>> @documented("erase")
+        ... def f():
+        ...     \"\"\"Erase.
+        ...
+        ...     Example:
+        ...         >>> f()
+        ...     \"\"\"
+        >>> print(f.__doc__.splitlines()[2])
+            Options:
+    """
+    def decorate(function: _Function) -> _Function:
+        doc = function.__doc__ or ""
+        where = _SECTION.search(doc)
+        indent = where[1] if where else " " * 4
+        section = textwrap.indent(options_doc(kind, cls), indent) + "\n\n"
+        function.__doc__ = (doc[: where.start()] + section + doc[where.start():] if where
+                            else doc.rstrip() + "\n\n" + section)
+        return function
+    return decorate
 
 
 def _norm(value: Any) -> Any:
@@ -515,6 +632,7 @@ class EraseSettings(EraseOptions, _EraseSite):
 
 
 __all__ = ["PROTOCOLS", "PRESET", "OPTIONS", "option", "choices", "preset", "preset_table", "presets",
-           "protocol_options", "resolve", "check_protocol", "Options", "SubstitutionOptions", "LogitShiftOptions",
-           "InstallOptions", "GenerationInstallOptions", "PartitionOptions", "EraseOptions", "Settings", "SubstitutionSettings",
-           "LogitShiftSettings", "InstallSettings", "GenerationInstallSettings", "PartitionSettings", "EraseSettings"]
+           "protocol_options", "resolve", "check_protocol", "check_options", "options_doc", "documented", "Options",
+           "SubstitutionOptions", "LogitShiftOptions", "InstallOptions", "GenerationInstallOptions",
+           "PartitionOptions", "EraseOptions", "Settings", "SubstitutionSettings", "LogitShiftSettings",
+           "InstallSettings", "GenerationInstallSettings", "PartitionSettings", "EraseSettings"]

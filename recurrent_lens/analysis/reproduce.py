@@ -9,11 +9,13 @@ The example uses ``toy_model, toy_task = toy.load("gdn")`` and ``toy_sae = toy.l
 Gated DeltaNet, its task and its demo WriteSAE).
 
 Example:
+    >>> from dataclasses import replace
+    >>> from recurrent_lens.analysis import presets
     >>> from recurrent_lens.analysis.reproduce import reproduce
     >>> tokens = toy_task.make_batch(8, seed=10_000)[0]
+    >>> quick = replace(presets("logit_shift")["paper"], n_atoms=2, positions_per_atom=20)
     >>> rep = reproduce(toy_model, toy_sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], protocol="paper",
-    ...                 band=(17, 33), magnitudes=(3.0,), logit_shift={"n_atoms": 2, "positions_per_atom": 20},
-    ...                 population_atoms=4)
+    ...                 band=(17, 33), magnitudes=(3.0,), logit_shift=quick, population_atoms=4)
     >>> rep.table["claim"].tolist()[:2]
     ['substitution: atom beats delete', 'substitution: strict chain']
 """
@@ -36,7 +38,7 @@ from recurrent_lens.analysis._common import bootstrap_ci, native_run, use_device
 from recurrent_lens.analysis.interventions import install_during_generation, targets_by_rank
 from recurrent_lens.analysis.logit_shift import logit_shift_prediction
 from recurrent_lens.analysis.partition import partition_atoms
-from recurrent_lens.analysis.protocols import check_protocol
+from recurrent_lens.analysis.protocols import LogitShiftOptions, SubstitutionOptions, check_options, check_protocol
 from recurrent_lens.analysis.substitution import substitution_test
 from recurrent_lens.analysis.types import ModelLike, SAELike
 from recurrent_lens.states.cells import parse_cell
@@ -178,12 +180,13 @@ def _population_features(sae: SAELike, tokens: Tensor, model: ModelLike, hook_na
 def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens: Int[Tensor, "batch pos"],
               prompts: Int[Tensor, "prompts prompt_pos"], *, protocol: str = "paper",
               band: tuple[int, int] | None = None, magnitudes: Sequence[float] = (1.5, 3.0, 6.0),
-              install_positions: Sequence[int] | None = None, substitution: dict[str, Any] | None = None,
-              logit_shift: dict[str, Any] | None = None, population_atoms: int = 155, skip_positions: int = 1,
-              seed: int = 0, progress: bool = False, device: str | torch.device | None = None) -> Reproduction:
+              install_positions: Sequence[int] | None = None, substitution: SubstitutionOptions | None = None,
+              substitution_positions: Sequence[int] | None = None, logit_shift: LogitShiftOptions | None = None,
+              population_atoms: int = 155, skip_positions: int = 1, seed: int = 0, progress: bool = False,
+              device: str | torch.device | None = None) -> Reproduction:
     """Run the paper's table under ``protocol`` on ``tokens`` (and ``prompts`` for the installs).
 
-    Stages (each with ``protocol=protocol``; explicit options in ``substitution`` / ``logit_shift`` win):
+    Stages (each with ``protocol=protocol``, or the options given in its place):
 
     1. :func:`substitution_test` on ``tokens``: atom beats delete (Wilson CI), strict chain, KL ratios.
     2. the population test: the same with ``atom="feature"`` on the ``population_atoms`` atoms that fire
@@ -210,8 +213,14 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
         band: inclusive native-rank band of the install targets (ranks count the tokens above, 0 = top-1).
         magnitudes: install magnitudes ``m`` (the paper's 1.5, 3, 6).
         install_positions: absolute install positions (default ``[P - 3, P - 2, P - 1]``).
-        substitution: extra keyword arguments of both substitution runs (e.g. a task's positions).
-        logit_shift: extra keyword arguments of :func:`logit_shift_prediction`.
+        substitution: the options of both substitution runs in place of the protocol's preset, e.g.
+            ``replace(presets("substitution")[protocol], readout_offset=16)``; ``None``: the preset. Their
+            ``skip_positions`` and ``seed`` are this function's, and the population test's ``atom`` is
+            ``"feature"``.
+        substitution_positions: the write positions both substitution runs test (their ``positions``, e.g. a
+            task's value positions); ``None``: every position.
+        logit_shift: the options of :func:`logit_shift_prediction` in place of the protocol's preset (its
+            ``skip_positions`` and ``seed`` are this function's); ``None``: the preset.
         population_atoms: how many atoms the population test covers.
         skip_positions: leading positions no analysis edits (e.g. BOS).
         seed: seeds every draw.
@@ -221,9 +230,9 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
             ``ValueError`` naming ``device``.
     """
     check_protocol(protocol)
+    check_options("substitution", substitution, SubstitutionOptions)
+    check_options("logit_shift", logit_shift, LogitShiftOptions)
     use_device(model, sae, device)
-    substitution = dict(substitution or {})
-    logit_shift = dict(logit_shift or {})
     band = default_band(model.cfg.d_vocab) if band is None else tuple(band)
     P = prompts.shape[1]
     install_positions = list(install_positions) if install_positions is not None else [max(P - 3, 0), max(P - 2, 0),
@@ -235,8 +244,8 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
 
     stages.set_postfix_str("substitution")
     try:
-        res = substitution_test(model, sae, hook_name, head, tokens, protocol=protocol, skip_positions=skip_positions,
-                                seed=seed, **substitution)
+        res = substitution_test(model, sae, hook_name, head, tokens, protocol=protocol, options=substitution,
+                                positions=substitution_positions, skip_positions=skip_positions, seed=seed)
         results["substitution"] = res
         m, r = res.medians, res.median_ratios
         moved = int((res.rows["kl_delete"] > 0.1).sum())
@@ -258,8 +267,9 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
         feats = _population_features(sae, tokens, model, hook_name, head, skip_positions, population_atoms)
         if not feats:
             raise ValueError("sae: no atom fires on tokens")
-        res = substitution_test(model, sae, hook_name, head, tokens, protocol=protocol, skip_positions=skip_positions,
-                                seed=seed, **{**substitution, "atom": "feature", "features": feats})
+        res = substitution_test(model, sae, hook_name, head, tokens, protocol=protocol, options=substitution,
+                                positions=substitution_positions, skip_positions=skip_positions, seed=seed,
+                                atom="feature", features=feats)
         results["population"] = res
         per = res.per_atom(5)
         rates = [torch.tensor([float(v)], dtype=torch.float64) for v in per["win_rate"]]
@@ -276,8 +286,8 @@ def reproduce(model: ModelLike, sae: SAELike, hook_name: str, head: int, tokens:
     stages.set_postfix_str("logit shift")
     claim = "logit shift: median cell R^2"
     try:
-        res = logit_shift_prediction(model, sae, hook_name, head, tokens, protocol=protocol,
-                                     skip_positions=skip_positions, seed=2026 + seed, **logit_shift)
+        res = logit_shift_prediction(model, sae, hook_name, head, tokens, protocol=protocol, options=logit_shift,
+                                     skip_positions=skip_positions, seed=2026 + seed)
         results["logit_shift"] = res
         s = res.summary()
         fits = ", ".join(f"{k} {v:.3g}" for k, v in s["median_cell_r2_by_fit"].items())

@@ -69,7 +69,7 @@ from recurrent_lens.analysis._common import (
 )
 from recurrent_lens.analysis.protocols import (
     PRESET, AtomChoice, KLDirection, RandomControl, Replace, Scale, SubstitutionOptions, SubstitutionReadout,
-    SubstitutionSettings, resolve,
+    SubstitutionSettings, documented, resolve,
 )
 from recurrent_lens.analysis.results import SubstitutionResult
 from recurrent_lens.analysis.types import ModelLike, SAELike
@@ -195,6 +195,7 @@ def find_firings(codes: Tensor, *, max_firings_per_atom: int | None, last_positi
     return b, t, atom, coef
 
 
+@documented("substitution")
 def substitution_test(
     model: ModelLike,
     sae: SAELike,
@@ -222,37 +223,10 @@ def substitution_test(
 ) -> SubstitutionResult:
     """Atom vs delete vs random substitution of the native update at every firing.
 
-    Every option marked *(protocol)* defaults to the choice of ``protocol``; an option passed explicitly
-    wins over the preset (``result.settings.overrides`` lists those that differ from it). The options are
-    declared by :class:`~recurrent_lens.analysis.SubstitutionOptions`; ``options=`` passes them all at once.
-
-    ``protocol="ours"`` (the default): ``replace='update'``, ``scale='coefficient'``, ``random='rank1'``,
-    ``readout='offset'``, ``readout_offset=1``, ``kl='native_to_condition'``, ``atom='dominant'``,
-    ``max_firings_per_atom=30``.
-
-    ``protocol="paper"`` (arXiv 2605.12770 and its reference repository):
-
-    - ``replace='write'``: App. J's pseudo-code scales by ``‖β_t k_t v_tᵀ‖_F`` and the reference kernel's
-      docstring (scripts/clean_amplified_kl.py) substitutes ``S_t − β_t k_t v_tᵀ + ...``: only the additive
-      write is removed, so the delta rule's erase stays in the state.
-    - ``scale='match_norm'``: App. J and the reference docstring match the atom's norm to ``‖β_t k_t v_tᵀ‖_F``.
-      §2 ("Replacement protocol") and the Table 2 caption use the firing coefficient instead:
-      ``scale='coefficient'``.
-    - ``random='sae_atom'``: the reference docstring's "matched-norm rank-1 from a non-firing atom". App. J
-      and Fig. 11 describe a random rank-1 matrix at matched norm instead: ``random='rank1'``.
-    - ``readout='last'`` (``readout_offset=None``): KL "on the final output distribution" (§2, §3); the
-      paper states nothing more about where it is read.
-    - ``kl='native_to_condition'``: the reference docstring records ``KL(p_native ‖ p_cond)``; §2 writes
-      ``KL(p_patched ‖ p_baseline)``: ``kl='condition_to_native'``.
-    - ``atom='dominant'``: App. J ("Per-firing atom selection") and §2 take ``argmax_i a_i(S_t)``. The
-      reference docstring substitutes the firing feature's own atom ``v_i w_iᵀ``: ``atom='feature'``.
-    - ``max_firings_per_atom=30``: App. F.2's population test (the reference script has no cap; App. F.1
-      uses 200 per feature).
-
     The paper's 92.4% (n = 4,851) pools the firings of an 8-feature exemplar pool at L1, L9 and L17 head 4
     (L9 alone: 91.2%, n = 1,851): pass them as ``features``. Its 89.8% population test (App. F.2) is
     ``features`` = the alive atoms with a 30-firing cap, averaged per atom (``result.per_atom()``).
-    Why the dominant atom fails on associative-recall states (the toys): see ``atom`` below.
+    Why the dominant atom fails on associative-recall states (the toys): see the module docstring.
 
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel`.
@@ -261,35 +235,11 @@ def substitution_test(
         hook_name: ``blocks.{l}.mixer.hook_state``.
         head: the head the SAE reads.
         tokens: ``[batch, pos]`` sequences.
-        protocol: ``"ours"`` (default) or ``"paper"``: the preset of every *(protocol)* option.
-        options: a :class:`~recurrent_lens.analysis.SubstitutionOptions` used instead of the protocol's preset
-            (the keyword options below still win over it).
-        replace: *(protocol)* ``"update"`` (write + erase) or ``"write"``: what ``Δ_nat`` removes.
-        scale: *(protocol)* ``"coefficient"`` (``a A``) or ``"match_norm"`` (``‖Δ_nat‖_F`` times the unit atom).
-        random: *(protocol)* ``"rank1"`` (fresh random ``u wᵀ``), ``"sae_atom"`` (a random SAE atom that
-            does not fire at ``t``) or ``"empirical"`` (per-coordinate resample of the native updates'
-            rank-1 factors); always at the atom condition's Frobenius norm.
-        readout: *(protocol)* ``"offset"`` (read at ``t + readout_offset``) or ``"last"`` (read at the last
-            position of each sequence; firings at ``t < pos - 1``).
-        readout_offset: *(protocol)* ``>= 1`` with ``readout="offset"``; ``None`` with ``"last"``. Passing an
-            offset without ``readout`` selects ``readout="offset"`` under either protocol.
-        kl: *(protocol)* ``"native_to_condition"`` (KL(p_native ‖ p_cond)) or ``"condition_to_native"``.
-        max_firings_per_atom: *(protocol)* cap per substituted atom, or per feature with ``features`` or
-            ``atom="feature"`` (``None``: no cap).
-        skip_positions: ignore the first positions (e.g. BOS).
         positions: test only firings at these write positions (same in every sequence; each must be
             ``< pos - readout_offset``); ``None`` (default): every position. Use it to pair each write
             with the readout that needs it, e.g. ``task.value_positions`` with
             ``readout_offset=task.recall_offset`` on the toy task.
-        atom: *(protocol)* ``"dominant"`` (``argmax a(S_t)``), ``"rising"`` (``argmax`` of the code's rise
-            ``a(S_t) − a(S_t − Δ_nat)``, coefficient = the rise) or ``"feature"`` (the firing feature's own
-            atom). The dominant atom fits states dominated by persistent directions that each token
-            refreshes (the paper's Qwen3.5 "registers"); a recall state superposes many associations of
-            similar size, its dominant atom is usually another pair's (cosine with the write ≈ 0), and
-            substituting it tests nothing about the write at ``t``: there, use ``"rising"``.
         features: test only the firings of these atoms (see the module docstring); ``None``: all.
-        rank1_atoms: use each atom's best rank-1 approximation (the flat-SVD baseline with a flat SAE).
-        seed: seeds the firing subsample and the random controls.
         progress: show a progress bar over positions.
         device: where it runs: ``model`` and ``sae`` are moved there (default: the model's device); its
             tensors stay there until the result table is built. An unknown or unavailable device raises

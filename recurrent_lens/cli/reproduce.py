@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 import torch
 
 from recurrent_lens import toy
+from recurrent_lens.analysis.protocols import SubstitutionOptions, presets
 from recurrent_lens.analysis.reproduce import default_band, plot, reproduce
 from recurrent_lens.cli import substitution as substitution_command
 from recurrent_lens.cli.args import (
@@ -74,9 +76,8 @@ def run(args, parser) -> int:
         model, task = toy.load(args.arch, progress=progress)
         tokens = task.make_batch(args.sequences, seed=args.seed + 10_000)[0]
         length = args.prompt_length or 2 + 2 * task.n_pairs
-        toy_protocol = dict(substitution_command.OURS, positions=task.value_positions.tolist(),
-                            readout_offset=task.recall_offset)
-        substitution = toy_protocol if args.protocol == "ours" else {}
+        toy_protocol = (dict(substitution_command.OURS, positions=task.value_positions.tolist(),
+                             readout_offset=task.recall_offset) if args.protocol == "ours" else {})
         where = f"toy {args.arch}"
     else:
         if args.sae is None or args.dataset is None:
@@ -86,7 +87,7 @@ def run(args, parser) -> int:
         model = load_checkpoint(args, parser)
         tokens = torch.stack(list(token_source(args, parser, model, max_sequences=args.sequences)))
         length = args.prompt_length or max(tokens.shape[1] // 2, 1)
-        substitution, where = {}, args.model
+        toy_protocol, where = {}, args.model
     check_site(parser, model, args.hook, args.head)
     if args.sae is None:
         sae = toy.load_sae(args.arch, progress=progress)
@@ -107,13 +108,17 @@ def run(args, parser) -> int:
         f" (the paper's 100-1000 needs more than 1000 tokens; the lower half of this {model.cfg.d_vocab}-token "
         f"vocabulary instead)")
     prompts = tokens[: args.install_prompts, :length]
-    logit_shift = dict(n_atoms=4, positions_per_atom=20) if args.quick else {}
+    substitution = (SubstitutionOptions(**{k: v for k, v in toy_protocol.items() if k != "positions"})
+                    if toy_protocol else None)
+    logit_shift = (replace(presets("logit_shift")[args.protocol], n_atoms=4, positions_per_atom=20) if args.quick
+                   else None)
     print(f"reproduce, protocol {args.protocol}: {where}, {args.hook} head {args.head}, SAE {sae_name}\n"
           f"  {len(tokens)} sequences of {tokens.shape[1]} tokens; install prompts {len(prompts)} x {length} tokens, "
           f"targets ranked {band[0]}-{band[1]}{why}"
-          + (f"\n  toy protocol: {', '.join(f'{k}={v}' for k, v in substitution.items())}" if substitution else ""))
+          + (f"\n  toy protocol: {', '.join(f'{k}={v}' for k, v in toy_protocol.items())}" if toy_protocol else ""))
     rep = reproduce(model, sae, args.hook, args.head, tokens, prompts, protocol=args.protocol, band=band,
-                    magnitudes=args.magnitudes, substitution=substitution, logit_shift=logit_shift,
+                    magnitudes=args.magnitudes, substitution=substitution,
+                    substitution_positions=toy_protocol.get("positions"), logit_shift=logit_shift,
                     population_atoms=args.population_atoms, skip_positions=SKIP_POSITIONS, seed=args.seed,
                     progress=progress, device=args.device)
     print(rep.report())

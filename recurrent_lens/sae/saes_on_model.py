@@ -21,6 +21,10 @@ original hook point keep running first, on the unspliced activation.
 ``saes=`` of :func:`run_with_saes` and friends takes SAE objects (their hook names, and for ours the head,
 from ``sae.cfg.metadata``) or ``(sae, hook_name)`` / ``(sae, hook_name, head)`` tuples. On leaving,
 SAEs attached before the call at the same hooks are put back.
+
+The examples of :func:`run_with_saes` and :func:`run_with_cache_with_saes` use ``tiny_model``, ``tiny_sae`` and
+``tiny_tokens`` (a random one-layer Gated DeltaNet, a random WriteSAE on its ``[8, 8]`` states and two random
+sequences; built as :mod:`recurrent_lens.analysis` shows).
 """
 
 from __future__ import annotations
@@ -259,14 +263,8 @@ def run_with_saes(model: nn.Module, *model_args: Any, saes: Sequence[Any] = (), 
     """The model's forward with ``saes`` attached for the call (SAELens' ``run_with_saes``).
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import WriteSAE
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-        ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-        >>> sae = WriteSAE(8, 4, 32, k=4, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
-        >>> model.run_with_saes(torch.tensor([[1, 2, 3]]), saes=[sae]).shape
-        torch.Size([1, 3, 50])
+        >>> tiny_model.run_with_saes(tiny_tokens, saes=[(tiny_sae, "blocks.0.mixer.hook_state", 1)]).shape
+        torch.Size([2, 8, 50])
     """
     with _saes_context(model, saes, reset_saes_end, use_error_term):
         return model(*model_args, **model_kwargs)
@@ -279,15 +277,10 @@ def run_with_cache_with_saes(model: nn.Module, *model_args: Any, saes: Sequence[
     their hook names (SAELens' ``run_with_cache_with_saes``).
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import WriteSAE
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-        ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-        >>> sae = WriteSAE(8, 4, 32, k=4, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
-        >>> _, cache = model.run_with_cache_with_saes(torch.tensor([[1, 2, 3]]), saes=[sae])
+        >>> _, cache = tiny_model.run_with_cache_with_saes(tiny_tokens,
+        ...                                                saes=[(tiny_sae, "blocks.0.mixer.hook_state", 1)])
         >>> tuple(cache["blocks.0.mixer.hook_state.saes.h1.hook_sae_acts_post"].shape)
-        (1, 3, 32)
+        (2, 8, 16)
     """
     with _saes_context(model, saes, reset_saes_end, use_error_term):
         return model.run_with_cache(*model_args, **kwargs)

@@ -398,7 +398,8 @@ def test_reproduce_device_changes_nothing_on_the_cpu_and_keeps_the_tensors_on_th
     sae = toy.load_sae("gdn", progress=False)
     tokens = task.make_batch(8, seed=10_000)[0]
     kwargs = dict(protocol="paper", band=(17, 33), magnitudes=(3.0,), population_atoms=4,
-                  logit_shift={"n_atoms": 2, "positions_per_atom": 20})
+                  logit_shift=dataclasses.replace(analysis.presets("logit_shift")["paper"], n_atoms=2,
+                                                  positions_per_atom=20))
     before = rep_module.reproduce(model, sae, "blocks.1.mixer.hook_state", 0, tokens, tokens[:, :18], **kwargs)
     seen = []
     branch = _common.branch_logits
