@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 import torch
-from tests.models.test_tl_compat import uneven_hybrid
+from tests.support.helpers import uneven_hybrid
 from tests.support.helpers import tiny_model, word_tokenizer
 from tests.support.saelens import sae_lens, standard_sae
 from transformer_lens import FactoredMatrix, patching

@@ -5,7 +5,7 @@ import pytest
 import torch
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from fla.ops.gla.naive import naive_recurrent_gla
-from tests.models.test_scan import CASES, make_inputs
+from tests.support.scan_inputs import CASES, make_inputs
 
 from recurrent_lens.models import kernels
 from recurrent_lens.models.scan import recurrent_scan

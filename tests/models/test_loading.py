@@ -365,7 +365,7 @@ def test_overlapping_offsets_refused_before_any_garbage_weight(qwen_dir, tmp_pat
 def rwkv7_checkpoint(tmp_path_factory):
     """A tiny fla RWKV-7 saved whole, and its state dict and config for building shards."""
     from tests.support.fla_cpu import patch_fla_for_cpu
-    from tests.models.test_rwkv7 import tiny_fla_rwkv7
+    from tests.support.tiny_arch_rwkv7 import tiny_fla_rwkv7
 
     with patch_fla_for_cpu():
         ref = tiny_fla_rwkv7()

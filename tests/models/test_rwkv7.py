@@ -1,40 +1,17 @@
 """RWKV-7 against fla's ``RWKV7ForCausalLM`` (torch-patched for CPU) and recurrences written here."""
 
 import math
-from unittest import mock
 
 import pytest
 import torch
 from tests.support.fla_cpu import patch_fla_for_cpu
-from tests.support.helpers import perturb_
 from safetensors.torch import load_file, save_file
-from tests.support.tiny_arch_rwkv7 import tiny_rwkv7
+from tests.support.tiny_arch_rwkv7 import FLA_VOCAB as VOCAB
+from tests.support.tiny_arch_rwkv7 import tiny_fla_rwkv7, tiny_rwkv7
 
 from recurrent_lens import HookedRecurrentModel
 from recurrent_lens.models.rwkv7 import config_from_fla, map_fla_weight
 
-VOCAB = 97
-
-
-def tiny_fla_rwkv7(seed: int = 0, fuse_norm: bool = True, value_dim: int | None = None):
-    """A tiny perturbed fla RWKV-7: 3 layers (v_first reaches two), 4 heads of d_k 16.
-
-    fla's own initialiser cannot build ``value_dim`` ≠ ``hidden_size`` (it writes a ``hidden_size``-long
-    bias into the ``value_dim``-wide ``v_lora``), so that variant starts from the plain init instead;
-    the perturbation makes every weight random either way."""
-    from fla.layers.rwkv7 import RWKV7Attention
-    from fla.models import RWKV7Config, RWKV7ForCausalLM
-
-    cfg = RWKV7Config(hidden_size=64, num_hidden_layers=3, head_dim=16, value_dim=value_dim, hidden_ratio=1.5,
-                      decay_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=8, gate_low_rank_dim=16,
-                      vocab_size=VOCAB, fuse_norm=fuse_norm, norm_eps=1e-5, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    if value_dim is None:
-        ref = RWKV7ForCausalLM(cfg)
-    else:
-        with mock.patch.object(RWKV7Attention, "_initialize_weights", lambda self, module: None):
-            ref = RWKV7ForCausalLM(cfg)
-    return perturb_(ref, 0.1, seed).eval()
 
 
 @pytest.fixture(scope="module", params=[(True, None), (False, 128)], ids=["fuse_norm-dv16", "no_fuse_norm-dv32"])

@@ -2,33 +2,12 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recurrent_lens.models.scan import DeltaRule, DPLRRule, LinearRule, RecurrenceInputs, recurrent_scan, replay, scan
+from tests.support.scan_inputs import CASES, make_inputs
 
-
-def make_inputs(rule, B, T, H, dk, dv, *, seed=0, per_channel=False, with_beta=True, with_decay=True,
-                requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
-
-    k = F.normalize(r(B, T, H, dk), dim=-1)
-    decay = None
-    if with_decay:
-        decay = -torch.rand(B, T, H, dk, generator=g) if per_channel else -torch.rand(B, T, H, generator=g)
-    extra = {}
-    if isinstance(rule, DPLRRule):
-        decay = -torch.rand(B, T, H, dk, generator=g) * 0.5
-        extra = {"erase_key": F.normalize(r(B, T, H, dk), dim=-1), "a": torch.rand(B, T, H, dk, generator=g)}
-    x = RecurrenceInputs(q=r(B, T, H, dk) * dk**-0.5, k=k, v=r(B, T, H, dv),
-                         beta=torch.rand(B, T, H, generator=g) if with_beta else None, decay=decay, extra=extra)
-    if requires_grad:
-        x = x.map(lambda t: t.clone().requires_grad_(True))
-    return x
+from recurrent_lens.models.scan import DeltaRule, DPLRRule, RecurrenceInputs, recurrent_scan, replay, scan
 
 
 def explicit_loop(rule, x, S0):
@@ -53,16 +32,6 @@ def explicit_loop(rule, x, S0):
         states.append(S)
     states = torch.stack(states, 1)
     return torch.einsum("bthkv,bthk->bthv", states, x.q), states
-
-
-CASES = {
-    "delta-gated": (DeltaRule(), {}),
-    "delta-nodecay": (DeltaRule(), {"with_decay": False}),
-    "linear-scalar": (LinearRule(), {}),
-    "linear-channel": (LinearRule(), {"per_channel": True}),
-    "linear-nobeta": (LinearRule(), {"with_beta": False, "per_channel": True}),
-    "dplr": (DPLRRule(), {}),
-}
 
 
 @pytest.mark.parametrize("case", CASES)

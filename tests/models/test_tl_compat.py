@@ -3,7 +3,7 @@ model's own activations and TransformerLens' own patching functions."""
 
 import pytest
 import torch
-from tests.support.helpers import tiny_gdn, tiny_model
+from tests.support.helpers import tiny_gdn, tiny_model, uneven_hybrid
 from transformer_lens import FactoredMatrix, patching
 
 from recurrent_lens.models.attention import apply_rope
@@ -12,13 +12,6 @@ from recurrent_lens.models.tl_compat import HookNameError
 
 def metric(logits):
     return logits[:, -1, 5].sum()
-
-
-def uneven_hybrid():
-    """Attention layers with fewer heads (2) than the recurrent ones (4), as in Qwen3.5-0.8B (8 vs 16)."""
-    return tiny_gdn(0, n_layers=3, norm="rms_one_plus", options={"layout": "qwen3_5"},
-                    layer_types=("recurrent", "attention", "recurrent"), n_attn_heads=2, n_kv_heads=1,
-                    d_head_attn=8, rotary_dim=4, attn_output_gate=True).eval()
 
 
 @pytest.fixture(scope="module")

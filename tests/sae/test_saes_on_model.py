@@ -6,7 +6,7 @@ Tests that need ``sae_lens`` skip without it, except under ``RECURRENT_LENS_REQU
 
 import pytest
 import torch
-from tests.models.test_tl_compat import uneven_hybrid
+from tests.support.helpers import uneven_hybrid
 from tests.support.helpers import tiny_model, word_tokenizer
 from tests.support.saelens import sae_lens, standard_sae
 

@@ -66,6 +66,13 @@ def tiny_gdn(seed: int = 0, n_layers: int = 2, **overrides) -> HookedRecurrentMo
     return slow_decay(perturb_(model, 0.1, seed), -4.5, -3.5).eval()
 
 
+def uneven_hybrid():
+    """Attention layers with fewer heads (2) than the recurrent ones (4), as in Qwen3.5-0.8B (8 vs 16)."""
+    return tiny_gdn(0, n_layers=3, norm="rms_one_plus", options={"layout": "qwen3_5"},
+                    layer_types=("recurrent", "attention", "recurrent"), n_attn_heads=2, n_kv_heads=1,
+                    d_head_attn=8, rotary_dim=4, attn_output_gate=True).eval()
+
+
 def _tiny_mamba2(seed: int) -> HookedRecurrentModel:
     from tests.support.tiny_arch_mamba2 import tiny_mamba2
 
