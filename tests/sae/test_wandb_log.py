@@ -6,8 +6,7 @@ import sys
 import types
 
 import pytest
-from tests.support.cli import QUICK_SAE
-from tests.cli.test_cli_real import checkpoint, small  # noqa: F401  (checkpoint is a fixture)
+from tests.support.cli import QUICK_SAE, checkpoint, small  # noqa: F401  (checkpoint is a fixture)
 
 from recurrent_lens.cli import main
 
