@@ -1,6 +1,7 @@
 """The plots of a feature attribution: top writers and the implicit attention pattern."""
 
 import pytest
+import torch
 from tests.support.analysis import FEATURES, POSITIONS, tokens_for
 from tests.support.helpers import make_sae, tiny_model
 
@@ -30,3 +31,14 @@ def test_plots_show_the_terms():
     assert ax.figure.axes[-1].get_ylabel() == "share of the read α[t, s]"  # the colour bar
     with pytest.raises(ValueError, match=r"expected a square \[t, s\] pattern and one label per position"):
         plot_implicit_attention(alpha[:5], labels)
+
+
+def test_token_labels_are_the_ids_without_a_tokenizer_and_the_escaped_strings_with_one():
+    from tests.support.helpers import word_tokenizer
+
+    from recurrent_lens.analysis import token_labels
+
+    model = tiny_model("gated_deltanet")
+    assert token_labels(model, torch.tensor([[3, 0, 7]])) == ["3", "0", "7"]
+    model.tokenizer = word_tokenizer(["<unk>", "<eos>", "the", "cat", "tab\there"])
+    assert token_labels(model, torch.tensor([2, 3, 4, 1])) == ["the", "cat", "tab\\there", "<eos>"]
