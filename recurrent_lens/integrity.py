@@ -144,7 +144,9 @@ def source_fingerprint(data: Any) -> dict[str, Any] | None:
     """Identity of a training or harvesting source: a token tensor's digest, a file source's or a state
     store's own ``fingerprint()``; ``None`` for any other iterable (identified by its sequences instead)."""
     if isinstance(data, Tensor):
-        return {"kind": "tensor", "sha256": tensor_digest(data)}
+        # token ids compared as int64, so int32 and int64 copies of the same tokens are the same data
+        ids = data if data.is_floating_point() else data.to(torch.int64)
+        return {"kind": "tensor", "sha256": tensor_digest(ids)}
     if callable(getattr(data, "fingerprint", None)):
         return data.fingerprint()
     return None

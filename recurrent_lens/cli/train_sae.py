@@ -20,7 +20,8 @@ from recurrent_lens.cli.common import (
     toy_site, train_toy_sae, wandb_config,
 )
 from recurrent_lens.sae import TrainConfig
-from recurrent_lens.sae.multicell import CollectiveError, MultiCellTrainer, collective
+from recurrent_lens.sae.distributed import CollectiveError, collective
+from recurrent_lens.sae.trainer import MultiCellTrainer
 from recurrent_lens.sae.training import write_json
 from recurrent_lens.states.files import DirectoryLock
 from recurrent_lens.states.store import StateStore

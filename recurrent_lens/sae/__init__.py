@@ -20,7 +20,8 @@ from recurrent_lens.sae.io import from_reference_checkpoint, load
 from recurrent_lens.sae.presets import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
 from recurrent_lens.sae.registry import SAE_REGISTRY, register_sae_class
 from recurrent_lens.sae.sparsities import register_sparsity
-from recurrent_lens.sae.training import SAETrainer, TrainConfig, TrainLog, train
+from recurrent_lens.sae.trainer import MultiCellTrainer, SAETrainer, train, train_cells
+from recurrent_lens.sae.training import TrainConfig, TrainLog
 
 __all__ = [
     "SAE",
@@ -39,7 +40,9 @@ __all__ = [
     "reset_saes",
     "saes",
     "train",
+    "train_cells",
     "SAETrainer",
+    "MultiCellTrainer",
     "TrainConfig",
     "TrainLog",
 ]

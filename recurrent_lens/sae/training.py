@@ -1,11 +1,9 @@
-"""Training SAEs on states streamed from a model's hooks.
+"""One SAE's optimisation and the settings of a training run, shared by every trainer.
 
-For each sequence ``positions_per_seq`` positions are drawn at random (not only the last one), the chosen
-head's ``d_k x d_v`` matrices at those positions are computed with ``model.harvest`` (boundary states of the
-chunked scan plus one replayed chunk per position: the full ``[batch, pos, head, d_k, d_v]`` tensor is
-never formed; any other ``HookedRootModule`` falls back to ``run_with_cache``), they go into a shuffling
-buffer, and the SAE trains on batches drawn from it. Many cells from one model pass, streamed text and
-torchrun: :mod:`recurrent_lens.sae.multicell`.
+:class:`TrainConfig` holds a run's settings and :class:`Learner` one SAE's optimisation. The trainer itself,
+:class:`~recurrent_lens.sae.trainer.MultiCellTrainer` (one SAE per cell, :class:`~recurrent_lens.sae.
+SAETrainer` and :func:`~recurrent_lens.sae.train` being its one-cell case), reads its states from a
+:class:`~recurrent_lens.states.feeds.StateFeed`.
 
 Recipe (the reference's): Adam (default betas); lr linear warm-up from 0 over
 ``min(warmup_steps, n_steps // 4)`` steps, then cosine to ``lr_min``; per step: encode and decode
@@ -19,42 +17,26 @@ logging, validation and checkpoint steps and once per buffer refill (the finiten
 Divergence: every step records, on the device, whether the batch of states, the loss, the gradients and
 the weights were finite. At every log step, before every checkpoint and at the end, the first non-finite
 value seen raises :class:`~recurrent_lens.integrity.NonFiniteError` naming the step, the tensor and, for
-states, the batch row and the sequence and position it was harvested from. Nothing computed from it is
-written: the last checkpoint stays the one before it, and no SAE or ``train_log.json`` is saved. A finite
-but huge state (``1e30``) overflows the loss, and is caught as a non-finite loss.
-
-Checkpoints (``checkpoint_dir/checkpoint.pt``) hold the SAE, the optimizer, the step, every random
-generator, the data order, the shuffling buffer and the running sums of the log row in progress, so a
-resumed run continues bit for bit like an uninterrupted one, ``train_log.json`` included. They also record
-the model's weights and the tokens (see :mod:`recurrent_lens.integrity`), which
-:meth:`SAETrainer.from_checkpoint` checks; a checkpoint without them is refused.
+states, the batch row and where it came from. Nothing computed from it is written. A finite but huge state
+(``1e30``) overflows the loss, and is caught as a non-finite loss.
 """
 
 import json
 import math
-import os
-import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Int
 from torch import nn
-from tqdm.auto import tqdm
 
-from recurrent_lens.integrity import (
-    NonFiniteError, check_same, first_nonfinite, refuse_unchecked, tensor_digest, weights_fingerprint,
-)
-from recurrent_lens.sae import wandb_log
+from recurrent_lens.integrity import NonFiniteError, first_nonfinite
 from recurrent_lens.sae.base import SAE, SAEPass
 from recurrent_lens.sae.config import SAEConfig
 from recurrent_lens.sae.registry import SAE_REGISTRY
-from recurrent_lens.states.cells import Cell, check_head, parse_cell
-from recurrent_lens.states.files import DirectoryLock, atomic_write, check_writable, remove_stale_temporaries
+from recurrent_lens.states.files import atomic_write
 
-__all__ = ["TrainConfig", "TrainLog", "SAETrainer", "Learner", "train", "evaluate", "update_dead_counters"]
+__all__ = ["TrainConfig", "TrainLog", "Learner", "evaluate", "update_dead_counters"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
 _WATCHED = ("training states", "loss", "gradients", "weights")
 
 
@@ -100,9 +82,8 @@ class TrainConfig:
     val_every: int = 100
     log_every: int = 50
     seed: int = 0
-    checkpoint_dir: str | None = None
     checkpoint_every: int = 0
-    """Write ``checkpoint.pt`` every this many steps (0: only at the end / when stopped early)."""
+    """Write a checkpoint every this many steps (0: only at the end / when stopped early)."""
     progress: bool = True
     wandb: bool = False
     """Log to Weights & Biases (see :mod:`recurrent_lens.sae.wandb_log`)."""
@@ -159,8 +140,7 @@ def update_dead_counters(sae: SAE, p: SAEPass) -> None:
 
 class Learner:
     """One SAE's optimisation: Adam, the learning-rate schedule, decoder normalisation, the dead-feature
-    counters and resampling, and the running training log. Shared by :class:`SAETrainer` and the
-    many-cell trainer.
+    counters and resampling, and the running training log; the trainer holds one per cell.
 
     ``sync`` (optional) makes the update data-parallel: ``sync.gradients(params)`` averages gradients
     across processes after the backward pass, ``sync.counters(sae)`` makes the dead-feature counters
@@ -311,87 +291,6 @@ def sae_from_payload(payload: dict[str, Any]) -> SAE:
     return sae
 
 
-class _StateStream:
-    """Random-position states of one head, shuffled through a buffer. Fully described by its state."""
-
-    def __init__(self, model: nn.Module, hook_name: str, head: int, tokens: torch.Tensor, cfg: TrainConfig,
-                 generator: torch.Generator) -> None:
-        self.model, self.hook_name, self.head, self.tokens, self.cfg = model, hook_name, head, tokens, cfg
-        self.gen = generator
-        self.order = torch.randperm(len(tokens), generator=generator)
-        self.cursor = 0
-        self.epoch = 0
-        self.buffer: torch.Tensor | None = None
-        self.fill = 0
-        self.nonfinite: str | None = None  # where the first non-finite state came from, once one was seen
-
-    @torch.no_grad()
-    def states_of(self, toks: torch.Tensor) -> torch.Tensor:
-        """``[n_seq * positions_per_seq, d_k, d_v]`` states at random positions of ``toks``.
-
-        A :class:`~recurrent_lens.HookedRecurrentModel` computes only those states (``harvest``); any
-        other ``HookedRootModule`` is run with ``run_with_cache`` and sliced.
-        """
-        return self._sample(toks)[0]
-
-    def _sample(self, toks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`states_of` and the positions ``[n_seq, positions_per_seq]`` they were taken at."""
-        b, T = toks.shape
-        usable = T - self.cfg.skip_positions
-        if usable < 1:
-            raise ValueError(f"sequences of length {T} leave no position after skip_positions={self.cfg.skip_positions}")
-        p = min(self.cfg.positions_per_seq, usable)
-        pos = torch.rand(b, usable, generator=self.gen).argsort(-1)[:, :p] + self.cfg.skip_positions
-        if hasattr(self.model, "harvest"):
-            S = self.model.harvest(toks, pos, [(self.hook_name, self.head)])[self.hook_name, self.head]
-        else:
-            _, cache = self.model.run_with_cache(toks, names_filter=self.hook_name)
-            S = cache[self.hook_name][:, :, self.head][torch.arange(b)[:, None], pos]
-        return S.reshape(-1, *S.shape[-2:]).float(), pos
-
-    def _next_sequences(self) -> torch.Tensor:
-        if self.cursor >= len(self.order):
-            self.order = torch.randperm(len(self.tokens), generator=self.gen)
-            self.cursor, self.epoch = 0, self.epoch + 1
-        idx = self.order[self.cursor : self.cursor + self.cfg.model_batch_size]
-        self.cursor += len(idx)
-        return idx
-
-    @torch.no_grad()
-    def _refill(self) -> None:
-        parts = [self.buffer[: self.fill]] if self.buffer is not None else []
-        have = self.fill
-        while have < self.cfg.buffer_size:
-            idx = self._next_sequences()
-            states, pos = self._sample(self.tokens[idx])
-            row = first_nonfinite(states) if self.nonfinite is None else None
-            if row is not None:
-                per = pos.shape[1]
-                self.nonfinite = (f"the first non-finite state harvested: sequence {int(idx[row // per])} of the "
-                                  f"training tokens, position {int(pos[row // per, row % per])}")
-            parts.append(states)
-            have += len(states)
-        merged = torch.cat(parts)
-        self.buffer = merged[torch.randperm(len(merged), generator=self.gen)]
-        self.fill = len(self.buffer)
-
-    def next_batch(self) -> torch.Tensor:
-        if self.buffer is None or self.fill < max(self.cfg.batch_size, self.cfg.buffer_size // 2):
-            self._refill()
-        batch = self.buffer[self.fill - self.cfg.batch_size : self.fill]
-        self.fill -= self.cfg.batch_size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        buffer = None if self.buffer is None else self.buffer[: self.fill].clone()
-        return {"order": self.order, "cursor": self.cursor, "epoch": self.epoch, "buffer": buffer}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.order, self.cursor, self.epoch = d["order"], d["cursor"], d["epoch"]
-        self.buffer = d["buffer"]
-        self.fill = 0 if self.buffer is None else len(self.buffer)
-
-
 # How a run reports itself, not what it computes: a resumed run may change them
 REPORTING_FIELDS = frozenset({"progress", "wandb", "wandb_project", "wandb_run_name"})
 
@@ -436,251 +335,6 @@ def check_tokens(model: nn.Module, tokens: Any) -> torch.Tensor:
     return tokens
 
 
-def check_cell(model: nn.Module, hook_name: str, head: Any) -> Cell:
-    """The cell ``(hook_name, head)``, refusing a hook that holds no per-step matrices, or a head out of
-    range, before any work starts (a model without ``matrix_site`` only needs the hook to exist)."""
-    if hasattr(model, "matrix_site"):
-        return parse_cell(model, hook_name, head)
-    if hook_name not in getattr(model, "hook_dict", {}):
-        raise ValueError(f"hook_name: {hook_name!r} is not a hook point of the model")
-    return Cell(hook_name, check_head(head, None))
-
-
-class SAETrainer:
-    """Trains one SAE on one head of one matrix hook.
-
-    Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import SAETrainer, TrainConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-        ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-        >>> tokens = torch.randint(0, 50, (16, 12))
-        >>> cfg = TrainConfig(n_steps=20, batch_size=32, n_features=64, k=4, buffer_size=128, progress=False)
-        >>> sae, log = SAETrainer(model, "blocks.0.mixer.hook_state", 0, tokens, cfg).train()
-        >>> len(log.train) > 0
-        True
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        hook_name: str,
-        head: int,
-        tokens: Int[torch.Tensor, "n_seq pos"],
-        cfg: TrainConfig,
-        sae: SAE | None = None,
-    ) -> None:
-        check_train_config(cfg)
-        check_cell(model, hook_name, head)
-        tokens = check_tokens(model, tokens)
-        if cfg.val_sequences >= len(tokens):
-            raise ValueError(f"val_sequences={cfg.val_sequences} leaves no training sequence out of {len(tokens)}")
-        if tokens.shape[1] - cfg.skip_positions < 1:
-            raise ValueError(f"tokens: sequences of length {tokens.shape[1]} leave no position after "
-                             f"skip_positions={cfg.skip_positions}")
-        if cfg.checkpoint_dir is not None:
-            check_writable(cfg.checkpoint_dir, "TrainConfig.checkpoint_dir")
-        self.model, self.hook_name, self.head, self.cfg = model, hook_name, head, cfg
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        n_train = len(tokens) - cfg.val_sequences
-        self.stream = _StateStream(model, hook_name, head, tokens[:n_train], cfg, self.gen)
-        self.val_tokens = tokens[n_train:]
-        self._val_states: torch.Tensor | None = None
-        if sae is None:
-            probe = self.stream.states_of(tokens[:1])
-            sae = build_sae(cfg, *probe.shape[-2:])
-            # The probe must not shift the data stream: restart it from the seed.
-            self.gen.manual_seed(cfg.seed)
-            self.stream = _StateStream(model, hook_name, head, tokens[:n_train], cfg, self.gen)
-        sae.cfg.metadata.setdefault("hook_name", hook_name)
-        sae.cfg.metadata.setdefault("head", head)
-        self.learner = Learner(sae, cfg, self.gen, label=f"{hook_name}.h{head}")
-        self._weights: dict[str, Any] | None = None
-        self._lock = None
-        if cfg.checkpoint_dir is not None:
-            # held from here until train() returns: a second trainer on the directory fails before any work
-            self._lock = DirectoryLock(cfg.checkpoint_dir, "TrainConfig.checkpoint_dir").acquire()
-            weakref.finalize(self, self._lock.release)
-            remove_stale_temporaries(cfg.checkpoint_dir)
-
-    @property
-    def sae(self) -> SAE:
-        return self.learner.sae
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.learner.optimizer
-
-    @property
-    def step(self) -> int:
-        return self.learner.step
-
-    @property
-    def log(self) -> TrainLog:
-        return self.learner.log
-
-    def _clear_moments(self, idx: torch.Tensor) -> None:
-        self.learner.clear_moments(idx)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def save_checkpoint(self, path: str | None = None) -> str:
-        """Write everything needed to continue bit-identically; returns the file path. Raises
-        :class:`~recurrent_lens.integrity.NonFiniteError` instead if training diverged (the checkpoint
-        already there, from before, is kept)."""
-        directory = path or self.cfg.checkpoint_dir
-        if directory is None:
-            raise ValueError("save_checkpoint: no path given and TrainConfig.checkpoint_dir is None")
-        self.learner.check_finite()
-        os.makedirs(directory, exist_ok=True)
-        target = os.path.join(directory, CHECKPOINT_NAME)
-        if self._weights is None:
-            self._weights = weights_fingerprint(self.model)
-        payload = {**self.learner.state_dict(), "torch_rng": torch.get_rng_state(),
-                   "stream": self.stream.state_dict(), "train_config": asdict(self.cfg), "weights": self._weights,
-                   "data": {"shape": list(self.stream.tokens.shape), "val_shape": list(self.val_tokens.shape),
-                            "fingerprint": _fingerprint(self.stream.tokens),
-                            "val_fingerprint": _fingerprint(self.val_tokens)}}
-        atomic_write(target, lambda tmp: torch.save(payload, tmp))
-        return target
-
-    @classmethod
-    def from_checkpoint(cls, model: nn.Module, tokens: torch.Tensor, path: str, cfg: TrainConfig | None = None) -> "SAETrainer":
-        """Rebuild a trainer from ``path`` (a checkpoint directory or file) to continue training.
-
-        The model must read the same states (same hook and head sizes) and ``tokens`` must be the
-        sequences the run started with; anything else is refused.
-
-        Example:
-            >>> import torch, tempfile
-            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-            >>> from recurrent_lens.sae import SAETrainer, TrainConfig
-            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-            ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-            >>> tokens = torch.randint(0, 50, (16, 12))
-            >>> with tempfile.TemporaryDirectory() as d:
-            ...     cfg = TrainConfig(n_steps=10, batch_size=16, n_features=32, k=4, buffer_size=64,
-            ...                       progress=False, checkpoint_dir=d)
-            ...     _ = SAETrainer(model, "blocks.0.mixer.hook_state", 0, tokens, cfg).train(until_step=5)
-            ...     trainer = SAETrainer.from_checkpoint(model, tokens, d)
-            ...     trainer.step
-            5
-        """
-        file = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
-        try:
-            payload = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read training checkpoint {file} ({type(e).__name__}: {e})") from e
-        cfg = cfg or TrainConfig(**payload["train_config"])
-        sae = sae_from_payload(payload)
-        tokens = check_tokens(model, tokens)
-        if "weights" not in payload or "val_fingerprint" not in payload.get("data", {}):
-            raise refuse_unchecked(file, "a training checkpoint", "path")
-        data = payload["data"]
-        n_train = len(tokens) - cfg.val_sequences
-        if list(tokens[:n_train].shape) != data["shape"] or _fingerprint(tokens[:n_train]) != data["fingerprint"]:
-            raise ValueError(f"tokens: the checkpoint {file} was trained on other tokens (shape {data['shape']}, "
-                             f"got {list(tokens[:n_train].shape)} training sequences with other ids)")
-        if _fingerprint(tokens[n_train:]) != data["val_fingerprint"]:
-            raise ValueError(f"tokens: the checkpoint {file} was validated on other held-out tokens (the last "
-                             f"{cfg.val_sequences} sequences, shape {data['val_shape']}, hold other ids)")
-        hook_name, head = sae.cfg.metadata.get("hook_name"), sae.cfg.metadata.get("head")
-        check_cell(model, hook_name, head)
-        if hasattr(model, "cfg") and (model.cfg.d_k, model.cfg.d_v) != (sae.cfg.d_k, sae.cfg.d_v):
-            raise ValueError(f"model: the checkpoint's SAE reads {sae.cfg.d_k}x{sae.cfg.d_v} states, the model has "
-                             f"{model.cfg.d_k}x{model.cfg.d_v}")
-        check_same("weights", payload["weights"], weights_fingerprint(model), file, "a training checkpoint", "path")
-        trainer = cls(model, hook_name, head, tokens, cfg, sae=sae)
-        trainer.learner.load_state_dict(payload)
-        torch.set_rng_state(payload["torch_rng"])
-        trainer.stream.load_state_dict(payload["stream"])
-        return trainer
-
-    # ------------------------------------------------------------------ validation
-
-    def _validation_states(self) -> torch.Tensor:
-        if self._val_states is None:
-            # A separate generator keeps the validation set fixed and the training stream untouched.
-            val_stream = _StateStream(self.model, self.hook_name, self.head, self.val_tokens, self.cfg,
-                                      torch.Generator().manual_seed(self.cfg.seed + 1))
-            chunks = [val_stream.states_of(self.val_tokens[i : i + self.cfg.model_batch_size])
-                      for i in range(0, len(self.val_tokens), self.cfg.model_batch_size)]
-            states = torch.cat(chunks)
-            row = first_nonfinite(states)
-            if row is not None:
-                raise NonFiniteError(f"held-out states of {self.learner.label}: non-finite state in held-out sequence "
-                                     f"{row // (len(states) // len(self.val_tokens))} (of the last "
-                                     f"{len(self.val_tokens)} of the tokens)")
-            self._val_states = states
-        return self._val_states
-
-    @torch.no_grad()
-    def validate(self, states: torch.Tensor | None = None) -> dict[str, Any]:
-        """MSE, normalised MSE, explained variance, L0 and features never active on the states
-        (dead-feature counters are left alone)."""
-        states = self._validation_states() if states is None else states
-        return {"step": self.step, **evaluate(self.sae, states, self.cfg.batch_size)}
-
-    # ------------------------------------------------------------------ training
-
-    def train(self, until_step: int | None = None) -> tuple[SAE, TrainLog]:
-        """Run (or continue) training up to ``cfg.n_steps``, or stop early at ``until_step``.
-
-        With ``checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every`` steps and always
-        when the run stops (early or at the end), and the training log goes to ``train_log.json`` at the
-        end. The directory's lock (:class:`~recurrent_lens.states.files.DirectoryLock`, taken when the
-        trainer was built) is released when this returns or raises, and taken again by a later call.
-        Gradients are enabled for the duration even under ``torch.set_grad_enabled(False)`` (as
-        notebooks often set).
-        """
-        if self._lock is not None:
-            self._lock.acquire()
-        try:
-            with torch.enable_grad():
-                return self._train(until_step)
-        finally:
-            if self._lock is not None:
-                self._lock.release()
-
-    def _train(self, until_step: int | None) -> tuple[SAE, TrainLog]:
-        cfg, sae, learner = self.cfg, self.sae, self.learner
-        stop = cfg.n_steps if until_step is None else min(until_step, cfg.n_steps)
-        run = wandb_log.open_run(cfg, {**asdict(cfg), **sae.config_dict()})
-        if self.step == 0 and sae.cfg.center and not bool(sae.mean.any()):
-            with torch.no_grad():
-                self.stream._refill()
-                sae.mean.copy_(self.stream.buffer.mean(0))
-        sae.train()
-        bar = tqdm(total=stop, initial=self.step, disable=not cfg.progress, desc="SAE")
-        while self.step < stop:
-            batch = self.stream.next_batch()
-            learner.states_note = self.stream.nonfinite
-            row = learner.update(batch)
-            if row is not None:
-                bar.set_postfix(mse=f"{row['mse']:.3g}", l0=f"{row['l0']:.1f}", dead=row["dead"])
-                wandb_log.log_row(run, row, self.step)
-            if cfg.val_sequences and (self.step % cfg.val_every == 0 or self.step == cfg.n_steps):
-                row = self.validate()
-                self.log.val.append(row)
-                wandb_log.log_row(run, row, self.step)
-            if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-            bar.update(1)
-        bar.close()
-        learner.check_finite()
-        if self.step >= cfg.n_steps:
-            sae.cfg.metadata.update(train_steps=self.step)
-        if cfg.checkpoint_dir:
-            self.save_checkpoint()
-            if self.step >= cfg.n_steps:
-                write_json(os.path.join(cfg.checkpoint_dir, "train_log.json"), asdict(self.log))
-        if run is not None:
-            run.finish()
-        sae.eval()
-        return sae, self.log
-
-
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
 
@@ -689,11 +343,6 @@ def write_json(path: str, obj: Any) -> None:
             json.dump(obj, f, indent=1)
 
     atomic_write(path, write)
-
-
-def _fingerprint(tokens: torch.Tensor) -> str:
-    # ids compared as int64 whatever dtype the caller hands over, so int32 and int64 tokens match
-    return tensor_digest(tokens.to(torch.int64))
 
 
 @torch.no_grad()
@@ -718,27 +367,3 @@ def evaluate(sae: SAE, states: torch.Tensor, batch_size: int = 256) -> dict[str,
         "val_l0": float(l0 / len(states)),
         "val_dead": int((~fired).sum()),
     }
-
-
-def train(
-    model: nn.Module,
-    hook_name: str,
-    head: int,
-    tokens: Int[torch.Tensor, "n_seq pos"],
-    cfg: TrainConfig | None = None,
-    sae: SAE | None = None,
-) -> tuple[SAE, TrainLog]:
-    """Train an SAE on head ``head`` of ``hook_name``; builds ``cfg.architecture`` unless ``sae`` is given.
-
-    Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> from recurrent_lens.sae import train, TrainConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-        ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-        >>> sae, log = train(model, "blocks.0.mixer.hook_state", 1, torch.randint(0, 50, (16, 12)),
-        ...                  TrainConfig(n_steps=10, batch_size=32, n_features=64, k=4, buffer_size=128, progress=False))
-        >>> sae
-        WriteSAE(d_k=8, d_v=4, n_features=64, encoder=bilinear, decoder=rank-1, sparsity=topk(k=4), centred, hook_name='blocks.0.mixer.hook_state', head=1)
-    """
-    return SAETrainer(model, hook_name, head, tokens, cfg or TrainConfig(), sae=sae).train()

@@ -15,6 +15,7 @@ sequence ``i`` do not depend on batching, sharding across ranks, or where a run 
 from __future__ import annotations
 
 import operator
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 __all__ = ["Cell", "STATE_HOOKS", "as_index", "split_hook_name", "matrix_site", "check_head", "check_heads",
-           "check_layer", "check_positions", "parse_cell", "parse_cells", "sample_positions", "seeded_generator"]
+           "check_layer", "check_positions", "parse_cell", "parse_cells", "sample_positions", "seeded_generator",
+           "cell_generator"]
 
 _MIX = 0x9E3779B97F4A7C15  # an odd 64-bit constant: distinct (seed, index) pairs give distinct seeds
 
@@ -42,6 +44,19 @@ def seeded_generator(seed: int, index: int) -> torch.Generator:
         True
     """
     return torch.Generator().manual_seed((seed * _MIX + index) % 2**63)
+
+
+def cell_generator(seed: int, cell: Cell, role: str) -> torch.Generator:
+    """A generator seeded by a run's ``seed``, the cell's name and a ``role`` (``"buffer"``, ``"init"``, ...),
+    so a cell trains the same whichever other cells share its model passes.
+
+    Example:
+        >>> cell = Cell("blocks.0.mixer.hook_state", 1)
+        >>> bool(torch.equal(torch.rand(2, generator=cell_generator(0, cell, "buffer")),
+        ...                  torch.rand(2, generator=cell_generator(0, cell, "buffer"))))
+        True
+    """
+    return seeded_generator(seed, zlib.crc32(f"{role}:{cell.name}".encode()))
 
 
 def split_hook_name(hook_name: str) -> tuple[int, str]:

@@ -189,7 +189,7 @@ def test_dataset_defects_deep_in_the_file_are_parser_errors_before_training(chec
                                                                               monkeypatch):
     import numpy as np
 
-    from recurrent_lens.sae.multicell import MultiCellTrainer
+    from recurrent_lens.sae.trainer import MultiCellTrainer
 
     monkeypatch.setattr(MultiCellTrainer, "train", lambda self: pytest.fail("training started"))
     lines = (checkpoint / "docs.txt").read_bytes().split(b"\n")

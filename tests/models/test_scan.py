@@ -130,3 +130,11 @@ def test_replay_state_edit_carries_forward():
     a, b, k, v = x.decay[0, 6, 1].exp(), x.beta[0, 6, 1], x.k[0, 6, 1], x.v[0, 6, 1]
     expected = a * (torch.eye(4) - b * torch.outer(k, k)) @ X + b * torch.outer(k, v)
     torch.testing.assert_close(states[0, 6, 1], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_chunks_cut_the_position_axis():
+    x = RecurrenceInputs(q=torch.randn(2, 6, 3, 4), k=torch.randn(2, 6, 3, 4), v=torch.randn(2, 6, 3, 5),
+                         beta=torch.rand(2, 6, 3))
+    chunks = x.chunks(3)
+    assert chunks.v.shape == (2, 2, 3, 3, 5) and chunks.beta.shape == (2, 2, 3, 3)
+    assert torch.equal(chunks.v[1, 1, 2, 0], x.v[1, 3, 2]) and torch.equal(chunks.beta[0, 1, :, 2], x.beta[0, 5])

@@ -47,10 +47,11 @@ def test_toy_train_sae_logs_the_progress_bar_and_explained_variance(wandb, tmp_p
     assert run.init["config"]["n_features"] == 16
     steps = [step for step, _ in run.rows]
     assert steps == sorted(steps) and steps[-1] == 5
-    assert {"mse", "l0", "dead", "explained_variance"} <= set(run.rows[-1][1])
+    cell = "blocks.1.mixer.hook_state.h0"  # one log format: every row is named by its cell, one cell or many
+    assert {f"{cell}/{key}" for key in ("mse", "l0", "dead", "explained_variance")} <= set(run.rows[-1][1])
     log = json.loads((out / "train_log.json").read_text())
     assert log["train"][-1]["step"] == 5
-    assert run.rows[-1][1]["explained_variance"] == pytest.approx(log["train"][-1]["explained_variance"])
+    assert run.rows[-1][1][f"{cell}/explained_variance"] == pytest.approx(log["train"][-1]["explained_variance"])
 
 
 def test_multicell_train_sae_logs_each_cell(wandb, checkpoint, tmp_path):  # noqa: F811

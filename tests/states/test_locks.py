@@ -16,7 +16,7 @@ import torch
 from tests.support.helpers import tiny_gdn
 from recurrent_lens.cli import main
 from recurrent_lens.sae import SAETrainer, TrainConfig, load
-from recurrent_lens.sae.multicell import MultiCellTrainer
+from recurrent_lens.sae.trainer import MultiCellTrainer
 from recurrent_lens.states.store import StateStore, harvest_to_store
 from recurrent_lens.states.files import LOCK_NAME, DirectoryLock, DirectoryLockedError
 
@@ -91,7 +91,7 @@ def test_second_multicell_trainer_on_one_out_dir_fails_and_the_first_result_is_i
     flags.mkdir()
     first = start(PAUSING_SOURCE + """
     from recurrent_lens.sae import TrainConfig
-    from recurrent_lens.sae.multicell import train_cells
+    from recurrent_lens.sae.trainer import train_cells
     cfg = TrainConfig(n_steps=3, batch_size=8, n_features=16, k=2, buffer_size=8, model_batch_size=2,
                       positions_per_seq=2, progress=False)
     train_cells(tiny_gdn(seed=0), [("blocks.0.mixer.hook_state", 1)], windows(10**6), cfg, out_dir=out)
@@ -115,14 +115,14 @@ def test_second_multicell_trainer_on_one_out_dir_fails_and_the_first_result_is_i
 
 def test_trainers_hold_the_lock_until_train_returns(tmp_path):
     model, tokens = tiny_gdn(seed=0), torch.randint(0, 61, (8, 10))
-    cfg = TrainConfig(n_steps=2, batch_size=8, n_features=16, k=2, buffer_size=16, progress=False,
-                      checkpoint_dir=str(tmp_path / "one"))
-    trainer = SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg)
-    with pytest.raises(DirectoryLockedError, match=f"TrainConfig.checkpoint_dir: .* pid {os.getpid()}"):
-        SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg)
+    cfg = TrainConfig(n_steps=2, batch_size=8, n_features=16, k=2, buffer_size=16, progress=False)
+    one = str(tmp_path / "one")
+    trainer = SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg, out_dir=one)
+    with pytest.raises(DirectoryLockedError, match=f"out_dir: .* pid {os.getpid()}"):
+        SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg, out_dir=one)
     trainer.train()
     assert not (tmp_path / "one" / LOCK_NAME).exists()
-    SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg).train()  # free again
+    SAETrainer(model, "blocks.0.mixer.hook_state", 1, tokens, cfg, out_dir=one).train()  # free again
 
     multi = MultiCellTrainer(model, CELLS, tokens, cfg, out_dir=str(tmp_path / "many"))
     with pytest.raises(DirectoryLockedError, match="out_dir: .* is in use by another run"):

@@ -18,7 +18,7 @@ from tests.support.threads import run_in_threads
 from recurrent_lens.data import open_tokens
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.states.cells import Cell, sample_positions
-from recurrent_lens.sae.multicell import MultiCellTrainer
+from recurrent_lens.sae.trainer import MultiCellTrainer
 from recurrent_lens.states.store import StateStore, harvest_to_store
 
 CELLS = [Cell("blocks.0.mixer.hook_state", 1), Cell("blocks.1.mixer.hook_write", 3)]

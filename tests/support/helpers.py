@@ -112,6 +112,21 @@ def tiny_model(arch: str, seed: int = 0) -> HookedRecurrentModel:
     return ARCHS[arch](seed)
 
 
+def build(arch: str, seed: int = 0) -> HookedRecurrentModel:
+    """:func:`tiny_model`, or for ``"gla_conv"`` the tiny GLA with its optional short convolution."""
+    if arch == "gla_conv":
+        from tests.support.tiny_arch_fla import tiny_gla
+
+        return tiny_gla(seed, use_short_conv=True)
+    return tiny_model(arch, seed)
+
+
+BUILTINS = ("gated_deltanet", "delta_net", "gla", "mamba2", "rwkv7")
+"""The architectures the package registers when it is imported."""
+SIZES = dict(d_model=64, n_layers=1, d_vocab=10, n_heads=4, d_k=16, d_v=16)
+"""Small ``ModelConfig`` sizes that every built-in architecture accepts."""
+
+
 SAE_KINDS = {  # every kind, with biases, a mean and Gated's scale away from their neutral init
     "write": lambda d_k, d_v, meta: WriteSAE(d_k, d_v, 32, k=4, metadata=meta),
     "flat_gated": lambda d_k, d_v, meta: FlatSAE(d_k, d_v, 32, sparsity="gated", metadata=meta),

@@ -47,7 +47,7 @@ Example:
     >>> import torch, tempfile
     >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
     >>> from recurrent_lens.sae import TrainConfig, load
-    >>> from recurrent_lens.sae.multicell import train_cells
+    >>> from recurrent_lens.sae.trainer import train_cells
     >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
     ...     n_layers=2, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
     >>> cfg = TrainConfig(n_steps=10, batch_size=32, n_features=64, k=4, buffer_size=128, progress=False)
@@ -64,288 +64,35 @@ import json
 import os
 import warnings
 import weakref
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from recurrent_lens.data import TokenSource
-from recurrent_lens.integrity import (
-    NonFiniteError, ResumeMismatchError, check_same, first_nonfinite, refuse_unchecked, sequence_chain,
-    source_fingerprint, weights_fingerprint,
-)
+from recurrent_lens.integrity import check_same, refuse_unchecked, source_fingerprint, weights_fingerprint
 from recurrent_lens.sae import wandb_log
 from recurrent_lens.sae.base import SAE
+from recurrent_lens.sae.distributed import DataParallelSync, collective
 from recurrent_lens.sae.io import save_sae
 from recurrent_lens.sae.training import (
     REPORTING_FIELDS, Learner, TrainConfig, TrainLog, build_sae, check_tokens, check_train_config, evaluate,
     sae_from_payload, write_json,
 )
-from recurrent_lens.states.cells import Cell, parse_cells, sample_positions, seeded_generator
+from recurrent_lens.states.cells import Cell, parse_cell, parse_cells
+from recurrent_lens.states.feeds import GeneratorFeed, HarvestFeed, StateFeed, StoreFeed
 from recurrent_lens.states.files import (
     DirectoryLock, DirectoryLockedError, atomic_write, check_writable, remove_stale_temporaries,
 )
-from recurrent_lens.states.harvest import harvest_cells
 
-__all__ = ["MultiCellTrainer", "train_cells", "DataParallelSync", "CollectiveError", "collective"]
+__all__ = ["MultiCellTrainer", "SAETrainer", "train", "train_cells"]
 
 MANIFEST = "checkpoint.json"
-
-
-class CollectiveError(RuntimeError):
-    """A collective of a distributed run failed on this rank, typically because a peer rank stopped, died or
-    did not reach it within the process group's timeout (``init_process_group(timeout=...)``)."""
-
-
-@contextmanager
-def collective(op: str) -> Iterator[None]:
-    """Run the collective ``op`` (``"all_reduce of the SAE gradients"``, say), turning the backend's failure
-    into a :class:`CollectiveError` that names the operation and this rank.
-
-    Example:
-        >>> with collective("nothing"):
-        ...     pass
-    """
-    try:
-        yield
-    except CollectiveError:
-        raise
-    except RuntimeError as e:  # gloo and NCCL report a timed-out or vanished peer as a RuntimeError
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        raise CollectiveError(f"rank {rank}: {op} did not complete (a peer rank stopped, died or did not reach it "
-                              f"within the process group's timeout): {e}") from e
-
-
-class DataParallelSync:
-    """The collectives that keep data-parallel SAEs identical on every rank (see the module docstring)."""
-
-    def __init__(self, group: Any = None) -> None:
-        self.group = group
-        self.world = dist.get_world_size(group)
-
-    def gradients(self, params: Sequence[Tensor]) -> None:
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        with collective("all_reduce of the SAE gradients"):
-            dist.all_reduce(flat, group=self.group)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
-            offset += p.grad.numel()
-
-    def counters(self, sae: SAE) -> None:
-        with collective("all_reduce of the dead-feature counters"):
-            dist.all_reduce(sae.steps_since_active, op=dist.ReduceOp.MIN, group=self.group)
-
-    def gather(self, x: Tensor) -> Tensor:
-        """The global batch: every rank's ``x`` concatenated in rank order."""
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        with collective("all_gather of the batch for resampling"):
-            dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts)
-
-    def parameters(self, sae: SAE) -> None:
-        with collective("broadcast of rank 0's SAE"):
-            for t in [*sae.parameters(), *sae.buffers()]:
-                dist.broadcast(t.data, 0, group=self.group)
-
-    def mean(self, x: Tensor) -> Tensor:
-        x = x.clone()
-        with collective("all_reduce of the states' mean"):
-            dist.all_reduce(x, group=self.group)
-        return x / self.world
-
-
-def _cell_generator(seed: int, cell: Cell, role: str) -> torch.Generator:
-    """A generator seeded by the run's seed and the cell's name, so a cell trains the same whichever
-    other cells share its model passes."""
-    return seeded_generator(seed, zlib.crc32(f"{role}:{cell.name}".encode()))
-
-
-def _sampled_states(model: Any, cells: list[Cell], cfg: TrainConfig, index: Tensor,
-                    tokens: Tensor) -> tuple[dict[Cell, Tensor], dict[Cell, tuple[int, int]]]:
-    """Every cell's states, in host memory, at the positions ``cfg`` samples for the sequences ``index``, and
-    for each cell with a non-finite state the sequence index and position of the first."""
-    pos = sample_positions(index, tokens.shape[1], cfg.positions_per_seq, skip=cfg.skip_positions, seed=cfg.seed,
-                           skip_name="TrainConfig.skip_positions")
-    states = {c: s.cpu() for c, s in harvest_cells(model, tokens, pos, cells).items()}
-    bad = {}
-    for c, s in states.items():
-        row = first_nonfinite(s)
-        if row is not None:
-            i, j = divmod(row, pos.shape[1])
-            bad[c] = (int(index[i]), int(pos[i, j]))
-    return states, bad
-
-
-class _Sequences:
-    """Token sequences with their global indices, ``batch`` at a time, for one rank of ``world``.
-
-    A tensor is read in a new order every epoch (the same permutation on every rank, each rank taking
-    every ``world``-th row); an iterable is read in order and restarted when exhausted (it is expected to
-    be this rank's shard already, e.g. ``open_tokens(..., rank=r, world_size=world)``).
-    """
-
-    def __init__(self, data: Any, batch: int, seed: int, rank: int, world: int) -> None:
-        self.data, self.batch, self.seed, self.rank, self.world = data, batch, seed, rank, world
-        self.is_tensor = isinstance(data, Tensor)
-        self.epoch = self.cursor = self.consumed = 0
-        self._iter: Any = None
-        self.chain = ""  # hash chain of this epoch's windows: a resumed run checks it re-reads the same ones
-        self._expected_chain: str | None = None
-
-    def _order(self) -> Tensor:
-        order = torch.randperm(len(self.data), generator=seeded_generator(self.seed, self.epoch))
-        return order[self.rank :: self.world]
-
-    def next(self) -> tuple[Tensor, Tensor]:
-        """``(global indices [batch], tokens [batch, ctx])``."""
-        if self.is_tensor:
-            order = self._order()
-            if self.cursor >= len(order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                order = self._order()
-            rows = order[self.cursor : self.cursor + self.batch]
-            self.cursor += len(rows)
-            return rows + self.epoch * len(self.data), self.data[rows]
-        windows: list[Tensor] = []
-        while len(windows) < self.batch:
-            if self._iter is None:
-                self._iter = iter(self.data)
-                if self._expected_chain is not None:  # resuming: skip what this epoch already gave
-                    self._skip_read()
-            try:
-                window = next(self._iter)
-            except StopIteration:
-                if self.cursor == 0:
-                    raise ValueError(f"data: the token source {self.data!r} yields no sequence") from None
-                self._iter, self.epoch, self.cursor, self.chain = None, self.epoch + 1, 0, ""
-                continue
-            windows.append(torch.as_tensor(window))
-            self.chain = sequence_chain(self.chain, windows[-1])
-            self.cursor += 1
-        index = torch.arange(self.consumed, self.consumed + len(windows)) * self.world + self.rank
-        self.consumed += len(windows)
-        return index, torch.stack(windows)
-
-    def _skip_read(self) -> None:
-        chain = ""
-        for _ in range(self.cursor):
-            chain = sequence_chain(chain, torch.as_tensor(next(self._iter)))
-        if chain != self._expected_chain:
-            raise ResumeMismatchError(
-                f"data: the token source does not yield the {self.cursor} windows already read this epoch by the "
-                f"interrupted run (their hash chain: recorded {self._expected_chain!r}, current {chain!r}); resume "
-                f"with the same source in the same order, or start afresh in another output directory (--out)")
-        self._expected_chain = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "consumed": self.consumed, "chain": self.chain}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.epoch, self.cursor, self.consumed, self._iter = d["epoch"], d["cursor"], d["consumed"], None
-        self.chain = self._expected_chain = d["chain"]
-
-
-class _HarvestFeed:
-    """Batches of every cell's states harvested from the model, through one shuffling buffer per cell."""
-
-    def __init__(self, model: Any, cells: list[Cell], data: Any, cfg: TrainConfig, local_batch: int,
-                 rank: int, world: int) -> None:
-        self.model, self.cells, self.cfg, self.local_batch = model, cells, cfg, local_batch
-        self.sequences = _Sequences(data, cfg.model_batch_size, cfg.seed, rank, world)
-        self.gens = {c: _cell_generator(cfg.seed, c, "buffer") for c in cells}
-        self.buffers: dict[Cell, Tensor] = {}
-        self.fill = 0
-        self.nonfinite: dict[Cell, str] = {}  # per cell, where its first non-finite state came from
-
-    @torch.no_grad()
-    def _refill(self) -> None:
-        parts = {c: [self.buffers[c][: self.fill]] if c in self.buffers else [] for c in self.cells}
-        have = self.fill
-        while have < self.cfg.buffer_size:
-            states, bad = _sampled_states(self.model, self.cells, self.cfg, *self.sequences.next())
-            self.nonfinite = {**{c: f"the first non-finite state harvested: sequence {i}, position {p}"
-                                 for c, (i, p) in bad.items()}, **self.nonfinite}
-            for c in self.cells:
-                parts[c].append(states[c])
-            have += len(states[self.cells[0]])
-        for c in self.cells:
-            merged = torch.cat(parts[c])
-            self.buffers[c] = merged[torch.randperm(len(merged), generator=self.gens[c])]
-        self.fill = have
-
-    def next(self) -> dict[Cell, Tensor]:
-        if not self.buffers or self.fill < max(self.local_batch, self.cfg.buffer_size // 2):
-            self._refill()
-        lo = self.fill - self.local_batch
-        self.fill = lo
-        return {c: self.buffers[c][lo : lo + self.local_batch] for c in self.cells}
-
-    def mean(self, cell: Cell) -> Tensor:
-        if not self.buffers:
-            self._refill()
-        return self.buffers[cell][: self.fill].mean(0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sequences": self.sequences.state_dict(), "fill": self.fill,
-                "gens": {c.name: g.get_state() for c, g in self.gens.items()},
-                "buffers": {c.name: b[: self.fill].clone() for c, b in self.buffers.items()}}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.sequences.load_state_dict(d["sequences"])
-        self.fill = d["fill"]
-        for c in self.cells:
-            self.gens[c].set_state(d["gens"][c.name])
-        self.buffers = {c: d["buffers"][c.name] for c in self.cells if c.name in d["buffers"]}
-
-
-class _StoreFeed:
-    """Batches of stored states: one seeded global order per cell, each rank reading its slice of every batch."""
-
-    def __init__(self, store: Any, cells: list[Cell], cfg: TrainConfig, rank: int, world: int) -> None:
-        self.store, self.cells, self.cfg, self.rank, self.world = store, cells, cfg, rank, world
-        self.step = 0
-        self._iters: dict[Cell, Any] = {}
-        self.nonfinite: dict[Cell, str] = {}  # per cell, where its first non-finite state lies
-
-    def next(self) -> dict[Cell, Tensor]:
-        if not self._iters:
-            self._iters = {c: iter(self.store.batch_indices(c, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
-                                                            rank=self.rank, world_size=self.world, start=self.step))
-                           for c in self.cells}
-        self.step += 1
-        batches = {}
-        for c, it in self._iters.items():
-            index = next(it)
-            batches[c] = self.store.read(c, index)
-            row = first_nonfinite(batches[c]) if c not in self.nonfinite else None
-            if row is not None:
-                self.nonfinite[c] = (f"the first non-finite state read: store row {int(index[row])}"
-                                     + self._origin(c, index[row]))
-        return batches
-
-    def _origin(self, cell: Cell, row: Tensor) -> str:
-        if self.store.manifest is None:
-            return ""
-        seq, pos = self.store.provenance(cell, row.reshape(1))
-        return f" (sequence {int(seq[0])}, position {int(pos[0])})"
-
-    def mean(self, cell: Cell) -> Tensor:
-        n = min(self.store.count(cell), self.cfg.buffer_size)
-        return self.store.read(cell, torch.arange(n)).mean(0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.step, self._iters = d["step"], {}
 
 
 class MultiCellTrainer:
@@ -364,11 +111,15 @@ class MultiCellTrainer:
         distributed: ``"data"``, ``"cells"`` or ``None`` (one process); ``"auto"``: ``"data"`` when
             ``torch.distributed`` is initialised with more than one rank.
         device: where the SAEs train (default: the model's device); buffers stay in host memory.
+        draw: how states are drawn from tokens: ``"per_sequence"`` (:class:`~recurrent_lens.states.feeds.
+            HarvestFeed`) or ``"generator"`` (:class:`~recurrent_lens.states.feeds.GeneratorFeed`, one process,
+            a token tensor: the draw of :func:`train`).
     """
 
     def __init__(self, model: Any, cells: Iterable[Cell | tuple[str, int]], data: Any, cfg: TrainConfig | None = None,
                  *, out_dir: str | None = None, saes: dict[Cell, SAE] | None = None, val_tokens: Tensor | None = None,
-                 distributed: str | None = "auto", device: str | torch.device | None = None) -> None:
+                 distributed: str | None = "auto", device: str | torch.device | None = None,
+                 draw: str = "per_sequence") -> None:
         cfg = cfg or TrainConfig()
         check_train_config(cfg)
         store = data if hasattr(data, "iter_batches") else None
@@ -433,23 +184,33 @@ class MultiCellTrainer:
             if store is None:
                 if isinstance(data, Tensor) or not isinstance(data, Iterable):
                     data = check_tokens(model, data)
+                    if data.shape[1] - cfg.skip_positions < 1:
+                        raise ValueError(f"TrainConfig.skip_positions: sequences of length {data.shape[1]} leave no "
+                                         f"position after skip_positions={cfg.skip_positions}")
                 elif isinstance(data, TokenSource):
                     data.check(d_vocab=model.cfg.d_vocab)
+            if cfg.val_sequences:
+                data, val_tokens = self._hold_out(data, val_tokens)
+            if draw == "generator":
+                if not isinstance(data, Tensor) or self.mode is not None:
+                    raise ValueError("draw: 'generator' reads a token tensor in one process; use 'per_sequence' "
+                                     f"for {'a distributed run' if self.mode else type(data).__name__}")
+                self.feed: StateFeed = GeneratorFeed(model, self.cells, data, cfg)
+            elif draw != "per_sequence":
+                raise ValueError(f"draw: expected 'per_sequence' or 'generator', got {draw!r}")
+            elif store is not None:
+                self.feed = StoreFeed(store, self.cells, cfg, rank, data_world)
+            else:
+                self.feed = HarvestFeed(model, self.cells, data, cfg, rank, data_world)
             if out_dir is not None:  # recorded with every checkpoint, compared on resume
                 val = None if val_tokens is None else source_fingerprint(torch.as_tensor(val_tokens))
                 self.identity = {"weights": weights_fingerprint(model) if store is None else None,
-                                 "data": source_fingerprint(data), "val_data": val}
-            if store is not None:
-                self.feed: Any = _StoreFeed(store, self.cells, cfg, rank, data_world)
-            else:
-                self.feed = _HarvestFeed(model, self.cells, data, cfg, self.local_batch, rank, data_world)
+                                 "data": self.feed.fingerprint(), "val_data": val}
             self.val_states: dict[Cell, Tensor] | None = None
             if val_tokens is not None:
-                if model is None:
-                    raise ValueError("val_tokens: needs a model to harvest the held-out states from")
-                self.val_states = self._harvest_validation(check_tokens(model, val_tokens))
-            self.learners = {c: Learner(self._new_sae(c, saes), cfg, _cell_generator(cfg.seed, c, "learner"),
-                                        self.sync, label=c.name)
+                self.val_states = self.feed.held_out(check_tokens(model, val_tokens) if model is not None else val_tokens)
+            self.learners = {c: Learner(self._new_sae(c, saes), cfg, self.feed.generator(c, "learner"), self.sync,
+                                        label=c.name)
                              for c in self.cells}
             if out_dir is not None and os.path.exists(self._manifest_path()):
                 self._resume()
@@ -478,37 +239,29 @@ class MultiCellTrainer:
 
     def _new_sae(self, cell: Cell, saes: dict[Cell, SAE] | None) -> SAE:
         given = None if saes is None else saes.get(cell, saes.get((cell.hook_name, cell.head)))
-        d_k, d_v = self._shape()
+        d_k, d_v = self.feed.shape
         if given is not None and (given.cfg.d_k, given.cfg.d_v) != (d_k, d_v):
             raise ValueError(f"saes[{cell.name}]: reads {given.cfg.d_k}x{given.cfg.d_v} states, the cell has "
                              f"{d_k}x{d_v}")
         sae = given
         if sae is None:
-            sae = build_sae(self.cfg, d_k, d_v, seed=int(_cell_generator(self.cfg.seed, cell, "init").initial_seed()))
+            sae = build_sae(self.cfg, d_k, d_v, seed=int(self.feed.generator(cell, "init").initial_seed()))
         sae.cfg.metadata.setdefault("hook_name", cell.hook_name)
         sae.cfg.metadata.setdefault("head", cell.head)
         return sae.to(self.device)
 
-    def _shape(self) -> tuple[int, int]:
-        if isinstance(self.feed, _StoreFeed):
-            return self.feed.store.d_k, self.feed.store.d_v
-        return self.model.cfg.d_k, self.model.cfg.d_v
-
-    @torch.no_grad()
-    def _harvest_validation(self, tokens: Tensor) -> dict[Cell, Tensor]:
-        out: dict[Cell, list[Tensor]] = {c: [] for c in self.cells}
-        step = self.cfg.model_batch_size
-        for i in range(0, len(tokens), step):
-            chunk = tokens[i : i + step]
-            index = torch.arange(i, i + len(chunk)) + 2**40  # a range no training sequence uses
-            states, bad = _sampled_states(self.model, self.cells, self.cfg, index, chunk)
-            if bad:
-                c, (seq, position) = next(iter(bad.items()))
-                raise NonFiniteError(f"held-out states of {c.name}: non-finite state at sequence {seq - 2**40} of "
-                                     f"val_tokens, position {position}")
-            for c, s in states.items():
-                out[c].append(s)
-        return {c: torch.cat(v) for c, v in out.items()}
+    def _hold_out(self, data: Any, val_tokens: Any) -> tuple[Tensor, Tensor]:
+        """``cfg.val_sequences``: the last sequences of a token tensor, held out for validation."""
+        n = self.cfg.val_sequences
+        if val_tokens is not None:
+            raise ValueError(f"val_tokens: given together with TrainConfig.val_sequences={n}; hold out one way")
+        if not isinstance(data, Tensor):
+            raise ValueError(f"TrainConfig.val_sequences: holds out the last sequences of a token tensor, got "
+                             f"{type(data).__name__} data; pass val_tokens instead")
+        if n >= len(data):
+            raise ValueError(f"TrainConfig.val_sequences: expected fewer than the {len(data)} sequences of the tokens "
+                             f"(at least one must train), got {n}")
+        return data[: len(data) - n], data[len(data) - n :]
 
     # ------------------------------------------------------------------ checkpoints
     def _lock_out_dir(self) -> None:
@@ -598,11 +351,18 @@ class MultiCellTrainer:
             raise ValueError(f"out_dir: {self.out_dir!r} holds a run of cells {manifest['cells']}, not "
                              f"{[c.name for c in self.cells]}; use another out_dir")
         if manifest.get("world_size", 1) != self.world or manifest.get("mode") != self.mode:
-            raise ValueError(f"out_dir: the run in {self.out_dir!r} used {manifest.get('world_size')} process(es) "
-                             f"in mode {manifest.get('mode')!r}; resume it the same way "
+            raise ValueError(f"out_dir: the run in {self.out_dir!r} used {manifest.get('world_size')} "
+                             f"process(es) in mode {manifest.get('mode')!r}; resume it the same way "
                              f"(got {self.world}, {self.mode!r})")
         if "weights" not in manifest or "data" not in manifest:
             raise refuse_unchecked(self.out_dir, "a training run")
+        step = manifest["step"]
+        payloads = {c: torch.load(self._cell_path(c, step), map_location="cpu", weights_only=True) for c in self.cells}
+        for cell, payload in payloads.items():
+            sae_cfg = payload["sae_config"]
+            if (sae_cfg["d_k"], sae_cfg["d_v"]) != self.feed.shape:
+                raise ValueError(f"out_dir: the checkpoint's SAE of {cell.name} reads {sae_cfg['d_k']}x{sae_cfg['d_v']} "
+                                 f"states, the cell has {self.feed.shape[0]}x{self.feed.shape[1]}")
         check_same("weights", manifest["weights"], self.identity["weights"], self.out_dir, "a training run")
         check_same("data", manifest["data"], self.identity["data"], self.out_dir, "a training run")
         check_same("validation data", manifest.get("val_data"), self.identity["val_data"], self.out_dir,
@@ -612,9 +372,8 @@ class MultiCellTrainer:
                          if k not in REPORTING_FIELDS and (k not in recorded or recorded[k] != v))
         if changed:
             raise ValueError(f"cfg: the run in {self.out_dir!r} used other settings ({', '.join(changed)} differ)")
-        step = manifest["step"]
         for cell, learner in self.learners.items():
-            payload = torch.load(self._cell_path(cell, step), map_location="cpu", weights_only=True)
+            payload = payloads[cell]
             learner.sae.load_state_dict(sae_from_payload(payload).state_dict())
             learner.load_state_dict(payload)
         if not manifest.get("complete"):
@@ -688,6 +447,106 @@ class MultiCellTrainer:
                     save_sae(learner.sae, os.path.join(self.out_dir, cell.name))
                     write_json(os.path.join(self.out_dir, cell.name, "train_log.json"), asdict(learner.log))
         return self.saes
+
+
+class SAETrainer(MultiCellTrainer):
+    """Trains one SAE on one head of one matrix hook: :class:`MultiCellTrainer` with one cell, a ``[n_seq, pos]``
+    token tensor whose last ``cfg.val_sequences`` sequences are held out for validation, and the one-stream
+    draw (``draw="generator"``, :class:`~recurrent_lens.states.feeds.GeneratorFeed`). Checkpoints, resume,
+    the saved SAE and ``train_log.json`` are those of :class:`MultiCellTrainer` under ``out_dir``.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+        >>> from recurrent_lens.sae import SAETrainer, TrainConfig
+        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
+        ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
+        >>> tokens = torch.randint(0, 50, (16, 12))
+        >>> cfg = TrainConfig(n_steps=20, batch_size=32, n_features=64, k=4, buffer_size=128, progress=False)
+        >>> sae, log = SAETrainer(model, "blocks.0.mixer.hook_state", 0, tokens, cfg).train()
+        >>> len(log.train) > 0
+        True
+    """
+
+    def __init__(self, model: Any, hook_name: str, head: int, tokens: Int[Tensor, "n_seq pos"],
+                 cfg: TrainConfig | None = None, sae: SAE | None = None, *, out_dir: str | None = None) -> None:
+        self.cell = parse_cell(model, hook_name, head)
+        super().__init__(model, [self.cell], tokens, cfg, out_dir=out_dir, saes=None if sae is None else {self.cell: sae},
+                         distributed=None, draw="generator")
+
+    @property
+    def learner(self) -> Learner:
+        return self.learners[self.cell]
+
+    @property
+    def sae(self) -> SAE:
+        return self.learner.sae
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.learner.optimizer
+
+    @property
+    def log(self) -> TrainLog:
+        return self.learner.log
+
+    def train(self, until_step: int | None = None) -> tuple[SAE, TrainLog]:
+        """Run (or continue) training up to ``cfg.n_steps``, or stop early at ``until_step`` (see
+        :meth:`MultiCellTrainer.train`); returns the SAE and its log."""
+        super().train(until_step)
+        return self.sae, self.log
+
+    @classmethod
+    def from_checkpoint(cls, model: Any, tokens: Int[Tensor, "n_seq pos"], path: str,
+                        cfg: TrainConfig | None = None) -> SAETrainer:
+        """The trainer whose checkpoints lie in the directory ``path``, continuing where it stopped.
+
+        The model must be the one the run started from, and ``tokens`` the sequences it started with; anything
+        else is refused. ``cfg`` defaults to the run's own settings.
+
+        Example:
+            >>> import torch, tempfile
+            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> from recurrent_lens.sae import SAETrainer, TrainConfig
+            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
+            ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
+            >>> tokens = torch.randint(0, 50, (16, 12))
+            >>> cfg = TrainConfig(n_steps=10, batch_size=16, n_features=32, k=4, buffer_size=64, progress=False)
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     _ = SAETrainer(model, "blocks.0.mixer.hook_state", 0, tokens, cfg, out_dir=d).train(until_step=5)
+            ...     SAETrainer.from_checkpoint(model, tokens, d).step
+            5
+        """
+        file = os.path.join(path, MANIFEST)
+        try:
+            with open(file) as f:
+                manifest = json.load(f)
+            (cell_name,) = manifest["cells"]
+            recorded = TrainConfig(**manifest["train_config"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"path: expected a directory holding one SAE's training checkpoint ({MANIFEST}), "
+                             f"cannot read {file} ({type(e).__name__}: {e})") from e
+        cell = Cell.from_name(cell_name)
+        return cls(model, cell.hook_name, cell.head, tokens, cfg or recorded, out_dir=path)
+
+
+def train(model: Any, hook_name: str, head: int, tokens: Int[Tensor, "n_seq pos"], cfg: TrainConfig | None = None,
+          sae: SAE | None = None, *, out_dir: str | None = None) -> tuple[SAE, TrainLog]:
+    """Train an SAE on head ``head`` of ``hook_name`` (see :class:`SAETrainer`); builds ``cfg.architecture``
+    unless ``sae`` is given, and writes checkpoints, the SAE and its log under ``out_dir`` if given.
+
+    Example:
+        >>> import torch
+        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+        >>> from recurrent_lens.sae import train, TrainConfig
+        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
+        ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
+        >>> sae, log = train(model, "blocks.0.mixer.hook_state", 1, torch.randint(0, 50, (16, 12)),
+        ...                  TrainConfig(n_steps=10, batch_size=32, n_features=64, k=4, buffer_size=128, progress=False))
+        >>> sae
+        WriteSAE(d_k=8, d_v=4, n_features=64, encoder=bilinear, decoder=rank-1, sparsity=topk(k=4), centred, hook_name='blocks.0.mixer.hook_state', head=1)
+    """
+    return SAETrainer(model, hook_name, head, tokens, cfg, sae=sae, out_dir=out_dir).train()
 
 
 def train_cells(model: Any, cells: Iterable[Cell | tuple[str, int]], data: Any, cfg: TrainConfig | None = None,
