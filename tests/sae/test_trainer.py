@@ -466,5 +466,5 @@ def test_one_cell_divergence_stops_training_and_keeps_the_last_good_checkpoint(m
     with torch.no_grad():
         broken.blocks[0].ln1.weight[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"training diverged: non-finite (training states|weights) at step 0.*"
-                                             r"sequence \d+ of the training long_tokens, position \d+"):
+                                             r"sequence \d+ of the training tokens, position \d+"):
         train(broken, ONE_HOOK, 0, long_tokens, small_cfg())
