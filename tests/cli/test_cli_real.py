@@ -7,36 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from tests.support.cli import checkpoint, run, small  # noqa: F401 (checkpoint is a fixture)
+from tests.support.helpers import tiny_qwen3_5
 
-from tests.support.helpers import tiny_qwen3_5, word_tokenizer
-from recurrent_lens.cli import main
 from recurrent_lens.sae import load
 from recurrent_lens.states.files import DirectoryLock
-
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen")
-    tiny_qwen3_5(seed=0).save_pretrained(path)
-    word_tokenizer(["<unk>", "<eos>", *WORDS]).save_pretrained(path)
-    g = torch.Generator().manual_seed(0)
-    docs = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
-            for n in torch.randint(5, 30, (60,), generator=g)]
-    (path / "docs.txt").write_text("\n".join(docs) + "\n")
-    return path
-
-
-def run(*argv):
-    return main([str(a) for a in argv])
-
-
-def small(checkpoint, out, *extra):
-    return ["train-sae", "--model", checkpoint, "--dataset", checkpoint / "docs.txt", "--context-length", 16,
-            "--steps", 6, "--batch-size", 32, "--n-features", 16, "--k", 2, "--buffer-size", 64,
-            "--positions-per-seq", 4, "--no-progress", "--out", out, *extra]
 
 
 def test_train_sae_on_a_checkpoint_writes_one_sae_per_cell(checkpoint, tmp_path, capsys):
@@ -99,19 +74,6 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "recurrent_lens", "train-sae", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--distribute-cells" in done.stdout
-
-
-def test_harvest_then_train_from_the_store(checkpoint, tmp_path, capsys):
-    store = tmp_path / "store"
-    assert run("harvest", "--model", checkpoint, "--dataset", checkpoint / "docs.txt", "--context-length", 16,
-               "--layers", "1", "--heads", "2", "--positions-per-seq", 4, "--no-progress", "--out", store) == 0
-    assert "blocks.1.mixer.hook_state.h2" in capsys.readouterr().out
-    assert run("harvest", "--model", checkpoint, "--dataset", checkpoint / "docs.txt", "--context-length", 16,
-               "--layers", "1", "--heads", "2", "--positions-per-seq", 4, "--no-progress", "--out", store) == 0
-    out = tmp_path / "from_store"
-    assert run("train-sae", "--states", store, "--out", out, "--steps", 4, "--batch-size", 16, "--n-features", 8,
-               "--k", 2, "--buffer-size", 16, "--no-progress") == 0
-    assert load(str(out / "blocks.1.mixer.hook_state.h2")).cfg.metadata["train_steps"] == 4
 
 
 def test_store_commands_refuse_locked_corrupt_and_warn_on_incomplete_stores(checkpoint, tmp_path, capsys):
@@ -288,22 +250,3 @@ def test_batch_larger_than_the_buffer_or_the_store_names_both_numbers(checkpoint
             run(*argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err, err
-
-
-def test_a_full_disk_mid_harvest_ends_with_the_file_named(checkpoint, tmp_path, capsys, monkeypatch):
-    import errno
-
-    import recurrent_lens.states.store as store_mod
-
-    def no_space(tensors, path, metadata=None):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(store_mod, "save_file", no_space)
-    argv = small(checkpoint, tmp_path, "--layers", "0", "--heads", "1")
-    argv = ["harvest", *argv[1:argv.index("--steps")], "--layers", "0", "--heads", "1", "--out", tmp_path / "store",
-            "--no-progress"]
-    assert run(*argv) == 1
-    err = capsys.readouterr().err
-    shard = tmp_path / "store" / "blocks.0.mixer.hook_state.h1" / "shard_00000.safetensors"
-    assert f"recurrent-lens harvest: error: [Errno 28] cannot write {shard}: No space left on device" in err, err
-    assert not list((tmp_path / "store").rglob(".tmp-*"))

@@ -113,3 +113,17 @@ def test_write_hook_and_model_methods(model, tokens):
     model.reset_saes()
     with model.saes([(sae, "blocks.0.mixer.hook_write", 2)]):
         assert (model(tokens) - base).abs().max() > 1e-4
+
+
+def test_attachment_goes_through_the_public_splice():
+    """A subclass that changes ``splice`` changes what the model sees: attach uses nothing else."""
+    class Zeroing(WriteSAE):
+        def splice(self, x, use_error_term=False):
+            return torch.zeros_like(x)
+
+    model = tiny_gdn(seed=0)
+    tokens = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(0))
+    hook = "blocks.0.mixer.hook_state"
+    with saes(model, [(Zeroing(8, 8, 16, k=2), hook, 1)]):
+        _, cache = model.run_with_cache(tokens, names_filter=hook)
+    assert not cache[hook][:, :, 1].any() and cache[hook][:, :, 0].any()

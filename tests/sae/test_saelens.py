@@ -5,10 +5,8 @@ Tests that need the ``sae_lens`` package skip when it is not installed, except w
 ``RECURRENT_LENS_REQUIRE_SAELENS=1`` (CI's second virtualenv), where a missing package fails.
 """
 
-import copy
 import json
 import os
-import pickle
 
 import pytest
 import torch
@@ -17,7 +15,6 @@ from safetensors.torch import save_file
 from tests.support.helpers import tiny_gdn
 from tests.support.saelens import sae_lens
 from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, add_sae, load, reset_saes, saes
-from recurrent_lens.sae.config import SAEConfig, SAEMetadata
 from recurrent_lens.sae.saelens import SAELENS_FORMAT_VERSION, load_saelens, to_saelens
 
 D_K, D_V, N_F = 4, 3, 16
@@ -248,28 +245,6 @@ def test_export_folds_centring_into_biases():
 
 
 # ----------------------------------------------------------------------- SAELens-style attributes
-
-
-def test_cfg_d_sae_and_metadata_attribute_access():
-    sae = WriteSAE(D_K, D_V, N_F, metadata={"hook_name": "blocks.0.mixer.hook_state", "head": 1})
-    cfg = sae.cfg
-    assert cfg.d_sae == N_F and cfg.d_in == D_IN
-    assert isinstance(cfg.metadata, SAEMetadata) and isinstance(cfg.metadata, dict)
-    assert cfg.metadata.hook_name == cfg.metadata["hook_name"] == "blocks.0.mixer.hook_state"
-    assert cfg.metadata.hook_head_index == cfg.metadata.head == 1
-    assert cfg.metadata.model_name is None and "model_name" not in cfg.metadata
-    with pytest.raises(KeyError):
-        cfg.metadata["model_name"]
-    cfg.metadata.model_name = "tiny"
-    cfg.metadata.hook_head_index = 0
-    assert cfg.metadata == {"hook_name": "blocks.0.mixer.hook_state", "head": 0, "model_name": "tiny"}
-    cfg.metadata = {"hook_name": "x"}
-    assert isinstance(cfg.metadata, SAEMetadata) and cfg.metadata.hook_name == "x"
-    with pytest.raises(TypeError, match="metadata: expected a dict, got list"):
-        cfg.metadata = ["x"]
-    assert copy.deepcopy(cfg) == cfg and pickle.loads(pickle.dumps(cfg)).metadata.hook_name == "x"
-    assert type(cfg.to_dict()["metadata"]) is dict
-    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_encode_accepts_flattened_input():

@@ -1,11 +1,12 @@
-"""SAE maths against direct formulas on tiny hand-set cases (d_k=3, d_v=2, n_features=4)."""
+"""SAE maths against direct formulas on tiny hand-set cases (d_k=3, d_v=2, n_features=4); a pure forward; the
+auxiliary loss and the encoder's chunks."""
 
 import pytest
 import torch
 
 from recurrent_lens.sae import SAE, BilinearSAE, FlatSAE, MatrixSAE, WriteSAE
-from recurrent_lens.sae.parts import FactoredMatmul as _FactoredMatmul
-from recurrent_lens.sae.training import update_dead_counters
+from recurrent_lens.sae.sparsities.topk import topk
+from recurrent_lens.sae.training import evaluate, update_dead_counters
 
 D_K, D_V, N_F = 3, 2, 4
 
@@ -166,19 +167,6 @@ def test_sparse_decode_equals_dense_outputs_and_grads(name):
     torch.testing.assert_close(sae._dense_decode(dense_acts), sparse[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("transpose", [True, False])
-def test_chunked_factored_matmul_matches_einsum(transpose):
-    torch.manual_seed(2)
-    n_f, r, d_k, d_v, n = 11, 2, 4, 3, 6
-    V = torch.randn(n_f, r, d_k, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(n_f, r, d_v, dtype=torch.float64, requires_grad=True)
-    X = torch.randn(n, d_k * d_v if transpose else n_f, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda X, V, W: _FactoredMatmul.apply(X, V, W, 4, transpose), (X, V, W))
-    atoms = torch.einsum("irp,irq->ipq", V, W).reshape(n_f, -1)
-    ref = X @ atoms.T if transpose else X @ atoms
-    torch.testing.assert_close(_FactoredMatmul.apply(X, V, W, 4, transpose), ref)
-
-
 def test_forward_gradients_match_naive_reference():
     """The fast WriteSAE step (GEMM encoder + gather decoder) equals a dense einsum implementation."""
     torch.manual_seed(3)
@@ -291,3 +279,44 @@ def test_config_dict_and_repr():
     d = sae.config_dict()
     assert d["architecture"] == "matrix_sae" and d["rank"] == 2 and d["decoder"] == "factored"
     assert "hook_name='blocks.0.mixer.hook_state'" in repr(sae) and "head=3" in repr(sae)
+
+
+@pytest.mark.parametrize("kw", [{}, {"sparsity": "batchtopk"}, {"sparsity": "jumprelu"}, {"sparsity": "gated"}])
+def test_forward_and_evaluation_never_touch_the_counters(kw):
+    sae = WriteSAE(4, 3, 16, k=2, dead_threshold=3, **kw)
+    sae.steps_since_active.copy_(torch.arange(16))
+    S = torch.randn(6, 4, 3)
+    for training in (True, False):
+        sae.train(training)
+        sae(S).loss.backward()
+        sae.encode(S), sae.reconstruct(S), sae.splice(S, use_error_term=True)
+        evaluate(sae, S, batch_size=4)
+        assert sae.steps_since_active.tolist() == list(range(16))
+
+
+def test_aux_loss_skipped_without_dead_and_limited_to_the_dead():
+    """No dead feature: the auxiliary loss is an exact zero outside the graph. Fewer dead than k_aux:
+    the same value as selecting k_aux with the alive ones masked (the reference's formula)."""
+    torch.manual_seed(0)
+    sae = WriteSAE(4, 3, 16, k=2, k_aux=6, dead_threshold=3)
+    S = torch.randn(5, 4, 3)
+    out = sae(S)
+    assert out.aux_loss.item() == 0.0 and out.aux_loss.grad_fn is None and torch.equal(out.loss, out.mse)
+    sae.steps_since_active[[2, 9]] = 3
+    p = sae.autoencode(S)
+    dead = sae.dead_mask()
+    values, indices = topk(p.pre.masked_fill(~dead, float("-inf")), 6)
+    aux_hat = torch.zeros(5, 16).scatter(1, indices, values) @ sae.decoder_atoms().reshape(16, -1) + sae.b_dec.reshape(-1)
+    expected = (aux_hat - (p.x - p.x_hat)).pow(2).mean()
+    torch.testing.assert_close(sae.losses(p).aux_loss, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_chunks_are_balanced_and_smaller_on_the_cpu():
+    n = 16390
+    sae = WriteSAE(128, 128, n, k=4)
+    chunks = {}
+    for device, limit in (("cpu", sae._cpu_chunk_elements), ("meta", sae._chunk_elements)):
+        c = chunks[device] = sae._chunk(torch.device(device))
+        sizes = [min(c, n - s) for s in range(0, n, c)]
+        assert c * 128 * 128 <= limit and min(sizes) >= c // 2, (device, c, sizes[-1])
+    assert chunks["cpu"] < chunks["meta"]

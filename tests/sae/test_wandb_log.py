@@ -1,13 +1,12 @@
-"""``train-sae --wandb``: both trainers log to Weights & Biases (a stand-in module here: no network), and every
-training path writes ``train_log.json``."""
+"""Weights & Biases logging (``open_run``, ``log_row``) and ``train-sae --wandb``: both trainers log to a stand-in
+``wandb`` module (no network), and every training path writes ``train_log.json``."""
 
 import json
 import sys
 import types
 
 import pytest
-from tests.support.cli import QUICK_SAE
-from tests.cli.test_cli_real import checkpoint, small  # noqa: F401  (checkpoint is a fixture)
+from tests.support.cli import QUICK_SAE, checkpoint, small  # noqa: F401  (checkpoint is a fixture)
 
 from recurrent_lens.cli import main
 
@@ -74,3 +73,20 @@ def test_no_wandb_without_the_flag_and_a_run_name_needs_a_project(wandb, tmp_pat
     with pytest.raises(SystemExit):
         main(["train-sae", "--arch", "gdn", "--out", str(tmp_path / "b"), *QUICK_SAE, "--wandb-run-name", "x"])
     assert "--wandb-run-name: names a Weights & Biases run, which needs --wandb PROJECT" in capsys.readouterr().err
+
+
+def test_open_run_and_log_row(wandb):
+    from recurrent_lens.sae.wandb_log import log_row, open_run
+
+    off = types.SimpleNamespace(wandb=False, wandb_project="p", wandb_run_name=None)
+    assert open_run(off, {"lr": 1.0}) is None and wandb.runs == []
+    run = open_run(types.SimpleNamespace(wandb=True, wandb_project="p", wandb_run_name="r"), {"lr": 1.0})
+    assert run.init == {"project": "p", "name": "r", "config": {"lr": 1.0}}
+    row = {"step": 7, "mse": 0.5, "dead": 3, "diverged": False, "cell": "h0", "nmse": float("nan")}
+    log_row(run, row, step=7)
+    log_row(run, row, step=8, prefix="blocks.0.mixer.hook_state.h0")
+    log_row(None, row, step=9)  # no run: nothing logged, nothing raised
+    assert run.rows[0] == (7, {"mse": 0.5, "dead": 3, "nmse": row["nmse"]})
+    assert run.rows[1] == (8, {"blocks.0.mixer.hook_state.h0/mse": 0.5, "blocks.0.mixer.hook_state.h0/dead": 3,
+                               "blocks.0.mixer.hook_state.h0/nmse": row["nmse"]})
+    assert len(run.rows) == 2

@@ -3,24 +3,18 @@ model's cached states, and against forwards with a write deleted through ``hook_
 
 import pytest
 import torch
+from tests.support.analysis import FEATURES, POSITIONS, T, tokens_for
 from tests.support.helpers import ARCHS, SAE_KINDS, make_sae, tiny_model
 
 from recurrent_lens.analysis import feature_attribution
 from recurrent_lens.sae import WriteSAE
 
-T = 29
-POSITIONS = torch.tensor([[0, 8, 17, T - 1], [12, 5, 5, 28]])
-FEATURES = [7, 0, 31, 12]
 
 @pytest.fixture(params=sorted(ARCHS), scope="module")
 def model(request):
     m = tiny_model(request.param)
     m.cfg.chunk_size = 8
     return m
-
-
-def tokens_for(model, seed=0):
-    return torch.randint(0, model.cfg.d_vocab, (2, T), generator=torch.Generator().manual_seed(seed))
 
 
 def sae_pre(model, sae, tokens, hooks=(), harvest=False):
@@ -121,31 +115,6 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"sae: expected d_k=8, d_v=8 \(the model's state\), got d_k=4, d_v=8"):
         feature_attribution(model, WriteSAE(4, 8, 32, metadata={"hook_name": "blocks.1.mixer.hook_state", "head": 0}),
                             tokens, [3])
-
-
-def test_plots_show_the_terms():
-    from recurrent_lens.analysis import plot_implicit_attention, plot_top_writers
-
-    model = tiny_model("gla")
-    tokens = tokens_for(model)
-    sae = make_sae(model, "write")
-    fa = feature_attribution(model, sae, tokens, POSITIONS, features=FEATURES)
-    labels = [f"tok{int(t)}" for t in tokens[1]]
-    ax = plot_top_writers(fa, labels, batch=1, position=0, feature=2, k=3)
-    terms = fa.writes[1, 0, 2]
-    top = sorted(terms.abs().topk(3).indices.tolist())
-    heights = [p.get_height() for p in ax.patches]
-    want = [float(terms[s]) for s in top] + [float(fa.initial[1, 0, 2]), float(fa.bias[1, 0, 2])]
-    assert heights == pytest.approx(want)
-    assert [t.get_text() for t in ax.get_xticklabels()][:3] == [f"{s}: {labels[s]}" for s in top]
-    with pytest.raises(ValueError, match=r"labels: expected one per position \(29\), got 3"):
-        plot_top_writers(fa, labels[:3])
-    alpha = model.implicit_attention(tokens, 1, heads=0)[0, 0]
-    ax = plot_implicit_attention(alpha, labels)
-    assert (ax.get_xlabel(), ax.get_ylabel()) == ("write position s", "read position t")
-    assert ax.figure.axes[-1].get_ylabel() == "share of the read α[t, s]"  # the colour bar
-    with pytest.raises(ValueError, match=r"expected a square \[t, s\] pattern and one label per position"):
-        plot_implicit_attention(alpha[:5], labels)
 
 
 @pytest.mark.parametrize("hook", ["hook_state", "hook_write"])
