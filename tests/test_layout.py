@@ -21,7 +21,7 @@ def modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py"))
 
 
-def test_files() -> list[Path]:
+def all_test_files() -> list[Path]:
     return sorted(p for p in TESTS.rglob("test_*.py") if "support" not in p.relative_to(TESTS).parts)
 
 
@@ -43,7 +43,7 @@ def test_every_module_has_its_test_file_or_a_documented_reason():
 
 def test_every_other_test_file_is_a_documented_suite():
     mirrors = {mirror(m) for m in modules()} | {mirror(p) for p in PACKAGE.rglob("__init__.py")}
-    others = [str(t.relative_to(ROOT)) for t in test_files() if t not in mirrors]
+    others = [str(t.relative_to(ROOT)) for t in all_test_files() if t not in mirrors]
     suites = documented("tests/")
     undocumented = sorted(set(others) - set(suites))
     assert undocumented == [], f"test files that mirror no module (move their tests to the mirrored file, or list " \

@@ -89,3 +89,26 @@ def test_function_signatures_agree_with_the_dataclass(function, cls):
             assert parameters[f.name].annotation == f.type, f.name
     assert parameters["options"].annotation == f"{cls.__name__} | None"
     assert parameters["options"].default is None
+
+
+def test_cli_protocol_defaults_and_explicit_flags():
+    resolvers = {"substitution": substitution.resolve, "logit-shift": lambda a: resolve_args(a, "logit_shift"),
+                 "partition": lambda a: resolve_args(a, "partition")}
+    parser = build_parser()
+    for argv, expected in (
+        (["substitution", "--sae", "x"], dict(replace="update", atom="rising", positions="values", readout="offset")),
+        (["substitution", "--sae", "x", "--protocol", "paper"],
+         dict(replace="write", scale="match_norm", random="sae_atom", atom="dominant", positions="all",
+              readout="last")),
+        (["substitution", "--sae", "x", "--protocol", "paper", "--replace", "update", "--readout-offset", "16"],
+         dict(replace="update", readout="offset", readout_offset=16)),
+        (["logit-shift", "--sae", "x", "--protocol", "paper"],
+         dict(n_atoms=50, positions_per_atom=500, fit="context", eps=[0.1, 0.3, 1.0, 3.0])),
+        (["logit-shift", "--sae", "x"], dict(n_atoms=10, positions_per_atom=50, fit="none")),
+        (["partition", "--sae", "x", "--protocol", "paper"], dict(max_firings_per_atom=None, tau=0.05)),
+        (["partition", "--sae", "x", "--protocol", "paper", "--tau", "0.1"], dict(tau=0.1)),
+    ):
+        args = parser.parse_args(argv)
+        resolvers[argv[0]](args)
+        for k, v in expected.items():
+            assert getattr(args, k) == v, (argv, k)
