@@ -12,7 +12,6 @@ import recurrent_lens
 from recurrent_lens.sae import BilinearSAE, FlatSAE, MatrixSAE, WriteSAE, load
 from recurrent_lens.sae import parts, sparsities
 from recurrent_lens.sae.parts import FactoredMatmul as _FactoredMatmul
-from recurrent_lens.sae.training import Learner, TrainConfig
 
 SHIPPED = Path(recurrent_lens.__file__).parent / "toy" / "weights" / "gdn_sae"
 
@@ -121,23 +120,6 @@ def test_shipped_toy_sae_loads_bit_identically_and_encodes_as_before():
     torch.testing.assert_close(recon.sum(1), torch.tensor(SHIPPED_RECON_SUMS, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(recon.pow(2).sum(1), torch.tensor(SHIPPED_RECON_SQ_SUMS, dtype=torch.float64), rtol=1e-5,
                                atol=1e-5)
-
-
-def test_learner_updates_counters_before_the_aux_loss():
-    """Training keeps the counters: fired features restart at 0, the others grow by one, and the
-    dead-feature loss of this step already uses the updated counters (as the reference does)."""
-    torch.manual_seed(0)
-    sae = WriteSAE(4, 3, 16, k=2, k_aux=4, dead_threshold=3)
-    S = torch.randn(8, 4, 3)
-    fired = (sae.encode(S) > 0).any(0)
-    sae.steps_since_active.copy_(torch.where(fired, 5, 2))  # fired ones will revive, the others die now
-    expected_dead = ~fired
-    expected = sae.losses(sae.autoencode(S), dead=expected_dead)
-    learner = Learner(sae, TrainConfig(n_steps=10, lr=0.0, log_every=1, progress=False), torch.Generator())
-    row = learner.update(S)
-    assert sae.steps_since_active.tolist() == [0 if f else 3 for f in fired.tolist()]
-    assert row["dead"] == int(expected_dead.sum()) > 0
-    assert row["aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-6) and row["aux_loss"] > 0
 
 
 # ---------------------------------------------------------------------------------------- fast paths
