@@ -25,31 +25,23 @@ def all_test_files() -> list[Path]:
     return sorted(p for p in TESTS.rglob("test_*.py") if "support" not in p.relative_to(TESTS).parts)
 
 
-def documented(prefix: str) -> dict[str, str]:
-    """The first column of docs/layout.md's table rows that name a ``prefix...`` path, with the second."""
-    rows = re.findall(rf"^\| `({prefix}[^`]+)` \| (.+?) \|$", LAYOUT.read_text(), flags=re.M)
-    return dict(rows)
+def check_documented(found: list[str], prefix: str, what: str) -> None:
+    """``found`` (the exceptions the tree has) equals the paths docs/layout.md's tables list under ``prefix``."""
+    listed = re.findall(rf"^\| `({prefix}[^`]+)` \| .+? \|$", LAYOUT.read_text(), flags=re.M)
+    unlisted, stale = sorted(set(found) - set(listed)), sorted(set(listed) - set(found))
+    assert unlisted == [], f"{what}: add them to the table in docs/layout.md, or give them their mirror: {unlisted}"
+    assert stale == [], f"docs/layout.md lists paths that are no exception (mirrored, or gone): {stale}"
 
 
 def test_every_module_has_its_test_file_or_a_documented_reason():
     missing = [str(m.relative_to(ROOT)) for m in modules() if not mirror(m).exists()]
-    excused = documented("recurrent_lens/")
-    unexcused = sorted(set(missing) - set(excused))
-    assert unexcused == [], f"modules without tests/<pkg>/test_<module>.py (add one, or say why in docs/layout.md): " \
-                            f"{unexcused}"
-    stale = sorted(set(excused) - set(missing))
-    assert stale == [], f"docs/layout.md excuses modules that have their test file or no longer exist: {stale}"
+    check_documented(missing, "recurrent_lens/", "modules without tests/<package>/test_<module>.py")
 
 
 def test_every_other_test_file_is_a_documented_suite():
     mirrors = {mirror(m) for m in modules()} | {mirror(p) for p in PACKAGE.rglob("__init__.py")}
     others = [str(t.relative_to(ROOT)) for t in all_test_files() if t not in mirrors]
-    suites = documented("tests/")
-    undocumented = sorted(set(others) - set(suites))
-    assert undocumented == [], f"test files that mirror no module (move their tests to the mirrored file, or list " \
-                               f"them in docs/layout.md): {undocumented}"
-    stale = sorted(set(suites) - set(others))
-    assert stale == [], f"docs/layout.md lists suites that mirror a module or no longer exist: {stale}"
+    check_documented(others, "tests/", "test files that mirror no module")
 
 
 def test_test_files_share_helpers_only_through_tests_support():

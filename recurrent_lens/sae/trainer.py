@@ -456,14 +456,9 @@ class SAETrainer(MultiCellTrainer):
     the saved SAE and ``train_log.json`` are those of :class:`MultiCellTrainer` under ``out_dir``.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
         >>> from recurrent_lens.sae import SAETrainer, TrainConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-        ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-        >>> tokens = torch.randint(0, 50, (16, 12))
-        >>> cfg = TrainConfig(n_steps=20, batch_size=32, n_features=64, k=4, buffer_size=128, progress=False)
-        >>> sae, log = SAETrainer(model, "blocks.0.mixer.hook_state", 0, tokens, cfg).train()
+        >>> cfg = TrainConfig(n_steps=20, batch_size=8, n_features=64, k=4, buffer_size=16, progress=False)
+        >>> sae, log = SAETrainer(tiny_model, "blocks.0.mixer.hook_state", 0, tiny_tokens, cfg).train()
         >>> len(log.train) > 0
         True
     """
@@ -505,16 +500,12 @@ class SAETrainer(MultiCellTrainer):
         else is refused. ``cfg`` defaults to the run's own settings.
 
         Example:
-            >>> import torch, tempfile
-            >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
+            >>> import tempfile
             >>> from recurrent_lens.sae import SAETrainer, TrainConfig
-            >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-            ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-            >>> tokens = torch.randint(0, 50, (16, 12))
-            >>> cfg = TrainConfig(n_steps=10, batch_size=16, n_features=32, k=4, buffer_size=64, progress=False)
+            >>> cfg = TrainConfig(n_steps=10, batch_size=8, n_features=32, k=4, buffer_size=16, progress=False)
             >>> with tempfile.TemporaryDirectory() as d:
-            ...     _ = SAETrainer(model, "blocks.0.mixer.hook_state", 0, tokens, cfg, out_dir=d).train(until_step=5)
-            ...     SAETrainer.from_checkpoint(model, tokens, d).step
+            ...     _ = SAETrainer(tiny_model, "blocks.0.mixer.hook_state", 0, tiny_tokens, cfg, out_dir=d).train(5)
+            ...     SAETrainer.from_checkpoint(tiny_model, tiny_tokens, d).step
             5
         """
         file = os.path.join(path, MANIFEST)
@@ -536,15 +527,11 @@ def train(model: Any, hook_name: str, head: int, tokens: Int[Tensor, "n_seq pos"
     unless ``sae`` is given, and writes checkpoints, the SAE and its log under ``out_dir`` if given.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
         >>> from recurrent_lens.sae import train, TrainConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gated_deltanet", d_model=32,
-        ...     n_layers=1, d_vocab=50, n_heads=2, d_k=8, d_v=4), seed=0)
-        >>> sae, log = train(model, "blocks.0.mixer.hook_state", 1, torch.randint(0, 50, (16, 12)),
-        ...                  TrainConfig(n_steps=10, batch_size=32, n_features=64, k=4, buffer_size=128, progress=False))
+        >>> sae, log = train(tiny_model, "blocks.0.mixer.hook_state", 1, tiny_tokens,
+        ...                  TrainConfig(n_steps=10, batch_size=8, n_features=64, k=4, buffer_size=16, progress=False))
         >>> sae
-        WriteSAE(d_k=8, d_v=4, n_features=64, encoder=bilinear, decoder=rank-1, sparsity=topk(k=4), centred, hook_name='blocks.0.mixer.hook_state', head=1)
+        WriteSAE(d_k=8, d_v=8, n_features=64, encoder=bilinear, decoder=rank-1, sparsity=topk(k=4), centred, hook_name='blocks.0.mixer.hook_state', head=1)
     """
     return SAETrainer(model, hook_name, head, tokens, cfg, sae=sae, out_dir=out_dir).train()
 
@@ -554,14 +541,9 @@ def train_cells(model: Any, cells: Iterable[Cell | tuple[str, int]], data: Any, 
     """Train one SAE per cell from shared model passes; see :class:`MultiCellTrainer` for the arguments.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
         >>> from recurrent_lens.sae import TrainConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
-        ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
-        >>> saes = train_cells(model, [("blocks.0.mixer.hook_state", h) for h in range(2)],
-        ...                    torch.randint(0, 20, (16, 10)), TrainConfig(n_steps=5, batch_size=16, n_features=16, k=2,
-        ...                    buffer_size=32, progress=False))
+        >>> saes = train_cells(tiny_model, [("blocks.0.mixer.hook_state", h) for h in range(2)], tiny_tokens,
+        ...                    TrainConfig(n_steps=5, batch_size=8, n_features=16, k=2, buffer_size=16, progress=False))
         >>> sorted(c.name for c in saes)
         ['blocks.0.mixer.hook_state.h0', 'blocks.0.mixer.hook_state.h1']
     """

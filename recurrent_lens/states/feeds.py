@@ -91,14 +91,10 @@ def states_at(model: Any, cells: list[Cell], tokens: Int[Tensor, "batch pos"], p
 
     Example:
         >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
-        ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
         >>> cell = Cell("blocks.0.mixer.hook_state", 1)
-        >>> states, bad = states_at(model, [cell], torch.randint(0, 20, (2, 8)), torch.tensor([[1, 5], [0, 7]]),
-        ...                         torch.arange(2))
+        >>> states, bad = states_at(tiny_model, [cell], tiny_tokens, torch.tensor([[1, 5], [0, 7]]), torch.arange(2))
         >>> tuple(states[cell].shape), bad
-        ((4, 4, 4), {})
+        ((4, 8, 8), {})
     """
     states = {c: s.cpu() for c, s in harvest_cells(model, tokens, positions, cells).items()}
     bad = {}
@@ -118,15 +114,12 @@ def sampled_states(model: Any, cells: list[Cell], cfg: Any, index: Int[Tensor, "
 
     Example:
         >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
         >>> from recurrent_lens.sae import TrainConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
-        ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
         >>> cell = Cell("blocks.0.mixer.hook_state", 1)
-        >>> states, bad = sampled_states(model, [cell], TrainConfig(positions_per_seq=3), torch.arange(2),
-        ...                              torch.randint(0, 20, (2, 8)))
+        >>> states, bad = sampled_states(tiny_model, [cell], TrainConfig(positions_per_seq=3), torch.arange(2),
+        ...                              tiny_tokens)
         >>> tuple(states[cell].shape), bad
-        ((6, 4, 4), {})
+        ((6, 8, 8), {})
     """
     pos = sample_positions(index, tokens.shape[1], cfg.positions_per_seq, skip=cfg.skip_positions, seed=cfg.seed,
                            skip_name="TrainConfig.skip_positions")
@@ -285,15 +278,11 @@ class HarvestFeed(_PerCellSeeds, _Buffers):
     world`` states per cell per step.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
         >>> from recurrent_lens.sae import TrainConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
-        ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
         >>> cell = Cell("blocks.0.mixer.hook_state", 0)
-        >>> feed = HarvestFeed(model, [cell], torch.randint(0, 20, (8, 10)), TrainConfig(batch_size=16, buffer_size=32))
+        >>> feed = HarvestFeed(tiny_model, [cell], tiny_tokens, TrainConfig(batch_size=16, buffer_size=32))
         >>> tuple(feed.next()[cell].shape), feed.shape
-        ((16, 4, 4), (4, 4))
+        ((16, 8, 8), (8, 8))
     """
 
     def __init__(self, model: Any, cells: list[Cell], data: Any, cfg: Any, rank: int = 0, world: int = 1) -> None:
@@ -399,15 +388,11 @@ class GeneratorFeed(_Buffers):
     docstring for when to prefer :class:`HarvestFeed`.
 
     Example:
-        >>> import torch
-        >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
         >>> from recurrent_lens.sae import TrainConfig
-        >>> model = HookedRecurrentModel.from_config(ModelConfig(architecture="gla", d_model=16, n_layers=1,
-        ...     d_vocab=20, n_heads=2, d_k=4, d_v=4), seed=0)
         >>> cell = Cell("blocks.0.mixer.hook_state", 0)
-        >>> feed = GeneratorFeed(model, [cell], torch.randint(0, 20, (8, 10)), TrainConfig(batch_size=16, buffer_size=32))
-        >>> tuple(feed.next()[cell].shape)
-        (16, 4, 4)
+        >>> feed = GeneratorFeed(tiny_model, [cell], tiny_tokens, TrainConfig(batch_size=16, buffer_size=32))
+        >>> feed.next()[cell].shape == feed.next()[cell].shape == (16, 8, 8)
+        True
     """
 
     def __init__(self, model: Any, cells: list[Cell], tokens: Int[Tensor, "n_seq pos"], cfg: Any) -> None:
