@@ -1,16 +1,20 @@
-"""Many SAEs from one model pass: one per cell ``(hook_name, head)``, streamed text, stores, torchrun.
+"""The SAE trainer: one SAE per cell ``(hook_name, head)`` from one model pass per batch, streamed text,
+state stores, torchrun; :class:`SAETrainer` and :func:`train` are its one-cell case.
 
 Each model batch is run once, up to the deepest layer asked for, and :meth:`harvest
 <recurrent_lens.models.base.HookedRecurrentModel.harvest>` returns every cell's states at the sampled
 positions (never the full ``[batch, pos, head, d_k, d_v]`` tensor). Each cell then has its own shuffling
-buffer, generator, SAE, Adam optimizer, checkpoint and log, so memory is bounded by
-``n_cells · buffer_size · d_k · d_v`` and not by sequence length or head count. The optimisation step is
-:class:`~recurrent_lens.sae.training.Learner`, the same as :class:`~recurrent_lens.sae.SAETrainer`'s.
+buffer, SAE, Adam optimizer, checkpoint and log, so memory is bounded by ``n_cells · buffer_size · d_k · d_v``
+and not by sequence length or head count. One optimisation step is a
+:class:`~recurrent_lens.sae.training.Learner`'s.
 
-Data: a ``[n_seq, ctx]`` token tensor (a new seeded order every epoch), any iterable of ``[ctx]`` token
-windows such as :func:`recurrent_lens.data.open_tokens` (read in order, restarted when exhausted), or a
-:class:`~recurrent_lens.states.store.StateStore` of harvested states (no model needed). Positions come from
-:func:`~recurrent_lens.states.cells.sample_positions`, seeded per sequence.
+Data: a ``[n_seq, ctx]`` token tensor (``cfg.val_sequences`` holds out its last sequences), any iterable of
+``[ctx]`` token windows such as :func:`recurrent_lens.data.open_tokens` (read in order, restarted when
+exhausted), or a :class:`~recurrent_lens.states.store.StateStore` of harvested states (no model needed). The
+trainer reads them through a :class:`~recurrent_lens.states.feeds.StateFeed`: by default positions seeded per
+sequence and generators per cell (:class:`~recurrent_lens.states.feeds.HarvestFeed`,
+:class:`~recurrent_lens.states.feeds.StoreFeed`); ``draw="generator"`` reads a token tensor with one
+generator for everything (:class:`~recurrent_lens.states.feeds.GeneratorFeed`, the draw of :func:`train`).
 
 Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
 
@@ -24,8 +28,8 @@ Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
 - ``distributed="cells"``: rank ``r`` trains cells ``r, r + world_size, …`` on all of the data, alone.
 
 A collective that does not complete within the process group's timeout (a peer stopped or died) raises
-:class:`CollectiveError` naming the operation and the rank; the checkpoint last named in ``checkpoint.json``
-stays whole (each file is renamed into place, the manifest last).
+:class:`~recurrent_lens.sae.distributed.CollectiveError` naming the operation and the rank; the checkpoint
+last named in ``checkpoint.json`` stays whole (each file is renamed into place, the manifest last).
 
 Checkpoints (``out_dir`` set, every ``cfg.checkpoint_every`` steps and when a run stops):
 ``{out_dir}/{cell.name}/checkpoint-{step}.pt`` per cell, ``{out_dir}/data-{step}.rank{r}.pt`` per rank
