@@ -146,12 +146,13 @@ def wandb_config(args) -> dict[str, Any]:
     return dict(wandb=True, wandb_project=project, wandb_run_name=args.wandb_run_name)
 
 
-def train_toy_sae(args, model, task, progress: bool):
-    """The SAE of ``--sae-type`` ... ``--train-sequences`` trained on the toy's probe recipe at ``--hook``/``--head``."""
+def train_toy_sae(args, model, task, progress: bool, **train_config):
+    """The SAE of ``--sae-type`` ... ``--train-sequences`` trained on the toy's probe recipe at ``--hook``/``--head``
+    (``train_config``: further recipe fields a command sets)."""
     return toy.train_probe_sae(model, task, args.hook, args.head, architecture=args.sae_type,
                                n_features=args.n_features, k=args.k, n_steps=args.steps, lr=args.lr,
                                train_sequences=args.train_sequences, seed=args.seed, progress=progress,
-                               **wandb_config(args))
+                               **wandb_config(args), **train_config)
 
 
 def load_sae_and_toy(args, parser: argparse.ArgumentParser):

@@ -58,6 +58,11 @@ def _site(args, parser) -> None:
     """A toy (``--arch``) or a text model (``--model``, by default the demo's), and the cell the SAE reads."""
     if args.arch is not None and args.model is not None:
         parser.error("argument --arch: a toy or --model, not both")
+    if args.arch is not None:  # refused rather than ignored: a toy reads its own task's sequences
+        for name in ("dataset", "context_length", "sample_by"):
+            if getattr(args, name) != parser.get_default(name):
+                parser.error(f"argument --{name.replace('_', '-')}: applies to a text model (--model); the toy "
+                             f"--arch {args.arch} reads its own task's sequences")
     if args.arch is None and args.model is None:
         args.model = DEMO_MODEL
     if args.model is not None:  # the cell of shakespeare-gdn's shipped SAE

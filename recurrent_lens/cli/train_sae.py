@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 from dataclasses import asdict
 
 import torch
@@ -50,7 +51,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--buffer-size", type=positive_int, default=4096,
                    help="states held per cell in the shuffling buffer (default: 4096)")
     p.add_argument("--val-sequences", type=non_negative_int, default=0,
-                   help="sequences held out (the first ones of --dataset) for validation metrics (default: 0)")
+                   help="sequences held out for validation metrics: the first ones of --dataset, or for a toy the "
+                        "last of its --train-sequences (default: 0)")
     p.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                    help="write a resumable checkpoint every this many steps (default: 0, only at the end)")
     p.add_argument("--wandb", default=None, metavar="PROJECT",
@@ -81,11 +83,29 @@ def run(args, parser) -> int:
         return _train_toy(args, parser)
 
 
+REAL_ONLY = ("dataset", "text_field", "split", "context_length", "sample_by", "dtype", "layers", "hook_kind", "heads",
+             "device", "positions_per_seq", "skip_positions", "model_batch_size", "checkpoint_every",
+             "distribute_cells", "timeout")
+"""Options of a --model/--dataset or --states run that a toy SAE, trained on its probe recipe, has no use for."""
+
+
 def _train_toy(args, parser) -> int:
+    for name in REAL_ONLY:  # refused rather than ignored: the SAE would not be what the command line asked for
+        if getattr(args, name) != parser.get_default(name):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"argument {flag}: applies to --model/--dataset or --states runs; a toy SAE (--arch) trains "
+                         f"on the toy's probe recipe, set with --steps, --lr, --batch-size, --buffer-size, "
+                         f"--val-sequences, --train-sequences and the SAE's options")
     progress = not args.no_progress
     model, task = toy.load(args.arch, progress=progress)
     check_site(parser, model, args.hook, args.head)
-    sae, log = train_toy_sae(args, model, task, progress)
+    recipe = {"buffer_size": args.buffer_size, "val_sequences": args.val_sequences}
+    if args.batch_size is not None:
+        recipe["batch_size"] = args.batch_size
+    try:
+        sae, log = train_toy_sae(args, model, task, progress, **recipe)
+    except ValueError as e:  # a setting the toy's data cannot meet (val_sequences, buffer below the batch)
+        parser.error(re.sub(r"TrainConfig\.(\w+)", lambda m: "argument --" + m.group(1).replace("_", "-"), str(e)))
     sae.cfg.metadata.update(toy=args.arch)
     sae.save_pretrained(args.out)
     write_json(os.path.join(args.out, "train_log.json"), asdict(log))

@@ -141,7 +141,8 @@ def train_probe_sae(model: HookedRecurrentModel, task: ToyTask, hook_name: str, 
                     seed: int, progress: bool = True, **train_config: Any):
     """Train an SAE on one head of a toy's state hook with the demo's schedule (see :data:`PROBE_SAE`).
 
-    ``train_config`` sets further :class:`~recurrent_lens.sae.TrainConfig` fields (``wandb=True``, ...).
+    ``train_config`` sets further :class:`~recurrent_lens.sae.TrainConfig` fields or replaces the recipe's
+    (``wandb=True``, ``batch_size=64``, ``val_sequences=32``, ...).
     Returns ``(sae, log)`` as :func:`recurrent_lens.sae.train` does. States come from
     ``task.make_batch(train_sequences, seed=seed)``, 16 random positions per sequence after BOS.
 
@@ -155,10 +156,10 @@ def train_probe_sae(model: HookedRecurrentModel, task: ToyTask, hook_name: str, 
         (16, 'blocks.1.mixer.hook_state')
     """
     tokens, _ = task.make_batch(train_sequences, seed=seed)
-    cfg = TrainConfig(n_steps=n_steps, batch_size=min(256, train_sequences * 8), n_features=n_features, k=k, lr=lr,
-                      lr_min=lr / 10, warmup_steps=20, architecture=architecture, buffer_size=4096,
-                      positions_per_seq=16, model_batch_size=64, skip_positions=1, seed=seed, progress=progress,
-                      log_every=max(1, n_steps // 5), **train_config)
+    recipe = dict(n_steps=n_steps, batch_size=min(256, train_sequences * 8), n_features=n_features, k=k, lr=lr,
+                  lr_min=lr / 10, warmup_steps=20, architecture=architecture, buffer_size=4096, positions_per_seq=16,
+                  model_batch_size=64, skip_positions=1, seed=seed, progress=progress, log_every=max(1, n_steps // 5))
+    cfg = TrainConfig(**{**recipe, **train_config})
     return train_sae(model, hook_name, head, tokens, cfg)
 
 

@@ -48,6 +48,8 @@ def test_demo_on_shakespeare_gdn(tmp_path, capsys):
     (["--model", "shakespeare-gdn", "--head", "4"],
      "argument --head: expected an int in [0, 4) for blocks.1.mixer.hook_state, got 4"),
     (["--model", "shakespeare-gdn", "--arch", "gdn"], "argument --arch: a toy or --model, not both"),
+    (["--arch", "gdn", "--context-length", "7"], "argument --context-length: applies to a text model (--model)"),
+    (["--arch", "gdn", "--dataset", "x.txt"], "argument --dataset: applies to a text model (--model)"),
 ])
 def test_demo_on_a_model_refuses(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
