@@ -2,12 +2,13 @@
 
 Identity of a run's inputs, recorded when a store or a training run starts and compared on every resume:
 
-- the **weights** (:func:`weights_fingerprint`): for a model loaded from a checkpoint directory, a digest of
-  its weight files in sorted name order (:func:`file_digest`: size, safetensors header and content — all of
-  it for a file up to 64 MiB, else the header plus 16 evenly spaced 1 MiB blocks of the data, so that a 27B
-  checkpoint costs a few hundred MiB of reads, not a pass over every byte); for a model built in memory, a digest of
-  every parameter's and buffer's bytes. Neither depends on where the checkpoint lies: ``./ck``, its
-  absolute path and a copy elsewhere are the same weights.
+- the **weights** (:func:`weights_fingerprint`): a digest of every parameter's and buffer's bytes as they are
+  in memory (one pass over the weights: about a minute for a 27B model, a second or two for 0.8B), so an
+  edit made after loading, or a change anywhere in a weight file, is seen; for a model loaded from a
+  checkpoint directory also a digest of its weight files in sorted name order (:func:`file_digest`: size,
+  safetensors header and content — all of it for a file up to 64 MiB, else the header plus 16 evenly spaced
+  1 MiB blocks of the data), which names the files as the source that differs. Neither depends on where the
+  checkpoint lies: ``./ck``, its absolute path and a copy elsewhere are the same weights.
 - the **data** (:func:`source_fingerprint`): for a file or directory source, a digest of its bytes (as
   above, per file) and every setting that shapes its windows (see
   :meth:`recurrent_lens.data.TokenSource.fingerprint`); for a token tensor, a digest of all of it.
@@ -15,8 +16,8 @@ Identity of a run's inputs, recorded when a store or a training run starts and c
   :func:`sequence_chain` digests, one per sequence consumed).
 
 A mismatch raises :class:`ResumeMismatchError` naming the part (weights, data or settings), the recorded
-and the current value, and how to start afresh. A change confined to the unsampled bytes of a weight file
-over 64 MiB goes unnoticed; a model loaded from files and then edited in memory is identified by its files.
+and the current value, and how to start afresh. A run recorded by an older recurrent_lens that lacked a field
+is refused, naming the field.
 
 Example:
     >>> import torch
@@ -117,8 +118,8 @@ def _config_sha256(model: Any) -> str | None:
 
 
 def weights_fingerprint(model: Any) -> dict[str, Any]:
-    """Identity of a model's weights (see the module docstring): checkpoint files if the model was loaded
-    from some (``model.checkpoint_files``), else its parameters and buffers; plus its config.
+    """Identity of a model's weights (see the module docstring): its parameters and buffers, the checkpoint
+    files too if the model was loaded from some (``model.checkpoint_files``), and its config.
 
     Example:
         >>> from recurrent_lens import HookedRecurrentModel, ModelConfig
@@ -127,17 +128,17 @@ def weights_fingerprint(model: Any) -> dict[str, Any]:
         >>> sorted(weights_fingerprint(model)), weights_fingerprint(model)["kind"]
         (['config_sha256', 'kind', 'sha256'], 'parameters')
     """
+    params = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        params.update(name.encode() + b"\0" + tensor_digest(t).encode())
     files = getattr(model, "checkpoint_files", None)
+    if not files:
+        return {"kind": "parameters", "sha256": params.hexdigest(), "config_sha256": _config_sha256(model)}
     h = hashlib.sha256()
-    if files:
-        for file in sorted(files, key=os.path.basename):
-            h.update(os.path.basename(file).encode() + b"\0" + file_digest(file).encode())
-        kind = "checkpoint files"
-    else:
-        for name, t in sorted(model.state_dict().items()):
-            h.update(name.encode() + b"\0" + tensor_digest(t).encode())
-        kind = "parameters"
-    return {"kind": kind, "sha256": h.hexdigest(), "config_sha256": _config_sha256(model)}
+    for file in sorted(files, key=os.path.basename):
+        h.update(os.path.basename(file).encode() + b"\0" + file_digest(file).encode())
+    return {"kind": "checkpoint files", "sha256": h.hexdigest(), "parameters_sha256": params.hexdigest(),
+            "config_sha256": _config_sha256(model)}
 
 
 def source_fingerprint(data: Any) -> dict[str, Any] | None:
@@ -178,7 +179,8 @@ def _differences(recorded: dict[str, Any] | None, current: dict[str, Any] | None
         return [] if recorded == current else [f"recorded {recorded!r}, current {current!r}"]
     # where a file lies is shown, not compared: the same bytes elsewhere are the same weights or data
     keys = sorted((set(recorded) | set(current)) - {"path"})
-    return [f"{k}: recorded {recorded.get(k)!r}, current {current.get(k)!r}"
+    return [f"{k}: not recorded (by an older recurrent_lens), current {current[k]!r}" if k not in recorded else
+            f"{k}: recorded {recorded.get(k)!r}, current {current.get(k)!r}"
             for k in keys if recorded.get(k) != current.get(k)]
 
 
