@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["NonFiniteError", "ResumeMismatchError", "weights_fingerprint", "source_fingerprint", "file_digest",
+__all__ = ["NonFiniteError", "DivergedError", "ResumeMismatchError", "weights_fingerprint", "source_fingerprint", "file_digest",
            "path_digest", "tensor_digest", "sequence_chain", "first_nonfinite", "check_same", "refuse_unchecked"]
 
 _FULL_BYTES = 64 * 2**20
@@ -52,6 +52,11 @@ _N_BLOCKS = 16
 class NonFiniteError(RuntimeError):
     """A NaN or an infinity where a number was needed: in harvested or training states, a loss, gradients or
     weights. The message names where the first one appeared; nothing computed from it was saved."""
+
+
+class DivergedError(NonFiniteError):
+    """A training loss that stayed finite but grew past its bound (the run diverged as surely as with a NaN).
+    A :class:`NonFiniteError`, so whatever stops on one stops on this too."""
 
 
 class ResumeMismatchError(ValueError):
@@ -178,7 +183,7 @@ def _differences(recorded: dict[str, Any] | None, current: dict[str, Any] | None
     if not isinstance(recorded, dict) or not isinstance(current, dict):
         return [] if recorded == current else [f"recorded {recorded!r}, current {current!r}"]
     # where a file lies is shown, not compared: the same bytes elsewhere are the same weights or data
-    keys = sorted((set(recorded) | set(current)) - {"path"})
+    keys = [k for k in dict.fromkeys([*current, *recorded]) if k != "path"]  # the fingerprint's own order
     return [f"{k}: not recorded (by an older recurrent_lens), current {current[k]!r}" if k not in recorded else
             f"{k}: recorded {recorded.get(k)!r}, current {current.get(k)!r}"
             for k in keys if recorded.get(k) != current.get(k)]

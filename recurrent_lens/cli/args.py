@@ -42,6 +42,7 @@ def _number(kind: type, what: str, ok: Callable[[Any], bool]) -> Callable[[str],
 positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 positive_float = _number(float, "a positive finite number", lambda v: v > 0 and math.isfinite(v))
+non_negative_float = _number(float, "a non-negative finite number", lambda v: v >= 0 and math.isfinite(v))
 nonzero_float = _number(float, "a nonzero finite number", lambda v: v != 0 and math.isfinite(v))
 cosine = _number(float, "a number in [-1, 1]", lambda v: -1 <= v <= 1)
 

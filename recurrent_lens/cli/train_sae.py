@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from recurrent_lens import toy
 from recurrent_lens.cli.args import (
-    add_model_args, add_real_model_args, add_sae_args, non_negative_int, positive_float, positive_int,
+    add_model_args, add_real_model_args, add_sae_args, non_negative_float, non_negative_int, positive_float,
+    positive_int,
 )
 from recurrent_lens.cli.common import (
     check_k, check_out, check_site, hook_names, load_checkpoint, locked, run_failure, selected_cells, token_source,
@@ -53,6 +54,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--val-sequences", type=non_negative_int, default=0,
                    help="sequences held out for validation metrics: the first ones of --dataset, or for a toy the "
                         "last of its --train-sequences (default: 0)")
+    p.add_argument("--max-nmse", type=non_negative_float, default=TrainConfig.max_nmse, metavar="BOUND",
+                   help="stop when a batch's reconstruction error exceeds BOUND times its mean square, a run that "
+                        f"diverged but stayed finite (default: {TrainConfig.max_nmse:g}; 0: never)")
     p.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                    help="write a resumable checkpoint every this many steps (default: 0, only at the end)")
     p.add_argument("--wandb", default=None, metavar="PROJECT",
@@ -99,7 +103,7 @@ def _train_toy(args, parser) -> int:
     progress = not args.no_progress
     model, task = toy.load(args.arch, progress=progress)
     check_site(parser, model, args.hook, args.head)
-    recipe = {"buffer_size": args.buffer_size, "val_sequences": args.val_sequences}
+    recipe = {"buffer_size": args.buffer_size, "val_sequences": args.val_sequences, "max_nmse": args.max_nmse}
     if args.batch_size is not None:
         recipe["batch_size"] = args.batch_size
     try:
@@ -134,7 +138,8 @@ def _train_config(args, **overrides):
                        architecture=args.sae_type, n_features=args.n_features, k=args.k,
                        positions_per_seq=args.positions_per_seq, skip_positions=args.skip_positions,
                        model_batch_size=args.model_batch_size, buffer_size=args.buffer_size,
-                       checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
+                       checkpoint_every=args.checkpoint_every, max_nmse=args.max_nmse, seed=args.seed,
+                       progress=not args.no_progress,
                        **wandb_config(args), **overrides)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recurrent_lens.integrity import NonFiniteError, first_nonfinite
+from recurrent_lens.integrity import DivergedError, NonFiniteError, first_nonfinite
 from recurrent_lens.sae.base import SAE, SAEPass
 from recurrent_lens.sae.config import SAEConfig
 from recurrent_lens.sae.registry import SAE_REGISTRY
@@ -37,7 +37,7 @@ from recurrent_lens.states.files import atomic_write
 
 __all__ = ["TrainConfig", "TrainLog", "Learner", "evaluate", "update_dead_counters"]
 
-_WATCHED = ("training states", "loss", "gradients", "weights")
+_WATCHED = ("training states", "loss", "gradients", "weights", "normalised MSE")
 
 
 @dataclass
@@ -60,6 +60,10 @@ class TrainConfig:
     normalize_every: int = 100
     resample_every: int = 250
     """0 disables resampling."""
+    max_nmse: float = 1000.0
+    """Stop (:class:`~recurrent_lens.integrity.DivergedError`) once a batch's reconstruction error exceeds this many
+    times the batch's mean square: a run that diverged but stayed finite (a healthy one starts near 1 and falls).
+    0 disables the check."""
     architecture: str = "write_sae"
     """Preset used when ``train`` builds the SAE: ``write_sae``, ``flat_sae``, ``matrix_sae``, ``bilinear_sae``, ``sae``."""
     n_features: int = 2048
@@ -210,11 +214,14 @@ class Learner:
                                      f"({type(e).__name__})") from e
             raise
         weights_ok = torch.stack([torch.isfinite(t).all() for t in self._float_tensors()]).all()
-        self._watch(torch.stack([~bad_rows.any(), torch.isfinite(out.loss.detach()), grads_ok, weights_ok]), bad_rows)
+        mean_sq = x.detach().pow(2).mean()
+        bounded = ~(out.mse.detach() > cfg.max_nmse * mean_sq) if cfg.max_nmse else torch.ones_like(weights_ok)
+        self._watch(torch.stack([~bad_rows.any(), torch.isfinite(out.loss.detach()), grads_ok, weights_ok, bounded]),
+                    bad_rows)
         with torch.no_grad():
             metrics = {"loss": out.loss.detach(), "mse": out.mse.detach(), "aux_loss": out.aux_loss.detach(),
                        "l0": (out.acts > 0).sum(-1).float().mean(), "dead": out.n_dead,
-                       "mean_sq": x.pow(2).mean(), "var": x.var(unbiased=False)}
+                       "mean_sq": mean_sq, "var": x.var(unbiased=False)}
             for key, value in metrics.items():
                 self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
         self._n_summed += 1
@@ -246,19 +253,26 @@ class Learner:
 
     def check_finite(self) -> None:
         """Raise :class:`~recurrent_lens.integrity.NonFiniteError` if a batch of states, a loss, the gradients
-        or the weights held a NaN or an infinity at any step so far, naming the first (trainers call this
-        before writing anything, so no checkpoint, SAE or log is computed from one)."""
+        or the weights held a NaN or an infinity at any step so far, or
+        :class:`~recurrent_lens.integrity.DivergedError` if a batch's normalised MSE passed ``max_nmse``, naming
+        the first (trainers call this before writing anything, so no checkpoint, SAE or log is computed from
+        one)."""
         if self._first_bad is None:
             return
         step, kind, row = self._first_bad.tolist()
         if step >= 0:
-            raise NonFiniteError(self._divergence(step, kind, row))
+            raise (DivergedError if kind == len(_WATCHED) - 1 else NonFiniteError)(self._divergence(step, kind, row))
 
     def _divergence(self, step: int, kind: int, row: int) -> str:
         where = f" (row {row} of the batch)" if kind == 0 else ""
         note = f"; {self.states_note}" if self.states_note else ""
-        return (f"{self.label + ': ' if self.label else ''}training diverged: non-finite {_WATCHED[kind]} at step "
-                f"{step}{where}{note}")
+        what = f"non-finite {_WATCHED[kind]}"
+        if kind == len(_WATCHED) - 1:
+            bound = self.cfg.max_nmse
+            what = (f"normalised MSE above TrainConfig.max_nmse={bound:g} (finite, but the reconstruction error "
+                    f"was over {bound:g} times the states' mean square: lower the learning rate, or raise max_nmse; "
+                    f"0 disables the check)")
+        return f"{self.label + ': ' if self.label else ''}training diverged: {what} at step {step}{where}{note}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae_config": self.sae.config_dict(), "sae_state": self.sae.state_dict(),
@@ -291,8 +305,8 @@ def sae_from_payload(payload: dict[str, Any]) -> SAE:
     return sae
 
 
-# How a run reports itself, not what it computes: a resumed run may change them
-REPORTING_FIELDS = frozenset({"progress", "wandb", "wandb_project", "wandb_run_name"})
+# How a run reports and guards itself, not what it computes: a resumed run may change them
+REPORTING_FIELDS = frozenset({"progress", "wandb", "wandb_project", "wandb_run_name", "max_nmse"})
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -306,7 +320,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"TrainConfig.{name}: expected a non-negative int, got {value!r}")
-    for name in ("lr", "lr_min"):
+    for name in ("lr", "lr_min", "max_nmse"):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"TrainConfig.{name}: expected a finite non-negative number, got {value!r}")

@@ -183,6 +183,8 @@ def test_divergence_exits_non_zero_and_saves_no_sae(tmp_path, capsys):
     np.save(tmp_path / "ref" / "layer_0" / "head_0.npy", states)
     assert run(*argv, "--lr", "1e6", "--out", tmp_path / "lr") == 1
     assert "training diverged" in capsys.readouterr().err
+    assert run(*argv, "--lr", "30", "--out", tmp_path / "finite") == 1  # diverged, but finite
+    assert "training diverged: normalised MSE above TrainConfig.max_nmse=1000" in capsys.readouterr().err
 
 
 def test_dataset_defects_deep_in_the_file_are_parser_errors_before_training(checkpoint, tmp_path, capsys,

@@ -249,7 +249,21 @@ def test_a_huge_learning_rate_is_caught(tmp_path):
 
     store = reference_store(tmp_path / "store", torch.randn(512, 4, 6, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(NonFiniteError, match="training diverged: non-finite"):
-        train_cells(None, [Cell("blocks.0.mixer.hook_state", 1)], store, cfg(lr=1e6, warmup_steps=0, n_steps=40))
+        train_cells(None, [Cell("blocks.0.mixer.hook_state", 1)], store, cfg(lr=1e6, warmup_steps=0, n_steps=40,
+                                                                            max_nmse=0.0))
+
+
+def test_a_run_that_diverges_but_stays_finite_is_stopped_before_its_next_checkpoint(model, long_tokens, tmp_path):
+    from recurrent_lens.integrity import DivergedError
+
+    cfg = small_cfg(lr=30.0, warmup_steps=0, checkpoint_every=1)  # the normalised MSE reaches ~1e14, finite
+    trainer = SAETrainer(model, ONE_HOOK, 0, long_tokens, cfg, out_dir=str(tmp_path))
+    with pytest.raises(DivergedError, match=rf"{ONE_HOOK}.h0: training diverged: normalised MSE above "
+                                            r"TrainConfig.max_nmse=1000 \(finite, .*\) at step 1\b"):
+        trainer.train()
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 1  # the last step below the bound
+    sae, log = train(model, ONE_HOOK, 0, long_tokens, small_cfg(lr=30.0, warmup_steps=0, n_steps=20, max_nmse=0.0))
+    assert log.train[-1]["nmse"] > 1000  # with the check off the run goes on, finite and useless
 
 
 def test_a_nan_weight_in_the_model_is_caught(tokens):
@@ -453,7 +467,7 @@ def test_from_checkpoint_refuses_other_tokens_or_model(model, long_tokens, tmp_p
 def test_one_cell_divergence_stops_training_and_keeps_the_last_good_checkpoint(model, long_tokens, tmp_path):
     from recurrent_lens.integrity import NonFiniteError
 
-    cfg = small_cfg(lr=1e6, warmup_steps=0, checkpoint_every=1)
+    cfg = small_cfg(lr=1e6, warmup_steps=0, checkpoint_every=1, max_nmse=0.0)  # the finite bound off: NaN follows
     trainer = SAETrainer(model, ONE_HOOK, 0, long_tokens, cfg, out_dir=str(tmp_path))
     with pytest.raises(NonFiniteError, match=rf"{ONE_HOOK}.h0: training diverged: non-finite \w+ at step \d+"):
         trainer.train()
