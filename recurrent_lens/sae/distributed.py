@@ -2,7 +2,8 @@
 
 :class:`DataParallelSync` keeps every rank's SAE identical: gradients averaged with ``all_reduce``,
 dead-feature counters reduced with ``MIN`` (a feature is alive if it fired on any rank), dead features
-resampled from the gathered global batch and rank 0's SAE then broadcast. Every collective runs inside
+resampled from the gathered global batch and rank 0's SAE then broadcast, and a divergence one rank sees
+stops every rank at the same check. Every collective runs inside
 :func:`collective`, which turns a peer that stopped, died or missed the process group's timeout into a
 :class:`CollectiveError` naming the operation and the rank.
 """
@@ -78,6 +79,13 @@ class DataParallelSync:
         with collective("broadcast of rank 0's SAE"):
             for t in [*sae.parameters(), *sae.buffers()]:
                 dist.broadcast(t.data, 0, group=self.group)
+
+    def anywhere(self, flag: Tensor) -> bool:
+        """Whether ``flag`` (a boolean scalar tensor) is true on any rank."""
+        x = flag.reshape(1).to(torch.int32)
+        with collective("all_reduce of the divergence check"):
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(x)
 
     def mean(self, x: Tensor) -> Tensor:
         x = x.clone()

@@ -32,6 +32,7 @@ from torch import nn
 from recurrent_lens.integrity import DivergedError, NonFiniteError, first_nonfinite
 from recurrent_lens.sae.base import SAE, SAEPass
 from recurrent_lens.sae.config import SAEConfig
+from recurrent_lens.sae.distributed import CollectiveError
 from recurrent_lens.sae.registry import SAE_REGISTRY
 from recurrent_lens.states.files import atomic_write
 
@@ -206,8 +207,10 @@ class Learner:
                     self.sync.parameters(sae)
                 self.clear_moments(idx)
                 self.log.resampled.append({"step": step, "n": len(idx)})
+        except CollectiveError:
+            raise
         except Exception as e:  # resampling's SVD cannot take a NaN: it may be the first to notice one
-            self.check_finite()
+            self._raise_first_bad()
             bad = first_nonfinite(x.detach())
             if bad is not None or not all(bool(torch.isfinite(t).all()) for t in self._float_tensors()):
                 raise NonFiniteError(f"{self._divergence(step, 3 if bad is None else 0, bad or 0)} "
@@ -257,9 +260,17 @@ class Learner:
         :class:`~recurrent_lens.integrity.DivergedError` if a batch's normalised MSE passed ``max_nmse``, naming
         the first (trainers call this before writing anything, so no checkpoint, SAE or log is computed from
         one)."""
-        if self._first_bad is None:
-            return
-        step, kind, row = self._first_bad.tolist()
+        seen = self._first_bad is not None and int(self._first_bad[0]) >= 0
+        # data-parallel, every rank calls this at the same points: all stop together, rather than leave the others
+        # waiting at their next collective for a rank that stopped
+        if self.sync is not None and self.sync.anywhere(torch.tensor(seen, device=self.sae.mean.device)) and not seen:
+            raise NonFiniteError(f"{self.label + ': ' if self.label else ''}training diverged on another rank (its "
+                                 f"own message names the step and the value); this rank stops with it")
+        self._raise_first_bad()
+
+    def _raise_first_bad(self) -> None:
+        """Raise for the first non-finite or unbounded value this rank saw, if any (no collective)."""
+        step, kind, row = (-1, 0, 0) if self._first_bad is None else self._first_bad.tolist()
         if step >= 0:
             raise (DivergedError if kind == len(_WATCHED) - 1 else NonFiniteError)(self._divergence(step, kind, row))
 

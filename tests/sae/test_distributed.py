@@ -122,3 +122,26 @@ def test_a_frozen_rank_ends_every_rank_after_the_timeout(store, tmp_path):
         torch.load(out / name / f"checkpoint-{step:08d}.pt", weights_only=True)
     for rank in range(2):
         torch.load(out / f"data-{step:08d}.rank{rank}.pt", weights_only=True)
+
+
+def test_a_divergence_on_one_rank_stops_every_rank_at_once(tmp_path):
+    """A NaN in the store rows one rank reads: both ranks stop at the same check (the divergence check is itself
+    a collective at every log step), long before the timeout."""
+    import time
+
+    import numpy as np
+
+    states = np.random.default_rng(0).standard_normal((2000, 3, 5)).astype(np.float32)
+    states[777, 0, 0] = np.nan
+    (tmp_path / "ref" / "layer_0").mkdir(parents=True)
+    np.save(tmp_path / "ref" / "layer_0" / "head_0.npy", states)
+    argv = ["train-sae", "--states", str(tmp_path / "ref"), "--out", str(tmp_path / "out"), "--steps", "200",
+            "--batch-size", "32", "--n-features", "32", "--k", "4", "--buffer-size", "64", "--no-progress",
+            "--threads", "1", "--timeout", "300"]
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "recurrent_lens", *argv], capture_output=True, text=True, timeout=280,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and time.monotonic() - start < 120, done.stderr[-3000:]
+    assert "training diverged: non-finite training states" in done.stderr and "store row 777" in done.stderr
+    assert not (tmp_path / "out" / "blocks.0.mixer.hook_state.h0" / "cfg.json").exists()

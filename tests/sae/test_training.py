@@ -45,3 +45,25 @@ def test_evaluate_matches_the_metrics_written_out_by_hand():
     assert got["val_explained_variance"] == pytest.approx(1 - (err.sum() / centred).item(), rel=1e-6)
     assert got["val_l0"] == pytest.approx((recon.acts > 0).sum().item() / 10)
     assert got["val_dead"] == int((~(recon.acts > 0).any(0)).sum())
+
+
+def test_a_divergence_seen_on_another_rank_stops_this_one():
+    """Data-parallel, a rank whose own batches stayed finite and bounded still stops at the check where a peer
+    diverged, instead of waiting for it at the next collective."""
+    from recurrent_lens.integrity import NonFiniteError
+
+    class OtherRankDiverged:  # DataParallelSync's calls for a peer that saw a NaN; the rest are no-ops here
+        def counters(self, sae):
+            pass
+
+        def gradients(self, params):
+            pass
+
+        def anywhere(self, flag):
+            return True
+
+    torch.manual_seed(0)
+    learner = Learner(WriteSAE(4, 3, 16, k=2), TrainConfig(n_steps=10, log_every=1, progress=False),
+                      torch.Generator(), OtherRankDiverged(), label="cell")
+    with pytest.raises(NonFiniteError, match="cell: training diverged on another rank"):
+        learner.update(torch.randn(8, 4, 3))
