@@ -69,7 +69,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 import torch
@@ -79,7 +79,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recurrent_lens.data import TokenSource
-from recurrent_lens.integrity import check_same, refuse_unchecked, source_fingerprint, weights_fingerprint
+from recurrent_lens.integrity import (
+    ResumeMismatchError, check_same, refuse_unchecked, source_fingerprint, weights_fingerprint,
+)
 from recurrent_lens.sae import wandb_log
 from recurrent_lens.sae.base import SAE
 from recurrent_lens.sae.distributed import DataParallelSync, collective
@@ -170,6 +172,13 @@ class MultiCellTrainer:
         self._lock = DirectoryLock(out_dir, "out_dir") if out_dir is not None and self.rank == 0 else None
         self._locked = False
         if out_dir is not None:
+            if os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
+                # the one-SAE trainer of earlier versions wrote this single file; starting afresh beside it would
+                # look like resuming it
+                raise ResumeMismatchError(
+                    f"out_dir: {out_dir!r} holds a checkpoint.pt of an earlier recurrent_lens's one-SAE trainer, "
+                    "which this version cannot resume. Start afresh: use another output directory (--out) or delete "
+                    f"{os.path.join(out_dir, 'checkpoint.pt')!r}")
             check_writable(out_dir, "out_dir")
             for cell in self.cells:
                 check_writable(os.path.join(out_dir, cell.name), "out_dir")
@@ -517,7 +526,8 @@ class SAETrainer(MultiCellTrainer):
             with open(file) as f:
                 manifest = json.load(f)
             (cell_name,) = manifest["cells"]
-            recorded = TrainConfig(**manifest["train_config"])
+            known = {f.name for f in fields(TrainConfig)}  # a setting an earlier version had and dropped is no setting
+            recorded = TrainConfig(**{k: v for k, v in manifest["train_config"].items() if k in known})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"path: expected a directory holding one SAE's training checkpoint ({MANIFEST}), "
                              f"cannot read {file} ({type(e).__name__}: {e})") from e

@@ -482,3 +482,20 @@ def test_one_cell_divergence_stops_training_and_keeps_the_last_good_checkpoint(m
     with pytest.raises(NonFiniteError, match=r"training diverged: non-finite (training states|weights) at step 0.*"
                                              r"sequence \d+ of the training tokens, position \d+"):
         train(broken, ONE_HOOK, 0, long_tokens, small_cfg())
+
+
+def test_an_earlier_versions_one_sae_checkpoint_is_refused_not_restarted_beside(model, long_tokens, tmp_path):
+    from recurrent_lens.integrity import ResumeMismatchError
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"an earlier version's one-SAE checkpoint")
+    with pytest.raises(ResumeMismatchError, match="holds a checkpoint.pt of an earlier recurrent_lens's one-SAE"):
+        SAETrainer(model, ONE_HOOK, 0, long_tokens, small_cfg(), out_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # nothing written, the lock released
+
+
+def test_from_checkpoint_ignores_a_setting_an_earlier_version_recorded(model, long_tokens, tmp_path):
+    SAETrainer(model, ONE_HOOK, 0, long_tokens, small_cfg(), out_dir=str(tmp_path)).train(until_step=2)
+    manifest = json.loads((tmp_path / "checkpoint.json").read_text())
+    manifest["train_config"]["checkpoint_dir"] = str(tmp_path)  # as runs of earlier versions recorded it
+    (tmp_path / "checkpoint.json").write_text(json.dumps(manifest))
+    assert SAETrainer.from_checkpoint(model, long_tokens, str(tmp_path)).step == 2
