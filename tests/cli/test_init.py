@@ -1,5 +1,5 @@
-"""The ``recurrent-lens`` command: the console script, every module importing first, each subcommand's help,
-usage errors of every command."""
+"""The ``recurrent-lens`` command: the console script, ``python -m recurrent_lens`` under torchrun's environment,
+every module importing first, each subcommand's help, usage errors of every command."""
 
 from __future__ import annotations
 
@@ -97,3 +97,13 @@ def test_bad_arguments(argv, argument, capsys, tmp_path):
         main(argv + (["--out", str(tmp_path)] if argv[0] == "demo" else []))
     assert e.value.code == 2
     assert argument in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, status", [(["--help"], 0), (["train-sae"], 2)])
+def test_python_m_under_torchruns_environment_keeps_the_exit_status_and_the_output(argv, status):
+    """A rank of a torchrun run leaves without interpreter shutdown, with the status and output it would have."""
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-m", "recurrent_lens", *argv], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == status
+    assert "usage: recurrent-lens" in (done.stdout if status == 0 else done.stderr)
