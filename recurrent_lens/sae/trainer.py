@@ -14,7 +14,8 @@ exhausted), or a :class:`~recurrent_lens.states.store.StateStore` of harvested s
 trainer reads them through a :class:`~recurrent_lens.states.feeds.StateFeed`: by default positions seeded per
 sequence and generators per cell (:class:`~recurrent_lens.states.feeds.HarvestFeed`,
 :class:`~recurrent_lens.states.feeds.StoreFeed`); ``draw="generator"`` reads a token tensor with one
-generator for everything (:class:`~recurrent_lens.states.feeds.GeneratorFeed`, the draw of :func:`train`).
+generator for everything (:class:`~recurrent_lens.states.feeds.GeneratorFeed`, the draw of :func:`train`); a
+feed of one's own, passed as ``data``, is read as it is.
 
 Beyond one process (``torch.distributed`` initialised, e.g. under ``torchrun``):
 
@@ -107,8 +108,9 @@ class MultiCellTrainer:
     Args:
         model: a :class:`~recurrent_lens.HookedRecurrentModel` (``None`` when ``data`` is a state store).
         cells: ``(hook_name, head)`` pairs or :class:`~recurrent_lens.states.cells.Cell` s.
-        data: a ``[n_seq, ctx]`` token tensor, an iterable of ``[ctx]`` token windows, or a
-            :class:`~recurrent_lens.states.store.StateStore`.
+        data: a ``[n_seq, ctx]`` token tensor, an iterable of ``[ctx]`` token windows, a
+            :class:`~recurrent_lens.states.store.StateStore`, or any :class:`~recurrent_lens.states.feeds.StateFeed`
+            (read as it is, in one process: built for these ``cells`` with this ``cfg``).
         cfg: the settings shared by every cell (``batch_size`` is the global batch across ranks).
         out_dir: where SAEs, logs and checkpoints go; an existing checkpoint there is resumed.
         saes: ``{cell: SAE}`` to continue training instead of new ``cfg.architecture`` SAEs.
@@ -128,6 +130,7 @@ class MultiCellTrainer:
                  draw: str = "per_sequence") -> None:
         cfg = cfg or TrainConfig()
         check_train_config(cfg)
+        given = data if isinstance(data, StateFeed) else None
         store = data if hasattr(data, "iter_batches") else None
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if distributed == "auto":
@@ -137,7 +140,17 @@ class MultiCellTrainer:
         if distributed is not None and not dist.is_initialized():
             raise ValueError(f"distributed={distributed!r} needs torch.distributed to be initialised (e.g. torchrun)")
         self.mode = distributed
-        if store is not None:
+        if given is not None:
+            all_cells = [c if isinstance(c, Cell) else Cell(*c) for c in cells]
+            if all_cells != list(given.cells):
+                raise ValueError(f"cells: expected the cells the feed reads, {[c.name for c in given.cells]}, got "
+                                 f"{[c.name for c in all_cells]}")
+            if given.cfg != cfg:
+                raise ValueError("cfg: the feed draws with other settings; pass the TrainConfig it was built with")
+            if self.mode is not None:
+                raise ValueError(f"distributed={self.mode!r}: a feed given as data is read as it is, in one process; "
+                                 "pass tokens, a token source or a state store to split the data across ranks")
+        elif store is not None:
             all_cells = [c if isinstance(c, Cell) else Cell(*c) for c in cells]
             missing = [c.name for c in all_cells if c not in store.cells]
             if missing or not all_cells:
@@ -194,7 +207,7 @@ class MultiCellTrainer:
                     with collective("barrier after clearing out_dir"):
                         dist.barrier()
             rank, data_world = (self.rank, self.world) if split_data else (0, 1)
-            if store is None:
+            if store is None and given is None:
                 if isinstance(data, Tensor) or not isinstance(data, Iterable):
                     data = check_tokens(model, data)
                     if data.shape[1] - cfg.skip_positions < 1:
@@ -204,11 +217,15 @@ class MultiCellTrainer:
                     data.check(d_vocab=model.cfg.d_vocab)
             if cfg.val_sequences:
                 data, val_tokens = self._hold_out(data, val_tokens)
-            if draw == "generator":
+            if given is not None:
+                if draw != "per_sequence":
+                    raise ValueError(f"draw: a feed given as data draws its own way, got draw={draw!r}")
+                self.feed: StateFeed = given
+            elif draw == "generator":
                 if not isinstance(data, Tensor) or self.mode is not None:
                     raise ValueError("draw: 'generator' reads a token tensor in one process; use 'per_sequence' "
                                      f"for {'a distributed run' if self.mode else type(data).__name__}")
-                self.feed: StateFeed = GeneratorFeed(model, self.cells, data, cfg)
+                self.feed = GeneratorFeed(model, self.cells, data, cfg)
             elif draw != "per_sequence":
                 raise ValueError(f"draw: expected 'per_sequence' or 'generator', got {draw!r}")
             elif store is not None:
@@ -217,8 +234,8 @@ class MultiCellTrainer:
                 self.feed = HarvestFeed(model, self.cells, data, cfg, rank, data_world)
             if out_dir is not None:  # recorded with every checkpoint, compared on resume
                 val = None if val_tokens is None else source_fingerprint(torch.as_tensor(val_tokens))
-                self.identity = {"weights": weights_fingerprint(model) if store is None else None,
-                                 "data": self.feed.fingerprint(), "val_data": val}
+                weights = weights_fingerprint(model) if model is not None and store is None else None
+                self.identity = {"weights": weights, "data": self.feed.fingerprint(), "val_data": val}
             self.val_states: dict[Cell, Tensor] | None = None
             if val_tokens is not None:
                 self.val_states = self.feed.held_out(check_tokens(model, val_tokens) if model is not None else val_tokens)

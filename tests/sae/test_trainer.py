@@ -126,6 +126,21 @@ def test_how_to_draw_and_what_to_hold_out_are_checked_before_any_work(model, tok
         MultiCellTrainer(model, [A], tokens, cfg(skip_positions=20))
 
 
+def test_a_state_feed_given_as_data_is_read_as_it_is(model, tokens, tmp_path):
+    from recurrent_lens.states.feeds import HarvestFeed
+
+    c = cfg()
+    built = MultiCellTrainer(model, [A, B], HarvestFeed(model, [A, B], tokens, c), c, out_dir=str(tmp_path)).train()
+    plain = MultiCellTrainer(model, [A, B], tokens, c).train()
+    assert same(built[A], plain[A]) and same(built[B], plain[B])
+    with pytest.raises(ValueError, match="cells: expected the cells the feed reads"):
+        MultiCellTrainer(model, [B], HarvestFeed(model, [A], tokens, c), c)
+    with pytest.raises(ValueError, match="cfg: the feed draws with other settings"):
+        MultiCellTrainer(model, [A], HarvestFeed(model, [A], tokens, c), cfg(seed=1))
+    with pytest.raises(ValueError, match="draw: a feed given as data draws its own way"):
+        MultiCellTrainer(model, [A], HarvestFeed(model, [A], tokens, c), c, draw="generator")
+
+
 def test_val_sequences_hold_out_the_last_sequences_as_val_tokens_does(model, tokens):
     held = MultiCellTrainer(model, [A], tokens, cfg(val_sequences=4)).train()
     given = MultiCellTrainer(model, [A], tokens[:20], cfg(), val_tokens=tokens[20:]).train()
