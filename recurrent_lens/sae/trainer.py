@@ -238,7 +238,8 @@ class MultiCellTrainer:
                 self.identity = {"weights": weights, "data": self.feed.fingerprint(), "val_data": val}
             self.val_states: dict[Cell, Tensor] | None = None
             if val_tokens is not None:
-                self.val_states = self.feed.held_out(check_tokens(model, val_tokens) if model is not None else val_tokens)
+                held = check_tokens(model, val_tokens) if model is not None else val_tokens
+                self.val_states = self.feed.held_out(held)
             self.learners = {c: Learner(self._new_sae(c, saes), cfg, self.feed.generator(c, "learner"), self.sync,
                                         label=c.name)
                              for c in self.cells}
@@ -391,8 +392,9 @@ class MultiCellTrainer:
         for cell, payload in payloads.items():
             sae_cfg = payload["sae_config"]
             if (sae_cfg["d_k"], sae_cfg["d_v"]) != self.feed.shape:
-                raise ValueError(f"out_dir: the checkpoint's SAE of {cell.name} reads {sae_cfg['d_k']}x{sae_cfg['d_v']} "
-                                 f"states, the cell has {self.feed.shape[0]}x{self.feed.shape[1]}")
+                raise ValueError(f"out_dir: the checkpoint's SAE of {cell.name} reads "
+                                 f"{sae_cfg['d_k']}x{sae_cfg['d_v']} states, the cell has "
+                                 f"{self.feed.shape[0]}x{self.feed.shape[1]}")
         check_same("weights", manifest["weights"], self.identity["weights"], self.out_dir, "a training run")
         check_same("data", manifest["data"], self.identity["data"], self.out_dir, "a training run")
         check_same("validation data", manifest.get("val_data"), self.identity["val_data"], self.out_dir,
@@ -496,8 +498,8 @@ class SAETrainer(MultiCellTrainer):
     def __init__(self, model: Any, hook_name: str, head: int, tokens: Int[Tensor, "n_seq pos"],
                  cfg: TrainConfig | None = None, sae: SAE | None = None, *, out_dir: str | None = None) -> None:
         self.cell = parse_cell(model, hook_name, head)
-        super().__init__(model, [self.cell], tokens, cfg, out_dir=out_dir, saes=None if sae is None else {self.cell: sae},
-                         distributed=None, draw="generator")
+        super().__init__(model, [self.cell], tokens, cfg, out_dir=out_dir,
+                         saes=None if sae is None else {self.cell: sae}, distributed=None, draw="generator")
 
     @property
     def learner(self) -> Learner:

@@ -31,7 +31,7 @@ from recurrent_lens.integrity import (
 from recurrent_lens.states.cells import Cell, cell_generator, sample_positions, seeded_generator
 from recurrent_lens.states.harvest import harvest_cells
 
-__all__ = ["StateFeed", "HarvestFeed", "StoreFeed", "GeneratorFeed", "sampled_states", "states_at"]
+__all__ = ["StateFeed", "HarvestFeed", "StoreFeed", "GeneratorFeed", "sampled_states", "checked_states"]
 
 
 @runtime_checkable
@@ -84,15 +84,17 @@ class _PerCellSeeds:
         return cell_generator(self.cfg.seed, cell, role)
 
 
-def states_at(model: Any, cells: list[Cell], tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch n"],
-              index: Int[Tensor, " batch"]) -> tuple[dict[Cell, Tensor], dict[Cell, tuple[int, int]]]:
+def checked_states(model: Any, cells: list[Cell], tokens: Int[Tensor, "batch pos"],
+                   positions: Int[Tensor, "batch n"],
+                   index: Int[Tensor, " batch"]) -> tuple[dict[Cell, Tensor], dict[Cell, tuple[int, int]]]:
     """Every cell's states at ``positions`` of ``tokens``, in host memory, flattened to ``[batch · n, d_k, d_v]``,
     and for each cell holding a non-finite state the sequence index (from ``index``) and position of the first.
 
     Example:
         >>> import torch
         >>> cell = Cell("blocks.0.mixer.hook_state", 1)
-        >>> states, bad = states_at(tiny_model, [cell], tiny_tokens, torch.tensor([[1, 5], [0, 7]]), torch.arange(2))
+        >>> states, bad = checked_states(tiny_model, [cell], tiny_tokens, torch.tensor([[1, 5], [0, 7]]),
+        ...                              torch.arange(2))
         >>> tuple(states[cell].shape), bad
         ((4, 8, 8), {})
     """
@@ -108,7 +110,7 @@ def states_at(model: Any, cells: list[Cell], tokens: Int[Tensor, "batch pos"], p
 
 def sampled_states(model: Any, cells: list[Cell], cfg: Any, index: Int[Tensor, " batch"],
                    tokens: Int[Tensor, "batch pos"]) -> tuple[dict[Cell, Tensor], dict[Cell, tuple[int, int]]]:
-    """:func:`states_at` the positions ``cfg`` (a :class:`~recurrent_lens.sae.TrainConfig`:
+    """:func:`checked_states` at the positions ``cfg`` (a :class:`~recurrent_lens.sae.TrainConfig`:
     ``positions_per_seq``, ``skip_positions``, ``seed``) samples for the sequences ``index``
     (:func:`~recurrent_lens.states.cells.sample_positions`, seeded per sequence).
 
@@ -123,7 +125,7 @@ def sampled_states(model: Any, cells: list[Cell], cfg: Any, index: Int[Tensor, "
     """
     pos = sample_positions(index, tokens.shape[1], cfg.positions_per_seq, skip=cfg.skip_positions, seed=cfg.seed,
                            skip_name="TrainConfig.skip_positions")
-    return states_at(model, cells, tokens, pos, index)
+    return checked_states(model, cells, tokens, pos, index)
 
 
 def _held_out(cells: list[Cell], tokens: Tensor, batch: int, draw: Any) -> dict[Cell, Tensor]:
@@ -219,8 +221,9 @@ class _Sequences:
 
 
 class _Buffers:
-    """One shuffling buffer per cell, refilled from ``draw()`` (every cell's states of one model batch) when
-    half empty, each shuffled by ``shuffler(cell)``; the common part of the model-pass feeds."""
+    """One shuffling buffer per cell, refilled from ``_draw()`` (every cell's states of one model batch) when
+    half empty, each shuffled by ``_shuffler(cell)``, non-finite states located by ``_where(sequence, position)``;
+    the common part of the model-pass feeds."""
 
     cells: list[Cell]
     cfg: Any
@@ -418,7 +421,7 @@ class GeneratorFeed(_Buffers):
         index = self.order[self.cursor : self.cursor + self.cfg.model_batch_size]
         self.cursor += len(index)
         toks = self.tokens[index]
-        return states_at(self.model, self.cells, toks, self._positions(*toks.shape, self.gen), index)
+        return checked_states(self.model, self.cells, toks, self._positions(*toks.shape, self.gen), index)
 
     def _shuffler(self, cell: Cell) -> torch.Generator:
         return self.gen
@@ -431,8 +434,8 @@ class GeneratorFeed(_Buffers):
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)  # its own: the training stream is left untouched
         torch.randperm(len(tokens), generator=gen)  # drawn as the training stream starts, an order it never reads
         return _held_out(self.cells, tokens, self.cfg.model_batch_size,
-                         lambda index, chunk: states_at(self.model, self.cells, chunk,
-                                                        self._positions(*chunk.shape, gen), index))
+                         lambda index, chunk: checked_states(self.model, self.cells, chunk,
+                                                             self._positions(*chunk.shape, gen), index))
 
     def generator(self, cell: Cell, role: str) -> torch.Generator:
         return self.gen if role == "learner" else torch.Generator().manual_seed(self.cfg.seed)
