@@ -43,6 +43,14 @@ def check_k(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"argument --k: expected at most --n-features={args.n_features}, got {args.k}")
 
 
+def refuse_given(parser: argparse.ArgumentParser, args, names: Sequence[str], why: str) -> None:
+    """Refuse, as a parser error naming the flag and saying ``why``, any of the options ``names`` given a value
+    other than its default: options a mode of the command has no use for are refused, never ignored."""
+    for name in names:
+        if getattr(args, name) != parser.get_default(name):
+            parser.error(f"argument --{name.replace('_', '-')}: {why}")
+
+
 def check_out(parser: argparse.ArgumentParser, path: str, flag: str = "--out") -> None:
     """Refuse an output directory that cannot be written, before any work starts."""
     try:

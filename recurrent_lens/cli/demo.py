@@ -17,8 +17,8 @@ from recurrent_lens.cli.args import (
     DEMO_MODEL, DEMO_TEXT_EVAL, DEMO_TEXT_STEPS, add_model_args, add_sae_args, add_sample_by_arg, positive_int,
 )
 from recurrent_lens.cli.common import (
-    SKIP_POSITIONS, check_k, check_out, check_readout_offset, check_site, eval_tokens, load_checkpoint, token_source,
-    toy_site, train_toy_sae, wandb_config,
+    SKIP_POSITIONS, check_k, check_out, check_readout_offset, check_site, eval_tokens, load_checkpoint, refuse_given,
+    token_source, toy_site, train_toy_sae, wandb_config,
 )
 from recurrent_lens.dashboard import build_dashboard
 from recurrent_lens.pretrained import PRETRAINED_DIR, list_pretrained, pretrained_path
@@ -58,11 +58,9 @@ def _site(args, parser) -> None:
     """A toy (``--arch``) or a text model (``--model``, by default the demo's), and the cell the SAE reads."""
     if args.arch is not None and args.model is not None:
         parser.error("argument --arch: a toy or --model, not both")
-    if args.arch is not None:  # refused rather than ignored: a toy reads its own task's sequences
-        for name in ("dataset", "context_length", "sample_by"):
-            if getattr(args, name) != parser.get_default(name):
-                parser.error(f"argument --{name.replace('_', '-')}: applies to a text model (--model); the toy "
-                             f"--arch {args.arch} reads its own task's sequences")
+    if args.arch is not None:
+        refuse_given(parser, args, ("dataset", "context_length", "sample_by"),
+                     f"applies to a text model (--model); the toy --arch {args.arch} reads its own task's sequences")
     if args.arch is None and args.model is None:
         args.model = DEMO_MODEL
     if args.model is not None:  # the cell of shakespeare-gdn's shipped SAE

@@ -18,8 +18,8 @@ from recurrent_lens.cli.args import (
     positive_int,
 )
 from recurrent_lens.cli.common import (
-    check_k, check_out, check_site, hook_names, load_checkpoint, locked, run_failure, selected_cells, token_source,
-    toy_site, train_toy_sae, wandb_config,
+    check_k, check_out, check_site, hook_names, load_checkpoint, locked, refuse_given, run_failure, selected_cells,
+    token_source, toy_site, train_toy_sae, wandb_config,
 )
 from recurrent_lens.sae import TrainConfig
 from recurrent_lens.sae.distributed import CollectiveError, collective
@@ -94,12 +94,9 @@ REAL_ONLY = ("dataset", "text_field", "split", "context_length", "sample_by", "d
 
 
 def _train_toy(args, parser) -> int:
-    for name in REAL_ONLY:  # refused rather than ignored: the SAE would not be what the command line asked for
-        if getattr(args, name) != parser.get_default(name):
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"argument {flag}: applies to --model/--dataset or --states runs; a toy SAE (--arch) trains "
-                         f"on the toy's probe recipe, set with --steps, --lr, --batch-size, --buffer-size, "
-                         f"--val-sequences, --train-sequences and the SAE's options")
+    refuse_given(parser, args, REAL_ONLY, "applies to --model/--dataset or --states runs; a toy SAE (--arch) trains "
+                 "on the toy's probe recipe, set with --steps, --lr, --batch-size, --buffer-size, --val-sequences, "
+                 "--train-sequences and the SAE's options")
     progress = not args.no_progress
     model, task = toy.load(args.arch, progress=progress)
     check_site(parser, model, args.hook, args.head)
