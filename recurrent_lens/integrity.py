@@ -3,8 +3,8 @@
 Identity of a run's inputs, recorded when a store or a training run starts and compared on every resume:
 
 - the **weights** (:func:`weights_fingerprint`): a digest of every parameter's and buffer's bytes as they are
-  in memory (one pass over the weights: about a minute for a 27B model, a second or two for 0.8B), so an
-  edit made after loading, or a change anywhere in a weight file, is seen; for a model loaded from a
+  in memory (one SHA-256 pass over every weight's bytes when a run starts, so its cost grows with the model),
+  so an edit made after loading, or a change anywhere in a weight file, is seen; for a model loaded from a
   checkpoint directory also a digest of its weight files in sorted name order (:func:`file_digest`: size,
   safetensors header and content — all of it for a file up to 64 MiB, else the header plus 16 evenly spaced
   1 MiB blocks of the data), which names the files as the source that differs. Neither depends on where the
@@ -41,8 +41,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["NonFiniteError", "DivergedError", "ResumeMismatchError", "weights_fingerprint", "source_fingerprint", "file_digest",
-           "path_digest", "tensor_digest", "sequence_chain", "first_nonfinite", "check_same", "refuse_unchecked"]
+__all__ = ["NonFiniteError", "DivergedError", "ResumeMismatchError", "weights_fingerprint", "source_fingerprint",
+           "file_digest", "path_digest", "tensor_digest", "sequence_chain", "first_nonfinite", "check_same",
+           "refuse_unchecked"]
 
 _FULL_BYTES = 64 * 2**20
 _BLOCK_BYTES = 2**20

@@ -39,6 +39,7 @@ from recurrent_lens.states.files import atomic_write
 __all__ = ["TrainConfig", "TrainLog", "Learner", "evaluate", "update_dead_counters"]
 
 _WATCHED = ("training states", "loss", "gradients", "weights", "normalised MSE")
+_UNBOUNDED = _WATCHED.index("normalised MSE")  # the one watched value that is finite when it fails
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TrainConfig:
     """0 disables resampling."""
     max_nmse: float = 1000.0
     """Stop (:class:`~recurrent_lens.integrity.DivergedError`) once a batch's reconstruction error exceeds this many
-    times the batch's mean square: a run that diverged but stayed finite (a healthy one starts near 1 and falls).
+    times the batch's mean square: a run that diverged but stayed finite (reconstructing nothing scores 1).
     0 disables the check."""
     architecture: str = "write_sae"
     """Preset used when ``train`` builds the SAE: ``write_sae``, ``flat_sae``, ``matrix_sae``, ``bilinear_sae``, ``sae``."""
@@ -272,13 +273,13 @@ class Learner:
         """Raise for the first non-finite or unbounded value this rank saw, if any (no collective)."""
         step, kind, row = (-1, 0, 0) if self._first_bad is None else self._first_bad.tolist()
         if step >= 0:
-            raise (DivergedError if kind == len(_WATCHED) - 1 else NonFiniteError)(self._divergence(step, kind, row))
+            raise (DivergedError if kind == _UNBOUNDED else NonFiniteError)(self._divergence(step, kind, row))
 
     def _divergence(self, step: int, kind: int, row: int) -> str:
         where = f" (row {row} of the batch)" if kind == 0 else ""
         note = f"; {self.states_note}" if self.states_note else ""
         what = f"non-finite {_WATCHED[kind]}"
-        if kind == len(_WATCHED) - 1:
+        if kind == _UNBOUNDED:
             bound = self.cfg.max_nmse
             what = (f"normalised MSE above TrainConfig.max_nmse={bound:g} (finite, but the reconstruction error "
                     f"was over {bound:g} times the states' mean square: lower the learning rate, or raise max_nmse; "
